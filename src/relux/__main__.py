@@ -1,0 +1,5 @@
+import sys
+
+from relux.cli import main
+
+sys.exit(main())

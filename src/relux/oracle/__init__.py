@@ -1,0 +1,32 @@
+"""Oracles: black-box query access, local and remote, and composable wrappers."""
+
+from relux.oracle.base import Oracle, OutputKind, as_query_batch, check_answer
+from relux.oracle.local import CallableOracle, MLPOracle, load_callable
+from relux.oracle.wrappers import (
+    BudgetOracle,
+    CachingOracle,
+    CountingOracle,
+    Float32Oracle,
+    NoisyOracle,
+    OracleWrapper,
+    RoundingOracle,
+    unwrap,
+)
+
+__all__ = [
+    "Oracle",
+    "OutputKind",
+    "as_query_batch",
+    "check_answer",
+    "CallableOracle",
+    "MLPOracle",
+    "load_callable",
+    "BudgetOracle",
+    "CachingOracle",
+    "CountingOracle",
+    "Float32Oracle",
+    "NoisyOracle",
+    "OracleWrapper",
+    "RoundingOracle",
+    "unwrap",
+]
