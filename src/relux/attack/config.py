@@ -1,0 +1,80 @@
+"""Configuration of an extraction run: a frozen, validated dataclass with documented defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from relux.errors import InputError
+
+
+@dataclass(frozen=True)
+class ExtractionConfig:
+    """Knobs of :func:`relux.extract`. Every tolerance is relative to the scale of the data.
+
+    Attributes:
+        seed: seed of the ``numpy.random.Generator`` that draws every random line and point.
+        input_scale: standard deviation of the random base points of search lines. The domain is
+            unbounded; this only sets where the attack looks first (1.0 suits standardised inputs).
+        line_range: half-length of a search line, in units of ``input_scale * sqrt(d0)``.
+        grid_per_neuron: initial grid points per expected kink on a search line.
+        max_search_lines: lines tried before neurons never seen are declared dead.
+        kink_rel_tol: collinearity tolerance of the kink search, relative to ``max |f|`` on a line.
+            ``None`` derives it from the measured noise floor of the oracle.
+        fd_rel_step: first-pass finite-difference step, as a fraction of the distance along the
+            search line to the nearest kink (attack-notes §3: take steps as large as the region allows).
+        refine_passes: refinement passes (fresh witnesses with safe steps from the current estimate).
+        refine_safety: fraction of the distance to the nearest estimated hyperplane that a
+            refinement step may use.
+        selfcheck_tol: the self-check passes when ``max |f - f_hat| <= selfcheck_tol * max |f|`` on
+            fresh queries (also never below 100x the measured noise floor).
+        selfcheck_points: fresh random points of the self-check (plus points on lines through every
+            witness).
+        max_enum_bits: largest number of free sign bits enumerated exhaustively when a layer is wider
+            than its input (attack-notes §4).
+        batch_rows: rows per oracle call.
+        progress: show progress bars (tqdm on stderr).
+    """
+
+    seed: int = 0
+    input_scale: float = 1.0
+    line_range: float = 4.0
+    grid_per_neuron: float = 4.0
+    max_search_lines: int = 24
+    kink_rel_tol: float | None = None
+    fd_rel_step: float = 1e-5
+    refine_passes: int = 1
+    refine_safety: float = 0.25
+    selfcheck_tol: float = 1e-9
+    selfcheck_points: int = 2000
+    max_enum_bits: int = 22
+    batch_rows: int = 65536
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, name: str, expected: str) -> None:
+            if not cond:
+                raise InputError(
+                    f"ExtractionConfig.{name}: expected {expected}, found {getattr(self, name)!r}"
+                )
+
+        need(isinstance(self.seed, int) and self.seed >= 0, "seed", "an integer >= 0")
+        need(self.input_scale > 0, "input_scale", "a positive number")
+        need(self.line_range > 0, "line_range", "a positive number")
+        need(self.grid_per_neuron >= 1, "grid_per_neuron", "a number >= 1")
+        need(self.max_search_lines >= 1, "max_search_lines", "an integer >= 1")
+        need(self.kink_rel_tol is None or 0 < self.kink_rel_tol < 1, "kink_rel_tol", "None or in (0, 1)")
+        need(0 < self.fd_rel_step < 0.5, "fd_rel_step", "a number in (0, 0.5)")
+        need(self.refine_passes >= 0, "refine_passes", "an integer >= 0")
+        need(0 < self.refine_safety < 1, "refine_safety", "a number in (0, 1)")
+        need(0 < self.selfcheck_tol < 1, "selfcheck_tol", "a number in (0, 1)")
+        need(self.selfcheck_points >= 10, "selfcheck_points", "an integer >= 10")
+        need(0 <= self.max_enum_bits <= 30, "max_enum_bits", "an integer in [0, 30]")
+        need(self.batch_rows >= 1, "batch_rows", "an integer >= 1")
+
+    def replace(self, **changes: Any) -> ExtractionConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

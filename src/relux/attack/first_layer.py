@@ -1,0 +1,241 @@
+"""Discovery and refinement of the first hidden layer (attack-notes §2-3, CJM20 §4).
+
+Discovery walks random lines, finds their kinks, and measures the gradient of every affine piece
+between kinks once, so that each gradient serves the kinks on both of its sides. Kinks that a known
+hyperplane already explains cost nothing more. Refinement then re-measures every row at a point of
+its hyperplane chosen far from all other (estimated) hyperplanes, with per-coordinate steps as large
+as those hyperplanes allow, which is what brings the rows to float64 precision.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from relux.attack.config import ExtractionConfig
+from relux.attack.critical import find_kinks
+from relux.attack.gradients import fd_gradients
+from relux.attack.hyperplanes import Signature, cluster_signatures, signature_from_jump
+from relux.oracle.base import FloatArray
+
+log = logging.getLogger(__name__)
+
+QueryFn = Callable[[FloatArray], FloatArray]
+
+
+@dataclass(frozen=True)
+class DiscoveryInfo:
+    lines: int
+    kinks: int
+    gradients: int
+    signatures: int
+    rejected: int
+    search_queries: int
+    neurons: int
+
+
+@dataclass(frozen=True)
+class RefinedRow:
+    """A refined first-layer row ``(w, b)`` (unit ``w``) and how it was measured."""
+
+    w: FloatArray
+    b: float
+    point: FloatArray  # exact witness on the hyperplane
+    jump: FloatArray  # c: gradient jump = c ⊗ w (from the - side to the + side of w)
+    clearance: float  # distance from the witness to the nearest other estimated hyperplane
+    change: float  # distance between the estimate before and after refinement
+    rank_ratio: float
+    ok: bool
+    reason: str
+
+
+def _line_scale(cfg: ExtractionConfig, d: int) -> float:
+    return cfg.input_scale * float(np.sqrt(d))
+
+
+def discover_first_layer(
+    query: QueryFn,
+    d: int,
+    width: int,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    rel_tol: float,
+) -> tuple[list[Signature], DiscoveryInfo]:
+    """Find a signature for every first-layer neuron visible on random lines.
+
+    Stops when ``width`` distinct hyperplanes are known or after ``cfg.max_search_lines`` lines.
+    Neurons never seen are dead (they never change the output) and are reported by the caller.
+    """
+    known: list[Signature] = []
+    n_lines = kinks_total = grads = rejected = search_q = 0
+    n_grid = int(cfg.grid_per_neuron * width) + 16
+    t_range = cfg.line_range
+    misses = 0
+    while len(known) < width and n_lines < cfg.max_search_lines:
+        n_lines += 1
+        x0 = rng.normal(0.0, cfg.input_scale, size=(1, d))
+        u = rng.normal(size=(1, d))
+        u *= _line_scale(cfg, d) / np.linalg.norm(u)
+        lines, info = find_kinks(query, x0, u, -t_range, t_range, n_grid, rel_tol)
+        search_q += info.queries
+        line = lines[0]
+        t = line.t
+        kinks_total += t.size
+        if t.size == 0:
+            misses += 1
+            t_range *= 2.0
+            continue
+        # Which kinks are explained by hyperplanes already known?
+        new = np.ones(t.size, dtype=bool)
+        if known:
+            Wk = np.stack([s.w for s in known])
+            bk = np.array([s.b for s in known])
+            P = line.points()
+            Z = np.abs(P @ Wk.T + bk[None, :])  # distance of each kink to each known hyperplane
+            tol_z = 1e-6 * _line_scale(cfg, d) * t_range
+            new = np.min(Z, axis=1) > tol_z
+        if not new.any():
+            misses += 1
+            t_range *= 1.5
+            continue
+        # Affine pieces: between consecutive kinks; the two outer ones are as wide as their neighbour.
+        bounds = np.concatenate([[t[0] - (t[1] - t[0] if t.size > 1 else 1.0)], t,
+                                 [t[-1] + (t[-1] - t[-2] if t.size > 1 else 1.0)]])
+        mids = 0.5 * (bounds[:-1] + bounds[1:])
+        halves = 0.5 * (bounds[1:] - bounds[:-1])
+        need = np.zeros(mids.size, dtype=bool)
+        idx_new = np.flatnonzero(new)
+        need[idx_new] = True
+        need[idx_new + 1] = True
+        regions = np.flatnonzero(need)
+        Xr = line.x0[None, :] + mids[regions, None] * line.u[None, :]
+        steps = cfg.fd_rel_step * halves[regions] * np.linalg.norm(line.u)
+        G, _ = fd_gradients(query, Xr, steps)
+        grads += regions.size
+        Gfull: dict[int, FloatArray] = {int(r): G[i] for i, r in enumerate(regions)}
+        fresh: list[Signature] = []
+        for j in idx_new:
+            delta = Gfull[int(j) + 1] - Gfull[int(j)]
+            if not np.any(delta):
+                rejected += 1
+                continue
+            sig = signature_from_jump(delta, line.x0 + t[j] * line.u)
+            if sig.rank_ratio > 1e-3:
+                rejected += 1  # two neurons' kinks too close together on this line
+                continue
+            fresh.append(sig)
+        if fresh:
+            allsig = known + fresh
+            groups = cluster_signatures(np.stack([s.key for s in allsig]), tol=1e-4)
+            known = [allsig[g[0]] for g in groups]
+        log.debug("line %d: %d kinks, %d new, %d neurons known", n_lines, t.size, int(new.sum()), len(known))
+    info_out = DiscoveryInfo(n_lines, kinks_total, grads, len(known), rejected, search_q, len(known))
+    return known[:width] if len(known) > width else known, info_out
+
+
+def _best_base_point(
+    j: int, W: FloatArray, b: FloatArray, start: FloatArray, scale: float, rng: np.random.Generator
+) -> tuple[FloatArray, float]:
+    """A point on hyperplane ``j`` near ``start`` with the largest clearance from the other hyperplanes."""
+    wj = W[j]
+    others = np.ones(W.shape[0], dtype=bool)
+    others[j] = False
+    cands = [start]
+    for radius in (0.05, 0.15, 0.4):
+        V = rng.normal(size=(6, W.shape[1]))
+        V -= (V @ wj)[:, None] * wj[None, :]
+        V *= (radius * scale) / np.linalg.norm(V, axis=1, keepdims=True)
+        cands.extend(start[None, :] + V)
+    C = np.asarray(cands)
+    C -= (C @ wj + b[j])[:, None] * wj[None, :]  # project exactly onto the estimated hyperplane
+    if not others.any():
+        return C[0], scale
+    clear = np.min(np.abs(C @ W[others].T + b[others][None, :]), axis=1)
+    # Prefer clearance, mildly penalise wandering away (|f| grows, and so does rounding).
+    score = clear / (1.0 + np.linalg.norm(C - start[None, :], axis=1) / scale)
+    i = int(np.argmax(score))
+    return C[i], float(clear[i])
+
+
+def refine_first_layer(
+    query: QueryFn,
+    W: FloatArray,
+    b: FloatArray,
+    starts: FloatArray,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    only: list[int] | None = None,
+) -> tuple[list[RefinedRow], FloatArray, FloatArray]:
+    """Re-measure every row of ``(W, b)`` (unit rows) at a well-separated point of its hyperplane.
+
+    For row ``j``: a base point ``x_c`` on the estimated hyperplane far from the others; the points
+    ``x± = x_c ± r w_j`` (``r`` = half the clearance) lie in the two affine pieces next to the
+    hyperplane; their gradients are measured with per-coordinate steps bounded by
+    ``cfg.refine_safety`` times the distance, along that coordinate, to the nearest estimated
+    hyperplane; the jump gives ``w_j`` and the intersection of the two pieces along the normal gives
+    the exact witness and ``b_j``. Costs ``2 (d + 1)`` queries per row.
+
+    ``only`` restricts the work to those rows (the others still bound the steps).
+
+    Returns the refined rows (of ``only``, or all) and the samples ``(X, f(X))`` at the points ``x±``.
+    """
+    sel = list(range(W.shape[0])) if only is None else list(only)
+    n, d = len(sel), W.shape[1]
+    scale = _line_scale(cfg, d)
+    bases = np.empty((n, d))
+    radii = np.empty(n)
+    clears = np.empty(n)
+    for i, j in enumerate(sel):
+        bases[i], clears[i] = _best_base_point(j, W, b, starts[j], scale, rng)
+        radii[i] = 0.5 * clears[i]
+    Ws = W[sel]
+    bs = b[sel]
+    Xp = bases + radii[:, None] * Ws
+    Xm = bases - radii[:, None] * Ws
+    X = np.concatenate([Xp, Xm])
+    Z = np.abs(X @ W.T + b[None, :])  # (2n, n): distance to every estimated hyperplane
+    absW = np.abs(W)
+    with np.errstate(divide="ignore"):
+        # distance along coordinate i to hyperplane k is |z_k| / |W_ki|
+        steps = cfg.refine_safety * np.min(Z[:, :, None] / absW[None, :, :], axis=1)
+    steps = np.minimum(steps, 4.0 * np.concatenate([radii, radii])[:, None])
+    G, F = fd_gradients(query, X, steps)
+    Gp, Gm = G[:n], G[n:]
+    Fp, Fm = F[:n], F[n:]
+    rows: list[RefinedRow] = []
+    W, b = Ws, bs
+    for j in range(n):
+        delta = Gp[j] - Gm[j]
+        if not np.any(delta):
+            rows.append(RefinedRow(W[j], float(b[j]), bases[j], np.zeros(F.shape[1]), clears[j], np.inf,
+                                   1.0, False, "no gradient jump across the estimated hyperplane"))
+            continue
+        U, S, Vt = np.linalg.svd(delta, full_matrices=False)
+        w = Vt[0] * np.sign(Vt[0] @ W[j])
+        c = delta @ w  # (k,): the jump per output
+        ratio = float(S[1] / S[0]) if S.size > 1 else 0.0
+        # Exact witness: intersect the two affine pieces along the normal line x_c + tau * w_j.
+        sp = Gp[j] @ W[j]
+        sm = Gm[j] @ W[j]
+        r = radii[j]
+        # Fp + sp (tau - r) = Fm + sm (tau + r)  ->  (sp - sm) tau = Fm - Fp + (sp + sm) r
+        ds = sp - sm
+        rhs = Fm[j] - Fp[j] + (sp + sm) * r
+        den = float(ds @ ds)
+        tau = float(rhs @ ds) / den if den > 0 else np.nan
+        point = bases[j] + tau * W[j]
+        bj = float(-(w @ point))
+        change = float(min(np.linalg.norm(np.append(w - W[j], bj - b[j])),
+                           np.linalg.norm(np.append(w + W[j], bj + b[j]))))
+        ok, reason = True, ""
+        if not np.isfinite(tau) or abs(tau) >= r:
+            ok, reason = False, "the two affine pieces do not meet between the probe points"
+        elif ratio > 1e-6:
+            ok, reason = False, f"gradient jump is not rank one (ratio {ratio:.1e})"
+        elif change > 1e-3:
+            ok, reason = False, f"refined row moved by {change:.1e} from its estimate"
+        rows.append(RefinedRow(w, bj, point, c, float(clears[j]), change, ratio, ok, reason))
+    return rows, X, F

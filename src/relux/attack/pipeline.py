@@ -1,0 +1,208 @@
+"""The extraction pipeline: from an oracle to a verified model.
+
+Stages (attack-notes §2-5): noise floor, critical points and first-layer signatures, refinement,
+signs and output layer (CM24 §5 for the last hidden layer), and the self-check on fresh queries.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import numpy as np
+
+from relux.attack.checks import measure_noise_floor, self_check
+from relux.attack.config import ExtractionConfig
+from relux.attack.first_layer import RefinedRow, discover_first_layer, refine_first_layer
+from relux.attack.result import ExtractionResult, LayerReport, StageStats
+from relux.attack.signs import fit_affine_plus_relu, solve_flips
+from relux.errors import ExtractionFailed, InputError
+from relux.model import MLP, parse_arch
+from relux.oracle.base import FloatArray, Oracle
+from relux.oracle.wrappers import CountingOracle
+
+log = logging.getLogger(__name__)
+
+
+class _Stages:
+    """Records queries and seconds per stage from one counting oracle."""
+
+    def __init__(self, counter: CountingOracle) -> None:
+        self.counter = counter
+        self.stats: list[StageStats] = []
+
+    @contextmanager
+    def stage(self, name: str, layer: int | None = None) -> Iterator[None]:
+        q0, t0 = self.counter.queries, time.perf_counter()
+        log.info("stage %s%s", name, "" if layer is None else f" (layer {layer})")
+        try:
+            yield
+        finally:
+            self.stats.append(StageStats(name, self.counter.queries - q0, time.perf_counter() - t0, layer))
+
+    def total(self, layer: int) -> tuple[int, float]:
+        sel = [s for s in self.stats if s.layer == layer]
+        return sum(s.queries for s in sel), sum(s.seconds for s in sel)
+
+
+def _check_arch(oracle: Oracle, arch: Sequence[int] | str | None) -> tuple[int, ...]:
+    if arch is None:
+        raise InputError("the architecture is required (e.g. '784-128-10'): pass arch=...")
+    a = parse_arch(arch) if isinstance(arch, str) else tuple(int(x) for x in arch)
+    if len(a) < 3:
+        raise InputError(f"expected at least one hidden layer in the architecture, found {a}")
+    if a[0] != oracle.input_dim or a[-1] != oracle.output_dim:
+        raise InputError(
+            f"architecture {a} does not match the oracle: it takes {oracle.input_dim} inputs and returns "
+            f"{oracle.output_dim} outputs; fix --arch"
+        )
+    return a
+
+
+def extract(
+    oracle: Oracle,
+    arch: Sequence[int] | str | None,
+    config: ExtractionConfig | None = None,
+) -> ExtractionResult:
+    """Recover a ReLU network from black-box queries to ``oracle``.
+
+    ``arch`` gives the widths, e.g. ``(784, 128, 1)``. The oracle is the only access to the victim.
+    Raises :class:`~relux.errors.ExtractionFailed` (with ``partial`` holding the result) when the
+    self-check on fresh queries contradicts the extracted model.
+    """
+    cfg = config or ExtractionConfig()
+    a = _check_arch(oracle, arch)
+    counter = CountingOracle(oracle)
+    stages = _Stages(counter)
+    rng = np.random.default_rng(cfg.seed)
+    t_start = time.perf_counter()
+    d0 = a[0]
+    scale = cfg.input_scale
+    with stages.stage("noise_floor"):
+        floor = measure_noise_floor(counter.query, d0, scale, rng)
+    rel_tol = cfg.kink_rel_tol if cfg.kink_rel_tol is not None else max(2.0**-36, 1e3 * floor)
+    log.info("noise floor %.2e, kink tolerance %.2e", floor, rel_tol)
+    if len(a) != 3:
+        raise ExtractionFailed(
+            f"networks with {len(a) - 2} hidden layers are not supported yet: this version extracts one "
+            "hidden layer"
+        )
+    model, layer, witnesses, normals, radii, warnings = _extract_one_hidden(counter, a, cfg, rng, rel_tol, stages)
+    with stages.stage("selfcheck"):
+        check = self_check(counter.query, model, witnesses, normals, radii, cfg.selfcheck_points,
+                           scale, cfg.selfcheck_tol, floor, rng)
+    result = ExtractionResult(
+        model=model,
+        arch=a,
+        queries=counter.queries,
+        seconds=time.perf_counter() - t_start,
+        stages=tuple(stages.stats),
+        layers=(layer,),
+        selfcheck=check,
+        noise_floor=floor,
+        config=cfg.to_json(),
+        warnings=tuple(warnings),
+    )
+    if not check.passed:
+        raise ExtractionFailed(
+            f"self-check failed: fresh queries differ from the extracted model by {check.max_rel_error:.2e} "
+            f"relative to max |f| (tolerance {check.tolerance:.1e})",
+            partial=result,
+        )
+    return result
+
+
+def _extract_one_hidden(
+    counter: CountingOracle,
+    a: tuple[int, ...],
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    rel_tol: float,
+    stages: _Stages,
+) -> tuple[MLP, LayerReport, FloatArray, FloatArray, FloatArray, list[str]]:
+    d0, d1, k = a
+    q = counter.query
+    warnings: list[str] = []
+    with stages.stage("critical_points+signatures", layer=1):
+        sigs, dinfo = discover_first_layer(q, d0, d1, cfg, rng, rel_tol)
+    if not sigs:
+        raise ExtractionFailed("no critical point found on any search line: f looks affine (all neurons dead?)")
+    W = np.stack([s.w for s in sigs])
+    b = np.array([s.b for s in sigs])
+    starts = np.stack([s.point for s in sigs])
+    rows: list[RefinedRow] = []
+    with stages.stage("refinement", layer=1):
+        for _pass in range(max(cfg.refine_passes, 1)):
+            rows, Xs, Fs = refine_first_layer(q, W, b, starts, cfg, rng)
+            bad = [j for j, r in enumerate(rows) if not r.ok]
+            if bad:
+                # One retry from a different base point for rows whose re-measurement failed.
+                starts2 = starts.copy()
+                for j in bad:
+                    starts2[j] = starts[j] + rng.normal(0.0, 0.3 * cfg.input_scale, size=d0)
+                retry, Xr, Fr = refine_first_layer(q, W, b, starts2, cfg, rng, only=bad)
+                for j, row in zip(bad, retry, strict=True):
+                    if row.ok:
+                        rows[j] = row
+                Xs = np.concatenate([Xs, Xr])
+                Fs = np.concatenate([Fs, Fr])
+            W = np.stack([r.w for r in rows])
+            b = np.array([r.b for r in rows])
+            starts = np.stack([r.point for r in rows])
+    for j, r in enumerate(rows):
+        if not r.ok:
+            warnings.append(f"layer 1 neuron {j}: refinement failed ({r.reason})")
+    with stages.stage("signs+output", layer=1):
+        n_fit = d0 + W.shape[0] + 64
+        Xf = rng.normal(0.0, cfg.input_scale, size=(n_fit, d0))
+        Yf = q(Xf)
+        X = np.concatenate([Xs, Xf])
+        Y = np.concatenate([Fs, Yf])
+        Z = X @ W.T + b
+        alpha, gamma, _c = fit_affine_plus_relu(Z, X, Y)
+        sol = solve_flips(alpha, gamma, W, cfg.max_enum_bits)
+        if not sol.ok:
+            warnings.append(f"layer 1 signs: {sol.reason}")
+        sgn = np.where(sol.flips, -1.0, 1.0)
+        W = W * sgn[:, None]
+        b = b * sgn
+        H = np.maximum(X @ W.T + b, 0.0)
+        D = np.concatenate([H, np.ones((H.shape[0], 1))], axis=1)
+        coef, *_ = np.linalg.lstsq(D, Y, rcond=None)
+        W_out, b_out = coef[:-1].T, coef[-1]
+    model = MLP([(W, b), (W_out, b_out)])
+    q1, s1 = stages.total(1)
+    neurons = tuple(
+        {
+            "index": j,
+            "clearance": rows[j].clearance,
+            "refine_change": rows[j].change,
+            "rank_ratio": rows[j].rank_ratio,
+            "ok": rows[j].ok,
+            "reason": rows[j].reason,
+            "sign_flipped": bool(sol.flips[j]),
+            "sign_confidence": float(sol.confidence[j]),
+            "relevant": bool(sol.relevant[j]),
+        }
+        for j in range(len(rows))
+    )
+    dead = d1 - len(rows)
+    if dead:
+        warnings.append(f"layer 1: {dead} neuron(s) never seen on {dinfo.lines} lines: reported dead and dropped")
+    layer = LayerReport(
+        index=1,
+        width=d1,
+        recovered=len(rows),
+        dead=dead,
+        witnesses=dinfo.kinks,
+        queries=q1,
+        seconds=s1,
+        sign_method=f"last-layer {sol.method} (free bits {sol.free_bits}, solutions {sol.solutions})",
+        neurons=neurons,
+    )
+    witnesses = np.stack([r.point for r in rows])
+    radii = np.array([max(r.clearance, 1e-12) * 0.5 for r in rows])
+    log.info("layer 1: %d/%d neurons, %s", len(rows), d1, layer.sign_method)
+    return model, layer, witnesses, W / np.linalg.norm(W, axis=1, keepdims=True), radii, warnings

@@ -1,0 +1,119 @@
+"""Immutable results of an extraction run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from relux.model import MLP, format_arch
+
+
+@dataclass(frozen=True)
+class StageStats:
+    """Queries and wall time one stage of the pipeline spent."""
+
+    name: str
+    queries: int
+    seconds: float
+    layer: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "queries": self.queries, "seconds": round(self.seconds, 4), "layer": self.layer}
+
+
+@dataclass(frozen=True)
+class SelfCheck:
+    """The ground-truth-free verdict: the extracted model against fresh oracle queries."""
+
+    points: int
+    max_abs_error: float
+    max_rel_error: float  # max |f - f_hat| / max |f| over the check points
+    tolerance: float
+    noise_floor: float
+    passed: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """Per hidden layer: how it was recovered."""
+
+    index: int
+    width: int
+    recovered: int
+    dead: int
+    witnesses: int
+    queries: int
+    seconds: float
+    sign_method: str
+    neurons: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+
+    def to_json(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["neurons"] = list(self.neurons)
+        return d
+
+
+@dataclass(frozen=True)
+class ExtractionResult:
+    """What :func:`relux.extract` returns: the model, its cost, and its self-check."""
+
+    model: MLP
+    arch: tuple[int, ...]
+    queries: int
+    seconds: float
+    stages: tuple[StageStats, ...]
+    layers: tuple[LayerReport, ...]
+    selfcheck: SelfCheck
+    noise_floor: float
+    config: dict[str, Any]
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.selfcheck.passed
+
+    def __repr__(self) -> str:
+        return (
+            f"ExtractionResult(arch={format_arch(self.arch)}, recovered={format_arch(self.model.arch)}, "
+            f"queries={self.queries} (2^{_log2(self.queries):.1f}), seconds={self.seconds:.2f}, "
+            f"selfcheck={'passed' if self.ok else 'FAILED'} rel_err={self.selfcheck.max_rel_error:.2e})"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "arch": list(self.arch),
+            "recovered_arch": list(self.model.arch),
+            "queries": self.queries,
+            "log2_queries": round(_log2(self.queries), 3),
+            "seconds": round(self.seconds, 3),
+            "ok": self.ok,
+            "stages": [s.to_json() for s in self.stages],
+            "layers": [layer.to_json() for layer in self.layers],
+            "selfcheck": self.selfcheck.to_json(),
+            "noise_floor": self.noise_floor,
+            "config": self.config,
+            "warnings": list(self.warnings),
+        }
+
+    def to_json_str(self) -> str:
+        return json.dumps(self.to_json(), indent=2, default=_json_default)
+
+
+def _log2(n: int) -> float:
+    import math
+
+    return math.log2(n) if n > 0 else 0.0
+
+
+def _json_default(o: object) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

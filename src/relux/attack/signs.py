@@ -1,0 +1,125 @@
+"""Sign recovery for the last hidden layer (CM24 §5, attack-notes §4).
+
+Nothing non-linear follows the last hidden layer. With ``ẑ_j = s_j λ_j z_j`` (``λ_j > 0``,
+``s_j = ±1`` unknown) and ``ReLU(-ẑ) = ReLU(ẑ) - ẑ``, the network output is
+
+    f = Σ_j α_j ReLU(ẑ_j) + Σ_j β_j ẑ_j + affine,   β_j = -α_j [s_j = -1],
+
+so a least-squares fit of ``f`` on ``[ReLU(ẑ), layer input, 1]`` gives ``α`` and the affine
+coefficient ``γ = Σ_j β_j ŵ_j``. The flips are the 0/1 vector ``t`` with ``A t = -γ``,
+``A[:, j] = α_j ⊗ ŵ_j``: one solve when ``A`` has full column rank, else an exhaustive search over
+the free bits after pivoting (``max_enum_bits`` of them at most).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+
+from relux.oracle.base import FloatArray
+
+
+@dataclass(frozen=True)
+class SignSolution:
+    """Outcome of the binary solve. ``flips[j]`` is True when row ``j`` must be negated."""
+
+    flips: np.ndarray
+    relevant: np.ndarray  # neurons whose output weights are not negligible
+    residual: float  # ||A t + γ|| / ||A||_col-scale for the chosen t
+    free_bits: int
+    solutions: int  # exact solutions found (1 = unique; >1 = functionally equivalent choices)
+    method: str
+    ok: bool
+    reason: str
+    confidence: FloatArray  # per neuron, in [0, 1]
+
+
+def fit_affine_plus_relu(Zhat: FloatArray, Hin: FloatArray, Y: FloatArray) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """Least-squares fit ``Y ≈ ReLU(Zhat) α^T + Hin γ^T + c``. Returns ``(α (k, m), γ (k, p), c (k,))``."""
+    n, m = Zhat.shape
+    D = np.concatenate([np.maximum(Zhat, 0.0), Hin, np.ones((n, 1))], axis=1)
+    col = np.linalg.norm(D, axis=0)
+    col[col == 0] = 1.0
+    coef, *_ = np.linalg.lstsq(D / col, Y, rcond=None)
+    coef = coef / col[:, None]
+    return coef[:m].T, coef[m : m + Hin.shape[1]].T, coef[-1]
+
+
+def solve_flips(
+    alpha: FloatArray,
+    gamma: FloatArray,
+    W_hat: FloatArray,
+    max_enum_bits: int,
+    rel_tol: float = 1e-3,
+) -> SignSolution:
+    """Solve ``A t = -γ`` over ``t ∈ {0,1}^m`` with ``A[(o, :), j] = α[o, j] ŵ_j``.
+
+    ``rel_tol`` is the acceptance threshold of the residual, relative to the smallest column norm of
+    the relevant neurons: a wrong bit moves the residual by at least one column norm.
+    """
+    k, m = alpha.shape
+    A = np.concatenate([alpha[o][None, :] * W_hat.T for o in range(k)], axis=0)  # (k p, m)
+    g = -gamma.reshape(-1)
+    colnorm = np.linalg.norm(A, axis=0)
+    relevant = colnorm > 1e-9 * max(float(colnorm.max(initial=0.0)), np.finfo(float).tiny)
+    flips = np.zeros(m, dtype=bool)
+    conf = np.zeros(m)
+    if not relevant.any():
+        return SignSolution(flips, relevant, 0.0, 0, 1, "none", True, "no neuron reaches the output", conf)
+    Ar = A[:, relevant]
+    cn = colnorm[relevant]
+    unit = float(cn.min())
+    An = Ar / cn  # column-normalised for conditioning
+    Q, R, piv = scipy.linalg.qr(An, mode="economic", pivoting=True)
+    diag = np.abs(np.diag(R))
+    rank = int(np.sum(diag > 1e-8 * diag[0])) if diag.size else 0
+    mr = Ar.shape[1]
+    free = mr - rank
+    if free > max_enum_bits:
+        return SignSolution(flips, relevant, np.inf, free, 0, "enumeration", False,
+                            f"{free} free sign bits exceed max_enum_bits={max_enum_bits}", conf)
+    P = piv[:rank]
+    Fr = piv[rank:]
+    AP = Ar[:, P]
+    AF = Ar[:, Fr]
+    pinv = np.linalg.pinv(AP)
+    base = pinv @ g
+    T = pinv @ AF
+    best_res = np.inf
+    best_t: FloatArray | None = None
+    sols: list[FloatArray] = []
+    chunk_bits = min(free, 16)
+    hi_bits = free - chunk_bits
+    lo = np.array(list(itertools.product((0.0, 1.0), repeat=chunk_bits))) if chunk_bits else np.zeros((1, 0))
+    for hi in itertools.product((0.0, 1.0), repeat=hi_bits):
+        SF = np.concatenate([lo, np.tile(np.asarray(hi, dtype=float), (lo.shape[0], 1))], axis=1)
+        SP = base[None, :] - SF @ T.T  # (2^c, rank)
+        near = np.max(np.abs(SP - np.round(SP)), axis=1) < 0.25
+        inbox = np.all((np.round(SP) == 0) | (np.round(SP) == 1), axis=1)
+        for i in np.flatnonzero(near & inbox):
+            t = np.empty(mr)
+            t[P] = np.round(SP[i])
+            t[Fr] = SF[i]
+            res = float(np.linalg.norm(Ar @ t - g)) / unit
+            if res < rel_tol:
+                sols.append(t)
+            if res < best_res:
+                best_res, best_t = res, t
+    if best_t is None:
+        return SignSolution(flips, relevant, np.inf, free, 0, "enumeration" if free else "solve", False,
+                            "no 0/1 sign vector explains the affine part", conf)
+    flips[np.flatnonzero(relevant)] = best_t > 0.5
+    # Confidence: how far the best unrounded least-squares value sits from the rounding threshold.
+    conf_r = np.ones(mr)
+    if free == 0:
+        conf_r = np.clip(1.0 - 2.0 * np.abs(base - np.round(base)), 0.0, 1.0)[np.argsort(P)]
+    elif len(sols) > 1:
+        conf_r[:] = 0.5
+    conf[np.flatnonzero(relevant)] = conf_r
+    ok = best_res < rel_tol
+    reason = "" if ok else f"best sign vector leaves residual {best_res:.2e} (tolerance {rel_tol:.1e})"
+    return SignSolution(flips, relevant, best_res, free, len(sols), "enumeration" if free else "solve",
+                        ok, reason, conf)
