@@ -87,7 +87,7 @@ class MLP:
         frozen: list[tuple[FloatArray, FloatArray]] = []
         prev_out: int | None = None
         for i, (w, b) in enumerate(layers):
-            W = np.array(w, dtype=np.float64, copy=True)
+            W = np.array(w, dtype=np.float64, copy=True, order="C")
             B = np.array(b, dtype=np.float64, copy=True).reshape(-1)
             if W.ndim != 2:
                 raise InputError(f"layer {i}: expected a 2-D weight matrix (out, in), found shape {W.shape}")
