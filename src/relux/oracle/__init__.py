@@ -1,7 +1,9 @@
 """Oracles: black-box query access, local and remote, and composable wrappers."""
 
 from relux.oracle.base import Oracle, OutputKind, as_query_batch, check_answer
+from relux.oracle.http import KServeV2Oracle, TFServingOracle, oracle_from_url
 from relux.oracle.local import CallableOracle, MLPOracle, load_callable
+from relux.oracle.retry import RetryPolicy
 from relux.oracle.wrappers import (
     BudgetOracle,
     CachingOracle,
@@ -21,6 +23,10 @@ __all__ = [
     "CallableOracle",
     "MLPOracle",
     "load_callable",
+    "KServeV2Oracle",
+    "TFServingOracle",
+    "oracle_from_url",
+    "RetryPolicy",
     "BudgetOracle",
     "CachingOracle",
     "CountingOracle",
