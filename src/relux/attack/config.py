@@ -23,7 +23,8 @@ class ExtractionConfig:
         kink_rel_tol: collinearity tolerance of the kink search, relative to ``max |f|`` on a line.
             ``None`` derives it from the measured noise floor of the oracle.
         fd_rel_step: first-pass finite-difference step, as a fraction of the distance along the
-            search line to the nearest kink (attack-notes §3: take steps as large as the region allows).
+            search line to the nearest kink, divided by the number of directions (each direction may
+            cross an unseen boundary; attack-notes §3: take steps as large as the region allows).
         refine_passes: refinement passes (fresh witnesses with safe steps from the current estimate).
         refine_safety: fraction of the distance to the nearest estimated hyperplane that a
             refinement step may use.
@@ -43,7 +44,7 @@ class ExtractionConfig:
     grid_per_neuron: float = 4.0
     max_search_lines: int = 24
     kink_rel_tol: float | None = None
-    fd_rel_step: float = 1e-5
+    fd_rel_step: float = 1e-2
     refine_passes: int = 1
     refine_safety: float = 0.25
     selfcheck_tol: float = 1e-9

@@ -112,7 +112,7 @@ def discover_first_layer(
         need[idx_new + 1] = True
         regions = np.flatnonzero(need)
         Xr = line.x0[None, :] + mids[regions, None] * line.u[None, :]
-        steps = cfg.fd_rel_step * halves[regions] * np.linalg.norm(line.u)
+        steps = (cfg.fd_rel_step / d) * halves[regions] * np.linalg.norm(line.u)
         G, _ = fd_gradients(query, Xr, steps)
         grads += regions.size
         Gfull: dict[int, FloatArray] = {int(r): G[i] for i, r in enumerate(regions)}

@@ -84,12 +84,14 @@ def extract(
         floor = measure_noise_floor(counter.query, d0, scale, rng)
     rel_tol = cfg.kink_rel_tol if cfg.kink_rel_tol is not None else max(2.0**-36, 1e3 * floor)
     log.info("noise floor %.2e, kink tolerance %.2e", floor, rel_tol)
-    if len(a) != 3:
-        raise ExtractionFailed(
-            f"networks with {len(a) - 2} hidden layers are not supported yet: this version extracts one "
-            "hidden layer"
-        )
-    model, layer, witnesses, normals, radii, warnings = _extract_one_hidden(counter, a, cfg, rng, rel_tol, stages)
+    if len(a) == 3:
+        model, layer, witnesses, normals, radii, warnings = _extract_one_hidden(counter, a, cfg, rng, rel_tol, stages)
+        layer_reports: tuple[LayerReport, ...] = (layer,)
+    else:
+        model, layer_reports, witnesses, warnings = _extract_deep(counter, a, cfg, rng, rel_tol, stages)
+        normals = rng.normal(size=witnesses.shape)
+        normals /= np.linalg.norm(normals, axis=1, keepdims=True)
+        radii = np.full(witnesses.shape[0], 0.05 * cfg.input_scale * np.sqrt(a[0]))
     with stages.stage("selfcheck"):
         check = self_check(counter.query, model, witnesses, normals, radii, cfg.selfcheck_points,
                            scale, cfg.selfcheck_tol, floor, rng)
@@ -99,7 +101,7 @@ def extract(
         queries=counter.queries,
         seconds=time.perf_counter() - t_start,
         stages=tuple(stages.stats),
-        layers=(layer,),
+        layers=layer_reports,
         selfcheck=check,
         noise_floor=floor,
         config=cfg.to_json(),
@@ -206,3 +208,39 @@ def _extract_one_hidden(
     radii = np.array([max(r.clearance, 1e-12) * 0.5 for r in rows])
     log.info("layer 1: %d/%d neurons, %s", len(rows), d1, layer.sign_method)
     return model, layer, witnesses, W / np.linalg.norm(W, axis=1, keepdims=True), radii, warnings
+
+
+def _extract_deep(
+    counter: CountingOracle,
+    a: tuple[int, ...],
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    rel_tol: float,
+    stages: _Stages,
+) -> tuple[MLP, tuple[LayerReport, ...], FloatArray, list[str]]:
+    from relux.attack.deep import extract_layer, fit_output_layer
+
+    q = counter.query
+    d0, k = a[0], a[-1]
+    hidden = a[1:-1]
+    layers: list[tuple[FloatArray, FloatArray]] = []
+    reports: list[LayerReport] = []
+    warnings: list[str] = []
+    points: list[FloatArray] = []
+    for i, width in enumerate(hidden, start=1):
+        with stages.stage("layer", layer=i):
+            out = extract_layer(q, layers, width, d0, sum(hidden), i == len(hidden), k, cfg, rng, rel_tol)
+        layers.append((out.W, out.b))
+        points.append(out.witness_points)
+        qi, si = stages.total(i)
+        if out.dead:
+            warnings.append(f"layer {i}: {out.dead} neuron(s) not identified: reported dead and dropped")
+        reports.append(LayerReport(index=i, width=width, recovered=out.W.shape[0], dead=out.dead,
+                                   witnesses=out.witnesses, queries=qi, seconds=si, sign_method=out.sign_method,
+                                   neurons=out.neurons))
+        log.info("layer %d: %d/%d neurons, %s", i, out.W.shape[0], width, out.sign_method)
+    wpts = np.concatenate(points)
+    with stages.stage("output_layer"):
+        W_out, b_out = fit_output_layer(q, layers, d0, cfg, rng, wpts)
+    model = MLP([*layers, (W_out, b_out)])
+    return model, tuple(reports), wpts, warnings

@@ -1,0 +1,235 @@
+"""Layer-by-layer extraction of networks with several hidden layers (attack-notes §3-5).
+
+For each hidden layer in turn: witnesses behind the known prefix, partial signatures in the space
+of control, grouping and unification into full rows, a global check that each row explains the kinks
+it predicts on every search line (kinks of deeper neurons fail it), then signs: the clean wiggle
+(SOE-style) for inner layers, the CM24 last-layer solve for the last one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from relux.attack import prefix as pfx
+from relux.attack.config import ExtractionConfig
+from relux.attack.hyperplanes import hyperplane_distance
+from relux.attack.signs import fit_affine_plus_relu, solve_flips
+from relux.attack.unify import NeuronRow, agrees_on_overlap, group_witnesses, on_neuron, unify
+from relux.attack.wiggle import wiggle_signs
+from relux.attack.witnesses import Witness, collect_witnesses
+from relux.oracle.base import FloatArray
+
+log = logging.getLogger(__name__)
+QueryFn = Callable[[FloatArray], FloatArray]
+
+
+@dataclass(frozen=True)
+class LayerOutcome:
+    W: FloatArray
+    b: FloatArray
+    witnesses: int
+    lines: int
+    sign_method: str
+    neurons: tuple[dict[str, Any], ...]
+    dead: int
+    witness_points: FloatArray
+
+
+def _support(row: NeuronRow, witnesses: Sequence[Witness]) -> int:
+    return sum(1 for wt in witnesses if on_neuron(wt, row, tol=1e-6))
+
+
+def extract_layer(
+    query: QueryFn,
+    layers: Sequence[pfx.Layer],
+    width: int,
+    d0: int,
+    total_hidden: int,
+    is_last: bool,
+    k: int,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    rel_tol: float,
+) -> LayerOutcome:
+    """Recover hidden layer ``len(layers) + 1`` (``width`` neurons) behind the known ``layers``."""
+    witnesses: list[Witness] = []
+    n_grid = int(cfg.grid_per_neuron * total_hidden) + 16
+    lines_used = 0
+    rows: list[NeuronRow] = []
+    per_round = 4
+    while lines_used < cfg.max_search_lines * 4:
+        new, info = collect_witnesses(query, layers, d0, per_round, n_grid, cfg, rng, rel_tol,
+                                      line_offset=lines_used)
+        lines_used += per_round
+        witnesses += new
+        groups = [g for g in group_witnesses(witnesses) if len(g) >= 2]
+        cand = [unify(witnesses, g) for g in groups]
+        # Deduplicate near-identical rows, keep the best supported.
+        scored = sorted(((len(r.members), r) for r in cand), key=lambda t: -t[0])
+        rows = []
+        for _, r in scored:
+            key = np.append(r.w, r.b)
+            if rows and np.min(hyperplane_distance(key, np.stack([np.append(x.w, x.b) for x in rows]))) < 1e-4:
+                continue
+            rows.append(r)
+        good = [r for r in rows if len(r.members) >= 3]
+        log.debug("layer %d: %d lines, %d witnesses, %d groups, %d complete rows",
+                  len(layers) + 1, lines_used, len(witnesses), len(groups), len(good))
+        if len(good) >= width and lines_used >= 8:
+            break
+    # Rank candidates by how many witnesses sit on them (deeper-layer kinks explain few).
+    supports = [(_support(r, witnesses), r) for r in rows]
+    supports.sort(key=lambda t: -t[0])
+    chosen = [r for s, r in supports[:width] if s >= 2]
+    if not chosen:
+        from relux.errors import ExtractionFailed
+
+        raise ExtractionFailed(f"layer {len(layers) + 1}: no neuron could be identified from {len(witnesses)} witnesses")
+    # Re-unify each chosen row with every witness that lies on it (rank-deficient ones included).
+    final = _reunify(chosen, witnesses)
+    # Coordinates of the layer input never active at a row's witnesses: look for witnesses there.
+    for _attempt in range(3):
+        todo = [(j, r) for j, r in enumerate(final) if not r.complete]
+        if not todo:
+            break
+        x0s, us = _targeted_lines(layers, todo, witnesses, d0, cfg)
+        if x0s.shape[0] == 0:
+            break
+        new, _ = collect_witnesses(query, layers, d0, 0, n_grid, cfg, rng, rel_tol, line_offset=lines_used,
+                                   lines_given=(x0s, us))
+        lines_used += x0s.shape[0]
+        witnesses += new
+        final = _reunify(final, witnesses)
+    W = np.stack([r.w for r in final])
+    b = np.array([r.b for r in final])
+    if is_last:
+        sign_method, flips, conf = _last_layer_signs(query, layers, W, b, d0, cfg, rng, witnesses)
+        sgn = np.where(flips, -1.0, 1.0)
+    else:
+        ws = wiggle_signs(query, layers, W, b, d0, cfg.input_scale, rng)
+        sgn = ws.signs
+        conf = ws.confidence
+        sign_method = (f"wiggle ({ws.controllable_points}/{ws.points} controllable points, "
+                       f"{int(ws.decided.sum())} decided)")
+    W = W * sgn[:, None]
+    b = b * sgn
+    neurons = tuple(
+        {"index": j, "witnesses": len(final[j].members), "unify_residual": final[j].residual,
+         "uniqueness_gap": final[j].gap, "sign": int(sgn[j]), "sign_confidence": float(conf[j])}
+        for j in range(len(final))
+    )
+    pts = np.stack([witnesses[final[j].members[0]].x for j in range(len(final))])
+    return LayerOutcome(W, b, len(witnesses), lines_used, sign_method, neurons, width - len(final), pts)
+
+
+def _last_layer_signs(
+    query: QueryFn,
+    layers: Sequence[pfx.Layer],
+    W: FloatArray,
+    b: FloatArray,
+    d0: int,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    witnesses: Sequence[Witness],
+) -> tuple[str, np.ndarray, FloatArray]:
+    d_in = W.shape[1]
+    n = 2 * (d_in + W.shape[0] + 1) + 64
+    # Points on both sides of every row's boundary, so that each ReLU feature switches in the sample.
+    near: list[FloatArray] = []
+    scale = cfg.input_scale * float(np.sqrt(d0))
+    for w_row, b_row in zip(W, b, strict=True):
+        on = [wt.x for wt in witnesses if abs(float(w_row @ wt.h + b_row)) <= 1e-6 * (np.linalg.norm(wt.h) + 1)]
+        for x in on[:4]:
+            M, _ = pfx.jacobian(layers, x)
+            nrm = w_row @ M
+            nn = float(np.linalg.norm(nrm))
+            if nn == 0:
+                continue
+            dist = min(pfx.boundary_distance(layers, x), 1e-2 * scale)
+            for f in (-0.5, 0.5):
+                near.append(x + f * dist * nrm / nn)
+    X = np.concatenate([rng.normal(0.0, cfg.input_scale, size=(n, d0))] + ([np.asarray(near)] if near else []))
+    Y = query(X)
+    _, H = pfx.forward(layers, X)
+    Z = H @ W.T + b
+    alpha, gamma, _ = fit_affine_plus_relu(Z, H, Y)
+    sol = solve_flips(alpha, gamma, W, cfg.max_enum_bits)
+    status = "" if sol.ok else ", FAILED"
+    method = f"last-layer {sol.method} (free bits {sol.free_bits}, solutions {sol.solutions}{status})"
+    return method, sol.flips, sol.confidence
+
+
+def fit_output_layer(
+    query: QueryFn, layers: Sequence[pfx.Layer], d0: int, cfg: ExtractionConfig, rng: np.random.Generator,
+    extra: FloatArray,
+) -> tuple[FloatArray, FloatArray]:
+    """Least squares of ``f`` on the last hidden layer's activations (attack-notes §5)."""
+    d_last = layers[-1][0].shape[0]
+    n = 2 * (d_last + 1) + 64
+    X = np.concatenate([rng.normal(0.0, cfg.input_scale, size=(n, d0)), extra])
+    Y = query(X)
+    _, H = pfx.forward(layers, X)
+    D = np.concatenate([H, np.ones((H.shape[0], 1))], axis=1)
+    coef, *_ = np.linalg.lstsq(D, Y, rcond=None)
+    return coef[:-1].T, coef[-1]
+
+
+def _reunify(rows: Sequence[NeuronRow], witnesses: Sequence[Witness]) -> list[NeuronRow]:
+    out: list[NeuronRow] = []
+    for r in rows:
+        members = [i for i, wt in enumerate(witnesses)
+                   if on_neuron(wt, r, tol=1e-5)
+                   or (not r.complete and agrees_on_overlap(wt, r, tol=1e-8,
+                                                            min_overlap=max(3, int(r.coverage.sum()) // 2)))]
+        out.append(unify(witnesses, members) if len(members) >= 2 else r)
+    return out
+
+
+def _targeted_lines(
+    layers: Sequence[pfx.Layer],
+    todo: Sequence[tuple[int, NeuronRow]],
+    witnesses: Sequence[Witness],
+    d0: int,
+    cfg: ExtractionConfig,
+) -> tuple[FloatArray, FloatArray]:
+    """Lines that cross a row's boundary where an unseen layer-input coordinate is active.
+
+    From a witness of the row, walk along its (estimated) boundary in the direction that raises the
+    unseen coordinate until that coordinate is active, then cross the boundary along its normal.
+    """
+    x0s: list[FloatArray] = []
+    us: list[FloatArray] = []
+    scale = cfg.input_scale * float(np.sqrt(d0))
+    for _j, row in todo:
+        wt = witnesses[row.members[0]]
+        x = wt.x
+        M, pre_jacs = pfx.jacobian(layers, x)
+        n = row.w @ M  # gradient of the estimated pre-activation
+        nn = float(np.linalg.norm(n))
+        if nn == 0:
+            continue
+        n = n / nn
+        for m in np.flatnonzero(~row.coverage)[:4]:
+            g = pre_jacs[-1][m]  # gradient of the unseen coordinate's pre-activation
+            d = g - (g @ n) * n
+            if not np.any(d):
+                continue
+            d = d / np.linalg.norm(d)
+            step = 0.01 * scale
+            for _ in range(40):
+                Zs, _ = pfx.forward(layers, (x + step * d)[None, :])
+                if Zs[-1][0, m] > 0:
+                    break
+                step *= 1.5
+            else:
+                continue
+            x0s.append(x + 1.5 * step * d)
+            us.append(n)
+    if not x0s:
+        return np.zeros((0, d0)), np.zeros((0, d0))
+    return np.asarray(x0s), np.asarray(us)

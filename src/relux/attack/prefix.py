@@ -1,0 +1,73 @@
+"""The known prefix: hidden layers already recovered, with their signs, as a local linear map.
+
+Everything here is computed from estimates only (no queries): pre-activations, the layer input of
+the layer being extracted, and the local Jacobian ``M_x`` from the network input to that layer input
+(attack-notes §3, "space of control").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from relux.oracle.base import FloatArray
+
+Layer = tuple[FloatArray, FloatArray]
+
+
+def forward(layers: Sequence[Layer], X: FloatArray) -> tuple[list[FloatArray], FloatArray]:
+    """Pre-activations of every known layer and the post-activation of the last, for rows of ``X``."""
+    H = X
+    Zs: list[FloatArray] = []
+    for W, b in layers:
+        Z = H @ W.T + b
+        Zs.append(Z)
+        H = np.maximum(Z, 0.0)
+    return Zs, H
+
+
+def jacobian(layers: Sequence[Layer], x: FloatArray) -> tuple[FloatArray, list[FloatArray]]:
+    """Local Jacobian ``M_x`` (``d_last x d0``) of the last known layer's output at one point, and the
+    Jacobian of every known layer's pre-activation (for distances to its boundaries)."""
+    d0 = x.shape[0]
+    M = np.eye(d0)
+    h = x
+    pre_jacs: list[FloatArray] = []
+    for W, b in layers:
+        z = W @ h + b
+        Jz = W @ M
+        pre_jacs.append(Jz)
+        M = (z > 0)[:, None] * Jz
+        h = np.maximum(z, 0.0)
+    return M, pre_jacs
+
+
+def boundary_distance(layers: Sequence[Layer], x: FloatArray) -> float:
+    """Distance (to first order) from ``x`` to the nearest boundary of any known neuron."""
+    if not layers:
+        return float("inf")
+    Zs, _ = forward(layers, x[None, :])
+    _, pre_jacs = jacobian(layers, x)
+    best = float("inf")
+    for Z, J in zip(Zs, pre_jacs, strict=True):
+        norms = np.linalg.norm(J, axis=1)
+        ok = norms > 0
+        if ok.any():
+            best = min(best, float(np.min(np.abs(Z[0, ok]) / norms[ok])))
+    return best
+
+
+def safe_steps(layers: Sequence[Layer], x: FloatArray, basis: FloatArray) -> FloatArray:
+    """Per basis direction, the distance from ``x`` along it to the nearest known boundary."""
+    out = np.full(basis.shape[0], np.inf)
+    if not layers:
+        return out
+    Zs, _ = forward(layers, x[None, :])
+    _, pre_jacs = jacobian(layers, x)
+    for Z, J in zip(Zs, pre_jacs, strict=True):
+        rate = np.abs(J @ basis.T)  # (d_l, r)
+        with np.errstate(divide="ignore"):
+            dist = np.abs(Z[0])[:, None] / rate
+        out = np.minimum(out, np.min(dist, axis=0))
+    return out

@@ -1,0 +1,148 @@
+"""Group partial signatures by neuron and unify them into full rows (attack-notes §3).
+
+Witnesses of one neuron see different active sets of the layer input and carry different unknown
+scales. Grouping compares them on shared coordinates (with the bias); unification then solves one
+homogeneous least-squares system per neuron, ``A_x w = λ_x v_x`` for every witness ``x`` plus
+``h(x)·w + b = 0``, for ``(w, b, λ)``: the row is its null vector. Rank-deficient witnesses enter
+the system too, once the zero test places them on the neuron.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from relux.attack.witnesses import Witness
+from relux.oracle.base import FloatArray
+
+
+@dataclass(frozen=True)
+class NeuronRow:
+    """A unified row: unit-norm ``(w, b)``, its witnesses, and how well they agree."""
+
+    w: FloatArray
+    b: float
+    members: tuple[int, ...]
+    coverage: np.ndarray  # layer-input coordinates seen active by some witness
+    residual: float  # smallest singular value of the unification system (relative)
+    gap: float  # second-smallest over smallest singular value (uniqueness margin)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.coverage.all())
+
+
+def _unit(w: FloatArray, b: float) -> tuple[FloatArray, float]:
+    n = float(np.linalg.norm(np.append(w, b)))
+    if n == 0:
+        return w, b
+    w, b = w / n, b / n
+    if w[np.argmax(np.abs(w))] < 0:
+        w, b = -w, -b
+    return w, b
+
+
+def group_witnesses(witnesses: Sequence[Witness], tol: float = 1e-5, min_overlap: int = 2) -> list[list[int]]:
+    """Greedy grouping of full-rank partial signatures that agree (up to scale) on shared coordinates."""
+    sums: list[FloatArray] = []
+    counts: list[FloatArray] = []
+    bsum: list[float] = []
+    groups: list[list[int]] = []
+    for i, wt in enumerate(witnesses):
+        if not wt.full_rank:
+            continue
+        a_full = np.append(wt.w, wt.b)
+        act = np.append(wt.active, True)
+        best, best_j, best_lam = 0.0, -1, 1.0
+        for j in range(len(groups)):
+            cov = np.append(counts[j] > 0, True)
+            C = act & cov
+            if C.sum() < min_overlap + 1:
+                continue
+            est = np.append(np.where(counts[j] > 0, sums[j] / np.maximum(counts[j], 1), 0.0),
+                            bsum[j] / len(groups[j]))
+            a, e = a_full[C], est[C]
+            na, ne = float(np.linalg.norm(a)), float(np.linalg.norm(e))
+            if na == 0 or ne == 0:
+                continue
+            cos = float(a @ e) / (na * ne)
+            if abs(cos) > best:
+                best, best_j, best_lam = abs(cos), j, float(a @ e) / (na * na)
+        if best_j >= 0 and 1.0 - best <= tol:
+            scaled = a_full * best_lam
+            sums[best_j] += np.where(wt.active, scaled[:-1], 0.0)
+            counts[best_j] += wt.active
+            bsum[best_j] += scaled[-1]
+            groups[best_j].append(i)
+        else:
+            groups.append([i])
+            sums.append(np.where(wt.active, wt.w, 0.0))
+            counts.append(wt.active.astype(float))
+            bsum.append(wt.b)
+    return groups
+
+
+def unify(witnesses: Sequence[Witness], members: Sequence[int]) -> NeuronRow:
+    """Solve the homogeneous system of the witnesses ``members`` for one row ``(w, b)``."""
+    d_full = witnesses[members[0]].A_ctrl.shape[1]
+    coverage = np.zeros(d_full, dtype=bool)
+    for i in members:
+        coverage |= witnesses[i].active
+    # Coordinates no witness saw active are unobservable here: they are left at zero.
+    cols = np.flatnonzero(coverage)
+    d_in = cols.size
+    n = len(members)
+    blocks: list[FloatArray] = []
+    for m, i in enumerate(members):
+        wt = witnesses[i]
+        r = wt.A_ctrl.shape[0]
+        blk = np.zeros((r + 1, d_in + 1 + n))
+        scale = float(np.linalg.norm(wt.A_ctrl)) or 1.0
+        blk[:r, :d_in] = wt.A_ctrl[:, cols] / scale
+        blk[:r, d_in + 1 + m] = -wt.v_ctrl
+        hb = np.append(wt.h[cols], 1.0)
+        blk[r, : d_in + 1] = hb / float(np.linalg.norm(hb))
+        blocks.append(blk)
+    S = np.concatenate(blocks)
+    _, sv, Vt = np.linalg.svd(S, full_matrices=False)
+    sol = Vt[-1]
+    w_full = np.zeros(d_full)
+    w_full[cols] = sol[:d_in]
+    w, b = _unit(w_full, float(sol[d_in]))
+    smallest = float(sv[-1]) / float(sv[0]) if sv[0] > 0 else 0.0
+    gap = float(sv[-2] / sv[-1]) if sv.size > 1 and sv[-1] > 0 else float("inf")
+    return NeuronRow(w=w, b=b, members=tuple(members), coverage=coverage, residual=smallest, gap=gap)
+
+
+def on_neuron(wt: Witness, row: NeuronRow, tol: float = 1e-6) -> bool:
+    """Zero test: does witness ``wt`` lie on ``row``'s boundary with a jump along ``row``'s direction?"""
+    zh = float(row.w @ wt.h + row.b)
+    scale = float(np.linalg.norm(row.w) * np.linalg.norm(wt.h) + abs(row.b)) or 1.0
+    if abs(zh) > tol * scale:
+        return False
+    pred = wt.A_ctrl @ row.w
+    npred = float(np.linalg.norm(pred))
+    if npred == 0:
+        return False
+    return bool(1.0 - abs(float(pred @ wt.v_ctrl)) / npred <= tol)
+
+
+def agrees_on_overlap(wt: Witness, row: NeuronRow, tol: float = 1e-5, min_overlap: int = 2) -> bool:
+    """Does a full-rank partial signature match ``row`` (up to scale) on the coordinates both know?
+
+    This places witnesses that see layer-input coordinates the row has not seen yet (where the zero
+    test cannot hold, since the row lacks those weights).
+    """
+    if not wt.full_rank:
+        return False
+    C = wt.active & row.coverage
+    if int(C.sum()) < min_overlap:
+        return False
+    a = np.append(wt.w[C], wt.b)
+    e = np.append(row.w[C], row.b)
+    na, ne = float(np.linalg.norm(a)), float(np.linalg.norm(e))
+    if na == 0 or ne == 0:
+        return False
+    return bool(1.0 - abs(float(a @ e)) / (na * ne) <= tol)

@@ -1,0 +1,169 @@
+"""Witnesses of a hidden layer behind a known prefix, and their partial signatures (attack-notes §3).
+
+At a witness ``x*`` of neuron ``j`` of layer ``i`` the gradient of ``f`` jumps by ``c ⊗ (M^T w_j)``,
+where ``M`` is the known prefix's local Jacobian. Finite differences therefore run only along a basis
+of the row space of ``M`` (the space of control), and ``w_j`` restricted to the layer-``(i-1)``
+neurons active at ``x*`` solves ``M_A^T w_A = jump``. Kinks of known neurons are recognised from
+the prefix and set aside.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from relux.attack import prefix as pfx
+from relux.attack.config import ExtractionConfig
+from relux.attack.critical import find_kinks
+from relux.attack.gradients import fd_gradients
+from relux.oracle.base import FloatArray
+
+log = logging.getLogger(__name__)
+QueryFn = Callable[[FloatArray], FloatArray]
+
+
+@dataclass(frozen=True)
+class Witness:
+    """A kink of an unknown neuron, with what one measurement says about that neuron.
+
+    ``active`` marks the layer-input coordinates visible here; ``w`` (zero outside ``active``) and
+    ``b`` are the partial signature normalised to unit norm (meaningful when ``full_rank``);
+    ``A_ctrl`` (``r x d_in``) and ``v_ctrl`` (``r``) state the measurement as the homogeneous
+    constraint ``A_ctrl w ∥ v_ctrl`` for unification; ``h`` is the layer input at ``x``.
+    """
+
+    x: FloatArray
+    active: np.ndarray
+    w: FloatArray
+    b: float
+    full_rank: bool
+    A_ctrl: FloatArray
+    v_ctrl: FloatArray
+    h: FloatArray
+    rank_ratio: float
+    line: int
+
+
+@dataclass(frozen=True)
+class WitnessInfo:
+    lines: int
+    kinks: int
+    prefix_kinks: int
+    witnesses: int
+    rejected: int
+    search_queries: int
+    gradient_queries: int
+
+
+def collect_witnesses(
+    query: QueryFn,
+    layers: Sequence[pfx.Layer],
+    d0: int,
+    n_lines: int,
+    n_grid: int,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    rel_tol: float,
+    line_offset: int = 0,
+    lines_given: tuple[FloatArray, FloatArray] | None = None,
+) -> tuple[list[Witness], WitnessInfo]:
+    """Walk ``n_lines`` random lines (or the lines ``lines_given = (x0, u)``) and measure a partial
+    signature at every kink the prefix does not explain (those belong to the layer being extracted or
+    to deeper ones)."""
+    scale = cfg.input_scale * float(np.sqrt(d0))
+    t_range = cfg.line_range
+    if lines_given is not None:
+        x0, u = lines_given
+        n_lines = x0.shape[0]
+    else:
+        x0 = rng.normal(0.0, cfg.input_scale, size=(n_lines, d0))
+        u = rng.normal(size=(n_lines, d0))
+    u = u * (scale / np.linalg.norm(u, axis=1, keepdims=True))
+    lines, kinfo = find_kinks(query, x0, u, -t_range, t_range, n_grid, rel_tol)
+    out: list[Witness] = []
+    n_kinks = n_prefix = rejected = grad_q = 0
+    for li, line in enumerate(lines):
+        t = line.t
+        n_kinks += t.size
+        if t.size == 0:
+            continue
+        P = line.points()
+        bounds = np.concatenate([[t[0] - (t[1] - t[0] if t.size > 1 else 1.0)], t,
+                                 [t[-1] + (t[-1] - t[-2] if t.size > 1 else 1.0)]])
+        mids = 0.5 * (bounds[:-1] + bounds[1:])
+        halves = 0.5 * (bounds[1:] - bounds[:-1])
+        unorm = float(np.linalg.norm(line.u))
+        tol_dist = 1e-6 * unorm * max(float(np.min(halves)), 1e-12) + 1e-9 * scale
+        base_pts: list[FloatArray] = []
+        base_steps: list[FloatArray] = []
+        bases: list[FloatArray] = []
+        meta: list[tuple[int, FloatArray, FloatArray]] = []
+        for j in range(t.size):
+            x = P[j]
+            if layers and pfx.boundary_distance(layers, x) <= tol_dist:
+                n_prefix += 1
+                continue
+            M, _ = pfx.jacobian(layers, x)
+            # Orthonormal basis of the row space of M (the space of control).
+            _, S, Vt = np.linalg.svd(M, full_matrices=False)
+            r = int(np.sum(S > 1e-10 * (S[0] if S.size else 0.0)))
+            if r == 0:
+                rejected += 1
+                continue
+            B = Vt[:r]
+            pl = line.x0 + mids[j] * line.u
+            pr = line.x0 + mids[j + 1] * line.u
+            rel = cfg.fd_rel_step / r  # unknown boundaries: the crossing risk grows with every direction
+            st_l = np.minimum(rel * halves[j] * unorm, 0.25 * pfx.safe_steps(layers, pl, B))
+            st_r = np.minimum(rel * halves[j + 1] * unorm, 0.25 * pfx.safe_steps(layers, pr, B))
+            base_pts += [pl, pr]
+            base_steps += [st_l, st_r]
+            bases.append(B)
+            meta.append((j, M, x))
+        if not meta:
+            continue
+        # Group by basis size so each group is one batched call.
+        for k_idx, (_j, M, x) in enumerate(meta):
+            B = bases[k_idx]
+            X2 = np.stack([base_pts[2 * k_idx], base_pts[2 * k_idx + 1]])
+            S2 = np.stack([base_steps[2 * k_idx], base_steps[2 * k_idx + 1]])
+            J, _ = fd_gradients(query, X2, S2, basis=B)
+            grad_q += 2 * (B.shape[0] + 1)
+            delta = J[1] - J[0]  # (k, r)
+            if not np.any(delta):
+                rejected += 1
+                continue
+            _, S, Vt = np.linalg.svd(delta, full_matrices=False)
+            ratio = float(S[1] / S[0]) if S.size > 1 else 0.0
+            if ratio > 1e-3:
+                rejected += 1
+                continue
+            v_ctrl = Vt[0]
+            V = v_ctrl @ B  # jump direction in input space
+            _, H = pfx.forward(layers, x[None, :])
+            h = H[0]
+            active = (h > 0) if layers else np.ones(d0, dtype=bool)
+            A_ctrl = B @ M.T  # (r, d_in): control-space image of each layer-input coordinate
+            MA = M[active]
+            w = np.zeros(M.shape[0])
+            full = False
+            if MA.shape[0] > 0:
+                sv = np.linalg.svd(MA, compute_uv=False)
+                full = bool(sv.size == MA.shape[0] and sv[-1] > 1e-8 * sv[0])
+                if full:
+                    wa, *_ = np.linalg.lstsq(MA.T, V, rcond=None)
+                    w[active] = wa
+            b = float(-(w @ h))
+            nrm = float(np.linalg.norm(np.append(w, b)))
+            if full and nrm > 0:
+                w, b = w / nrm, b / nrm
+                if w[np.argmax(np.abs(w))] < 0:
+                    w, b = -w, -b
+            out.append(Witness(x=x, active=active, w=w, b=b, full_rank=full, A_ctrl=A_ctrl, v_ctrl=v_ctrl,
+                               h=h, rank_ratio=ratio, line=line_offset + li))
+    info = WitnessInfo(lines=n_lines, kinks=n_kinks, prefix_kinks=n_prefix, witnesses=len(out), rejected=rejected,
+                       search_queries=kinfo.queries, gradient_queries=grad_q)
+    return out, info
