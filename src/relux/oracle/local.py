@@ -9,8 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from relux.errors import InputError
 from relux.model import MLP
 from relux.oracle.base import FloatArray, OutputKind, as_query_batch, check_answer
