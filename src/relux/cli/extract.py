@@ -1,0 +1,295 @@
+"""``relux extract``: recover a ReLU network's weights from black-box queries and save them.
+
+The victim is reached through exactly one oracle: a model file (``--model``, read only to build the
+oracle and learn its architecture), an HTTP endpoint (``--url``, KServe v2 or TF-Serving) or a Python
+callable (``--oracle FILE.py:NAME``). The attack itself only ever sees the oracle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from relux.errors import BudgetExhausted, ExtractionFailed, InputError, OracleError
+from relux.model import format_arch, parse_arch
+
+if TYPE_CHECKING:
+    from relux.attack.result import ExtractionResult
+    from relux.oracle.base import Oracle
+
+DESCRIPTION = """\
+Recover the weights of a fully connected ReLU network from black-box queries.
+
+Victim (exactly one):
+  --model FILE          a model file (.npz, .safetensors, .onnx, .keras, .h5, .pt); the file is read
+                        only to build the oracle and to learn the architecture
+  --url URL             an HTTP endpoint: http://HOST:PORT/v2/models/NAME (KServe v2) or
+                        http://HOST:PORT/v1/models/NAME (TF-Serving); needs --arch
+  --oracle FILE.py:NAME a Python callable NAME(X) -> Y with X of shape (n, d); needs --arch
+
+The extracted network is written to --out only when the self-check on fresh queries passes
+(|f - f'| <= T * max|f|, T from --selfcheck-tol); otherwise the report (if asked for) is written,
+marked failed, and the exit status is 1. Exit status 2 means bad input.
+"""
+
+
+# --------------------------------------------------------------------------- argument types
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, found {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, found {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, found {text!r}") from None
+    if not (math.isfinite(value) and value > 0.0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, found {text!r}")
+    return value
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "extract",
+        help="recover a ReLU network from black-box queries (model file, HTTP endpoint or Python callable)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", metavar="FILE", help="model file to attack as a black box")
+    source.add_argument("--url", metavar="URL", help="KServe v2 (/v2/models/NAME) or TF-Serving (/v1/models/NAME)")
+    source.add_argument("--oracle", metavar="FILE.py:NAME", help="Python callable answering queries")
+    parser.add_argument(
+        "--arch",
+        metavar="ARCH",
+        help="layer widths, e.g. 64-48-10 (required with --url and --oracle; checked against --model)",
+    )
+    parser.add_argument("--out", required=True, metavar="FILE", help="where to write the extracted model")
+    parser.add_argument("--report", metavar="JSON", help="write the extraction report (JSON) here")
+    parser.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the attack's random draws (default 0)")
+    parser.add_argument("--budget", type=_nonneg_int, default=None, metavar="N", help="stop after N queries")
+    parser.add_argument(
+        "--input-scale",
+        type=_positive_float,
+        default=1.0,
+        metavar="X",
+        help="standard deviation of the random base points; match the victim's input range (default 1)",
+    )
+    parser.add_argument(
+        "--selfcheck-tol",
+        type=_positive_float,
+        default=1e-9,
+        metavar="T",
+        help="self-check tolerance, relative to max|f| on fresh queries (default 1e-9)",
+    )
+    parser.set_defaults(func=run)
+
+
+# --------------------------------------------------------------------------- checks and oracle
+def _check_output_path(flag: str, path: str, *, model: bool) -> None:
+    p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{flag} {path} is a directory; expected a file name")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"{flag} {path}: directory {parent} does not exist; create it first")
+    if model:
+        from relux.formats import check_writable
+
+        check_writable(path)
+
+
+def _build_oracle(args: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[Oracle, tuple[int, ...], str]:
+    """The victim's oracle, the architecture to extract, and a one-line description of the source."""
+    arch = parse_arch(args.arch) if args.arch is not None else None
+    if args.model is not None:
+        from relux.formats import load_model, oracle_from_file
+
+        # The file is read here only to learn the architecture; the attack gets the oracle alone.
+        file_arch = load_model(args.model).arch
+        if arch is not None and arch != file_arch:
+            raise InputError(
+                f"--arch {format_arch(arch)} does not match {args.model}, which holds a "
+                f"{format_arch(file_arch)} network; drop --arch or fix it"
+            )
+        return oracle_from_file(args.model), file_arch, f"model file {args.model}"
+    flag = "--url" if args.url is not None else "--oracle"
+    if arch is None:
+        what = "endpoint" if args.url is not None else "callable"
+        raise InputError(f"{flag} needs --arch (the layer widths, e.g. 64-48-10): the {what} does not tell them")
+    if args.url is not None:
+        from relux.oracle.http import oracle_from_url
+
+        remote = oracle_from_url(args.url, input_dim=arch[0], output_dim=arch[-1])
+        close = getattr(remote, "close", None)
+        if callable(close):
+            stack.callback(close)
+        return remote, arch, f"endpoint {args.url}"
+    from relux.oracle.local import CallableOracle, load_callable
+
+    fn = load_callable(args.oracle)
+    return CallableOracle(fn, arch[0], arch[-1], name=args.oracle), arch, f"callable {args.oracle}"
+
+
+# --------------------------------------------------------------------------- output
+def _log2(n: int) -> float:
+    return math.log2(n) if n > 0 else 0.0
+
+
+def _rows(table: list[list[str]]) -> list[str]:
+    widths = [max(len(r[c]) for r in table) for c in range(len(table[0]))]
+    return ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in table]
+
+
+def format_summary(result: ExtractionResult) -> str:
+    """A short human-readable summary of an extraction: cost per stage, layers, self-check verdict."""
+    check = result.selfcheck
+    verdict = "passed" if check.passed else "FAILED"
+    lines = [
+        f"architecture   {format_arch(result.arch)} (recovered {format_arch(result.model.arch)})",
+        f"queries        {result.queries} (2^{_log2(result.queries):.2f})",
+        f"seconds        {result.seconds:.2f}",
+        f"self-check     {verdict}: max|f - f'| / max|f| = {check.max_rel_error:.3g} "
+        f"(tolerance {check.tolerance:.1g}) on {check.points} fresh points; noise floor {result.noise_floor:.2g}",
+        "",
+    ]
+    table = [["stage", "layer", "queries", "log2", "seconds"]]
+    for s in result.stages:
+        layer_no = "-" if s.layer is None else str(s.layer)
+        table.append([s.name, layer_no, str(s.queries), f"{_log2(s.queries):.2f}", f"{s.seconds:.2f}"])
+    lines += _rows(table)
+    if result.layers:
+        lines.append("")
+        table = [["layer", "width", "recovered", "dead", "witnesses", "signs"]]
+        for layer in result.layers:
+            table.append(
+                [str(layer.index), str(layer.width), str(layer.recovered), str(layer.dead), str(layer.witnesses),
+                 layer.sign_method]
+            )
+        lines += _rows(table)
+    if result.warnings:
+        lines.append("")
+        lines += [f"warning: {w}" for w in result.warnings]
+    return "\n".join(lines)
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON values: numpy scalars/arrays to Python, non-finite floats to ``None``."""
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _jsonable(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _write_report(path: str, report: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(_jsonable(report), fh, indent=2, allow_nan=False)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- run
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    from relux.attack import ExtractionConfig, extract
+    from relux.attack.result import ExtractionResult
+    from relux.oracle.wrappers import BudgetOracle, CountingOracle
+    from relux.progress import QueryProgress, progress_logging
+
+    _check_output_path("--out", args.out, model=True)
+    if args.report is not None:
+        _check_output_path("--report", args.report, model=False)
+    config = ExtractionConfig(seed=args.seed, input_scale=args.input_scale, selfcheck_tol=args.selfcheck_tol)
+    quiet = bool(getattr(args, "quiet", False))
+
+    with contextlib.ExitStack() as stack:
+        victim, arch, described = _build_oracle(args, stack)
+        counter = CountingOracle(victim)  # rows the victim actually answered, whatever happens
+        oracle: Oracle = counter if args.budget is None else BudgetOracle(counter, args.budget)
+        print(f"relux extract: {format_arch(arch)} from {described}", flush=True)
+        # disable=None: a bar only when stderr is a terminal.
+        bar = stack.enter_context(
+            QueryProgress(
+                oracle, desc=f"extract {format_arch(arch)}", total=args.budget, disable=True if quiet else None
+            )
+        )
+        base: dict[str, Any] = {
+            "source": described,
+            "out": None,
+            "budget": args.budget,
+        }
+        t0 = time.perf_counter()
+        try:
+            with progress_logging(not quiet):
+                result = extract(bar, arch, config)
+        except ExtractionFailed as exc:
+            bar.close()  # before printing: keep the terminal tidy
+            partial = exc.partial if isinstance(exc.partial, ExtractionResult) else None
+            if partial is not None:
+                print(format_summary(partial))
+            _fail(args, base, exc, arch, counter.queries, time.perf_counter() - t0, partial)
+            raise
+        except (BudgetExhausted, OracleError) as exc:
+            bar.close()
+            _fail(args, base, exc, arch, counter.queries, time.perf_counter() - t0, None)
+            raise
+
+    from relux.formats import save_model
+
+    save_model(result.model, args.out)
+    print(format_summary(result))
+    print(f"\nwrote {args.out}")
+    if args.report is not None:
+        _write_report(args.report, {**result.to_json(), **base, "out": str(args.out), "failed": False, "error": None})
+        print(f"wrote {args.report}")
+    return 0
+
+
+def _fail(
+    args: argparse.Namespace,
+    base: dict[str, Any],
+    exc: Exception,
+    arch: tuple[int, ...],
+    queries: int,
+    seconds: float,
+    partial: ExtractionResult | None,
+) -> None:
+    """Report a failed run: the report file (marked failed) if asked for, and a note on stdout."""
+    if partial is not None:
+        report = partial.to_json()
+    else:
+        report = {
+            "arch": list(arch),
+            "queries": queries,
+            "log2_queries": round(_log2(queries), 3),
+            "seconds": round(seconds, 3),
+        }
+    report.update(base)
+    report.update({"ok": False, "failed": True, "error": " ".join(str(exc).split()), "error_type": type(exc).__name__})
+    if args.report is not None:
+        _write_report(args.report, report)
+        print(f"wrote {args.report} (marked failed)")
+    print(f"nothing written to {args.out}: {type(exc).__name__} after {queries} queries", file=sys.stdout)
