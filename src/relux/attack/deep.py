@@ -19,7 +19,7 @@ from relux.attack import prefix as pfx
 from relux.attack.config import ExtractionConfig
 from relux.attack.hyperplanes import hyperplane_distance
 from relux.attack.signs import fit_affine_plus_relu, solve_flips
-from relux.attack.unify import NeuronRow, agrees_on_overlap, group_witnesses, on_neuron, unify
+from relux.attack.unify import NeuronRow, agrees_on_overlap, group_witnesses, merge_rows, on_neuron, unify
 from relux.attack.wiggle import wiggle_signs
 from relux.attack.witnesses import Witness, collect_witnesses
 from relux.oracle.base import FloatArray
@@ -68,7 +68,7 @@ def extract_layer(
         lines_used += per_round
         witnesses += new
         groups = [g for g in group_witnesses(witnesses) if len(g) >= 2]
-        cand = [unify(witnesses, g) for g in groups]
+        cand = merge_rows([unify(witnesses, g) for g in groups], witnesses)
         # Deduplicate near-identical rows, keep the best supported.
         scored = sorted(((len(r.members), r) for r in cand), key=lambda t: -t[0])
         rows = []
@@ -77,7 +77,7 @@ def extract_layer(
             if rows and np.min(hyperplane_distance(key, np.stack([np.append(x.w, x.b) for x in rows]))) < 1e-4:
                 continue
             rows.append(r)
-        good = [r for r in rows if len(r.members) >= 3]
+        good = [r for r in rows if len(r.members) >= 3 and r.complete]
         log.debug("layer %d: %d lines, %d witnesses, %d groups, %d complete rows",
                   len(layers) + 1, lines_used, len(witnesses), len(groups), len(good))
         if len(good) >= width and lines_used >= 8:
@@ -107,6 +107,9 @@ def extract_layer(
         lines_used += x0s.shape[0]
         witnesses += new
         final = _reunify(final, witnesses)
+    for j, r in enumerate(final):
+        log.debug("layer %d row %d: %d witnesses, coverage %d/%d, residual %.1e, gap %.1e", len(layers) + 1, j,
+                  len(r.members), int(r.coverage.sum()), r.coverage.size, r.residual, r.gap)
     W = np.stack([r.w for r in final])
     b = np.array([r.b for r in final])
     if is_last:

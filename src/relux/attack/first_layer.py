@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from relux.attack.config import ExtractionConfig
-from relux.attack.critical import find_kinks
+from relux.attack.confirm import crossing_hits
+from relux.attack.critical import LineKinks, find_kinks
 from relux.attack.gradients import fd_gradients
 from relux.attack.hyperplanes import Signature, cluster_signatures, signature_from_jump
 from relux.oracle.base import FloatArray
@@ -73,8 +74,8 @@ def discover_first_layer(
     n_lines = kinks_total = grads = rejected = search_q = 0
     n_grid = int(cfg.grid_per_neuron * width) + 16
     t_range = cfg.line_range
-    misses = 0
-    while len(known) < width and n_lines < cfg.max_search_lines:
+    all_lines: list[LineKinks] = []
+    while n_lines < cfg.max_search_lines:
         n_lines += 1
         x0 = rng.normal(0.0, cfg.input_scale, size=(1, d))
         u = rng.normal(size=(1, d))
@@ -82,10 +83,10 @@ def discover_first_layer(
         lines, info = find_kinks(query, x0, u, -t_range, t_range, n_grid, rel_tol)
         search_q += info.queries
         line = lines[0]
+        all_lines.append(line)
         t = line.t
         kinks_total += t.size
         if t.size == 0:
-            misses += 1
             t_range *= 2.0
             continue
         # Which kinks are explained by hyperplanes already known?
@@ -95,12 +96,11 @@ def discover_first_layer(
             bk = np.array([s.b for s in known])
             P = line.points()
             Z = np.abs(P @ Wk.T + bk[None, :])  # distance of each kink to each known hyperplane
-            tol_z = 1e-6 * _line_scale(cfg, d) * t_range
-            new = np.min(Z, axis=1) > tol_z
+            # the zero test of crossing_hits: relative to the size of the terms of w·x + b
+            scl = np.linalg.norm(P, axis=1)[:, None] + np.abs(bk)[None, :]
+            new = np.min(Z / scl, axis=1) > 1e-7
         if not new.any():
-            misses += 1
             t_range *= 1.5
-            continue
         # Affine pieces: between consecutive kinks; the two outer ones are as wide as their neighbour.
         bounds = np.concatenate([[t[0] - (t[1] - t[0] if t.size > 1 else 1.0)], t,
                                  [t[-1] + (t[-1] - t[-2] if t.size > 1 else 1.0)]])
@@ -111,11 +111,13 @@ def discover_first_layer(
         need[idx_new] = True
         need[idx_new + 1] = True
         regions = np.flatnonzero(need)
-        Xr = line.x0[None, :] + mids[regions, None] * line.u[None, :]
-        steps = (cfg.fd_rel_step / d) * halves[regions] * np.linalg.norm(line.u)
-        G, _ = fd_gradients(query, Xr, steps)
-        grads += regions.size
-        Gfull: dict[int, FloatArray] = {int(r): G[i] for i, r in enumerate(regions)}
+        Gfull: dict[int, FloatArray] = {}
+        if regions.size:
+            Xr = line.x0[None, :] + mids[regions, None] * line.u[None, :]
+            steps = (cfg.fd_rel_step / d) * halves[regions] * np.linalg.norm(line.u)
+            G, _ = fd_gradients(query, Xr, steps)
+            grads += regions.size
+            Gfull = {int(r): G[i] for i, r in enumerate(regions)}
         fresh: list[Signature] = []
         for j in idx_new:
             delta = Gfull[int(j) + 1] - Gfull[int(j)]
@@ -127,13 +129,33 @@ def discover_first_layer(
                 rejected += 1  # two neurons' kinks too close together on this line
                 continue
             fresh.append(sig)
-        if fresh:
-            allsig = known + fresh
-            groups = cluster_signatures(np.stack([s.key for s in allsig]), tol=1e-4)
-            known = [allsig[g[0]] for g in groups]
-        log.debug("line %d: %d kinks, %d new, %d neurons known", n_lines, t.size, int(new.sum()), len(known))
+        known = known + fresh
+        if not known:
+            continue
+        # Every crossing a true hyperplane predicts on a search line is a kink found there; a
+        # signature measured from a corrupted gradient predicts crossings that are not.
+        hits, misses = crossing_hits(np.stack([s.w for s in known]), np.array([s.b for s in known]), all_lines)
+        spurious = (misses >= 2) & (misses > hits)
+        if spurious.any():
+            rejected += int(spurious.sum())
+            known = [s for s, bad in zip(known, spurious, strict=True) if not bad]
+            hits, misses = hits[~spurious], misses[~spurious]
+        # Several measurements of one hyperplane: keep the one whose predictions held best.
+        groups = cluster_signatures(np.stack([s.key for s in known]), tol=1e-4)
+        best = [max(g, key=lambda i: int(hits[i]) - 4 * int(misses[i])) for g in groups]
+        known = [known[i] for i in best]
+        hits, misses = hits[best], misses[best]
+        confirmed = int(np.sum((hits >= 2) & (4 * misses <= hits)))
+        log.debug("line %d: %d kinks, %d new, %d hyperplanes known, %d confirmed", n_lines, t.size,
+                  int(new.sum()), len(known), confirmed)
+        if confirmed >= width:
+            break
+    if known:
+        hits, misses = crossing_hits(np.stack([s.w for s in known]), np.array([s.b for s in known]), all_lines)
+        order = np.argsort(-(hits - 4 * misses), kind="stable")
+        known = [known[i] for i in order[:width]]
     info_out = DiscoveryInfo(n_lines, kinks_total, grads, len(known), rejected, search_q, len(known))
-    return known[:width] if len(known) > width else known, info_out
+    return known, info_out
 
 
 def _best_base_point(
@@ -144,8 +166,8 @@ def _best_base_point(
     others = np.ones(W.shape[0], dtype=bool)
     others[j] = False
     cands = [start]
-    for radius in (0.05, 0.15, 0.4):
-        V = rng.normal(size=(6, W.shape[1]))
+    for radius in (0.05, 0.15, 0.4, 1.0):
+        V = rng.normal(size=(12, W.shape[1]))
         V -= (V @ wj)[:, None] * wj[None, :]
         V *= (radius * scale) / np.linalg.norm(V, axis=1, keepdims=True)
         cands.extend(start[None, :] + V)

@@ -146,3 +146,34 @@ def agrees_on_overlap(wt: Witness, row: NeuronRow, tol: float = 1e-5, min_overla
     if na == 0 or ne == 0:
         return False
     return bool(1.0 - abs(float(a @ e)) / (na * ne) <= tol)
+
+
+def rows_agree(r1: NeuronRow, r2: NeuronRow, tol: float = 1e-6, min_overlap: int = 2) -> bool:
+    """Do two rows agree up to scale on the layer-input coordinates both have seen (and the bias)?"""
+    C = r1.coverage & r2.coverage
+    if int(C.sum()) < min_overlap:
+        return False
+    a = np.append(r1.w[C], r1.b)
+    e = np.append(r2.w[C], r2.b)
+    na, ne = float(np.linalg.norm(a)), float(np.linalg.norm(e))
+    if na == 0 or ne == 0:
+        return False
+    return bool(1.0 - abs(float(a @ e)) / (na * ne) <= tol)
+
+
+def merge_rows(rows: Sequence[NeuronRow], witnesses: Sequence[Witness], tol: float = 1e-6) -> list[NeuronRow]:
+    """Merge fragments of one neuron (groups that saw different parts of its row) and re-unify them."""
+    order = sorted(range(len(rows)), key=lambda i: (-int(rows[i].coverage.sum()), -len(rows[i].members)))
+    kept: list[NeuronRow] = []
+    members: list[list[int]] = []
+    for i in order:
+        r = rows[i]
+        for j, k in enumerate(kept):
+            if rows_agree(r, k, tol):
+                members[j] = sorted(set(members[j]) | set(r.members))
+                kept[j] = unify(witnesses, members[j])
+                break
+        else:
+            kept.append(r)
+            members.append(list(r.members))
+    return kept

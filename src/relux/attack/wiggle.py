@@ -104,9 +104,12 @@ def wiggle_signs(
         ctrl = bool(sv.size == m and sv[-1] > 1e-8 * sv[0])
         chosen.append((x, R, ctrl))
     chosen.sort(key=lambda c: not c[2])
-    pos = np.zeros(m)
-    neg = np.zeros(m)
+    pos = np.zeros(m, dtype=bool)  # the output moved while ẑ_j > 0
+    neg = np.zeros(m, dtype=bool)  # the output moved while ẑ_j < 0
+    pos_q = np.zeros(m, dtype=bool)  # ẑ_j > 0 was probed with a usable step
+    neg_q = np.zeros(m, dtype=bool)
     n_pts = n_ctrl = queries = 0
+    eps_m = float(np.finfo(float).eps)
     for x, R, ctrl in chosen[:max_points]:
         _, H = pfx.forward(layers, x[None, :])
         zhat = W_hat @ H[0] + b_hat
@@ -120,24 +123,30 @@ def wiggle_signs(
                 with np.errstate(divide="ignore"):
                     lim = np.min(np.abs(Z[0])[:, None] / rate, axis=0)
                 eps = np.minimum(eps, 0.5 * lim)
-        eps = np.where(eps > 0, eps, 0.0)
+        step_len = eps * np.linalg.norm(P, axis=0)
+        usable = step_len > 1e-9 * scale * np.sqrt(d0)
+        if not usable.any():
+            continue
         D = (P * (np.sign(zhat) * eps)[None, :]).T  # (m, d0): move away from the boundary
-        Y = query(np.concatenate([x[None, :], x[None, :] + D]))
-        queries += m + 1
-        resp = np.linalg.norm(Y[1:] - Y[0], axis=1) / np.where(eps > 0, eps, np.inf)
-        pos = np.where(zhat > 0, np.maximum(pos, resp), pos)
-        neg = np.where(zhat < 0, np.maximum(neg, resp), neg)
+        Y = query(np.concatenate([x[None, :], x[None, :] + D[usable]]))
+        queries += int(usable.sum()) + 1
+        moved = np.zeros(m)
+        moved[usable] = np.max(np.abs(Y[1:] - Y[0]), axis=1)
+        # Rounding alone moves f by a few ulps of |f|; a real response is far above that.
+        noise = 64.0 * eps_m * (float(np.max(np.abs(Y))) + 1.0)
+        resp = usable & (moved > 1e4 * noise)
+        pos |= resp & (zhat > 0)
+        neg |= resp & (zhat < 0)
+        pos_q |= usable & (zhat > 0)
+        neg_q |= usable & (zhat < 0)
         n_pts += 1
         n_ctrl += int(ctrl)
-        top = max(float(pos.max()), float(neg.max()), np.finfo(float).tiny)
-        strong = np.maximum(pos, neg) > 1e-6 * top
-        if n_pts >= 4 and strong.all():
+        if n_pts >= 4 and np.all(pos ^ neg):
             break
-    total = pos + neg
-    with np.errstate(invalid="ignore", divide="ignore"):
-        c = np.where(total > 0, (pos - neg) / total, 0.0)
-    top = max(float(total.max()), np.finfo(float).tiny)
-    decided = (np.maximum(pos, neg) > 1e-6 * top) & (np.abs(c) > 0.5)
-    signs = np.where(c >= 0, 1.0, -1.0)
-    return WiggleSigns(signs=signs, confidence=np.abs(c), decided=decided, points=n_pts,
+    decided = pos ^ neg
+    signs = np.where(neg & ~pos, -1.0, 1.0)
+    # Confidence: 1 for a clean verdict probed on both sides, 0.75 when only the answering side was
+    # probed, 0 when the neuron answered on both sides (inconsistent) or never.
+    confidence = np.where(decided, np.where(pos_q & neg_q, 1.0, 0.75), 0.0)
+    return WiggleSigns(signs=signs, confidence=confidence, decided=decided, points=n_pts,
                        controllable_points=n_ctrl, queries=queries)
