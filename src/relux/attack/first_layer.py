@@ -140,6 +140,8 @@ def discover_first_layer(
             rejected += int(spurious.sum())
             known = [s for s, bad in zip(known, spurious, strict=True) if not bad]
             hits, misses = hits[~spurious], misses[~spurious]
+        if not known:
+            continue
         # Several measurements of one hyperplane: keep the one whose predictions held best.
         groups = cluster_signatures(np.stack([s.key for s in known]), tol=1e-4)
         best = [max(g, key=lambda i: int(hits[i]) - 4 * int(misses[i])) for g in groups]

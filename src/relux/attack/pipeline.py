@@ -130,7 +130,10 @@ def _extract_one_hidden(
     with stages.stage("critical_points+signatures", layer=1):
         sigs, dinfo = discover_first_layer(q, d0, d1, cfg, rng, rel_tol)
     if not sigs:
-        raise ExtractionFailed("no critical point found on any search line: f looks affine (all neurons dead?)")
+        raise ExtractionFailed(
+            "no kink of f was confirmed on any search line: expected the kinks of a ReLU network, found none "
+            "that behaves like one (f is affine, or not a ReLU network); check the oracle and --input-scale"
+        )
     W = np.stack([s.w for s in sigs])
     b = np.array([s.b for s in sigs])
     starts = np.stack([s.point for s in sigs])
