@@ -17,9 +17,19 @@ import numpy as np
 
 from relux.attack import prefix as pfx
 from relux.attack.config import ExtractionConfig
+from relux.attack.confirm import crossing_hits
+from relux.attack.critical import LineKinks
 from relux.attack.hyperplanes import hyperplane_distance
 from relux.attack.signs import fit_affine_plus_relu, solve_flips
-from relux.attack.unify import NeuronRow, agrees_on_overlap, group_witnesses, merge_rows, on_neuron, unify
+from relux.attack.unify import (
+    NeuronRow,
+    agrees_on_overlap,
+    group_witnesses,
+    merge_rows,
+    on_neuron,
+    ransac_rows,
+    unify,
+)
 from relux.attack.wiggle import wiggle_signs
 from relux.attack.witnesses import Witness, collect_witnesses
 from relux.oracle.base import FloatArray
@@ -40,10 +50,6 @@ class LayerOutcome:
     witness_points: FloatArray
 
 
-def _support(row: NeuronRow, witnesses: Sequence[Witness]) -> int:
-    return sum(1 for wt in witnesses if on_neuron(wt, row, tol=1e-6))
-
-
 def extract_layer(
     query: QueryFn,
     layers: Sequence[pfx.Layer],
@@ -58,6 +64,7 @@ def extract_layer(
 ) -> LayerOutcome:
     """Recover hidden layer ``len(layers) + 1`` (``width`` neurons) behind the known ``layers``."""
     witnesses: list[Witness] = []
+    all_lines: list[LineKinks] = []
     n_grid = int(cfg.grid_per_neuron * total_hidden) + 16
     lines_used = 0
     rows: list[NeuronRow] = []
@@ -67,25 +74,26 @@ def extract_layer(
                                       line_offset=lines_used)
         lines_used += per_round
         witnesses += new
+        all_lines += info.lines_found
         groups = [g for g in group_witnesses(witnesses) if len(g) >= 2]
-        cand = merge_rows([unify(witnesses, g) for g in groups], witnesses)
-        # Deduplicate near-identical rows, keep the best supported.
-        scored = sorted(((len(r.members), r) for r in cand), key=lambda t: -t[0])
-        rows = []
-        for _, r in scored:
-            key = np.append(r.w, r.b)
-            if rows and np.min(hyperplane_distance(key, np.stack([np.append(x.w, x.b) for x in rows]))) < 1e-4:
-                continue
-            rows.append(r)
-        good = [r for r in rows if len(r.members) >= 3 and r.complete]
+        base = [unify(witnesses, g) for g in groups]
+        # Witnesses no complete row explains (rank-deficient ones, mostly) go to the triple search.
+        explained: set[int] = set()
+        for r in base:
+            if r.complete:
+                explained.update(r.members)
+        pool = [i for i in range(len(witnesses)) if i not in explained]
+        base += ransac_rows(witnesses, pool, rng, trials=200 * width)
+        cand = merge_rows(base, witnesses)
+        rows, score = _rank_rows(cand, all_lines, layers)
+        good = [r for r, sc in zip(rows, score, strict=True) if r.complete and sc >= 3]
         log.debug("layer %d: %d lines, %d witnesses, %d groups, %d complete rows",
                   len(layers) + 1, lines_used, len(witnesses), len(groups), len(good))
         if len(good) >= width and lines_used >= 8:
             break
-    # Rank candidates by how many witnesses sit on them (deeper-layer kinks explain few).
-    supports = [(_support(r, witnesses), r) for r in rows]
-    supports.sort(key=lambda t: -t[0])
-    chosen = [r for s, r in supports[:width] if s >= 2]
+    # Rows ranked by the crossings they predict on every line: kinks of deeper neurons, fitted inside
+    # one region of the layer before, predict crossings the oracle does not show.
+    chosen = [r for r, sc in zip(rows, score, strict=True) if sc >= 1][:width]
     if not chosen:
         from relux.errors import ExtractionFailed
 
@@ -238,3 +246,26 @@ def _targeted_lines(
     if not x0s:
         return np.zeros((0, d0)), np.zeros((0, d0))
     return np.asarray(x0s), np.asarray(us)
+
+
+def _rank_rows(
+    cand: Sequence[NeuronRow], lines: Sequence[LineKinks], layers: Sequence[pfx.Layer]
+) -> tuple[list[NeuronRow], list[int]]:
+    """Deduplicate candidate rows and sort them by confirmed crossings (hits minus twice the misses)."""
+    if not cand:
+        return [], []
+    W = np.stack([r.w for r in cand])
+    b = np.array([r.b for r in cand])
+    hits, misses = crossing_hits(W, b, lines, layers)
+    score = hits - 2 * misses
+    order = np.argsort(-score, kind="stable")
+    rows: list[NeuronRow] = []
+    scores: list[int] = []
+    for i in order:
+        r = cand[int(i)]
+        key = np.append(r.w, r.b)
+        if rows and np.min(hyperplane_distance(key, np.stack([np.append(x.w, x.b) for x in rows]))) < 1e-4:
+            continue
+        rows.append(r)
+        scores.append(int(score[i]))
+    return rows, scores

@@ -177,3 +177,50 @@ def merge_rows(rows: Sequence[NeuronRow], witnesses: Sequence[Witness], tol: flo
             kept.append(r)
             members.append(list(r.members))
     return kept
+
+
+def zero_test_mask(witnesses: Sequence[Witness], idx: Sequence[int], w: FloatArray, b: float,
+                   tol: float = 1e-6) -> np.ndarray:
+    """Vectorised first half of :func:`on_neuron` (``w·h + b ≈ 0``) over the witnesses ``idx``."""
+    if not idx:
+        return np.zeros(0, dtype=bool)
+    Hm = np.stack([witnesses[i].h for i in idx])
+    z = Hm @ w + b
+    scale = np.linalg.norm(Hm, axis=1) * float(np.linalg.norm(w)) + abs(b)
+    return np.asarray(np.abs(z) <= tol * np.maximum(scale, np.finfo(float).tiny))
+
+
+def ransac_rows(
+    witnesses: Sequence[Witness],
+    pool: Sequence[int],
+    rng: np.random.Generator,
+    trials: int,
+    min_members: int = 4,
+) -> list[NeuronRow]:
+    """Rows from witnesses that single measurements cannot pin down (rank deficiency, LSELBP26).
+
+    Each witness gives a point ``h(x)`` of the neuron's hyperplane in the layer-input space and the
+    direction of the jump in its space of control; three witnesses of one neuron usually determine the
+    row, three of different neurons usually have no common solution. Random triples are unified;
+    a consistent, unique solution is kept when enough other witnesses lie on it.
+    """
+    pool = list(pool)
+    rows: list[NeuronRow] = []
+    if len(pool) < 3:
+        return rows
+    for _ in range(trials):
+        if len(pool) < max(3, min_members):
+            break
+        trip = [pool[i] for i in rng.choice(len(pool), size=3, replace=False)]
+        r = unify(witnesses, trip)
+        if r.residual > 1e-9 or r.gap < 1e3:
+            continue
+        near = [pool[i] for i in np.flatnonzero(zero_test_mask(witnesses, pool, r.w, r.b))]
+        members = [i for i in near if on_neuron(witnesses[i], r)]
+        if len(members) < min_members:
+            continue
+        r2 = unify(witnesses, members)
+        rows.append(r2)
+        taken = set(members)
+        pool = [i for i in pool if i not in taken]
+    return rows

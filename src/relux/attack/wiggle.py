@@ -33,10 +33,10 @@ class WiggleSigns:
     queries: int
 
 
-def _all_active_point(layers: Sequence[pfx.Layer], d0: int, box: float) -> tuple[FloatArray, float] | None:
-    """Maximise the smallest pre-activation of every known neuron with the whole prefix active (LP)."""
-    if not layers:
-        return None
+def _active_forms(layers: Sequence[pfx.Layer], d0: int) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+    """With the whole prefix active the network up to the last known layer is affine: returns the
+    row-normalised constraints ``G x + g >= 0`` (every known neuron active) and the affine map
+    ``h = A x + c`` of the last known layer."""
     A = np.eye(d0)
     c = np.zeros(d0)
     rows_A, rows_c = [], []
@@ -46,40 +46,59 @@ def _all_active_point(layers: Sequence[pfx.Layer], d0: int, box: float) -> tuple
         nrm[nrm == 0] = 1.0
         rows_A.append(A / nrm)
         rows_c.append(c / nrm[:, 0])
-    GA = np.concatenate(rows_A)
-    Gc = np.concatenate(rows_c)
-    # variables (x, t): maximise t s.t. GA x + Gc >= t  <=>  -GA x + t <= Gc
-    A_ub = np.concatenate([-GA, np.ones((GA.shape[0], 1))], axis=1)
-    cost = np.zeros(d0 + 1)
-    cost[-1] = -1.0
-    bounds = [(-box, box)] * d0 + [(None, box)]
-    res = linprog(cost, A_ub=A_ub, b_ub=Gc, bounds=bounds, method="highs")
-    if not res.success or res.x[-1] <= 0:
+    return np.concatenate(rows_A), np.concatenate(rows_c), A, c
+
+
+def _lp(cost: FloatArray, G: FloatArray, g: FloatArray, margin: float | None, box: float) -> FloatArray | None:
+    """Minimise ``cost·x`` (or maximise the margin ``t`` when ``margin`` is None) over
+    ``G x + g >= max(margin, t)`` inside the box ``|x_i| <= box``."""
+    d0 = G.shape[1]
+    if margin is None:
+        A_ub = np.concatenate([-G, np.ones((G.shape[0], 1))], axis=1)
+        c = np.zeros(d0 + 1)
+        c[-1] = -1.0
+        res = linprog(c, A_ub=A_ub, b_ub=g, bounds=[(-box, box)] * d0 + [(None, box)], method="highs")
+        if not res.success or res.x[-1] <= 0:
+            return None
+        out: FloatArray = res.x
+        return out
+    res = linprog(cost, A_ub=-G, b_ub=g - margin, bounds=[(-box, box)] * d0, method="highs")
+    if not res.success:
         return None
-    return res.x[:d0], float(res.x[-1])
+    sol: FloatArray = res.x
+    return sol
 
 
-def _candidates(layers: Sequence[pfx.Layer], d0: int, scale: float, n: int, rng: np.random.Generator) -> FloatArray:
+def _candidates(
+    layers: Sequence[pfx.Layer],
+    W_hat: FloatArray,
+    b_hat: FloatArray,
+    d0: int,
+    scale: float,
+    n: int,
+    rng: np.random.Generator,
+) -> FloatArray:
+    """Random points, plus points of the all-active region of the prefix where each neuron of the
+    layer is pushed to each side of its hyperplane (so that every neuron is probed on both sides)."""
     pts = [rng.normal(0.0, scale, size=(n, d0))]
-    lp = _all_active_point(layers, d0, box=4.0 * scale * np.sqrt(d0))
-    if lp is not None:
-        x_c, margin = lp
-        V = rng.normal(size=(n, d0))
-        V /= np.linalg.norm(V, axis=1, keepdims=True)
-        fr = rng.uniform(0.1, 0.9, size=n)
-        out = []
-        for v, f in zip(V, fr, strict=True):
-            # Walk from the centre along v while every prefix neuron stays active.
-            lo, hi = 0.0, 8.0 * margin + scale
-            for _ in range(30):
-                mid = 0.5 * (lo + hi)
-                Zs, _ = pfx.forward(layers, (x_c + mid * v)[None, :])
-                if all(np.all(Z > 0) for Z in Zs):
-                    lo = mid
-                else:
-                    hi = mid
-            out.append(x_c + f * lo * v)
-        pts.append(np.asarray(out))
+    if not layers:
+        # No prefix: the layer is controllable everywhere; push each neuron to each side directly.
+        return np.concatenate(pts)
+    box = 4.0 * scale * np.sqrt(d0)
+    G, g, A, c = _active_forms(layers, d0)
+    centre = _lp(np.zeros(d0), G, g, None, box)
+    if centre is None:
+        return np.concatenate(pts)
+    x_c, t_max = centre[:d0], float(centre[-1])
+    out = [x_c]
+    m = W_hat.shape[0]
+    for j in range(m):
+        lin = W_hat[j] @ A  # ẑ_j(x) = lin·x + const inside the all-active region
+        for sense in (1.0, -1.0):
+            x = _lp(-sense * lin, G, g, 0.3 * t_max, box)
+            if x is not None:
+                out.append(0.5 * (x + x_c))
+    pts.append(np.asarray(out))
     return np.concatenate(pts)
 
 
@@ -95,7 +114,7 @@ def wiggle_signs(
 ) -> WiggleSigns:
     """Decide the sign of every row of ``(W_hat, b_hat)`` (the layer after ``layers``)."""
     m = W_hat.shape[0]
-    C = _candidates(layers, d0, scale, 4 * max_points, rng)
+    C = _candidates(layers, W_hat, b_hat, d0, scale, max_points, rng)
     chosen: list[tuple[FloatArray, FloatArray, bool]] = []
     for x in C:
         M, _ = pfx.jacobian(layers, x)
@@ -104,13 +123,15 @@ def wiggle_signs(
         ctrl = bool(sv.size == m and sv[-1] > 1e-8 * sv[0])
         chosen.append((x, R, ctrl))
     chosen.sort(key=lambda c: not c[2])
+    if any(c[2] for c in chosen):
+        chosen = [c for c in chosen if c[2]]
     pos = np.zeros(m, dtype=bool)  # the output moved while ẑ_j > 0
     neg = np.zeros(m, dtype=bool)  # the output moved while ẑ_j < 0
-    pos_q = np.zeros(m, dtype=bool)  # ẑ_j > 0 was probed with a usable step
-    neg_q = np.zeros(m, dtype=bool)
+    pos_q = np.zeros(m, dtype=int)  # probes with ẑ_j > 0 and a usable step
+    neg_q = np.zeros(m, dtype=int)
     n_pts = n_ctrl = queries = 0
     eps_m = float(np.finfo(float).eps)
-    for x, R, ctrl in chosen[:max_points]:
+    for x, R, ctrl in chosen:
         _, H = pfx.forward(layers, x[None, :])
         zhat = W_hat @ H[0] + b_hat
         P = np.linalg.pinv(R)  # (d0, m): column j moves ẑ_j by one unit
@@ -137,16 +158,21 @@ def wiggle_signs(
         resp = usable & (moved > 1e4 * noise)
         pos |= resp & (zhat > 0)
         neg |= resp & (zhat < 0)
-        pos_q |= usable & (zhat > 0)
-        neg_q |= usable & (zhat < 0)
+        pos_q += usable & (zhat > 0)
+        neg_q += usable & (zhat < 0)
         n_pts += 1
         n_ctrl += int(ctrl)
-        if n_pts >= 4 and np.all(pos ^ neg):
+        if n_pts >= max_points and np.all(pos | neg):
             break
-    decided = pos ^ neg
-    signs = np.where(neg & ~pos, -1.0, 1.0)
-    # Confidence: 1 for a clean verdict probed on both sides, 0.75 when only the answering side was
-    # probed, 0 when the neuron answered on both sides (inconsistent) or never.
-    confidence = np.where(decided, np.where(pos_q & neg_q, 1.0, 0.75), 0.0)
+    # The output moves only on the side where the neuron is on: a response decides the sign.
+    # With no response at all, repeated silence on one side (with that side probed several
+    # times and the other never) suggests the neuron is on the other side: a weak verdict.
+    clean = pos ^ neg
+    silent = ~pos & ~neg
+    weak_neg = silent & (pos_q >= 2) & (neg_q == 0)
+    weak_pos = silent & (neg_q >= 2) & (pos_q == 0)
+    signs = np.where((neg & ~pos) | weak_neg, -1.0, 1.0)
+    decided = clean | weak_neg | weak_pos
+    confidence = np.where(clean, 1.0, np.where(weak_neg | weak_pos, 0.5, 0.0))
     return WiggleSigns(signs=signs, confidence=confidence, decided=decided, points=n_pts,
                        controllable_points=n_ctrl, queries=queries)

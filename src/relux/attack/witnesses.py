@@ -17,7 +17,7 @@ import numpy as np
 
 from relux.attack import prefix as pfx
 from relux.attack.config import ExtractionConfig
-from relux.attack.critical import find_kinks
+from relux.attack.critical import LineKinks, find_kinks
 from relux.attack.gradients import fd_gradients
 from relux.oracle.base import FloatArray
 
@@ -56,6 +56,7 @@ class WitnessInfo:
     rejected: int
     search_queries: int
     gradient_queries: int
+    lines_found: tuple[LineKinks, ...] = ()
 
 
 def collect_witnesses(
@@ -165,5 +166,5 @@ def collect_witnesses(
             out.append(Witness(x=x, active=active, w=w, b=b, full_rank=full, A_ctrl=A_ctrl, v_ctrl=v_ctrl,
                                h=h, rank_ratio=ratio, line=line_offset + li))
     info = WitnessInfo(lines=n_lines, kinks=n_kinks, prefix_kinks=n_prefix, witnesses=len(out), rejected=rejected,
-                       search_queries=kinfo.queries, gradient_queries=grad_q)
+                       search_queries=kinfo.queries, gradient_queries=grad_q, lines_found=tuple(lines))
     return out, info
