@@ -21,6 +21,7 @@ from relux.attack.confirm import crossing_hits
 from relux.attack.critical import LineKinks
 from relux.attack.hyperplanes import hyperplane_distance
 from relux.attack.signs import fit_affine_plus_relu, solve_flips
+from relux.attack.trace import trace_neuron
 from relux.attack.unify import (
     NeuronRow,
     agrees_on_overlap,
@@ -68,29 +69,50 @@ def extract_layer(
     n_grid = int(cfg.grid_per_neuron * total_hidden) + 16
     lines_used = 0
     rows: list[NeuronRow] = []
+    score: list[int] = []
+    chains: list[list[int]] = []
     per_round = 4
-    while lines_used < cfg.max_search_lines * 4:
+    stall = 0
+    best_good = 0
+    while lines_used < cfg.max_search_lines * 2:
         new, info = collect_witnesses(query, layers, d0, per_round, n_grid, cfg, rng, rel_tol,
                                       line_offset=lines_used)
         lines_used += per_round
         witnesses += new
         all_lines += info.lines_found
-        groups = [g for g in group_witnesses(witnesses) if len(g) >= 2]
-        base = [unify(witnesses, g) for g in groups]
-        # Witnesses no complete row explains (rank-deficient ones, mostly) go to the triple search.
-        explained: set[int] = set()
-        for r in base:
-            if r.complete:
-                explained.update(r.members)
-        pool = [i for i in range(len(witnesses)) if i not in explained]
-        base += ransac_rows(witnesses, pool, rng, trials=200 * width)
-        cand = merge_rows(base, witnesses)
-        rows, score = _rank_rows(cand, all_lines, layers)
-        good = [r for r, sc in zip(rows, score, strict=True) if r.complete and sc >= 3]
-        log.debug("layer %d: %d lines, %d witnesses, %d groups, %d complete rows",
-                  len(layers) + 1, lines_used, len(witnesses), len(groups), len(good))
+        rows, score = _build_rows(witnesses, chains, all_lines, layers, rng, width)
+        good = _good(rows, score)
+        log.debug("layer %d: %d lines, %d witnesses, %d rows, %d complete", len(layers) + 1, lines_used,
+                  len(witnesses), len(rows), len(good))
         if len(good) >= width and lines_used >= 8:
             break
+        stall = stall + 1 if len(good) <= best_good else 0
+        best_good = max(best_good, len(good))
+        if stall >= 3:
+            break  # more random lines no longer help: follow boundaries instead
+    # Rank deficiency: follow single neurons' boundaries across prefix regions until rows are determined.
+    traces = 0
+    while len(_good(rows, score)) < width and traces < 4 * width:
+        good = _good(rows, score)
+        explained: set[int] = set()
+        for r in good:
+            explained.update(r.members)
+        unexplained = [i for i in range(len(witnesses)) if i not in explained
+                       and not any(on_neuron(witnesses[i], r, tol=1e-6) for r in good)]
+        if not unexplained:
+            break
+        seed_i = int(rng.choice(unexplained))
+        traces += 1
+        chain = trace_neuron(query, layers, witnesses[seed_i], d0, 2 * witnesses[seed_i].h.size + 4, cfg, rng, rel_tol)
+        idx = [seed_i]
+        for wt in chain[1:]:
+            witnesses.append(wt)
+            idx.append(len(witnesses) - 1)
+        if len(idx) >= 2:
+            chains.append(idx)
+        rows, score = _build_rows(witnesses, chains, all_lines, layers, rng, width)
+        log.debug("layer %d: trace %d gave %d witnesses; %d complete rows", len(layers) + 1, traces, len(idx),
+                  len(_good(rows, score)))
     # Rows ranked by the crossings they predict on every line: kinks of deeper neurons, fitted inside
     # one region of the layer before, predict crossings the oracle does not show.
     chosen = [r for r, sc in zip(rows, score, strict=True) if sc >= 1][:width]
@@ -269,3 +291,29 @@ def _rank_rows(
         rows.append(r)
         scores.append(int(score[i]))
     return rows, scores
+
+
+def _good(rows: Sequence[NeuronRow], score: Sequence[int]) -> list[NeuronRow]:
+    return [r for r, sc in zip(rows, score, strict=True) if r.complete and sc >= 3 and r.gap >= 1e3]
+
+
+def _build_rows(
+    witnesses: Sequence[Witness],
+    chains: Sequence[Sequence[int]],
+    lines: Sequence[LineKinks],
+    layers: Sequence[pfx.Layer],
+    rng: np.random.Generator,
+    width: int,
+) -> tuple[list[NeuronRow], list[int]]:
+    """Candidate rows from every source (agreeing partial signatures, traced chains, triples), merged
+    and ranked by confirmed crossings."""
+    groups = [g for g in group_witnesses(witnesses) if len(g) >= 2]
+    base = [unify(witnesses, g) for g in groups]
+    base += [unify(witnesses, list(c)) for c in chains]
+    explained: set[int] = set()
+    for r in base:
+        if r.complete:
+            explained.update(r.members)
+    pool = [i for i in range(len(witnesses)) if i not in explained]
+    base += ransac_rows(witnesses, pool, rng, trials=20 * width)
+    return _rank_rows(merge_rows(base, witnesses), lines, layers)

@@ -45,6 +45,7 @@ class Witness:
     h: FloatArray
     rank_ratio: float
     line: int
+    normal: FloatArray  # unit normal of the kink's local hyperplane, in input space
 
 
 @dataclass(frozen=True)
@@ -70,12 +71,13 @@ def collect_witnesses(
     rel_tol: float,
     line_offset: int = 0,
     lines_given: tuple[FloatArray, FloatArray] | None = None,
+    t_range: float | None = None,
 ) -> tuple[list[Witness], WitnessInfo]:
     """Walk ``n_lines`` random lines (or the lines ``lines_given = (x0, u)``) and measure a partial
     signature at every kink the prefix does not explain (those belong to the layer being extracted or
     to deeper ones)."""
     scale = cfg.input_scale * float(np.sqrt(d0))
-    t_range = cfg.line_range
+    t_range = cfg.line_range if t_range is None else t_range
     if lines_given is not None:
         x0, u = lines_given
         n_lines = x0.shape[0]
@@ -164,7 +166,8 @@ def collect_witnesses(
                 if w[np.argmax(np.abs(w))] < 0:
                     w, b = -w, -b
             out.append(Witness(x=x, active=active, w=w, b=b, full_rank=full, A_ctrl=A_ctrl, v_ctrl=v_ctrl,
-                               h=h, rank_ratio=ratio, line=line_offset + li))
+                               h=h, rank_ratio=ratio, line=line_offset + li,
+                               normal=V / max(float(np.linalg.norm(V)), np.finfo(float).tiny)))
     info = WitnessInfo(lines=n_lines, kinks=n_kinks, prefix_kinks=n_prefix, witnesses=len(out), rejected=rejected,
                        search_queries=kinfo.queries, gradient_queries=grad_q, lines_found=tuple(lines))
     return out, info
