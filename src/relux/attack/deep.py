@@ -20,6 +20,7 @@ from relux.attack.config import ExtractionConfig
 from relux.attack.confirm import crossing_hits
 from relux.attack.critical import LineKinks
 from relux.attack.hyperplanes import hyperplane_distance
+from relux.attack.signcheck import SignCheck, check_and_repair
 from relux.attack.signs import fit_affine_plus_relu, solve_flips
 from relux.attack.trace import trace_neuron
 from relux.attack.unify import (
@@ -49,6 +50,7 @@ class LayerOutcome:
     neurons: tuple[dict[str, Any], ...]
     dead: int
     witness_points: FloatArray
+    confidence: FloatArray
 
 
 def extract_layer(
@@ -110,12 +112,18 @@ def extract_layer(
             idx.append(len(witnesses) - 1)
         if len(idx) >= 2:
             chains.append(idx)
-        rows, score = _build_rows(witnesses, chains, all_lines, layers, rng, width)
+        rows, score = _build_rows(witnesses, chains, all_lines, layers, rng, width, triples=False)
         log.debug("layer %d: trace %d gave %d witnesses; %d complete rows", len(layers) + 1, traces, len(idx),
                   len(_good(rows, score)))
     # Rows ranked by the crossings they predict on every line: kinks of deeper neurons, fitted inside
     # one region of the layer before, predict crossings the oracle does not show.
-    chosen = [r for r, sc in zip(rows, score, strict=True) if sc >= 1][:width]
+    # Complete, uniquely determined rows first; others only to fill the layer.
+    good_ids = {id(r) for r in _good(rows, score)}
+    ranked = sorted(zip(rows, score, strict=True), key=lambda t: (id(t[0]) not in good_ids, -t[1]))
+    chosen = [r for r, sc in ranked if sc >= 1][:width]
+    for r, sc in ranked[:width]:
+        log.debug("layer %d chosen: score %d, %d witnesses, coverage %d/%d, gap %.1e", len(layers) + 1, sc,
+                  len(r.members), int(r.coverage.sum()), r.coverage.size, r.gap)
     if not chosen:
         from relux.errors import ExtractionFailed
 
@@ -159,7 +167,8 @@ def extract_layer(
         for j in range(len(final))
     )
     pts = np.stack([witnesses[final[j].members[0]].x for j in range(len(final))])
-    return LayerOutcome(W, b, len(witnesses), lines_used, sign_method, neurons, width - len(final), pts)
+    return LayerOutcome(W, b, len(witnesses), lines_used, sign_method, neurons, width - len(final), pts,
+                        np.asarray(conf, dtype=float))
 
 
 def _last_layer_signs(
@@ -197,6 +206,23 @@ def _last_layer_signs(
     status = "" if sol.ok else ", FAILED"
     method = f"last-layer {sol.method} (free bits {sol.free_bits}, solutions {sol.solutions}{status})"
     return method, sol.flips, sol.confidence
+
+
+def check_last_layer(
+    query: QueryFn,
+    layers: Sequence[pfx.Layer],
+    d0: int,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    extra: FloatArray,
+    confidence: FloatArray,
+    tol: float,
+) -> tuple[list[pfx.Layer], SignCheck]:
+    """Check every sign against fresh queries (the output-layer residual) and repair the last layer."""
+    d_last = layers[-1][0].shape[0]
+    n = 2 * (d_last + 1) + 64
+    X = np.concatenate([rng.normal(0.0, cfg.input_scale, size=(n, d0)), extra])
+    return check_and_repair(layers, X, query(X), tol, confidence)
 
 
 def fit_output_layer(
@@ -304,6 +330,7 @@ def _build_rows(
     layers: Sequence[pfx.Layer],
     rng: np.random.Generator,
     width: int,
+    triples: bool = True,
 ) -> tuple[list[NeuronRow], list[int]]:
     """Candidate rows from every source (agreeing partial signatures, traced chains, triples), merged
     and ranked by confirmed crossings."""
@@ -314,6 +341,7 @@ def _build_rows(
     for r in base:
         if r.complete:
             explained.update(r.members)
-    pool = [i for i in range(len(witnesses)) if i not in explained]
-    base += ransac_rows(witnesses, pool, rng, trials=20 * width)
+    if triples:
+        pool = [i for i in range(len(witnesses)) if i not in explained]
+        base += ransac_rows(witnesses, pool, rng, trials=20 * width)
     return _rank_rows(merge_rows(base, witnesses), lines, layers)

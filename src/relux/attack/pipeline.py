@@ -221,7 +221,7 @@ def _extract_deep(
     rel_tol: float,
     stages: _Stages,
 ) -> tuple[MLP, tuple[LayerReport, ...], FloatArray, list[str]]:
-    from relux.attack.deep import extract_layer, fit_output_layer
+    from relux.attack.deep import check_last_layer, extract_layer, fit_output_layer
 
     q = counter.query
     d0, k = a[0], a[-1]
@@ -230,11 +230,13 @@ def _extract_deep(
     reports: list[LayerReport] = []
     warnings: list[str] = []
     points: list[FloatArray] = []
+    last_conf = np.zeros(0)
     for i, width in enumerate(hidden, start=1):
         with stages.stage("layer", layer=i):
             out = extract_layer(q, layers, width, d0, sum(hidden), i == len(hidden), k, cfg, rng, rel_tol)
         layers.append((out.W, out.b))
         points.append(out.witness_points)
+        last_conf = out.confidence
         qi, si = stages.total(i)
         if out.dead:
             warnings.append(f"layer {i}: {out.dead} neuron(s) not identified: reported dead and dropped")
@@ -243,6 +245,14 @@ def _extract_deep(
                                    neurons=out.neurons))
         log.info("layer %d: %d/%d neurons, %s", i, out.W.shape[0], width, out.sign_method)
     wpts = np.concatenate(points)
+    with stages.stage("sign_check"):
+        # A wrong sign leaves a gross residual; 1e-6 stays far above what precision errors leave.
+        layers, check = check_last_layer(q, layers, d0, cfg, rng, wpts, last_conf, 1e-6)
+    if check.flipped:
+        warnings.append(f"sign check: flipped last-layer neuron(s) {list(check.flipped)} "
+                        f"(residual {check.residual_before:.1e} -> {check.residual_after:.1e})")
+    if not check.passed:
+        warnings.append(f"sign check failed: output-layer residual {check.residual_after:.1e} on fresh queries")
     with stages.stage("output_layer"):
         W_out, b_out = fit_output_layer(q, layers, d0, cfg, rng, wpts)
     model = MLP([*layers, (W_out, b_out)])

@@ -18,7 +18,6 @@ import numpy as np
 from relux.attack import prefix as pfx
 from relux.attack.config import ExtractionConfig
 from relux.attack.critical import LineKinks, find_kinks
-from relux.attack.gradients import fd_gradients
 from relux.oracle.base import FloatArray
 
 log = logging.getLogger(__name__)
@@ -88,6 +87,8 @@ def collect_witnesses(
     lines, kinfo = find_kinks(query, x0, u, -t_range, t_range, n_grid, rel_tol)
     out: list[Witness] = []
     n_kinks = n_prefix = rejected = grad_q = 0
+    # First pass: every unknown kink on every line and its two probe points (no queries).
+    meta: list[tuple[int, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray]] = []
     for li, line in enumerate(lines):
         t = line.t
         n_kinks += t.size
@@ -100,10 +101,6 @@ def collect_witnesses(
         halves = 0.5 * (bounds[1:] - bounds[:-1])
         unorm = float(np.linalg.norm(line.u))
         tol_dist = 1e-6 * unorm * max(float(np.min(halves)), 1e-12) + 1e-9 * scale
-        base_pts: list[FloatArray] = []
-        base_steps: list[FloatArray] = []
-        bases: list[FloatArray] = []
-        meta: list[tuple[int, FloatArray, FloatArray]] = []
         for j in range(t.size):
             x = P[j]
             if layers and pfx.boundary_distance(layers, x) <= tol_dist:
@@ -122,52 +119,54 @@ def collect_witnesses(
             rel = cfg.fd_rel_step / r  # unknown boundaries: the crossing risk grows with every direction
             st_l = np.minimum(rel * halves[j] * unorm, 0.25 * pfx.safe_steps(layers, pl, B))
             st_r = np.minimum(rel * halves[j + 1] * unorm, 0.25 * pfx.safe_steps(layers, pr, B))
-            base_pts += [pl, pr]
-            base_steps += [st_l, st_r]
-            bases.append(B)
-            meta.append((j, M, x))
-        if not meta:
+            meta.append((li, x, M, B, pl, pr, st_l, st_r))
+    # One batched oracle call for every probe of every witness.
+    blocks: list[FloatArray] = []
+    for _li, _x, _M, B, pl, pr, st_l, st_r in meta:
+        blocks.append(np.concatenate([pl[None, :], pl[None, :] + st_l[:, None] * B,
+                                      pr[None, :], pr[None, :] + st_r[:, None] * B]))
+    Yall = query(np.concatenate(blocks)) if blocks else np.zeros((0, 1))
+    grad_q += sum(blk.shape[0] for blk in blocks)
+    pos = 0
+    for li, x, M, B, _pl, _pr, st_l, st_r in meta:
+        r = B.shape[0]
+        Yb = Yall[pos : pos + 2 * (r + 1)]
+        pos += 2 * (r + 1)
+        Jl = (Yb[1 : r + 1] - Yb[0]) / st_l[:, None]  # (r, k)
+        Jr = (Yb[r + 2 :] - Yb[r + 1]) / st_r[:, None]
+        delta = (Jr - Jl).T  # (k, r)
+        if not np.any(delta):
+            rejected += 1
             continue
-        # Group by basis size so each group is one batched call.
-        for k_idx, (_j, M, x) in enumerate(meta):
-            B = bases[k_idx]
-            X2 = np.stack([base_pts[2 * k_idx], base_pts[2 * k_idx + 1]])
-            S2 = np.stack([base_steps[2 * k_idx], base_steps[2 * k_idx + 1]])
-            J, _ = fd_gradients(query, X2, S2, basis=B)
-            grad_q += 2 * (B.shape[0] + 1)
-            delta = J[1] - J[0]  # (k, r)
-            if not np.any(delta):
-                rejected += 1
-                continue
-            _, S, Vt = np.linalg.svd(delta, full_matrices=False)
-            ratio = float(S[1] / S[0]) if S.size > 1 else 0.0
-            if ratio > 1e-3:
-                rejected += 1
-                continue
-            v_ctrl = Vt[0]
-            V = v_ctrl @ B  # jump direction in input space
-            _, H = pfx.forward(layers, x[None, :])
-            h = H[0]
-            active = (h > 0) if layers else np.ones(d0, dtype=bool)
-            A_ctrl = B @ M.T  # (r, d_in): control-space image of each layer-input coordinate
-            MA = M[active]
-            w = np.zeros(M.shape[0])
-            full = False
-            if MA.shape[0] > 0:
-                sv = np.linalg.svd(MA, compute_uv=False)
-                full = bool(sv.size == MA.shape[0] and sv[-1] > 1e-8 * sv[0])
-                if full:
-                    wa, *_ = np.linalg.lstsq(MA.T, V, rcond=None)
-                    w[active] = wa
-            b = float(-(w @ h))
-            nrm = float(np.linalg.norm(np.append(w, b)))
-            if full and nrm > 0:
-                w, b = w / nrm, b / nrm
-                if w[np.argmax(np.abs(w))] < 0:
-                    w, b = -w, -b
-            out.append(Witness(x=x, active=active, w=w, b=b, full_rank=full, A_ctrl=A_ctrl, v_ctrl=v_ctrl,
-                               h=h, rank_ratio=ratio, line=line_offset + li,
-                               normal=V / max(float(np.linalg.norm(V)), np.finfo(float).tiny)))
+        _, S, Vt = np.linalg.svd(delta, full_matrices=False)
+        ratio = float(S[1] / S[0]) if S.size > 1 else 0.0
+        if ratio > 1e-3:
+            rejected += 1
+            continue
+        v_ctrl = Vt[0]
+        V = v_ctrl @ B  # jump direction in input space
+        _, H = pfx.forward(layers, x[None, :])
+        h = H[0]
+        active = (h > 0) if layers else np.ones(d0, dtype=bool)
+        A_ctrl = B @ M.T  # (r, d_in): control-space image of each layer-input coordinate
+        MA = M[active]
+        w = np.zeros(M.shape[0])
+        full = False
+        if MA.shape[0] > 0:
+            sv = np.linalg.svd(MA, compute_uv=False)
+            full = bool(sv.size == MA.shape[0] and sv[-1] > 1e-8 * sv[0])
+            if full:
+                wa, *_ = np.linalg.lstsq(MA.T, V, rcond=None)
+                w[active] = wa
+        b = float(-(w @ h))
+        nrm = float(np.linalg.norm(np.append(w, b)))
+        if full and nrm > 0:
+            w, b = w / nrm, b / nrm
+            if w[np.argmax(np.abs(w))] < 0:
+                w, b = -w, -b
+        out.append(Witness(x=x, active=active, w=w, b=b, full_rank=full, A_ctrl=A_ctrl, v_ctrl=v_ctrl,
+                           h=h, rank_ratio=ratio, line=line_offset + li,
+                           normal=V / max(float(np.linalg.norm(V)), np.finfo(float).tiny)))
     info = WitnessInfo(lines=n_lines, kinks=n_kinks, prefix_kinks=n_prefix, witnesses=len(out), rejected=rejected,
                        search_queries=kinfo.queries, gradient_queries=grad_q, lines_found=tuple(lines))
     return out, info

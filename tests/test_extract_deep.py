@@ -1,0 +1,91 @@
+"""End-to-end extraction of small networks with several hidden layers, and the sign check."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import relux
+from relux.attack import prefix as pfx
+from relux.attack.signcheck import check_and_repair
+from relux.model import MLP
+from relux.oracle import CountingOracle, KServeV2Oracle, MLPOracle
+from relux.verify import verify
+from relux.zoo import random_mlp
+
+# Issue-4 acceptance bounds: weight error 2^-25 and relative output error 1e-8.
+MAX_WEIGHT_ERROR = 2.0**-25
+MAX_OUTPUT_ERROR = 1e-8
+
+
+def _check(reference: MLP, result: relux.ExtractionResult) -> None:
+    assert result.selfcheck.passed
+    report = verify(reference, result.model).to_json()
+    assert report["sign_errors"] == 0
+    assert report["unmatched"] == 0
+    assert report["max_norm_weight_error"] <= MAX_WEIGHT_ERROR
+    assert report["max_rel_output_error"] <= MAX_OUTPUT_ERROR
+
+
+@pytest.fixture(scope="module")
+def extracted() -> tuple[MLP, relux.ExtractionResult, int]:
+    victim = random_mlp((12, 8, 8, 3), np.random.default_rng(0))
+    oracle = CountingOracle(MLPOracle(victim))
+    result = relux.extract(oracle, victim.arch, relux.ExtractionConfig(seed=0))
+    return victim, result, oracle.queries
+
+
+def test_random_two_hidden_layers_three_outputs(extracted: tuple[MLP, relux.ExtractionResult, int]) -> None:
+    victim, result, counted = extracted
+    _check(victim, result)
+    assert result.queries == counted  # every query is counted
+    assert [layer.recovered for layer in result.layers] == [8, 8]
+
+
+def test_deep_victim_served_over_http() -> None:
+    from relux.serve import background_server, create_app
+
+    victim = random_mlp((8, 6, 4, 2), np.random.default_rng(0))
+    app = create_app(victim, name="deep")
+    with background_server(app) as base:
+        oracle = KServeV2Oracle(f"{base}/v2/models/deep")
+        result = relux.extract(oracle, victim.arch, relux.ExtractionConfig(seed=0))
+        oracle.close()
+    _check(victim, result)
+    assert app.state.stats.rows_served == result.queries
+
+
+def _flipped(layers: list[tuple[np.ndarray, np.ndarray]], j: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    W, b = layers[-1]
+    s = np.ones(W.shape[0])
+    s[j] = -1.0
+    return [*layers[:-1], (W * s[:, None], b * s)]
+
+
+@pytest.mark.parametrize("j", [0, 3, 7])
+def test_sign_check_catches_and_repairs_one_flip(j: int, extracted: tuple[MLP, relux.ExtractionResult, int]) -> None:
+    victim, result, _ = extracted
+    hidden = [(np.array(W), np.array(b)) for W, b in result.model.layers[:-1]]
+    X = np.random.default_rng(1).normal(size=(200, 12))
+    Y = victim.forward(X)
+    ok_layers, ok = check_and_repair(hidden, X, Y, tol=1e-6)
+    assert ok.passed and ok.flipped == ()
+    broken = _flipped(hidden, j)
+    repaired, check = check_and_repair(broken, X, Y, tol=1e-6)
+    # the flip leaves a gross residual, the repair finds exactly that neuron
+    assert check.residual_before > 1e-3
+    assert check.passed and check.flipped == (j,)
+    for (W1, b1), (W2, b2) in zip(repaired, hidden, strict=True):
+        assert np.array_equal(W1, W2) and np.array_equal(b1, b2)
+
+
+def test_prefix_jacobian_matches_finite_differences() -> None:
+    victim = random_mlp((6, 5, 4, 2), np.random.default_rng(3))
+    layers = list(victim.layers[:-1])
+    x = np.random.default_rng(4).normal(size=6)
+    M, _ = pfx.jacobian(layers, x)
+    _, H0 = pfx.forward(layers, x[None, :])
+    h = 1e-7
+    fd = np.stack([(pfx.forward(layers, (x + h * e)[None, :])[1][0] - H0[0]) / h for e in np.eye(6)], axis=1)
+    # piecewise linear: the difference is exact up to rounding, eps * |H| / h ~ 1e-9
+    assert np.allclose(M, fd, atol=1e-6)
