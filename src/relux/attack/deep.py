@@ -120,7 +120,7 @@ def extract_layer(
     # Complete, uniquely determined rows first; others only to fill the layer.
     good_ids = {id(r) for r in _good(rows, score)}
     ranked = sorted(zip(rows, score, strict=True), key=lambda t: (id(t[0]) not in good_ids, -t[1]))
-    chosen = [r for r, sc in ranked if sc >= 1][:width]
+    chosen = [r for r, sc in ranked if sc >= 1 and r.residual <= 1e-8][:width]
     for r, sc in ranked[:width]:
         log.debug("layer %d chosen: score %d, %d witnesses, coverage %d/%d, gap %.1e", len(layers) + 1, sc,
                   len(r.members), int(r.coverage.sum()), r.coverage.size, r.gap)
@@ -320,7 +320,8 @@ def _rank_rows(
 
 
 def _good(rows: Sequence[NeuronRow], score: Sequence[int]) -> list[NeuronRow]:
-    return [r for r, sc in zip(rows, score, strict=True) if r.complete and sc >= 3 and r.gap >= 1e3]
+    return [r for r, sc in zip(rows, score, strict=True)
+            if r.complete and sc >= 3 and r.gap >= 1e3 and r.residual <= 1e-8]
 
 
 def _build_rows(

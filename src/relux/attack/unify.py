@@ -85,34 +85,32 @@ def group_witnesses(witnesses: Sequence[Witness], tol: float = 1e-5, min_overlap
 
 
 def unify(witnesses: Sequence[Witness], members: Sequence[int]) -> NeuronRow:
-    """Solve the homogeneous system of the witnesses ``members`` for one row ``(w, b)``."""
+    """Solve the homogeneous system of the witnesses ``members`` for one row ``(w, b)``.
+
+    Each witness contributes its constraint rows (the jump direction projected out of its control
+    image, and the zero of the pre-activation at its point); the row is the eigenvector of the
+    accumulated normal matrix with the smallest eigenvalue.
+    """
     d_full = witnesses[members[0]].A_ctrl.shape[1]
     coverage = np.zeros(d_full, dtype=bool)
     for i in members:
         coverage |= witnesses[i].active
     # Coordinates no witness saw active are unobservable here: they are left at zero.
-    cols = np.flatnonzero(coverage)
-    d_in = cols.size
-    n = len(members)
-    blocks: list[FloatArray] = []
-    for m, i in enumerate(members):
-        wt = witnesses[i]
-        r = wt.A_ctrl.shape[0]
-        blk = np.zeros((r + 1, d_in + 1 + n))
-        scale = float(np.linalg.norm(wt.A_ctrl)) or 1.0
-        blk[:r, :d_in] = wt.A_ctrl[:, cols] / scale
-        blk[:r, d_in + 1 + m] = -wt.v_ctrl
-        hb = np.append(wt.h[cols], 1.0)
-        blk[r, : d_in + 1] = hb / float(np.linalg.norm(hb))
-        blocks.append(blk)
-    S = np.concatenate(blocks)
-    _, sv, Vt = np.linalg.svd(S, full_matrices=False)
-    sol = Vt[-1]
+    sel = np.append(coverage, True)
+    N = np.zeros((int(sel.sum()), int(sel.sum())))
+    for i in members:
+        R = witnesses[i].constraint_rows[:, sel]
+        N += R.T @ R
+    evals, evecs = np.linalg.eigh(N)
+    sol = evecs[:, 0]
+    top = max(float(evals[-1]), np.finfo(float).tiny)
+    res2 = sum(float(np.sum((witnesses[i].constraint_rows[:, sel] @ sol) ** 2)) for i in members)
+    smallest = float(np.sqrt(res2 / top))
+    low = max(float(evals[0]), top * 1e-32)
+    gap = float(np.sqrt(max(float(evals[1]), 0.0) / low)) if evals.size > 1 else float("inf")
     w_full = np.zeros(d_full)
-    w_full[cols] = sol[:d_in]
-    w, b = _unit(w_full, float(sol[d_in]))
-    smallest = float(sv[-1]) / float(sv[0]) if sv[0] > 0 else 0.0
-    gap = float(sv[-2] / sv[-1]) if sv.size > 1 and sv[-1] > 0 else float("inf")
+    w_full[coverage] = sol[:-1]
+    w, b = _unit(w_full, float(sol[-1]))
     return NeuronRow(w=w, b=b, members=tuple(members), coverage=coverage, residual=smallest, gap=gap)
 
 
@@ -161,7 +159,9 @@ def rows_agree(r1: NeuronRow, r2: NeuronRow, tol: float = 1e-6, min_overlap: int
     return bool(1.0 - abs(float(a @ e)) / (na * ne) <= tol)
 
 
-def merge_rows(rows: Sequence[NeuronRow], witnesses: Sequence[Witness], tol: float = 1e-6) -> list[NeuronRow]:
+def merge_rows(
+    rows: Sequence[NeuronRow], witnesses: Sequence[Witness], tol: float = 1e-6, max_residual: float = 1e-8
+) -> list[NeuronRow]:
     """Merge fragments of one neuron (groups that saw different parts of its row) and re-unify them."""
     order = sorted(range(len(rows)), key=lambda i: (-int(rows[i].coverage.sum()), -len(rows[i].members)))
     kept: list[NeuronRow] = []
@@ -170,8 +170,12 @@ def merge_rows(rows: Sequence[NeuronRow], witnesses: Sequence[Witness], tol: flo
         r = rows[i]
         for j, k in enumerate(kept):
             if rows_agree(r, k, tol):
-                members[j] = sorted(set(members[j]) | set(r.members))
-                kept[j] = unify(witnesses, members[j])
+                union = sorted(set(members[j]) | set(r.members))
+                merged = unify(witnesses, union)
+                if merged.residual > max_residual:
+                    continue  # agreement on a few shared coordinates was a coincidence
+                members[j] = union
+                kept[j] = merged
                 break
         else:
             kept.append(r)
@@ -220,6 +224,8 @@ def ransac_rows(
         if len(members) < min_members:
             continue
         r2 = unify(witnesses, members)
+        if r2.residual > 1e-8:
+            continue
         rows.append(r2)
         taken = set(members)
         pool = [i for i in pool if i not in taken]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -45,6 +46,19 @@ class Witness:
     rank_ratio: float
     line: int
     normal: FloatArray  # unit normal of the kink's local hyperplane, in input space
+
+    @cached_property
+    def constraint_rows(self) -> FloatArray:
+        """The measurement as homogeneous linear constraints on ``(w, b)``: the control image of ``w``
+        has no component orthogonal to the jump, and ``w·h + b = 0`` here. Shape ``(r + 1, d_in + 1)``."""
+        A = self.A_ctrl / (float(np.linalg.norm(self.A_ctrl)) or 1.0)
+        v = self.v_ctrl / (float(np.linalg.norm(self.v_ctrl)) or 1.0)
+        PA = A - np.outer(v, v @ A)
+        hb = np.append(self.h, 1.0)
+        R = np.zeros((A.shape[0] + 1, A.shape[1] + 1))
+        R[:-1, :-1] = PA
+        R[-1] = hb / float(np.linalg.norm(hb))
+        return R
 
 
 @dataclass(frozen=True)
