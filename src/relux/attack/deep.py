@@ -122,8 +122,8 @@ def extract_layer(
     ranked = sorted(zip(rows, score, strict=True), key=lambda t: (id(t[0]) not in good_ids, -t[1]))
     chosen = [r for r, sc in ranked if sc >= 1 and r.residual <= 1e-8][:width]
     for r, sc in ranked[:width]:
-        log.debug("layer %d chosen: score %d, %d witnesses, coverage %d/%d, gap %.1e", len(layers) + 1, sc,
-                  len(r.members), int(r.coverage.sum()), r.coverage.size, r.gap)
+        log.debug("layer %d candidate: score %d, %d witnesses, coverage %d/%d, gap %.1e, residual %.1e",
+                  len(layers) + 1, sc, len(r.members), int(r.coverage.sum()), r.coverage.size, r.gap, r.residual)
     if not chosen:
         from relux.errors import ExtractionFailed
 
