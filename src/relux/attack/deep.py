@@ -94,7 +94,7 @@ def extract_layer(
             break  # more random lines no longer help: follow boundaries instead
     # Rank deficiency: follow single neurons' boundaries across prefix regions until rows are determined.
     traces = 0
-    while len(_good(rows, score)) < width and traces < 4 * width:
+    while layers and len(_good(rows, score)) < width and traces < 4 * width:
         good = _good(rows, score)
         explained: set[int] = set()
         for r in good:

@@ -29,6 +29,8 @@ def _next_point(
 ) -> tuple[FloatArray, float] | None:
     """A point on the (local) hyperplane of ``wt`` just past the boundary of a layer-input neuron that
     is off at ``wt`` (one not in ``seen`` if possible), and the distance travelled."""
+    if not layers:
+        return None  # the first layer has no prefix regions to cross
     Zs, _ = pfx.forward(layers, wt.x[None, :])
     _, pre_jacs = pfx.jacobian(layers, wt.x)
     z = Zs[-1][0]
