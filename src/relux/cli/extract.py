@@ -22,6 +22,7 @@ from relux.model import format_arch, parse_arch
 if TYPE_CHECKING:
     from relux.attack.result import ExtractionResult
     from relux.oracle.base import Oracle
+    from relux.oracle.retry import RetryPolicy
 
 DESCRIPTION = """\
 Recover the weights of a fully connected ReLU network from black-box queries.
@@ -34,9 +35,18 @@ Victim (exactly one):
   --oracle FILE.py:NAME a Python callable NAME(X) -> Y with X of shape (n, d); needs --arch
 
 The extracted network is written to --out only when the self-check on fresh queries passes
-(|f - f'| <= T * max|f|, T from --selfcheck-tol); otherwise the report (if asked for) is written,
-marked failed, and the exit status is 1. Exit status 2 means bad input.
+(|f - f'| <= T * max|f|, T = max(--selfcheck-tol, 100 x the oracle's measured noise floor));
+otherwise the report (if asked for) is written, marked failed, and the exit status is 1.
+
+A remote oracle that keeps failing (HTTP 5xx or 429, timeouts, dropped connections) is retried with
+exponential backoff for --oracle-timeout seconds, then the run fails with exit status 1. A URL that
+refuses the connection or answers 404 is bad input. Exit status 2 means bad input.
 """
+
+
+#: Default of ``--oracle-timeout``: seconds a failing remote oracle is retried before giving up.
+DEFAULT_ORACLE_TIMEOUT = 120.0
+
 
 
 # --------------------------------------------------------------------------- argument types
@@ -88,6 +98,14 @@ def register(subparsers: Any) -> None:
         help="standard deviation of the random base points; match the victim's input range (default 1)",
     )
     parser.add_argument(
+        "--oracle-timeout",
+        type=_positive_float,
+        default=DEFAULT_ORACLE_TIMEOUT,
+        metavar="SECONDS",
+        help="with --url: give up (exit 1) once a request has been failing for this long; transient "
+        "failures (5xx, 429, timeouts, dropped connections) are retried until then (default %(default)g)",
+    )
+    parser.add_argument(
         "--selfcheck-tol",
         type=_positive_float,
         default=1e-9,
@@ -98,6 +116,21 @@ def register(subparsers: Any) -> None:
 
 
 # --------------------------------------------------------------------------- checks and oracle
+def retry_policy(oracle_timeout: float) -> RetryPolicy:
+    """The retry policy of ``--oracle-timeout SECONDS``: the default backoff, bounded by the time.
+
+    Attempts are capped at one per ``base_delay`` of the timeout: the backoff (doubling up to
+    ``max_delay``) reaches the time limit long before that cap, which only bounds a server that asks
+    for immediate retries (``Retry-After: 0``) forever.
+    """
+    from relux.oracle.retry import RetryPolicy
+
+    default = RetryPolicy()
+    attempts = max(default.max_attempts, math.ceil(oracle_timeout / default.base_delay))
+    return RetryPolicy(total_timeout=oracle_timeout, max_attempts=attempts)
+
+
+
 def _check_output_path(flag: str, path: str, *, model: bool) -> None:
     p = Path(path)
     if p.is_dir():
@@ -132,14 +165,18 @@ def _build_oracle(args: argparse.Namespace, stack: contextlib.ExitStack) -> tupl
     if args.url is not None:
         from relux.oracle.http import oracle_from_url
 
-        remote = oracle_from_url(args.url, input_dim=arch[0], output_dim=arch[-1])
+        retry = retry_policy(float(getattr(args, "oracle_timeout", DEFAULT_ORACLE_TIMEOUT)))
+        remote = oracle_from_url(args.url, input_dim=arch[0], output_dim=arch[-1], retry=retry)
         close = getattr(remote, "close", None)
         if callable(close):
             stack.callback(close)
         return remote, arch, f"endpoint {args.url}"
+    from relux.cli.common import GuardedCallable
     from relux.oracle.local import CallableOracle, load_callable
 
-    fn = load_callable(args.oracle)
+    # Guarded: a callable that does not fit --arch is bad input (exit 2), one that breaks later an
+    # oracle failure (exit 1); neither ends in a traceback.
+    fn = GuardedCallable(load_callable(args.oracle), args.oracle, arch[0], arch[-1])
     return CallableOracle(fn, arch[0], arch[-1], name=args.oracle), arch, f"callable {args.oracle}"
 
 
@@ -161,8 +198,10 @@ def format_summary(result: ExtractionResult) -> str:
         f"architecture   {format_arch(result.arch)} (recovered {format_arch(result.model.arch)})",
         f"queries        {result.queries} (2^{_log2(result.queries):.2f})",
         f"seconds        {result.seconds:.2f}",
+        f"noise floor    {result.noise_floor:.3g} (relative to max|f|; the self-check tolerance is never below "
+        f"100x it)",
         f"self-check     {verdict}: max|f - f'| / max|f| = {check.max_rel_error:.3g} "
-        f"(tolerance {check.tolerance:.1g}) on {check.points} fresh points; noise floor {result.noise_floor:.2g}",
+        f"(tolerance {check.tolerance:.3g}) on {check.points} fresh points; noise floor {result.noise_floor:.2g}",
         "",
     ]
     table = [["stage", "layer", "queries", "log2", "seconds"]]
@@ -226,7 +265,15 @@ def run(args: argparse.Namespace) -> int:
     quiet = bool(getattr(args, "quiet", False))
 
     with contextlib.ExitStack() as stack:
-        victim, arch, described = _build_oracle(args, stack)
+        t_build = time.perf_counter()
+        try:
+            victim, arch, described = _build_oracle(args, stack)
+        except OracleError as exc:  # e.g. the endpoint's metadata request kept failing
+            base_arch = parse_arch(args.arch) if args.arch is not None else ()
+            source = args.url or args.model or args.oracle
+            early = {"source": str(source), "out": None, "budget": args.budget}
+            _fail(args, early, exc, base_arch, 0, time.perf_counter() - t_build, None)
+            raise
         counter = CountingOracle(victim)  # rows the victim actually answered, whatever happens
         oracle: Oracle = counter if args.budget is None else BudgetOracle(counter, args.budget)
         print(f"relux extract: {format_arch(arch)} from {described}", flush=True)

@@ -12,6 +12,7 @@ The metadata request made at construction is special: a refused connection, an u
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
@@ -124,7 +125,15 @@ def _exchange(
     timeout: float,
 ) -> _Response:
     conn.timeout = timeout
-    if conn.sock is not None:
+    if conn.sock is None:
+        conn.connect()
+        # http.client writes the headers and the body of a request in two sends: with Nagle's algorithm
+        # the body waits for the server's (delayed, up to 40-200 ms) ACK of the headers. Send at once.
+        sock = getattr(conn, "sock", None)  # set by connect(); read afresh (mypy narrowed it to None)
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    else:
         conn.sock.settimeout(timeout)
     conn.request(method, path, body=body, headers=headers)
     resp = conn.getresponse()

@@ -1,0 +1,63 @@
+"""Helpers shared by the ``relux`` subcommands."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from relux.errors import InputError, OracleError, ReluxError
+from relux.oracle.base import FloatArray
+
+
+class GuardedCallable:
+    """A user's oracle callable ``fn(X) -> Y`` made to fail like the rest of the CLI.
+
+    Until ``fn`` has answered once, a failure means that it does not fit the architecture the user
+    gave (``--arch``): an exception raised by ``fn``, or an answer whose shape is not ``(n, k)``, is an
+    :class:`InputError` (exit status 2) saying so. Afterwards, an exception raised by ``fn`` is an
+    :class:`OracleError` (the oracle broke mid-run, exit status 1). Answers are passed on unchanged;
+    :class:`~relux.oracle.local.CallableOracle` validates them (NaN, inf, shape).
+    """
+
+    def __init__(self, fn: Callable[[FloatArray], Any], name: str, input_dim: int, output_dim: int) -> None:
+        self._fn = fn
+        self._name = name
+        self._d = input_dim
+        self._k = output_dim
+        self._answered = False
+
+    def __call__(self, X: FloatArray) -> Any:
+        try:
+            Y = self._fn(X)
+        except ReluxError:
+            raise
+        except Exception as exc:
+            what = f"oracle {self._name} raised {type(exc).__name__}: {exc} on a batch of shape {X.shape}"
+            if not self._answered:
+                raise InputError(f"{what}; check that it takes {self._d} inputs ({self._arch_hint()})") from exc
+            raise OracleError(what) from exc
+        if not self._answered:
+            self._check_first_shape(Y, X.shape[0])
+            self._answered = True
+        return Y
+
+    def _arch_hint(self) -> str:
+        return f"--arch says {self._d} inputs and {self._k} outputs"
+
+    def _check_first_shape(self, Y: Any, n: int) -> None:
+        try:
+            shape: tuple[int, ...] | None = tuple(np.shape(Y))
+        except ValueError:  # ragged nested lists
+            shape = None
+        if shape == (n, self._k) or (self._k == 1 and shape == (n,)):
+            return
+        found = "a ragged or non-array answer" if shape is None else f"shape {shape}"
+        raise InputError(
+            f"oracle {self._name} answered a batch of {n} rows with {found}; expected ({n}, {self._k}). "
+            f"Check the architecture: {self._arch_hint()}"
+        )
+
+
+__all__ = ["GuardedCallable"]

@@ -1,0 +1,230 @@
+"""Numerical honesty: an extraction through an inexact oracle (float32 outputs, Gaussian noise) either
+succeeds with its self-check judged against the measured noise floor, or fails (exit status 1). It never
+reports a passed self-check whose residual exceeds its tolerance, and the noise floor is shown in the
+``relux extract`` summary and report.
+
+The attack's rule (``relux.attack.checks.self_check``): the self-check passes when
+``max|f - f'| / max|f| <= max(selfcheck_tol, 100 * noise_floor)`` on fresh queries.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relux.attack import ExtractionConfig, ExtractionResult, extract
+from relux.attack.checks import measure_noise_floor, self_check
+from relux.attack.result import SelfCheck
+from relux.cli import main
+from relux.errors import BudgetExhausted, ExtractionFailed
+from relux.model import MLP
+from relux.oracle import BudgetOracle, Float32Oracle, MLPOracle, NoisyOracle
+from relux.oracle.base import Oracle
+from relux.zoo import random_mlp
+
+ARCH = (12, 8, 2)
+
+#: The self-check tolerance the CLI and ExtractionConfig use by default.
+SELFCHECK_TOL = 1e-9
+
+#: A guard on every run through an inexact oracle: about 100x the queries an exact extraction of ARCH
+#: needs (about 2^11.4). A kink search that does not converge keeps doubling its batches; the budget
+#: ends it as a failed run (BudgetExhausted, exit status 1) long before it could exhaust memory.
+BUDGET = 200_000
+
+
+def victim(seed: int = 0) -> MLP:
+    return random_mlp(ARCH, np.random.default_rng(seed))
+
+
+def float32_oracle(seed: int = 0) -> Oracle:
+    return Float32Oracle(MLPOracle(victim(seed)))
+
+
+def noisy_oracle(seed: int = 0) -> Oracle:
+    return NoisyOracle(MLPOracle(victim(seed)), 1e-6, np.random.default_rng(100 + seed))
+
+
+def assert_check_is_honest(check: SelfCheck, selfcheck_tol: float) -> None:
+    """The verdict follows the rule: tolerance = max(T, 100 * noise floor), passed iff within it."""
+    assert check.noise_floor >= 0.0 and np.isfinite(check.noise_floor)
+    assert check.tolerance == max(selfcheck_tol, 100.0 * check.noise_floor)
+    assert check.passed == (check.max_rel_error <= check.tolerance)
+
+
+def assert_success_is_honest(result: ExtractionResult) -> None:
+    """A successful run through an inexact oracle: it measured the inexactness and judged against it."""
+    check = result.selfcheck
+    assert_check_is_honest(check, SELFCHECK_TOL)
+    assert check.passed and check.max_rel_error <= check.tolerance
+    assert result.noise_floor == check.noise_floor > 0.0
+    assert check.tolerance >= 100.0 * result.noise_floor
+
+
+def extract_or_failure(oracle: Oracle, seed: int) -> ExtractionResult | Exception:
+    try:
+        return extract(BudgetOracle(oracle, BUDGET), ARCH, ExtractionConfig(seed=seed))
+    except (ExtractionFailed, BudgetExhausted) as exc:
+        return exc
+
+
+def assert_outcome_is_honest(outcome: ExtractionResult | Exception) -> None:
+    if isinstance(outcome, ExtractionResult):
+        assert_success_is_honest(outcome)
+        return
+    partial = getattr(outcome, "partial", None)
+    if isinstance(partial, ExtractionResult):  # a model was built and the self-check rejected it
+        assert_check_is_honest(partial.selfcheck, SELFCHECK_TOL)
+        assert not partial.selfcheck.passed
+        assert partial.selfcheck.max_rel_error > partial.selfcheck.tolerance
+
+
+# --------------------------------------------------------------------------- the library
+@pytest.mark.parametrize("make", [float32_oracle, noisy_oracle], ids=["float32", "noise-1e-6"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_inexact_oracle_extraction_is_honest(make: Any, seed: int) -> None:
+    assert_outcome_is_honest(extract_or_failure(make(seed), seed))
+
+
+def test_exact_oracle_control() -> None:
+    """The same victim answered exactly: a passed self-check far inside the default tolerance."""
+    result = extract(MLPOracle(victim()), ARCH, ExtractionConfig(seed=0))
+    assert_check_is_honest(result.selfcheck, SELFCHECK_TOL)
+    assert result.selfcheck.passed
+    # float64 rounding: the oracle disagrees with itself (BLAS kernels differ across batch sizes) by
+    # a few ulps of max|f| at most, far below the default tolerance.
+    assert result.noise_floor < 1e-13
+
+
+def test_noise_floor_sees_gaussian_noise() -> None:
+    rng = np.random.default_rng(0)
+    oracle = noisy_oracle()
+    floor = measure_noise_floor(oracle.query, ARCH[0], 1.0, rng)
+    # Differences of two N(0, 1e-6^2) draws over 2 * 8 * 2 outputs, relative to max|f| (of order 1):
+    # at least a few 1e-7 and at most a few 1e-5.
+    assert 1e-8 < floor < 1e-4
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG src/relux/attack/checks.py measure_noise_floor: it only compares repeated queries, so a "
+    "deterministic float32 oracle measures 0; the kink tolerance stays at 2^-36 and the kink search cannot "
+    "converge on outputs rounded to float32",
+)
+def test_noise_floor_sees_float32_outputs() -> None:
+    floor = measure_noise_floor(float32_oracle().query, ARCH[0], 1.0, np.random.default_rng(0))
+    assert floor > 0.0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG src/relux/attack/critical.py find_kinks: on a float32 oracle the kink search doubles its "
+    "batch every round (8, 24, ... 660871, 1258908 rows) instead of failing; without a budget it "
+    "exhausts memory (1.5 GiB allocation in find_kinks, OOM-killed without a ulimit)",
+)
+def test_float32_oracle_fails_or_succeeds_without_a_runaway() -> None:
+    outcome = extract_or_failure(float32_oracle(0), 0)
+    assert not isinstance(outcome, BudgetExhausted), outcome
+
+
+# --------------------------------------------------------------------------- the self-check rule itself
+@settings(max_examples=40, deadline=None)
+@given(
+    tol=st.floats(1e-12, 1e-3),
+    floor=st.one_of(st.just(0.0), st.floats(1e-16, 1e-2)),
+    error=st.floats(0.0, 1e-1),
+)
+def test_self_check_verdict_follows_the_noise_floor(tol: float, floor: float, error: float) -> None:
+    """``self_check`` against an oracle that is off by ``error * max|f|``: passed iff within the rule."""
+    model = victim()
+    probe = np.random.default_rng(1).normal(size=(64, ARCH[0]))
+
+    def oracle(X: np.ndarray) -> np.ndarray:
+        # A constant offset of `error` times the largest output: the relative residual is ~ error.
+        Y = model.forward(X)
+        return Y + error * float(np.max(np.abs(model.forward(probe))))
+
+    rng = np.random.default_rng(2)
+    check = self_check(
+        oracle, model, np.empty((0, ARCH[0])), np.empty((0, ARCH[0])), np.empty(0), 64, 1.0, tol, floor, rng
+    )
+    assert_check_is_honest(check, tol)
+    if check.passed:
+        assert check.max_rel_error <= max(tol, 100.0 * floor)
+
+
+# --------------------------------------------------------------------------- the CLI
+def run_cli(argv: Sequence[str]) -> int:
+    try:
+        return main(list(argv))
+    except SystemExit as exc:
+        return int(exc.code) if isinstance(exc.code, int) else 1
+
+
+ORACLES = """\
+import numpy as np
+
+from relux.oracle import Float32Oracle, MLPOracle, NoisyOracle
+from relux.zoo import random_mlp
+
+_model = random_mlp((12, 8, 2), np.random.default_rng(0))
+_f32 = Float32Oracle(MLPOracle(_model))
+_noisy = NoisyOracle(MLPOracle(_model), 1e-6, np.random.default_rng(100))
+
+
+def f32(X):
+    return _f32.query(X)
+
+
+def noisy(X):
+    return _noisy.query(X)
+"""
+
+
+@pytest.mark.parametrize("name", ["f32", "noisy"])
+def test_cli_inexact_oracle_exit_status_matches_the_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    (tmp_path / "oracles.py").write_text(ORACLES)
+    out, rep = tmp_path / "x.npz", tmp_path / "r.json"
+    argv = ["extract", "--oracle", f"{tmp_path / 'oracles.py'}:{name}", "--arch", "12-8-2"]
+    code = run_cli([*argv, "--budget", str(BUDGET), "--out", str(out), "--report", str(rep)])
+    captured = capsys.readouterr()
+    report: dict[str, Any] = json.loads(rep.read_text())
+    assert code in (0, 1), captured.err
+    assert out.exists() == (code == 0) == report["ok"] == (not report["failed"])
+    if code == 0:
+        check = report["selfcheck"]
+        assert report["noise_floor"] == check["noise_floor"] > 0.0
+        assert check["tolerance"] >= 100.0 * report["noise_floor"]
+        assert check["passed"] and check["max_rel_error"] <= check["tolerance"]
+        assert "noise floor" in captured.out
+    else:
+        assert "failed" in captured.err and len(captured.err.strip().splitlines()) == 1
+        if "selfcheck" in report:  # the self-check ran and rejected the model
+            assert report["selfcheck"]["passed"] is False
+            assert report["selfcheck"]["max_rel_error"] > report["selfcheck"]["tolerance"]
+
+
+def test_cli_summary_and_report_show_the_noise_floor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from relux.formats import save_model
+
+    save_model(victim(), tmp_path / "v.npz")
+    out, rep = tmp_path / "x.npz", tmp_path / "r.json"
+    tol = 1e-10
+    argv = ["extract", "--model", str(tmp_path / "v.npz"), "--out", str(out), "--report", str(rep)]
+    assert run_cli([*argv, "--selfcheck-tol", str(tol)]) == 0
+    stdout = capsys.readouterr().out
+    report = json.loads(rep.read_text())
+    floor = report["noise_floor"]
+    assert floor == report["selfcheck"]["noise_floor"] >= 0.0
+    assert report["selfcheck"]["tolerance"] == max(tol, 100.0 * floor)
+    line = next(line for line in stdout.splitlines() if line.startswith("noise floor"))
+    assert f"{floor:.3g}" in line
