@@ -280,11 +280,6 @@ def test_verify_bad_arguments(d: Path, capsys: pytest.CaptureFixture[str], argv:
     expect_bad_input(fill(["verify", *argv], d), capsys, match)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG src/relux/cli/verify.py: --seed is type=int without a check; a negative seed reaches "
-    "numpy.random.default_rng and ends in a ValueError traceback with exit status 1",
-)
 def test_verify_negative_seed(d: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["verify", "--reference", f"{d}/good.npz", "--extracted", f"{d}/good.npz", "--seed", "-1"]
     try:

@@ -510,8 +510,10 @@ def _bind(host: str, port: int) -> socket.socket:
         raise InputError(f"port must be an integer in 0..65535, found {port!r}")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, _, _, _, address = infos[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        family, _, proto, _, address = infos[0]
+        # The proto from getaddrinfo (IPPROTO_TCP) lets asyncio turn off Nagle's algorithm on accepted
+        # connections; with proto 0 every small answer waits for a delayed ACK (~40 ms).
+        sock = socket.socket(family, socket.SOCK_STREAM, proto)
     except OSError as exc:
         raise InputError(f"cannot listen on {host!r}: {exc}; check --host") from None
     try:

@@ -78,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
     from relux.formats import load_model
     from relux.verify import VerifyConfig, verify
 
+    if args.seed < 0:
+        raise InputError(f"--seed must be an integer >= 0, found {args.seed}")
+
     models = []
     for flag, path in (("--reference", args.reference), ("--extracted", args.extracted)):
         if not Path(path).is_file():

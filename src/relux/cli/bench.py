@@ -1,0 +1,135 @@
+"""``relux bench``: run a benchmark suite of victims, one worker process per case under a time limit."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from relux.bench.runner import DEFAULT_TIMEOUT
+from relux.bench.suites import HIDDEN_SUITES, SUITE_NAMES
+from relux.errors import InputError
+
+DESCRIPTION = f"""\
+Attack a suite of victim networks and report queries, time and accuracy against the true weights.
+
+  quick      random 10-15-15-1, random 40-20-10-10-1, digits-trained 64-32-32-10, and the shared
+             CM24 unitary 784-128-1 and FMSH24 MNIST 784-15-15-1 files
+  paper      the published settings of CJM20, CM24 and FMSH24, with their figures beside ours
+  deep       the deep-network targets (2 to 4 hidden layers, random, trained and shared files)
+  one-layer  the one-hidden-layer rows of benchmarks/one_hidden_layer.py, with their targets
+
+Each case runs in its own process and is killed after --timeout seconds (default {DEFAULT_TIMEOUT:g};
+0 runs the cases in this process without a limit). Shared files are looked for in ../shared/models
+beside the project (or --shared-models, or $RELUX_SHARED_MODELS); rows whose file is absent are skipped.
+Status per row: ok, failed (reason in the notes), skipped, timeout. Exit status 0 when the suite ran
+(with --strict: 1 when a row failed, timed out or missed its targets).
+"""
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="run a benchmark suite (queries, time, accuracy per victim)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--suite", default="quick", metavar="{" + ",".join(SUITE_NAMES) + "}",
+                        help="which suite to run (default quick)")
+    parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the rows as a JSON list")
+    parser.add_argument("--markdown", type=Path, default=None, metavar="OUT", help="write a markdown table")
+    parser.add_argument("--plots", type=Path, default=None, metavar="DIR",
+                        help="write PNG plots here (needs matplotlib: pip install 'relux[bench]')")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the victims and the attack (default 0)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                        help=f"wall-clock limit per case (default {DEFAULT_TIMEOUT:g}; 0: no limit, no worker)")
+    parser.add_argument("--only", action="append", default=None, metavar="TEXT",
+                        help="run only the rows whose name contains TEXT (repeatable)")
+    parser.add_argument("--shared-models", type=Path, default=None, metavar="DIR",
+                        help="directory of the shared victim files (default: ../shared/models beside the project)")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit 1 when a row failed, timed out or missed its targets")
+    parser.set_defaults(func=run)
+
+
+def _check_out(path: Path | None, flag: str) -> None:
+    if path is None:
+        return
+    if path.is_dir():
+        raise InputError(f"{flag} {path} is a directory; expected a file name")
+    if not path.parent.exists():
+        raise InputError(f"{flag} {path}: directory {path.parent} does not exist; create it first")
+
+
+def _command(args: argparse.Namespace) -> str:
+    parts = ["relux bench", f"--suite {args.suite}", f"--seed {args.seed}", f"--timeout {args.timeout:g}"]
+    for text in args.only or []:
+        parts.append(f"--only '{text}'")
+    return " ".join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    from relux.bench import report
+    from relux.bench.runner import run_case
+    from relux.bench.suites import shared_models_dir, suite
+
+    if args.suite not in SUITE_NAMES + HIDDEN_SUITES:
+        raise InputError(f"--suite {args.suite!r}: expected one of {', '.join(SUITE_NAMES)}")
+    if args.seed < 0:
+        raise InputError(f"--seed must be >= 0, found {args.seed}")
+    if not (math.isfinite(args.timeout) and args.timeout >= 0):
+        raise InputError(f"--timeout must be a number of seconds >= 0 (0: no limit), found {args.timeout}")
+    _check_out(args.json, "--json")
+    _check_out(args.markdown, "--markdown")
+    if args.plots is not None and args.plots.exists() and not args.plots.is_dir():
+        raise InputError(f"--plots {args.plots} is a file; expected a directory")
+    if args.shared_models is not None and not args.shared_models.is_dir():
+        raise InputError(f"--shared-models {args.shared_models} is not a directory")
+    cases = [c for c in suite(args.suite) if args.only is None or any(t in c.name for t in args.only)]
+    if not cases:
+        raise InputError(f"--only {args.only} matches no row of suite {args.suite!r}")
+    shared = args.shared_models if args.shared_models is not None else shared_models_dir()
+    quiet = bool(getattr(args, "quiet", False))
+    timeout = args.timeout if args.timeout > 0 else None
+    worker_log = logging.getLogger("relux.bench.worker")
+
+    def say(text: str) -> None:
+        if not quiet:
+            print(text, file=sys.stderr, flush=True)
+
+    say(f"suite {args.suite}: {len(cases)} case(s), seed {args.seed}, "
+        f"{'no time limit' if timeout is None else f'{timeout:g} s per case'}, "
+        f"shared models {shared if shared is not None else 'not found'}")
+    rows = []
+    for i, case in enumerate(cases, start=1):
+        say(f"[{i}/{len(cases)}] {case.name}")
+        row = run_case(case, args.seed, timeout=timeout, shared_dir=shared,
+                       on_log=lambda level, text: worker_log.log(level, "%s", text))
+        row["suite"] = args.suite
+        rows.append(row)
+        q = f", {row['queries']} queries" if row.get("queries") else ""
+        secs = row.get("wall_seconds")
+        say(f"    {report.short_status(row)}{q}" + (f", {secs:.1f} s wall" if secs is not None else ""))
+
+    print(report.format_table(rows))
+    env = report.environment(Path.cwd())
+    if args.json is not None:
+        report.write_json(rows, args.json)
+        print(f"wrote {args.json}")
+    if args.markdown is not None:
+        report.write_markdown(rows, args.markdown, title=f"relux bench --suite {args.suite}",
+                              command=_command(args), env=env)
+        print(f"wrote {args.markdown}")
+    if args.plots is not None:
+        if report.plots_available():
+            for path in report.write_plots(rows, args.plots):
+                print(f"wrote {path}")
+        else:
+            print("plots skipped: matplotlib is not installed (pip install 'relux[bench]')", file=sys.stderr)
+    if args.strict:
+        bad = [r for r in rows if report.short_status(r) not in ("ok", "skipped") or r.get("met") is False]
+        return 1 if bad else 0
+    return 0
