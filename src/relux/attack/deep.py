@@ -51,6 +51,7 @@ class LayerOutcome:
     dead: int
     witness_points: FloatArray
     confidence: FloatArray
+    coverage: np.ndarray  # (rows, d_in): layer-input coordinates some witness of the row saw active
 
 
 def extract_layer(
@@ -168,7 +169,7 @@ def extract_layer(
     )
     pts = np.stack([witnesses[final[j].members[0]].x for j in range(len(final))])
     return LayerOutcome(W, b, len(witnesses), lines_used, sign_method, neurons, width - len(final), pts,
-                        np.asarray(conf, dtype=float))
+                        np.asarray(conf, dtype=float), np.stack([r.coverage for r in final]))
 
 
 def _last_layer_signs(
@@ -346,3 +347,42 @@ def _build_rows(
         pool = [i for i in range(len(witnesses)) if i not in explained]
         base += ransac_rows(witnesses, pool, rng, trials=20 * width)
     return _rank_rows(merge_rows(base, witnesses), lines, layers)
+
+
+def complete_last_layer(
+    layers: Sequence[pfx.Layer],
+    coverage: np.ndarray,
+    X: FloatArray,
+    Y: FloatArray,
+    iterations: int = 30,
+) -> tuple[list[pfx.Layer], int]:
+    """Weights of the last hidden layer that no kink can show, from the output instead.
+
+    A neuron whose boundary never enters the region where layer-input coordinate ``m`` is on is
+    active (or inactive) throughout that region, so its weight on ``m`` only adds a linear term in
+    ``h_m`` there: a least-squares fit of ``f`` on ``[ReLU(ẑ), h, 1]`` measures it as the coefficient
+    of ``h_m``. Each unseen weight is updated from that coefficient and the neuron's output weight
+    until the linear term vanishes. Returns the layers and the number of weights filled in.
+    """
+    W, b = (np.array(a) for a in layers[-1])
+    missing = ~coverage
+    if not missing.any():
+        return list(layers), 0
+    _, Hin = pfx.forward(layers[:-1], X)
+    for _ in range(iterations):
+        Z = Hin @ W.T + b
+        D = np.concatenate([np.maximum(Z, 0.0), Hin, np.ones((X.shape[0], 1))], axis=1)
+        coef, *_ = np.linalg.lstsq(D, Y, rcond=None)
+        a = coef[: W.shape[0]].T  # (k, m) output weights
+        gamma = coef[W.shape[0] : W.shape[0] + Hin.shape[1]].T  # (k, d_in) leftover linear terms
+        step = 0.0
+        for m_idx in np.flatnonzero(missing.any(axis=0)):
+            rows = np.flatnonzero(missing[:, m_idx])
+            # the leftover linear term of coordinate m, shared by the rows that lack it (least squares)
+            A = a[:, rows]
+            upd, *_ = np.linalg.lstsq(A, gamma[:, m_idx], rcond=None)
+            W[rows, m_idx] += upd
+            step = max(step, float(np.max(np.abs(upd))))
+        if step <= 1e-15 * float(np.max(np.abs(W))):
+            break
+    return [*layers[:-1], (W, b)], int(missing.sum())

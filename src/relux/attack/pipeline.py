@@ -221,7 +221,7 @@ def _extract_deep(
     rel_tol: float,
     stages: _Stages,
 ) -> tuple[MLP, tuple[LayerReport, ...], FloatArray, list[str]]:
-    from relux.attack.deep import check_last_layer, extract_layer, fit_output_layer
+    from relux.attack.deep import check_last_layer, complete_last_layer, extract_layer, fit_output_layer
 
     q = counter.query
     d0, k = a[0], a[-1]
@@ -231,12 +231,14 @@ def _extract_deep(
     warnings: list[str] = []
     points: list[FloatArray] = []
     last_conf = np.zeros(0)
+    last_cov = np.ones((0, 0), dtype=bool)
     for i, width in enumerate(hidden, start=1):
         with stages.stage("layer", layer=i):
             out = extract_layer(q, layers, width, d0, sum(hidden), i == len(hidden), k, cfg, rng, rel_tol)
         layers.append((out.W, out.b))
         points.append(out.witness_points)
         last_conf = out.confidence
+        last_cov = out.coverage
         qi, si = stages.total(i)
         if out.dead:
             warnings.append(f"layer {i}: {out.dead} neuron(s) not identified: reported dead and dropped")
@@ -245,6 +247,12 @@ def _extract_deep(
                                    neurons=out.neurons))
         log.info("layer %d: %d/%d neurons, %s", i, out.W.shape[0], width, out.sign_method)
     wpts = np.concatenate(points)
+    if not last_cov.all():
+        with stages.stage("unseen_weights"):
+            n_fit = 4 * (sum(W.shape[0] + W.shape[1] for W, _ in layers[-1:]) + 1) + 64
+            Xc = np.concatenate([rng.normal(0.0, cfg.input_scale, size=(n_fit, d0)), wpts])
+            layers, filled = complete_last_layer(layers, last_cov, Xc, q(Xc))
+        warnings.append(f"last hidden layer: {filled} weight(s) no kink could show were fitted from the output")
     with stages.stage("sign_check"):
         # A wrong sign leaves a gross residual; 1e-6 stays far above what precision errors leave.
         layers, check = check_last_layer(q, layers, d0, cfg, rng, wpts, last_conf, 1e-6)
