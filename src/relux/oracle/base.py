@@ -42,6 +42,27 @@ class Oracle(Protocol):
         ...
 
 
+class ShapedOracle:
+    """Base of oracles that store their sizes: subclasses set ``_d``, ``_k`` and ``_kind`` and
+    implement ``query``."""
+
+    _d: int
+    _k: int
+    _kind: OutputKind
+
+    @property
+    def input_dim(self) -> int:
+        return self._d
+
+    @property
+    def output_dim(self) -> int:
+        return self._k
+
+    @property
+    def output_kind(self) -> OutputKind:
+        return self._kind
+
+
 def as_query_batch(X: ArrayLike, input_dim: int) -> FloatArray:
     """Validate and normalise a query batch to a C-contiguous float64 ``(n, input_dim)`` array."""
     A = np.ascontiguousarray(X, dtype=np.float64)

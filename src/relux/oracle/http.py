@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from relux.errors import BudgetExhausted, InputError, OracleError
-from relux.oracle.base import FloatArray, Oracle, OutputKind, as_query_batch, check_answer
+from relux.oracle.base import FloatArray, Oracle, OutputKind, ShapedOracle, as_query_batch, check_answer
 from relux.oracle.retry import (
     JitterSource,
     RetryPolicy,
@@ -194,7 +194,7 @@ def _feature_size(shape: Any) -> tuple[int | None, list[int] | None]:
     return math.prod(dims), dims
 
 
-class RemoteOracle:
+class RemoteOracle(ShapedOracle):
     """Shared machinery of the HTTP oracles; use :class:`KServeV2Oracle` or :class:`TFServingOracle`."""
 
     #: Path segment that identifies the protocol in a URL, e.g. ``/v2/``.
@@ -281,18 +281,6 @@ class RemoteOracle:
     def rows_per_request(self) -> int:
         """The most rows one HTTP request carries."""
         return self._max_rows
-
-    @property
-    def input_dim(self) -> int:
-        return self._d
-
-    @property
-    def output_dim(self) -> int:
-        return self._k
-
-    @property
-    def output_kind(self) -> OutputKind:
-        return self._kind
 
     def query(self, X: FloatArray) -> FloatArray:
         A = as_query_batch(X, self._d)

@@ -11,7 +11,7 @@ from typing import Any
 
 from relux.errors import InputError
 from relux.model import MLP
-from relux.oracle.base import FloatArray, OutputKind, as_query_batch, check_answer
+from relux.oracle.base import FloatArray, OutputKind, ShapedOracle, as_query_batch, check_answer
 
 
 class MLPOracle:
@@ -39,7 +39,7 @@ class MLPOracle:
         return f"MLPOracle(arch={'-'.join(map(str, self._model.arch))})"
 
 
-class CallableOracle:
+class CallableOracle(ShapedOracle):
     """Wraps ``fn(X) -> Y`` for ``X`` of shape ``(n, input_dim)``; answers are validated."""
 
     def __init__(
@@ -57,18 +57,6 @@ class CallableOracle:
         self._k = int(output_dim)
         self._kind = output_kind
         self.name = name
-
-    @property
-    def input_dim(self) -> int:
-        return self._d
-
-    @property
-    def output_dim(self) -> int:
-        return self._k
-
-    @property
-    def output_kind(self) -> OutputKind:
-        return self._kind
 
     def query(self, X: FloatArray) -> FloatArray:
         A = as_query_batch(X, self._d)

@@ -19,7 +19,7 @@ import onnxruntime as ort
 from relux.errors import InputError, OracleError
 from relux.formats._common import short, translate_errors
 from relux.formats.onnx_io import FLOAT_TYPES, graph_io, read_onnx_proto
-from relux.oracle.base import FloatArray, OutputKind, as_query_batch, check_answer
+from relux.oracle.base import FloatArray, OutputKind, ShapedOracle, as_query_batch, check_answer
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def strip_final_activation(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, str
     return proto, None
 
 
-class ONNXOracle:
+class ONNXOracle(ShapedOracle):
     """Black-box access to the model in an ONNX file, through onnxruntime (CPU)."""
 
     def __init__(
@@ -98,18 +98,6 @@ class ONNXOracle:
             self._k = int(probe.shape[1])
         if self._k < 1:
             raise InputError(f"{self.name}: the graph has {self._k} outputs; expected at least 1")
-
-    @property
-    def input_dim(self) -> int:
-        return self._d
-
-    @property
-    def output_dim(self) -> int:
-        return self._k
-
-    @property
-    def output_kind(self) -> OutputKind:
-        return self._kind
 
     def _run(self, A: FloatArray) -> np.ndarray:
         feed = A.astype(self._in_dtype) if self._in_dtype is not np.float64 else A

@@ -9,10 +9,10 @@ import numpy as np
 from relux.errors import InputError, OracleError
 from relux.formats._common import short
 from relux.formats.torch_io import import_torch
-from relux.oracle.base import FloatArray, OutputKind, as_query_batch, check_answer
+from relux.oracle.base import FloatArray, OutputKind, ShapedOracle, as_query_batch, check_answer
 
 
-class TorchOracle:
+class TorchOracle(ShapedOracle):
     """Black-box access to ``module`` (any ``torch.nn.Module`` mapping ``(n, d)`` to ``(n, k)``).
 
     Queries run under ``torch.no_grad()`` in the module's own floating-point dtype (float64 for modules
@@ -48,18 +48,6 @@ class TorchOracle:
         self._dtype = params[0].dtype if params else torch.float64
         self._module = module
         self._kind = output_kind
-
-    @property
-    def input_dim(self) -> int:
-        return self._d
-
-    @property
-    def output_dim(self) -> int:
-        return self._k
-
-    @property
-    def output_kind(self) -> OutputKind:
-        return self._kind
 
     def query(self, X: FloatArray) -> FloatArray:
         torch = import_torch()
