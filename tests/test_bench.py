@@ -137,16 +137,21 @@ def test_failed_extraction_reports_the_partial_result(monkeypatch: pytest.Monkey
     assert row["layers"][0]["recovered"] == 4 and row["layers"][0]["matched"] == 4
 
 
-def test_early_failure_without_partial_keeps_the_queries(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_early_failure_without_partial_keeps_the_queries(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     def failing(oracle: Any, arch: Any, config: Any = None) -> Any:
         oracle.query(np.zeros((5, 6)))
+        logging.getLogger("relux.attack.pipeline").info("layer 1: 3/4 neurons, wiggle (test)")
         raise ExtractionFailed("no kink found")
 
     monkeypatch.setattr(relux.attack, "extract", failing)
+    caplog.set_level(logging.INFO, logger="relux.attack")
     row = execute_case(TINY, 0)
     assert row["status"] == "failed: no kink found" and row["partial"] is False
     assert row["queries"] == 5 and row["log2_weight_error"] is None
-    assert row["layers"] == [{"index": 1, "width": 4}]
+    # How far it got, from the attack's per-layer log line.
+    assert row["layers"] == [{"index": 1, "width": 4, "recovered": 3, "from_log": True, "sign_method": "wiggle (test)"}]
 
 
 def test_missing_shared_file_is_skipped(tmp_path: Path) -> None:

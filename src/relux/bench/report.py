@@ -86,6 +86,8 @@ def _columns(rows: Sequence[Row]) -> tuple[list[str], list[list[str]], list[str]
             reasons.append(full.split(":", 1)[1].strip())
         if r.get("partial"):
             reasons.append("figures are those of the partial result the failed run returned")
+        if any(layer.get("from_log") for layer in r.get("layers") or []):
+            reasons.append("per-layer counts from the attack's log (no result to verify)")
         if r.get("verify_error"):
             reasons.append(f"verification impossible: {r['verify_error']}")
         if status == "timeout":

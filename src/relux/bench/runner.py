@@ -108,6 +108,19 @@ class _Meter(OracleWrapper):
         return Y
 
 
+class _Collect(logging.Handler):
+    """Keeps the messages of the attack's log records (those its loggers let through)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+        if len(self.lines) > MAX_LOG_LINES:
+            del self.lines[0]
+
+
 def base_row(case: Case, seed: int) -> dict[str, Any]:
     """A row with every key of :data:`ROW_KEYS`, filled with what is known before running ``case``."""
     v = case.victim
@@ -194,6 +207,9 @@ def execute_case(
 
     meter = _Meter(MLPOracle(reference))
     result: ExtractionResult | None = None
+    collector = _Collect()
+    attack_log = logging.getLogger("relux.attack")
+    attack_log.addHandler(collector)
     t0 = time.perf_counter()
     try:
         result = extract(meter, reference.arch, ExtractionConfig(seed=seed))
@@ -207,6 +223,8 @@ def execute_case(
         row["status"] = f"failed: {type(exc).__name__}: {_one_line(exc)}"
         row["error"] = row["status"][len("failed: "):]
         row["traceback"] = traceback.format_exc(limit=8)
+    finally:
+        attack_log.removeHandler(collector)
     attack_seconds = time.perf_counter() - t0
     row["queries"] = meter.queries
     row["log2_queries"] = _log2(meter.queries)
@@ -218,6 +236,10 @@ def execute_case(
         t0 = time.perf_counter()
         _add_verification(row, layers, reference, result.model, verify_points, verify_lines)
         row["verify_seconds"] = round(time.perf_counter() - t0, 3)
+    elif row["status"] != "ok":
+        # No (partial) result: the attack's per-layer log lines still say how far it got.
+        layers = layers_from_log(collector.lines, reference.arch)
+        row["progress"] = collector.lines[-KEEP_LOG_LINES:]
     row["layers"] = layers
     if (
         row["status"] == "ok"
