@@ -135,24 +135,22 @@ def agrees_on_overlap(wt: Witness, row: NeuronRow, tol: float = 1e-5, min_overla
     """
     if not wt.full_rank:
         return False
-    C = wt.active & row.coverage
-    if int(C.sum()) < min_overlap:
-        return False
-    a = np.append(wt.w[C], wt.b)
-    e = np.append(row.w[C], row.b)
-    na, ne = float(np.linalg.norm(a)), float(np.linalg.norm(e))
-    if na == 0 or ne == 0:
-        return False
-    return bool(1.0 - abs(float(a @ e)) / (na * ne) <= tol)
+    return _parallel_on(wt.active & row.coverage, wt.w, wt.b, row.w, row.b, tol, min_overlap)
 
 
 def rows_agree(r1: NeuronRow, r2: NeuronRow, tol: float = 1e-6, min_overlap: int = 2) -> bool:
     """Do two rows agree up to scale on the layer-input coordinates both have seen (and the bias)?"""
-    C = r1.coverage & r2.coverage
+    return _parallel_on(r1.coverage & r2.coverage, r1.w, r1.b, r2.w, r2.b, tol, min_overlap)
+
+
+def _parallel_on(
+    C: np.ndarray, w1: FloatArray, b1: float, w2: FloatArray, b2: float, tol: float, min_overlap: int
+) -> bool:
+    """Are ``(w1[C], b1)`` and ``(w2[C], b2)`` parallel (either sign) within ``tol`` in cosine?"""
     if int(C.sum()) < min_overlap:
         return False
-    a = np.append(r1.w[C], r1.b)
-    e = np.append(r2.w[C], r2.b)
+    a = np.append(w1[C], b1)
+    e = np.append(w2[C], b2)
     na, ne = float(np.linalg.norm(a)), float(np.linalg.norm(e))
     if na == 0 or ne == 0:
         return False
