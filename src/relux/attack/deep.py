@@ -30,6 +30,7 @@ from relux.attack.unify import (
     merge_rows,
     on_neuron,
     ransac_rows,
+    robust_unify,
     unify,
 )
 from relux.attack.wiggle import wiggle_signs
@@ -121,7 +122,8 @@ def extract_layer(
     # Complete, uniquely determined rows first; others only to fill the layer.
     good_ids = {id(r) for r in _good(rows, score)}
     ranked = sorted(zip(rows, score, strict=True), key=lambda t: (id(t[0]) not in good_ids, -t[1]))
-    chosen = [r for r, sc in ranked if sc >= 1 and r.residual <= 1e-8][:width]
+    limit = _residual_limit(rows)
+    chosen = [r for r, sc in ranked if sc >= 1 and r.residual <= limit][:width]
     for r, sc in ranked[:width]:
         log.debug("layer %d candidate: score %d, %d witnesses, coverage %d/%d, gap %.1e, residual %.1e",
                   len(layers) + 1, sc, len(r.members), int(r.coverage.sum()), r.coverage.size, r.gap, r.residual)
@@ -306,6 +308,8 @@ def _rank_rows(
     W = np.stack([r.w for r in cand])
     b = np.array([r.b for r in cand])
     hits, misses = crossing_hits(W, b, lines, layers)
+    # A row fitted to a deeper neuron inside one region predicts crossings that are mostly not there;
+    # a real neuron misses only where everything after it is off.
     score = hits - 2 * misses
     order = np.argsort(-score, kind="stable")
     rows: list[NeuronRow] = []
@@ -320,9 +324,17 @@ def _rank_rows(
     return rows, scores
 
 
+def _residual_limit(rows: Sequence[NeuronRow]) -> float:
+    """Rows whose witnesses agree: residual within 30x the layer's typical one (never below 1e-8)."""
+    if not rows:
+        return 1e-8
+    return max(1e-8, 30.0 * float(np.median([r.residual for r in rows])))
+
+
 def _good(rows: Sequence[NeuronRow], score: Sequence[int]) -> list[NeuronRow]:
+    limit = _residual_limit(rows)
     return [r for r, sc in zip(rows, score, strict=True)
-            if r.complete and sc >= 3 and r.gap >= 1e3 and r.residual <= 1e-8]
+            if r.complete and sc >= 3 and r.gap >= 1e3 and r.residual <= limit]
 
 
 def _build_rows(
@@ -337,7 +349,7 @@ def _build_rows(
     """Candidate rows from every source (agreeing partial signatures, traced chains, triples), merged
     and ranked by confirmed crossings."""
     groups = [g for g in group_witnesses(witnesses) if len(g) >= 2]
-    base = [unify(witnesses, g) for g in groups]
+    base = [robust_unify(witnesses, g) for g in groups]
     base += [unify(witnesses, list(c)) for c in chains]
     explained: set[int] = set()
     for r in base:

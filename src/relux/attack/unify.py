@@ -228,3 +228,21 @@ def ransac_rows(
         taken = set(members)
         pool = [i for i in pool if i not in taken]
     return rows
+
+
+def robust_unify(witnesses: Sequence[Witness], members: Sequence[int], rounds: int = 3) -> NeuronRow:
+    """:func:`unify`, dropping up to ``rounds`` witnesses whose constraints the row violates far more
+    than the others' (one bad finite difference should not spoil a neuron)."""
+    members = list(members)
+    row = unify(witnesses, members)
+    for _ in range(rounds):
+        if len(members) <= 3:
+            break
+        x = np.append(row.w, row.b)
+        viol = np.array([float(np.linalg.norm(witnesses[i].constraint_rows @ x)) for i in members])
+        worst = int(np.argmax(viol))
+        if viol[worst] <= 10.0 * float(np.median(viol)):
+            break
+        members.pop(worst)
+        row = unify(witnesses, members)
+    return row
