@@ -205,7 +205,7 @@ def test_markdown_and_text_tables(tmp_path: Path) -> None:
     lines = md.splitlines()
     assert lines[0].startswith("| model | params | queries | log2 q |") and "published by" in lines[0]
     assert all(line.count("|") - line.count("\\|") == lines[0].count("|") for line in lines[: 2 + len(rows)])
-    assert "L1 6/6 rec, 6 ok, 0 sgn, 2^-35.0; L2 1/4 rec, 1 ok, 1 sgn, 2^-3.0" in md
+    assert "L1 6/6 rec, 6 matched, 0 sgn, 2^-35.0; L2 1/4 rec, 1 matched, 1 sgn, 2^-3.0" in md
     assert "failed (1)" in md and "self-check failed: 0.9 relative error" in md
     assert "partial result" in md and "timeout (3)" in md and "after 77 queries" in md
     assert "slow \\| pipe" in md  # a pipe in a cell is escaped

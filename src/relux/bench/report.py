@@ -2,7 +2,7 @@
 :mod:`relux.bench.runner`.
 
 Tables give one line per row; long status reasons, missed targets and the progress of timed-out rows
-go to numbered notes under the table. Per-layer figures read ``L1 15/15 rec, 15 ok, 0 sgn, 2^-38.2``:
+go to numbered notes under the table. Per-layer figures read ``L1 15/15 rec, 15 matched, 0 sgn, 2^-38.2``:
 neurons the attack recovered of the layer's width, neurons the verification matched to the truth,
 sign errors, and log2 of the layer's largest normalised weight error.
 """
@@ -42,7 +42,7 @@ def short_status(row: Row) -> str:
 
 
 def layer_summary(row: Row) -> str:
-    """Per-hidden-layer figures of a row, e.g. ``L1 15/15 rec, 15 ok, 0 sgn, 2^-38.2; L2 ...``."""
+    """Per-hidden-layer figures of a row, e.g. ``L1 15/15 rec, 15 matched, 0 sgn, 2^-38.2; L2 ...``."""
     parts = []
     for layer in row.get("layers") or []:
         if "recovered" not in layer and "matched" not in layer:
@@ -51,7 +51,7 @@ def layer_summary(row: Row) -> str:
         text = f"L{layer['index']} {rec}/{layer['width']} rec"
         if "matched" in layer:
             sgn = layer.get("sign_errors", "?")
-            text += f", {layer['matched']} ok, {sgn} sgn, {_pow2(layer.get('log2_weight_error'))}"
+            text += f", {layer['matched']} matched, {sgn} sgn, {_pow2(layer.get('log2_weight_error'))}"
         parts.append(text)
     return "; ".join(parts)
 
@@ -234,7 +234,7 @@ def write_plots(rows: Sequence[Row], directory: str | Path) -> list[Path]:
     height = max(2.5, 0.45 * len(ran) + 1.2)
     written = []
 
-    fig = Figure(figsize=(8, height), layout="constrained")
+    fig = Figure(figsize=(10, height), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     q = [r.get("log2_queries") or 0.0 for r in ran]
@@ -247,11 +247,11 @@ def write_plots(rows: Sequence[Row], directory: str | Path) -> list[Path]:
     ax.set_yticks(y, names)
     ax.invert_yaxis()
     ax.set_xlabel("log2 queries")
-    ax.legend(loc="lower right", fontsize="small")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     written.append(out / "queries.png")
     fig.savefig(written[-1], dpi=110)
 
-    fig = Figure(figsize=(8, height), layout="constrained")
+    fig = Figure(figsize=(10, height), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     w = [r.get("log2_weight_error") for r in ran]
@@ -262,7 +262,7 @@ def write_plots(rows: Sequence[Row], directory: str | Path) -> list[Path]:
     ax.set_yticks(y, names)
     ax.invert_yaxis()
     ax.set_xlabel("log2 error (further left is better; missing values drawn as 0)")
-    ax.legend(loc="lower left", fontsize="small")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     written.append(out / "errors.png")
     fig.savefig(written[-1], dpi=110)
 
