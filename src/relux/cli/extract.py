@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from relux.cli.common import nonneg_int
 from relux.errors import BudgetExhausted, ExtractionFailed, InputError, OracleError
 from relux.model import format_arch, parse_arch
 
@@ -50,16 +51,6 @@ DEFAULT_ORACLE_TIMEOUT = 120.0
 
 
 # --------------------------------------------------------------------------- argument types
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, found {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, found {text!r}")
-    return value
-
-
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -88,8 +79,8 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--out", required=True, metavar="FILE", help="where to write the extracted model")
     parser.add_argument("--report", metavar="JSON", help="write the extraction report (JSON) here")
-    parser.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the attack's random draws (default 0)")
-    parser.add_argument("--budget", type=_nonneg_int, default=None, metavar="N", help="stop after N queries")
+    parser.add_argument("--seed", type=nonneg_int, default=0, help="seed of the attack's random draws (default 0)")
+    parser.add_argument("--budget", type=nonneg_int, default=None, metavar="N", help="stop after N queries")
     parser.add_argument(
         "--input-scale",
         type=_positive_float,

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from relux.cli.common import nonneg_int
 from relux.errors import InputError
 
 DESCRIPTION = """\
@@ -21,16 +22,6 @@ neurons recovered with the wrong sign, unmatched neurons (e.g. dead ones), and t
 max|f - f'| / max|f| on N(0,I) inputs, U[0,1]^d inputs and points along random lines across many kinks,
 with argmax agreement (sign agreement for one output). Exit status 0 whatever the errors, 2 for bad input.
 """
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, found {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, found {text!r}")
-    return value
 
 
 def _threshold(text: str) -> float:
@@ -56,12 +47,14 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     parser.add_argument(
         "--samples",
-        type=_count,
+        type=nonneg_int,
         default=10000,
         metavar="N",
         help="random inputs from each of N(0,I) and U[0,1]^d (default 10000)",
     )
-    parser.add_argument("--lines", type=_count, default=64, metavar="L", help="random lines across kinks (default 64)")
+    parser.add_argument(
+        "--lines", type=nonneg_int, default=64, metavar="L", help="random lines across kinks (default 64)"
+    )
     parser.add_argument(
         "--match-threshold",
         type=_threshold,
