@@ -451,11 +451,6 @@ def test_process_debug_shows_the_traceback(d: Path) -> None:
     assert "Traceback" in proc.stderr and "InputError" in proc.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG src/relux/cli/demo.py: an architecture without a hidden layer (e.g. 10-3) is only refused "
-    "by the attack, after the server started, so stderr also holds uvicorn's and relux.serve's INFO lines",
-)
 def test_process_demo_without_hidden_layer() -> None:
     proc = run_relux("demo", "--arch", "10-3")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

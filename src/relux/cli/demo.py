@@ -54,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
     from relux.zoo import random_mlp
 
     arch = parse_arch(args.arch)
+    if len(arch) < 3:
+        raise InputError(f"the demo victim needs at least one hidden layer (e.g. 32-16-3), found {args.arch!r}")
     if args.seed < 0:
         raise InputError(f"--seed must be >= 0, found {args.seed}")
     quiet = bool(getattr(args, "quiet", False))
