@@ -32,7 +32,7 @@ from relux.bench import (
     write_markdown,
     write_plots,
 )
-from relux.bench.runner import base_row
+from relux.bench.runner import base_row, sign_stage_queries
 from relux.cli import main
 from relux.errors import ExtractionFailed, InputError
 
@@ -159,6 +159,13 @@ def test_missing_shared_file_is_skipped(tmp_path: Path) -> None:
     row = execute_case(case, 0, tmp_path)
     assert row["status"].startswith("skipped: ../shared/models/nowhere/absent.keras not found")
     assert set(ROW_KEYS) <= set(row)
+
+
+def test_sign_stage_queries() -> None:
+    stages = [{"name": "critical_points+signatures", "queries": 100}, {"name": "signs+output", "queries": 7},
+              {"name": "sign_check", "queries": 5}, {"name": "layer", "queries": 1000}]
+    assert sign_stage_queries(stages) == 12
+    assert sign_stage_queries(stages[:1]) is None
 
 
 # --------------------------------------------------------------------------- suites

@@ -263,8 +263,7 @@ def _add_result(row: dict[str, Any], layers: list[dict[str, Any]], result: Any) 
     row["selfcheck"] = "passed" if result.selfcheck.passed else "failed"
     row["selfcheck_rel_error"] = _f(result.selfcheck.max_rel_error)
     row["stages"] = [s.to_json() for s in result.stages]
-    sign_stages = [s for s in result.stages if "sign" in s.name]
-    row["sign_queries"] = sum(s.queries for s in sign_stages) if sign_stages else None
+    row["sign_queries"] = sign_stage_queries(row["stages"])
     row["warnings"] = list(result.warnings)[:20]
     for rep in result.layers:
         if 1 <= rep.index <= len(layers):
@@ -276,6 +275,13 @@ def _add_result(row: dict[str, Any], layers: list[dict[str, Any]], result: Any) 
                 seconds=round(rep.seconds, 3),
                 sign_method=rep.sign_method,
             )
+
+
+def sign_stage_queries(stages: Sequence[dict[str, Any]]) -> int | None:
+    """Queries of the stages that recover signs (a name with a word ``sign``/``signs``, e.g.
+    ``signs+output`` or ``sign_check``; not ``signatures``); ``None`` when there is no such stage."""
+    sel = [s for s in stages if {"sign", "signs"} & set(re.split(r"[^a-z]+", str(s["name"]).lower()))]
+    return sum(int(s["queries"]) for s in sel) if sel else None
 
 
 def _add_verification(
