@@ -157,7 +157,8 @@ def to_markdown(rows: Sequence[Row], *, title: str, command: str | None = None,
     if env:
         parts += [
             f"Python {env.get('python')}, numpy {env.get('numpy')}, {env.get('machine')} "
-            f"({env.get('cpus')} CPUs), commit {str(env.get('commit') or '?')[:10]}, {env.get('date')}.",
+            f"({env.get('cpus')} CPUs), commit {str(env.get('commit') or '?')[:10]}"
+            f"{' with uncommitted changes under src/' if env.get('src_modified') else ''}, started {env.get('date')}.",
             "",
         ]
     parts.append(markdown_table(rows))
@@ -189,16 +190,24 @@ def _json_default(o: object) -> Any:
 
 
 def environment(repo: str | Path | None = None) -> dict[str, Any]:
-    """Python and numpy versions, machine, CPU count, git commit of ``repo`` (when it is a checkout), date."""
+    """Python and numpy versions, machine, CPU count, git commit of ``repo`` (when it is a checkout) and
+    whether tracked files under its ``src/`` differ from it, date."""
     import os
 
     commit = None
+    modified = None
     if repo is not None:
         try:
             commit = subprocess.run(
                 ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
                 timeout=10,
             ).stdout.strip() or None
+            if commit:
+                status = subprocess.run(
+                    ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no", "--", "src"],
+                    capture_output=True, text=True, check=False, timeout=10,
+                ).stdout
+                modified = bool(status.strip())
         except (OSError, subprocess.SubprocessError):
             commit = None
     return {
@@ -209,6 +218,7 @@ def environment(repo: str | Path | None = None) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "system": platform.platform(),
         "commit": commit,
+        "src_modified": modified,  # uncommitted changes to tracked files under src/ at that moment
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

@@ -59,7 +59,7 @@ ROW_KEYS = (
 #: Default wall-clock limit per case, in seconds.
 DEFAULT_TIMEOUT = 600.0
 #: Seconds between two query-count heartbeats of a running attack.
-HEARTBEAT_SECONDS = 5.0
+HEARTBEAT_SECONDS = 1.0
 #: A self-check that passes a model whose output error exceeds this is reported as a failure.
 WRONG_MODEL_OUTPUT_ERROR = 1e-6
 #: Log lines of a worker kept in a row (the last ones), and kept in memory while it runs.

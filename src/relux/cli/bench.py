@@ -103,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     say(f"suite {args.suite}: {len(cases)} case(s), seed {args.seed}, "
         f"{'no time limit' if timeout is None else f'{timeout:g} s per case'}, "
         f"shared models {shared if shared is not None else 'not found'}")
+    env = report.environment(Path.cwd())  # before the run: the commit the suite started on
     rows = []
     for i, case in enumerate(cases, start=1):
         say(f"[{i}/{len(cases)}] {case.name}")
@@ -115,7 +116,6 @@ def run(args: argparse.Namespace) -> int:
         say(f"    {report.short_status(row)}{q}" + (f", {secs:.1f} s wall" if secs is not None else ""))
 
     print(report.format_table(rows))
-    env = report.environment(Path.cwd())
     if args.json is not None:
         report.write_json(rows, args.json)
         print(f"wrote {args.json}")
