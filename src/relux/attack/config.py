@@ -36,6 +36,12 @@ class ExtractionConfig:
             than its input (attack-notes §4).
         batch_rows: rows per oracle call.
         progress: show progress bars (tqdm on stderr).
+        jobs: workers for the per-neuron work (``relux.parallel``); 1 runs it in this process. The
+            oracle is always queried from this process, and the result does not depend on ``jobs``.
+        backend: ``"loky"`` (joblib worker processes on this machine) or ``"ray"`` (a local Ray
+            instance, or the cluster at ``ray_address``; needs ``pip install 'relux[ray]'``).
+        ray_address: with ``backend="ray"``: the address of a running Ray cluster; ``None`` starts a
+            local instance on 127.0.0.1 (no dashboard, no usage statistics) and stops it afterwards.
     """
 
     seed: int = 0
@@ -52,6 +58,9 @@ class ExtractionConfig:
     max_enum_bits: int = 22
     batch_rows: int = 65536
     progress: bool = False
+    jobs: int = 1
+    backend: str = "loky"
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         def need(cond: bool, name: str, expected: str) -> None:
@@ -73,6 +82,12 @@ class ExtractionConfig:
         need(self.selfcheck_points >= 10, "selfcheck_points", "an integer >= 10")
         need(0 <= self.max_enum_bits <= 30, "max_enum_bits", "an integer in [0, 30]")
         need(self.batch_rows >= 1, "batch_rows", "an integer >= 1")
+        need(isinstance(self.jobs, int) and not isinstance(self.jobs, bool) and self.jobs >= 1, "jobs",
+             "an integer >= 1")
+        need(self.backend in ("loky", "ray"), "backend", "'loky' or 'ray'")
+        need(self.ray_address is None or (isinstance(self.ray_address, str) and self.ray_address.strip() != ""),
+             "ray_address", "None or a non-empty address")
+        need(self.ray_address is None or self.backend == "ray", "ray_address", "None unless backend is 'ray'")
 
     def replace(self, **changes: Any) -> ExtractionConfig:
         return dataclasses.replace(self, **changes)

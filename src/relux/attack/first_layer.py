@@ -21,6 +21,7 @@ from relux.attack.critical import LineKinks, find_kinks
 from relux.attack.gradients import fd_gradients
 from relux.attack.hyperplanes import Signature, cluster_signatures, signature_from_jump
 from relux.oracle.base import FloatArray
+from relux.parallel import Executor, SerialExecutor, split_evenly
 
 log = logging.getLogger(__name__)
 
@@ -154,23 +155,41 @@ def discover_first_layer(
             break
     if known:
         hits, misses = crossing_hits(np.stack([s.w for s in known]), np.array([s.b for s in known]), all_lines)
-        order = np.argsort(-(hits - 4 * misses), kind="stable")
-        known = [known[i] for i in order[:width]]
+        # Confirmed hyperplanes first: a true one that missed a crossing (its kink hidden where everything
+        # after it is off) must still rank above a one-line signature of a deeper neuron.
+        confirmed_mask = (hits >= 2) & (4 * misses <= hits)
+        order = np.lexsort((-(hits - 4 * misses), ~confirmed_mask))
+        known = [known[i] for i in order[:width] if confirmed_mask[i] or hits[i] > misses[i]]
     info_out = DiscoveryInfo(n_lines, kinks_total, grads, len(known), rejected, search_q, len(known))
     return known, info_out
 
 
+#: Radii (in units of the line scale) of the rings of candidate base points, and candidates per ring.
+_RING_RADII = (0.05, 0.15, 0.4, 1.0)
+_RING_SIZE = 12
+#: Largest number of float64 elements of the temporary of one step-planning task (64 MiB).
+_MAX_STEP_ELEMS = 1 << 23
+
+
+def _draw_directions(rng: np.random.Generator, n: int, d: int) -> FloatArray:
+    """Row by row, the normal draws of the candidate base points (drawn in the parent, in row order)."""
+    return rng.normal(size=(n, len(_RING_RADII), _RING_SIZE, d))
+
+
 def _best_base_point(
-    j: int, W: FloatArray, b: FloatArray, start: FloatArray, scale: float, rng: np.random.Generator
+    j: int, W: FloatArray, b: FloatArray, start: FloatArray, scale: float, directions: FloatArray
 ) -> tuple[FloatArray, float]:
-    """A point on hyperplane ``j`` near ``start`` with the largest clearance from the other hyperplanes."""
+    """A point on hyperplane ``j`` near ``start`` with the largest clearance from the other hyperplanes.
+
+    ``directions`` (one ``(_RING_SIZE, d)`` block of standard normal draws per ring) give the
+    candidates: projected onto the hyperplane and scaled to the ring's radius around ``start``.
+    """
     wj = W[j]
     others = np.ones(W.shape[0], dtype=bool)
     others[j] = False
     cands = [start]
-    for radius in (0.05, 0.15, 0.4, 1.0):
-        V = rng.normal(size=(12, W.shape[1]))
-        V -= (V @ wj)[:, None] * wj[None, :]
+    for radius, V0 in zip(_RING_RADII, directions, strict=True):
+        V = V0 - (V0 @ wj)[:, None] * wj[None, :]
         V *= (radius * scale) / np.linalg.norm(V, axis=1, keepdims=True)
         cands.extend(start[None, :] + V)
     C = np.asarray(cands)
@@ -184,57 +203,68 @@ def _best_base_point(
     return C[i], float(clear[i])
 
 
-def refine_first_layer(
-    query: QueryFn,
-    W: FloatArray,
-    b: FloatArray,
-    starts: FloatArray,
-    cfg: ExtractionConfig,
-    rng: np.random.Generator,
-    only: list[int] | None = None,
-) -> tuple[list[RefinedRow], FloatArray, FloatArray]:
-    """Re-measure every row of ``(W, b)`` (unit rows) at a well-separated point of its hyperplane.
+# Pure per-row tasks of the refinement (run through an executor; see relux.parallel). Each carries
+# what its rows need, including every random draw, so the result never depends on the workers.
+@dataclass(frozen=True)
+class _BaseTask:
+    rows: tuple[int, ...]  # indices into W
+    W: FloatArray
+    b: FloatArray
+    starts: FloatArray  # (m, d): the start of each row
+    directions: FloatArray  # (m, rings, ring size, d): standard normal draws
+    scale: float
 
-    For row ``j``: a base point ``x_c`` on the estimated hyperplane far from the others; the points
-    ``x± = x_c ± r w_j`` (``r`` = half the clearance) lie in the two affine pieces next to the
-    hyperplane; their gradients are measured with per-coordinate steps bounded by
-    ``cfg.refine_safety`` times the distance, along that coordinate, to the nearest estimated
-    hyperplane; the jump gives ``w_j`` and the intersection of the two pieces along the normal gives
-    the exact witness and ``b_j``. Costs ``2 (d + 1)`` queries per row.
 
-    ``only`` restricts the work to those rows (the others still bound the steps).
+def _plan_bases(task: _BaseTask) -> tuple[FloatArray, FloatArray]:
+    """Base points ``(m, d)`` and their clearances ``(m,)`` for the task's rows."""
+    m = len(task.rows)
+    bases = np.empty((m, task.W.shape[1]))
+    clears = np.empty(m)
+    for i, j in enumerate(task.rows):
+        bases[i], clears[i] = _best_base_point(j, task.W, task.b, task.starts[i], task.scale, task.directions[i])
+    return bases, clears
 
-    Returns the refined rows (of ``only``, or all) and the samples ``(X, f(X))`` at the points ``x±``.
-    """
-    sel = list(range(W.shape[0])) if only is None else list(only)
-    n, d = len(sel), W.shape[1]
-    scale = _line_scale(cfg, d)
-    bases = np.empty((n, d))
-    radii = np.empty(n)
-    clears = np.empty(n)
-    for i, j in enumerate(sel):
-        bases[i], clears[i] = _best_base_point(j, W, b, starts[j], scale, rng)
-        radii[i] = 0.5 * clears[i]
-    Ws = W[sel]
-    bs = b[sel]
-    Xp = bases + radii[:, None] * Ws
-    Xm = bases - radii[:, None] * Ws
-    X = np.concatenate([Xp, Xm])
-    Z = np.abs(X @ W.T + b[None, :])  # (2n, n): distance to every estimated hyperplane
-    absW = np.abs(W)
+
+@dataclass(frozen=True)
+class _StepTask:
+    Z: FloatArray  # (m, n): |w_k . x + b_k| at each probe point, for every estimated hyperplane k
+    absW: FloatArray  # (n, d)
+    cap: FloatArray  # (m,): largest step of each probe point
+    safety: float
+    reach: float
+
+
+def _plan_steps(task: _StepTask) -> FloatArray:
+    """Per-coordinate steps ``(m, d)``: a fraction of the distance along each coordinate to the nearest hyperplane."""
     with np.errstate(divide="ignore"):
         # distance along coordinate i to hyperplane k is |z_k| / |W_ki|
-        steps = cfg.refine_safety * np.min(Z[:, :, None] / absW[None, :, :], axis=1)
-    steps = np.minimum(steps, 4.0 * np.concatenate([radii, radii])[:, None])
-    G, F = fd_gradients(query, X, steps)
-    Gp, Gm = G[:n], G[n:]
-    Fp, Fm = F[:n], F[n:]
+        steps = task.safety * np.min(task.Z[:, :, None] / task.absW[None, :, :], axis=1)
+    out: FloatArray = np.minimum(task.reach * steps, task.cap[:, None])
+    return out
+
+
+@dataclass(frozen=True)
+class _SolveTask:
+    W: FloatArray  # (m, d): the estimated rows
+    b: FloatArray  # (m,)
+    bases: FloatArray  # (m, d)
+    radii: FloatArray  # (m,)
+    clears: FloatArray  # (m,)
+    Gp: FloatArray  # (m, k, d): gradients at x+
+    Gm: FloatArray  # (m, k, d): gradients at x-
+    Fp: FloatArray  # (m, k): f(x+)
+    Fm: FloatArray  # (m, k): f(x-)
+
+
+def _solve_rows(task: _SolveTask) -> list[RefinedRow]:
+    """The refined rows from the gradients on both sides of each estimated hyperplane."""
+    W, b, bases, radii, clears = task.W, task.b, task.bases, task.radii, task.clears
+    Gp, Gm, Fp, Fm = task.Gp, task.Gm, task.Fp, task.Fm
     rows: list[RefinedRow] = []
-    W, b = Ws, bs
-    for j in range(n):
+    for j in range(W.shape[0]):
         delta = Gp[j] - Gm[j]
         if not np.any(delta):
-            rows.append(RefinedRow(W[j], float(b[j]), bases[j], np.zeros(F.shape[1]), clears[j], np.inf,
+            rows.append(RefinedRow(W[j], float(b[j]), bases[j], np.zeros(Fp.shape[1]), clears[j], np.inf,
                                    1.0, False, "no gradient jump across the estimated hyperplane"))
             continue
         U, S, Vt = np.linalg.svd(delta, full_matrices=False)
@@ -262,4 +292,81 @@ def refine_first_layer(
         elif change > 1e-3:
             ok, reason = False, f"refined row moved by {change:.1e} from its estimate"
         rows.append(RefinedRow(w, bj, point, c, float(clears[j]), change, ratio, ok, reason))
+    return rows
+
+
+def _parts(executor: Executor, elems_per_item: int, n_items: int) -> int:
+    """How many tasks to cut ``n_items`` into: a few per worker, and within the memory bound.
+
+    Only the amount of work per task depends on this: every row is computed on its own, so the
+    results are the same for any split.
+    """
+    per_worker = 1 if executor.jobs == 1 else 2 * executor.jobs
+    by_memory = -(-n_items * elems_per_item // _MAX_STEP_ELEMS)
+    return max(per_worker, by_memory)
+
+
+def refine_first_layer(
+    query: QueryFn,
+    W: FloatArray,
+    b: FloatArray,
+    starts: FloatArray,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    only: list[int] | None = None,
+    reach: float = 1.0,
+    executor: Executor | None = None,
+) -> tuple[list[RefinedRow], FloatArray, FloatArray]:
+    """Re-measure every row of ``(W, b)`` (unit rows) at a well-separated point of its hyperplane.
+
+    For row ``j``: a base point ``x_c`` on the estimated hyperplane far from the others; the points
+    ``x± = x_c ± r w_j`` (``r`` = half the clearance) lie in the two affine pieces next to the
+    hyperplane; their gradients are measured with per-coordinate steps bounded by
+    ``cfg.refine_safety`` times the distance, along that coordinate, to the nearest estimated
+    hyperplane; the jump gives ``w_j`` and the intersection of the two pieces along the normal gives
+    the exact witness and ``b_j``. Costs ``2 (d + 1)`` queries per row.
+
+    ``only`` restricts the work to those rows (the others still bound the steps). ``reach`` (<= 1)
+    shrinks the probe radius and the steps, for networks with unseen boundaries (deeper layers).
+
+    The per-row work (base points, steps, solves) runs on ``executor`` (serial by default); the
+    queries are made here, in one batched call, and the random draws are made here, in row order,
+    so the result is the same for every executor and number of workers.
+
+    Returns the refined rows (of ``only``, or all) and the samples ``(X, f(X))`` at the points ``x±``.
+    """
+    ex: Executor = executor if executor is not None else SerialExecutor()
+    sel = list(range(W.shape[0])) if only is None else list(only)
+    n, d = len(sel), W.shape[1]
+    scale = _line_scale(cfg, d)
+    directions = _draw_directions(rng, n, d)
+    chunks = split_evenly(n, _parts(ex, 1, n))
+    planned = ex.map(_plan_bases, [
+        _BaseTask(tuple(sel[i] for i in c), W, b, starts[[sel[i] for i in c]], directions[c.start:c.stop], scale)
+        for c in chunks
+    ])
+    bases = np.concatenate([p[0] for p in planned])
+    clears = np.concatenate([p[1] for p in planned])
+    radii = 0.5 * reach * clears
+    Ws = W[sel]
+    bs = b[sel]
+    Xp = bases + radii[:, None] * Ws
+    Xm = bases - radii[:, None] * Ws
+    X = np.concatenate([Xp, Xm])
+    Z = np.abs(X @ W.T + b[None, :])  # (2n, n): distance to every estimated hyperplane
+    absW = np.abs(W)
+    cap = 4.0 * np.concatenate([radii, radii])
+    chunks = split_evenly(2 * n, _parts(ex, W.shape[0] * d, 2 * n))
+    steps = np.concatenate(ex.map(_plan_steps, [
+        _StepTask(Z[c.start:c.stop], absW, cap[c.start:c.stop], cfg.refine_safety, reach) for c in chunks
+    ]))
+    G, F = fd_gradients(query, X, steps)
+    Gp, Gm = G[:n], G[n:]
+    Fp, Fm = F[:n], F[n:]
+    chunks = split_evenly(n, _parts(ex, 1, n))
+    solved = ex.map(_solve_rows, [
+        _SolveTask(Ws[s], bs[s], bases[s], radii[s], clears[s], Gp[s], Gm[s], Fp[s], Fm[s])
+        for s in (slice(c.start, c.stop) for c in chunks)
+    ])
+    rows = [row for part in solved for row in part]
     return rows, X, F

@@ -22,6 +22,7 @@ from relux.errors import ExtractionFailed, InputError
 from relux.model import MLP, parse_arch
 from relux.oracle.base import FloatArray, Oracle
 from relux.oracle.wrappers import CountingOracle
+from relux.parallel import Executor, SerialExecutor, execution_report, make_executor
 
 log = logging.getLogger(__name__)
 
@@ -29,18 +30,22 @@ log = logging.getLogger(__name__)
 class _Stages:
     """Records queries and seconds per stage from one counting oracle."""
 
-    def __init__(self, counter: CountingOracle) -> None:
+    def __init__(self, counter: CountingOracle, executor: Executor | None = None) -> None:
         self.counter = counter
         self.stats: list[StageStats] = []
+        # relux.parallel: runs the pure per-neuron work; its seconds are recorded per stage.
+        self.executor: Executor = executor if executor is not None else SerialExecutor()
+        self.parallel: list[tuple[str, int | None, float]] = []
 
     @contextmanager
     def stage(self, name: str, layer: int | None = None) -> Iterator[None]:
-        q0, t0 = self.counter.queries, time.perf_counter()
+        q0, t0, p0 = self.counter.queries, time.perf_counter(), self.executor.parallel_seconds
         log.info("stage %s%s", name, "" if layer is None else f" (layer {layer})")
         try:
             yield
         finally:
             self.stats.append(StageStats(name, self.counter.queries - q0, time.perf_counter() - t0, layer))
+            self.parallel.append((name, layer, self.executor.parallel_seconds - p0))
 
     def total(self, layer: int) -> tuple[int, float]:
         sel = [s for s in self.stats if s.layer == layer]
@@ -71,11 +76,19 @@ def extract(
     ``arch`` gives the widths, e.g. ``(784, 128, 1)``. The oracle is the only access to the victim.
     Raises :class:`~relux.errors.ExtractionFailed` (with ``partial`` holding the result) when the
     self-check on fresh queries contradicts the extracted model.
+
+    ``config.jobs``, ``config.backend`` and ``config.ray_address`` choose where the pure per-neuron
+    work runs (:mod:`relux.parallel`); the oracle is queried from this process only.
     """
     cfg = config or ExtractionConfig()
     a = _check_arch(oracle, arch)
+    with make_executor(cfg.backend, cfg.jobs, cfg.ray_address) as executor:
+        return _extract(oracle, a, cfg, executor)
+
+
+def _extract(oracle: Oracle, a: tuple[int, ...], cfg: ExtractionConfig, executor: Executor) -> ExtractionResult:
     counter = CountingOracle(oracle)
-    stages = _Stages(counter)
+    stages = _Stages(counter, executor)
     rng = np.random.default_rng(cfg.seed)
     t_start = time.perf_counter()
     d0 = a[0]
@@ -106,6 +119,7 @@ def extract(
         noise_floor=floor,
         config=cfg.to_json(),
         warnings=tuple(warnings),
+        execution=execution_report(executor, stages.parallel),
     )
     if not check.passed:
         raise ExtractionFailed(
@@ -140,14 +154,14 @@ def _extract_one_hidden(
     rows: list[RefinedRow] = []
     with stages.stage("refinement", layer=1):
         for _pass in range(max(cfg.refine_passes, 1)):
-            rows, Xs, Fs = refine_first_layer(q, W, b, starts, cfg, rng)
+            rows, Xs, Fs = refine_first_layer(q, W, b, starts, cfg, rng, executor=stages.executor)
             bad = [j for j, r in enumerate(rows) if not r.ok]
             if bad:
                 # One retry from a different base point for rows whose re-measurement failed.
                 starts2 = starts.copy()
                 for j in bad:
                     starts2[j] = starts[j] + rng.normal(0.0, 0.3 * cfg.input_scale, size=d0)
-                retry, Xr, Fr = refine_first_layer(q, W, b, starts2, cfg, rng, only=bad)
+                retry, Xr, Fr = refine_first_layer(q, W, b, starts2, cfg, rng, only=bad, executor=stages.executor)
                 for j, row in zip(bad, retry, strict=True):
                     if row.ok:
                         rows[j] = row
@@ -222,6 +236,7 @@ def _extract_deep(
     stages: _Stages,
 ) -> tuple[MLP, tuple[LayerReport, ...], FloatArray, list[str]]:
     from relux.attack.deep import check_last_layer, complete_last_layer, extract_layer, fit_output_layer
+    from relux.attack.deep_first import first_layer_outcome
 
     q = counter.query
     d0, k = a[0], a[-1]
@@ -234,7 +249,10 @@ def _extract_deep(
     last_cov = np.ones((0, 0), dtype=bool)
     for i, width in enumerate(hidden, start=1):
         with stages.stage("layer", layer=i):
-            out = extract_layer(q, layers, width, d0, sum(hidden), i == len(hidden), k, cfg, rng, rel_tol)
+            if i == 1:
+                out = first_layer_outcome(q, d0, width, sum(hidden), cfg, rng, rel_tol)
+            else:
+                out = extract_layer(q, layers, width, d0, sum(hidden), i == len(hidden), k, cfg, rng, rel_tol)
         layers.append((out.W, out.b))
         points.append(out.witness_points)
         last_conf = out.confidence

@@ -71,6 +71,9 @@ class ExtractionResult:
     noise_floor: float
     config: dict[str, Any]
     warnings: tuple[str, ...] = ()
+    #: How the pure per-neuron work ran: ``jobs``, ``backend`` and seconds spent in parallel work,
+    #: in total and per stage (see :mod:`relux.parallel`).
+    execution: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -97,6 +100,7 @@ class ExtractionResult:
             "noise_floor": self.noise_floor,
             "config": self.config,
             "warnings": list(self.warnings),
+            "execution": self.execution,
         }
 
     def to_json_str(self) -> str:

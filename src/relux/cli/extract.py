@@ -22,6 +22,7 @@ from relux.model import format_arch, parse_arch
 
 if TYPE_CHECKING:
     from relux.attack.result import ExtractionResult
+    from relux.checkpoint import Checkpoint
     from relux.oracle.base import Oracle
     from relux.oracle.retry import RetryPolicy
 
@@ -58,6 +59,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a positive number, found {text!r}") from None
     if not (math.isfinite(value) and value > 0.0):
         raise argparse.ArgumentTypeError(f"expected a positive number, found {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}")
     return value
 
 
@@ -102,6 +113,36 @@ def register(subparsers: Any) -> None:
         default=1e-9,
         metavar="T",
         help="self-check tolerance, relative to max|f| on fresh queries (default 1e-9)",
+    )
+    # parallel execution (relux.parallel): the oracle stays in this process; results do not depend on --jobs
+    parser.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="workers for the per-neuron work; the victim is still queried from this process only, and the "
+        "result is the same for every N (default 1)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=("loky", "ray"),
+        default="loky",
+        help="where the workers run: loky (processes on this machine) or ray (a local Ray instance on "
+        "127.0.0.1, or the cluster at --address; needs pip install 'relux[ray]') (default loky)",
+    )
+    parser.add_argument(
+        "--address",
+        metavar="ADDR",
+        default=None,
+        help="with --backend ray: address of a running Ray cluster (e.g. ray://HOST:10001 or auto); "
+        "without it a local instance is started and stopped",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="save every oracle answer to DIR as it arrives; rerunning the same command with the same DIR "
+        "replays them without querying the victim and continues where the last run stopped (after a "
+        "crash, kill or Ctrl-C). DIR is kept after the run; delete it when done",
     )
     parser.set_defaults(func=run)
 
@@ -171,6 +212,89 @@ def _build_oracle(args: argparse.Namespace, stack: contextlib.ExitStack) -> tupl
     return CallableOracle(fn, arch[0], arch[-1], name=args.oracle), arch, f"callable {args.oracle}"
 
 
+# --------------------------------------------------------------------------- checkpoint
+def _with_checkpoint(
+    args: argparse.Namespace,
+    victim: Oracle,
+    arch: tuple[int, ...],
+    config: dict[str, Any],
+    stack: contextlib.ExitStack,
+) -> tuple[Oracle, Checkpoint | None]:
+    """With ``--checkpoint DIR``: open or resume the checkpoint and journal the victim's answers.
+
+    When the run ends by an exception, the checkpoint's state records it (``interrupted`` or
+    ``failed``); the journal is durable after every batch whatever happens.
+    """
+    directory = getattr(args, "checkpoint", None)
+    if directory is None:
+        return victim, None
+    from relux.checkpoint import Checkpoint, RunIdentity, victim_identity
+
+    identity = RunIdentity(arch, config, victim_identity(model=args.model, url=args.url, oracle=args.oracle))
+    ckpt = Checkpoint.open(directory, identity)
+
+    def finish(exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        try:
+            if exc is not None and ckpt.state.get("status") == "running":
+                if isinstance(exc, KeyboardInterrupt):
+                    ckpt.save("interrupted")
+                else:
+                    ckpt.save("failed", error=" ".join(str(exc).split()) or type(exc).__name__)
+                    if isinstance(exc, (BudgetExhausted, OracleError)) and ckpt.journal is not None:
+                        more = " with a larger --budget" if isinstance(exc, BudgetExhausted) else ""
+                        print(f"progress saved to {directory}; rerun the same command{more} to continue")
+        finally:
+            ckpt.close()
+
+    stack.push(finish)
+    journal = ckpt.wrap(victim)
+    if journal.journal_batches:
+        print(
+            f"relux extract: resuming from checkpoint {directory}: {journal.journal_queries} recorded queries "
+            "will be replayed without querying the victim",
+            flush=True,
+        )
+    return journal, ckpt
+
+
+def _query_counts(ckpt: Checkpoint | None, queries: int) -> dict[str, Any]:
+    """Report fields: of the ``queries`` the run made, how many the checkpoint replayed and how many were live."""
+    if ckpt is None:
+        return {"checkpoint": None, "queries_replayed": 0, "queries_live": queries}
+    return {"checkpoint": str(ckpt.directory), "queries_replayed": ckpt.queries_replayed,
+            "queries_live": ckpt.queries_live}
+
+
+def _interrupted(ckpt: Checkpoint | None) -> int:
+    """Ctrl-C during the extraction: one line on stderr, exit status 130."""
+    if ckpt is None:
+        print("relux: interrupted: nothing was saved; add --checkpoint DIR to make a run resumable", file=sys.stderr)
+    else:
+        ckpt.save("interrupted")
+        print(f"relux: interrupted: progress saved to {ckpt.directory}; rerun the same command to resume",
+              file=sys.stderr)
+    return 130
+
+
+# --------------------------------------------------------------------------- parallel execution
+def _parallel_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``jobs``, ``backend`` and ``ray_address`` of the config, checked before anything starts."""
+    import importlib.util
+
+    jobs = int(getattr(args, "jobs", 1))
+    backend = str(getattr(args, "backend", "loky"))
+    address = getattr(args, "address", None)
+    if address is not None and backend != "ray":
+        raise InputError(f"--address {address} is the address of a Ray cluster: it needs --backend ray")
+    if address is not None and not str(address).strip():
+        raise InputError("--address is empty: expected a Ray cluster address such as ray://HOST:10001 or auto")
+    if backend == "ray" and importlib.util.find_spec("ray") is None:
+        from relux.parallel import RAY_INSTALL_HINT
+
+        raise InputError(f"--backend ray needs the ray package, which is not installed; {RAY_INSTALL_HINT}")
+    return {"jobs": jobs, "backend": backend, "ray_address": address}
+
+
 # --------------------------------------------------------------------------- output
 def _log2(n: int) -> float:
     return math.log2(n) if n > 0 else 0.0
@@ -195,6 +319,10 @@ def format_summary(result: ExtractionResult) -> str:
         f"(tolerance {check.tolerance:.3g}) on {check.points} fresh points; noise floor {result.noise_floor:.2g}",
         "",
     ]
+    ex = result.execution
+    if ex:
+        lines.insert(-1, f"execution      {ex['backend']}, {ex['jobs']} job(s); {ex['parallel_seconds']:.2f} s in "
+                         "parallel work")
     table = [["stage", "layer", "queries", "log2", "seconds"]]
     for s in result.stages:
         layer_no = "-" if s.layer is None else str(s.layer)
@@ -252,7 +380,8 @@ def run(args: argparse.Namespace) -> int:
     _check_output_path("--out", args.out, model=True)
     if args.report is not None:
         _check_output_path("--report", args.report, model=False)
-    config = ExtractionConfig(seed=args.seed, input_scale=args.input_scale, selfcheck_tol=args.selfcheck_tol)
+    config = ExtractionConfig(seed=args.seed, input_scale=args.input_scale, selfcheck_tol=args.selfcheck_tol,
+                              **_parallel_options(args))
     quiet = bool(getattr(args, "quiet", False))
 
     with contextlib.ExitStack() as stack:
@@ -265,6 +394,7 @@ def run(args: argparse.Namespace) -> int:
             early = {"source": str(source), "out": None, "budget": args.budget}
             _fail(args, early, exc, base_arch, 0, time.perf_counter() - t_build, None)
             raise
+        victim, ckpt = _with_checkpoint(args, victim, arch, config.to_json(), stack)
         counter = CountingOracle(victim)  # rows the victim actually answered, whatever happens
         oracle: Oracle = counter if args.budget is None else BudgetOracle(counter, args.budget)
         print(f"relux extract: {format_arch(arch)} from {described}", flush=True)
@@ -288,17 +418,27 @@ def run(args: argparse.Namespace) -> int:
             partial = exc.partial if isinstance(exc.partial, ExtractionResult) else None
             if partial is not None:
                 print(format_summary(partial))
+            base.update(_query_counts(ckpt, counter.queries))
             _fail(args, base, exc, arch, counter.queries, time.perf_counter() - t0, partial)
             raise
         except (BudgetExhausted, OracleError) as exc:
             bar.close()
+            base.update(_query_counts(ckpt, counter.queries))
             _fail(args, base, exc, arch, counter.queries, time.perf_counter() - t0, None)
             raise
+        except KeyboardInterrupt:
+            bar.close()
+            return _interrupted(ckpt)
+        if ckpt is not None:
+            ckpt.save("complete")
+        base.update(_query_counts(ckpt, counter.queries))
 
     from relux.formats import save_model
 
     save_model(result.model, args.out)
     print(format_summary(result))
+    if ckpt is not None:
+        print(f"checkpoint     {ckpt.directory}: {ckpt.queries_replayed} queries replayed, {ckpt.queries_live} live")
     print(f"\nwrote {args.out}")
     if args.report is not None:
         _write_report(args.report, {**result.to_json(), **base, "out": str(args.out), "failed": False, "error": None})

@@ -2,6 +2,7 @@
 
 from relux.oracle.base import Oracle, OutputKind, as_query_batch, check_answer
 from relux.oracle.http import KServeV2Oracle, TFServingOracle, oracle_from_url
+from relux.oracle.journal import JournalOracle
 from relux.oracle.local import CallableOracle, MLPOracle, load_callable
 from relux.oracle.retry import RetryPolicy
 from relux.oracle.wrappers import (
@@ -26,6 +27,7 @@ __all__ = [
     "KServeV2Oracle",
     "TFServingOracle",
     "oracle_from_url",
+    "JournalOracle",
     "RetryPolicy",
     "BudgetOracle",
     "CachingOracle",

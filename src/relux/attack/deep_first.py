@@ -1,0 +1,130 @@
+"""The first hidden layer of a deeper network (attack-notes §2-3, CJM20 §4.2).
+
+A first-layer neuron's boundary is a true hyperplane of the input space, so the one-layer discovery
+applies unchanged: every signature is confirmed by the crossings it predicts on all search lines,
+which kinks of deeper neurons (bent boundaries) fail. Refinement differs: the boundaries of deeper
+neurons are unknown, so a probe can cross one unseen. Each row is therefore measured twice, at two
+base points, and a measurement is accepted only when both agree; rows whose measurements never agree
+keep the discovery estimate and are reported.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from relux.attack.config import ExtractionConfig
+from relux.attack.deep import LayerOutcome
+from relux.attack.first_layer import RefinedRow, discover_first_layer, refine_first_layer
+from relux.attack.wiggle import wiggle_signs
+from relux.oracle.base import FloatArray
+
+log = logging.getLogger(__name__)
+QueryFn = Callable[[FloatArray], FloatArray]
+
+
+@dataclass(frozen=True)
+class FirstLayer:
+    """Unit rows ``(W, b)`` of the first hidden layer (signs not yet decided) and how they were measured."""
+
+    W: FloatArray
+    b: FloatArray
+    points: FloatArray  # a witness on each hyperplane
+    refined: np.ndarray  # rows whose refinement was confirmed by a second measurement
+    agreement: FloatArray  # distance between the two accepted measurements (inf when not refined)
+    lines: int
+    kinks: int
+
+
+def _distance(r1: RefinedRow, r2: RefinedRow) -> float:
+    v1 = np.append(r1.w, r1.b)
+    v2 = np.append(r2.w, r2.b)
+    return float(min(np.linalg.norm(v1 - v2), np.linalg.norm(v1 + v2)))
+
+
+def first_layer_of_deep(
+    query: QueryFn,
+    d0: int,
+    width: int,
+    total_hidden: int,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    rel_tol: float,
+    attempts: int = 6,
+) -> FirstLayer:
+    """Discover and refine the first hidden layer of a network with ``total_hidden`` hidden neurons.
+
+    Search lines are gridded for the kinks of every layer (``total_hidden``), not only the first.
+    A refined row is accepted when two measurements at different base points agree to within
+    ``1e-9`` of the row's norm (float64 refinement reaches ~1e-12; a probe that crossed an unseen
+    boundary is off by far more), and when it stays within ``1e-4`` of the discovery estimate.
+    """
+    dcfg = cfg.replace(grid_per_neuron=cfg.grid_per_neuron * max(total_hidden, width) / width)
+    sigs, info = discover_first_layer(query, d0, width, dcfg, rng, rel_tol)
+    if not sigs:
+        from relux.errors import ExtractionFailed
+
+        raise ExtractionFailed(
+            "layer 1: no kink of f was confirmed as a first-layer hyperplane on any search line: expected the "
+            "kinks of a ReLU network, found none; check the oracle and --input-scale"
+        )
+    W = np.stack([s.w for s in sigs])
+    b = np.array([s.b for s in sigs])
+    starts = np.stack([s.point for s in sigs])
+    n = W.shape[0]
+    accepted = np.zeros(n, dtype=bool)
+    agreement = np.full(n, np.inf)
+    prev: list[RefinedRow | None] = [None] * n
+    W_out, b_out, pts = W.copy(), b.copy(), starts.copy()
+    for attempt in range(attempts):
+        todo = [j for j in range(n) if not accepted[j]]
+        if not todo:
+            break
+        st = starts.copy()
+        if attempt:
+            jitter = rng.normal(0.0, cfg.input_scale, size=(len(todo), d0)) * (0.05 * 2.0**attempt)
+            st[todo] += jitter
+        rows, _, _ = refine_first_layer(query, W, b, st, cfg, rng, only=todo, reach=4.0 ** -(attempt + 1))
+        for j, row in zip(todo, rows, strict=True):
+            if not row.ok:
+                continue
+            p = prev[j]
+            if p is not None:
+                dist = _distance(p, row)
+                if dist <= 1e-9 * float(np.linalg.norm(np.append(row.w, row.b))):
+                    accepted[j] = True
+                    agreement[j] = dist
+                    W_out[j], b_out[j], pts[j] = row.w, row.b, row.point
+                    continue
+            prev[j] = row
+    log.info("layer 1: %d/%d rows refined and confirmed by a second measurement", int(accepted.sum()), n)
+    return FirstLayer(W_out, b_out, pts, accepted, agreement, info.lines, info.kinks)
+
+
+def first_layer_outcome(
+    query: QueryFn,
+    d0: int,
+    width: int,
+    total_hidden: int,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    rel_tol: float,
+) -> LayerOutcome:
+    """Layer 1 of a deep network as a :class:`~relux.attack.deep.LayerOutcome`: rows from
+    :func:`first_layer_of_deep`, signs from the wiggle with no prefix (CM24 §4: the first layer is
+    controllable wherever it is not wider than the input)."""
+    fl = first_layer_of_deep(query, d0, width, total_hidden, cfg, rng, rel_tol)
+    ws = wiggle_signs(query, [], fl.W, fl.b, d0, cfg.input_scale, rng)
+    W = fl.W * ws.signs[:, None]
+    b = fl.b * ws.signs
+    neurons = tuple(
+        {"index": j, "refined": bool(fl.refined[j]), "refine_agreement": float(fl.agreement[j]),
+         "sign": int(ws.signs[j]), "sign_confidence": float(ws.confidence[j])}
+        for j in range(W.shape[0])
+    )
+    method = f"wiggle ({ws.controllable_points}/{ws.points} controllable points, {int(ws.decided.sum())} decided)"
+    return LayerOutcome(W, b, fl.kinks, fl.lines, method, neurons, width - W.shape[0], fl.points,
+                        np.asarray(ws.confidence, dtype=float), np.ones((W.shape[0], d0), dtype=bool))
