@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
@@ -83,6 +84,7 @@ class BaseExecutor:
             raise InputError(f"jobs: expected an integer >= 1, found {jobs!r}")
         self._jobs = jobs
         self._seconds = 0.0
+        self._startup = 0.0
 
     @property
     def jobs(self) -> int:
@@ -91,6 +93,11 @@ class BaseExecutor:
     @property
     def parallel_seconds(self) -> float:
         return self._seconds
+
+    @property
+    def startup_seconds(self) -> float:
+        """Wall time spent starting or connecting to workers before the first task (Ray only)."""
+        return self._startup
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         """``[fn(x) for x in items]``, possibly in other processes; an exception in a task propagates."""
@@ -172,6 +179,7 @@ class RayExecutor(BaseExecutor):
 
     def __init__(self, jobs: int, address: str | None = None) -> None:
         super().__init__(jobs)
+        t0 = time.perf_counter()
         self._address = address
         self._initialised_here = False
         self._remote: Any = None  # the Ray task that applies a function to an item
@@ -185,6 +193,8 @@ class RayExecutor(BaseExecutor):
             log.info("ray: reusing the instance this process already runs")
             self._restore()
             return
+        if address is not None:
+            _check_reachable(address)  # ray itself retries an unreachable address for minutes
         try:
             if address is None:
                 self._restore = _chain(self._restore, _loopback_constant(ray))
@@ -195,20 +205,22 @@ class RayExecutor(BaseExecutor):
                     configure_logging=False,
                     _node_ip_address="127.0.0.1",
                 )
-                self._initialised_here = True
-                ip = str(ctx.address_info.get("node_ip_address", ""))
-                if ip not in ("127.0.0.1", "localhost", "::1"):
-                    self.close()
-                    raise InputError(f"the local Ray instance came up on {ip}, not on 127.0.0.1; relux stopped it")
-                log.info("ray: started a local instance on 127.0.0.1 with %d CPUs", jobs)
             else:
-                ray.init(address=address, log_to_driver=False, configure_logging=False)
-                self._initialised_here = True
-                log.info("ray: connected to %s", address)
+                ctx = ray.init(address=address, log_to_driver=False, configure_logging=False)
         except (ConnectionError, ValueError, RuntimeError, TimeoutError) as exc:
             self.close()
             where = "start a local Ray instance" if address is None else f"connect to the Ray cluster at {address}"
             raise InputError(f"could not {where}: {type(exc).__name__}: {exc}") from exc
+        self._initialised_here = True
+        self._startup = time.perf_counter() - t0
+        if address is not None:
+            log.info("ray: connected to %s", address)
+            return
+        ip = str(getattr(ctx, "address_info", {}).get("node_ip_address", ""))
+        if ip not in ("127.0.0.1", "localhost", "::1"):
+            self.close()
+            raise InputError(f"the local Ray instance came up on {ip!r}, not on 127.0.0.1; relux stopped it")
+        log.info("ray: started a local instance on 127.0.0.1 with %d CPUs", jobs)
 
     @property
     def address(self) -> str | None:
@@ -230,6 +242,22 @@ class RayExecutor(BaseExecutor):
             log.info("ray: %s", "shut down the local instance" if self._address is None else "disconnected")
         restore, self._restore = self._restore, _nothing
         restore()
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """An :class:`InputError` unless ``[ray://]HOST:PORT`` accepts a TCP connection (``auto`` is not checked)."""
+    rest = address.split("://", 1)[1] if "://" in address else address
+    if rest == "auto":
+        return
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise InputError(f"Ray cluster address {address!r}: expected HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise InputError(
+            f"could not reach the Ray cluster at {address}: {exc}; check --address (is the cluster running?)"
+        ) from exc
 
 
 def _nothing() -> None:
@@ -310,11 +338,14 @@ def execution_report(executor: Executor, stages: Sequence[tuple[str, int | None,
     """The ``execution`` entry of a report: how the work ran, and the parallel seconds per stage.
 
     ``stages`` holds ``(name, layer, seconds spent inside executor.map)`` per pipeline stage.
+    ``startup_seconds`` (starting or joining a Ray instance) precedes the run and is not part of its
+    ``seconds``; loky starts its workers inside the first ``map``, which counts as parallel time.
     """
     return {
         "jobs": executor.jobs,
         "backend": executor.backend,
         "parallel_seconds": round(executor.parallel_seconds, 4),
+        "startup_seconds": round(float(getattr(executor, "startup_seconds", 0.0)), 4),
         "stages": [{"name": name, "layer": layer, "parallel_seconds": round(sec, 4)} for name, layer, sec in stages],
     }
 

@@ -8,6 +8,7 @@ it predicts on every search line (kinks of deeper neurons fail it), then signs: 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,10 +17,12 @@ from typing import Any
 import numpy as np
 
 from relux.attack import prefix as pfx
+from relux.attack.complete import complete_row
 from relux.attack.config import ExtractionConfig
 from relux.attack.confirm import crossing_hits
 from relux.attack.critical import LineKinks
 from relux.attack.hyperplanes import hyperplane_distance
+from relux.attack.polish import polish_row
 from relux.attack.signcheck import SignCheck, check_and_repair
 from relux.attack.signs import fit_affine_plus_relu, solve_flips
 from relux.attack.trace import trace_neuron
@@ -124,6 +127,19 @@ def extract_layer(
     ranked = sorted(zip(rows, score, strict=True), key=lambda t: (id(t[0]) not in good_ids, -t[1]))
     limit = _residual_limit(rows)
     chosen = [r for r, sc in ranked if sc >= 1 and r.residual <= limit][:width]
+    # A short layer: rows seen only where some layer-input coordinates were off predict crossings
+    # that do not happen (their unseen weights read as zero), so they score badly. Take the best of
+    # them anyway; the targeted search below looks for witnesses where the missing coordinates are on,
+    # and the re-scoring after it drops those that still fail.
+    provisional: set[int] = set()
+    if len(chosen) < width:
+        chosen_ids = {id(r) for r in chosen}
+        extra = [r for r, _sc in ranked if id(r) not in chosen_ids and not r.complete and len(r.members) >= 3
+                 and r.residual <= limit and r.coverage.sum() >= max(2, r.coverage.size // 2)]
+        extra.sort(key=lambda r: (-int(r.coverage.sum()), -len(r.members)))
+        for r in extra[: width - len(chosen)]:
+            provisional.add(len(chosen))
+            chosen.append(r)
     for r, sc in ranked[:width]:
         log.debug("layer %d candidate: score %d, %d witnesses, coverage %d/%d, gap %.1e, residual %.1e",
                   len(layers) + 1, sc, len(r.members), int(r.coverage.sum()), r.coverage.size, r.gap, r.residual)
@@ -135,19 +151,24 @@ def extract_layer(
         )
     # Re-unify each chosen row with every witness that lies on it (rank-deficient ones included).
     final = _reunify(chosen, witnesses)
-    # Coordinates of the layer input never active at a row's witnesses: look for witnesses there.
-    for _attempt in range(3):
-        todo = [(j, r) for j, r in enumerate(final) if not r.complete]
-        if not todo:
-            break
-        x0s, us = _targeted_lines(layers, todo, witnesses, d0, cfg)
-        if x0s.shape[0] == 0:
-            break
-        new, _ = collect_witnesses(query, layers, d0, 0, n_grid, cfg, rng, rel_tol, line_offset=lines_used,
-                                   lines_given=(x0s, us))
-        lines_used += x0s.shape[0]
-        witnesses += new
-        final = _reunify(final, witnesses)
+    # Coordinates of the layer input never active at a row's witnesses: walk along the row's boundary
+    # until they switch on and read their weights from exact kinks there.
+    if layers:
+        final = [_complete(query, layers, r, witnesses, d0, n_grid, cfg, rel_tol) if not r.complete else r
+                 for r in final]
+    if layers:
+        final = [_polish(query, layers, r, witnesses, d0, cfg, rng) for r in final]
+    if provisional:
+        # Keep a provisional row only if, completed, it explains its crossings like the others.
+        sc_final, _ = _score_rows(final, all_lines, layers)
+        for j in provisional:
+            log.debug("layer %d provisional row %d: complete %s, score %d (all: %s)", len(layers) + 1, j,
+                      final[j].complete, sc_final[j], sc_final)
+        keep = [j for j in range(len(final)) if j not in provisional or (final[j].complete and sc_final[j] >= 1)]
+        if len(keep) < len(final):
+            log.debug("layer %d: dropped %d provisional row(s) that stayed incomplete or unconfirmed",
+                      len(layers) + 1, len(final) - len(keep))
+        final = [final[j] for j in keep]
     for j, r in enumerate(final):
         log.debug("layer %d row %d: %d witnesses, coverage %d/%d, residual %.1e, gap %.1e", len(layers) + 1, j,
                   len(r.members), int(r.coverage.sum()), r.coverage.size, r.residual, r.gap)
@@ -250,7 +271,12 @@ def _reunify(rows: Sequence[NeuronRow], witnesses: Sequence[Witness]) -> list[Ne
                    if on_neuron(wt, r, tol=1e-5)
                    or (not r.complete and agrees_on_overlap(wt, r, tol=1e-8,
                                                             min_overlap=max(3, int(r.coverage.sum()) // 2)))]
-        out.append(unify(witnesses, members) if len(members) >= 2 else r)
+        if len(members) < 2:
+            out.append(r)
+            continue
+        new = robust_unify(witnesses, members)
+        # A complete row only takes new witnesses that keep its witnesses in agreement.
+        out.append(r if r.complete and new.residual > max(3.0 * r.residual, 1e-12) else new)
     return out
 
 
@@ -299,18 +325,60 @@ def _targeted_lines(
     return np.asarray(x0s), np.asarray(us)
 
 
+def _score_rows(
+    cand: Sequence[NeuronRow], lines: Sequence[LineKinks], layers: Sequence[pfx.Layer]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: confirmed crossings minus twice the missed ones, and the misses."""
+    W = np.stack([r.w for r in cand])
+    b = np.array([r.b for r in cand])
+    hits, misses = crossing_hits(W, b, lines, layers)
+    # A row fitted to a deeper neuron inside one region predicts crossings that are mostly not there;
+    # a real neuron misses only where everything after it is off.
+    return hits - 2 * misses, misses
+
+
+def _complete(
+    query: QueryFn,
+    layers: Sequence[pfx.Layer],
+    row: NeuronRow,
+    witnesses: Sequence[Witness],
+    d0: int,
+    n_grid: int,
+    cfg: ExtractionConfig,
+    rel_tol: float,
+) -> NeuronRow:
+    anchors = np.stack([witnesses[i].x for i in row.members[:3]])
+    c = complete_row(query, layers, row.w, row.b, row.coverage, anchors, d0,
+                     cfg.input_scale * float(np.sqrt(d0)), n_grid, rel_tol)
+    nrm = float(np.linalg.norm(np.append(c.w, c.b)))
+    return dataclasses.replace(row, w=c.w / nrm, b=c.b / nrm, coverage=c.coverage)
+
+
+def _polish(
+    query: QueryFn,
+    layers: Sequence[pfx.Layer],
+    row: NeuronRow,
+    witnesses: Sequence[Witness],
+    d0: int,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+) -> NeuronRow:
+    anchors = np.stack([witnesses[i].x for i in row.members[:8]])
+    pol, _ = polish_row(query, layers, row.w, row.b, anchors, d0, cfg.input_scale * float(np.sqrt(d0)), rng)
+    if not pol.ok:
+        log.debug("polish kept the row: %s", pol.reason)
+        return row
+    nrm = float(np.linalg.norm(np.append(pol.w, pol.b)))
+    return dataclasses.replace(row, w=pol.w / nrm, b=pol.b / nrm)
+
+
 def _rank_rows(
     cand: Sequence[NeuronRow], lines: Sequence[LineKinks], layers: Sequence[pfx.Layer]
 ) -> tuple[list[NeuronRow], list[int]]:
     """Deduplicate candidate rows and sort them by confirmed crossings (hits minus twice the misses)."""
     if not cand:
         return [], []
-    W = np.stack([r.w for r in cand])
-    b = np.array([r.b for r in cand])
-    hits, misses = crossing_hits(W, b, lines, layers)
-    # A row fitted to a deeper neuron inside one region predicts crossings that are mostly not there;
-    # a real neuron misses only where everything after it is off.
-    score = hits - 2 * misses
+    score, _ = _score_rows(cand, lines, layers)
     order = np.argsort(-score, kind="stable")
     rows: list[NeuronRow] = []
     scores: list[int] = []

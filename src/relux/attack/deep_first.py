@@ -19,6 +19,7 @@ import numpy as np
 from relux.attack.config import ExtractionConfig
 from relux.attack.deep import LayerOutcome
 from relux.attack.first_layer import RefinedRow, discover_first_layer, refine_first_layer
+from relux.attack.polish import polish_row
 from relux.attack.wiggle import wiggle_signs
 from relux.oracle.base import FloatArray
 
@@ -100,7 +101,17 @@ def first_layer_of_deep(
                     W_out[j], b_out[j], pts[j] = row.w, row.b, row.point
                     continue
             prev[j] = row
-    log.info("layer 1: %d/%d rows refined and confirmed by a second measurement", int(accepted.sum()), n)
+    # Rows whose gradient measurements never agreed: fit them to exact points of their hyperplane.
+    for j in np.flatnonzero(~accepted):
+        pol, _ = polish_row(query, [], W_out[j], float(b_out[j]), pts[j][None, :], d0,
+                            cfg.input_scale * float(np.sqrt(d0)), rng)
+        log.debug("layer 1 row %d: polish %s %s (%d points, %d dropped)", j, pol.ok, pol.reason, pol.points,
+                  pol.dropped)
+        if pol.ok:
+            W_out[j], b_out[j] = pol.w, pol.b
+            accepted[j] = True
+            agreement[j] = pol.residual
+    log.info("layer 1: %d/%d rows refined and confirmed", int(accepted.sum()), n)
     return FirstLayer(W_out, b_out, pts, accepted, agreement, info.lines, info.kinks)
 
 

@@ -321,8 +321,9 @@ def format_summary(result: ExtractionResult) -> str:
     ]
     ex = result.execution
     if ex:
+        startup = f", after {ex['startup_seconds']:.2f} s starting workers" if ex.get("startup_seconds") else ""
         lines.insert(-1, f"execution      {ex['backend']}, {ex['jobs']} job(s); {ex['parallel_seconds']:.2f} s in "
-                         "parallel work")
+                         f"parallel work{startup}")
     table = [["stage", "layer", "queries", "log2", "seconds"]]
     for s in result.stages:
         layer_no = "-" if s.layer is None else str(s.layer)

@@ -1,0 +1,205 @@
+"""Precision refinement of a hidden layer behind a known prefix, from exact boundary points
+(attack-notes §3, "precision refinement of each layer before it is peeled").
+
+A neuron of layer ``i`` switches where ``w·h(x) + b = 0``, with ``h`` the known prefix's output. Every
+point found exactly on that boundary is one linear equation on ``(w, b)``. Points are taken near
+known witnesses, spread along the boundary so that the prefix's active pattern varies; each is
+located by intersecting the two affine pieces of ``f`` on a short segment across the estimated
+boundary (three points a side, so that a segment that also crosses another boundary is detected
+and dropped). The row is then the null vector of the stacked ``[h, 1]``, with outlying points
+removed. No gradient is measured, so the precision is that of ``f`` itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from relux.attack import prefix as pfx
+from relux.oracle.base import FloatArray
+
+log = logging.getLogger(__name__)
+QueryFn = Callable[[FloatArray], FloatArray]
+
+_OFFSETS = np.array([-1.0, -0.6, -0.3, 0.3, 0.6, 1.0])
+
+
+@dataclass(frozen=True)
+class Polished:
+    """A refined row and how it was measured; ``ok`` is False when it was kept as given."""
+
+    w: FloatArray
+    b: float
+    points: int
+    dropped: int
+    residual: float  # largest relative |w·h + b| over the points used
+    change: float
+    ok: bool
+    reason: str
+
+
+def _root(layers: Sequence[pfx.Layer], w: FloatArray, b: float, p: FloatArray, n: FloatArray) -> float | None:
+    """``t`` near 0 where the estimated pre-activation vanishes on ``p + t n`` (Newton on a piecewise
+    linear function: exact once the piece is right)."""
+    t = 0.0
+    for _ in range(20):
+        x = p + t * n
+        _, H = pfx.forward(layers, x[None, :])
+        z = float(w @ H[0] + b)
+        M, _ = pfx.jacobian(layers, x)
+        slope = float(w @ (M @ n))
+        if slope == 0.0:
+            return None
+        step = z / slope
+        t -= step
+        if abs(step) <= 1e-15 * (abs(t) + 1.0):
+            return t
+    return t
+
+
+def boundary_points(
+    query: QueryFn,
+    layers: Sequence[pfx.Layer],
+    w: FloatArray,
+    b: float,
+    anchors: FloatArray,
+    n_points: int,
+    spread: float,
+    rng: np.random.Generator,
+) -> tuple[FloatArray, int]:
+    """Exact points of the neuron's boundary near ``anchors``; also returns the queries spent."""
+    bases: list[FloatArray] = []
+    normals: list[FloatArray] = []
+    ts: list[float] = []
+    deltas: list[float] = []
+    tries = 0
+    while len(bases) < n_points and tries < 4 * n_points:
+        tries += 1
+        x = anchors[tries % anchors.shape[0]]
+        M, _ = pfx.jacobian(layers, x)
+        n = w @ M
+        nn = float(np.linalg.norm(n))
+        if nn == 0.0:
+            continue
+        n = n / nn
+        v = rng.normal(size=x.size)
+        v -= (v @ n) * n
+        v *= spread * float(rng.uniform(0.05, 1.0)) / float(np.linalg.norm(v))
+        p = x + v
+        M, _ = pfx.jacobian(layers, p)
+        n2 = w @ M
+        nn2 = float(np.linalg.norm(n2))
+        if nn2 == 0.0:
+            continue
+        n2 = n2 / nn2
+        t0 = _root(layers, w, b, p, n2)
+        if t0 is None:
+            continue
+        c = p + t0 * n2
+        # The segment must stay clear of every known boundary.
+        dist = pfx.boundary_distance(layers, c)
+        delta = min(0.25 * dist, 1e-2 * spread)
+        if not np.isfinite(delta) or delta <= 1e-9 * spread:
+            continue
+        bases.append(p)
+        normals.append(n2)
+        ts.append(t0)
+        deltas.append(delta)
+    if not bases:
+        return np.zeros((0, anchors.shape[1])), 0
+    P = np.asarray(bases)
+    N = np.asarray(normals)
+    T = np.asarray(ts)[:, None] + np.asarray(deltas)[:, None] * _OFFSETS[None, :]  # (n, 6)
+    X = P[:, None, :] + T[:, :, None] * N[:, None, :]
+    Y = query(X.reshape(-1, X.shape[2])).reshape(X.shape[0], 6, -1)
+    out: list[FloatArray] = []
+    for i in range(X.shape[0]):
+        tl, tr = T[i, :3], T[i, 3:]
+        Yl, Yr = Y[i, :3], Y[i, 3:]
+        sl = (Yl[2] - Yl[0]) / (tl[2] - tl[0])
+        sr = (Yr[2] - Yr[0]) / (tr[2] - tr[0])
+        scale_f = float(np.max(np.abs(Y[i]))) + 1e-300
+        # each side affine: the middle point on the chord (up to rounding)
+        devl = np.max(np.abs(Yl[1] - (Yl[0] + sl * (tl[1] - tl[0]))))
+        devr = np.max(np.abs(Yr[1] - (Yr[0] + sr * (tr[1] - tr[0]))))
+        if max(devl, devr) > 1e-9 * scale_f:
+            continue
+        ds = sr - sl
+        den = float(ds @ ds)
+        if den <= (1e-6 * float(np.max(np.abs(np.concatenate([sl, sr])))) + 1e-300) ** 2:
+            continue  # no kink here: the neuron does not reach the output at this point
+        # Yl0 + sl (t - tl0) = Yr0 + sr (t - tr0)
+        rhs = Yl[0] - Yr[0] - sl * tl[0] + sr * tr[0]
+        t = float(rhs @ ds) / den
+        if not (tl[2] < t < tr[0]):
+            continue
+        out.append(P[i] + t * N[i])
+    return (np.asarray(out) if out else np.zeros((0, anchors.shape[1]))), int(X.shape[0] * 6)
+
+
+def fit_row(H: FloatArray, w0: FloatArray, b0: float, active: np.ndarray) -> tuple[FloatArray, float, float, int]:
+    """Null vector of ``[H_active, 1]`` with outliers removed; returns ``(w, b, residual, dropped)``."""
+    A = np.concatenate([H[:, active], np.ones((H.shape[0], 1))], axis=1)
+    keep = np.ones(A.shape[0], dtype=bool)
+    res = np.inf
+    v = np.append(w0[active], b0)
+    for _ in range(max(4, A.shape[0] // 3)):
+        As = A[keep]
+        nrm = np.linalg.norm(As, axis=1, keepdims=True)
+        _, _, Vt = np.linalg.svd(As / nrm, full_matrices=False)
+        v = Vt[-1]
+        r = np.abs(A @ v) / np.linalg.norm(A, axis=1)
+        rk = np.where(keep, r, -1.0)
+        worst = int(np.argmax(rk))
+        res = float(rk[worst])
+        # one point off the boundary (a kink of another neuron in its segment) spreads its error over
+        # the least-squares fit: remove the worst point, one at a time, while it stands out
+        if res <= 1e-11 or keep.sum() <= active.sum() + 2:
+            break
+        keep[worst] = False
+    full = np.zeros_like(w0)
+    full[active] = v[:-1]
+    bv = float(v[-1])
+    ref = np.append(w0, b0)
+    cand = np.append(full, bv)
+    if cand[active.tolist() + [True]] @ ref[active.tolist() + [True]] < 0:
+        full, bv = -full, -bv
+    w = np.where(active, full, 0.0)
+    # keep the scale of the given row on its active part
+    s = float(np.linalg.norm(np.append(w0[active], b0))) / float(np.linalg.norm(np.append(w[active], bv)))
+    w = np.where(active, w * s, w0)
+    b = bv * s
+    return w, b, res, int((~keep).sum())
+
+
+def polish_row(
+    query: QueryFn,
+    layers: Sequence[pfx.Layer],
+    w: FloatArray,
+    b: float,
+    anchors: FloatArray,
+    d0: int,
+    scale: float,
+    rng: np.random.Generator,
+) -> tuple[Polished, int]:
+    """Refine ``(w, b)`` (a row behind ``layers``) from exact boundary points; returns it and the queries."""
+    d_in = w.size
+    need = 2 * (d_in + 1) + 8
+    pts, q = boundary_points(query, layers, w, b, anchors, need, 0.3 * scale, rng)
+    base = np.concatenate([anchors, pts]) if pts.size else anchors
+    _, H = pfx.forward(layers, base)
+    # behind a prefix only the coordinates some point sees on carry information; the raw input always does
+    active = (H > 0).any(axis=0) if layers else np.ones(H.shape[1], dtype=bool)
+    if base.shape[0] < int(active.sum()) + 3:
+        return Polished(w, b, base.shape[0], 0, np.inf, 0.0, False, "too few boundary points"), q
+    w2, b2, res, dropped = fit_row(H, w, b, active)
+    v1 = np.append(w, b) / np.linalg.norm(np.append(w, b))
+    v2 = np.append(w2, b2) / np.linalg.norm(np.append(w2, b2))
+    change = float(min(np.linalg.norm(v1 - v2), np.linalg.norm(v1 + v2)))
+    if res > 1e-9 or change > 1e-3:
+        return Polished(w, b, base.shape[0], dropped, res, change, False,
+                        f"boundary points do not fit one row (residual {res:.1e}, change {change:.1e})"), q
+    return Polished(w2, b2, base.shape[0], dropped, res, change, True, ""), q
