@@ -102,7 +102,7 @@ def first_layer_of_deep(
                     continue
             prev[j] = row
     # Rows whose gradient measurements never agreed: fit them to exact points of their hyperplane.
-    for j in np.flatnonzero(~accepted):
+    for j in (int(i) for i in np.flatnonzero(~accepted)):
         pol, _ = polish_row(query, [], W_out[j], float(b_out[j]), pts[j][None, :], d0,
                             cfg.input_scale * float(np.sqrt(d0)), rng)
         log.debug("layer 1 row %d: polish %s %s (%d points, %d dropped)", j, pol.ok, pol.reason, pol.points,
