@@ -192,7 +192,7 @@ def polish_row(
     base = np.concatenate([anchors, pts]) if pts.size else anchors
     _, H = pfx.forward(layers, base)
     # behind a prefix only the coordinates some point sees on carry information; the raw input always does
-    active: np.ndarray = (H > 0).any(axis=0) if layers else np.ones(H.shape[1], dtype=bool)
+    active = np.asarray((H > 0).any(axis=0)) if layers else np.ones(H.shape[1], dtype=bool)
     if base.shape[0] < int(active.sum()) + 3:
         return Polished(w, b, base.shape[0], 0, np.inf, 0.0, False, "too few boundary points"), q
     w2, b2, res, dropped = fit_row(H, w, b, active)
