@@ -55,6 +55,48 @@ def test_deep_victim_served_over_http() -> None:
     assert app.state.stats.rows_served == result.queries
 
 
+def test_digits_trained_two_hidden_layers() -> None:
+    from relux.zoo import trained_mlp
+
+    victim, _ = trained_mlp((64, 12, 8, 10), "digits", np.random.default_rng(0))
+    result = relux.extract(MLPOracle(victim), victim.arch, relux.ExtractionConfig(seed=0))
+    _check(victim, result)
+
+
+def test_expansive_last_hidden_layer() -> None:
+    # layer 2 (10 neurons) is wider than its input (6): its signs need the enumeration of free bits
+    victim = random_mlp((8, 6, 10, 2), np.random.default_rng(0))
+    result = relux.extract(MLPOracle(victim), victim.arch, relux.ExtractionConfig(seed=0))
+    _check(victim, result)
+    assert [layer.recovered for layer in result.layers] == [6, 10]
+
+
+def test_layer_failure_reports_partial_progress() -> None:
+    # An affine oracle has no kink: layer 1 cannot be found, and the partial result says where it stopped.
+    from relux.attack.result import PartialResult
+
+    victim = random_mlp((8, 6, 4, 2), np.random.default_rng(0))
+    cfg = relux.ExtractionConfig(seed=0, max_search_lines=1)
+    with pytest.raises(relux.ExtractionFailed) as info:
+        relux.extract(_Flat(victim), victim.arch, cfg)
+    partial = info.value.partial
+    assert isinstance(partial, PartialResult)
+    assert partial.failed_layer == 1 and partial.noise_floor >= 0.0
+    assert partial.to_json()["reason"]
+
+
+class _Flat:
+    """An oracle with the right shapes whose answer has no kink: no layer can be found."""
+
+    def __init__(self, victim: MLP) -> None:
+        self.input_dim = victim.arch[0]
+        self.output_dim = victim.arch[-1]
+        self.output_kind = "logits"
+
+    def query(self, X: np.ndarray) -> np.ndarray:
+        return np.repeat(X.sum(axis=1, keepdims=True), self.output_dim, axis=1)
+
+
 def _flipped(layers: list[tuple[np.ndarray, np.ndarray]], j: int) -> list[tuple[np.ndarray, np.ndarray]]:
     W, b = layers[-1]
     s = np.ones(W.shape[0])

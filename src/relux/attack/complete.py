@@ -48,11 +48,18 @@ def _prefix_kink(layers: Sequence[pfx.Layer], x: FloatArray, rel: float = 1e-7) 
     return False
 
 
-def _walk(layers: Sequence[pfx.Layer], x: FloatArray, n: FloatArray, m: int, scale: float) -> FloatArray | None:
-    """From ``x``, a step along the boundary (orthogonal to ``n``) that raises coordinate ``m`` until it is on."""
+def _walk(
+    layers: Sequence[pfx.Layer], x: FloatArray, n: FloatArray, m: int, hold: Sequence[int], scale: float
+) -> FloatArray | None:
+    """From ``x``, a step along the boundary (orthogonal to ``n``) that raises coordinate ``m`` until it
+    is on, holding the pre-activations of the coordinates ``hold`` (the other unknown ones) fixed."""
     _, jacs = pfx.jacobian(layers, x)
     g = jacs[-1][m]
-    d = g - (g @ n) * n
+    B = np.concatenate([n[None, :], jacs[-1][list(hold)]]) if len(hold) else n[None, :]
+    Q, _ = np.linalg.qr(B.T)
+    d = g - Q @ (Q.T @ g)
+    if float(np.linalg.norm(d)) <= 1e-8 * float(np.linalg.norm(g)):
+        d = g - (g @ n) * n  # cannot hold them all: move anyway, the kink test checks the pattern
     nd = float(np.linalg.norm(d))
     if nd == 0.0:
         return None
@@ -105,7 +112,8 @@ def complete_row(
             if nn == 0.0:
                 continue
             nrm = nrm / nn
-            step = _walk(layers, x, nrm, m, scale)
+            hold = [int(k) for k in np.flatnonzero(~cov) if k != m]
+            step = _walk(layers, x, nrm, m, hold[: max(0, x.size - 2)], scale)
             if step is None:
                 continue
             cands: list[float] = []

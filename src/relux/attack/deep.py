@@ -23,6 +23,7 @@ from relux.attack.confirm import crossing_hits
 from relux.attack.critical import LineKinks
 from relux.attack.hyperplanes import hyperplane_distance
 from relux.attack.polish import polish_row
+from relux.attack.seeding import rows_from_seeds
 from relux.attack.signcheck import SignCheck, check_and_repair
 from relux.attack.signs import fit_affine_plus_relu, solve_flips
 from relux.attack.trace import trace_neuron
@@ -97,7 +98,17 @@ def extract_layer(
         best_good = max(best_good, len(good))
         if stall >= 3:
             break  # more random lines no longer help: follow boundaries instead
-    # Rank deficiency: follow single neurons' boundaries across prefix regions until rows are determined.
+    # Rank deficiency: grow rows from single witnesses, completing their unseen weights from kinks.
+    good = _good(rows, score)
+    if layers and len(good) < width:
+        seeded = rows_from_seeds(query, layers, witnesses, good, all_lines, width, d0, n_grid, cfg, rng, rel_tol,
+                                 max_seeds=3 * width)
+        if seeded:
+            rows = good + seeded + [r for r in rows if id(r) not in {id(g) for g in good}]
+            score = list(_score_rows(rows, all_lines, layers)[0])
+            log.debug("layer %d: %d row(s) grown from single witnesses; %d complete rows", len(layers) + 1,
+                      len(seeded), len(_good(rows, score)))
+    # Still short: follow single neurons' boundaries across prefix regions until rows are determined.
     traces = 0
     while layers and len(_good(rows, score)) < width and traces < 4 * width:
         good = _good(rows, score)

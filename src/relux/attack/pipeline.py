@@ -16,7 +16,7 @@ import numpy as np
 from relux.attack.checks import measure_noise_floor, self_check
 from relux.attack.config import ExtractionConfig
 from relux.attack.first_layer import RefinedRow, discover_first_layer, refine_first_layer
-from relux.attack.result import ExtractionResult, LayerReport, StageStats
+from relux.attack.result import ExtractionResult, LayerReport, PartialResult, StageStats
 from relux.attack.signs import fit_affine_plus_relu, solve_flips
 from relux.errors import ExtractionFailed, InputError
 from relux.model import MLP, parse_arch
@@ -36,6 +36,8 @@ class _Stages:
         # relux.parallel: runs the pure per-neuron work; its seconds are recorded per stage.
         self.executor: Executor = executor if executor is not None else SerialExecutor()
         self.parallel: list[tuple[str, int | None, float]] = []
+        self.t_start = time.perf_counter()
+        self.noise_floor = float("nan")  # set once measured, for reports of runs that fail later
 
     @contextmanager
     def stage(self, name: str, layer: int | None = None) -> Iterator[None]:
@@ -95,6 +97,7 @@ def _extract(oracle: Oracle, a: tuple[int, ...], cfg: ExtractionConfig, executor
     scale = cfg.input_scale
     with stages.stage("noise_floor"):
         floor = measure_noise_floor(counter.query, d0, scale, rng)
+    stages.noise_floor = floor
     rel_tol = cfg.kink_rel_tol if cfg.kink_rel_tol is not None else max(2.0**-36, 1e3 * floor)
     log.info("noise floor %.2e, kink tolerance %.2e", floor, rel_tol)
     if len(a) == 3:
@@ -249,10 +252,18 @@ def _extract_deep(
     last_cov = np.ones((0, 0), dtype=bool)
     for i, width in enumerate(hidden, start=1):
         with stages.stage("layer", layer=i):
-            if i == 1:
-                out = first_layer_outcome(q, d0, width, sum(hidden), cfg, rng, rel_tol)
-            else:
-                out = extract_layer(q, layers, width, d0, sum(hidden), i == len(hidden), k, cfg, rng, rel_tol)
+            try:
+                if i == 1:
+                    out = first_layer_outcome(q, d0, width, sum(hidden), cfg, rng, rel_tol)
+                else:
+                    out = extract_layer(q, layers, width, d0, sum(hidden), i == len(hidden), k, cfg, rng,
+                                        rel_tol)
+            except ExtractionFailed as exc:
+                if exc.partial is None:
+                    exc.partial = PartialResult(a, counter.queries, time.perf_counter() - stages.t_start,
+                                                tuple(stages.stats), tuple(reports), stages.noise_floor, i,
+                                                str(exc), cfg.to_json())
+                raise
         layers.append((out.W, out.b))
         points.append(out.witness_points)
         last_conf = out.confidence

@@ -107,6 +107,46 @@ class ExtractionResult:
         return json.dumps(self.to_json(), indent=2, default=_json_default)
 
 
+@dataclass(frozen=True)
+class PartialResult:
+    """What a run that stopped before the self-check got: the layers it finished and where it broke.
+
+    Carried by :class:`~relux.errors.ExtractionFailed` as ``partial``.
+    """
+
+    arch: tuple[int, ...]
+    queries: int
+    seconds: float
+    stages: tuple[StageStats, ...]
+    layers: tuple[LayerReport, ...]
+    noise_floor: float
+    failed_layer: int
+    reason: str
+    config: dict[str, Any]
+
+    def __repr__(self) -> str:
+        return (
+            f"PartialResult(arch={format_arch(self.arch)}, layers_done={len(self.layers)}, "
+            f"failed_layer={self.failed_layer}, queries={self.queries} (2^{_log2(self.queries):.1f}), "
+            f"seconds={self.seconds:.2f})"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "arch": list(self.arch),
+            "queries": self.queries,
+            "log2_queries": round(_log2(self.queries), 3),
+            "seconds": round(self.seconds, 3),
+            "ok": False,
+            "stages": [s.to_json() for s in self.stages],
+            "layers": [layer.to_json() for layer in self.layers],
+            "noise_floor": self.noise_floor,
+            "failed_layer": self.failed_layer,
+            "reason": self.reason,
+            "config": self.config,
+        }
+
+
 def _log2(n: int) -> float:
     import math
 

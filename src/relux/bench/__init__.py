@@ -1,6 +1,14 @@
 """Benchmarks of the attack: suites of victims (:mod:`.suites`), a runner with a per-case wall-clock
-limit (:mod:`.runner`) and tables, JSON and plots (:mod:`.report`). ``relux bench`` drives them."""
+limit (:mod:`.runner`) and tables, JSON and plots (:mod:`.report`); the CIFAR-scale runs of issue 7 with
+one result file per victim (:mod:`.cifar`, victims cached by :mod:`.victims`). ``relux bench`` drives them."""
 
+from relux.bench.cifar import (
+    CifarOptions,
+    execute_cifar_case,
+    result_file_name,
+    run_cifar_case,
+    write_result,
+)
 from relux.bench.report import (
     environment,
     format_table,
@@ -32,6 +40,7 @@ from relux.bench.suites import (
 
 __all__ = [
     "Case",
+    "CifarOptions",
     "DEFAULT_TIMEOUT",
     "HIDDEN_SUITES",
     "IsolatedOutcome",
@@ -42,9 +51,12 @@ __all__ = [
     "Victim",
     "environment",
     "execute_case",
+    "execute_cifar_case",
     "format_table",
     "markdown_table",
     "plots_available",
+    "result_file_name",
+    "run_cifar_case",
     "run_case",
     "run_isolated",
     "shared_models_dir",
@@ -53,4 +65,5 @@ __all__ = [
     "write_json",
     "write_markdown",
     "write_plots",
+    "write_result",
 ]

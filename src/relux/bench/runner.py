@@ -325,8 +325,11 @@ def target_misses(targets: Targets, row: dict[str, Any]) -> list[str]:
     w = row.get("max_norm_weight_error")
     if w is None or not w <= targets.max_weight_error:
         misses.append(f"weight error 2^{row['log2_weight_error']} > 2^{math.log2(targets.max_weight_error):g}")
-    if not row["max_rel_output_error"] <= targets.max_rel_output_error:
+    if targets.max_rel_output_error is not None and not row["max_rel_output_error"] <= targets.max_rel_output_error:
         misses.append(f"output error {row['max_rel_output_error']:.2g} > {targets.max_rel_output_error:g}")
+    agreement = row.get("argmax_agreement")
+    if targets.min_argmax_agreement is not None and (agreement is None or agreement < targets.min_argmax_agreement):
+        misses.append(f"argmax agreement {agreement} < {targets.min_argmax_agreement:g}")
     if row["sign_errors"] or row.get("unmatched"):
         misses.append(f"{row['sign_errors']} sign errors, {row.get('unmatched')} unmatched neurons")
     if row["log2_queries"] is None or row["log2_queries"] > targets.max_log2_queries:

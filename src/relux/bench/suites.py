@@ -19,7 +19,7 @@ from relux.errors import InputError
 from relux.model import format_arch
 
 #: Suites ``relux bench --suite`` lists, in help order.
-SUITE_NAMES = ("quick", "paper", "deep", "one-layer")
+SUITE_NAMES = ("quick", "paper", "deep", "one-layer", "cifar")
 #: Suites accepted but not listed (``smoke``: one tiny row, for the tests).
 HIDDEN_SUITES = ("smoke",)
 #: How a victim is made.
@@ -89,20 +89,28 @@ class Published:
 
 @dataclass(frozen=True)
 class Targets:
-    """The project's targets for a row: cost limits and the accuracy every row must reach."""
+    """The project's targets for a row: cost limits and the accuracy every row must reach.
+
+    ``max_rel_output_error=None``: no output-error target. ``min_argmax_agreement``: the smallest argmax
+    agreement on fresh inputs (``None``: no such target).
+    """
 
     max_log2_queries: float
     max_seconds: float | None = None
     max_weight_error: float = MAX_WEIGHT_ERROR
-    max_rel_output_error: float = MAX_OUTPUT_ERROR
+    max_rel_output_error: float | None = MAX_OUTPUT_ERROR
+    min_argmax_agreement: float | None = None
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.max_log2_queries):
             raise InputError(f"max_log2_queries: expected a finite number, found {self.max_log2_queries!r}")
         if self.max_seconds is not None and not self.max_seconds > 0:
             raise InputError(f"max_seconds: expected None or a positive number, found {self.max_seconds!r}")
-        if not (self.max_weight_error > 0 and self.max_rel_output_error > 0):
+        if not (self.max_weight_error > 0 and (self.max_rel_output_error is None or self.max_rel_output_error > 0)):
             raise InputError("max_weight_error and max_rel_output_error must be positive")
+        if self.min_argmax_agreement is not None and not 0.0 <= self.min_argmax_agreement <= 1.0:
+            raise InputError(f"min_argmax_agreement: expected None or a number in [0, 1], "
+                             f"found {self.min_argmax_agreement!r}")
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -211,20 +219,41 @@ def _paper() -> tuple[Case, ...]:
     )
 
 
+#: The CIFAR-scale network of issue 7 (1,249,802 parameters) and its targets on 2 cores.
+CIFAR_ARCH = (3072, *([256] * 8), 10)
+CIFAR_TARGETS = Targets(25.0, 3600.0, max_weight_error=2.0**-20, max_rel_output_error=None, min_argmax_agreement=1.0)
+CM24_CIFAR = Published(
+    "CM24", "3072-256x8-10 CIFAR-10, sign recovery only (signatures taken from the true weights)",
+    time="30 min on 256 cores",
+    note="signs only; every signature came from the true weights, not from the oracle",
+)
+
+
+def _cifar() -> tuple[Case, ...]:
+    """Issue 7: ``relux zoo 3072-256x8-10 --init trained --data mnist32 --seed S`` and ``--init unitary``."""
+    return (
+        Case("CIFAR-scale 3072-256x8-10 trained (mnist32)", Victim("trained", CIFAR_ARCH, dataset="mnist32"),
+             CM24_CIFAR, CIFAR_TARGETS,
+             note="MNIST resized to 32x32x3 stands in for CIFAR-10; the victim is cached between runs"),
+        Case("CIFAR-scale 3072-256x8-10 unitary", Victim("unitary", CIFAR_ARCH), CM24_CIFAR, CIFAR_TARGETS),
+    )
+
+
 def _smoke() -> tuple[Case, ...]:
     return (_random(6, 4, 1),)
 
 
 def suite(name: str) -> tuple[Case, ...]:
     """The cases of suite ``name`` (one of :data:`SUITE_NAMES`, or a hidden one)."""
-    builders = {"quick": _quick, "paper": _paper, "deep": _deep, "one-layer": _one_layer, "smoke": _smoke}
+    builders = {"quick": _quick, "paper": _paper, "deep": _deep, "one-layer": _one_layer, "cifar": _cifar,
+                "smoke": _smoke}
     if name not in builders:
         raise InputError(f"unknown benchmark suite {name!r}; expected one of {', '.join(SUITE_NAMES)}")
     return builders[name]()
 
 
 # --------------------------------------------------------------------------- where the shared models are
-def _project_root(start: Path) -> Path | None:
+def project_root(start: Path) -> Path | None:
     """The nearest directory at or above ``start`` holding a ``pyproject.toml``."""
     for d in (start, *start.parents):
         if (d / "pyproject.toml").is_file():
@@ -249,7 +278,7 @@ def shared_models_dir(explicit: str | os.PathLike[str] | None = None) -> Path | 
     candidates: list[Path] = []
     cwd = Path.cwd().resolve()
     for start in (cwd, Path(__file__).resolve().parent):
-        root = _project_root(start)
+        root = project_root(start)
         if root is not None:
             candidates.append(root.parent / "shared" / "models")
     candidates.append(cwd.parent / "shared" / "models")

@@ -6,9 +6,11 @@ import argparse
 import logging
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from relux.bench.cifar import DEFAULT_CIFAR_TIMEOUT, VERIFY_RESERVE_SECONDS
 from relux.bench.runner import DEFAULT_TIMEOUT
 from relux.bench.suites import HIDDEN_SUITES, SUITE_NAMES
 from relux.errors import InputError
@@ -21,10 +23,17 @@ Attack a suite of victim networks and report queries, time and accuracy against 
   paper      the published settings of CJM20, CM24 and FMSH24, with their figures beside ours
   deep       the deep-network targets (2 to 4 hidden layers, random, trained and shared files)
   one-layer  the one-hidden-layer rows of benchmarks/one_hidden_layer.py, with their targets
+  cifar      issue 7: 3072-256x8-10 trained on mnist32 and CM24 unitary (seed --seed); writes one
+             result file per victim, cifar3072-256x8-10-{{trained,unitary}}.json, into --results-dir
+             (default benchmarks/results under the project root), also when a run fails part-way.
+             Victims are built once and kept in --cache (default $RELUX_CACHE_DIR, else
+             ~/.cache/relux); the attack stops {VERIFY_RESERVE_SECONDS:g} s before --timeout to leave time
+             to verify on 10^5 fresh inputs per source
 
-Each case runs in its own process and is killed after --timeout seconds (default {DEFAULT_TIMEOUT:g};
-0 runs the cases in this process without a limit). Shared files are looked for in ../shared/models
-beside the project (or --shared-models, or $RELUX_SHARED_MODELS); rows whose file is absent are skipped.
+Each case runs in its own process and is killed after --timeout seconds (default {DEFAULT_TIMEOUT:g},
+{DEFAULT_CIFAR_TIMEOUT:g} for cifar; 0 runs the cases in this process without a limit). Shared files are
+looked for in ../shared/models beside the project (or --shared-models, or $RELUX_SHARED_MODELS); rows
+whose file is absent are skipped.
 Status per row: ok, failed (reason in the notes), skipped, timeout. Exit status 0 when the suite ran
 (with --strict: 1 when a row failed, timed out or missed its targets).
 """
@@ -44,12 +53,21 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--plots", type=Path, default=None, metavar="DIR",
                         help="write PNG plots here (needs matplotlib: pip install 'relux[bench]')")
     parser.add_argument("--seed", type=int, default=0, help="seed of the victims and the attack (default 0)")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
-                        help=f"wall-clock limit per case (default {DEFAULT_TIMEOUT:g}; 0: no limit, no worker)")
+    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                        help=f"wall-clock limit per case (default {DEFAULT_TIMEOUT:g}, cifar "
+                             f"{DEFAULT_CIFAR_TIMEOUT:g}; 0: no limit, no worker)")
     parser.add_argument("--only", action="append", default=None, metavar="TEXT",
                         help="run only the rows whose name contains TEXT (repeatable)")
     parser.add_argument("--shared-models", type=Path, default=None, metavar="DIR",
                         help="directory of the shared victim files (default: ../shared/models beside the project)")
+    parser.add_argument("--results-dir", type=Path, default=None, metavar="DIR",
+                        help="cifar suite: where the per-victim result files go (default: benchmarks/results "
+                             "under the project root; created if missing)")
+    parser.add_argument("--cache", type=Path, default=None, metavar="DIR",
+                        help="cifar suite: cache of built victims (default $RELUX_CACHE_DIR, else "
+                             "$XDG_CACHE_HOME/relux or ~/.cache/relux)")
+    parser.add_argument("--agreement-points", type=int, default=None, metavar="N",
+                        help="cifar suite: fresh inputs per source for the argmax agreement (default 100000)")
     parser.add_argument("--strict", action="store_true",
                         help="exit 1 when a row failed, timed out or missed its targets")
     parser.set_defaults(func=run)
@@ -68,6 +86,8 @@ def _command(args: argparse.Namespace) -> str:
     parts = ["relux bench", f"--suite {args.suite}", f"--seed {args.seed}", f"--timeout {args.timeout:g}"]
     for text in args.only or []:
         parts.append(f"--only '{text}'")
+    if args.suite == "cifar" and getattr(args, "agreement_points", None) is not None:
+        parts.append(f"--agreement-points {args.agreement_points}")
     return " ".join(parts)
 
 
@@ -80,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--suite {args.suite!r}: expected one of {', '.join(SUITE_NAMES)}")
     if args.seed < 0:
         raise InputError(f"--seed must be >= 0, found {args.seed}")
+    if args.timeout is None:
+        args.timeout = DEFAULT_CIFAR_TIMEOUT if args.suite == "cifar" else DEFAULT_TIMEOUT
     if not (math.isfinite(args.timeout) and args.timeout >= 0):
         raise InputError(f"--timeout must be a number of seconds >= 0 (0: no limit), found {args.timeout}")
     _check_out(args.json, "--json")
@@ -92,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
     if not cases:
         raise InputError(f"--only {args.only} matches no row of suite {args.suite!r}")
     shared = args.shared_models if args.shared_models is not None else shared_models_dir()
+    cifar = _cifar_setup(args) if args.suite == "cifar" else None
     quiet = bool(getattr(args, "quiet", False))
     timeout = args.timeout if args.timeout > 0 else None
     worker_log = logging.getLogger("relux.bench.worker")
@@ -107,8 +130,11 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for i, case in enumerate(cases, start=1):
         say(f"[{i}/{len(cases)}] {case.name}")
-        row = run_case(case, args.seed, timeout=timeout, shared_dir=shared,
-                       on_log=lambda level, text: worker_log.log(level, "%s", text))
+        if cifar is not None:
+            row = _run_cifar(case, args, timeout, cifar, say, worker_log)
+        else:
+            row = run_case(case, args.seed, timeout=timeout, shared_dir=shared,
+                           on_log=lambda level, text: worker_log.log(level, "%s", text))
         row["suite"] = args.suite
         rows.append(row)
         q = f", {row['queries']} queries" if row.get("queries") else ""
@@ -133,3 +159,39 @@ def run(args: argparse.Namespace) -> int:
         bad = [r for r in rows if report.short_status(r) not in ("ok", "skipped") or r.get("met") is False]
         return 1 if bad else 0
     return 0
+
+
+def _cifar_setup(args: argparse.Namespace) -> dict[str, Any]:
+    """Check the cifar options; the results directory and the options of every cifar case."""
+    from relux.bench.cifar import AGREEMENT_POINTS, CifarOptions
+    from relux.bench.suites import project_root
+
+    points = AGREEMENT_POINTS if args.agreement_points is None else args.agreement_points
+    if points < 1:
+        raise InputError(f"--agreement-points must be >= 1, found {points}")
+    if args.results_dir is not None:
+        results = args.results_dir
+    else:
+        root = project_root(Path.cwd().resolve())
+        results = (root if root is not None else Path.cwd()) / "benchmarks" / "results"
+    if results.exists() and not results.is_dir():
+        raise InputError(f"--results-dir {results} is a file; expected a directory")
+    if args.cache is not None and args.cache.exists() and not args.cache.is_dir():
+        raise InputError(f"--cache {args.cache} is a file; expected a directory")
+    options = CifarOptions(cache_dir=None if args.cache is None else str(args.cache), agreement_points=points)
+    return {"results": results, "options": options}
+
+
+def _run_cifar(case: Any, args: argparse.Namespace, timeout: float | None, setup: dict[str, Any],
+               say: Callable[[str], None], worker_log: logging.Logger) -> dict[str, Any]:
+    """Run one cifar case and write its result file."""
+    from relux.bench.cifar import run_cifar_case, run_environment, stamp, write_result
+
+    env = run_environment(Path.cwd())
+    record = run_cifar_case(case, args.seed, timeout=timeout, options=setup["options"],
+                            on_log=lambda level, text: worker_log.log(level, "%s", text))
+    record["command"] = _command(args)
+    stamp(record, env)
+    path = write_result(record, setup["results"])
+    say(f"    wrote {path}")
+    return record

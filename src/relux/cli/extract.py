@@ -457,8 +457,14 @@ def _fail(
     partial: ExtractionResult | None,
 ) -> None:
     """Report a failed run: the report file (marked failed) if asked for, and a note on stdout."""
+    from relux.attack.result import PartialResult
+
+    stopped = getattr(exc, "partial", None)
     if partial is not None:
         report = partial.to_json()
+    elif isinstance(stopped, PartialResult):
+        report = stopped.to_json()  # the layers finished before the failure, and the noise floor
+        print(f"stopped at layer {stopped.failed_layer} after {len(stopped.layers)} finished layer(s)")
     else:
         report = {
             "arch": list(arch),
