@@ -48,28 +48,67 @@ def _prefix_kink(layers: Sequence[pfx.Layer], x: FloatArray, rel: float = 1e-7) 
     return False
 
 
+def _hold_basis(jac: FloatArray, rows: Sequence[int], extra: FloatArray | None = None) -> FloatArray:
+    """Orthonormal basis of the gradients of the pre-activations ``rows`` (and ``extra``)."""
+    parts = [jac[list(rows)]] if len(rows) else []
+    if extra is not None:
+        parts.append(extra[None, :])
+    if not parts:
+        return np.zeros((jac.shape[1], 0))
+    B = np.concatenate(parts)
+    Q, R = np.linalg.qr(B.T)
+    keep = np.abs(np.diag(R)) > 1e-12 * (float(np.max(np.abs(R))) + 1e-300)
+    out: FloatArray = Q[:, keep]
+    return out
+
+
 def _walk(
-    layers: Sequence[pfx.Layer], x: FloatArray, n: FloatArray, m: int, hold: Sequence[int], scale: float
-) -> FloatArray | None:
-    """From ``x``, a step along the boundary (orthogonal to ``n``) that raises coordinate ``m`` until it
-    is on, holding the pre-activations of the coordinates ``hold`` (the other unknown ones) fixed."""
-    _, jacs = pfx.jacobian(layers, x)
-    g = jacs[-1][m]
-    B = np.concatenate([n[None, :], jacs[-1][list(hold)]]) if len(hold) else n[None, :]
-    Q, _ = np.linalg.qr(B.T)
-    d = g - Q @ (Q.T @ g)
-    if float(np.linalg.norm(d)) <= 1e-8 * float(np.linalg.norm(g)):
-        d = g - (g @ n) * n  # cannot hold them all: move anyway, the kink test checks the pattern
-    nd = float(np.linalg.norm(d))
-    if nd == 0.0:
-        return None
-    d = d / nd
-    step = 1e-3 * scale
-    for _ in range(60):
-        Zs, _ = pfx.forward(layers, (x + step * d)[None, :])
-        if Zs[-1][0, m] > 0:
-            return np.asarray(step * d)
-        step *= 1.4
+    layers: Sequence[pfx.Layer], x: FloatArray, w: FloatArray, m: int, hold: Sequence[int], scale: float
+) -> tuple[FloatArray, FloatArray] | None:
+    """From ``x``, walk (piece by piece of the prefix) in the direction that raises coordinate ``m``
+    while holding the row's estimated pre-activation and the coordinates ``hold`` fixed, to just past
+    where ``m`` switches on. Returns the point there and the final direction."""
+    p = x.copy()
+    crossed: dict[int, set[int]] = {}
+    for _ in range(64):
+        M, jacs = pfx.jacobian(layers, p)
+        n = w @ M
+        Zs, _ = pfx.forward(layers, p[None, :])
+        g = jacs[-1][m]
+        # Hold the unknown coordinates closest to switching on, as many as the control space allows.
+        held: list[int] = []
+        for k in sorted(hold, key=lambda k: abs(float(Zs[-1][0, k]))):
+            Q = _hold_basis(jacs[-1], [*held, k], n)
+            if float(np.linalg.norm(g - Q @ (Q.T @ g))) >= 0.2 * float(np.linalg.norm(g)):
+                held.append(k)
+        Q = _hold_basis(jacs[-1], held, n)
+        d = g - Q @ (Q.T @ g)
+        nd = float(np.linalg.norm(d))
+        if nd <= 1e-9 * float(np.linalg.norm(g)):
+            return None
+        d = d / nd
+        zm = float(Zs[-1][0, m])
+        rate = float(g @ d)  # > 0
+        to_switch = -zm / rate if zm < 0 else 0.0
+        # distance along d to the nearest known boundary other than m itself
+        lim, hit = np.inf, (-1, -1)
+        for li, (Z, J) in enumerate(zip(Zs, jacs, strict=True)):
+            r = J @ d
+            with np.errstate(divide="ignore", invalid="ignore"):
+                tt = np.where(-Z[0] * np.sign(r) > 0, -Z[0] / r, np.inf)
+            if li == len(jacs) - 1:
+                tt[m] = np.inf
+            for k in crossed.get(li, ()):
+                tt[k] = np.inf  # a boundary already crossed once: do not zigzag along it
+            i = int(np.argmin(tt))
+            if tt[i] < lim:
+                lim, hit = float(tt[i]), (li, i)
+        if to_switch <= lim:
+            return p + (to_switch + 1e-3 * scale) * d, d
+        if not np.isfinite(lim) or lim > 4.0 * scale:
+            return None
+        crossed.setdefault(hit[0], set()).add(hit[1])
+        p = p + (lim + 1e-9 * scale) * d
     return None
 
 
@@ -78,6 +117,41 @@ def _crossing(
 ) -> tuple[LineKinks, int]:
     lines, info = find_kinks(query, x[None, :], n[None, :], -half, half, n_grid, rel_tol)
     return lines[0], info.queries
+
+
+def _bracket_kink(query: QueryFn, p: FloatArray, n: FloatArray, t0: float, delta: float) -> float | None:
+    """The kink of ``f`` on ``p + t n`` within ``t0 ± delta``, from the two affine pieces (6 queries);
+    None when a side is not affine (another kink) or there is no kink."""
+    T = t0 + delta * np.array([-1.0, -0.6, -0.3, 0.3, 0.6, 1.0])
+    Y = query(p[None, :] + T[:, None] * n[None, :])
+    sl = (Y[2] - Y[0]) / (T[2] - T[0])
+    sr = (Y[5] - Y[3]) / (T[5] - T[3])
+    scale_f = float(np.max(np.abs(Y))) + 1e-300
+    if max(np.max(np.abs(Y[1] - Y[0] - sl * (T[1] - T[0]))), np.max(np.abs(Y[4] - Y[3] - sr * (T[4] - T[3])))) > \
+            1e-9 * scale_f:
+        return None
+    ds = sr - sl
+    den = float(ds @ ds)
+    if den <= (1e-6 * float(np.max(np.abs(np.concatenate([sl, sr])))) + 1e-300) ** 2:
+        return None
+    t = float((Y[0] - Y[3] - sl * T[0] + sr * T[3]) @ ds) / den
+    return t if T[2] < t < T[3] else None
+
+
+def _root(layers: Sequence[pfx.Layer], w: FloatArray, b: float, p: FloatArray, n: FloatArray) -> float | None:
+    t = 0.0
+    for _ in range(30):
+        x = p + t * n
+        _, H = pfx.forward(layers, x[None, :])
+        M, _ = pfx.jacobian(layers, x)
+        slope = float(w @ (M @ n))
+        if slope == 0.0:
+            return None
+        step = float(w @ H[0] + b) / slope
+        t -= step
+        if abs(step) <= 1e-15 * (abs(t) + 1.0):
+            return t
+    return t
 
 
 def complete_row(
@@ -95,7 +169,11 @@ def complete_row(
     """Fill the weights of ``(w, b)`` on the coordinates outside ``coverage`` (see the module text).
 
     ``anchors`` are points on the neuron's boundary (its witnesses). ``scale`` is the input scale
-    times ``sqrt(d0)``. Coordinates never reached stay zero and are reported in ``reasons``.
+    times ``sqrt(d0)``. For each missing coordinate ``m``: walk along the boundary (holding the other
+    unknown coordinates fixed) to just past where ``m`` switches on, search a short segment across
+    the boundary for the kink nearest the estimated crossing, read ``w_m`` from it, and confirm with
+    a second probe further on, where the completed row must predict a kink to 1e-7 of the segment.
+    Coordinates never reached stay zero and are reported in ``reasons``.
     """
     w = np.array(w, dtype=float)
     cov = np.array(coverage, dtype=bool)
@@ -104,7 +182,7 @@ def complete_row(
     queries = 0
     for m in (int(i) for i in np.flatnonzero(~cov)):
         done = False
-        reason = "no anchor from which coordinate could be switched on along the boundary"
+        reason = "no anchor from which the coordinate could be switched on along the boundary"
         for x in anchors[:3]:
             M, _ = pfx.jacobian(layers, x)
             nrm = w @ M
@@ -113,45 +191,80 @@ def complete_row(
                 continue
             nrm = nrm / nn
             hold = [int(k) for k in np.flatnonzero(~cov) if k != m]
-            step = _walk(layers, x, nrm, m, hold[: max(0, x.size - 2)], scale)
-            if step is None:
+            walked = _walk(layers, x, w, m, hold, scale)
+            if walked is None:
                 continue
+            p1, d = walked
             cands: list[float] = []
-            checks: list[LineKinks] = []
-            for f in (1.5, 3.0):
-                p = x + f * step
-                line, qn = _crossing(query, p, nrm, 0.5 * scale, n_grid, rel_tol)
-                queries += qn
-                checks.append(line)
-                if f != 1.5:
+            _, jacs1 = pfx.jacobian(layers, p1)
+            M1, _ = pfx.jacobian(layers, p1)
+            n0 = w @ M1
+            held1: list[int] = []
+            for k in [m, *hold]:
+                Q1 = _hold_basis(jacs1[-1], [*held1, k])
+                if float(np.linalg.norm(n0 - Q1 @ (Q1.T @ n0))) >= 0.2 * float(np.linalg.norm(n0)):
+                    held1.append(k)
+            Q1 = _hold_basis(jacs1[-1], held1)
+            n1 = n0 - Q1 @ (Q1.T @ n0)  # cross the boundary without moving m (and what else can be held)
+            if not np.any(n1):
+                continue
+            n1 = n1 / float(np.linalg.norm(n1))
+            t0 = _root(layers, w, b, p1, n1)
+            if t0 is None:
+                continue
+            line, qn = _crossing(query, p1 + t0 * n1, n1, 0.05 * scale, max(16, n_grid // 8), rel_tol)
+            queries += qn
+            ts = line.t
+            for tk in ts[np.argsort(np.abs(ts))][:3]:
+                xk = p1 + (t0 + tk) * n1
+                if _prefix_kink(layers, xk):
                     continue
-                for xk in line.points():
-                    if _prefix_kink(layers, xk):
-                        continue
-                    _, H = pfx.forward(layers, xk[None, :])
-                    h = H[0]
-                    others = ~cov.copy()
-                    others[m] = False
-                    if h[m] <= 0 or np.any(h[others] > 0):
-                        continue
-                    cands.append(float(-(w @ h + b) / h[m]))
+                _, H = pfx.forward(layers, xk[None, :])
+                h = H[0]
+                others = ~cov.copy()
+                others[m] = False
+                if h[m] <= 0 or np.any(h[others] > 0):
+                    continue
+                cands.append(float(-(w @ h + b) / h[m]))
+
             if not cands:
                 reason = "no kink of an unknown neuron where the coordinate is on"
                 continue
-            # The second crossing must be a found kink for the right value of w_m.
+            # Confirm: further along, the completed row must predict a kink the oracle shows.
+            # a second point past the switch where, of the unknown coordinates, only m is on
+            p2 = None
+            others_m = ~cov.copy()
+            others_m[m] = False
+            for eps in (3e-3, 1e-2, 3e-2, 1e-1):
+                cand_p = p1 + eps * scale * d
+                _, Hc = pfx.forward(layers, cand_p[None, :])
+                if Hc[0][m] > 0 and not np.any(Hc[0][others_m] > 0):
+                    p2 = cand_p
+            if p2 is None:
+                reason = "no second point where only the coordinate is on"
+                continue
             best, best_err = None, np.inf
             for c in cands:
                 wc = w.copy()
                 wc[m] = c
-                errs = []
-                for xk in checks[1].points():
-                    _, H = pfx.forward(layers, xk[None, :])
-                    h = H[0]
-                    errs.append(abs(float(wc @ h + b)) / (float(np.linalg.norm(wc) * np.linalg.norm(h)) + abs(b)))
-                e = min(errs) if errs else np.inf
+                Mc, _ = pfx.jacobian(layers, p2)
+                n2 = wc @ Mc
+                if not np.any(n2):
+                    continue
+                n2 = n2 / float(np.linalg.norm(n2))
+                t2 = _root(layers, wc, b, p2, n2)
+                if t2 is None:
+                    continue
+                dist = pfx.boundary_distance(layers, p2 + t2 * n2)
+                delta = min(0.25 * dist, 1e-3 * scale)
+                tk = _bracket_kink(query, p2, n2, t2, delta)
+                queries += 6
+                if tk is None:
+                    continue
+                e = abs(tk - t2) / delta
                 if e < best_err:
                     best, best_err = c, e
-            if best is not None and best_err <= 1e-7:
+            if best is not None and best_err <= 1e-4:
                 w[m] = best
                 cov[m] = True
                 filled.append(m)

@@ -45,42 +45,53 @@ def _unit(w: FloatArray, b: float) -> tuple[FloatArray, float]:
 
 
 def group_witnesses(witnesses: Sequence[Witness], tol: float = 1e-5, min_overlap: int = 2) -> list[list[int]]:
-    """Greedy grouping of full-rank partial signatures that agree (up to scale) on shared coordinates."""
-    sums: list[FloatArray] = []
-    counts: list[FloatArray] = []
-    bsum: list[float] = []
+    """Greedy grouping of full-rank partial signatures that agree (up to scale) on shared coordinates.
+
+    Each witness joins the group whose running mean it matches best (cosine on the coordinates both
+    have seen, bias included), all groups compared at once."""
+    full = [i for i, wt in enumerate(witnesses) if wt.full_rank]
+    if not full:
+        return []
+    d = witnesses[full[0]].w.size
+    cap = len(full)
+    sums = np.zeros((cap, d))
+    counts = np.zeros((cap, d))
+    bsum = np.zeros(cap)
+    sizes = np.zeros(cap)
     groups: list[list[int]] = []
-    for i, wt in enumerate(witnesses):
-        if not wt.full_rank:
-            continue
+    for i in full:
+        wt = witnesses[i]
         a_full = np.append(wt.w, wt.b)
         act = np.append(wt.active, True)
-        best, best_j, best_lam = 0.0, -1, 1.0
-        for j in range(len(groups)):
-            cov = np.append(counts[j] > 0, True)
-            C = act & cov
-            if C.sum() < min_overlap + 1:
+        g = len(groups)
+        if g:
+            cov = np.concatenate([counts[:g] > 0, np.ones((g, 1), dtype=bool)], axis=1)
+            C = cov & act[None, :]
+            est = np.concatenate([np.where(counts[:g] > 0, sums[:g] / np.maximum(counts[:g], 1), 0.0),
+                                  (bsum[:g] / sizes[:g])[:, None]], axis=1)
+            A = np.where(C, a_full[None, :], 0.0)
+            E = np.where(C, est, 0.0)
+            na = np.linalg.norm(A, axis=1)
+            ne = np.linalg.norm(E, axis=1)
+            dot = np.sum(A * E, axis=1)
+            valid = (C.sum(axis=1) >= min_overlap + 1) & (na > 0) & (ne > 0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                cos = np.where(valid, np.abs(dot) / (na * ne), 0.0)
+            j = int(np.argmax(cos))
+            if valid[j] and 1.0 - cos[j] <= tol:
+                lam = float(dot[j]) / float(na[j] ** 2)
+                scaled = a_full * lam
+                sums[j] += np.where(wt.active, scaled[:-1], 0.0)
+                counts[j] += wt.active
+                bsum[j] += scaled[-1]
+                sizes[j] += 1
+                groups[j].append(i)
                 continue
-            est = np.append(np.where(counts[j] > 0, sums[j] / np.maximum(counts[j], 1), 0.0),
-                            bsum[j] / len(groups[j]))
-            a, e = a_full[C], est[C]
-            na, ne = float(np.linalg.norm(a)), float(np.linalg.norm(e))
-            if na == 0 or ne == 0:
-                continue
-            cos = float(a @ e) / (na * ne)
-            if abs(cos) > best:
-                best, best_j, best_lam = abs(cos), j, float(a @ e) / (na * na)
-        if best_j >= 0 and 1.0 - best <= tol:
-            scaled = a_full * best_lam
-            sums[best_j] += np.where(wt.active, scaled[:-1], 0.0)
-            counts[best_j] += wt.active
-            bsum[best_j] += scaled[-1]
-            groups[best_j].append(i)
-        else:
-            groups.append([i])
-            sums.append(np.where(wt.active, wt.w, 0.0))
-            counts.append(wt.active.astype(float))
-            bsum.append(wt.b)
+        sums[g] = np.where(wt.active, wt.w, 0.0)
+        counts[g] = wt.active
+        bsum[g] = wt.b
+        sizes[g] = 1
+        groups.append([i])
     return groups
 
 
