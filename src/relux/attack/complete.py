@@ -264,7 +264,7 @@ def complete_row(
                 e = abs(tk - t2) / delta
                 if e < best_err:
                     best, best_err = c, e
-            if best is not None and best_err <= 1e-4:
+            if best is not None and best_err <= 1e-6:
                 w[m] = best
                 cov[m] = True
                 filled.append(m)
