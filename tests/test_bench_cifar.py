@@ -211,6 +211,26 @@ def test_soft_deadline_stops_the_attack(tmp_path: Path) -> None:
     assert [e["status"] for e in record["layers"]] == ["failed", "not reached"]
 
 
+def test_deadline_is_lifted_after_the_last_hidden_layer() -> None:
+    from relux.bench.cifar import _DeadlineMeter, _LayerWatch
+    from relux.oracle.local import MLPOracle
+    from relux.zoo import random_mlp
+
+    meter = _DeadlineMeter(MLPOracle(random_mlp(TINY_ARCH, np.random.default_rng(0))), deadline=1e12)
+    watch = _LayerWatch(meter, n_hidden=2)
+    log = logging.getLogger("relux.attack.test")
+    log.addHandler(watch)
+    log.setLevel(logging.DEBUG)
+    try:
+        log.info("layer 1: 8/8 neurons, wiggle")
+        log.debug("layer 2: 12 lines, 40 witnesses, 8 rows, 3 complete")  # progress inside layer 2
+        assert meter.deadline == 1e12
+        log.info("layer 2: 8/8 neurons, last-layer solve")
+        assert meter.deadline is None and len(watch.lines) == 3
+    finally:
+        log.removeHandler(watch)
+
+
 def test_killed_worker_still_gets_a_record(tmp_path: Path) -> None:
     record = run_cifar_case(TINY, 0, timeout=8.0, options=CifarOptions(cache_dir=str(tmp_path)),
                             execute=stalled_case)

@@ -23,7 +23,7 @@ from relux.attack.confirm import crossing_hits
 from relux.attack.critical import LineKinks
 from relux.attack.hyperplanes import hyperplane_distance
 from relux.attack.polish import polish_row
-from relux.attack.seeding import rows_from_seeds
+from relux.attack.seeding import rows_from_seeds, rows_from_unexplained
 from relux.attack.signcheck import SignCheck, check_and_repair
 from relux.attack.signs import fit_affine_plus_relu, solve_flips
 from relux.attack.trace import trace_neuron
@@ -82,9 +82,11 @@ def extract_layer(
     per_round = 4
     stall = 0
     best_good = 0
-    while lines_used < cfg.max_search_lines * 2:
+    while lines_used < cfg.max_search_lines * 4:
+        good = _good(rows, score)
+        known = (np.stack([r.w for r in good]), np.array([r.b for r in good])) if good else None
         new, info = collect_witnesses(query, layers, d0, per_round, n_grid, cfg, rng, rel_tol,
-                                      line_offset=lines_used)
+                                      line_offset=lines_used, known=known)
         lines_used += per_round
         witnesses += new
         all_lines += info.lines_found
@@ -96,8 +98,10 @@ def extract_layer(
             break
         stall = stall + 1 if len(good) <= best_good else 0
         best_good = max(best_good, len(good))
-        if stall >= 3:
-            break  # more random lines no longer help: follow boundaries instead
+        # Kinks of confirmed rows cost no more gradients, so lines stay cheap: keep looking for rare
+        # neurons (crossed by few lines) for a while before following boundaries instead.
+        if stall >= 3 and lines_used >= cfg.max_search_lines * 2:
+            break
     # Rank deficiency: grow rows from single witnesses, completing their unseen weights from kinks.
     good = _good(rows, score)
     if layers and len(good) < width:
@@ -146,7 +150,7 @@ def extract_layer(
     if len(chosen) < width:
         chosen_ids = {id(r) for r in chosen}
         extra = [r for r, _sc in ranked if id(r) not in chosen_ids and not r.complete and len(r.members) >= 3
-                 and r.residual <= limit and r.coverage.sum() >= max(2, r.coverage.size // 2)]
+                 and r.residual <= limit and r.coverage.sum() >= 2]
         extra.sort(key=lambda r: (-int(r.coverage.sum()), -len(r.members)))
         for r in extra[: width - len(chosen)]:
             provisional.add(len(chosen))
@@ -154,6 +158,15 @@ def extract_layer(
     for r, sc in ranked[:width]:
         log.debug("layer %d candidate: score %d, %d witnesses, coverage %d/%d, gap %.1e, residual %.1e",
                   len(layers) + 1, sc, len(r.members), int(r.coverage.sum()), r.coverage.size, r.gap, r.residual)
+    # Still short: the witnesses no chosen row explains, fitted as exact points of missing neurons.
+    if len(chosen) < width:
+        extra_rows = rows_from_unexplained(witnesses, chosen, all_lines, layers, width, rng)
+        for r in extra_rows:
+            if not r.complete:
+                provisional.add(len(chosen))
+            chosen.append(r)
+        if extra_rows:
+            log.debug("layer %d: %d row(s) fitted to unexplained witnesses", len(layers) + 1, len(extra_rows))
     if not chosen:
         from relux.errors import ExtractionFailed
 
@@ -167,6 +180,20 @@ def extract_layer(
     if layers:
         final = [_complete(query, layers, r, witnesses, d0, n_grid, cfg, rel_tol) if not r.complete else r
                  for r in final]
+    # Still incomplete: new witnesses on lines that cross the row's boundary where the unseen
+    # coordinates are on, re-unified with the row.
+    for _attempt in range(3):
+        todo = [(j, r) for j, r in enumerate(final) if not r.complete]
+        if not todo:
+            break
+        x0s, us = _targeted_lines(layers, todo, witnesses, d0, cfg)
+        if x0s.shape[0] == 0:
+            break
+        new, _ = collect_witnesses(query, layers, d0, 0, n_grid, cfg, rng, rel_tol, line_offset=lines_used,
+                                   lines_given=(x0s, us))
+        lines_used += x0s.shape[0]
+        witnesses += new
+        final = _reunify(final, witnesses)
     if layers:
         final = [_polish(query, layers, r, witnesses, d0, cfg, rng) for r in final]
     if provisional:
@@ -379,6 +406,8 @@ def _polish(
     if not pol.ok:
         log.debug("polish kept the row: %s", pol.reason)
         return row
+    log.debug("polish: %d points, %d dropped, residual %.1e, change %.1e", pol.points, pol.dropped, pol.residual,
+              pol.change)
     nrm = float(np.linalg.norm(np.append(pol.w, pol.b)))
     return dataclasses.replace(row, w=pol.w / nrm, b=pol.b / nrm)
 

@@ -140,39 +140,67 @@ def boundary_points(
     return (np.asarray(out) if out else np.zeros((0, anchors.shape[1]))), int(X.shape[0] * 6)
 
 
-def fit_row(H: FloatArray, w0: FloatArray, b0: float, active: np.ndarray) -> tuple[FloatArray, float, float, int]:
-    """Null vector of ``[H_active, 1]`` with outliers removed; returns ``(w, b, residual, dropped)``."""
+def _null_vector(A: FloatArray) -> FloatArray:
+    nrm = np.linalg.norm(A, axis=1, keepdims=True)
+    _, _, Vt = np.linalg.svd(A / nrm, full_matrices=False)
+    out: FloatArray = Vt[-1]
+    return out
+
+
+def fit_row(
+    H: FloatArray,
+    w0: FloatArray,
+    b0: float,
+    active: np.ndarray,
+    rng: np.random.Generator,
+    inlier_tol: float = 1e-7,
+    trials: int = 64,
+) -> tuple[FloatArray, float, float, int]:
+    """Null vector of ``[H_active, 1]`` fitted on the points that agree (RANSAC over minimal subsets:
+    a point off the boundary, e.g. another neuron's kink in its segment, cannot bend the fit).
+    Returns ``(w, b, residual, dropped)``; coordinates outside ``active`` keep ``w0``."""
     A = np.concatenate([H[:, active], np.ones((H.shape[0], 1))], axis=1)
-    keep = np.ones(A.shape[0], dtype=bool)
-    res = np.inf
-    v = np.append(w0[active], b0)
-    for _ in range(max(4, A.shape[0] // 3)):
-        As = A[keep]
-        nrm = np.linalg.norm(As, axis=1, keepdims=True)
-        _, _, Vt = np.linalg.svd(As / nrm, full_matrices=False)
-        v = Vt[-1]
-        r = np.abs(A @ v) / np.linalg.norm(A, axis=1)
-        rk = np.where(keep, r, -1.0)
-        worst = int(np.argmax(rk))
-        res = float(rk[worst])
-        # one point off the boundary (a kink of another neuron in its segment) spreads its error over
-        # the least-squares fit: remove the worst point, one at a time, while it stands out
-        if res <= 1e-11 or keep.sum() <= active.sum() + 2:
+    n, k = A.shape
+    rownorm = np.linalg.norm(A, axis=1)
+    v = _null_vector(A)
+    r = np.abs(A @ v) / rownorm
+    keep = r <= inlier_tol
+    if not keep.all() and n > k:
+        best = keep
+        for _ in range(trials):
+            sub = rng.choice(n, size=min(n, k + 1), replace=False)
+            vs = _null_vector(A[sub])
+            inl = np.abs(A @ vs) / rownorm <= inlier_tol
+            if inl.sum() > best.sum():
+                best = inl
+                if best.sum() == n:
+                    break
+        if best.sum() >= k:
+            keep = best
+            v = _null_vector(A[keep])
+            r = np.abs(A @ v) / rownorm
+    if not keep.any() or keep.sum() < k:
+        keep = np.ones(n, dtype=bool)
+    # Then tighten to the data's own scatter: points a little off (another kink close by) go too.
+    for _ in range(3):
+        tol2 = max(1e-14, 20.0 * float(np.median(r[keep])))
+        tight = r <= tol2
+        if tight.sum() < k or tight.sum() == keep.sum():
             break
-        keep[worst] = False
+        keep = tight
+        v = _null_vector(A[keep])
+        r = np.abs(A @ v) / rownorm
+    res = float(np.max(r[keep]))
     full = np.zeros_like(w0)
     full[active] = v[:-1]
     bv = float(v[-1])
-    ref = np.append(w0, b0)
-    cand = np.append(full, bv)
-    if cand[active.tolist() + [True]] @ ref[active.tolist() + [True]] < 0:
+    sel = np.append(active, True)
+    if np.append(full, bv)[sel] @ np.append(w0, b0)[sel] < 0:
         full, bv = -full, -bv
-    w = np.where(active, full, 0.0)
     # keep the scale of the given row on its active part
-    s = float(np.linalg.norm(np.append(w0[active], b0))) / float(np.linalg.norm(np.append(w[active], bv)))
-    w = np.where(active, w * s, w0)
-    b = bv * s
-    return w, b, res, int((~keep).sum())
+    s = float(np.linalg.norm(np.append(w0[active], b0))) / float(np.linalg.norm(np.append(full[active], bv)))
+    w = np.where(active, full * s, w0)
+    return w, bv * s, res, int((~keep).sum())
 
 
 def polish_row(
@@ -188,14 +216,14 @@ def polish_row(
     """Refine ``(w, b)`` (a row behind ``layers``) from exact boundary points; returns it and the queries."""
     d_in = w.size
     need = 2 * (d_in + 1) + 8
-    pts, q = boundary_points(query, layers, w, b, anchors, need, 0.3 * scale, rng)
+    pts, q = boundary_points(query, layers, w, b, anchors, need, scale, rng)
     base = np.concatenate([anchors, pts]) if pts.size else anchors
     _, H = pfx.forward(layers, base)
     # behind a prefix only the coordinates some point sees on carry information; the raw input always does
     active = np.asarray((H > 0).any(axis=0)) if layers else np.ones(H.shape[1], dtype=bool)
     if base.shape[0] < int(active.sum()) + 3:
         return Polished(w, b, base.shape[0], 0, np.inf, 0.0, False, "too few boundary points"), q
-    w2, b2, res, dropped = fit_row(H, w, b, active)
+    w2, b2, res, dropped = fit_row(H, w, b, active, rng)
     v1 = np.append(w, b) / np.linalg.norm(np.append(w, b))
     v2 = np.append(w2, b2) / np.linalg.norm(np.append(w2, b2))
     change = float(min(np.linalg.norm(v1 - v2), np.linalg.norm(v1 + v2)))

@@ -91,3 +91,59 @@ def rows_from_seeds(
         log.debug("seed %d: new row confirmed (%d hits, %d misses, %d witnesses)", i, hits[0], misses[0],
                   len(members))
     return found
+
+
+def rows_from_unexplained(
+    witnesses: Sequence[Witness],
+    known: Sequence[NeuronRow],
+    lines: Sequence[LineKinks],
+    layers: Sequence[pfx.Layer],
+    width: int,
+    rng: np.random.Generator,
+    trials: int = 400,
+) -> list[NeuronRow]:
+    """Rows fitted to the witnesses no known row explains (attack-notes §3).
+
+    Every witness is an exact point of its neuron's boundary, so ``w·h(x) + b = 0`` there: witnesses of
+    one missing neuron are the inliers of one hyperplane in the layer's input space, whatever their
+    active sets. RANSAC over small subsets finds them (witnesses of deeper neurons are outliers);
+    each fit must then explain its predicted crossings on every search line.
+    """
+    found: list[NeuronRow] = []
+    pool = [i for i, wt in enumerate(witnesses) if not any(on_neuron(wt, r, tol=1e-6) for r in known)]
+    while pool and len(known) + len(found) < width:
+        Hu = np.stack([np.append(witnesses[i].h, 1.0) for i in pool])
+        nrm = np.linalg.norm(Hu, axis=1)
+        act = (Hu[:, :-1] > 0).any(axis=0)
+        k = int(act.sum()) + 1
+        if len(pool) < k + 2:
+            break
+        A = np.concatenate([Hu[:, :-1][:, act], Hu[:, -1:]], axis=1)
+        best: np.ndarray | None = None
+        for _ in range(trials):
+            sub = rng.choice(len(pool), size=min(len(pool), k + 1), replace=False)
+            _, _, Vt = np.linalg.svd(A[sub] / nrm[sub, None], full_matrices=False)
+            inl = np.abs(A @ Vt[-1]) / nrm <= 1e-7
+            if best is None or inl.sum() > best.sum():
+                best = inl
+        if best is None or best.sum() < k + 2:
+            break
+        sel = np.flatnonzero(best)
+        cov = np.asarray((Hu[sel, :-1] > 0).any(axis=0))
+        Asel = np.concatenate([Hu[sel][:, :-1][:, cov], Hu[sel, -1:]], axis=1)
+        _, S, Vt = np.linalg.svd(Asel / nrm[sel, None], full_matrices=False)
+        v = Vt[-1]
+        w = np.zeros(Hu.shape[1] - 1)
+        w[cov] = v[:-1]
+        w, b = _unit(w, float(v[-1]))
+        hits, misses = crossing_hits(w[None, :], np.array([b]), lines, layers)
+        members = tuple(pool[i] for i in sel)
+        gap = float(S[-2] / S[-1]) if S.size > 1 and S[-1] > 0 else np.inf
+        log.debug("unexplained witnesses: %d of %d on one hyperplane (coverage %d/%d, gap %.1e, %d hits, %d misses)",
+                  len(sel), len(pool), int(cov.sum()), cov.size, gap, hits[0], misses[0])
+        if gap < 1e3 or hits[0] < 3 or (4 * misses[0] > hits[0] and cov.all()):
+            break
+        found.append(NeuronRow(w=w, b=b, members=members, coverage=cov, residual=float(S[-1]), gap=gap))
+        taken = set(members)
+        pool = [i for i in pool if i not in taken]
+    return found

@@ -85,10 +85,12 @@ def collect_witnesses(
     line_offset: int = 0,
     lines_given: tuple[FloatArray, FloatArray] | None = None,
     t_range: float | None = None,
+    known: tuple[FloatArray, FloatArray] | None = None,
 ) -> tuple[list[Witness], WitnessInfo]:
     """Walk ``n_lines`` random lines (or the lines ``lines_given = (x0, u)``) and measure a partial
     signature at every kink the prefix does not explain (those belong to the layer being extracted or
-    to deeper ones)."""
+    to deeper ones). Kinks on a row of ``known = (W, b)`` (rows of this layer already confirmed) cost
+    nothing more either."""
     scale = cfg.input_scale * float(np.sqrt(d0))
     t_range = cfg.line_range if t_range is None else t_range
     if lines_given is not None:
@@ -100,7 +102,7 @@ def collect_witnesses(
     u = u * (scale / np.linalg.norm(u, axis=1, keepdims=True))
     lines, kinfo = find_kinks(query, x0, u, -t_range, t_range, n_grid, rel_tol)
     out: list[Witness] = []
-    n_kinks = n_prefix = rejected = grad_q = 0
+    n_kinks = n_prefix = rejected = grad_q = n_known = 0
     # First pass: every unknown kink on every line and its two probe points (no queries).
     meta: list[tuple[int, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray]] = []
     for li, line in enumerate(lines):
@@ -120,6 +122,13 @@ def collect_witnesses(
             if layers and pfx.boundary_distance(layers, x) <= tol_dist:
                 n_prefix += 1
                 continue
+            if known is not None and known[0].size:
+                _, Hx = pfx.forward(layers, x[None, :])
+                zk = np.abs(known[0] @ Hx[0] + known[1])
+                zs = np.linalg.norm(known[0], axis=1) * float(np.linalg.norm(Hx[0])) + np.abs(known[1])
+                if np.any(zk <= 1e-7 * zs):
+                    n_known += 1
+                    continue
             M, _ = pfx.jacobian(layers, x)
             # Orthonormal basis of the row space of M (the space of control).
             _, S, Vt = np.linalg.svd(M, full_matrices=False)

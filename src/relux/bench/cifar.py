@@ -91,7 +91,7 @@ RESULT_KEYS = (
 )
 _STAGE_LINE = re.compile(r"^stage (\S+)(?: \(layer (\d+)\))?$")
 _BEAT_LINE = re.compile(r"^(\d+) queries so far$")
-_LAST_LAYER_LINE = re.compile(r"^layer (\d+): ")
+_LAST_LAYER_LINE = re.compile(r"^layer (\d+): \d+/\d+ neurons")
 
 
 # --------------------------------------------------------------------------- names and environment
@@ -369,10 +369,11 @@ class _DeadlineMeter(_Meter):
 
 
 class _LayerWatch(logging.Handler):
-    """Keeps the attack's log lines; lifts the meter's deadline once the last hidden layer is reported."""
+    """Keeps the attack's last log lines (DEBUG included: they say how far a failing layer got); lifts
+    the meter's deadline once the last hidden layer is reported."""
 
     def __init__(self, meter: _DeadlineMeter, n_hidden: int) -> None:
-        super().__init__(logging.INFO)
+        super().__init__(logging.DEBUG)
         self.meter = meter
         self.n_hidden = n_hidden
         self.lines: list[str] = []
@@ -433,6 +434,8 @@ def execute_cifar_case(case: Case, seed: int, options: CifarOptions) -> dict[str
     meter.limit_text = options.limit_text
     watch = _LayerWatch(meter, len(arch) - 2)
     attack_log = logging.getLogger("relux.attack")
+    attack_level = attack_log.level
+    attack_log.setLevel(logging.DEBUG)  # restored below; the attack's DEBUG lines show in-layer progress
     attack_log.addHandler(watch)
     model: MLP | None = None
     sampler = StackSampler(options.profile_interval)
@@ -457,16 +460,17 @@ def execute_cifar_case(case: Case, seed: int, options: CifarOptions) -> dict[str
         else:
             record["partial"] = False
             record["layers"] = _merge_log_layers(arch, watch.lines)
-            record["progress"] = watch.lines[-KEEP_LOG_LINES:]
         record["deadline_reached"] = isinstance(exc, DeadlineReached)
+        record["progress"] = watch.lines[-2 * KEEP_LOG_LINES:]
     except Exception as exc:  # a bug or an oracle error inside the attack
         record["status"] = f"failed: {type(exc).__name__}: {_one_line(exc)}"
         record["reason"] = record["status"][len("failed: "):]
         record["traceback"] = traceback.format_exc(limit=8)
         record["layers"] = _merge_log_layers(arch, watch.lines)
-        record["progress"] = watch.lines[-KEEP_LOG_LINES:]
+        record["progress"] = watch.lines[-2 * KEEP_LOG_LINES:]
     finally:
         attack_log.removeHandler(watch)
+        attack_log.setLevel(attack_level)
     if record["seconds"] is None:
         record["seconds"] = round(time.perf_counter() - t0, 3)
     record["queries"] = meter.queries
@@ -636,15 +640,39 @@ def stamp(record: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+def working_tree_changes(repo: str | Path | None = None, *, ignore: Sequence[str] = ("benchmarks/results",),
+                         limit: int = 40) -> dict[str, Any] | None:
+    """What a ``-dirty`` commit means: the changed paths (``git status --porcelain``, at most ``limit``)
+    and the SHA-256 of ``git diff HEAD`` (tracked changes); ``None`` outside a checkout."""
+    import hashlib
+
+    cwd = str(repo) if repo is not None else None
+    spec = ["--", ".", *(f":(exclude){p}" for p in ignore)]
+    try:
+        status = subprocess.run(["git", "status", "--porcelain", *spec], cwd=cwd, capture_output=True, text=True,
+                                check=False, timeout=10)
+        diff = subprocess.run(["git", "diff", "HEAD", *spec], cwd=cwd, capture_output=True, check=False,
+                              timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if status.returncode != 0:
+        return None
+    paths = [line for line in status.stdout.splitlines() if line.strip()]
+    return {"paths": paths[:limit], "n_paths": len(paths), "diff_sha256": hashlib.sha256(diff.stdout).hexdigest()}
+
+
 def run_environment(repo: str | Path | None = None) -> dict[str, Any]:
     """``cpu`` (:func:`cpu_info`), ``date`` (ISO 8601, local time with offset), ``commit``
-    (:func:`git_commit`), and the Python and numpy versions; taken when a run starts."""
+    (:func:`git_commit`), the working-tree changes behind a ``-dirty`` commit, and the Python and numpy
+    versions; taken when a run starts."""
     import platform
 
+    commit = git_commit(repo)
     return {
         "cpu": cpu_info(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "commit": git_commit(repo),
+        "commit": commit,
+        "changes": working_tree_changes(repo) if commit is not None and commit.endswith("-dirty") else None,
         "python": platform.python_version(),
         "numpy": np.__version__,
         "platform": platform.platform(),

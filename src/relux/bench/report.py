@@ -45,7 +45,7 @@ def layer_summary(row: Row) -> str:
     """Per-hidden-layer figures of a row, e.g. ``L1 15/15 rec, 15 matched, 0 sgn, 2^-38.2; L2 ...``."""
     parts = []
     for layer in row.get("layers") or []:
-        if "recovered" not in layer and "matched" not in layer:
+        if layer.get("recovered") is None and "matched" not in layer:
             continue
         rec = layer.get("recovered", "?")
         text = f"L{layer['index']} {rec}/{layer['width']} rec"

@@ -1,0 +1,113 @@
+"""Exact boundary points: polishing a deeper row, and completing the weights no witness saw."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relux.attack import prefix as pfx
+from relux.attack.complete import complete_row
+from relux.attack.polish import fit_row, polish_row
+from relux.oracle import MLPOracle
+from relux.zoo import random_mlp
+
+
+def _boundary_point(layers: list[tuple[np.ndarray, np.ndarray]], w: np.ndarray, b: float,
+                    rng: np.random.Generator, d: int) -> np.ndarray:
+    """A point where ``w·h(x) + b`` changes sign, by bisection on a random line (exact to 2^-60)."""
+    while True:
+        x0, u = rng.normal(size=d), rng.normal(size=d)
+        ts = np.linspace(-3.0, 3.0, 601)
+        _, H = pfx.forward(layers, x0 + ts[:, None] * u)
+        z = H @ w + b
+        idx = np.flatnonzero(np.sign(z[1:]) != np.sign(z[:-1]))
+        if idx.size:
+            lo, hi = ts[idx[0]], ts[idx[0] + 1]
+            zlo = np.sign(z[idx[0]])
+            for _ in range(80):
+                mid = 0.5 * (lo + hi)
+                _, Hm = pfx.forward(layers, (x0 + mid * u)[None, :])
+                if np.sign(Hm[0] @ w + b) == zlo:
+                    lo = mid
+                else:
+                    hi = mid
+            out: np.ndarray = x0 + lo * u
+            return out
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    out: np.ndarray = v / np.linalg.norm(v)
+    return out
+
+
+def _dist(a: np.ndarray, c: np.ndarray) -> float:
+    a, c = _unit(a), _unit(c)
+    return float(min(np.linalg.norm(a - c), np.linalg.norm(a + c)))
+
+
+@pytest.mark.parametrize("j", [2, 3, 5])
+def test_polish_recovers_a_second_layer_row_to_float_precision(j: int) -> None:
+    victim = random_mlp((12, 8, 6, 1), np.random.default_rng(0))
+    layers = [victim.layers[0]]
+    W2, b2 = victim.layers[1]
+    rng = np.random.default_rng(j)
+    anchors = np.stack([_boundary_point(layers, W2[j], b2[j], rng, 12) for _ in range(3)])
+    # a row estimate off by 1e-6, as finite differences leave it
+    w0 = W2[j] + 1e-6 * rng.normal(size=8)
+    pol, queries = polish_row(MLPOracle(victim).query, layers, w0, float(b2[j]) + 1e-6, anchors, 12,
+                              float(np.sqrt(12)), rng)
+    assert pol.ok, pol.reason
+    assert queries > 0
+    _, H = pfx.forward(layers, np.concatenate([anchors, anchors]))
+    seen = (H > 0).any(axis=0)
+    # Coordinates seen on at some boundary point are fitted from exact kinks: error ~ eps * condition,
+    # far below the 1e-6 of the estimate; unseen ones keep the estimate (they carry no information).
+    ref = np.append(W2[j], b2[j])
+    got = np.append(np.where(seen, pol.w, W2[j]), pol.b)
+    assert _dist(got, ref) < 1e-6
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n_out=st.integers(0, 3))
+def test_fit_row_is_exact_on_consistent_points_and_drops_outliers(seed: int, n_out: int) -> None:
+    rng = np.random.default_rng(seed)
+    d = 6
+    w = rng.normal(size=d)
+    b = float(rng.normal())
+    H = np.abs(rng.normal(size=(30, d)))
+    # move each point onto the hyperplane along the last coordinate (kept positive by construction)
+    H[:, -1] = 0.0
+    H[:, -1] = -(H @ w + b) / w[-1]
+    H = H[H[:, -1] > 0]
+    if H.shape[0] < d + 6:
+        return
+    H[:n_out] += 0.1  # points off the boundary (another neuron's kink)
+    wf, bf, res, dropped = fit_row(H, w + 1e-3, b, np.ones(d, dtype=bool), rng)
+    assert dropped >= n_out
+    # exact data: only rounding remains, relative 1e-10 leaves a wide margin
+    assert _dist(np.append(wf, bf), np.append(w, b)) < 1e-10
+    assert res < 1e-11
+
+
+def test_completion_reads_an_unseen_weight_from_kinks() -> None:
+    victim = random_mlp((40, 20, 10, 10, 1), np.random.default_rng(0))
+    layers = [victim.layers[0]]
+    W2, b2 = victim.layers[1]
+    rng = np.random.default_rng(5)
+    filled_any = False
+    for j in (4, 6, 7, 9):
+        anchors = np.stack([_boundary_point(layers, W2[j], b2[j], rng, 40) for _ in range(3)])
+        _, H = pfx.forward(layers, anchors)
+        cov = (H > 0).any(axis=0)
+        if cov.all():
+            continue
+        w = np.where(cov, W2[j], 0.0)
+        c = complete_row(MLPOracle(victim).query, layers, w, float(b2[j]), cov, anchors, 40, float(np.sqrt(40)),
+                         200, 2.0**-36)
+        for m in c.filled:
+            filled_any = True
+            # read from one exact kink with h_m ~ 1e-3: rounding leaves ~1e-12; 1e-8 is a wide margin
+            assert abs(c.w[m] - W2[j, m]) < 1e-8 * float(np.linalg.norm(W2[j]))
+    assert filled_any
