@@ -57,6 +57,7 @@ class LayerOutcome:
     witness_points: FloatArray
     confidence: FloatArray
     coverage: np.ndarray  # (rows, d_in): layer-input coordinates some witness of the row saw active
+    residual: float = float("nan")  # largest relative misfit of a row to its exact boundary points
 
 
 def extract_layer(
@@ -224,13 +225,14 @@ def extract_layer(
     W = W * sgn[:, None]
     b = b * sgn
     neurons = tuple(
-        {"index": j, "witnesses": len(final[j].members), "unify_residual": final[j].residual,
+        {"index": j, "witnesses": len(final[j].members), "residual": final[j].residual,
          "uniqueness_gap": final[j].gap, "sign": int(sgn[j]), "sign_confidence": float(conf[j])}
         for j in range(len(final))
     )
     pts = np.stack([witnesses[final[j].members[0]].x for j in range(len(final))])
     return LayerOutcome(W, b, len(witnesses), lines_used, sign_method, neurons, width - len(final), pts,
-                        np.asarray(conf, dtype=float), np.stack([r.coverage for r in final]))
+                        np.asarray(conf, dtype=float), np.stack([r.coverage for r in final]),
+                        float(max(r.residual for r in final)))
 
 
 def _last_layer_signs(
@@ -409,7 +411,7 @@ def _polish(
     log.debug("polish: %d points, %d dropped, residual %.1e, change %.1e", pol.points, pol.dropped, pol.residual,
               pol.change)
     nrm = float(np.linalg.norm(np.append(pol.w, pol.b)))
-    return dataclasses.replace(row, w=pol.w / nrm, b=pol.b / nrm)
+    return dataclasses.replace(row, w=pol.w / nrm, b=pol.b / nrm, residual=pol.residual)
 
 
 def _rank_rows(

@@ -138,4 +138,5 @@ def first_layer_outcome(
     )
     method = f"wiggle ({ws.controllable_points}/{ws.points} controllable points, {int(ws.decided.sum())} decided)"
     return LayerOutcome(W, b, fl.kinks, fl.lines, method, neurons, width - W.shape[0], fl.points,
-                        np.asarray(ws.confidence, dtype=float), np.ones((W.shape[0], d0), dtype=bool))
+                        np.asarray(ws.confidence, dtype=float), np.ones((W.shape[0], d0), dtype=bool),
+                        float(np.max(fl.agreement[np.isfinite(fl.agreement)], initial=0.0)))

@@ -273,7 +273,7 @@ def _extract_deep(
             warnings.append(f"layer {i}: {out.dead} neuron(s) not identified: reported dead and dropped")
         reports.append(LayerReport(index=i, width=width, recovered=out.W.shape[0], dead=out.dead,
                                    witnesses=out.witnesses, queries=qi, seconds=si, sign_method=out.sign_method,
-                                   neurons=out.neurons))
+                                   neurons=out.neurons, residual=out.residual))
         log.info("layer %d: %d/%d neurons, %s", i, out.W.shape[0], width, out.sign_method)
     wpts = np.concatenate(points)
     if not last_cov.all():

@@ -50,10 +50,14 @@ class LayerReport:
     seconds: float
     sign_method: str
     neurons: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+    #: The layer's own check: the largest relative misfit of a row to exact points of its boundary
+    #: (for the first layer of a deep network, the disagreement of two refinements). NaN when unmeasured.
+    residual: float = float("nan")
 
     def to_json(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["neurons"] = list(self.neurons)
+        d["residual"] = None if self.residual != self.residual else self.residual  # NaN is not JSON
         return d
 
 

@@ -331,11 +331,15 @@ def format_summary(result: ExtractionResult) -> str:
     lines += _rows(table)
     if result.layers:
         lines.append("")
-        table = [["layer", "width", "recovered", "dead", "witnesses", "signs"]]
+        table = [["layer", "width", "recovered", "dead", "witnesses", "queries", "seconds", "residual",
+                  "min sign conf.", "signs"]]
         for layer in result.layers:
+            confs = [float(n["sign_confidence"]) for n in layer.neurons if "sign_confidence" in n]
             table.append(
                 [str(layer.index), str(layer.width), str(layer.recovered), str(layer.dead), str(layer.witnesses),
-                 layer.sign_method]
+                 str(layer.queries), f"{layer.seconds:.2f}",
+                 "-" if layer.residual != layer.residual else f"{layer.residual:.1e}",
+                 f"{min(confs):.2f}" if confs else "-", layer.sign_method]
             )
         lines += _rows(table)
     if result.warnings:
