@@ -351,12 +351,6 @@ def test_zoo_bad_arguments(d: Path, capsys: pytest.CaptureFixture[str], argv: li
     assert not (d / "zoo.npz").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG src/relux/cli/zoo.py (and relux.zoo.build): an architecture whose input size differs from "
-    "--data is refused only after the tqdm training bar started (and after the dataset loaded, 9 s for "
-    "mnist32), so stderr holds progress-bar lines before the error",
-)
 def test_zoo_arch_differs_from_data(d: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["zoo", "784-7-3", "--init", "trained", "--data", "digits", "--epochs", "1", "--out", str(d / "z.npz")]
     expect_bad_input(argv, capsys, "64")

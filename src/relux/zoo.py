@@ -100,9 +100,22 @@ def default_train_config(dataset: str) -> TrainConfig:
     return TrainConfig(epochs=10, batch_size=128, learning_rate=1e-3)
 
 
+DATASET_INPUTS = {"digits": 64, "mnist": 784, "mnist32": 3072}
+
+
+def check_dataset_input(name: str, input_dim: int) -> None:
+    """Refuse, before any data is loaded, an architecture whose input size is not the dataset's."""
+    want = DATASET_INPUTS.get(name)
+    if want is not None and want != input_dim:
+        raise InputError(
+            f"the {name} dataset has {want} input features, the architecture takes {input_dim}; "
+            f"use an architecture starting with {want} or another --data"
+        )
+
+
 def dataset_for_input(input_dim: int) -> str:
     """The packaged dataset whose images have ``input_dim`` features."""
-    by_dim = {64: "digits", 784: "mnist", 3072: "mnist32"}
+    by_dim = {v: k for k, v in DATASET_INPUTS.items()}
     if input_dim not in by_dim:
         raise InputError(
             f"no packaged dataset has {input_dim} input features; trained victims need 64 (digits), "

@@ -12,7 +12,7 @@ from typing import Any
 from relux.data import DATASETS
 from relux.errors import InputError
 from relux.model import parse_arch
-from relux.zoo import INITS, build, dataset_for_input, default_train_config
+from relux.zoo import INITS, build, check_dataset_input, dataset_for_input, default_train_config
 
 DESCRIPTION = """\
 Build a victim ReLU network and save it.
@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
         sizes = parse_arch(args.arch)
         name = args.data if args.data is not None else dataset_for_input(sizes[0])
+        check_dataset_input(name, sizes[0])
         total = args.epochs if args.epochs is not None else default_train_config(name).epochs
         progress = tqdm(total=total, desc=f"training on {name}", unit="epoch", file=sys.stderr, disable=quiet)
 
