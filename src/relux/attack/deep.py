@@ -83,7 +83,10 @@ def extract_layer(
     per_round = 4
     stall = 0
     best_good = 0
-    while lines_used < cfg.max_search_lines * 4:
+    # In the last hidden layer every kink the prefix does not explain is one of its own: while some are
+    # unexplained and rows are missing, more lines are worth their cost.
+    max_lines = cfg.max_search_lines * (8 if is_last else 4)
+    while lines_used < max_lines:
         good = _good(rows, score)
         known = (np.stack([r.w for r in good]), np.array([r.b for r in good])) if good else None
         new, info = collect_witnesses(query, layers, d0, per_round, n_grid, cfg, rng, rel_tol,
@@ -101,7 +104,7 @@ def extract_layer(
         best_good = max(best_good, len(good))
         # Kinks of confirmed rows cost no more gradients, so lines stay cheap: keep looking for rare
         # neurons (crossed by few lines) for a while before following boundaries instead.
-        if stall >= 3 and lines_used >= cfg.max_search_lines * 2:
+        if stall >= (6 if is_last else 3) and lines_used >= max_lines // 2:
             break
     # Rank deficiency: grow rows from single witnesses, completing their unseen weights from kinks.
     good = _good(rows, score)
@@ -442,7 +445,9 @@ def _residual_limit(rows: Sequence[NeuronRow]) -> float:
 
 
 def _good(rows: Sequence[NeuronRow], score: Sequence[int]) -> list[NeuronRow]:
-    limit = _residual_limit(rows)
+    # the typical residual of confirmed rows only: candidates fitted to mixed witnesses must not move it
+    confirmed = [r for r, sc in zip(rows, score, strict=True) if r.complete and sc >= 3]
+    limit = _residual_limit(confirmed or rows)
     return [r for r, sc in zip(rows, score, strict=True)
             if r.complete and sc >= 3 and r.gap >= 1e3 and r.residual <= limit]
 
