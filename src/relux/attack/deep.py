@@ -214,6 +214,13 @@ def extract_layer(
     for j, r in enumerate(final):
         log.debug("layer %d row %d: %d witnesses, coverage %d/%d, residual %.1e, gap %.1e", len(layers) + 1, j,
                   len(r.members), int(r.coverage.sum()), r.coverage.size, r.residual, r.gap)
+    if not final:
+        from relux.errors import ExtractionFailed
+
+        raise ExtractionFailed(
+            f"layer {len(layers) + 1}: no row survived confirmation ({len(witnesses)} witnesses); expected "
+            f"{width} neurons behind the recovered prefix, found none that explains its kinks"
+        )
     W = np.stack([r.w for r in final])
     b = np.array([r.b for r in final])
     if is_last:

@@ -172,7 +172,8 @@ def wiggle_signs(
     # the sign. On the other side only the estimation error of the rows leaks through (about 1e-9 of
     # a real response), so a clean verdict needs a real response and a large ratio between sides.
     real = np.maximum(pos, neg) > 1e4 * np.maximum(floor, np.finfo(float).tiny)
-    ratio = np.maximum(pos, neg) / np.maximum(np.minimum(pos, neg), np.finfo(float).tiny)
+    with np.errstate(over="ignore"):  # a silent side gives an infinite ratio, which is the point
+        ratio = np.maximum(pos, neg) / np.maximum(np.minimum(pos, neg), np.finfo(float).tiny)
     clean = real & (ratio >= 1e3)
     neg_b = clean & (neg > pos)
     silent = ~real
