@@ -22,6 +22,7 @@ from relux.attack.config import ExtractionConfig
 from relux.attack.confirm import crossing_hits
 from relux.attack.critical import LineKinks
 from relux.attack.hyperplanes import hyperplane_distance
+from relux.attack.linalg import lstsq
 from relux.attack.polish import polish_row
 from relux.attack.seeding import rows_from_seeds, rows_from_unexplained
 from relux.attack.signcheck import SignCheck, check_and_repair
@@ -310,7 +311,7 @@ def fit_output_layer(
     Y = query(X)
     _, H = pfx.forward(layers, X)
     D = np.concatenate([H, np.ones((H.shape[0], 1))], axis=1)
-    coef, *_ = np.linalg.lstsq(D, Y, rcond=None)
+    coef = lstsq(D, Y)
     return coef[:-1].T, coef[-1]
 
 
@@ -506,7 +507,7 @@ def complete_last_layer(
     for _ in range(iterations):
         Z = Hin @ W.T + b
         D = np.concatenate([np.maximum(Z, 0.0), Hin, np.ones((X.shape[0], 1))], axis=1)
-        coef, *_ = np.linalg.lstsq(D, Y, rcond=None)
+        coef = lstsq(D, Y)
         a = coef[: W.shape[0]].T  # (k, m) output weights
         gamma = coef[W.shape[0] : W.shape[0] + Hin.shape[1]].T  # (k, d_in) leftover linear terms
         step = 0.0
@@ -514,7 +515,7 @@ def complete_last_layer(
             rows = np.flatnonzero(missing[:, m_idx])
             # the leftover linear term of coordinate m, shared by the rows that lack it (least squares)
             A = a[:, rows]
-            upd, *_ = np.linalg.lstsq(A, gamma[:, m_idx], rcond=None)
+            upd = lstsq(A, gamma[:, m_idx])
             W[rows, m_idx] += upd
             step = max(step, float(np.max(np.abs(upd))))
         if step <= 1e-15 * float(np.max(np.abs(W))):

@@ -16,6 +16,7 @@ import numpy as np
 from relux.attack.checks import measure_noise_floor, self_check
 from relux.attack.config import ExtractionConfig
 from relux.attack.first_layer import RefinedRow, discover_first_layer, refine_first_layer
+from relux.attack.linalg import lstsq
 from relux.attack.result import ExtractionResult, LayerReport, PartialResult, StageStats
 from relux.attack.signs import fit_affine_plus_relu, solve_flips
 from relux.errors import ExtractionFailed, InputError
@@ -192,7 +193,7 @@ def _extract_one_hidden(
         b = b * sgn
         H = np.maximum(X @ W.T + b, 0.0)
         D = np.concatenate([H, np.ones((H.shape[0], 1))], axis=1)
-        coef, *_ = np.linalg.lstsq(D, Y, rcond=None)
+        coef = lstsq(D, Y)
         W_out, b_out = coef[:-1].T, coef[-1]
     model = MLP([(W, b), (W_out, b_out)])
     q1, s1 = stages.total(1)

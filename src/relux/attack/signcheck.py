@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from relux.attack import prefix as pfx
+from relux.attack.linalg import lstsq
 from relux.oracle.base import FloatArray
 
 
@@ -34,7 +35,7 @@ def output_residual(layers: Sequence[pfx.Layer], X: FloatArray, Y: FloatArray) -
     """Fit the output layer on ``(X, Y)`` and return ``(max |Y - Ŷ| / max |Y|, W_out, b_out)``."""
     _, H = pfx.forward(layers, X)
     D = np.concatenate([H, np.ones((H.shape[0], 1))], axis=1)
-    coef, *_ = np.linalg.lstsq(D, Y, rcond=None)
+    coef = lstsq(D, Y)
     res = float(np.max(np.abs(D @ coef - Y))) / max(float(np.max(np.abs(Y))), np.finfo(float).tiny)
     return res, coef[:-1].T, coef[-1]
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
+from relux.attack.linalg import lstsq
 from relux.oracle.base import FloatArray
 
 
@@ -43,7 +44,7 @@ def fit_affine_plus_relu(Zhat: FloatArray, Hin: FloatArray, Y: FloatArray) -> tu
     D = np.concatenate([np.maximum(Zhat, 0.0), Hin, np.ones((n, 1))], axis=1)
     col = np.linalg.norm(D, axis=0)
     col[col == 0] = 1.0
-    coef, *_ = np.linalg.lstsq(D / col, Y, rcond=None)
+    coef = lstsq(D / col, Y)
     coef = coef / col[:, None]
     return coef[:m].T, coef[m : m + Hin.shape[1]].T, coef[-1]
 

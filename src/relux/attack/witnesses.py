@@ -19,6 +19,7 @@ import numpy as np
 from relux.attack import prefix as pfx
 from relux.attack.config import ExtractionConfig
 from relux.attack.critical import LineKinks, find_kinks
+from relux.attack.linalg import lstsq
 from relux.oracle.base import FloatArray
 
 log = logging.getLogger(__name__)
@@ -179,7 +180,7 @@ def collect_witnesses(
             sv = np.linalg.svd(MA, compute_uv=False)
             full = bool(sv.size == MA.shape[0] and sv[-1] > 1e-8 * sv[0])
             if full:
-                wa, *_ = np.linalg.lstsq(MA.T, V, rcond=None)
+                wa = lstsq(MA.T, V)
                 w[active] = wa
         b = float(-(w @ h))
         nrm = float(np.linalg.norm(np.append(w, b)))
