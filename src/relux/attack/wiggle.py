@@ -128,6 +128,8 @@ def wiggle_signs(
     pos = np.zeros(m)  # largest response (output change per unit of ẑ_j) while ẑ_j > 0
     neg = np.zeros(m)  # the same while ẑ_j < 0
     floor = np.zeros(m)  # largest rounding level of those responses
+    pos_min = np.full(m, np.inf)  # smallest response while ẑ_j > 0 (a missing row contaminates the
+    neg_min = np.full(m, np.inf)  # silent side only where that neuron is on: somewhere it is off)
     pos_q = np.zeros(m, dtype=int)  # probes with ẑ_j > 0 and a usable step
     neg_q = np.zeros(m, dtype=int)
     n_pts = n_ctrl = queries = 0
@@ -161,6 +163,8 @@ def wiggle_signs(
             nl = np.where(usable, noise / np.where(eps > 0, eps, np.inf), 0.0)
         pos = np.where(zhat > 0, np.maximum(pos, r), pos)
         neg = np.where(zhat < 0, np.maximum(neg, r), neg)
+        pos_min = np.where((zhat > 0) & usable, np.minimum(pos_min, r), pos_min)
+        neg_min = np.where((zhat < 0) & usable, np.minimum(neg_min, r), neg_min)
         floor = np.maximum(floor, nl)
         pos_q += usable & (zhat > 0)
         neg_q += usable & (zhat < 0)
@@ -179,8 +183,14 @@ def wiggle_signs(
     silent = ~real
     weak_neg = silent & (pos_q >= 2) & (neg_q == 0)
     weak_pos = silent & (neg_q >= 2) & (pos_q == 0)
-    signs = np.where(neg_b | weak_neg, -1.0, 1.0)
-    decided = clean | weak_neg | weak_pos
-    confidence = np.where(clean, 1.0, np.where(weak_neg | weak_pos, 0.5, 0.0))
+    # Not clean (a row of the layer is missing, so both sides respond somewhere): the silent side is
+    # the one where some probe saw no response at all while every probe of the other side did.
+    thr = 1e4 * np.maximum(floor, np.finfo(float).tiny)
+    two_sided = ~clean & ~silent & (pos_q >= 2) & (neg_q >= 2)
+    min_neg = two_sided & (pos_min <= thr) & (neg_min > thr)  # silent while ẑ_j > 0: the sign is -
+    min_pos = two_sided & (neg_min <= thr) & (pos_min > thr)
+    signs = np.where(neg_b | weak_neg | min_neg, -1.0, 1.0)
+    decided = clean | weak_neg | weak_pos | min_neg | min_pos
+    confidence = np.where(clean, 1.0, np.where(weak_neg | weak_pos | min_neg | min_pos, 0.5, 0.0))
     return WiggleSigns(signs=signs, confidence=confidence, decided=decided, points=n_pts,
                        controllable_points=n_ctrl, queries=queries)
