@@ -19,6 +19,7 @@ import numpy as np
 
 from relux.attack import prefix as pfx
 from relux.attack.critical import LineKinks, find_kinks
+from relux.attack.polish import OFFSETS, kink_in_bracket, root_on_line
 from relux.oracle.base import FloatArray
 
 log = logging.getLogger(__name__)
@@ -120,38 +121,9 @@ def _crossing(
 
 
 def _bracket_kink(query: QueryFn, p: FloatArray, n: FloatArray, t0: float, delta: float) -> float | None:
-    """The kink of ``f`` on ``p + t n`` within ``t0 ± delta``, from the two affine pieces (6 queries);
-    None when a side is not affine (another kink) or there is no kink."""
-    T = t0 + delta * np.array([-1.0, -0.6, -0.3, 0.3, 0.6, 1.0])
-    Y = query(p[None, :] + T[:, None] * n[None, :])
-    sl = (Y[2] - Y[0]) / (T[2] - T[0])
-    sr = (Y[5] - Y[3]) / (T[5] - T[3])
-    scale_f = float(np.max(np.abs(Y))) + 1e-300
-    if max(np.max(np.abs(Y[1] - Y[0] - sl * (T[1] - T[0]))), np.max(np.abs(Y[4] - Y[3] - sr * (T[4] - T[3])))) > \
-            1e-9 * scale_f:
-        return None
-    ds = sr - sl
-    den = float(ds @ ds)
-    if den <= (1e-6 * float(np.max(np.abs(np.concatenate([sl, sr])))) + 1e-300) ** 2:
-        return None
-    t = float((Y[0] - Y[3] - sl * T[0] + sr * T[3]) @ ds) / den
-    return t if T[2] < t < T[3] else None
-
-
-def _root(layers: Sequence[pfx.Layer], w: FloatArray, b: float, p: FloatArray, n: FloatArray) -> float | None:
-    t = 0.0
-    for _ in range(30):
-        x = p + t * n
-        _, H = pfx.forward(layers, x[None, :])
-        M, _ = pfx.jacobian(layers, x)
-        slope = float(w @ (M @ n))
-        if slope == 0.0:
-            return None
-        step = float(w @ H[0] + b) / slope
-        t -= step
-        if abs(step) <= 1e-15 * (abs(t) + 1.0):
-            return t
-    return t
+    """The kink of ``f`` on ``p + t n`` within ``t0 ± delta`` (6 queries; see :func:`kink_in_bracket`)."""
+    T = t0 + delta * np.asarray(OFFSETS)
+    return kink_in_bracket(T, query(p[None, :] + T[:, None] * n[None, :]))
 
 
 def complete_row(
@@ -209,7 +181,7 @@ def complete_row(
             if not np.any(n1):
                 continue
             n1 = n1 / float(np.linalg.norm(n1))
-            t0 = _root(layers, w, b, p1, n1)
+            t0 = root_on_line(layers, w, b, p1, n1)
             if t0 is None:
                 continue
             line, qn = _crossing(query, p1 + t0 * n1, n1, 0.05 * scale, max(16, n_grid // 8), rel_tol)
@@ -252,7 +224,7 @@ def complete_row(
                 if not np.any(n2):
                     continue
                 n2 = n2 / float(np.linalg.norm(n2))
-                t2 = _root(layers, wc, b, p2, n2)
+                t2 = root_on_line(layers, wc, b, p2, n2)
                 if t2 is None:
                     continue
                 dist = pfx.boundary_distance(layers, p2 + t2 * n2)

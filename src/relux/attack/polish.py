@@ -24,7 +24,7 @@ from relux.oracle.base import FloatArray
 log = logging.getLogger(__name__)
 QueryFn = Callable[[FloatArray], FloatArray]
 
-_OFFSETS = np.array([-1.0, -0.6, -0.3, 0.3, 0.6, 1.0])
+OFFSETS = (-1.0, -0.6, -0.3, 0.3, 0.6, 1.0)  # probe positions across a boundary, in units of the half-width
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Polished:
     reason: str
 
 
-def _root(layers: Sequence[pfx.Layer], w: FloatArray, b: float, p: FloatArray, n: FloatArray) -> float | None:
+def root_on_line(layers: Sequence[pfx.Layer], w: FloatArray, b: float, p: FloatArray, n: FloatArray) -> float | None:
     """``t`` near 0 where the estimated pre-activation vanishes on ``p + t n`` (Newton on a piecewise
     linear function: exact once the piece is right)."""
     t = 0.0
@@ -58,6 +58,29 @@ def _root(layers: Sequence[pfx.Layer], w: FloatArray, b: float, p: FloatArray, n
         if abs(step) <= 1e-15 * (abs(t) + 1.0):
             return t
     return t
+
+
+def kink_in_bracket(T: FloatArray, Y: FloatArray) -> float | None:
+    """The kink between ``T[2]`` and ``T[3]`` of ``f`` sampled at the six points ``T`` (three a side),
+    by intersecting the two affine pieces. None when a side is not affine (another kink in the
+    segment) or the slopes agree (no kink: the neuron does not reach the output there)."""
+    tl, tr = T[:3], T[3:]
+    Yl, Yr = Y[:3], Y[3:]
+    sl = (Yl[2] - Yl[0]) / (tl[2] - tl[0])
+    sr = (Yr[2] - Yr[0]) / (tr[2] - tr[0])
+    scale_f = float(np.max(np.abs(Y))) + 1e-300
+    # each side affine: the middle point on the chord (up to rounding)
+    devl = np.max(np.abs(Yl[1] - (Yl[0] + sl * (tl[1] - tl[0]))))
+    devr = np.max(np.abs(Yr[1] - (Yr[0] + sr * (tr[1] - tr[0]))))
+    if max(devl, devr) > 1e-9 * scale_f:
+        return None
+    ds = sr - sl
+    den = float(ds @ ds)
+    if den <= (1e-6 * float(np.max(np.abs(np.concatenate([sl, sr])))) + 1e-300) ** 2:
+        return None
+    # Yl0 + sl (t - tl0) = Yr0 + sr (t - tr0)
+    t = float((Yl[0] - Yr[0] - sl * tl[0] + sr * tr[0]) @ ds) / den
+    return t if tl[2] < t < tr[0] else None
 
 
 def boundary_points(
@@ -95,7 +118,7 @@ def boundary_points(
         if nn2 == 0.0:
             continue
         n2 = n2 / nn2
-        t0 = _root(layers, w, b, p, n2)
+        t0 = root_on_line(layers, w, b, p, n2)
         if t0 is None:
             continue
         c = p + t0 * n2
@@ -112,31 +135,14 @@ def boundary_points(
         return np.zeros((0, anchors.shape[1])), 0
     P = np.asarray(bases)
     N = np.asarray(normals)
-    T = np.asarray(ts)[:, None] + np.asarray(deltas)[:, None] * _OFFSETS[None, :]  # (n, 6)
+    T = np.asarray(ts)[:, None] + np.asarray(deltas)[:, None] * np.asarray(OFFSETS)[None, :]  # (n, 6)
     X = P[:, None, :] + T[:, :, None] * N[:, None, :]
     Y = query(X.reshape(-1, X.shape[2])).reshape(X.shape[0], 6, -1)
     out: list[FloatArray] = []
     for i in range(X.shape[0]):
-        tl, tr = T[i, :3], T[i, 3:]
-        Yl, Yr = Y[i, :3], Y[i, 3:]
-        sl = (Yl[2] - Yl[0]) / (tl[2] - tl[0])
-        sr = (Yr[2] - Yr[0]) / (tr[2] - tr[0])
-        scale_f = float(np.max(np.abs(Y[i]))) + 1e-300
-        # each side affine: the middle point on the chord (up to rounding)
-        devl = np.max(np.abs(Yl[1] - (Yl[0] + sl * (tl[1] - tl[0]))))
-        devr = np.max(np.abs(Yr[1] - (Yr[0] + sr * (tr[1] - tr[0]))))
-        if max(devl, devr) > 1e-9 * scale_f:
-            continue
-        ds = sr - sl
-        den = float(ds @ ds)
-        if den <= (1e-6 * float(np.max(np.abs(np.concatenate([sl, sr])))) + 1e-300) ** 2:
-            continue  # no kink here: the neuron does not reach the output at this point
-        # Yl0 + sl (t - tl0) = Yr0 + sr (t - tr0)
-        rhs = Yl[0] - Yr[0] - sl * tl[0] + sr * tr[0]
-        t = float(rhs @ ds) / den
-        if not (tl[2] < t < tr[0]):
-            continue
-        out.append(P[i] + t * N[i])
+        t = kink_in_bracket(T[i], Y[i])
+        if t is not None:
+            out.append(P[i] + t * N[i])
     return (np.asarray(out) if out else np.zeros((0, anchors.shape[1]))), int(X.shape[0] * 6)
 
 
