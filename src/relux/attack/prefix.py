@@ -30,16 +30,18 @@ def forward(layers: Sequence[Layer], X: FloatArray) -> tuple[list[FloatArray], F
 def jacobian(layers: Sequence[Layer], x: FloatArray) -> tuple[FloatArray, list[FloatArray]]:
     """Local Jacobian ``M_x`` (``d_last x d0``) of the last known layer's output at one point, and the
     Jacobian of every known layer's pre-activation (for distances to its boundaries)."""
-    d0 = x.shape[0]
-    M = np.eye(d0)
+    if not layers:
+        return np.eye(x.shape[0]), []
+    M: FloatArray | None = None  # the identity, never formed (d0 x d0 would dominate the cost)
     h = x
     pre_jacs: list[FloatArray] = []
     for W, b in layers:
         z = W @ h + b
-        Jz = W @ M
+        Jz = np.array(W, dtype=float) if M is None else W @ M
         pre_jacs.append(Jz)
         M = (z > 0)[:, None] * Jz
         h = np.maximum(z, 0.0)
+    assert M is not None
     return M, pre_jacs
 
 
