@@ -32,7 +32,7 @@ from relux.zoo import random_mlp
 ARCH = (12, 8, 2)
 
 #: The self-check tolerance the CLI and ExtractionConfig use by default.
-SELFCHECK_TOL = 1e-9
+SELFCHECK_TOL = 1e-8
 
 #: A guard on every run through an inexact oracle: about 100x the queries an exact extraction of ARCH
 #: needs (about 2^11.4). A kink search that does not converge keeps doubling its batches; the budget

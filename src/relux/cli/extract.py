@@ -110,9 +110,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--selfcheck-tol",
         type=_positive_float,
-        default=1e-9,
+        default=1e-8,
         metavar="T",
-        help="self-check tolerance, relative to max|f| on fresh queries (default 1e-9)",
+        help="self-check tolerance, relative to max|f| on fresh queries (default 1e-8: a wrong sign or a missing "
+        "neuron leaves errors of 1e-4 and more, float64 precision losses through deep layers stay below)",
     )
     # parallel execution (relux.parallel): the oracle stays in this process; results do not depend on --jobs
     parser.add_argument(
