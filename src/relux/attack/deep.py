@@ -87,15 +87,17 @@ def extract_layer(
     # In the last hidden layer every kink the prefix does not explain is one of its own: while some are
     # unexplained and rows are missing, more lines are worth their cost.
     max_lines = cfg.max_search_lines * (8 if is_last else 4)
+    kept: list[NeuronRow] = []  # rows confirmed in some round: later regrouping must not lose them
     while lines_used < max_lines:
-        good = _good(rows, score)
-        known = (np.stack([r.w for r in good]), np.array([r.b for r in good])) if good else None
+        known = (np.stack([r.w for r in kept]), np.array([r.b for r in kept])) if kept else None
         new, info = collect_witnesses(query, layers, d0, per_round, n_grid, cfg, rng, rel_tol,
                                       line_offset=lines_used, known=known)
         lines_used += per_round
         witnesses += new
         all_lines += info.lines_found
         rows, score = _build_rows(witnesses, chains, all_lines, layers, rng, width)
+        kept = _merge_kept(kept, _good(rows, score))
+        rows, score = _with_kept(kept, rows, all_lines, layers)
         good = _good(rows, score)
         log.debug("layer %d: %d lines, %d witnesses, %d rows, %d complete", len(layers) + 1, lines_used,
                   len(witnesses), len(rows), len(good))
@@ -374,6 +376,35 @@ def _targeted_lines(
     if not x0s:
         return np.zeros((0, d0)), np.zeros((0, d0))
     return np.asarray(x0s), np.asarray(us)
+
+
+def _merge_kept(kept: Sequence[NeuronRow], good: Sequence[NeuronRow]) -> list[NeuronRow]:
+    """``kept`` plus the rows of ``good`` that are new (a kept row is replaced by a better-supported
+    measurement of the same hyperplane)."""
+    out = list(kept)
+    for r in good:
+        key = np.append(r.w, r.b)
+        if out:
+            dist = hyperplane_distance(key, np.stack([np.append(x.w, x.b) for x in out]))
+            j = int(np.argmin(dist))
+            if float(dist[j]) < 1e-4:
+                if len(r.members) > len(out[j].members):
+                    out[j] = r
+                continue
+        out.append(r)
+    return out
+
+
+def _with_kept(
+    kept: Sequence[NeuronRow], rows: Sequence[NeuronRow], lines: Sequence[LineKinks], layers: Sequence[pfx.Layer]
+) -> tuple[list[NeuronRow], list[int]]:
+    """The candidate rows with every kept row among them (kept first), and their scores."""
+    if not kept:
+        return list(rows), list(_score_rows(rows, lines, layers)[0]) if rows else []
+    keys = np.stack([np.append(x.w, x.b) for x in kept])
+    rest = [r for r in rows if float(np.min(hyperplane_distance(np.append(r.w, r.b), keys))) >= 1e-4]
+    merged = [*kept, *rest]
+    return merged, list(_score_rows(merged, lines, layers)[0])
 
 
 def _score_rows(
