@@ -98,6 +98,8 @@ def extract_layer(
         rows, score = _build_rows(witnesses, chains, all_lines, layers, rng, width)
         kept = _merge_kept(kept, _good(rows, score))
         rows, score = _with_kept(kept, rows, all_lines, layers)
+        # a kept row must keep explaining its crossings as lines accumulate (a false one stops)
+        kept = [r for r, sc in zip(rows[: len(kept)], score[: len(kept)], strict=True) if sc >= 3]
         good = _good(rows, score)
         log.debug("layer %d: %d lines, %d witnesses, %d rows, %d complete", len(layers) + 1, lines_used,
                   len(witnesses), len(rows), len(good))
