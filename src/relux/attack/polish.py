@@ -66,6 +66,8 @@ def kink_in_bracket(T: FloatArray, Y: FloatArray) -> float | None:
     segment) or the slopes agree (no kink: the neuron does not reach the output there)."""
     tl, tr = T[:3], T[3:]
     Yl, Yr = Y[:3], Y[3:]
+    if not (tl[0] < tl[1] < tl[2] < tr[0] < tr[1] < tr[2]):
+        return None  # a bracket too narrow to resolve in float64
     sl = (Yl[2] - Yl[0]) / (tl[2] - tl[0])
     sr = (Yr[2] - Yr[0]) / (tr[2] - tr[0])
     scale_f = float(np.max(np.abs(Y))) + 1e-300
