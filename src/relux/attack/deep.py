@@ -235,6 +235,9 @@ def extract_layer(
         ws = wiggle_signs(query, layers, W, b, d0, cfg.input_scale, rng)
         sgn = ws.signs
         conf = ws.confidence
+        if len(final) < width:
+            # a missing row moves with every probe and can make even a clean-looking verdict wrong
+            conf = np.minimum(conf, 0.5)
         sign_method = (f"wiggle ({ws.controllable_points}/{ws.points} controllable points, "
                        f"{int(ws.decided.sum())} decided)")
     W = W * sgn[:, None]
