@@ -29,7 +29,7 @@ from typing import Any, Literal
 from relux.errors import InputError
 from relux.model import format_arch
 from relux.oracle.base import Oracle
-from relux.oracle.journal import JournalOracle
+from relux.oracle.journal import JournalOracle, sync_dir
 
 log = logging.getLogger(__name__)
 
@@ -127,16 +127,7 @@ def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    sync_dir(path.parent)
 
 
 def _now() -> str:

@@ -152,7 +152,7 @@ def _sync(fh: BinaryIO) -> None:
     sync(fh.fileno())
 
 
-def _sync_dir(path: Path) -> None:
+def sync_dir(path: Path) -> None:
     """Make a new or renamed directory entry durable (a no-op where directories cannot be opened)."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -209,7 +209,7 @@ class JournalOracle(OracleWrapper):
             self._fh.seek(valid)
             _sync(self._fh)
             if not existed:
-                _sync_dir(self.path.parent)
+                sync_dir(self.path.parent)
         except BaseException:
             self._fh.close()
             raise
@@ -331,7 +331,7 @@ class JournalOracle(OracleWrapper):
                                               start + _FRAME.size + _HEAD.size, start + len(data)))
                 _sync(out)
             os.replace(tmp, self.path)
-            _sync_dir(self.path.parent)
+            sync_dir(self.path.parent)
             self._fh.close()
             self._fh = open(self.path, "r+b")
             self._fh.seek(0, os.SEEK_END)
