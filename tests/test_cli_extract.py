@@ -109,6 +109,11 @@ _c = _rng.normal(size=5) * 0.1
 _U = _rng.normal(size=(2, 5))
 
 
+def affine(X):
+    # no kink anywhere: no layer of a 9-6-5-2 network can be found
+    return X[:, :2] * 2.0 + 1.0
+
+
 def deep(X):
     # two hidden layers (9-6-5-2): deeper than a 9-6-2 --arch claims
     return np.maximum(np.maximum(X @ W1.T + b1, 0.0) @ _V.T + _c, 0.0) @ _U.T + b2
@@ -237,6 +242,21 @@ def test_selfcheck_failure_writes_report_not_model(tmp_path: Path, capsys: pytes
         assert report["selfcheck"]["passed"] is False and report["selfcheck"]["max_rel_error"] > 1e-9
     else:
         assert "not a ReLU network" in captured.err
+
+
+def test_layer_failure_writes_partial_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A deep run that stops in a layer: exit 1, no model, a report naming the layer and the noise floor."""
+    (tmp_path / "victim.py").write_text(ORACLE_FILE)
+    out, rep = tmp_path / "extracted.npz", tmp_path / "report.json"
+    argv = ["extract", "--oracle", f"{tmp_path / 'victim.py'}:affine", "--arch", "9-6-5-2"]
+    assert run_cli([*argv, "--out", str(out), "--report", str(rep)]) == 1
+    captured = capsys.readouterr()
+    assert not out.exists()
+    assert "layer 1" in captured.err
+    report = read_json(rep)
+    assert report["failed"] is True and report["ok"] is False
+    assert report["failed_layer"] == 1 and report["layers"] == []
+    assert report["noise_floor"] >= 0.0 and report["queries"] > 0
 
 
 # --------------------------------------------------------------------------- demo
