@@ -36,6 +36,9 @@ class ExtractionConfig:
             witness).
         max_enum_bits: largest number of free sign bits enumerated exhaustively when a layer is wider
             than its input (attack-notes §4).
+        restarts: extra attempts of a deep extraction that failed (each from new random lines, seed
+            ``seed + attempt``; every attempt's queries are counted). A failure is always one that
+            the checks detected, so a restart can only replace a rejected result.
         batch_rows: rows per oracle call.
         progress: show progress bars (tqdm on stderr).
         jobs: workers for the per-neuron work (``relux.parallel``); 1 runs it in this process. The
@@ -58,6 +61,7 @@ class ExtractionConfig:
     selfcheck_tol: float = 1e-8
     selfcheck_points: int = 2000
     max_enum_bits: int = 22
+    restarts: int = 2
     batch_rows: int = 65536
     progress: bool = False
     jobs: int = 1
@@ -84,6 +88,7 @@ class ExtractionConfig:
         need(self.selfcheck_points >= 10, "selfcheck_points", "an integer >= 10")
         need(0 <= self.max_enum_bits <= 30, "max_enum_bits", "an integer in [0, 30]")
         need(self.batch_rows >= 1, "batch_rows", "an integer >= 1")
+        need(isinstance(self.restarts, int) and 0 <= self.restarts <= 10, "restarts", "an integer in [0, 10]")
         need(isinstance(self.jobs, int) and not isinstance(self.jobs, bool) and self.jobs >= 1, "jobs",
              "an integer >= 1")
         need(self.backend in ("loky", "ray"), "backend", "'loky' or 'ray'")

@@ -85,15 +85,42 @@ def extract(
     """
     cfg = config or ExtractionConfig()
     a = _check_arch(oracle, arch)
-    with make_executor(cfg.backend, cfg.jobs, cfg.ray_address) as executor:
-        return _extract(oracle, a, cfg, executor)
-
-
-def _extract(oracle: Oracle, a: tuple[int, ...], cfg: ExtractionConfig, executor: Executor) -> ExtractionResult:
     counter = CountingOracle(oracle)
-    stages = _Stages(counter, executor)
-    rng = np.random.default_rng(cfg.seed)
     t_start = time.perf_counter()
+    # Deep extraction is a randomised search whose every result is checked on fresh queries: a failed
+    # attempt is restarted from new random lines (a Las Vegas algorithm). One hidden layer needs none.
+    attempts = cfg.restarts + 1 if len(a) > 3 else 1
+    failed: list[StageStats] = []
+    notes: list[str] = []
+    with make_executor(cfg.backend, cfg.jobs, cfg.ray_address) as executor:
+        for attempt in range(attempts):
+            q0, t0 = counter.queries, time.perf_counter()
+            try:
+                return _extract(counter, a, cfg, executor, cfg.seed + attempt, t_start, failed, notes)
+            except ExtractionFailed as exc:
+                failed.append(StageStats(f"failed_attempt_{attempt + 1}", counter.queries - q0,
+                                         time.perf_counter() - t0, None))
+                notes.append(f"attempt {attempt + 1} (seed {cfg.seed + attempt}) failed: {exc}")
+                if attempt + 1 == attempts:
+                    raise
+                log.warning("attempt %d failed (%s); restarting from new random lines", attempt + 1, exc)
+    raise AssertionError("unreachable")
+
+
+def _extract(
+    counter: CountingOracle,
+    a: tuple[int, ...],
+    cfg: ExtractionConfig,
+    executor: Executor,
+    seed: int,
+    t_start: float,
+    prior: Sequence[StageStats],
+    notes: Sequence[str],
+) -> ExtractionResult:
+    stages = _Stages(counter, executor)
+    stages.stats.extend(prior)
+    stages.t_start = t_start
+    rng = np.random.default_rng(seed)
     d0 = a[0]
     scale = cfg.input_scale
     with stages.stage("noise_floor"):
@@ -121,8 +148,8 @@ def _extract(oracle: Oracle, a: tuple[int, ...], cfg: ExtractionConfig, executor
         layers=layer_reports,
         selfcheck=check,
         noise_floor=floor,
-        config=cfg.to_json(),
-        warnings=tuple(warnings),
+        config={**cfg.to_json(), "seed_used": seed},
+        warnings=(*notes, *warnings),
         execution=execution_report(executor, stages.parallel),
     )
     if not check.passed:
