@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from relux.cli.common import nonneg_int
+from relux.cli.common import nonneg_int, positive_int
 from relux.errors import BudgetExhausted, ExtractionFailed, InputError, OracleError
 from relux.model import format_arch, parse_arch
 
@@ -62,14 +62,6 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}")
-    return value
 
 
 def register(subparsers: Any) -> None:
@@ -118,7 +110,7 @@ def register(subparsers: Any) -> None:
     # parallel execution (relux.parallel): the oracle stays in this process; results do not depend on --jobs
     parser.add_argument(
         "--jobs",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         metavar="N",
         help="workers for the per-neuron work; the victim is still queried from this process only, and the "
