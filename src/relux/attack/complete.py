@@ -144,7 +144,7 @@ def complete_row(
     times ``sqrt(d0)``. For each missing coordinate ``m``: walk along the boundary (holding the other
     unknown coordinates fixed) to just past where ``m`` switches on, search a short segment across
     the boundary for the kink nearest the estimated crossing, read ``w_m`` from it, and confirm with
-    a second probe further on, where the completed row must predict a kink to 1e-7 of the segment.
+    a second probe further on, where the completed row must predict a kink to 1e-6 of the bracket.
     Coordinates never reached stay zero and are reported in ``reasons``.
     """
     w = np.array(w, dtype=float)
@@ -155,21 +155,18 @@ def complete_row(
     for m in (int(i) for i in np.flatnonzero(~cov)):
         done = False
         reason = "no anchor from which the coordinate could be switched on along the boundary"
+        others = ~cov  # the unknown coordinates other than m
+        others[m] = False
+        hold = [int(k) for k in np.flatnonzero(others)]
         for x in anchors[:3]:
-            M, _ = pfx.jacobian(layers, x)
-            nrm = w @ M
-            nn = float(np.linalg.norm(nrm))
-            if nn == 0.0:
+            if pfx.unit_normal(layers, w, x) is None:
                 continue
-            nrm = nrm / nn
-            hold = [int(k) for k in np.flatnonzero(~cov) if k != m]
             walked = _walk(layers, x, w, m, hold, scale)
             if walked is None:
                 continue
             p1, d = walked
             cands: list[float] = []
-            _, jacs1 = pfx.jacobian(layers, p1)
-            M1, _ = pfx.jacobian(layers, p1)
+            M1, jacs1 = pfx.jacobian(layers, p1)
             n0 = w @ M1
             held1: list[int] = []
             for k in [m, *hold]:
@@ -193,8 +190,6 @@ def complete_row(
                     continue
                 _, H = pfx.forward(layers, xk[None, :])
                 h = H[0]
-                others = ~cov.copy()
-                others[m] = False
                 if h[m] <= 0 or np.any(h[others] > 0):
                     continue
                 cands.append(float(-(w @ h + b) / h[m]))
@@ -205,12 +200,10 @@ def complete_row(
             # Confirm: further along, the completed row must predict a kink the oracle shows.
             # a second point past the switch where, of the unknown coordinates, only m is on
             p2 = None
-            others_m = ~cov.copy()
-            others_m[m] = False
             for eps in (3e-3, 1e-2, 3e-2, 1e-1):
                 cand_p = p1 + eps * scale * d
                 _, Hc = pfx.forward(layers, cand_p[None, :])
-                if Hc[0][m] > 0 and not np.any(Hc[0][others_m] > 0):
+                if Hc[0][m] > 0 and not np.any(Hc[0][others] > 0):
                     p2 = cand_p
             if p2 is None:
                 reason = "no second point where only the coordinate is on"
@@ -219,11 +212,9 @@ def complete_row(
             for c in cands:
                 wc = w.copy()
                 wc[m] = c
-                Mc, _ = pfx.jacobian(layers, p2)
-                n2 = wc @ Mc
-                if not np.any(n2):
+                n2 = pfx.unit_normal(layers, wc, p2)
+                if n2 is None:
                     continue
-                n2 = n2 / float(np.linalg.norm(n2))
                 t2 = root_on_line(layers, wc, b, p2, n2)
                 if t2 is None:
                     continue

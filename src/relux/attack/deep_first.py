@@ -61,7 +61,8 @@ def first_layer_of_deep(
     Search lines are gridded for the kinks of every layer (``total_hidden``), not only the first.
     A refined row is accepted when two measurements at different base points agree to within
     ``1e-9`` of the row's norm (float64 refinement reaches ~1e-12; a probe that crossed an unseen
-    boundary is off by far more), and when it stays within ``1e-4`` of the discovery estimate.
+    boundary is off by far more) and each passed the refinement's own checks (it moved by at most
+    ``1e-3`` from the discovery estimate).
     """
     dcfg = cfg.replace(grid_per_neuron=cfg.grid_per_neuron * max(total_hidden, width) / width)
     sigs, info = discover_first_layer(query, d0, width, dcfg, rng, rel_tol)

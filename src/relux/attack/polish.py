@@ -104,22 +104,16 @@ def boundary_points(
     while len(bases) < n_points and tries < 4 * n_points:
         tries += 1
         x = anchors[tries % anchors.shape[0]]
-        M, _ = pfx.jacobian(layers, x)
-        n = w @ M
-        nn = float(np.linalg.norm(n))
-        if nn == 0.0:
+        n = pfx.unit_normal(layers, w, x)
+        if n is None:
             continue
-        n = n / nn
         v = rng.normal(size=x.size)
         v -= (v @ n) * n
         v *= spread * float(rng.uniform(0.05, 1.0)) / float(np.linalg.norm(v))
         p = x + v
-        M, _ = pfx.jacobian(layers, p)
-        n2 = w @ M
-        nn2 = float(np.linalg.norm(n2))
-        if nn2 == 0.0:
+        n2 = pfx.unit_normal(layers, w, p)
+        if n2 is None:
             continue
-        n2 = n2 / nn2
         t0 = root_on_line(layers, w, b, p, n2)
         if t0 is None:
             continue

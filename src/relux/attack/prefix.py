@@ -45,6 +45,18 @@ def jacobian(layers: Sequence[Layer], x: FloatArray) -> tuple[FloatArray, list[F
     return M, pre_jacs
 
 
+def unit_normal(layers: Sequence[Layer], w: FloatArray, x: FloatArray) -> FloatArray | None:
+    """Unit input-space gradient at ``x`` of the pre-activation ``w·h(x) + b`` of a row behind the
+    prefix (the normal of its boundary there); None where it vanishes."""
+    M, _ = jacobian(layers, x)
+    n = w @ M
+    nn = float(np.linalg.norm(n))
+    if nn == 0.0:
+        return None
+    out: FloatArray = n / nn
+    return out
+
+
 def boundary_distance(layers: Sequence[Layer], x: FloatArray) -> float:
     """Distance (to first order) from ``x`` to the nearest boundary of any known neuron."""
     if not layers:
