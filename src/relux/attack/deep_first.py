@@ -19,6 +19,7 @@ import numpy as np
 from relux.attack.config import ExtractionConfig
 from relux.attack.deep import LayerOutcome
 from relux.attack.first_layer import RefinedRow, discover_first_layer, refine_first_layer
+from relux.attack.hyperplanes import stack_signatures
 from relux.attack.polish import polish_row
 from relux.attack.wiggle import wiggle_signs
 from relux.oracle.base import FloatArray
@@ -73,9 +74,7 @@ def first_layer_of_deep(
             "layer 1: no kink of f was confirmed as a first-layer hyperplane on any search line: expected the "
             "kinks of a ReLU network, found none; check the oracle and --input-scale"
         )
-    W = np.stack([s.w for s in sigs])
-    b = np.array([s.b for s in sigs])
-    starts = np.stack([s.point for s in sigs])
+    W, b, starts = stack_signatures(sigs)
     n = W.shape[0]
     accepted = np.zeros(n, dtype=bool)
     agreement = np.full(n, np.inf)

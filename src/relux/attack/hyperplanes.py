@@ -8,6 +8,7 @@ real factor, with the relative signs of its entries, and ``c`` (the jump seen by
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +51,11 @@ def signature_from_jump(delta: FloatArray, point: FloatArray) -> Signature:
     ratio = float(S[1] / S[0]) if S.size > 1 and S[0] > 0 else 0.0
     jump = U[:, 0] * S[0]
     return Signature(w=w, b=float(-(w @ point)), jump=jump, rank_ratio=ratio, point=point)
+
+
+def stack_signatures(sigs: Sequence[Signature]) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """Rows ``W``, biases ``b`` and witness points of ``sigs`` as arrays."""
+    return np.stack([s.w for s in sigs]), np.array([s.b for s in sigs]), np.stack([s.point for s in sigs])
 
 
 def hyperplane_distance(a: FloatArray, b: FloatArray) -> FloatArray:

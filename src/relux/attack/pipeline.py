@@ -16,6 +16,7 @@ import numpy as np
 from relux.attack.checks import measure_noise_floor, self_check
 from relux.attack.config import ExtractionConfig
 from relux.attack.first_layer import RefinedRow, discover_first_layer, refine_first_layer
+from relux.attack.hyperplanes import stack_signatures
 from relux.attack.linalg import lstsq
 from relux.attack.result import ExtractionResult, LayerReport, PartialResult, StageStats
 from relux.attack.signs import fit_affine_plus_relu, solve_flips
@@ -179,9 +180,7 @@ def _extract_one_hidden(
             "no kink of f was confirmed on any search line: expected the kinks of a ReLU network, found none "
             "that behaves like one (f is affine, or not a ReLU network); check the oracle and --input-scale"
         )
-    W = np.stack([s.w for s in sigs])
-    b = np.array([s.b for s in sigs])
-    starts = np.stack([s.point for s in sigs])
+    W, b, starts = stack_signatures(sigs)
     rows: list[RefinedRow] = []
     with stages.stage("refinement", layer=1):
         for _pass in range(max(cfg.refine_passes, 1)):

@@ -10,6 +10,7 @@ search line, which a witness of a deeper neuron cannot do, and must differ from 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 
@@ -87,7 +88,7 @@ def rows_from_seeds(
                 continue
         row = NeuronRow(w=w, b=b, members=(i,), coverage=cov, residual=0.0, gap=np.inf)
         members = tuple(j for j, x in enumerate(witnesses) if on_neuron(x, row, tol=1e-6)) or (i,)
-        found.append(NeuronRow(w=w, b=b, members=members, coverage=cov, residual=0.0, gap=np.inf))
+        found.append(dataclasses.replace(row, members=members))
         log.debug("seed %d: new row confirmed (%d hits, %d misses, %d witnesses)", i, hits[0], misses[0],
                   len(members))
     return found
