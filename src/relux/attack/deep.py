@@ -229,7 +229,8 @@ def extract_layer(
     W = np.stack([r.w for r in final])
     b = np.array([r.b for r in final])
     if is_last:
-        sign_method, flips, conf = _last_layer_signs(query, layers, W, b, d0, cfg, rng, witnesses)
+        sign_method, flips, conf = _last_layer_signs(query, layers, W, b, d0, cfg, rng,
+                                                     np.stack([wt.x for wt in witnesses]))
         sgn = np.where(flips, -1.0, 1.0)
     else:
         ws = wiggle_signs(query, layers, W, b, d0, cfg.input_scale, rng)
@@ -253,6 +254,55 @@ def extract_layer(
                         float(max(r.residual for r in final)))
 
 
+def outcome_from_rows(
+    query: QueryFn,
+    layers: Sequence[pfx.Layer],
+    W: FloatArray,
+    b: FloatArray,
+    row_points: Sequence[FloatArray],
+    row_residual: FloatArray,
+    width: int,
+    d0: int,
+    is_last: bool,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    how: str,
+) -> LayerOutcome:
+    """A layer whose rows are already known (from walks, :mod:`relux.attack.walk`): signs as for any
+    layer (the last-layer solve, or the wiggle for an inner layer, checked by the next layer's walks)."""
+    nrm = np.linalg.norm(np.concatenate([W, b[:, None]], axis=1), axis=1)
+    W, b = W / nrm[:, None], b / nrm
+    scale = cfg.input_scale * float(np.sqrt(d0))
+    row_residual = np.array(row_residual, dtype=float)
+    for j in range(W.shape[0]):
+        P = row_points[j]
+        anchors = P[rng.choice(P.shape[0], size=min(8, P.shape[0]), replace=False)]
+        pol, _ = polish_row(query, layers, W[j], float(b[j]), anchors, d0, scale, rng)
+        if pol.ok:
+            n2 = float(np.linalg.norm(np.append(pol.w, pol.b)))
+            W[j], b[j], row_residual[j] = pol.w / n2, pol.b / n2, pol.residual
+    pts_all = np.concatenate(list(row_points))
+    if is_last:
+        sign_method, flips, conf = _last_layer_signs(query, layers, W, b, d0, cfg, rng, pts_all)
+        sgn = np.where(flips, -1.0, 1.0)
+    else:
+        ws = wiggle_signs(query, layers, W, b, d0, cfg.input_scale, rng)
+        sgn, conf = ws.signs, ws.confidence
+        sign_method = (f"wiggle ({ws.controllable_points}/{ws.points} controllable points, "
+                       f"{int(ws.decided.sum())} decided)")
+    W = W * sgn[:, None]
+    b = b * sgn
+    neurons = tuple(
+        {"index": j, "witnesses": int(row_points[j].shape[0]), "residual": float(row_residual[j]),
+         "uniqueness_gap": float("nan"), "sign": int(sgn[j]), "sign_confidence": float(conf[j]), "rows_from": how}
+        for j in range(W.shape[0])
+    )
+    pts = np.stack([p[0] for p in row_points])
+    return LayerOutcome(W, b, int(sum(p.shape[0] for p in row_points)), 0, sign_method, neurons,
+                        width - W.shape[0], pts, np.asarray(conf, dtype=float), np.ones(W.shape, dtype=bool),
+                        float(np.max(row_residual)) if row_residual.size else float("nan"))
+
+
 def _last_layer_signs(
     query: QueryFn,
     layers: Sequence[pfx.Layer],
@@ -261,15 +311,17 @@ def _last_layer_signs(
     d0: int,
     cfg: ExtractionConfig,
     rng: np.random.Generator,
-    witnesses: Sequence[Witness],
+    witness_x: FloatArray,
 ) -> tuple[str, np.ndarray, FloatArray]:
     d_in = W.shape[1]
     n = 2 * (d_in + W.shape[0] + 1) + 64
     # Points on both sides of every row's boundary, so that each ReLU feature switches in the sample.
     near: list[FloatArray] = []
     scale = cfg.input_scale * float(np.sqrt(d0))
+    _, Hw = pfx.forward(layers, witness_x)
+    hn = np.linalg.norm(Hw, axis=1) + 1.0
     for w_row, b_row in zip(W, b, strict=True):
-        on = [wt.x for wt in witnesses if abs(float(w_row @ wt.h + b_row)) <= 1e-6 * (np.linalg.norm(wt.h) + 1)]
+        on = witness_x[np.abs(Hw @ w_row + b_row) <= 1e-6 * hn]
         for x in on[:4]:
             M, _ = pfx.jacobian(layers, x)
             nrm = w_row @ M

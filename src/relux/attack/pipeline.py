@@ -6,10 +6,12 @@ signs and output layer (CM24 §5 for the last hidden layer), and the self-check 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,6 +25,9 @@ from relux.attack.signs import fit_affine_plus_relu, solve_flips
 from relux.errors import ExtractionFailed, InputError
 from relux.model import MLP, parse_arch
 from relux.oracle.base import FloatArray, Oracle
+
+if TYPE_CHECKING:
+    from relux.attack.deep import LayerOutcome
 from relux.oracle.wrappers import CountingOracle
 from relux.parallel import Executor, SerialExecutor, execution_report, make_executor
 
@@ -257,6 +262,52 @@ def _extract_one_hidden(
     return model, layer, witnesses, W / np.linalg.norm(W, axis=1, keepdims=True), radii, warnings
 
 
+def _walked_layer(
+    q: Callable[[FloatArray], FloatArray],
+    layers: list[tuple[FloatArray, FloatArray]],
+    reports: list[LayerReport],
+    width: int,
+    d0: int,
+    is_last: bool,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    rel_tol: float,
+    warnings: list[str],
+) -> tuple[list[tuple[FloatArray, FloatArray]], list[LayerReport], LayerOutcome | None]:
+    """Walks along layer-``i`` boundaries (:mod:`relux.attack.walk`): the signs of layer ``i - 1``,
+    repaired in place (with its report), and layer ``i``'s outcome when every row was walked."""
+    from relux.attack.deep import outcome_from_rows
+    from relux.attack.walk import walk_layer
+
+    wo = walk_layer(q, layers, width, d0, cfg, rng, rel_tol, rows_wanted=width)
+    i = len(layers) + 1
+    log.info("layer %d: %d/%d rows from %d walks (%d complete)%s", i, wo.W_next.shape[0], width, wo.walks,
+             wo.complete_walks, f"; {wo.reason}" if wo.reason else "")
+    if wo.solution is None or not wo.solution.ok:
+        warnings.append(f"layer {i - 1}: signs not checked by layer-{i} walks ({wo.reason})")
+        return layers, reports, None
+    W, b = layers[-1]
+    sgn = np.where(wo.flips, -1.0, 1.0)
+    layers = [*layers[:-1], (W * sgn[:, None], b * sgn)]
+    prev = reports[-1]
+    neurons = tuple(
+        {**nr, "sign": int(nr.get("sign", 1)) * int(sgn[j]),
+         "sign_confidence": float(wo.confidence[j]) if wo.decided[j] else nr.get("sign_confidence", 0.0)}
+        for j, nr in enumerate(prev.neurons)
+    )
+    flipped = [int(j) for j in np.flatnonzero(wo.flips)]
+    method = (f"{prev.sign_method}; checked by {wo.complete_walks} layer-{i} walks "
+              f"({wo.solution.method}, {int(wo.decided.sum())} decided, flipped {len(flipped)})")
+    reports = [*reports[:-1], dataclasses.replace(prev, sign_method=method, neurons=neurons)]
+    if flipped:
+        log.info("layer %d: walks flipped neuron(s) %s", i - 1, flipped)
+    if wo.W_next.shape[0] < width:
+        return layers, reports, None
+    out = outcome_from_rows(q, layers, wo.W_next, wo.b_next, wo.points, wo.row_residual, width, d0, is_last, cfg,
+                            rng, "walks")
+    return layers, reports, out
+
+
 def _extract_deep(
     counter: CountingOracle,
     a: tuple[int, ...],
@@ -280,11 +331,19 @@ def _extract_deep(
     for i, width in enumerate(hidden, start=1):
         with stages.stage("layer", layer=i):
             try:
+                out: LayerOutcome | None = None
                 if i == 1:
                     out = first_layer_outcome(q, d0, width, sum(hidden), cfg, rng, rel_tol)
                 else:
-                    out = extract_layer(q, layers, width, d0, sum(hidden), i == len(hidden), k, cfg, rng,
-                                        rel_tol)
+                    if hidden[i - 2] > min((d0, *hidden[: i - 2])):
+                        # The layer before is wider than its space of control: its signs (undecidable
+                        # by the wiggle) and this layer's rows, from walks along this layer's boundaries.
+                        layers, reports, out = _walked_layer(q, layers, reports, width, d0, i == len(hidden),
+                                                             cfg, rng, rel_tol, warnings)
+                    if out is None:
+                        out = extract_layer(q, layers, width, d0, sum(hidden), i == len(hidden), k, cfg, rng,
+                                            rel_tol)
+                assert out is not None
             except ExtractionFailed as exc:
                 if exc.partial is None:
                     exc.partial = PartialResult(a, counter.queries, time.perf_counter() - stages.t_start,

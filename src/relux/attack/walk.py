@@ -1,0 +1,460 @@
+"""Walking a next-layer boundary across a layer whose signs are unknown (the CM24 last-layer solve one
+layer down; attack-notes §4, "every sign decision must be checked").
+
+Layer ``i`` is known up to the sign of each row: ``ẑ_j = ŵ_j·h + b̂_j`` with ``h = h_{i-1}(x)`` from the
+known prefix. Because ``ReLU(-ẑ) = ReLU(ẑ) - ẑ``, every neuron ``k`` of layer ``i+1`` is, whatever
+those signs are,
+
+    z'_k = Σ_j u_j ReLU(ẑ_j) + a·h + c,     a = -Σ_{j flipped} u_j ŵ_j,
+
+linear in ``θ = (u, a, c)``. Each point found exactly on the boundary ``z'_k = 0`` is one linear
+equation on ``θ``, and the signs follow from several neurons' ``(u, a)`` by the same binary solve as
+the last hidden layer (:func:`relux.attack.signs.solve_flips`). No point of the layer needs to be
+controllable, so this decides expansive layers, where the wiggle cannot.
+
+Grouping exact points by neuron needs no signature: from a kink of ``k`` the walk steps along ``k``'s
+local hyperplane just across the boundary of one prefix neuron ``m``; there ``z'_k`` gains
+``μ·z_m`` (a multiple of ``m``'s affine pre-activation, sign-free), so one kink on a short line across
+the new piece gives ``μ`` and a second, predicted one confirms it is still ``k``. Once the walk has
+switched every neuron of layer ``i``, the null vector of the stacked features ``[ReLU(ẑ), h, 1]`` of
+its points is ``θ``; kinks of deeper neurons bend at boundaries the prefix does not know, and their
+walks fail the fit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from relux.attack import prefix as pfx
+from relux.attack.config import ExtractionConfig
+from relux.attack.critical import find_kinks
+from relux.attack.signs import SignSolution, solve_flips
+from relux.attack.witnesses import collect_witnesses
+from relux.oracle.base import FloatArray
+
+log = logging.getLogger(__name__)
+QueryFn = Callable[[FloatArray], FloatArray]
+
+
+@dataclass(frozen=True)
+class Walk:
+    """One walk along a next-layer boundary. ``theta`` is unit-norm ``(u, a, c)`` when ``ok``."""
+
+    theta: FloatArray
+    points: FloatArray
+    switched: np.ndarray  # neurons of layer i the walk crossed
+    steps: int
+    residual: float  # smallest / largest singular value of the point system
+    gap: float  # second-smallest / smallest singular value
+    ok: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class WalkOutcome:
+    """Signs of layer ``i`` and rows of layer ``i+1`` (in the sign-corrected coordinates)."""
+
+    flips: np.ndarray  # rows of layer i to negate
+    confidence: FloatArray  # per neuron of layer i; 0 where no walk decided it
+    decided: np.ndarray
+    W_next: FloatArray  # (rows, n_i): rows of layer i+1 behind the corrected layer i
+    b_next: FloatArray
+    points: tuple[FloatArray, ...]  # exact boundary points of each row
+    row_residual: FloatArray  # misfit of each row to its points
+    walks: int
+    complete_walks: int
+    solution: SignSolution | None
+    reason: str
+
+
+@dataclass
+class _Chain:
+    x: FloatArray  # current exact point on the boundary
+    g: FloatArray  # gradient of z'_k in the current region (unit)
+    points: list[FloatArray]
+    switched: np.ndarray  # over every prefix neuron
+    skip: set[int] = field(default_factory=set)
+    steps: int = 0
+    failures: int = 0
+    done: bool = False
+    reason: str = ""
+
+
+def _forms(layers: Sequence[pfx.Layer], x: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """Pre-activation and its input-space gradient for every prefix neuron at ``x``."""
+    Zs, _ = pfx.forward(layers, x[None, :])
+    _, J = pfx.jacobian(layers, x)
+    return np.concatenate([Z[0] for Z in Zs]), np.concatenate(J, axis=0)
+
+
+def _first_crossings(z: FloatArray, G: FloatArray, d: FloatArray) -> tuple[int, float, float]:
+    """Along ``x + t d``: the first prefix neuron crossed, when, and when the next one is crossed."""
+    rate = G @ d
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(z * rate < 0, -z / rate, np.inf)
+    order = np.argsort(t)
+    t1 = float(t[order[0]])
+    t2 = float(t[order[1]]) if t.size > 1 else np.inf
+    return int(order[0]), t1, t2
+
+
+def _plan(
+    ch: _Chain, z: FloatArray, G: FloatArray, layer_idx: FloatArray, rng: np.random.Generator
+) -> tuple[FloatArray, int, float, float] | None:
+    """A tangent direction whose first crossing switches a layer-i neuron the walk has not switched
+    (the nearest such), else one towards the nearest unswitched neuron whatever it crosses first.
+    After failures, a random tangent direction (to look again from another region)."""
+    n = ch.g
+    todo = [int(j) for j in layer_idx if not ch.switched[j] and int(j) not in ch.skip]
+    if (ch.failures >= 3 and ch.failures % 2 == 1) or not todo:
+        d = rng.normal(size=n.size)
+        d -= (d @ n) * n
+        d /= float(np.linalg.norm(d))
+        m1, t1, t2 = _first_crossings(z, G, d)
+        if not todo:
+            ch.skip = set()  # look again from wherever the random step lands
+        return (d, m1, t1, t2) if np.isfinite(t1) else None
+    best: tuple[float, FloatArray, int, float, float] | None = None
+    fallback: tuple[float, FloatArray, int, float, float] | None = None
+    for j in todo:
+        Pj = G[j] - (G[j] @ n) * n
+        nrm = float(np.linalg.norm(Pj))
+        if nrm <= 1e-12 * float(np.linalg.norm(G[j])):
+            continue
+        d = -np.sign(z[j]) * Pj / nrm if z[j] != 0 else Pj / nrm
+        m1, t1, t2 = _first_crossings(z, G, d)
+        if not np.isfinite(t1):
+            continue
+        cand = (t1, d, m1, t1, t2)
+        if not ch.switched[m1] and m1 in set(layer_idx.tolist()):
+            if best is None or t1 < best[0]:
+                best = cand
+        elif fallback is None or abs(z[j]) / nrm < fallback[0]:
+            fallback = (abs(z[j]) / nrm, d, m1, t1, t2)
+    pick = best or fallback
+    if pick is None:
+        return None
+    return pick[1], pick[2], pick[3], pick[4]
+
+
+def _region_radius(z: FloatArray, G: FloatArray, v: FloatArray) -> float:
+    """Distance from the point of ``z`` along ``±v`` to the nearest prefix boundary."""
+    rate = np.abs(G @ v)
+    with np.errstate(divide="ignore"):
+        return float(np.min(np.where(rate > 0, np.abs(z) / rate, np.inf)))
+
+
+def _features(layers: Sequence[pfx.Layer], P: FloatArray) -> FloatArray:
+    """``[ReLU(ẑ_i), h_{i-1}, 1]`` at the rows of ``P`` (``layers`` ends with layer ``i``)."""
+    Zs, _ = pfx.forward(layers, P)
+    _, Hprev = pfx.forward(layers[:-1], P)
+    return np.concatenate([np.maximum(Zs[-1], 0.0), Hprev, np.ones((P.shape[0], 1))], axis=1)
+
+
+def fit_theta(layers: Sequence[pfx.Layer], P: FloatArray) -> tuple[FloatArray, float, float]:
+    """Null vector of the features of exact boundary points ``P``: ``(θ unit, residual, gap)``. Points
+    located less exactly than the rest (1000x the median misfit) are dropped, twice at most."""
+    F = _features(layers, P)
+    keep = np.ones(F.shape[0], dtype=bool)
+    col = np.linalg.norm(F, axis=0)
+    col[col == 0] = 1.0
+    rn = np.linalg.norm(F, axis=1) + 1e-300
+    theta = np.full(F.shape[1], np.nan)
+    S = np.zeros(0)
+    for _ in range(3):
+        if keep.sum() < F.shape[1] + 1:
+            return np.full(F.shape[1], np.nan), 1.0, 0.0
+        _, S, Vt = np.linalg.svd(F[keep] / col, full_matrices=False)
+        theta = Vt[-1] / col
+        theta /= float(np.linalg.norm(theta))
+        r = np.abs(F @ theta) / rn
+        bad = keep & (r > 1e3 * float(np.median(r[keep])) + 1e-15)
+        if not bad.any():
+            break
+        keep &= ~bad
+    resid = float(np.max(np.abs(F[keep] @ theta) / rn[keep]))
+    gap = float(S[-2] / max(S[-1], np.finfo(float).tiny))
+    return theta, resid, gap
+
+
+def _local_normal(layers: Sequence[pfx.Layer], P: FloatArray, x: FloatArray) -> tuple[FloatArray, float, float] | None:
+    """The walk so far as one row: fit the points ``P`` with the layer-i neurons whose state varies
+    among them (the others are constant: zero, or affine in ``h`` and absorbed) and return the unit
+    normal of that row's piece at ``x``, the fit's residual and its uniqueness gap (None while the
+    points are fewer than the unknowns)."""
+    Zs, _ = pfx.forward(layers, P)
+    Zi = Zs[-1]
+    _, Hprev = pfx.forward(layers[:-1], P)
+    on = Zi > 0
+    vary = on.any(axis=0) & ~on.all(axis=0)
+    F = np.concatenate([np.maximum(Zi[:, vary], 0.0), Hprev, np.ones((P.shape[0], 1))], axis=1)
+    if F.shape[0] < F.shape[1] + 1:
+        return None
+    col = np.linalg.norm(F, axis=0)
+    col[col == 0] = 1.0
+    _, S, Vt = np.linalg.svd(F / col, full_matrices=False)
+    theta = Vt[-1] / col
+    resid = float(S[-1] / S[0])
+    gap = float(S[-2] / max(S[-1], np.finfo(float).tiny))
+    M, J = pfx.jacobian(layers[:-1], x) if len(layers) > 1 else (np.eye(x.size), [])
+    zx = pfx.forward(layers, x[None, :])[0][-1][0]
+    Gi = layers[-1][0] @ M
+    nv = int(vary.sum())
+    use = zx[vary] > 0
+    grad = theta[:nv][use] @ Gi[vary][use] + theta[nv : nv + M.shape[0]] @ M
+    nrm = float(np.linalg.norm(grad))
+    if nrm == 0.0:
+        return None
+    return grad / nrm, resid, gap
+
+
+def _sign_free(layers: Sequence[pfx.Layer]) -> list[pfx.Layer]:
+    """The prefix with its last layer doubled (``ŵ`` and ``-ŵ``): the same boundaries, and a space of
+    control that does not depend on that layer's unknown signs."""
+    W, b = layers[-1]
+    return [*layers[:-1], (np.concatenate([W, -W]), np.concatenate([b, -b]))]
+
+
+def _as_doubled(layers: Sequence[pfx.Layer], thetas: Sequence[FloatArray]) -> tuple[FloatArray, FloatArray] | None:
+    """Rows ``θ`` rewritten on the doubled layer's outputs ``[ReLU(ẑ), ReLU(-ẑ)]`` (exact when ``a`` lies
+    in the row space of ``Ŵ``, as in an expansive layer), to skip kinks of neurons already walked."""
+    if not thetas:
+        return None
+    W, b = layers[-1]
+    n = W.shape[0]
+    rows, bs = [], []
+    for th in thetas:
+        u, a, c = th[:n], th[n:-1], float(th[-1])
+        beta = np.linalg.lstsq(W.T, a, rcond=None)[0]
+        if np.linalg.norm(W.T @ beta - a) > 1e-9 * (np.linalg.norm(a) + 1e-300):
+            continue
+        rows.append(np.concatenate([u + beta, -beta]))
+        bs.append(c - float(beta @ b))
+    return (np.asarray(rows), np.asarray(bs)) if rows else None
+
+
+def _seeds(
+    query: QueryFn,
+    layers: Sequence[pfx.Layer],
+    d0: int,
+    n_lines: int,
+    n_grid: int,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    rel_tol: float,
+    thetas: Sequence[FloatArray] = (),
+) -> list[tuple[FloatArray, FloatArray]]:
+    """Kinks the prefix (and the rows already walked) do not explain, with their local normals."""
+    wts, _ = collect_witnesses(query, _sign_free(layers), d0, n_lines, n_grid, cfg, rng, rel_tol,
+                               known=_as_doubled(layers, thetas))
+    return [(wt.x, wt.normal) for wt in wts]
+
+
+def _on_row(layers: Sequence[pfx.Layer], theta: FloatArray, X: FloatArray) -> np.ndarray:
+    F = _features(layers, X)
+    return np.asarray(np.abs(F @ theta) <= 1e-6 * np.linalg.norm(F, axis=1) * float(np.linalg.norm(theta)))
+
+
+def walk_layer(
+    query: QueryFn,
+    layers: Sequence[pfx.Layer],
+    width: int,
+    d0: int,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    rel_tol: float,
+    rows_wanted: int,
+    max_rounds: int = 48,
+) -> WalkOutcome:
+    """Signs of the last known layer and rows of the next one (``width`` neurons) from walks along
+    next-layer boundaries; stops once ``rows_wanted`` distinct rows are known (or after
+    ``max_rounds`` rounds of search lines)."""
+    W, b = layers[-1]
+    n_i = W.shape[0]
+    n_grid = int(cfg.grid_per_neuron * (n_i + width)) + 16
+    thetas: list[FloatArray] = []
+    pts: list[FloatArray] = []
+    res: list[float] = []
+    walks = complete = 0
+    last_new = 0
+    for rnd in range(max_rounds):
+        if len(thetas) >= rows_wanted or rnd - last_new > 24:
+            break
+        before = len(thetas)
+        seeds = _seeds(query, layers, d0, 2, n_grid, cfg, rng, rel_tol, thetas)
+        while seeds and len(thetas) < rows_wanted:
+            if thetas:  # kinks of rows already walked (the known-row test above is stricter)
+                seeds = [sd for sd in seeds if not any(_on_row(layers, t, sd[0][None, :])[0] for t in thetas)]
+                if not seeds:
+                    break
+            nb = max(2, min(4, rows_wanted - len(thetas)))
+            batch, seeds = seeds[:nb], seeds[nb:]
+            for wk in walk_boundaries(query, layers, batch, d0, cfg, rng, rel_tol):
+                walks += 1
+                if not wk.ok:
+                    log.debug("walk failed: %s (%d steps, %d/%d switched)", wk.reason, wk.steps,
+                              int(wk.switched.sum()), n_i)
+                    continue
+                complete += 1
+                dup = any(abs(float(wk.theta @ t)) > 1 - 1e-6 for t in thetas)
+                if not dup:
+                    thetas.append(wk.theta)
+                    pts.append(wk.points)
+                    res.append(wk.residual)
+        if len(thetas) > before:
+            last_new = rnd
+        log.debug("walks: %d rows after %d walks (%d complete)", len(thetas), walks, complete)
+    flips = np.zeros(n_i, dtype=bool)
+    conf = np.zeros(n_i)
+    decided = np.zeros(n_i, dtype=bool)
+    if not thetas:
+        return WalkOutcome(flips, conf, decided, np.zeros((0, n_i)), np.zeros(0), (), np.zeros(0), walks,
+                           complete, None,
+                           "no walk along a next-layer boundary completed")
+    T = np.stack(thetas)
+    U, A, C = T[:, :n_i], T[:, n_i:-1], T[:, -1]
+    sol = solve_flips(U, A, W, cfg.max_enum_bits)
+    if sol.ok:
+        flips = sol.flips
+        decided = sol.relevant.copy()
+        conf = np.where(decided, sol.confidence, 0.0)
+    reason = "" if sol.ok else sol.reason
+    # rows of layer i+1 behind the corrected layer i: ReLU(ẑ_j) = ReLU(-ẑ_j) + ẑ_j for a flipped row
+    b_next = C + U[:, flips] @ b[flips]
+    return WalkOutcome(flips, conf, decided, U, b_next, tuple(pts), np.asarray(res), walks, complete, sol, reason)
+
+
+def walk_boundaries(
+    query: QueryFn,
+    layers: Sequence[pfx.Layer],
+    starts: Sequence[tuple[FloatArray, FloatArray]],
+    d0: int,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    rel_tol: float,
+    max_steps: int | None = None,
+) -> list[Walk]:
+    """Walk from each start ``(x, normal)`` until every neuron of the last known layer is switched;
+    every walk advances in the same oracle calls."""
+    n_i = layers[-1][0].shape[0]
+    n_all = sum(W.shape[0] for W, _ in layers)
+    layer_idx = np.arange(n_all - n_i, n_all)
+    spread = cfg.input_scale * float(np.sqrt(d0))
+    max_steps = 4 * n_i + 32 if max_steps is None else max_steps
+    chains = [_Chain(x=x.copy(), g=n / float(np.linalg.norm(n)), points=[x.copy()],
+                     switched=np.zeros(n_all, dtype=bool)) for x, n in starts]
+    for ch in chains:
+        ch.switched[: n_all - n_i] = True  # earlier layers: known signs, nothing to learn
+    while True:
+        active = [c for c in chains if not c.done]
+        if not active:
+            break
+        plans: list[tuple[_Chain, int, FloatArray, FloatArray, float, FloatArray]] = []
+        for ch in active:
+            if ch.switched.all():
+                ch.done, ch.reason = True, "complete"
+                continue
+            if ch.steps >= max_steps or ch.failures > 12:
+                ch.done, ch.reason = True, f"stopped after {ch.steps} steps ({ch.failures} failures)"
+                continue
+            z, G = _forms(layers, ch.x)
+            plan = _plan(ch, z, G, layer_idx, rng)
+            if plan is None:
+                ch.done, ch.reason = True, "no unswitched neuron reachable along the boundary"
+                continue
+            d, m1, t1, t2 = plan
+            ch.steps += 1
+            t_c = t1 + 0.5 * min(t2 - t1, max(t1, 0.5 * spread))  # far from the ridge: a long lever for μ
+            p = ch.x + t_c * d
+            zp, Gp = _forms(layers, p)
+            R = min(0.9 * _region_radius(zp, Gp, ch.g), 0.5 * spread)
+            if not np.isfinite(R) or R <= 1e-9 * spread:
+                ch.failures += 1
+                ch.skip.add(m1)
+                continue
+            plans.append((ch, m1, p, zp, R, Gp))
+        if not plans:
+            continue
+        # One batched kink search: a short line along the old normal through each step point.
+        x0 = np.stack([pl[2] for pl in plans])
+        U = np.stack([pl[0].g * pl[4] for pl in plans])
+        lines, _ = find_kinks(query, x0, U, -1.0, 1.0, 16, rel_tol)
+        # Each kink on the search line, nearest first, is a candidate for the new piece of the same
+        # neuron; a second, predicted kink on it decides (one batched call for every candidate).
+        cands: list[list[tuple[int, FloatArray, FloatArray, FloatArray, float]]] = []
+        v_x0: list[FloatArray] = []
+        v_u: list[FloatArray] = []
+        for (ch, m1, p, zp, R, Gp), line in zip(plans, lines, strict=True):
+            mine: list[tuple[int, FloatArray, FloatArray, FloatArray, float]] = []
+            pts = line.points()
+            for ti in np.argsort(np.abs(line.t))[:4]:
+                y1 = pts[int(ti)]
+                # the new piece: z'(y) = g·(y - x) + μ z_m(y), with z_m affine near the crossing
+                zm_y1 = float(zp[m1] + Gp[m1] @ (y1 - p))
+                if abs(zm_y1) <= 1e-9 * float(np.linalg.norm(Gp[m1])) * spread:
+                    continue
+                mu = -float(ch.g @ (y1 - ch.x)) / zm_y1
+                g_new = ch.g + mu * Gp[m1]
+                gn = g_new / float(np.linalg.norm(g_new))
+                v = rng.normal(size=d0)
+                v -= (v @ gn) * gn
+                v /= float(np.linalg.norm(v))
+                zy, Gy = _forms(layers, y1)
+                step = min(0.3 * _region_radius(zy, Gy, v), 0.3 * R)
+                p2 = y1 + step * v
+                z2, G2 = _forms(layers, p2)
+                half = min(0.9 * _region_radius(z2, G2, gn), 0.5 * step)
+                if not np.isfinite(step) or step <= 1e-9 * spread or half <= 1e-9 * spread:
+                    continue
+                v_x0.append(p2)
+                v_u.append(gn * half)
+                mine.append((len(v_x0) - 1, y1, gn, p2, step))
+            cands.append(mine)
+        vlines = find_kinks(query, np.asarray(v_x0), np.asarray(v_u), -1.0, 1.0, 8, rel_tol)[0] if v_x0 else []
+        for (ch, m1, *_rest), mine in zip(plans, cands, strict=True):
+            hit = None
+            for vi, y1, gn, _p2, step in mine:
+                vl = vlines[vi]
+                if vl.t.size == 0:
+                    continue
+                j = int(np.argmin(np.abs(vl.t)))
+                off = abs(float(vl.t[j])) * float(np.linalg.norm(vl.u))
+                # the predicted piece must hold at the second point (up to the drift of the estimate)
+                if off <= 1e-4 * step:
+                    hit = (y1, gn, vl.points()[j])
+                    break
+            if hit is None:
+                log.debug("walk: no kink on the search line continues the boundary (%d tried)", len(mine))
+                ch.failures += 1
+                ch.skip.add(m1)
+                continue
+            y1, gn, y2 = hit
+            fit = _local_normal(layers, np.asarray([*ch.points, y1, y2]), y1)
+            if fit is not None and fit[1] > 1e-8:
+                log.debug("walk: the new points contradict the walk's earlier ones (residual %.1e)", fit[1])
+                ch.failures += 1
+                ch.skip.add(m1)
+                continue
+            ch.points += [y1, y2]
+            ch.x = y1
+            ch.g = gn if fit is None or fit[2] < 1e4 else fit[0]
+            if not ch.switched[m1]:
+                ch.switched[m1] = True
+                ch.skip = set()
+                ch.failures = 0
+    out: list[Walk] = []
+    for ch in chains:
+        P = np.asarray(ch.points)
+        sw = ch.switched[layer_idx]
+        if not sw.all():
+            out.append(Walk(np.full(0, np.nan), P, sw, ch.steps, np.inf, 0.0, False, ch.reason))
+            continue
+        theta, resid, gap = fit_theta(layers, P)
+        ok = resid <= 1e-7 and gap >= 1e3  # a wrong point misfits by far more
+        reason = "" if ok else f"points do not fit one row (residual {resid:.1e}, gap {gap:.1e})"
+        out.append(Walk(theta, P, sw, ch.steps, resid, gap, ok, reason))
+    return out
