@@ -273,13 +273,16 @@ def _walked_layer(
     rng: np.random.Generator,
     rel_tol: float,
     warnings: list[str],
+    full: bool,
 ) -> tuple[list[tuple[FloatArray, FloatArray]], list[LayerReport], LayerOutcome | None]:
     """Walks along layer-``i`` boundaries (:mod:`relux.attack.walk`): the signs of layer ``i - 1``,
-    repaired in place (with its report), and layer ``i``'s outcome when every row was walked."""
+    checked and repaired in place (with its report), and, with ``full``, layer ``i``'s outcome when
+    every row was walked (otherwise three rows suffice for the check)."""
     from relux.attack.deep import outcome_from_rows
     from relux.attack.walk import walk_layer
 
-    wo = walk_layer(q, layers, width, d0, cfg, rng, rel_tol, rows_wanted=width)
+    wo = (walk_layer(q, layers, width, d0, cfg, rng, rel_tol, rows_wanted=width) if full
+          else walk_layer(q, layers, width, d0, cfg, rng, rel_tol, rows_wanted=min(3, width), max_rounds=3))
     i = len(layers) + 1
     log.info("layer %d: %d/%d rows from %d walks (%d complete)%s", i, wo.W_next.shape[0], width, wo.walks,
              wo.complete_walks, f"; {wo.reason}" if wo.reason else "")
@@ -301,7 +304,7 @@ def _walked_layer(
     reports = [*reports[:-1], dataclasses.replace(prev, sign_method=method, neurons=neurons)]
     if flipped:
         log.info("layer %d: walks flipped neuron(s) %s", i - 1, flipped)
-    if wo.W_next.shape[0] < width:
+    if not full or wo.W_next.shape[0] < width:
         return layers, reports, None
     out = outcome_from_rows(q, layers, wo.W_next, wo.b_next, wo.points, wo.row_residual, width, d0, is_last, cfg,
                             rng, "walks")
@@ -335,11 +338,12 @@ def _extract_deep(
                 if i == 1:
                     out = first_layer_outcome(q, d0, width, sum(hidden), cfg, rng, rel_tol)
                 else:
-                    if hidden[i - 2] > min((d0, *hidden[: i - 2])):
-                        # The layer before is wider than its space of control: its signs (undecidable
-                        # by the wiggle) and this layer's rows, from walks along this layer's boundaries.
-                        layers, reports, out = _walked_layer(q, layers, reports, width, d0, i == len(hidden),
-                                                             cfg, rng, rel_tol, warnings)
+                    expansive = hidden[i - 2] > min((d0, *hidden[: i - 2]))
+                    # Walks along this layer's boundaries check (and repair) the signs of the layer
+                    # before. After a layer wider than its space of control (signs undecidable by the
+                    # wiggle) they also give this layer's rows; otherwise a few walks are the check.
+                    layers, reports, out = _walked_layer(q, layers, reports, width, d0, i == len(hidden), cfg,
+                                                         rng, rel_tol, warnings, full=expansive)
                     if out is None:
                         out = extract_layer(q, layers, width, d0, sum(hidden), i == len(hidden), k, cfg, rng,
                                             rel_tol)
