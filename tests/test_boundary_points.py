@@ -83,7 +83,7 @@ def test_fit_row_is_exact_on_consistent_points_and_drops_outliers(seed: int, n_o
     H = H[H[:, -1] > 0]
     if H.shape[0] < d + 6:
         return
-    H[:n_out] += 0.1  # points off the boundary (another neuron's kink)
+    H[:n_out] += 0.1 * w / np.linalg.norm(w)  # points off the boundary (another neuron's kink)
     wf, bf, res, dropped = fit_row(H, w + 1e-3, b, np.ones(d, dtype=bool), rng)
     assert dropped >= n_out
     # exact data: only rounding remains, relative 1e-10 leaves a wide margin
