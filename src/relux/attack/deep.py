@@ -228,19 +228,8 @@ def extract_layer(
         )
     W = np.stack([r.w for r in final])
     b = np.array([r.b for r in final])
-    if is_last:
-        sign_method, flips, conf = _last_layer_signs(query, layers, W, b, d0, cfg, rng,
-                                                     np.stack([wt.x for wt in witnesses]))
-        sgn = np.where(flips, -1.0, 1.0)
-    else:
-        ws = wiggle_signs(query, layers, W, b, d0, cfg.input_scale, rng)
-        sgn = ws.signs
-        conf = ws.confidence
-        if len(final) < width:
-            # a missing row moves with every probe and can make even a clean-looking verdict wrong
-            conf = np.minimum(conf, 0.5)
-        sign_method = (f"wiggle ({ws.controllable_points}/{ws.points} controllable points, "
-                       f"{int(ws.decided.sum())} decided)")
+    sgn, conf, sign_method = _layer_signs(query, layers, W, b, d0, is_last, len(final) < width, cfg, rng,
+                                          np.stack([wt.x for wt in witnesses]))
     W = W * sgn[:, None]
     b = b * sgn
     neurons = tuple(
@@ -281,15 +270,8 @@ def outcome_from_rows(
         if pol.ok:
             n2 = float(np.linalg.norm(np.append(pol.w, pol.b)))
             W[j], b[j], row_residual[j] = pol.w / n2, pol.b / n2, pol.residual
-    pts_all = np.concatenate(list(row_points))
-    if is_last:
-        sign_method, flips, conf = _last_layer_signs(query, layers, W, b, d0, cfg, rng, pts_all)
-        sgn = np.where(flips, -1.0, 1.0)
-    else:
-        ws = wiggle_signs(query, layers, W, b, d0, cfg.input_scale, rng)
-        sgn, conf = ws.signs, ws.confidence
-        sign_method = (f"wiggle ({ws.controllable_points}/{ws.points} controllable points, "
-                       f"{int(ws.decided.sum())} decided)")
+    sgn, conf, sign_method = _layer_signs(query, layers, W, b, d0, is_last, W.shape[0] < width, cfg, rng,
+                                          np.concatenate(list(row_points)))
     W = W * sgn[:, None]
     b = b * sgn
     neurons = tuple(
@@ -301,6 +283,32 @@ def outcome_from_rows(
     return LayerOutcome(W, b, int(sum(p.shape[0] for p in row_points)), 0, sign_method, neurons,
                         width - W.shape[0], pts, np.asarray(conf, dtype=float), np.ones(W.shape, dtype=bool),
                         float(np.max(row_residual)) if row_residual.size else float("nan"))
+
+
+def _layer_signs(
+    query: QueryFn,
+    layers: Sequence[pfx.Layer],
+    W: FloatArray,
+    b: FloatArray,
+    d0: int,
+    is_last: bool,
+    short: bool,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    witness_x: FloatArray,
+) -> tuple[FloatArray, FloatArray, str]:
+    """Signs of a layer's rows: the CM24 last-layer solve for the last hidden layer, the wiggle for an
+    inner one (checked later by the next layer's walks). Returns ``(±1 per row, confidence, method)``."""
+    if is_last:
+        method, flips, conf = _last_layer_signs(query, layers, W, b, d0, cfg, rng, witness_x)
+        return np.where(flips, -1.0, 1.0), conf, method
+    ws = wiggle_signs(query, layers, W, b, d0, cfg.input_scale, rng)
+    conf = ws.confidence
+    if short:
+        # a missing row moves with every probe and can make even a clean-looking verdict wrong
+        conf = np.minimum(conf, 0.5)
+    return ws.signs, conf, (f"wiggle ({ws.controllable_points}/{ws.points} controllable points, "
+                            f"{int(ws.decided.sum())} decided)")
 
 
 def _last_layer_signs(

@@ -130,7 +130,7 @@ def _plan(
         if not np.isfinite(t1):
             continue
         cand = (t1, d, m1, t1, t2)
-        if not ch.switched[m1] and m1 in set(layer_idx.tolist()):
+        if not ch.switched[m1]:  # earlier layers' neurons are marked switched from the start
             if best is None or t1 < best[0]:
                 best = cand
         elif fallback is None or abs(z[j]) / nrm < fallback[0]:
@@ -186,12 +186,11 @@ def _local_normal(layers: Sequence[pfx.Layer], P: FloatArray, x: FloatArray) -> 
     among them (the others are constant: zero, or affine in ``h`` and absorbed) and return the unit
     normal of that row's piece at ``x``, the fit's residual and its uniqueness gap (None while the
     points are fewer than the unknowns)."""
-    Zs, _ = pfx.forward(layers, P)
-    Zi = Zs[-1]
-    _, Hprev = pfx.forward(layers[:-1], P)
-    on = Zi > 0
+    n_i = layers[-1][0].shape[0]
+    F = _features(layers, P)
+    on = F[:, :n_i] > 0
     vary = on.any(axis=0) & ~on.all(axis=0)
-    F = np.concatenate([np.maximum(Zi[:, vary], 0.0), Hprev, np.ones((P.shape[0], 1))], axis=1)
+    F = np.concatenate([F[:, :n_i][:, vary], F[:, n_i:]], axis=1)
     if F.shape[0] < F.shape[1] + 1:
         return None
     col = np.linalg.norm(F, axis=0)
@@ -200,7 +199,7 @@ def _local_normal(layers: Sequence[pfx.Layer], P: FloatArray, x: FloatArray) -> 
     theta = Vt[-1] / col
     resid = float(S[-1] / S[0])
     gap = float(S[-2] / max(S[-1], np.finfo(float).tiny))
-    M, J = pfx.jacobian(layers[:-1], x) if len(layers) > 1 else (np.eye(x.size), [])
+    M, _ = pfx.jacobian(layers[:-1], x)  # the identity when layer i is the first
     zx = pfx.forward(layers, x[None, :])[0][-1][0]
     Gi = layers[-1][0] @ M
     nv = int(vary.sum())
