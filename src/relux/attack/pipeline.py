@@ -279,31 +279,54 @@ def _walked_layer(
     checked and repaired in place (with its report), and, with ``full``, layer ``i``'s outcome when
     every row was walked (otherwise three rows suffice for the check)."""
     from relux.attack.deep import outcome_from_rows
+    from relux.attack.missing import recover_from_walks
     from relux.attack.walk import walk_layer
 
-    wo = (walk_layer(q, layers, width, d0, cfg, rng, rel_tol, rows_wanted=width) if full
-          else walk_layer(q, layers, width, d0, cfg, rng, rel_tol, rows_wanted=min(3, width), max_rounds=3))
+    prev = reports[-1]
+    short = prev.width - layers[-1][0].shape[0]
+    wo = (walk_layer(q, layers, width, d0, cfg, rng, rel_tol, rows_wanted=width, missing=short) if full
+          else walk_layer(q, layers, width, d0, cfg, rng, rel_tol, rows_wanted=min(3, width), max_rounds=3,
+                          missing=short))
     i = len(layers) + 1
-    log.info("layer %d: %d/%d rows from %d walks (%d complete)%s", i, wo.W_next.shape[0], width, wo.walks,
-             wo.complete_walks, f"; {wo.reason}" if wo.reason else "")
+    log.info("layer %d: %d/%d rows from %d walks (%d complete, %d fitted)%s", i, wo.W_next.shape[0], width,
+             wo.walks, wo.complete_walks, wo.partial_walks, f"; {wo.reason}" if wo.reason else "")
     if wo.solution is None or not wo.solution.ok:
         warnings.append(f"layer {i - 1}: signs not checked by layer-{i} walks ({wo.reason})")
         return layers, reports, None
     W, b = layers[-1]
     sgn = np.where(wo.flips, -1.0, 1.0)
     layers = [*layers[:-1], (W * sgn[:, None], b * sgn)]
-    prev = reports[-1]
     neurons = tuple(
         {**nr, "sign": int(nr.get("sign", 1)) * int(sgn[j]),
          "sign_confidence": float(wo.confidence[j]) if wo.decided[j] else nr.get("sign_confidence", 0.0)}
         for j, nr in enumerate(prev.neurons)
     )
     flipped = [int(j) for j in np.flatnonzero(wo.flips)]
-    method = (f"{prev.sign_method}; checked by {wo.complete_walks} layer-{i} walks "
+    method = (f"{prev.sign_method}; checked by {wo.partial_walks} layer-{i} walks "
               f"({wo.solution.method}, {int(wo.decided.sum())} decided, flipped {len(flipped)})")
-    reports = [*reports[:-1], dataclasses.replace(prev, sign_method=method, neurons=neurons)]
     if flipped:
         log.info("layer %d: walks flipped neuron(s) %s", i - 1, flipped)
+    found = 0
+    # A neuron of layer i-1 no kink showed: a walk along its own boundary, or the walks' shared leftover.
+    mr = recover_from_walks(q, layers, wo, d0, cfg, rng, rel_tol) if short else None
+    if mr is not None:
+        log.info("layer %d: missing neuron from the layer-%d walks: %s", i - 1, i,
+                 "recovered" if mr.ok else mr.reason)
+        if mr.ok:
+            W, b = layers[-1]
+            layers = [*layers[:-1], (np.concatenate([W, mr.w[None, :]]), np.append(b, mr.b))]
+            neurons = (*neurons, {"index": len(neurons), "witnesses": int(mr.points.shape[0]),
+                                  "residual": mr.residual, "sign": 1, "sign_confidence": 1.0,
+                                  "rows_from": f"layer-{i} walks"})
+            found = 1
+            method += "; 1 missing neuron recovered from the walks"
+    elif wo.missing.shape[1] > 1:
+        warnings.append(f"layer {i - 1}: {wo.missing.shape[1]} missing neurons seen by the layer-{i} walks "
+                        "as one leftover space; not separated")
+    reports = [*reports[:-1], dataclasses.replace(prev, sign_method=method, neurons=neurons,
+                                                  recovered=prev.recovered + found, dead=prev.dead - found)]
+    if found:
+        return layers, reports, None  # layer i is then extracted behind the completed layer i-1
     if not full or wo.W_next.shape[0] < width:
         return layers, reports, None
     out = outcome_from_rows(q, layers, wo.W_next, wo.b_next, wo.points, wo.row_residual, width, d0, is_last, cfg,

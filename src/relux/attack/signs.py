@@ -63,9 +63,18 @@ def solve_flips(
     """
     k, m = alpha.shape
     A = np.concatenate([alpha[o][None, :] * W_hat.T for o in range(k)], axis=0)  # (k p, m)
-    g = -gamma.reshape(-1)
+    return solve_binary(A, -gamma.reshape(-1), max_enum_bits, rel_tol)
+
+
+def solve_binary(
+    A: FloatArray, g: FloatArray, max_enum_bits: int, rel_tol: float = 1e-3, relevant_rel: float = 1e-9
+) -> SignSolution:
+    """Solve ``A t = g`` over ``t ∈ {0,1}^m``: one solve when the relevant columns of ``A`` (norm above
+    ``relevant_rel`` times the largest) have full rank, else an enumeration of the free bits after a
+    pivoted QR. ``rel_tol``: the accepted residual, relative to the smallest relevant column norm."""
+    m = A.shape[1]
     colnorm = np.linalg.norm(A, axis=0)
-    relevant = colnorm > 1e-9 * max(float(colnorm.max(initial=0.0)), np.finfo(float).tiny)
+    relevant = colnorm > relevant_rel * max(float(colnorm.max(initial=0.0)), np.finfo(float).tiny)
     flips = np.zeros(m, dtype=bool)
     conf = np.zeros(m)
     if not relevant.any():

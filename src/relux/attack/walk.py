@@ -32,7 +32,8 @@ import numpy as np
 from relux.attack import prefix as pfx
 from relux.attack.config import ExtractionConfig
 from relux.attack.critical import find_kinks
-from relux.attack.signs import SignSolution, solve_flips
+from relux.attack.signs import SignSolution
+from relux.attack.walk_fit import PartialFit, features, fit_partial, fit_theta, solve_walk_signs
 from relux.attack.witnesses import collect_witnesses
 from relux.oracle.base import FloatArray
 
@@ -52,6 +53,7 @@ class Walk:
     gap: float  # second-smallest / smallest singular value
     ok: bool
     reason: str
+    partial: PartialFit | None = None  # the walk's points as one row, complete or not
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,11 @@ class WalkOutcome:
     complete_walks: int
     solution: SignSolution | None
     reason: str
+    partial_walks: int = 0  # walks whose partial fit took part in the sign solve
+    fits: tuple[PartialFit, ...] = ()
+    missing: FloatArray = field(default_factory=lambda: np.zeros((0, 0)))  # (p, r) missing rows' directions
+    missing_on: FloatArray = field(default_factory=lambda: np.zeros((0, 0)))  # walk points, mostly where they are on
+    own_rows: tuple[tuple[FloatArray, FloatArray], ...] = ()  # (row (w, b), exact points) of walks along layer i
 
 
 @dataclass
@@ -148,46 +155,13 @@ def _region_radius(z: FloatArray, G: FloatArray, v: FloatArray) -> float:
         return float(np.min(np.where(rate > 0, np.abs(z) / rate, np.inf)))
 
 
-def _features(layers: Sequence[pfx.Layer], P: FloatArray) -> FloatArray:
-    """``[ReLU(ẑ_i), h_{i-1}, 1]`` at the rows of ``P`` (``layers`` ends with layer ``i``)."""
-    Zs, _ = pfx.forward(layers, P)
-    _, Hprev = pfx.forward(layers[:-1], P)
-    return np.concatenate([np.maximum(Zs[-1], 0.0), Hprev, np.ones((P.shape[0], 1))], axis=1)
-
-
-def fit_theta(layers: Sequence[pfx.Layer], P: FloatArray) -> tuple[FloatArray, float, float]:
-    """Null vector of the features of exact boundary points ``P``: ``(θ unit, residual, gap)``. Points
-    located less exactly than the rest (1000x the median misfit) are dropped, twice at most."""
-    F = _features(layers, P)
-    keep = np.ones(F.shape[0], dtype=bool)
-    col = np.linalg.norm(F, axis=0)
-    col[col == 0] = 1.0
-    rn = np.linalg.norm(F, axis=1) + 1e-300
-    theta = np.full(F.shape[1], np.nan)
-    S = np.zeros(0)
-    for _ in range(3):
-        if keep.sum() < F.shape[1] + 1:
-            return np.full(F.shape[1], np.nan), 1.0, 0.0
-        _, S, Vt = np.linalg.svd(F[keep] / col, full_matrices=False)
-        theta = Vt[-1] / col
-        theta /= float(np.linalg.norm(theta))
-        r = np.abs(F @ theta) / rn
-        bad = keep & (r > 1e3 * float(np.median(r[keep])) + 1e-15)
-        if not bad.any():
-            break
-        keep &= ~bad
-    resid = float(np.max(np.abs(F[keep] @ theta) / rn[keep]))
-    gap = float(S[-2] / max(S[-1], np.finfo(float).tiny))
-    return theta, resid, gap
-
-
 def _local_normal(layers: Sequence[pfx.Layer], P: FloatArray, x: FloatArray) -> tuple[FloatArray, float, float] | None:
     """The walk so far as one row: fit the points ``P`` with the layer-i neurons whose state varies
     among them (the others are constant: zero, or affine in ``h`` and absorbed) and return the unit
     normal of that row's piece at ``x``, the fit's residual and its uniqueness gap (None while the
     points are fewer than the unknowns)."""
     n_i = layers[-1][0].shape[0]
-    F = _features(layers, P)
+    F = features(layers, P)
     on = F[:, :n_i] > 0
     vary = on.any(axis=0) & ~on.all(axis=0)
     F = np.concatenate([F[:, :n_i][:, vary], F[:, n_i:]], axis=1)
@@ -254,7 +228,7 @@ def _seeds(
 
 
 def _on_row(layers: Sequence[pfx.Layer], theta: FloatArray, X: FloatArray) -> np.ndarray:
-    F = _features(layers, X)
+    F = features(layers, X)
     return np.asarray(np.abs(F @ theta) <= 1e-6 * np.linalg.norm(F, axis=1) * float(np.linalg.norm(theta)))
 
 
@@ -268,10 +242,12 @@ def walk_layer(
     rel_tol: float,
     rows_wanted: int,
     max_rounds: int = 48,
+    missing: int = 0,
 ) -> WalkOutcome:
     """Signs of the last known layer and rows of the next one (``width`` neurons) from walks along
     next-layer boundaries; stops once ``rows_wanted`` distinct rows are known (or after
-    ``max_rounds`` rounds of search lines)."""
+    ``max_rounds`` rounds of search lines). ``missing``: neurons of layer ``i`` no kink has shown; the
+    sign solve allows for them and returns their directions (:func:`relux.attack.walk_fit.solve_walk_signs`)."""
     W, b = layers[-1]
     n_i = W.shape[0]
     n_grid = int(cfg.grid_per_neuron * (n_i + width)) + 16
@@ -279,6 +255,8 @@ def walk_layer(
     pts: list[FloatArray] = []
     res: list[float] = []
     walks = complete = 0
+    fits: list[PartialFit] = []
+    fit_points: list[FloatArray] = []
     last_new = 0
     for rnd in range(max_rounds):
         if len(thetas) >= rows_wanted or rnd - last_new > 24:
@@ -294,6 +272,9 @@ def walk_layer(
             batch, seeds = seeds[:nb], seeds[nb:]
             for wk in walk_boundaries(query, layers, batch, d0, cfg, rng, rel_tol):
                 walks += 1
+                if wk.partial is not None and wk.partial.ok:
+                    fits.append(wk.partial)
+                    fit_points.append(wk.points)
                 if not wk.ok:
                     log.debug("walk failed: %s (%d steps, %d/%d switched)", wk.reason, wk.steps,
                               int(wk.switched.sum()), n_i)
@@ -310,21 +291,27 @@ def walk_layer(
     flips = np.zeros(n_i, dtype=bool)
     conf = np.zeros(n_i)
     decided = np.zeros(n_i, dtype=bool)
-    if not thetas:
+    ws = solve_walk_signs(W, fits, missing, cfg.max_enum_bits)
+    if ws is None:
         return WalkOutcome(flips, conf, decided, np.zeros((0, n_i)), np.zeros(0), (), np.zeros(0), walks,
-                           complete, None,
-                           "no walk along a next-layer boundary completed")
-    T = np.stack(thetas)
-    U, A, C = T[:, :n_i], T[:, n_i:-1], T[:, -1]
-    sol = solve_flips(U, A, W, cfg.max_enum_bits)
+                           complete, None, "no walk along a next-layer boundary gave a usable fit", len(fits),
+                           tuple(fits))
+    sol = ws.solution
     if sol.ok:
         flips = sol.flips
         decided = sol.relevant.copy()
         conf = np.where(decided, sol.confidence, 0.0)
+    # A missing neuron seen as a linear leftover is on along most walks: all their points, for its side.
+    on_pts = np.concatenate(fit_points) if fit_points else np.zeros((0, d0))
+    own = [(f, P) for f, P in zip(fits, fit_points, strict=True) if f.own and f.observed.all()]
+    T = np.stack(thetas) if thetas else np.zeros((0, n_i + W.shape[1] + 1))
+    U, C = T[:, :n_i], T[:, -1]
     reason = "" if sol.ok else sol.reason
     # rows of layer i+1 behind the corrected layer i: ReLU(ẑ_j) = ReLU(-ẑ_j) + ẑ_j for a flipped row
     b_next = C + U[:, flips] @ b[flips]
-    return WalkOutcome(flips, conf, decided, U, b_next, tuple(pts), np.asarray(res), walks, complete, sol, reason)
+    return WalkOutcome(flips, conf, decided, U, b_next, tuple(pts), np.asarray(res), walks, complete, sol, reason,
+                       len(fits), tuple(fits), ws.missing, on_pts,
+                       tuple((np.append(f.a, f.c) / float(np.linalg.norm(np.append(f.a, f.c))), P) for f, P in own))
 
 
 def walk_boundaries(
@@ -449,11 +436,12 @@ def walk_boundaries(
     for ch in chains:
         P = np.asarray(ch.points)
         sw = ch.switched[layer_idx]
+        part = fit_partial(layers, P)
         if not sw.all():
-            out.append(Walk(np.full(0, np.nan), P, sw, ch.steps, np.inf, 0.0, False, ch.reason))
+            out.append(Walk(np.full(0, np.nan), P, sw, ch.steps, np.inf, 0.0, False, ch.reason, part))
             continue
         theta, resid, gap = fit_theta(layers, P)
         ok = resid <= 1e-7 and gap >= 1e3  # a wrong point misfits by far more
         reason = "" if ok else f"points do not fit one row (residual {resid:.1e}, gap {gap:.1e})"
-        out.append(Walk(theta, P, sw, ch.steps, resid, gap, ok, reason))
+        out.append(Walk(theta, P, sw, ch.steps, resid, gap, ok, reason, part))
     return out
