@@ -23,6 +23,7 @@ from relux.attack.confirm import crossing_hits
 from relux.attack.critical import LineKinks
 from relux.attack.hyperplanes import hyperplane_distance
 from relux.attack.linalg import lstsq
+from relux.attack.missing import unexplained_lines
 from relux.attack.polish import polish_row
 from relux.attack.seeding import rows_from_seeds, rows_from_unexplained
 from relux.attack.signcheck import SignCheck, check_and_repair
@@ -88,11 +89,14 @@ def extract_layer(
     # unexplained and rows are missing, more lines are worth their cost.
     max_lines = cfg.max_search_lines * (8 if is_last else 4)
     kept: list[NeuronRow] = []  # rows confirmed in some round: later regrouping must not lose them
+    aimed: tuple[FloatArray, FloatArray] | None = None
+    aimed_rounds = 0
     while lines_used < max_lines:
         known = (np.stack([r.w for r in kept]), np.array([r.b for r in kept])) if kept else None
         new, info = collect_witnesses(query, layers, d0, per_round, n_grid, cfg, rng, rel_tol,
-                                      line_offset=lines_used, known=known)
-        lines_used += per_round
+                                      line_offset=lines_used, known=known, lines_given=aimed)
+        lines_used += per_round if aimed is None else aimed[0].shape[0]
+        aimed = None
         witnesses += new
         all_lines += info.lines_found
         rows, score = _build_rows(witnesses, chains, all_lines, layers, rng, width)
@@ -107,6 +111,15 @@ def extract_layer(
             break
         stall = stall + 1 if len(good) <= best_good else 0
         best_good = max(best_good, len(good))
+        if is_last and good and stall >= 3 and aimed_rounds < 4:
+            # A last-layer neuron rarely on shows where the confirmed rows cannot explain f: aim there.
+            aimed = unexplained_lines(query, layers, np.stack([r.w for r in good]), np.array([r.b for r in good]),
+                                      d0, cfg, rng)
+            aimed_rounds += 1
+            if aimed is not None:
+                log.debug("layer %d: %d lines aimed at unexplained outputs", len(layers) + 1, aimed[0].shape[0])
+                stall = 0
+                continue
         # Kinks of confirmed rows cost no more gradients, so lines stay cheap: keep looking for rare
         # neurons (crossed by few lines) for a while before following boundaries instead.
         if stall >= (6 if is_last else 3) and lines_used >= max_lines // 2:
@@ -323,23 +336,8 @@ def _last_layer_signs(
 ) -> tuple[str, np.ndarray, FloatArray]:
     d_in = W.shape[1]
     n = 2 * (d_in + W.shape[0] + 1) + 64
-    # Points on both sides of every row's boundary, so that each ReLU feature switches in the sample.
-    near: list[FloatArray] = []
-    scale = cfg.input_scale * float(np.sqrt(d0))
-    _, Hw = pfx.forward(layers, witness_x)
-    hn = np.linalg.norm(Hw, axis=1) + 1.0
-    for w_row, b_row in zip(W, b, strict=True):
-        on = witness_x[np.abs(Hw @ w_row + b_row) <= 1e-6 * hn]
-        for x in on[:4]:
-            M, _ = pfx.jacobian(layers, x)
-            nrm = w_row @ M
-            nn = float(np.linalg.norm(nrm))
-            if nn == 0:
-                continue
-            dist = min(pfx.boundary_distance(layers, x), 1e-2 * scale)
-            for f in (-0.5, 0.5):
-                near.append(x + f * dist * nrm / nn)
-    X = np.concatenate([rng.normal(0.0, cfg.input_scale, size=(n, d0))] + ([np.asarray(near)] if near else []))
+    near = straddle_points([*layers, (W, b)], witness_x, cfg.input_scale * float(np.sqrt(d0)))
+    X = np.concatenate([rng.normal(0.0, cfg.input_scale, size=(n, d0)), near])
     Y = query(X)
     _, H = pfx.forward(layers, X)
     Z = H @ W.T + b
@@ -348,6 +346,30 @@ def _last_layer_signs(
     status = "" if sol.ok else ", FAILED"
     method = f"last-layer {sol.method} (free bits {sol.free_bits}, solutions {sol.solutions}{status})"
     return method, sol.flips, sol.confidence
+
+
+def straddle_points(layers: Sequence[pfx.Layer], witness_x: FloatArray, scale: float) -> FloatArray:
+    """Points on both sides of every last-layer row's boundary (from witnesses on it, up to four per
+    row), so that each ReLU feature switches in a fit's sample: a rarely active neuron may be on at no
+    random point at all."""
+    prev, (W, b) = list(layers[:-1]), layers[-1]
+    near: list[FloatArray] = []
+    _, Hw = pfx.forward(prev, witness_x)
+    hn = np.linalg.norm(Hw, axis=1) + 1.0
+    for w_row, b_row in zip(W, b, strict=True):
+        on = witness_x[np.abs(Hw @ w_row + b_row) <= 1e-6 * hn * (float(np.linalg.norm(w_row)) + abs(b_row))]
+        for x in on[:4]:
+            M, _ = pfx.jacobian(prev, x)
+            nrm = w_row @ M
+            nn = float(np.linalg.norm(nrm))
+            if nn == 0:
+                continue
+            dist = min(pfx.boundary_distance(prev, x), 1e-2 * scale)
+            # just across (one prefix region), and farther in: the known prefix gives the features of
+            # any point, and large activations of a rare neuron condition the fit of its output weights
+            for step in (0.5 * dist, 0.05 * scale, 0.2 * scale):
+                near += [x + step * nrm / nn, x - step * nrm / nn]
+    return np.asarray(near) if near else np.zeros((0, witness_x.shape[1]))
 
 
 def check_last_layer(

@@ -21,6 +21,7 @@ import numpy as np
 from relux.attack import prefix as pfx
 from relux.attack.config import ExtractionConfig
 from relux.attack.critical import find_kinks
+from relux.attack.linalg import lstsq
 from relux.attack.polish import polish_row
 from relux.attack.walk import WalkOutcome
 from relux.oracle.base import FloatArray
@@ -153,7 +154,11 @@ def recover_missing(
     if float(np.median(Hon @ v + b)) < 0:
         v, b = -v, -b
     anchors = X[group]
-    pol, _ = polish_row(query, prev, v, b, anchors, d0, scale, rng)
+    # the neuron's boundary may be short (it is off only in a small region): smaller spreads if needed
+    for spread in (scale, 0.1 * scale, 0.01 * scale):
+        pol, _ = polish_row(query, prev, v, b, anchors, d0, spread, rng)
+        if pol.ok:
+            break
     spread = float(np.ptp(cands[group])) / (float(np.max(np.abs(proj[group]))) + 1.0)
     if not pol.ok:
         # The direction comes from an exact fit and the bias from kinks that agree on it: with three
@@ -220,3 +225,44 @@ def recover_from_walks(
     if wo.missing.shape[1] == 1 and wo.missing_on.shape[0]:
         return recover_missing(query, layers, wo.missing[:, 0], wo.missing_on, d0, cfg, rng, rel_tol)
     return None
+
+
+def unexplained_lines(
+    query: QueryFn,
+    layers: Sequence[pfx.Layer],
+    W: FloatArray,
+    b: FloatArray,
+    d0: int,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    n_samples: int = 1024,
+    max_lines: int = 8,
+) -> tuple[FloatArray, FloatArray] | None:
+    """Lines through inputs where the known rows ``(W, b)`` of the last hidden layer (behind ``layers``)
+    cannot explain ``f``: a neuron that is rarely on shows only there, and a line through a point of its
+    on-region must cross its boundary. ``f`` is fitted on ``[ReLU(ẑ), h, 1]`` (the signs need not be
+    known) with the worst points dropped until the fit is clean; the dropped ones are the targets.
+    Returns ``(x0, u)`` or None when every sample is explained."""
+    X = rng.normal(0.0, cfg.input_scale, size=(n_samples, d0))
+    Y = query(X)
+    _, H = pfx.forward(layers, X)
+    D = np.concatenate([np.maximum(H @ W.T + b, 0.0), H, np.ones((n_samples, 1))], axis=1)
+    if n_samples < 2 * D.shape[1]:
+        return None
+    yscale = float(np.max(np.abs(Y))) or 1.0
+    keep = np.ones(n_samples, dtype=bool)
+    r = np.zeros(n_samples)
+    for _ in range(4):
+        coef = lstsq(D[keep], Y[keep])
+        r = np.max(np.abs(D @ coef - Y), axis=1) / yscale
+        # rounding leaves ~1e-12 relative; a neuron the fit lacks leaves far more where it is on
+        new_keep = r <= max(1e-3 * float(np.max(r[keep])), 1e-9)
+        if keep.sum() - (keep & new_keep).sum() == 0 or new_keep.sum() < D.shape[1] + 1:
+            break
+        keep &= new_keep
+    bad = np.flatnonzero(r > 1e-7)
+    if bad.size == 0:
+        return None
+    pick = bad[np.argsort(r[bad])[::-1][:max_lines]]
+    u = rng.normal(size=(pick.size, d0))
+    return X[pick], u

@@ -326,6 +326,10 @@ def _walked_layer(
     reports = [*reports[:-1], dataclasses.replace(prev, sign_method=method, neurons=neurons,
                                                   recovered=prev.recovered + found, dead=prev.dead - found)]
     if found:
+        stale = f"layer {i - 1}: {prev.dead} neuron(s) not identified: reported dead and dropped"
+        warnings[:] = [w for w in warnings if w != stale]
+        if prev.dead > found:
+            warnings.append(f"layer {i - 1}: {prev.dead - found} neuron(s) not identified: reported dead and dropped")
         return layers, reports, None  # layer i is then extracted behind the completed layer i-1
     if not full or wo.W_next.shape[0] < width:
         return layers, reports, None
@@ -342,7 +346,13 @@ def _extract_deep(
     rel_tol: float,
     stages: _Stages,
 ) -> tuple[MLP, tuple[LayerReport, ...], FloatArray, list[str]]:
-    from relux.attack.deep import check_last_layer, complete_last_layer, extract_layer, fit_output_layer
+    from relux.attack.deep import (
+        check_last_layer,
+        complete_last_layer,
+        extract_layer,
+        fit_output_layer,
+        straddle_points,
+    )
     from relux.attack.deep_first import first_layer_outcome
 
     q = counter.query
@@ -395,15 +405,17 @@ def _extract_deep(
             Xc = np.concatenate([rng.normal(0.0, cfg.input_scale, size=(n_fit, d0)), wpts])
             layers, filled = complete_last_layer(layers, last_cov, Xc, q(Xc))
         warnings.append(f"last hidden layer: {filled} weight(s) no kink could show were fitted from the output")
+    # Both sides of every last-layer boundary: a rarely active neuron may be on at no random point.
+    fit_pts = np.concatenate([wpts, straddle_points(layers, wpts, cfg.input_scale * float(np.sqrt(d0)))])
     with stages.stage("sign_check"):
         # A wrong sign leaves a gross residual; 1e-6 stays far above what precision errors leave.
-        layers, check = check_last_layer(q, layers, d0, cfg, rng, wpts, last_conf, 1e-6)
+        layers, check = check_last_layer(q, layers, d0, cfg, rng, fit_pts, last_conf, 1e-6)
     if check.flipped:
         warnings.append(f"sign check: flipped last-layer neuron(s) {list(check.flipped)} "
                         f"(residual {check.residual_before:.1e} -> {check.residual_after:.1e})")
     if not check.passed:
         warnings.append(f"sign check failed: output-layer residual {check.residual_after:.1e} on fresh queries")
     with stages.stage("output_layer"):
-        W_out, b_out = fit_output_layer(q, layers, d0, cfg, rng, wpts)
+        W_out, b_out = fit_output_layer(q, layers, d0, cfg, rng, fit_pts)
     model = MLP([*layers, (W_out, b_out)])
     return model, tuple(reports), wpts, warnings

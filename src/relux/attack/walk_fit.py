@@ -48,7 +48,8 @@ class PartialFit:
     def own(self) -> bool:
         """The walk followed a neuron of layer ``i`` itself (one no kink had shown): ``u = 0`` and
         ``(a, c)`` is its row. (A walk that switched no layer-i neuron has no ``u`` to speak of.)"""
-        return bool(self.vary.any()) and float(np.linalg.norm(self.u)) <= 1e-6 * float(np.linalg.norm(np.concatenate([self.u, self.a])))
+        size = float(np.linalg.norm(np.concatenate([self.u, self.a])))
+        return bool(self.vary.any()) and float(np.linalg.norm(self.u)) <= 1e-6 * size
 
 
 
