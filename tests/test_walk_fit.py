@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from relux.attack.config import ExtractionConfig
-from relux.attack.missing import recover_from_walks
+from relux.attack.missing import recover_from_walks, unexplained_lines
 from relux.attack.walk import walk_layer
 from relux.attack.walk_fit import PartialFit, solve_walk_signs
 from relux.model import MLP
@@ -91,3 +91,20 @@ def test_walks_find_and_recover_a_rarely_crossed_neuron() -> None:
     # the row comes from exact kinks and exact walk points: only rounding and the kink search's
     # bisection (relative 1e-12 or so) separate it from the truth
     np.testing.assert_allclose(np.append(mr.w, mr.b), true, atol=1e-8)
+
+
+def test_lines_are_aimed_where_a_rarely_active_neuron_is_on() -> None:
+    # 6-8-1 with neuron 0 on for ~1% of N(0, I) inputs, left out of the known rows: only where it is on
+    # do the known rows fail to explain f, so every aimed line starts inside its on-region.
+    m = random_mlp("6-8-1", np.random.default_rng(2))
+    (W, b), out = m.layers
+    X = np.random.default_rng(0).normal(size=(20000, 6))
+    b = b.copy()
+    b[0] -= np.quantile(X @ W[0] + b[0], 0.99)
+    victim = MLP([(W, b), out])
+    cfg = ExtractionConfig(seed=0)
+    aimed = unexplained_lines(MLPOracle(victim).query, [], W[1:], b[1:], 6, cfg, np.random.default_rng(1))
+    assert aimed is not None
+    x0, u = aimed
+    assert x0.shape[0] >= 1 and u.shape == x0.shape
+    assert np.all(x0 @ W[0] + b[0] > 0)
