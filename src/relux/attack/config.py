@@ -39,6 +39,9 @@ class ExtractionConfig:
         restarts: extra attempts of a deep extraction that failed (each from new random lines, seed
             ``seed + attempt``; every attempt's queries are counted). A failure is always one that
             the checks detected, so a restart can only replace a rejected result.
+        refine_network_max_params: a deep extraction ends with a Gauss-Newton refinement of every
+            weight on fresh outputs (:mod:`relux.attack.refine_net`) when the network has at most
+            this many parameters (its Jacobian holds about ``3 P^2`` numbers); 0 turns it off.
         batch_rows: rows per oracle call.
         progress: show progress bars (tqdm on stderr).
         jobs: workers for the per-neuron work (``relux.parallel``); 1 runs it in this process. The
@@ -62,6 +65,7 @@ class ExtractionConfig:
     selfcheck_points: int = 2000
     max_enum_bits: int = 22
     restarts: int = 2
+    refine_network_max_params: int = 5000
     batch_rows: int = 65536
     progress: bool = False
     jobs: int = 1
@@ -88,6 +92,8 @@ class ExtractionConfig:
         need(self.selfcheck_points >= 10, "selfcheck_points", "an integer >= 10")
         need(0 <= self.max_enum_bits <= 30, "max_enum_bits", "an integer in [0, 30]")
         need(self.batch_rows >= 1, "batch_rows", "an integer >= 1")
+        need(isinstance(self.refine_network_max_params, int) and self.refine_network_max_params >= 0,
+             "refine_network_max_params", "an integer >= 0")
         need(isinstance(self.restarts, int) and 0 <= self.restarts <= 10, "restarts", "an integer in [0, 10]")
         need(isinstance(self.jobs, int) and not isinstance(self.jobs, bool) and self.jobs >= 1, "jobs",
              "an integer >= 1")

@@ -20,6 +20,7 @@ from relux.attack.config import ExtractionConfig
 from relux.attack.first_layer import RefinedRow, discover_first_layer, refine_first_layer
 from relux.attack.hyperplanes import stack_signatures
 from relux.attack.linalg import lstsq
+from relux.attack.refine_net import refine_network
 from relux.attack.result import ExtractionResult, LayerReport, PartialResult, StageStats
 from relux.attack.signs import fit_affine_plus_relu, solve_flips
 from relux.errors import ExtractionFailed, InputError
@@ -417,5 +418,12 @@ def _extract_deep(
         warnings.append(f"sign check failed: output-layer residual {check.residual_after:.1e} on fresh queries")
     with stages.stage("output_layer"):
         W_out, b_out = fit_output_layer(q, layers, d0, cfg, rng, fit_pts)
-    model = MLP([*layers, (W_out, b_out)])
+    full = [*layers, (W_out, b_out)]
+    n_params = sum(W.size + b.size for W, b in full)
+    if n_params <= cfg.refine_network_max_params:
+        with stages.stage("refine_network"):
+            full, ref = refine_network(q, full, d0, cfg.input_scale, rng, extra=fit_pts)
+        log.info("network refinement: output misfit %.1e -> %.1e (%d Gauss-Newton steps%s)", ref.misfit_before,
+                 ref.misfit_after, ref.steps, f"; {ref.reason}" if ref.reason else "")
+    model = MLP(full)
     return model, tuple(reports), wpts, warnings
