@@ -18,7 +18,9 @@ local hyperplane just across the boundary of one prefix neuron ``m``; there ``z'
 the new piece gives ``μ`` and a second, predicted one confirms it is still ``k``. Once the walk has
 switched every neuron of layer ``i``, the null vector of the stacked features ``[ReLU(ẑ), h, 1]`` of
 its points is ``θ``; kinks of deeper neurons bend at boundaries the prefix does not know, and their
-walks fail the fit.
+walks fail the fit. A walk that stops earlier still counts for the signs: its points are fitted with
+the neurons whose state varied, the others projected out (:mod:`relux.attack.walk_fit`), which also
+lets a neuron of layer ``i`` that no kink showed appear as a leftover shared by every walk.
 """
 
 from __future__ import annotations
