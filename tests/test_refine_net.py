@@ -32,3 +32,16 @@ def test_refinement_keeps_a_model_it_cannot_improve() -> None:
     layers, info = refine_network(MLPOracle(m).query, list(m.layers), 6, 1.0, np.random.default_rng(4))
     assert info.misfit_after <= info.misfit_before
     assert MLP(layers).equivalent(m, rtol=1e-12)
+
+
+def test_over_budget_only_the_tail_moves() -> None:
+    m = random_mlp("8-10-6-3", np.random.default_rng(0))
+    rng = np.random.default_rng(1)
+    noisy = [m.layers[0]] + [(W * (1 + 1e-7 * rng.normal(size=W.shape)), b + 1e-7 * rng.normal(size=b.shape))
+                             for W, b in m.layers[1:]]
+    # layer 1 has 90 parameters, layers 2 and 3 have 66 + 21: a budget of 100 refines layers 2-3 only
+    layers, info = refine_network(MLPOracle(m).query, noisy, 8, 1.0, np.random.default_rng(2), max_params=100)
+    assert info.fixed_layers == 1
+    np.testing.assert_array_equal(layers[0][0], noisy[0][0])
+    # an exact first layer: the tail converges as the whole network does (see above)
+    assert align(m, MLP(layers)).log2_max_norm_weight_error < -40

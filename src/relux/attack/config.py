@@ -39,9 +39,10 @@ class ExtractionConfig:
         restarts: extra attempts of a deep extraction that failed (each from new random lines, seed
             ``seed + attempt``; every attempt's queries are counted). A failure is always one that
             the checks detected, so a restart can only replace a rejected result.
-        refine_network_max_params: a deep extraction ends with a Gauss-Newton refinement of every
-            weight on fresh outputs (:mod:`relux.attack.refine_net`) when the network has at most
-            this many parameters (its Jacobian holds about ``3 P^2`` numbers); 0 turns it off.
+        refine_network_max_params: a deep extraction ends with a Gauss-Newton refinement of the
+            weights on fresh outputs (:mod:`relux.attack.refine_net`): of the longest tail of layers
+            with at most this many parameters (the output layer always; the Jacobian holds about
+            ``3 P^2`` numbers); 0 turns it off.
         batch_rows: rows per oracle call.
         progress: show progress bars (tqdm on stderr).
         jobs: workers for the per-neuron work (``relux.parallel``); 1 runs it in this process. The

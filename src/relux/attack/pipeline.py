@@ -419,11 +419,12 @@ def _extract_deep(
     with stages.stage("output_layer"):
         W_out, b_out = fit_output_layer(q, layers, d0, cfg, rng, fit_pts)
     full = [*layers, (W_out, b_out)]
-    n_params = sum(W.size + b.size for W, b in full)
-    if n_params <= cfg.refine_network_max_params:
+    if cfg.refine_network_max_params > 0:
         with stages.stage("refine_network"):
-            full, ref = refine_network(q, full, d0, cfg.input_scale, rng, extra=fit_pts)
-        log.info("network refinement: output misfit %.1e -> %.1e (%d Gauss-Newton steps%s)", ref.misfit_before,
-                 ref.misfit_after, ref.steps, f"; {ref.reason}" if ref.reason else "")
+            full, ref = refine_network(q, full, d0, cfg.input_scale, rng, extra=fit_pts,
+                                       max_params=cfg.refine_network_max_params)
+        log.info("network refinement (layers %d-%d): output misfit %.1e -> %.1e (%d Gauss-Newton steps%s)",
+                 ref.fixed_layers + 1, len(full), ref.misfit_before, ref.misfit_after, ref.steps,
+                 f"; {ref.reason}" if ref.reason else "")
     model = MLP(full)
     return model, tuple(reports), wpts, warnings

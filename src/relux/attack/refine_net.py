@@ -35,6 +35,7 @@ class NetRefinement:
     steps: int
     points: int
     reason: str
+    fixed_layers: int = 0  # leading layers kept as extracted (over the parameter budget)
 
 
 def _forward(layers: Sequence[Layer], X: FloatArray) -> tuple[list[FloatArray], list[FloatArray], FloatArray]:
@@ -52,19 +53,21 @@ def _forward(layers: Sequence[Layer], X: FloatArray) -> tuple[list[FloatArray], 
     return ins, pres, H @ W.T + b
 
 
-def _jacobian(layers: Sequence[Layer], ins: Sequence[FloatArray], pres: Sequence[FloatArray]) -> FloatArray:
-    """d output / d parameters at fixed activation patterns: ``(n k, P)``, parameters ordered layer by
-    layer as ``W`` (row-major) then ``b``."""
+def _jacobian(
+    layers: Sequence[Layer], ins: Sequence[FloatArray], pres: Sequence[FloatArray], first: int = 0
+) -> FloatArray:
+    """d output / d parameters of layers ``first`` onwards at fixed activation patterns: ``(n k, P)``,
+    parameters ordered layer by layer as ``W`` (row-major) then ``b``."""
     n = ins[0].shape[0]
     k = layers[-1][0].shape[0]
     G = np.broadcast_to(np.eye(k), (n, k, k)).copy()  # d out / d z of the output layer
     blocks: list[FloatArray] = []
-    for li in range(len(layers) - 1, -1, -1):
+    for li in range(len(layers) - 1, first - 1, -1):
         W, _ = layers[li]
         Hin = ins[li]
         JW = np.einsum("nki,nj->nkij", G, Hin).reshape(n * k, -1)
         blocks.append(np.concatenate([JW, G.reshape(n * k, -1)], axis=1))
-        if li > 0:
+        if li > first:
             G = (G @ W) * (pres[li - 1] > 0)[:, None, :]
     return np.concatenate(blocks[::-1], axis=1)
 
@@ -99,13 +102,21 @@ def refine_network(
     max_steps: int = 5,
     margin: float = 1e-4,
     extra: FloatArray | None = None,
+    max_params: int = 5000,
 ) -> tuple[list[Layer], NetRefinement]:
-    """Gauss-Newton on every parameter of ``layers`` (hidden layers and output layer) against fresh
-    outputs; see the module docstring. Spends ``3 P / k + 128`` queries (``P`` parameters, ``k``
-    outputs) plus a quarter more held out, and the ``extra`` points (where rarely active neurons are on)."""
+    """Gauss-Newton on the parameters of ``layers`` (hidden layers and output layer) against fresh
+    outputs; see the module docstring. Only the longest tail of layers with at most ``max_params``
+    parameters moves (the output layer always; its Jacobian holds about ``3 P^2`` numbers). Spends
+    ``3 P / k + 128`` queries (``P`` refined parameters, ``k`` outputs), a quarter more held out, and
+    the ``extra`` points (where rarely active neurons are on)."""
     layers = [(np.array(W, dtype=float), np.array(b, dtype=float)) for W, b in layers]
     k = layers[-1][0].shape[0]
-    P = sum(W.size + b.size for W, b in layers)
+    # the longest tail of layers within the parameter budget is refined; the layers before it stay fixed
+    sizes = [W.size + b.size for W, b in layers]
+    first = len(layers) - 1
+    while first > 0 and sum(sizes[first - 1 :]) <= max_params:
+        first -= 1
+    P = sum(sizes[first:])
     n = 3 * P // k + 128
     X = rng.normal(0.0, input_scale, size=(n, d0))
     if extra is not None and extra.size:
@@ -128,14 +139,14 @@ def refine_network(
         if keep.sum() * k < P:
             reason = f"too few points with an unambiguous pattern ({int(keep.sum())})"
             break
-        J = _jacobian(layers, [h[keep] for h in ins], [z[keep] for z in pres])
+        J = _jacobian(layers, [h[keep] for h in ins], [z[keep] for z in pres], first)
         r = (out[keep] - Y[keep]).reshape(-1)
         col = np.linalg.norm(J, axis=0)
         col[col == 0] = 1.0
         # pivoted QR (much faster than an SVD here); symmetry directions get no step
         step = scipy.linalg.lstsq(J / col, -r, cond=1e-12, lapack_driver="gelsy")[0] / col
-        theta = np.concatenate([np.concatenate([W.ravel(), b]) for W, b in layers])
-        trial = _unpack(layers, theta + step)
+        theta = np.concatenate([np.concatenate([W.ravel(), b]) for W, b in layers[first:]])
+        trial = [*layers[:first], *_unpack(layers[first:], theta + step)]
         m = misfit(trial)
         if not m < best:
             reason = reason or "no further improvement"
@@ -145,4 +156,4 @@ def refine_network(
         if best <= 1e-14:
             break
     log.debug("network refinement: misfit %.1e -> %.1e in %d steps (%s)", before, best, steps, reason)
-    return layers, NetRefinement(before, best, steps, int(X.shape[0] + Xv.shape[0]), reason)
+    return layers, NetRefinement(before, best, steps, int(X.shape[0] + Xv.shape[0]), reason, first)
