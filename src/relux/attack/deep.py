@@ -274,15 +274,13 @@ def outcome_from_rows(
     layer (the last-layer solve, or the wiggle for an inner layer, checked by the next layer's walks)."""
     nrm = np.linalg.norm(np.concatenate([W, b[:, None]], axis=1), axis=1)
     W, b = W / nrm[:, None], b / nrm
-    scale = cfg.input_scale * float(np.sqrt(d0))
     row_residual = np.array(row_residual, dtype=float)
     for j in range(W.shape[0]):
         P = row_points[j]
         anchors = P[rng.choice(P.shape[0], size=min(8, P.shape[0]), replace=False)]
-        pol, _ = polish_row(query, layers, W[j], float(b[j]), anchors, d0, scale, rng)
-        if pol.ok:
-            n2 = float(np.linalg.norm(np.append(pol.w, pol.b)))
-            W[j], b[j], row_residual[j] = pol.w / n2, pol.b / n2, pol.residual
+        got = _polish_unit(query, layers, W[j], float(b[j]), anchors, d0, cfg, rng)
+        if got is not None:
+            W[j], b[j], row_residual[j] = got
     sgn, conf, sign_method = _layer_signs(query, layers, W, b, d0, is_last, W.shape[0] < width, cfg, rng,
                                           np.concatenate(list(row_points)))
     W = W * sgn[:, None]
@@ -533,14 +531,32 @@ def _polish(
     rng: np.random.Generator,
 ) -> NeuronRow:
     anchors = np.stack([witnesses[i].x for i in row.members[:8]])
-    pol, _ = polish_row(query, layers, row.w, row.b, anchors, d0, cfg.input_scale * float(np.sqrt(d0)), rng)
+    got = _polish_unit(query, layers, row.w, row.b, anchors, d0, cfg, rng)
+    if got is None:
+        return row
+    return dataclasses.replace(row, w=got[0], b=got[1], residual=got[2])
+
+
+def _polish_unit(
+    query: QueryFn,
+    layers: Sequence[pfx.Layer],
+    w: FloatArray,
+    b: float,
+    anchors: FloatArray,
+    d0: int,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+) -> tuple[FloatArray, float, float] | None:
+    """A row refined on exact boundary points near ``anchors``, unit-norm, with its residual (None when
+    the refinement kept it as given)."""
+    pol, _ = polish_row(query, layers, w, b, anchors, d0, cfg.input_scale * float(np.sqrt(d0)), rng)
     if not pol.ok:
         log.debug("polish kept the row: %s", pol.reason)
-        return row
+        return None
     log.debug("polish: %d points, %d dropped, residual %.1e, change %.1e", pol.points, pol.dropped, pol.residual,
               pol.change)
     nrm = float(np.linalg.norm(np.append(pol.w, pol.b)))
-    return dataclasses.replace(row, w=pol.w / nrm, b=pol.b / nrm, residual=pol.residual)
+    return pol.w / nrm, pol.b / nrm, pol.residual
 
 
 def _rank_rows(
