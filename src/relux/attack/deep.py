@@ -24,7 +24,7 @@ from relux.attack.critical import LineKinks
 from relux.attack.hyperplanes import hyperplane_distance
 from relux.attack.linalg import lstsq
 from relux.attack.missing import unexplained_lines
-from relux.attack.polish import polish_row
+from relux.attack.polish import polish_unit
 from relux.attack.seeding import rows_from_seeds, rows_from_unexplained
 from relux.attack.signcheck import SignCheck, check_and_repair
 from relux.attack.signs import fit_affine_plus_relu, solve_flips
@@ -549,14 +549,13 @@ def _polish_unit(
 ) -> tuple[FloatArray, float, float] | None:
     """A row refined on exact boundary points near ``anchors``, unit-norm, with its residual (None when
     the refinement kept it as given)."""
-    pol, _ = polish_row(query, layers, w, b, anchors, d0, cfg.input_scale * float(np.sqrt(d0)), rng)
+    pol = polish_unit(query, layers, w, b, anchors, d0, cfg.input_scale * float(np.sqrt(d0)), rng)
     if not pol.ok:
         log.debug("polish kept the row: %s", pol.reason)
         return None
     log.debug("polish: %d points, %d dropped, residual %.1e, change %.1e", pol.points, pol.dropped, pol.residual,
               pol.change)
-    nrm = float(np.linalg.norm(np.append(pol.w, pol.b)))
-    return pol.w / nrm, pol.b / nrm, pol.residual
+    return pol.w, pol.b, pol.residual
 
 
 def _rank_rows(

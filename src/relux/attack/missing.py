@@ -7,7 +7,7 @@ every walk, and :func:`relux.attack.walk_fit.solve_walk_signs` fits it. This mod
 into the exact row: lines from points where the neuron is on, along the input direction that lowers
 ``w·h`` fastest, cross its boundary; every kink the known prefix does not explain gives a candidate
 bias ``b = -w·h(x*)``, and two kinks that agree fix it (CJM20 §4.3 kink search, aimed). The row is
-then refined on exact boundary points (:func:`relux.attack.polish.polish_row`).
+then refined on exact boundary points (:func:`relux.attack.polish.polish_unit`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from relux.attack import prefix as pfx
 from relux.attack.config import ExtractionConfig
 from relux.attack.critical import find_kinks
 from relux.attack.linalg import lstsq
-from relux.attack.polish import polish_row
+from relux.attack.polish import polish_unit
 from relux.attack.walk import WalkOutcome
 from relux.oracle.base import FloatArray
 
@@ -41,6 +41,12 @@ class MissingRow:
     ok: bool
     reason: str
     lines: int
+
+
+def _on_side(w: FloatArray, b: float, H_on: FloatArray) -> tuple[FloatArray, float]:
+    """``(w, b)``, negated if needed so that the neuron is on at most of the layer inputs ``H_on``
+    (where a neuron no search line crossed sits)."""
+    return (-w, -b) if float(np.median(H_on @ w + b)) < 0 else (w, b)
 
 
 def _bias_groups(cands: FloatArray, tol: float) -> list[FloatArray]:
@@ -109,6 +115,7 @@ def recover_missing(
     # The sign of v is unknown: the neuron turns off where v·h is lowest or where it is highest.
     centre = on_points[rng.integers(on_points.shape[0])]
     x0s, us, origin = [], [], []
+    low_id: dict[bytes, int] = {}  # each distinct low point, numbered
     for sv in (1.0, -1.0):
         for x in _low_points(prev, sv * v, on_points, d0, cfg, rng, max(n_lines // 2, 1)):
             for u in (x - centre, -(sv * v @ pfx.jacobian(prev, x)[0])):
@@ -116,7 +123,7 @@ def recover_missing(
                 if nu > 0.0:
                     x0s.append(x)
                     us.append(u / nu * scale)
-                    origin.append(len({tuple(o) for o in x0s}))
+                    origin.append(low_id.setdefault(x.tobytes(), len(low_id)))
     none = np.zeros((0, d0))
     if not x0s:
         return MissingRow(v, 0.0, none, np.inf, False, "the direction does not move with the input", 0)
@@ -149,31 +156,24 @@ def recover_missing(
     if group.size < 2:
         return MissingRow(v, 0.0, X, np.inf, False,
                           f"no two of {len(pts)} unexplained kinks agree on a bias for the direction", len(x0s))
-    b = float(np.median(cands[group]))
     _, Hon = pfx.forward(prev, on_points)
-    if float(np.median(Hon @ v + b)) < 0:
-        v, b = -v, -b
+    v, b = _on_side(v, float(np.median(cands[group])), Hon)
     anchors = X[group]
     # the neuron's boundary may be short (it is off only in a small region): smaller spreads if needed
     for spread in (scale, 0.1 * scale, 0.01 * scale):
-        pol, _ = polish_row(query, prev, v, b, anchors, d0, spread, rng)
+        pol = polish_unit(query, prev, v, b, anchors, d0, spread, rng)
         if pol.ok:
             break
-    spread = float(np.ptp(cands[group])) / (float(np.max(np.abs(proj[group]))) + 1.0)
+    agree = float(np.ptp(cands[group])) / (float(np.max(np.abs(proj[group]))) + 1.0)
     if not pol.ok:
         # The direction comes from an exact fit and the bias from kinks that agree on it: with three
         # such kinks the row stands without refinement (the refinement's points may stray onto other
         # boundaries when the neuron's off-region is small).
-        nb = float(np.linalg.norm(np.append(v, b)))
         ok = group.size >= 3
         log.debug("missing row: refinement failed (%s); %d agreeing kinks", pol.reason, group.size)
-        return MissingRow(v / nb, b / nb, anchors, spread, ok, "" if ok else f"refinement: {pol.reason}",
-                          len(x0s))
-    w, b = pol.w, pol.b
-    n2 = float(np.linalg.norm(np.append(w, b)))
-    w, b = w / n2, b / n2
-    if float(np.median(Hon @ w + b)) < 0:
-        w, b = -w, -b
+        nb = float(np.linalg.norm(np.append(v, b)))
+        return MissingRow(v / nb, b / nb, anchors, agree, ok, "" if ok else f"refinement: {pol.reason}", len(x0s))
+    w, b = _on_side(pol.w, pol.b, Hon)
     log.debug("missing row: %d kinks agree (of %d unexplained), residual %.1e", group.size, len(pts), pol.residual)
     return MissingRow(w, b, anchors, pol.residual, True, "", len(x0s))
 
@@ -196,15 +196,12 @@ def recover_own(
     w, b = row[:-1].copy(), float(row[-1])
     scale = cfg.input_scale * float(np.sqrt(d0))
     anchors = points[rng.choice(points.shape[0], size=min(8, points.shape[0]), replace=False)]
-    pol, _ = polish_row(query, prev, w, b, anchors, d0, scale, rng)
+    pol = polish_unit(query, prev, w, b, anchors, d0, scale, rng)
     if pol.ok:
-        n2 = float(np.linalg.norm(np.append(pol.w, pol.b)))
-        w, b = pol.w / n2, pol.b / n2
+        w, b = pol.w, pol.b
     else:
         log.debug("own row: refinement failed (%s); keeping the walk's exact fit", pol.reason)
-    _, Hon = pfx.forward(prev, on_points)
-    if float(np.median(Hon @ w + b)) < 0:
-        w, b = -w, -b
+    w, b = _on_side(w, b, pfx.forward(prev, on_points)[1])
     return MissingRow(w, b, points, pol.residual, True, "", 0)
 
 

@@ -327,10 +327,6 @@ def _walked_layer(
     reports = [*reports[:-1], dataclasses.replace(prev, sign_method=method, neurons=neurons,
                                                   recovered=prev.recovered + found, dead=prev.dead - found)]
     if found:
-        stale = f"layer {i - 1}: {prev.dead} neuron(s) not identified: reported dead and dropped"
-        warnings[:] = [w for w in warnings if w != stale]
-        if prev.dead > found:
-            warnings.append(f"layer {i - 1}: {prev.dead - found} neuron(s) not identified: reported dead and dropped")
         return layers, reports, None  # layer i is then extracted behind the completed layer i-1
     if not full or wo.W_next.shape[0] < width:
         return layers, reports, None
@@ -393,12 +389,13 @@ def _extract_deep(
         last_conf = out.confidence
         last_cov = out.coverage
         qi, si = stages.total(i)
-        if out.dead:
-            warnings.append(f"layer {i}: {out.dead} neuron(s) not identified: reported dead and dropped")
         reports.append(LayerReport(index=i, width=width, recovered=out.W.shape[0], dead=out.dead,
                                    witnesses=out.witnesses, queries=qi, seconds=si, sign_method=out.sign_method,
                                    neurons=out.neurons, residual=out.residual))
         log.info("layer %d: %d/%d neurons, %s", i, out.W.shape[0], width, out.sign_method)
+    # from the final reports: a neuron missing when its layer was extracted may have been found since
+    warnings += [f"layer {r.index}: {r.dead} neuron(s) not identified: reported dead and dropped"
+                 for r in reports if r.dead]
     wpts = np.concatenate(points)
     if not last_cov.all():
         with stages.stage("unseen_weights"):

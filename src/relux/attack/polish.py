@@ -12,6 +12,7 @@ removed. No gradient is measured, so the precision is that of ``f`` itself.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -238,3 +239,21 @@ def polish_row(
         return Polished(w, b, base.shape[0], dropped, res, change, False,
                         f"boundary points do not fit one row (residual {res:.1e}, change {change:.1e})"), q
     return Polished(w2, b2, base.shape[0], dropped, res, change, True, ""), q
+
+
+def polish_unit(
+    query: QueryFn,
+    layers: Sequence[pfx.Layer],
+    w: FloatArray,
+    b: float,
+    anchors: FloatArray,
+    d0: int,
+    scale: float,
+    rng: np.random.Generator,
+) -> Polished:
+    """:func:`polish_row` with the refined row scaled to unit norm ``‖(w, b)‖ = 1`` when ``ok``."""
+    pol, _ = polish_row(query, layers, w, b, anchors, d0, scale, rng)
+    if not pol.ok:
+        return pol
+    nrm = float(np.linalg.norm(np.append(pol.w, pol.b)))
+    return dataclasses.replace(pol, w=pol.w / nrm, b=pol.b / nrm)

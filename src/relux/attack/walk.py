@@ -35,7 +35,7 @@ from relux.attack import prefix as pfx
 from relux.attack.config import ExtractionConfig
 from relux.attack.critical import find_kinks
 from relux.attack.signs import SignSolution
-from relux.attack.walk_fit import PartialFit, features, fit_partial, fit_theta, solve_walk_signs
+from relux.attack.walk_fit import PartialFit, features, fit_partial, fit_theta, solve_walk_signs, varying
 from relux.attack.witnesses import collect_witnesses
 from relux.oracle.base import FloatArray
 
@@ -73,11 +73,15 @@ class WalkOutcome:
     complete_walks: int
     solution: SignSolution | None
     reason: str
-    partial_walks: int = 0  # walks whose partial fit took part in the sign solve
-    fits: tuple[PartialFit, ...] = ()
+    fits: tuple[PartialFit, ...] = ()  # the walks' partial fits that took part in the sign solve
     missing: FloatArray = field(default_factory=lambda: np.zeros((0, 0)))  # (p, r) missing rows' directions
     missing_on: FloatArray = field(default_factory=lambda: np.zeros((0, 0)))  # walk points, mostly where they are on
     own_rows: tuple[tuple[FloatArray, FloatArray], ...] = ()  # (row (w, b), exact points) of walks along layer i
+
+    @property
+    def partial_walks(self) -> int:
+        """Walks whose partial fit took part in the sign solve."""
+        return len(self.fits)
 
 
 @dataclass
@@ -164,8 +168,7 @@ def _local_normal(layers: Sequence[pfx.Layer], P: FloatArray, x: FloatArray) -> 
     points are fewer than the unknowns)."""
     n_i = layers[-1][0].shape[0]
     F = features(layers, P)
-    on = F[:, :n_i] > 0
-    vary = on.any(axis=0) & ~on.all(axis=0)
+    vary = varying(F, n_i)
     F = np.concatenate([F[:, :n_i][:, vary], F[:, n_i:]], axis=1)
     if F.shape[0] < F.shape[1] + 1:
         return None
@@ -296,8 +299,7 @@ def walk_layer(
     ws = solve_walk_signs(W, fits, missing, cfg.max_enum_bits)
     if ws is None:
         return WalkOutcome(flips, conf, decided, np.zeros((0, n_i)), np.zeros(0), (), np.zeros(0), walks,
-                           complete, None, "no walk along a next-layer boundary gave a usable fit", len(fits),
-                           tuple(fits))
+                           complete, None, "no walk along a next-layer boundary gave a usable fit", tuple(fits))
     sol = ws.solution
     if sol.ok:
         flips = sol.flips
@@ -312,7 +314,7 @@ def walk_layer(
     # rows of layer i+1 behind the corrected layer i: ReLU(ẑ_j) = ReLU(-ẑ_j) + ẑ_j for a flipped row
     b_next = C + U[:, flips] @ b[flips]
     return WalkOutcome(flips, conf, decided, U, b_next, tuple(pts), np.asarray(res), walks, complete, sol, reason,
-                       len(fits), tuple(fits), ws.missing, on_pts,
+                       tuple(fits), ws.missing, on_pts,
                        tuple((np.append(f.a, f.c) / float(np.linalg.norm(np.append(f.a, f.c))), P) for f, P in own))
 
 

@@ -61,6 +61,12 @@ def features(layers: Sequence[pfx.Layer], P: FloatArray) -> FloatArray:
     return np.concatenate([np.maximum(Zs[-1], 0.0), Hprev, np.ones((P.shape[0], 1))], axis=1)
 
 
+def varying(F: FloatArray, n_i: int) -> np.ndarray:
+    """Layer-``i`` neurons (the first ``n_i`` feature columns) whose state changes among the points."""
+    on = F[:, :n_i] > 0
+    return np.asarray(on.any(axis=0) & ~on.all(axis=0))
+
+
 def null_vector(F: FloatArray) -> tuple[FloatArray, float, float]:
     """Robust null vector of ``F`` (rows are points): rows misfitting by 1000x the median are dropped,
     twice at most. Returns ``(θ unit, largest kept row misfit, uniqueness gap)``; NaN when too few rows."""
@@ -96,8 +102,7 @@ def fit_partial(layers: Sequence[pfx.Layer], P: FloatArray) -> PartialFit | None
     """The points ``P`` of one walk as a :class:`PartialFit` (None while they are too few)."""
     n_i = layers[-1][0].shape[0]
     F = features(layers, P)
-    on = F[:, :n_i] > 0
-    vary = np.asarray(on.any(axis=0) & ~on.all(axis=0))
+    vary = varying(F, n_i)
     observed = np.asarray(np.any(F[:, n_i:-1] != 0, axis=0))
     cols = np.concatenate([vary, observed, [True]])
     if P.shape[0] < int(cols.sum()) + 2:
