@@ -32,6 +32,14 @@ threshold to count a coarse extraction as matched). Sign-error neurons *are* mat
 error is included in ``max_norm_weight_error``: the weights really are that far off.
 ``max_direction_error`` gives the sign-agnostic maximum, the precision of the recovered directions.
 
+Always-on neurons. A neuron of a hidden layer after the first whose weights are all non-negative and
+whose bias is positive is active at every input (its input is a ReLU output, ``h >= 0``). Its bias only
+ever appears summed with the next layer's biases, so no query can tell it apart (an extraction reports
+such a neuron with bias 0, see :mod:`relux.attack.always_on`). Such a reference row is matched on its
+weights alone, and when its candidate keeps it always on (same sign, bias ``>= 0``) the reference is
+re-expressed in the candidate's gauge: its bias takes the candidate's value and the difference moves
+into the next layer's biases, which leaves the reference's function unchanged.
+
 Normalised weight error: for a hidden row, ``max |Δ(w, b)| / ||w_reference||_2`` after alignment; for
 the output layer, ``max |ΔW, Δb| / max |W_reference|``. Columns of reference neurons that were left
 unmatched in the previous layer are excluded from both the distances and the norms of the next layer:
@@ -329,16 +337,34 @@ def _align_hidden(
     bc: FloatArray,
     mask: BoolArray,
     threshold: float,
-) -> tuple[LayerAlignment, FloatArray, FloatArray, IntArray, FloatArray]:
-    """Align one hidden layer whose candidate columns ``Wc`` are already in the reference's input order."""
+    always_on: BoolArray | None = None,
+) -> tuple[LayerAlignment, FloatArray, FloatArray, IntArray, FloatArray, FloatArray]:
+    """Align one hidden layer whose candidate columns ``Wc`` are already in the reference's input order.
+
+    ``always_on``: reference rows that are on at every input; their bias is a gauge (module docstring).
+    Also returns the shift of each reference bias into the candidate's gauge (0 for other rows), which
+    the caller moves into the reference's next layer."""
     n_r, n_c = Wr.shape[0], Wc.shape[0]
     norm_r = _guarded_norms(Wr[:, mask])
     norm_c = _guarded_norms(Wc[:, mask])
     R = np.concatenate([Wr[:, mask], br[:, None]], axis=1) / norm_r[:, None]
     C = np.concatenate([Wc[:, mask], bc[:, None]], axis=1) / norm_c[:, None]
     plus, minus = pairwise_maxabs(R, C)
+    gauge = np.zeros((n_r, n_c), dtype=bool)
+    tie = np.zeros((n_r, n_c))
+    if always_on is not None and always_on.any():
+        # weights only; the candidate's bias only has to keep the neuron on (>= 0)
+        plus_w = (pairwise_maxabs(R[always_on, :-1], C[:, :-1])[0] if R.shape[1] > 1
+                  else np.zeros((int(always_on.sum()), n_c)))
+        # a candidate bias slightly below 0 (its precision) counts, as that distance
+        keeps_on = C[:, -1] >= -threshold
+        gauge[always_on] = keeps_on[None, :]
+        plus_w = np.maximum(plus_w, np.maximum(-C[None, :, -1], 0.0))
+        plus[always_on] = np.where(keeps_on[None, :], plus_w, plus[always_on])
+        # rows equal up to their bias (parallel always-on neurons): the bias breaks the tie
+        tie[always_on] = 1e-9 * np.abs(R[always_on, -1][:, None] - C[None, :, -1])
     distance = np.minimum(plus, minus)
-    rows, cols = assign(distance, threshold)
+    rows, cols = assign(distance + tie, threshold)
     accept = distance[rows, cols] <= threshold
     rej = [(int(r), int(c), float(distance[r, c])) for r, c in zip(rows[~accept], cols[~accept], strict=True)]
     rows, cols = rows[accept], cols[accept]
@@ -352,6 +378,10 @@ def _align_hidden(
     ba = np.zeros_like(br)
     Wa[rows] = Wc[cols] * scale[rows, None]
     ba[rows] = bc[cols] * scale[rows]
+    shift = np.zeros_like(br)
+    moved = rows[gauge[rows, cols] & (plus[rows, cols] <= minus[rows, cols])]
+    shift[moved] = ba[moved] - br[moved]
+    br = br + shift
 
     errors = np.full(n_r, np.nan)
     if rows.size:
@@ -375,7 +405,13 @@ def _align_hidden(
         max_direction_error=float(distance[rows, cols].max()) if rows.size else math.inf,
         rejected=tuple(rej),
     )
-    return layer, Wa, ba, perm, scale
+    return layer, Wa, ba, perm, scale, shift
+
+
+def always_on_rows(W: FloatArray, b: FloatArray) -> BoolArray:
+    """Rows of a hidden layer after the first that are on at every input: non-negative weights and a
+    positive bias on a ReLU output (``h >= 0``)."""
+    return np.asarray(np.all(W >= 0, axis=1) & (b > 0), dtype=bool)
 
 
 def _align_output(
@@ -421,10 +457,14 @@ def align(reference: MLP, candidate: MLP, *, match_threshold: float = DEFAULT_MA
     layers: list[LayerAlignment] = []
     aligned: list[tuple[FloatArray, FloatArray]] = []
     last = reference.depth
+    shift: FloatArray | None = None  # bias moved out of the previous layer's always-on neurons
     for i, ((Wr, br), (Wc_raw, bc)) in enumerate(zip(reference.layers, candidate.layers, strict=True)):
         Wc = express_columns(Wc_raw, source, scale)
+        if shift is not None and shift.any():
+            br = br - Wr @ shift
         if i < last:
-            layer, Wa, ba, source, scale = _align_hidden(i, Wr, br, Wc, bc, mask, threshold)
+            on = always_on_rows(Wr, br) if i > 0 else None
+            layer, Wa, ba, source, scale, shift = _align_hidden(i, Wr, br, Wc, bc, mask, threshold, on)
             mask = source >= 0
             aligned.append((Wa, ba))
         else:

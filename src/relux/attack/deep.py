@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from relux.attack import prefix as pfx
+from relux.attack.always_on import AlwaysOn, solve_always_on
 from relux.attack.complete import complete_row
 from relux.attack.config import ExtractionConfig
 from relux.attack.confirm import crossing_hits
@@ -241,8 +242,8 @@ def extract_layer(
         )
     W = np.stack([r.w for r in final])
     b = np.array([r.b for r in final])
-    sgn, conf, sign_method = _layer_signs(query, layers, W, b, d0, is_last, len(final) < width, cfg, rng,
-                                          np.stack([wt.x for wt in witnesses]))
+    sgn, conf, sign_method, on = _layer_signs(query, layers, W, b, d0, is_last, len(final) < width, cfg, rng,
+                                              np.stack([wt.x for wt in witnesses]))
     W = W * sgn[:, None]
     b = b * sgn
     neurons = tuple(
@@ -251,9 +252,24 @@ def extract_layer(
         for j in range(len(final))
     )
     pts = np.stack([witnesses[final[j].members[0]].x for j in range(len(final))])
-    return LayerOutcome(W, b, len(witnesses), lines_used, sign_method, neurons, width - len(final), pts,
-                        np.asarray(conf, dtype=float), np.stack([r.coverage for r in final]),
-                        float(max(r.residual for r in final)))
+    out = LayerOutcome(W, b, len(witnesses), lines_used, sign_method, neurons, width - len(final), pts,
+                       np.asarray(conf, dtype=float), np.stack([r.coverage for r in final]),
+                       float(max(r.residual for r in final)))
+    return _with_always_on(out, on)
+
+
+def _with_always_on(out: LayerOutcome, on: AlwaysOn | None) -> LayerOutcome:
+    """The layer with its always-on neuron (:mod:`relux.attack.always_on`) appended, when there is one."""
+    if on is None:
+        return out
+    j = out.W.shape[0]
+    neuron = {"index": j, "witnesses": 0, "residual": float("nan"), "uniqueness_gap": float("nan"), "sign": 1,
+              "sign_confidence": 1.0, "rows_from": "always-on: the affine part of the output fit",
+              "always_on": True, "bias_identifiable": False, "sign_gauge_neurons": list(on.gauge)}
+    return dataclasses.replace(
+        out, W=np.concatenate([out.W, on.w[None, :]]), b=np.append(out.b, on.b), neurons=(*out.neurons, neuron),
+        dead=out.dead - 1, confidence=np.append(out.confidence, 1.0),
+        coverage=np.concatenate([out.coverage, np.ones((1, out.coverage.shape[1]), dtype=bool)]))
 
 
 def outcome_from_rows(
@@ -281,8 +297,8 @@ def outcome_from_rows(
         got = _polish_unit(query, layers, W[j], float(b[j]), anchors, d0, cfg, rng)
         if got is not None:
             W[j], b[j], row_residual[j] = got
-    sgn, conf, sign_method = _layer_signs(query, layers, W, b, d0, is_last, W.shape[0] < width, cfg, rng,
-                                          np.concatenate(list(row_points)))
+    sgn, conf, sign_method, on = _layer_signs(query, layers, W, b, d0, is_last, W.shape[0] < width, cfg, rng,
+                                              np.concatenate(list(row_points)))
     W = W * sgn[:, None]
     b = b * sgn
     neurons = tuple(
@@ -291,9 +307,10 @@ def outcome_from_rows(
         for j in range(W.shape[0])
     )
     pts = np.stack([p[0] for p in row_points])
-    return LayerOutcome(W, b, int(sum(p.shape[0] for p in row_points)), 0, sign_method, neurons,
-                        width - W.shape[0], pts, np.asarray(conf, dtype=float), np.ones(W.shape, dtype=bool),
-                        float(np.max(row_residual)) if row_residual.size else float("nan"))
+    out = LayerOutcome(W, b, int(sum(p.shape[0] for p in row_points)), 0, sign_method, neurons,
+                       width - W.shape[0], pts, np.asarray(conf, dtype=float), np.ones(W.shape, dtype=bool),
+                       float(np.max(row_residual)) if row_residual.size else float("nan"))
+    return _with_always_on(out, on)
 
 
 def _layer_signs(
@@ -307,19 +324,20 @@ def _layer_signs(
     cfg: ExtractionConfig,
     rng: np.random.Generator,
     witness_x: FloatArray,
-) -> tuple[FloatArray, FloatArray, str]:
+) -> tuple[FloatArray, FloatArray, str, AlwaysOn | None]:
     """Signs of a layer's rows: the CM24 last-layer solve for the last hidden layer, the wiggle for an
-    inner one (checked later by the next layer's walks). Returns ``(±1 per row, confidence, method)``."""
+    inner one (checked later by the next layer's walks). Returns ``(±1 per row, confidence, method,
+    always-on row)``; the last is set when a short last layer's affine part is an always-on neuron."""
     if is_last:
-        method, flips, conf = _last_layer_signs(query, layers, W, b, d0, cfg, rng, witness_x)
-        return np.where(flips, -1.0, 1.0), conf, method
+        method, flips, conf, on = _last_layer_signs(query, layers, W, b, d0, cfg, rng, witness_x, short)
+        return np.where(flips, -1.0, 1.0), conf, method, on
     ws = wiggle_signs(query, layers, W, b, d0, cfg.input_scale, rng)
     conf = ws.confidence
     if short:
         # a missing row moves with every probe and can make even a clean-looking verdict wrong
         conf = np.minimum(conf, 0.5)
     return ws.signs, conf, (f"wiggle ({ws.controllable_points}/{ws.points} controllable points, "
-                            f"{int(ws.decided.sum())} decided)")
+                            f"{int(ws.decided.sum())} decided)"), None
 
 
 def _last_layer_signs(
@@ -331,7 +349,8 @@ def _last_layer_signs(
     cfg: ExtractionConfig,
     rng: np.random.Generator,
     witness_x: FloatArray,
-) -> tuple[str, np.ndarray, FloatArray]:
+    short: bool = False,
+) -> tuple[str, np.ndarray, FloatArray, AlwaysOn | None]:
     d_in = W.shape[1]
     n = 2 * (d_in + W.shape[0] + 1) + 64
     near = straddle_points([*layers, (W, b)], witness_x, cfg.input_scale * float(np.sqrt(d0)))
@@ -339,11 +358,26 @@ def _last_layer_signs(
     Y = query(X)
     _, H = pfx.forward(layers, X)
     Z = H @ W.T + b
-    alpha, gamma, _ = fit_affine_plus_relu(Z, H, Y)
+    alpha, gamma, c = fit_affine_plus_relu(Z, H, Y)
     sol = solve_flips(alpha, gamma, W, cfg.max_enum_bits)
     status = "" if sol.ok else ", FAILED"
     method = f"last-layer {sol.method} (free bits {sol.free_bits}, solutions {sol.solutions}{status})"
-    return method, sol.flips, sol.confidence
+    if sol.ok or not short or not layers:
+        return method, sol.flips, sol.confidence, None
+    # A short layer whose fit is exact: the affine part no flip explains is an always-on neuron.
+    misfit = float(np.max(np.abs(np.maximum(Z, 0.0) @ alpha.T + H @ gamma.T + c - Y)))
+    if misfit > 1e2 * cfg.selfcheck_tol * max(float(np.max(np.abs(Y))), np.finfo(float).tiny):
+        return method, sol.flips, sol.confidence, None
+    _, R = pfx.forward([(Wl, np.zeros_like(bl)) for Wl, bl in layers], rng.normal(size=(4096, d0)))
+    on = solve_always_on(alpha, gamma, W, R, H)
+    log.debug("layer %d: always-on solve: %s", len(layers) + 1, on.reason or f"{on.representations} representation(s)")
+    if not on.ok:
+        return f"{method}; always-on neuron: {on.reason}", sol.flips, sol.confidence, None
+    conf = np.ones(W.shape[0])
+    conf[list(on.gauge)] = 0.5
+    method = (f"last-layer solve with an always-on neuron ({on.representations} equivalent sign choice(s), "
+              f"gauge neurons {list(on.gauge)})")
+    return method, on.flips, conf, on
 
 
 def straddle_points(layers: Sequence[pfx.Layer], witness_x: FloatArray, scale: float) -> FloatArray:
