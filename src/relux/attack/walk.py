@@ -131,27 +131,38 @@ def _plan(
         if not todo:
             ch.skip = set()  # look again from wherever the random step lands
         return (d, m1, t1, t2) if np.isfinite(t1) else None
-    best: tuple[float, FloatArray, int, float, float] | None = None
-    fallback: tuple[float, FloatArray, int, float, float] | None = None
-    for j in todo:
-        Pj = G[j] - (G[j] @ n) * n
-        nrm = float(np.linalg.norm(Pj))
-        if nrm <= 1e-12 * float(np.linalg.norm(G[j])):
-            continue
-        d = -np.sign(z[j]) * Pj / nrm if z[j] != 0 else Pj / nrm
-        m1, t1, t2 = _first_crossings(z, G, d)
-        if not np.isfinite(t1):
-            continue
-        cand = (t1, d, m1, t1, t2)
-        if not ch.switched[m1]:  # earlier layers' neurons are marked switched from the start
-            if best is None or t1 < best[0]:
-                best = cand
-        elif fallback is None or abs(z[j]) / nrm < fallback[0]:
-            fallback = (abs(z[j]) / nrm, d, m1, t1, t2)
-    pick = best or fallback
-    if pick is None:
+    # every candidate direction at once: towards neuron j's boundary within the current boundary
+    J = np.asarray(todo)
+    Pj = G[J] - np.outer(G[J] @ n, n)
+    nrm = np.linalg.norm(Pj, axis=1)
+    ok = nrm > 1e-12 * np.linalg.norm(G[J], axis=1)
+    if not ok.any():
         return None
-    return pick[1], pick[2], pick[3], pick[4]
+    J, Pj, nrm = J[ok], Pj[ok], nrm[ok]
+    sgn = np.where(z[J] != 0, -np.sign(z[J]), 1.0)
+    D = Pj * (sgn / nrm)[:, None]
+    rate = G @ D.T  # (neurons, candidates)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        T = np.where(z[:, None] * rate < 0, -z[:, None] / rate, np.inf)
+    if T.shape[0] > 1:
+        two = np.argpartition(T, 1, axis=0)[:2]
+        t_two = np.take_along_axis(T, two, axis=0)
+        swap = t_two[1] < t_two[0]
+        first = np.where(swap, two[1], two[0])
+        t1s, t2s = np.minimum(t_two[0], t_two[1]), np.maximum(t_two[0], t_two[1])
+    else:
+        first = np.zeros(T.shape[1], dtype=int)
+        t1s, t2s = T[0], np.full(T.shape[1], np.inf)
+    finite = np.isfinite(t1s)
+    fresh = finite & ~ch.switched[first]  # earlier layers' neurons are marked switched from the start
+    if fresh.any():
+        c = int(np.flatnonzero(fresh)[np.argmin(t1s[fresh])])
+    elif finite.any():
+        dist = np.where(finite, np.abs(z[J]) / nrm, np.inf)
+        c = int(np.argmin(dist))
+    else:
+        return None
+    return D[c], int(first[c]), float(t1s[c]), float(t2s[c])
 
 
 def _region_radius(z: FloatArray, G: FloatArray, v: FloatArray) -> float:
