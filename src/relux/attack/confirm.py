@@ -26,10 +26,14 @@ def crossing_hits(
     layers: Sequence[pfx.Layer] = (),
     rel_tol: float = 1e-7,
     margin: float = 0.02,
+    coverage: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per row of ``(W, b)`` (a layer behind ``layers``): how many predicted crossings on ``lines`` are
     found kinks (hits) and how many are not (misses). Crossings within ``margin`` of a line's ends
-    are not judged (the search may miss kinks there)."""
+    are not judged (the search may miss kinks there). ``coverage`` (rows x layer inputs): the weights
+    each row has seen; a row's weights on the others are not known yet, so its predictions are judged
+    only where those coordinates are off."""
+    unseen = None if coverage is None else (~np.asarray(coverage, dtype=bool)).astype(float).T
     m = W.shape[0]
     hits = np.zeros(m, dtype=int)
     misses = np.zeros(m, dtype=int)
@@ -47,5 +51,8 @@ def crossing_hits(
         sgn = np.sign(Z)
         # A sign change between consecutive points with neither being a zero is a missed crossing.
         change = (sgn[1:] * sgn[:-1] < 0) & ~zero[1:] & ~zero[:-1]
+        if unseen is not None:
+            blind = ((H > 0).astype(float) @ unseen) > 0  # (n_pts, m): an unseen coordinate is on
+            change &= ~blind[1:] & ~blind[:-1]
         misses += change.sum(axis=0)
     return hits, misses

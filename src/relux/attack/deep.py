@@ -28,7 +28,7 @@ from relux.attack.missing import unexplained_lines
 from relux.attack.polish import polish_unit
 from relux.attack.seeding import rows_from_seeds, rows_from_unexplained
 from relux.attack.signcheck import SignCheck, check_and_repair
-from relux.attack.signs import fit_affine_plus_relu, solve_flips
+from relux.attack.signs import fit_affine_plus_relu, fit_dropping_misfits, solve_flips
 from relux.attack.trace import trace_neuron
 from relux.attack.unify import (
     NeuronRow,
@@ -243,7 +243,8 @@ def extract_layer(
     W = np.stack([r.w for r in final])
     b = np.array([r.b for r in final])
     sgn, conf, sign_method, on = _layer_signs(query, layers, W, b, d0, is_last, len(final) < width, cfg, rng,
-                                              np.stack([wt.x for wt in witnesses]))
+                                              np.stack([wt.x for wt in witnesses]),
+                                              np.stack([r.coverage for r in final]))
     W = W * sgn[:, None]
     b = b * sgn
     neurons = tuple(
@@ -324,12 +325,13 @@ def _layer_signs(
     cfg: ExtractionConfig,
     rng: np.random.Generator,
     witness_x: FloatArray,
+    coverage: np.ndarray | None = None,
 ) -> tuple[FloatArray, FloatArray, str, AlwaysOn | None]:
     """Signs of a layer's rows: the CM24 last-layer solve for the last hidden layer, the wiggle for an
     inner one (checked later by the next layer's walks). Returns ``(±1 per row, confidence, method,
     always-on row)``; the last is set when a short last layer's affine part is an always-on neuron."""
     if is_last:
-        method, flips, conf, on = _last_layer_signs(query, layers, W, b, d0, cfg, rng, witness_x, short)
+        method, flips, conf, on = _last_layer_signs(query, layers, W, b, d0, cfg, rng, witness_x, short, coverage)
         return np.where(flips, -1.0, 1.0), conf, method, on
     ws = wiggle_signs(query, layers, W, b, d0, cfg.input_scale, rng)
     conf = ws.confidence
@@ -350,21 +352,46 @@ def _last_layer_signs(
     rng: np.random.Generator,
     witness_x: FloatArray,
     short: bool = False,
+    coverage: np.ndarray | None = None,
 ) -> tuple[str, np.ndarray, FloatArray, AlwaysOn | None]:
     d_in = W.shape[1]
     n = 2 * (d_in + W.shape[0] + 1) + 64
     near = straddle_points([*layers, (W, b)], witness_x, cfg.input_scale * float(np.sqrt(d0)))
     X = np.concatenate([rng.normal(0.0, cfg.input_scale, size=(n, d0)), near])
+    # A weight no witness of its row saw (that layer-input coordinate off at all of them) is not known
+    # yet, so the features are exact only where every such coordinate is off: the signs come from
+    # such points (chosen with the prefix, before any query) and the coordinates every row saw.
+    seen = np.ones(d_in, dtype=bool) if coverage is None else np.asarray(coverage.all(axis=0), dtype=bool)
+    if not seen.all():
+        Xe = _points_with_off(layers, X, ~seen, 2 * (int(seen.sum()) + W.shape[0] + 1) + 64, d0, cfg, rng)
+        if Xe is None:
+            seen[:] = True  # too rare: fit everywhere (the solve may fail, and says so)
+        else:
+            X = Xe
     Y = query(X)
     _, H = pfx.forward(layers, X)
     Z = H @ W.T + b
-    alpha, gamma, c = fit_affine_plus_relu(Z, H, Y)
-    sol = solve_flips(alpha, gamma, W, cfg.max_enum_bits)
+    # a missing (rarely active) neuron leaves misfits where it is on: those points are dropped
+    alpha, gamma, c, _, kept = (fit_dropping_misfits(Z, H[:, seen], Y) if short
+                                else (*fit_affine_plus_relu(Z, H[:, seen], Y), None, None))
+    if kept is not None:
+        X, Y, H, Z = X[kept], Y[kept], H[kept], Z[kept]
+    sol = solve_flips(alpha, gamma, W[:, seen], cfg.max_enum_bits)
+    log.debug("layer %d signs: %s from %d points and %d/%d coordinates", len(layers) + 1, sol.reason or "solved",
+              X.shape[0], int(seen.sum()), d_in)
+    if log.isEnabledFor(logging.DEBUG) and not sol.ok:
+        A = np.concatenate([alpha[o][None, :] * W[:, seen].T for o in range(alpha.shape[0])], axis=0)
+        t_ls = np.linalg.lstsq(A, -gamma.reshape(-1), rcond=None)[0]
+        fit = np.maximum(Z, 0.0) @ alpha.T + H[:, seen] @ gamma.T + c
+        log.debug("layer %d signs: least-squares flips %s, fit misfit %.1e", len(layers) + 1, np.round(t_ls, 3),
+                  float(np.max(np.abs(fit - Y))) / float(np.max(np.abs(Y))))
     status = "" if sol.ok else ", FAILED"
     method = f"last-layer {sol.method} (free bits {sol.free_bits}, solutions {sol.solutions}{status})"
     if sol.ok or not short or not layers:
         return method, sol.flips, sol.confidence, None
     # A short layer whose fit is exact: the affine part no flip explains is an always-on neuron.
+    if not seen.all():
+        return method, sol.flips, sol.confidence, None  # an always-on row needs every weight seen
     misfit = float(np.max(np.abs(np.maximum(Z, 0.0) @ alpha.T + H @ gamma.T + c - Y)))
     if misfit > 1e2 * cfg.selfcheck_tol * max(float(np.max(np.abs(Y))), np.finfo(float).tiny):
         return method, sol.flips, sol.confidence, None
@@ -378,6 +405,32 @@ def _last_layer_signs(
     method = (f"last-layer solve with an always-on neuron ({on.representations} equivalent sign choice(s), "
               f"gauge neurons {list(on.gauge)})")
     return method, on.flips, conf, on
+
+
+def _points_with_off(
+    layers: Sequence[pfx.Layer],
+    X: FloatArray,
+    off: np.ndarray,
+    need: int,
+    d0: int,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    max_draws: int = 64,
+) -> FloatArray | None:
+    """At least ``need`` inputs (``X``'s first, then fresh Gaussian ones) where the layer-input
+    coordinates ``off`` are all off, by the prefix alone (no queries); None if too rare."""
+    def keep(P: FloatArray) -> FloatArray:
+        return P[np.all(pfx.forward(layers, P)[1][:, off] <= 0, axis=1)]
+
+    got = [keep(X)]
+    total = got[0].shape[0]
+    for _ in range(max_draws):
+        if total >= need:
+            break
+        more = keep(rng.normal(0.0, cfg.input_scale, size=(4 * need, d0)))
+        got.append(more)
+        total += more.shape[0]
+    return np.concatenate(got) if total >= need else None
 
 
 def straddle_points(layers: Sequence[pfx.Layer], witness_x: FloatArray, scale: float) -> FloatArray:
@@ -532,7 +585,7 @@ def _score_rows(
     """Per row: confirmed crossings minus twice the missed ones, and the misses."""
     W = np.stack([r.w for r in cand])
     b = np.array([r.b for r in cand])
-    hits, misses = crossing_hits(W, b, lines, layers)
+    hits, misses = crossing_hits(W, b, lines, layers, coverage=np.stack([r.coverage for r in cand]))
     # A row fitted to a deeper neuron inside one region predicts crossings that are mostly not there;
     # a real neuron misses only where everything after it is off.
     return hits - 2 * misses, misses

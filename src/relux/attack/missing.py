@@ -21,8 +21,8 @@ import numpy as np
 from relux.attack import prefix as pfx
 from relux.attack.config import ExtractionConfig
 from relux.attack.critical import find_kinks
-from relux.attack.linalg import lstsq
 from relux.attack.polish import polish_unit
+from relux.attack.signs import fit_dropping_misfits
 from relux.attack.walk import WalkOutcome
 from relux.oracle.base import FloatArray
 
@@ -243,20 +243,9 @@ def unexplained_lines(
     X = rng.normal(0.0, cfg.input_scale, size=(n_samples, d0))
     Y = query(X)
     _, H = pfx.forward(layers, X)
-    D = np.concatenate([np.maximum(H @ W.T + b, 0.0), H, np.ones((n_samples, 1))], axis=1)
-    if n_samples < 2 * D.shape[1]:
+    if n_samples < 2 * (W.shape[0] + H.shape[1] + 1):
         return None
-    yscale = float(np.max(np.abs(Y))) or 1.0
-    keep = np.ones(n_samples, dtype=bool)
-    r = np.zeros(n_samples)
-    for _ in range(4):
-        coef = lstsq(D[keep], Y[keep])
-        r = np.max(np.abs(D @ coef - Y), axis=1) / yscale
-        # rounding leaves ~1e-12 relative; a neuron the fit lacks leaves far more where it is on
-        new_keep = r <= max(1e-3 * float(np.max(r[keep])), 1e-9)
-        if keep.sum() - (keep & new_keep).sum() == 0 or new_keep.sum() < D.shape[1] + 1:
-            break
-        keep &= new_keep
+    r = fit_dropping_misfits(H @ W.T + b, H, Y)[3]
     bad = np.flatnonzero(r > 1e-7)
     if bad.size == 0:
         return None

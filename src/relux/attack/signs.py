@@ -49,6 +49,28 @@ def fit_affine_plus_relu(Zhat: FloatArray, Hin: FloatArray, Y: FloatArray) -> tu
     return coef[:m].T, coef[m : m + Hin.shape[1]].T, coef[-1]
 
 
+def fit_dropping_misfits(
+    Zhat: FloatArray, Hin: FloatArray, Y: FloatArray, rounds: int = 4
+) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray, np.ndarray]:
+    """:func:`fit_affine_plus_relu` refitted without its worst points until the fit is clean: where a
+    neuron the features lack is on, ``f`` leaves a misfit far above rounding. Returns ``(α, γ, c,
+    per-point misfit relative to max |Y|, kept points)``."""
+    n = Zhat.shape[0]
+    yscale = float(np.max(np.abs(Y))) or 1.0
+    keep = np.ones(n, dtype=bool)
+    alpha, gamma, c = fit_affine_plus_relu(Zhat, Hin, Y)
+    r = np.max(np.abs(np.maximum(Zhat, 0.0) @ alpha.T + Hin @ gamma.T + c - Y), axis=1) / yscale
+    for _ in range(rounds):
+        # rounding leaves ~1e-12 relative; a neuron the fit lacks leaves far more where it is on
+        new_keep = keep & (r <= max(1e-3 * float(np.max(r[keep])), 1e-9))
+        if new_keep.sum() == keep.sum() or new_keep.sum() < Zhat.shape[1] + Hin.shape[1] + 2:
+            break
+        keep = new_keep
+        alpha, gamma, c = fit_affine_plus_relu(Zhat[keep], Hin[keep], Y[keep])
+        r = np.max(np.abs(np.maximum(Zhat, 0.0) @ alpha.T + Hin @ gamma.T + c - Y), axis=1) / yscale
+    return alpha, gamma, c, r, keep
+
+
 def solve_flips(
     alpha: FloatArray,
     gamma: FloatArray,
