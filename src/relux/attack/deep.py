@@ -100,9 +100,9 @@ def extract_layer(
         aimed = None
         witnesses += new
         all_lines += info.lines_found
-        rows, score = _build_rows(witnesses, chains, all_lines, layers, rng, width)
+        rows, score = _build_rows(witnesses, chains, all_lines, layers, rng, width, is_last=is_last)
         kept = _merge_kept(kept, _good(rows, score))
-        rows, score = _with_kept(kept, rows, all_lines, layers)
+        rows, score = _with_kept(kept, rows, all_lines, layers, is_last)
         # a kept row must keep explaining its crossings as lines accumulate (a false one stops)
         kept = [r for r, sc in zip(rows[: len(kept)], score[: len(kept)], strict=True) if sc >= 3]
         good = _good(rows, score)
@@ -132,7 +132,7 @@ def extract_layer(
                                  max_seeds=3 * width)
         if seeded:
             rows = good + seeded + [r for r in rows if id(r) not in {id(g) for g in good}]
-            score = list(_score_rows(rows, all_lines, layers)[0])
+            score = list(_score_rows(rows, all_lines, layers, is_last)[0])
             log.debug("layer %d: %d row(s) grown from single witnesses; %d complete rows", len(layers) + 1,
                       len(seeded), len(_good(rows, score)))
     # Still short: follow single neurons' boundaries across prefix regions until rows are determined.
@@ -155,7 +155,7 @@ def extract_layer(
             idx.append(len(witnesses) - 1)
         if len(idx) >= 2:
             chains.append(idx)
-        rows, score = _build_rows(witnesses, chains, all_lines, layers, rng, width, triples=False)
+        rows, score = _build_rows(witnesses, chains, all_lines, layers, rng, width, triples=False, is_last=is_last)
         log.debug("layer %d: trace %d gave %d witnesses; %d complete rows", len(layers) + 1, traces, len(idx),
                   len(_good(rows, score)))
     # Rows ranked by the crossings they predict on every line: kinks of deeper neurons, fitted inside
@@ -221,7 +221,7 @@ def extract_layer(
         final = [_polish(query, layers, r, witnesses, d0, cfg, rng) for r in final]
     if provisional:
         # Keep a provisional row only if, completed, it explains its crossings like the others.
-        sc_final, _ = _score_rows(final, all_lines, layers)
+        sc_final, _ = _score_rows(final, all_lines, layers, is_last)
         for j in provisional:
             log.debug("layer %d provisional row %d: complete %s, score %d (all: %s)", len(layers) + 1, j,
                       final[j].complete, sc_final[j], sc_final)
@@ -568,24 +568,31 @@ def _merge_kept(kept: Sequence[NeuronRow], good: Sequence[NeuronRow]) -> list[Ne
 
 
 def _with_kept(
-    kept: Sequence[NeuronRow], rows: Sequence[NeuronRow], lines: Sequence[LineKinks], layers: Sequence[pfx.Layer]
+    kept: Sequence[NeuronRow],
+    rows: Sequence[NeuronRow],
+    lines: Sequence[LineKinks],
+    layers: Sequence[pfx.Layer],
+    is_last: bool = False,
 ) -> tuple[list[NeuronRow], list[int]]:
     """The candidate rows with every kept row among them (kept first), and their scores."""
     if not kept:
-        return list(rows), list(_score_rows(rows, lines, layers)[0]) if rows else []
+        return list(rows), list(_score_rows(rows, lines, layers, is_last)[0]) if rows else []
     keys = np.stack([np.append(x.w, x.b) for x in kept])
     rest = [r for r in rows if float(np.min(hyperplane_distance(np.append(r.w, r.b), keys))) >= 1e-4]
     merged = [*kept, *rest]
-    return merged, list(_score_rows(merged, lines, layers)[0])
+    return merged, list(_score_rows(merged, lines, layers, is_last)[0])
 
 
 def _score_rows(
-    cand: Sequence[NeuronRow], lines: Sequence[LineKinks], layers: Sequence[pfx.Layer]
+    cand: Sequence[NeuronRow], lines: Sequence[LineKinks], layers: Sequence[pfx.Layer], is_last: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per row: confirmed crossings minus twice the missed ones, and the misses."""
+    """Per row: confirmed crossings minus twice the missed ones, and the misses. In the last hidden
+    layer (no deeper neuron can fake a row there) a row's unseen weights, fitted later from the
+    output, excuse the crossings it misses where those coordinates are on."""
     W = np.stack([r.w for r in cand])
     b = np.array([r.b for r in cand])
-    hits, misses = crossing_hits(W, b, lines, layers, coverage=np.stack([r.coverage for r in cand]))
+    cov = np.stack([r.coverage for r in cand]) if is_last else None
+    hits, misses = crossing_hits(W, b, lines, layers, coverage=cov)
     # A row fitted to a deeper neuron inside one region predicts crossings that are mostly not there;
     # a real neuron misses only where everything after it is off.
     return hits - 2 * misses, misses
@@ -646,12 +653,12 @@ def _polish_unit(
 
 
 def _rank_rows(
-    cand: Sequence[NeuronRow], lines: Sequence[LineKinks], layers: Sequence[pfx.Layer]
+    cand: Sequence[NeuronRow], lines: Sequence[LineKinks], layers: Sequence[pfx.Layer], is_last: bool = False
 ) -> tuple[list[NeuronRow], list[int]]:
     """Deduplicate candidate rows and sort them by confirmed crossings (hits minus twice the misses)."""
     if not cand:
         return [], []
-    score, _ = _score_rows(cand, lines, layers)
+    score, _ = _score_rows(cand, lines, layers, is_last)
     order = np.argsort(-score, kind="stable")
     rows: list[NeuronRow] = []
     scores: list[int] = []
@@ -688,6 +695,7 @@ def _build_rows(
     rng: np.random.Generator,
     width: int,
     triples: bool = True,
+    is_last: bool = False,
 ) -> tuple[list[NeuronRow], list[int]]:
     """Candidate rows from every source (agreeing partial signatures, traced chains, triples), merged
     and ranked by confirmed crossings."""
@@ -701,7 +709,7 @@ def _build_rows(
     if triples:
         pool = [i for i in range(len(witnesses)) if i not in explained]
         base += ransac_rows(witnesses, pool, rng, trials=20 * width)
-    return _rank_rows(merge_rows(base, witnesses), lines, layers)
+    return _rank_rows(merge_rows(base, witnesses), lines, layers, is_last)
 
 
 def complete_last_layer(

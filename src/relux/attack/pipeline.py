@@ -275,6 +275,7 @@ def _walked_layer(
     rel_tol: float,
     warnings: list[str],
     full: bool,
+    points: list[FloatArray] | None = None,
 ) -> tuple[list[tuple[FloatArray, FloatArray]], list[LayerReport], LayerOutcome | None]:
     """Walks along layer-``i`` boundaries (:mod:`relux.attack.walk`): the signs of layer ``i - 1``,
     checked and repaired in place (with its report), and, with ``full``, layer ``i``'s outcome when
@@ -321,6 +322,8 @@ def _walked_layer(
                                   "rows_from": f"layer-{i} walks"})
             found = 1
             method += "; 1 missing neuron recovered from the walks"
+            if points is not None:
+                points.append(mr.points)  # points on its boundary, for the refinement's samples
     elif wo.missing.shape[1] > 1:
         warnings.append(f"layer {i - 1}: {wo.missing.shape[1]} missing neurons seen by the layer-{i} walks "
                         "as one leftover space; not separated")
@@ -373,7 +376,7 @@ def _extract_deep(
                     # before. After a layer wider than its space of control (signs undecidable by the
                     # wiggle) they also give this layer's rows; otherwise a few walks are the check.
                     layers, reports, out = _walked_layer(q, layers, reports, width, d0, i == len(hidden), cfg,
-                                                         rng, rel_tol, warnings, full=expansive)
+                                                         rng, rel_tol, warnings, full=expansive, points=points)
                     if out is None:
                         out = extract_layer(q, layers, width, d0, sum(hidden), i == len(hidden), k, cfg, rng,
                                             rel_tol)
@@ -418,7 +421,10 @@ def _extract_deep(
     full = [*layers, (W_out, b_out)]
     if cfg.refine_network_max_params > 0:
         with stages.stage("refine_network"):
-            full, ref = refine_network(q, full, d0, cfg.input_scale, rng, extra=fit_pts,
+            # both sides of every inner boundary too: a neuron rarely off is off at no random point
+            inner = [straddle_points(layers[: j + 1], wpts, cfg.input_scale * float(np.sqrt(d0)))
+                     for j in range(len(layers) - 1)]
+            full, ref = refine_network(q, full, d0, cfg.input_scale, rng, extra=np.concatenate([fit_pts, *inner]),
                                        max_params=cfg.refine_network_max_params)
         log.info("network refinement (layers %d-%d): output misfit %.1e -> %.1e (%d Gauss-Newton steps%s)",
                  ref.fixed_layers + 1, len(full), ref.misfit_before, ref.misfit_after, ref.steps,

@@ -72,20 +72,66 @@ def _jacobian(
     return np.concatenate(blocks[::-1], axis=1)
 
 
-def _gn_step(J: FloatArray, r: FloatArray) -> FloatArray:
+def _gn_step(J: FloatArray, r: FloatArray, exact: bool = False) -> FloatArray:
     """The Gauss-Newton step ``J s ≈ -r``: semi-normal equations on the column-scaled ``J`` (its Gram
     matrix costs a tenth of a QR factorisation), with one step of iterative refinement, and a ridge
     of 1e-12 (relative) so that the symmetry directions (per-neuron scale, exactly singular) get no
-    step. A solve this inexact still converges: each Gauss-Newton step re-measures the residual."""
+    step. A solve this inexact still converges: each Gauss-Newton step re-measures the residual.
+    ``exact``: a pivoted QR instead (minimum-norm, singular values down to 1e-12 of the largest)."""
     col = np.linalg.norm(J, axis=0)
     col[col == 0] = 1.0
     Jn = J / col
+    if exact:
+        return np.asarray(scipy.linalg.lstsq(Jn, -r, cond=1e-12, lapack_driver="gelsy")[0] / col)
     G = Jn.T @ Jn
     G[np.diag_indices_from(G)] += 1e-12 * float(np.max(np.diag(G), initial=1.0))
     cho = scipy.linalg.cho_factor(G, check_finite=False)
     s = scipy.linalg.cho_solve(cho, Jn.T @ -r, check_finite=False)
     s += scipy.linalg.cho_solve(cho, Jn.T @ (-r - Jn @ s), check_finite=False)
     return np.asarray(s / col)
+
+
+def _balanced_points(
+    layers: Sequence[Layer],
+    X: FloatArray,
+    first: int,
+    budget: int,
+    d0: int,
+    input_scale: float,
+    rng: np.random.Generator,
+    draws: int = 20,
+) -> FloatArray:
+    """Inputs where the refined hidden neurons that ``X`` rarely switches on are on, chosen with the
+    current estimate (no queries): a neuron's weights are seen only where it is on, and a neuron on
+    at 1% of random inputs would otherwise steer its fit from a dozen points. Each neuron gets up to
+    ``2 (fan-in + 1)`` such points, ``budget`` in all, from at most ``draws`` batches of candidates."""
+    hidden = range(max(first, 0), len(layers) - 1)
+    need = {i: 2 * (layers[i][0].shape[1] + 1) for i in hidden}
+
+    def on(P: FloatArray) -> list[np.ndarray]:
+        _, pres, _ = _forward(layers, P)
+        return [pres[i] > 0 for i in hidden]
+
+    have = [m.sum(axis=0) for m in on(X)]
+    picked: list[FloatArray] = []
+    total = 0
+    for _ in range(draws):
+        short = [np.maximum(need[i] - h, 0) for i, h in zip(hidden, have, strict=True)]
+        if total >= budget or not any(s.any() for s in short):
+            break
+        C = rng.normal(0.0, input_scale, size=(max(budget, 256), d0))
+        masks = on(C)
+        # a candidate is taken if it switches on a neuron still short of points
+        useful = np.zeros(C.shape[0], dtype=bool)
+        for m, sh in zip(masks, short, strict=True):
+            useful |= (m & (sh > 0)[None, :]).any(axis=1)
+        take = np.flatnonzero(useful)[: budget - total]
+        if take.size == 0:
+            continue
+        picked.append(C[take])
+        total += take.size
+        have = [h + m[take].sum(axis=0) for h, m in zip(have, masks, strict=True)]
+    return np.concatenate(picked) if picked else np.zeros((0, d0))
 
 
 def _unpack(layers: Sequence[Layer], theta: FloatArray) -> list[Layer]:
@@ -137,6 +183,7 @@ def refine_network(
     X = rng.normal(0.0, input_scale, size=(n, d0))
     if extra is not None and extra.size:
         X = np.concatenate([X, extra])
+    X = np.concatenate([X, _balanced_points(layers, X, first, n, d0, input_scale, rng)])
     Xv = rng.normal(0.0, input_scale, size=(n // 4 + 32, d0))
     Y = query(X)
     Yv = query(Xv)
@@ -157,10 +204,16 @@ def refine_network(
             break
         J = _jacobian(layers, [h[keep] for h in ins], [z[keep] for z in pres], first)
         r = (out[keep] - Y[keep]).reshape(-1)
-        step = _gn_step(J, r)
         theta = np.concatenate([np.concatenate([W.ravel(), b]) for W, b in layers[first:]])
+        step = _gn_step(J, r)
         trial = [*layers[:first], *_unpack(layers[first:], theta + step)]
         m = misfit(trial)
+        if not m < best:
+            # The normal equations lose the directions with singular values below ~1e-6 of the
+            # largest (a rarely active neuron's weights): a pivoted QR resolves them to 1e-12.
+            step = _gn_step(J, r, exact=True)
+            trial = [*layers[:first], *_unpack(layers[first:], theta + step)]
+            m = misfit(trial)
         if not m < best:
             reason = reason or "no further improvement"
             break
