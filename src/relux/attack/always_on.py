@@ -77,8 +77,9 @@ def solve_always_on(
     A = (alpha[:, :, None] * W_hat[None, :, :]).reshape(k, m, p)  # A[o, j] = α[o, j] ŵ_j
     colnorm = np.sqrt(np.sum(A**2, axis=(0, 2)))
     relevant = np.flatnonzero(colnorm > 1e-9 * max(float(colnorm.max(initial=0.0)), np.finfo(float).tiny))
-    if relevant.size > max_bits:
-        return _fail(m, p, k, f"{relevant.size} sign bits exceed the {max_bits} enumerated for an always-on neuron")
+    if relevant.size > max_bits or 2.0**relevant.size * k * p > 2.0**25:  # the leftovers fit in 256 MB
+        return _fail(m, p, k, f"{relevant.size} sign bits over {k} x {p} outputs and inputs are too many to "
+                              "enumerate for an always-on neuron")
     rn = np.linalg.norm(recession, axis=1)
     R = recession[rn > 0] / rn[rn > 0, None]
     if R.shape[0] == 0:

@@ -379,12 +379,6 @@ def _last_layer_signs(
     sol = solve_flips(alpha, gamma, W[:, seen], cfg.max_enum_bits)
     log.debug("layer %d signs: %s from %d points and %d/%d coordinates", len(layers) + 1, sol.reason or "solved",
               X.shape[0], int(seen.sum()), d_in)
-    if log.isEnabledFor(logging.DEBUG) and not sol.ok:
-        A = np.concatenate([alpha[o][None, :] * W[:, seen].T for o in range(alpha.shape[0])], axis=0)
-        t_ls = np.linalg.lstsq(A, -gamma.reshape(-1), rcond=None)[0]
-        fit = np.maximum(Z, 0.0) @ alpha.T + H[:, seen] @ gamma.T + c
-        log.debug("layer %d signs: least-squares flips %s, fit misfit %.1e", len(layers) + 1, np.round(t_ls, 3),
-                  float(np.max(np.abs(fit - Y))) / float(np.max(np.abs(Y))))
     status = "" if sol.ok else ", FAILED"
     method = f"last-layer {sol.method} (free bits {sol.free_bits}, solutions {sol.solutions}{status})"
     if sol.ok or not short or not layers:
