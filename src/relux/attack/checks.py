@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
 from relux.attack.result import SelfCheck
 from relux.model import MLP
-from relux.oracle.base import FloatArray
-
-QueryFn = Callable[[FloatArray], FloatArray]
+from relux.oracle.base import FloatArray, QueryFn
 
 
 def measure_noise_floor(query: QueryFn, d: int, scale: float, rng: np.random.Generator, n: int = 8) -> float:

@@ -12,7 +12,7 @@ predict a kink that the oracle shows. Every step is exact arithmetic on kinks, n
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,10 +20,9 @@ import numpy as np
 from relux.attack import prefix as pfx
 from relux.attack.critical import LineKinks, find_kinks
 from relux.attack.polish import OFFSETS, kink_in_bracket, root_on_line
-from relux.oracle.base import FloatArray
+from relux.oracle.base import FloatArray, QueryFn
 
 log = logging.getLogger(__name__)
-QueryFn = Callable[[FloatArray], FloatArray]
 
 
 @dataclass(frozen=True)

@@ -8,15 +8,12 @@ search is one batched oracle call.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
 
-from relux.oracle.base import FloatArray
-
-QueryFn = Callable[[FloatArray], FloatArray]
+from relux.oracle.base import FloatArray, QueryFn
 
 
 @dataclass(frozen=True)

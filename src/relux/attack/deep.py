@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,7 @@ from relux.attack.missing import unexplained_lines
 from relux.attack.polish import polish_unit
 from relux.attack.seeding import rows_from_seeds, rows_from_unexplained
 from relux.attack.signcheck import SignCheck, check_and_repair
-from relux.attack.signs import fit_affine_plus_relu, fit_dropping_misfits, solve_flips
+from relux.attack.signs import affine_relu_residual, fit_dropping_misfits, solve_flips
 from relux.attack.trace import trace_neuron
 from relux.attack.unify import (
     NeuronRow,
@@ -42,10 +42,9 @@ from relux.attack.unify import (
 )
 from relux.attack.wiggle import wiggle_signs
 from relux.attack.witnesses import Witness, collect_witnesses
-from relux.oracle.base import FloatArray
+from relux.oracle.base import FloatArray, QueryFn
 
 log = logging.getLogger(__name__)
-QueryFn = Callable[[FloatArray], FloatArray]
 
 
 @dataclass(frozen=True)
@@ -372,10 +371,8 @@ def _last_layer_signs(
     _, H = pfx.forward(layers, X)
     Z = H @ W.T + b
     # a missing (rarely active) neuron leaves misfits where it is on: those points are dropped
-    alpha, gamma, c, _, kept = (fit_dropping_misfits(Z, H[:, seen], Y) if short
-                                else (*fit_affine_plus_relu(Z, H[:, seen], Y), None, None))
-    if kept is not None:
-        X, Y, H, Z = X[kept], Y[kept], H[kept], Z[kept]
+    alpha, gamma, c, _, kept = fit_dropping_misfits(Z, H[:, seen], Y, rounds=4 if short else 0)
+    X, Y, H, Z = X[kept], Y[kept], H[kept], Z[kept]
     sol = solve_flips(alpha, gamma, W[:, seen], cfg.max_enum_bits)
     log.debug("layer %d signs: %s from %d points and %d/%d coordinates", len(layers) + 1, sol.reason or "solved",
               X.shape[0], int(seen.sum()), d_in)
@@ -386,7 +383,7 @@ def _last_layer_signs(
     # A short layer whose fit is exact: the affine part no flip explains is an always-on neuron.
     if not seen.all():
         return method, sol.flips, sol.confidence, None  # an always-on row needs every weight seen
-    misfit = float(np.max(np.abs(np.maximum(Z, 0.0) @ alpha.T + H @ gamma.T + c - Y)))
+    misfit = float(np.max(affine_relu_residual(Z, H, Y, alpha, gamma, c)))
     if misfit > 1e2 * cfg.selfcheck_tol * max(float(np.max(np.abs(Y))), np.finfo(float).tiny):
         return method, sol.flips, sol.confidence, None
     _, R = pfx.forward([(Wl, np.zeros_like(bl)) for Wl, bl in layers], rng.normal(size=(4096, d0)))

@@ -11,7 +11,6 @@ keep the discovery estimate and are reported.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,10 +21,9 @@ from relux.attack.first_layer import RefinedRow, discover_first_layer, refine_fi
 from relux.attack.hyperplanes import stack_signatures
 from relux.attack.polish import polish_row
 from relux.attack.wiggle import wiggle_signs
-from relux.oracle.base import FloatArray
+from relux.oracle.base import FloatArray, QueryFn
 
 log = logging.getLogger(__name__)
-QueryFn = Callable[[FloatArray], FloatArray]
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ as those hyperplanes allow, which is what brings the rows to float64 precision.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,12 +19,11 @@ from relux.attack.confirm import crossing_hits
 from relux.attack.critical import LineKinks, find_kinks
 from relux.attack.gradients import fd_gradients
 from relux.attack.hyperplanes import Signature, cluster_signatures, signature_from_jump
-from relux.oracle.base import FloatArray
+from relux.oracle.base import FloatArray, QueryFn
 from relux.parallel import Executor, SerialExecutor, split_evenly
 
 log = logging.getLogger(__name__)
 
-QueryFn = Callable[[FloatArray], FloatArray]
 
 
 @dataclass(frozen=True)

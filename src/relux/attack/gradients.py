@@ -6,13 +6,9 @@ On an affine piece a forward difference is exact up to rounding, whose error is 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
-from relux.oracle.base import FloatArray
-
-QueryFn = Callable[[FloatArray], FloatArray]
+from relux.oracle.base import FloatArray, QueryFn
 
 #: Largest number of float64 elements of one finite-difference batch (64 MiB).
 _MAX_BATCH_ELEMS = 1 << 23

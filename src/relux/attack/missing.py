@@ -13,7 +13,7 @@ then refined on exact boundary points (:func:`relux.attack.polish.polish_unit`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,10 +24,9 @@ from relux.attack.critical import find_kinks
 from relux.attack.polish import polish_unit
 from relux.attack.signs import fit_dropping_misfits
 from relux.attack.walk import WalkOutcome
-from relux.oracle.base import FloatArray
+from relux.oracle.base import FloatArray, QueryFn
 
 log = logging.getLogger(__name__)
-QueryFn = Callable[[FloatArray], FloatArray]
 
 
 @dataclass(frozen=True)

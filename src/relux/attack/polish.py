@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from relux.attack import prefix as pfx
-from relux.oracle.base import FloatArray
+from relux.oracle.base import FloatArray, QueryFn
 
 log = logging.getLogger(__name__)
-QueryFn = Callable[[FloatArray], FloatArray]
 
 OFFSETS = (-1.0, -0.6, -0.3, 0.3, 0.6, 1.0)  # probe positions across a boundary, in units of the half-width
 

@@ -13,16 +13,15 @@ the misfit on held-out points.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
 
-from relux.oracle.base import FloatArray
+from relux.oracle.base import FloatArray, QueryFn
 
 log = logging.getLogger(__name__)
-QueryFn = Callable[[FloatArray], FloatArray]
 Layer = tuple[FloatArray, FloatArray]
 
 
@@ -205,15 +204,13 @@ def refine_network(
         J = _jacobian(layers, [h[keep] for h in ins], [z[keep] for z in pres], first)
         r = (out[keep] - Y[keep]).reshape(-1)
         theta = np.concatenate([np.concatenate([W.ravel(), b]) for W, b in layers[first:]])
-        step = _gn_step(J, r)
-        trial = [*layers[:first], *_unpack(layers[first:], theta + step)]
-        m = misfit(trial)
-        if not m < best:
-            # The normal equations lose the directions with singular values below ~1e-6 of the
-            # largest (a rarely active neuron's weights): a pivoted QR resolves them to 1e-12.
-            step = _gn_step(J, r, exact=True)
-            trial = [*layers[:first], *_unpack(layers[first:], theta + step)]
+        # The normal equations lose the directions with singular values below ~1e-6 of the largest
+        # (a rarely active neuron's weights): when their step does not help, a pivoted QR (to 1e-12).
+        for exact in (False, True):
+            trial = [*layers[:first], *_unpack(layers[first:], theta + _gn_step(J, r, exact))]
             m = misfit(trial)
+            if m < best:
+                break
         if not m < best:
             reason = reason or "no further improvement"
             break

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -25,10 +25,9 @@ from relux.attack.hyperplanes import hyperplane_distance
 from relux.attack.polish import polish_row
 from relux.attack.unify import NeuronRow, on_neuron
 from relux.attack.witnesses import Witness
-from relux.oracle.base import FloatArray
+from relux.oracle.base import FloatArray, QueryFn
 
 log = logging.getLogger(__name__)
-QueryFn = Callable[[FloatArray], FloatArray]
 
 
 def _unit(w: FloatArray, b: float) -> tuple[FloatArray, float]:

@@ -49,6 +49,13 @@ def fit_affine_plus_relu(Zhat: FloatArray, Hin: FloatArray, Y: FloatArray) -> tu
     return coef[:m].T, coef[m : m + Hin.shape[1]].T, coef[-1]
 
 
+def affine_relu_residual(
+    Zhat: FloatArray, Hin: FloatArray, Y: FloatArray, alpha: FloatArray, gamma: FloatArray, c: FloatArray
+) -> FloatArray:
+    """Per point, the largest ``|ReLU(Zhat) α^T + Hin γ^T + c - Y|`` over the outputs."""
+    return np.asarray(np.max(np.abs(np.maximum(Zhat, 0.0) @ alpha.T + Hin @ gamma.T + c - Y), axis=1))
+
+
 def fit_dropping_misfits(
     Zhat: FloatArray, Hin: FloatArray, Y: FloatArray, rounds: int = 4
 ) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray, np.ndarray]:
@@ -59,7 +66,7 @@ def fit_dropping_misfits(
     yscale = float(np.max(np.abs(Y))) or 1.0
     keep = np.ones(n, dtype=bool)
     alpha, gamma, c = fit_affine_plus_relu(Zhat, Hin, Y)
-    r = np.max(np.abs(np.maximum(Zhat, 0.0) @ alpha.T + Hin @ gamma.T + c - Y), axis=1) / yscale
+    r = affine_relu_residual(Zhat, Hin, Y, alpha, gamma, c) / yscale
     for _ in range(rounds):
         # rounding leaves ~1e-12 relative; a neuron the fit lacks leaves far more where it is on
         new_keep = keep & (r <= max(1e-3 * float(np.max(r[keep])), 1e-9))
@@ -67,7 +74,7 @@ def fit_dropping_misfits(
             break
         keep = new_keep
         alpha, gamma, c = fit_affine_plus_relu(Zhat[keep], Hin[keep], Y[keep])
-        r = np.max(np.abs(np.maximum(Zhat, 0.0) @ alpha.T + Hin @ gamma.T + c - Y), axis=1) / yscale
+        r = affine_relu_residual(Zhat, Hin, Y, alpha, gamma, c) / yscale
     return alpha, gamma, c, r, keep
 
 

@@ -11,7 +11,7 @@ neuron in a new region, with a new active set; the chain of such witnesses is un
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -19,9 +19,7 @@ from relux.attack import prefix as pfx
 from relux.attack.config import ExtractionConfig
 from relux.attack.unify import unify
 from relux.attack.witnesses import Witness, collect_witnesses
-from relux.oracle.base import FloatArray
-
-QueryFn = Callable[[FloatArray], FloatArray]
+from relux.oracle.base import FloatArray, QueryFn
 
 
 def _next_point(

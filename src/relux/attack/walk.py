@@ -26,7 +26,7 @@ lets a neuron of layer ``i`` that no kink showed appear as a leftover shared by 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,10 +37,9 @@ from relux.attack.critical import find_kinks
 from relux.attack.signs import SignSolution
 from relux.attack.walk_fit import PartialFit, features, fit_partial, fit_theta, solve_walk_signs, varying
 from relux.attack.witnesses import collect_witnesses
-from relux.oracle.base import FloatArray
+from relux.oracle.base import FloatArray, QueryFn
 
 log = logging.getLogger(__name__)
-QueryFn = Callable[[FloatArray], FloatArray]
 
 
 @dataclass(frozen=True)

@@ -11,16 +11,14 @@ direction still moves the other neurons a little (the CM24 wiggle), and the conf
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import linprog
 
 from relux.attack import prefix as pfx
-from relux.oracle.base import FloatArray
-
-QueryFn = Callable[[FloatArray], FloatArray]
+from relux.oracle.base import FloatArray, QueryFn
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ the prefix and set aside.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -20,10 +20,9 @@ from relux.attack import prefix as pfx
 from relux.attack.config import ExtractionConfig
 from relux.attack.critical import LineKinks, find_kinks
 from relux.attack.linalg import lstsq
-from relux.oracle.base import FloatArray
+from relux.oracle.base import FloatArray, QueryFn
 
 log = logging.getLogger(__name__)
-QueryFn = Callable[[FloatArray], FloatArray]
 
 
 @dataclass(frozen=True)

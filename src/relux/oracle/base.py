@@ -7,6 +7,7 @@ else (counting, budgets, caching, retries, degradations) is a composable wrapper
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -15,6 +16,8 @@ from numpy.typing import ArrayLike, NDArray
 from relux.errors import InputError, OracleError
 
 FloatArray = NDArray[np.float64]
+#: A batch query: rows of inputs in, rows of outputs out (what the attack stages call).
+QueryFn = Callable[[FloatArray], FloatArray]
 
 
 class OutputKind(enum.Enum):
