@@ -142,6 +142,66 @@ def boundary_points(
     return (np.asarray(out) if out else np.zeros((0, anchors.shape[1]))), int(X.shape[0] * 6)
 
 
+def steer_on(
+    layers: Sequence[pfx.Layer], w: FloatArray, b: float, x: FloatArray, coord: int, reach: float, steps: int = 24
+) -> FloatArray | None:
+    """A point of the estimated boundary ``w·h + b = 0`` where prefix output ``coord`` is on, about
+    ``reach`` (input distance) past its own boundary, reached from the boundary point ``x`` by moving
+    along the boundary: Newton steps on that coordinate's pre-activation, projected on the boundary's
+    tangent plane, each followed by a return onto the boundary (:func:`root_on_line`). Prefix only, no
+    query; None when the coordinate cannot be switched on along the boundary within ``steps`` pieces."""
+    p = x.copy()
+    for _ in range(steps):
+        n = pfx.unit_normal(layers, w, p)
+        if n is None:
+            return None
+        Zs, _ = pfx.forward(layers, p[None, :])
+        _, jacs = pfx.jacobian(layers, p)
+        g = jacs[-1][coord]
+        gt = g - (g @ n) * n
+        ng = float(np.linalg.norm(gt))
+        if ng <= 1e-12 * (float(np.linalg.norm(g)) + 1e-300):
+            return None
+        z = float(Zs[-1][0, coord])
+        if z >= 0.5 * reach * ng:
+            return p
+        # aim at reach past the coordinate's boundary; one piece at a time (at most reach per step
+        # beyond the switch), so a prefix boundary crossed on the way re-aims the next step
+        step = min((reach * ng - z) / ng, 4.0 * reach + max(-z, 0.0) / ng)
+        y = p + step * gt / ng
+        n2 = pfx.unit_normal(layers, w, y)
+        if n2 is None:
+            return None
+        t = root_on_line(layers, w, b, y, n2)
+        if t is None or not np.isfinite(t):
+            return None
+        p = y + t * n2
+    return None
+
+
+def _weak_targets(
+    layers: Sequence[pfx.Layer], w: FloatArray, b: float, base: FloatArray, H: FloatArray, reach: float,
+    rng: np.random.Generator, min_seen: int = 3, starts: int = 4,
+) -> FloatArray:
+    """Estimated boundary points where the row's weakly seen coordinates are on: those with a weight
+    (``w_m != 0``: an unknown coordinate is left alone, :mod:`relux.attack.complete` fills it) that
+    fewer than ``min_seen`` of the boundary points ``base`` see on. A weight seen at few points is
+    poorly conditioned in the fit (LSELBP26's rank deficiency, in one coordinate)."""
+    seen = (H > 0).sum(axis=0)
+    weak = np.flatnonzero((seen < min_seen) & (w != 0))
+    out: list[FloatArray] = []
+    for m in weak:
+        got = 0
+        for k in rng.permutation(base.shape[0])[:starts]:
+            y = steer_on(layers, w, b, base[k], int(m), reach)
+            if y is not None:
+                out.append(y)
+                got += 1
+                if got >= 2:
+                    break
+    return np.asarray(out) if out else np.zeros((0, base.shape[1]))
+
+
 def _null_vector(A: FloatArray) -> FloatArray:
     nrm = np.linalg.norm(A, axis=1, keepdims=True)
     _, _, Vt = np.linalg.svd(A / nrm, full_matrices=False)
@@ -226,6 +286,15 @@ def polish_row(
     pts, q = boundary_points(query, layers, w, b, anchors, need, scale, rng)
     base = np.concatenate([anchors, pts]) if pts.size else anchors
     _, H = pfx.forward(layers, base)
+    if layers:
+        # coordinates few points see on: more points where they are on, found along the boundary
+        targets = _weak_targets(layers, w, b, base, H, 0.1 * scale, rng)
+        if targets.size:
+            more, q2 = boundary_points(query, layers, w, b, targets, 2 * targets.shape[0], 0.05 * scale, rng)
+            q += q2
+            if more.size:
+                base = np.concatenate([base, more])
+                _, H = pfx.forward(layers, base)
     # behind a prefix only the coordinates some point sees on carry information; the raw input always does
     active = np.asarray((H > 0).any(axis=0)) if layers else np.ones(H.shape[1], dtype=bool)
     if base.shape[0] < int(active.sum()) + 3:
