@@ -125,6 +125,29 @@ def _bracket_kink(query: QueryFn, p: FloatArray, n: FloatArray, t0: float, delta
     return kink_in_bracket(T, query(p[None, :] + T[:, None] * n[None, :]))
 
 
+def _probe(
+    query: QueryFn, layers: Sequence[pfx.Layer], w: FloatArray, b: float, m: int, c: float, p: FloatArray,
+    scale: float,
+) -> tuple[float, FloatArray | None]:
+    """The kink the row with ``w_m = c`` predicts on the normal through ``p``, looked for with 6 queries:
+    its miss relative to the bracket (inf when no single kink is in it) and the layer input there."""
+    wc = w.copy()
+    wc[m] = c
+    n2 = pfx.unit_normal(layers, wc, p)
+    if n2 is None:
+        return np.inf, None
+    t2 = root_on_line(layers, wc, b, p, n2)
+    if t2 is None:
+        return np.inf, None
+    dist = pfx.boundary_distance(layers, p + t2 * n2)
+    delta = min(0.25 * dist, 1e-3 * scale)
+    tk = _bracket_kink(query, p, n2, t2, delta)
+    if tk is None:
+        return np.inf, None
+    _, H = pfx.forward(layers, (p + tk * n2)[None, :])
+    return abs(tk - t2) / delta, H[0]
+
+
 def complete_row(
     query: QueryFn,
     layers: Sequence[pfx.Layer],
@@ -197,35 +220,39 @@ def complete_row(
                 reason = "no kink of an unknown neuron where the coordinate is on"
                 continue
             # Confirm: further along, the completed row must predict a kink the oracle shows.
-            # a second point past the switch where, of the unknown coordinates, only m is on
-            p2 = None
+            # points past the switch where, of the unknown coordinates, only m is on
+            probes = []
             for eps in (3e-3, 1e-2, 3e-2, 1e-1):
                 cand_p = p1 + eps * scale * d
                 _, Hc = pfx.forward(layers, cand_p[None, :])
                 if Hc[0][m] > 0 and not np.any(Hc[0][others] > 0):
-                    p2 = cand_p
-            if p2 is None:
+                    probes.append(cand_p)
+            if not probes:
                 reason = "no second point where only the coordinate is on"
                 continue
             best, best_err = None, np.inf
             for c in cands:
-                wc = w.copy()
-                wc[m] = c
-                n2 = pfx.unit_normal(layers, wc, p2)
-                if n2 is None:
-                    continue
-                t2 = root_on_line(layers, wc, b, p2, n2)
-                if t2 is None:
-                    continue
-                dist = pfx.boundary_distance(layers, p2 + t2 * n2)
-                delta = min(0.25 * dist, 1e-3 * scale)
-                tk = _bracket_kink(query, p2, n2, t2, delta)
+                miss, h_k = _probe(query, layers, w, b, m, c, probes[-1], scale)
                 queries += 6
-                if tk is None:
+                if miss < best_err:
+                    best, best_err = c, miss
+                if miss <= 1e-6 or h_k is None or len(probes) < 2 or h_k[m] <= 0 or np.any(h_k[others] > 0):
                     continue
-                e = abs(tk - t2) / delta
-                if e < best_err:
-                    best, best_err = c, e
+                # The first estimate comes from just past the switch, where h_m is small and divides
+                # the row's own error; the probe's kink, further on, gives a sharper one. It must
+                # then predict the kink at another probe point (an independent check).
+                c2 = float(-(w @ h_k + b - w[m] * h_k[m]) / h_k[m])
+                if abs(c2 - c) > 1e-2 * (abs(c) + 1e-12 * float(np.linalg.norm(w))):
+                    continue  # a different neuron's kink
+                miss2, _ = _probe(query, layers, w, b, m, c2, probes[-2], scale)
+                queries += 6
+                if miss2 <= 1e-4:
+                    # two kinks of the oracle, at independent points, agree on c2 (another neuron's kink
+                    # would miss by a fraction of the bracket): the polish refines it on boundary points
+                    best, best_err = c2, min(miss2, 1e-6)
+                    break
+                if miss2 < best_err:
+                    best, best_err = c2, miss2
             if best is not None and best_err <= 1e-6:
                 w[m] = best
                 cov[m] = True
