@@ -111,3 +111,49 @@ def test_completion_reads_an_unseen_weight_from_kinks() -> None:
             # read from one exact kink with h_m ~ 1e-3: rounding leaves ~1e-12; 1e-8 is a wide margin
             assert abs(c.w[m] - W2[j, m]) < 1e-8 * float(np.linalg.norm(W2[j]))
     assert filled_any
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), m=st.integers(0, 7))
+def test_steer_on_lands_on_the_boundary_with_the_coordinate_on(seed: int, m: int) -> None:
+    """``steer_on`` is prefix arithmetic: where it returns a point, the row's pre-activation is zero
+    there (to rounding) and prefix coordinate ``m`` is on; it never returns a point that is not."""
+    from relux.attack.polish import steer_on
+
+    rng = np.random.default_rng(seed)
+    victim = random_mlp((10, 8, 5, 1), rng)
+    layers = [victim.layers[0]]
+    W2, b2 = victim.layers[1]
+    x = _boundary_point(layers, W2[0], float(b2[0]), rng, 10)
+    y = steer_on(layers, W2[0], float(b2[0]), x, m, reach=0.1 * np.sqrt(10))
+    if y is None:
+        return  # the coordinate cannot be switched on along this boundary from here
+    Zs, H = pfx.forward(layers, y[None, :])
+    # Newton on a piecewise-linear function is exact once on the right piece: rounding of a
+    # 10-dimensional dot product at inputs of norm ~10 stays below 1e-12 of the row's scale
+    scale = float(np.linalg.norm(W2[0]) * (np.linalg.norm(H) + 1.0))
+    assert abs(float(H[0] @ W2[0] + b2[0])) <= 1e-12 * scale
+    assert Zs[-1][0, m] > 0
+
+
+def test_polish_sees_a_rarely_active_coordinate() -> None:
+    """A row whose anchors all sit where one layer-input coordinate is off still gets that weight
+    right: the polish steers along the boundary to points where the coordinate is on."""
+    victim = random_mlp((12, 8, 6, 1), np.random.default_rng(0))
+    layers = [victim.layers[0]]
+    W2, b2 = victim.layers[1]
+    j = 2
+    rng = np.random.default_rng(7)
+    pts = np.stack([_boundary_point(layers, W2[j], b2[j], rng, 12) for _ in range(40)])
+    _, H = pfx.forward(layers, pts)
+    m = int(np.argmax((H > 0).mean(axis=0) < 1.0))  # a coordinate some anchors see off
+    anchors = pts[H[:, m] <= 0][:3]
+    w0 = W2[j] + 1e-7 * rng.normal(size=8)
+    pol, _ = polish_row(MLPOracle(victim).query, layers, w0, float(b2[j]), anchors, 12, float(np.sqrt(12)), rng)
+    assert pol.ok, pol.reason
+    # exact boundary points and a float64 oracle: the refit row is within 1e-10 of the truth in every
+    # coordinate (the 1e-7 start would be left as it is on a coordinate no point saw on)
+    got = np.append(pol.w, pol.b) / np.linalg.norm(np.append(W2[j], b2[j])) * np.sign(pol.w @ W2[j])
+    true = np.append(W2[j], b2[j]) / np.linalg.norm(np.append(W2[j], b2[j]))
+    got *= float(true @ true) / float(got @ true)
+    assert np.max(np.abs(got - true)) <= 1e-10

@@ -176,6 +176,9 @@ def steer_on(
         if t is None or not np.isfinite(t):
             return None
         p = y + t * n2
+        _, H = pfx.forward(layers, p[None, :])
+        if abs(float(H[0] @ w + b)) > 1e-12 * float(np.linalg.norm(w)) * (float(np.linalg.norm(H[0])) + 1.0):
+            return None  # Newton did not settle on a piece of the boundary
     return None
 
 
