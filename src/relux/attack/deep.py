@@ -155,6 +155,8 @@ def extract_layer(
         if len(idx) >= 2:
             chains.append(idx)
         rows, score = _build_rows(witnesses, chains, all_lines, layers, rng, width, triples=False, is_last=is_last)
+        # kept rows too: their later kinks were skipped (known), so their witnesses alone may not rebuild them
+        rows, score = _with_kept(kept, rows, all_lines, layers, is_last)
         log.debug("layer %d: trace %d gave %d witnesses; %d complete rows", len(layers) + 1, traces, len(idx),
                   len(_good(rows, score)))
     # Rows ranked by the crossings they predict on every line: kinks of deeper neurons, fitted inside
