@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,9 +101,9 @@ def extract_layer(
         all_lines += info.lines_found
         rows, score = _build_rows(witnesses, chains, all_lines, layers, rng, width, is_last=is_last)
         kept = _merge_kept(kept, _good(rows, score))
-        rows, score = _with_kept(kept, rows, all_lines, layers, is_last)
+        rows, score, n_kept = _with_kept(kept, rows, all_lines, layers, is_last)
         # a kept row must keep explaining its crossings as lines accumulate (a false one stops)
-        kept = [r for r, sc in zip(rows[: len(kept)], score[: len(kept)], strict=True) if sc >= 3]
+        kept = [r for r, sc in zip(rows[:n_kept], score[:n_kept], strict=True) if sc >= 3]
         good = _good(rows, score)
         log.debug("layer %d: %d lines, %d witnesses, %d rows, %d complete", len(layers) + 1, lines_used,
                   len(witnesses), len(rows), len(good))
@@ -122,7 +122,7 @@ def extract_layer(
                 continue
         # Kinks of confirmed rows cost no more gradients, so lines stay cheap: keep looking for rare
         # neurons (crossed by few lines) for a while before following boundaries instead.
-        if stall >= (6 if is_last else 3) and lines_used >= max_lines // 2:
+        if stall >= (6 if is_last else 3) and lines_used >= (max_lines // 2 if is_last else max_lines):
             break
     # Rank deficiency: grow rows from single witnesses, completing their unseen weights from kinks.
     good = _good(rows, score)
@@ -156,7 +156,7 @@ def extract_layer(
             chains.append(idx)
         rows, score = _build_rows(witnesses, chains, all_lines, layers, rng, width, triples=False, is_last=is_last)
         # kept rows too: their later kinks were skipped (known), so their witnesses alone may not rebuild them
-        rows, score = _with_kept(kept, rows, all_lines, layers, is_last)
+        rows, score, _ = _with_kept(kept, rows, all_lines, layers, is_last)
         log.debug("layer %d: trace %d gave %d witnesses; %d complete rows", len(layers) + 1, traces, len(idx),
                   len(_good(rows, score)))
     # Rows ranked by the crossings they predict on every line: kinks of deeper neurons, fitted inside
@@ -231,6 +231,13 @@ def extract_layer(
             log.debug("layer %d: dropped %d provisional row(s) that stayed incomplete or unconfirmed",
                       len(layers) + 1, len(final) - len(keep))
         final = [final[j] for j in keep]
+    if layers:
+        # Two candidates a little apart (one wrong in a weight rarely seen on) can refine to the same
+        # row: keep one, and give the freed slot to the next candidate that refines to a new row.
+        chosen_ids = {id(r) for r in chosen}
+        spare = [r for r, sc in ranked if sc >= 1 and r.residual <= limit and id(r) not in chosen_ids]
+        final = _distinct_rows(final, spare, width, lambda r: _polish(query, layers, r, witnesses, d0, cfg, rng),
+                               witnesses)
     for j, r in enumerate(final):
         log.debug("layer %d row %d: %d witnesses, coverage %d/%d, residual %.1e, gap %.1e", len(layers) + 1, j,
                   len(r.members), int(r.coverage.sum()), r.coverage.size, r.residual, r.gap)
@@ -482,6 +489,48 @@ def fit_output_layer(
     return coef[:-1].T, coef[-1]
 
 
+def _distinct_rows(
+    rows: Sequence[NeuronRow], spare: Sequence[NeuronRow], width: int, refine: Callable[[NeuronRow], NeuronRow],
+    witnesses: Sequence[Witness], same: float = 1e-6,
+) -> list[NeuronRow]:
+    """``rows`` without repeats, refilled up to ``width`` from ``spare`` (refined with ``refine``) with
+    rows that are new once refined. Two rows are one neuron when they agree within ``same`` on the
+    coordinates both have seen, or when nine in ten witnesses of one lie on the other (a row wrong in
+    weights its points never saw on, or bent by a stray witness); the earlier row (better confirmed)
+    stays."""
+    out: list[NeuronRow] = []
+
+    def one_neuron(a: NeuronRow, c: NeuronRow) -> bool:
+        both = np.append(a.coverage & c.coverage, True)
+        ka, kc = np.append(a.w, a.b)[both], np.append(c.w, c.b)[both]
+        na, nc = float(np.linalg.norm(ka)), float(np.linalg.norm(kc))
+        if na > 0 and nc > 0 and float(hyperplane_distance(ka / na, (kc / nc)[None, :])[0]) < same:
+            return True
+        on = sum(on_neuron(witnesses[i], c, tol=1e-6) for i in a.members)
+        return len(a.members) >= 2 and on >= 0.9 * len(a.members)
+
+    def is_new(r: NeuronRow) -> bool:
+        return not any(one_neuron(r, x) or one_neuron(x, r) for x in out)
+
+    for r in rows:
+        if is_new(r):
+            out.append(r)
+    dropped = len(rows) - len(out)
+    tries = 0
+    for r in spare:
+        if len(out) >= min(width, len(rows)) or tries >= 2 * dropped:
+            break
+        if not is_new(r):
+            continue
+        tries += 1
+        r2 = refine(r)
+        if is_new(r2):
+            out.append(r2)
+    if dropped:
+        log.debug("%d repeated row(s) dropped, %d refilled", dropped, len(out) - (len(rows) - dropped))
+    return out
+
+
 def _reunify(rows: Sequence[NeuronRow], witnesses: Sequence[Witness]) -> list[NeuronRow]:
     out: list[NeuronRow] = []
     for r in rows:
@@ -566,14 +615,21 @@ def _with_kept(
     lines: Sequence[LineKinks],
     layers: Sequence[pfx.Layer],
     is_last: bool = False,
-) -> tuple[list[NeuronRow], list[int]]:
-    """The candidate rows with every kept row among them (kept first), and their scores."""
+) -> tuple[list[NeuronRow], list[int], int]:
+    """The candidate rows with every kept row among them (kept first), their scores, and how many kept
+    rows lead the list. A kept row that
+    now misses more than a tenth of its crossings is dropped: a real neuron misses only where everything
+    after it is off, a row wrong in a weight rarely seen on misses wherever that coordinate is on."""
+    if kept:
+        sc, miss = _score_rows(kept, lines, layers, is_last)
+        hits = sc + 2 * miss
+        kept = [r for r, h, mi in zip(kept, hits, miss, strict=True) if mi <= 0.1 * h + 2]
     if not kept:
-        return list(rows), list(_score_rows(rows, lines, layers, is_last)[0]) if rows else []
+        return list(rows), list(_score_rows(rows, lines, layers, is_last)[0]) if rows else [], 0
     keys = np.stack([np.append(x.w, x.b) for x in kept])
     rest = [r for r in rows if float(np.min(hyperplane_distance(np.append(r.w, r.b), keys))) >= 1e-4]
     merged = [*kept, *rest]
-    return merged, list(_score_rows(merged, lines, layers, is_last)[0])
+    return merged, list(_score_rows(merged, lines, layers, is_last)[0]), len(kept)
 
 
 def _score_rows(
