@@ -25,6 +25,10 @@ from relux.oracle.base import FloatArray, QueryFn
 
 log = logging.getLogger(__name__)
 
+#: Random directions of a kink's sketch (:func:`relux.attack.first_layer.discover_first_layer`): two
+#: jumps of different neurons agree in this many random projections only by accident (never, at 1e-4).
+SKETCH_DIM = 24
+
 
 @dataclass(frozen=True)
 class FirstLayer:
@@ -64,7 +68,10 @@ def first_layer_of_deep(
     ``1e-3`` from the discovery estimate).
     """
     dcfg = cfg.replace(grid_per_neuron=cfg.grid_per_neuron * max(total_hidden, width) / width)
-    sigs, info = discover_first_layer(query, d0, width, dcfg, rng, rel_tol)
+    # Deeper kinks outnumber first-layer ones: with a wide input, sketch each kink before paying for
+    # its gradients (a sketch of SKETCH_DIM directions costs a fraction of a gradient only then).
+    sketch = SKETCH_DIM if total_hidden > width and d0 >= 8 * SKETCH_DIM else 0
+    sigs, info = discover_first_layer(query, d0, width, dcfg, rng, rel_tol, sketch_dim=sketch)
     if not sigs:
         from relux.errors import ExtractionFailed
 

@@ -63,13 +63,32 @@ def discover_first_layer(
     cfg: ExtractionConfig,
     rng: np.random.Generator,
     rel_tol: float,
+    sketch_dim: int = 0,
 ) -> tuple[list[Signature], DiscoveryInfo]:
     """Find a signature for every first-layer neuron visible on random lines.
 
     Stops when ``width`` distinct hyperplanes are known or after ``cfg.max_search_lines`` lines.
     Neurons never seen are dead (they never change the output) and are reported by the caller.
+
+    ``sketch_dim > 0`` (a deep network with a wide input): most kinks belong to deeper neurons, and a
+    full gradient on each side costs ``2 (d + 1)`` queries. Each new kink is first sketched: the jump
+    of the directional derivatives along ``sketch_dim`` fixed random directions, ``2 (sketch_dim + 1)``
+    queries. A first-layer neuron's jump is ``a ⊗ w`` with the same ``w`` everywhere, so its sketches
+    on different lines agree; a deeper neuron's input-space direction changes from region to region.
+    Only a kink whose sketch matches one from another line pays for full gradients (attack-notes §3,
+    witness classification, done before the expensive measurement).
     """
     known: list[Signature] = []
+    # The zero test of a crossing. With a wide input and kinks packed close on a line, the finite
+    # differences steps are short and a discovery estimate is good to about 1e-6 only; there the
+    # sketches, not the crossings, tell first-layer kinks apart, so the test may be looser.
+    zero_tol = 1e-5 if sketch_dim > 0 else 1e-7
+    sketch_basis = np.zeros((0, d))
+    pool_keys: list[FloatArray] = []
+    pool_lines: list[int] = []
+    if sketch_dim > 0:
+        sketch_basis = rng.normal(size=(sketch_dim, d))
+        sketch_basis /= np.linalg.norm(sketch_basis, axis=1, keepdims=True)
     n_lines = kinks_total = grads = rejected = search_q = 0
     n_grid = int(cfg.grid_per_neuron * width) + 16
     t_range = cfg.line_range
@@ -97,7 +116,7 @@ def discover_first_layer(
             Z = np.abs(P @ Wk.T + bk[None, :])  # distance of each kink to each known hyperplane
             # the zero test of crossing_hits: relative to the size of the terms of w·x + b
             scl = np.linalg.norm(P, axis=1)[:, None] + np.abs(bk)[None, :]
-            new = np.min(Z / scl, axis=1) > 1e-7
+            new = np.min(Z / scl, axis=1) > zero_tol
         if not new.any():
             t_range *= 1.5
         # Affine pieces: between consecutive kinks; the two outer ones are as wide as their neighbour.
@@ -107,6 +126,13 @@ def discover_first_layer(
         halves = 0.5 * (bounds[1:] - bounds[:-1])
         need = np.zeros(mids.size, dtype=bool)
         idx_new = np.flatnonzero(new)
+        if sketch_dim > 0 and idx_new.size:
+            # a kink of a known hyperplane whose estimate is not yet exact: its sketch says so for free
+            kk = np.stack([sketch_basis @ s.w for s in known]) if known else np.zeros((0, sketch_dim))
+            kk /= np.maximum(np.linalg.norm(kk, axis=1, keepdims=True), np.finfo(float).tiny)
+            idx_new, q_sk = _sketch_filter(query, line, idx_new, mids, halves, sketch_basis, cfg, d, n_lines,
+                                           pool_keys, pool_lines, kk)
+            search_q += q_sk
         need[idx_new] = True
         need[idx_new + 1] = True
         regions = np.flatnonzero(need)
@@ -133,7 +159,8 @@ def discover_first_layer(
             continue
         # Every crossing a true hyperplane predicts on a search line is a kink found there; a
         # signature measured from a corrupted gradient predicts crossings that are not.
-        hits, misses = crossing_hits(np.stack([s.w for s in known]), np.array([s.b for s in known]), all_lines)
+        hits, misses = crossing_hits(np.stack([s.w for s in known]), np.array([s.b for s in known]), all_lines,
+                                     rel_tol=zero_tol)
         spurious = (misses >= 2) & (misses > hits)
         if spurious.any():
             rejected += int(spurious.sum())
@@ -152,7 +179,8 @@ def discover_first_layer(
         if confirmed >= width:
             break
     if known:
-        hits, misses = crossing_hits(np.stack([s.w for s in known]), np.array([s.b for s in known]), all_lines)
+        hits, misses = crossing_hits(np.stack([s.w for s in known]), np.array([s.b for s in known]), all_lines,
+                                     rel_tol=zero_tol)
         # Confirmed hyperplanes first: a true one that missed a crossing (its kink hidden where everything
         # after it is off) must still rank above a one-line signature of a deeper neuron.
         confirmed_mask = (hits >= 2) & (4 * misses <= hits)
@@ -160,6 +188,54 @@ def discover_first_layer(
         known = [known[i] for i in order[:width] if confirmed_mask[i] or hits[i] > misses[i]]
     info_out = DiscoveryInfo(n_lines, kinks_total, grads, len(known), rejected, search_q, len(known))
     return known, info_out
+
+
+def _sketch_filter(
+    query: QueryFn,
+    line: LineKinks,
+    idx: np.ndarray,
+    mids: FloatArray,
+    halves: FloatArray,
+    P: FloatArray,
+    cfg: ExtractionConfig,
+    d: int,
+    line_id: int,
+    pool_keys: list[FloatArray],
+    pool_lines: list[int],
+    known_keys: FloatArray,
+    tol: float = 1e-4,
+) -> tuple[np.ndarray, int]:
+    """The kinks ``idx`` of ``line`` whose sketched jump direction (see :func:`discover_first_layer`)
+    matches a kink of another line and none of ``known_keys`` (the sketches of hyperplanes already
+    measured); every sketch joins the pool (``pool_keys``, ``pool_lines``). Returns those kinks and
+    the queries spent."""
+    regions = np.unique(np.concatenate([idx, idx + 1]))
+    Xr = line.x0[None, :] + mids[regions, None] * line.u[None, :]
+    steps = (cfg.fd_rel_step / d) * halves[regions] * float(np.linalg.norm(line.u))
+    S, _ = fd_gradients(query, Xr, steps, basis=P)
+    at = {int(r): S[i] for i, r in enumerate(regions)}
+    old = np.stack(pool_keys) if pool_keys else np.zeros((0, P.shape[0]))
+    old_lines = np.asarray(pool_lines, dtype=int)
+    keep: list[int] = []
+    for j in map(int, idx):
+        delta = at[j + 1] - at[j]  # (k, sketch_dim)
+        if not np.any(delta):
+            continue
+        _, sv, Vt = np.linalg.svd(delta, full_matrices=False)
+        if sv.size > 1 and sv[1] > 1e-3 * sv[0]:
+            continue  # two kinks in one probe: not one neuron's jump
+        key = Vt[0] if Vt[0][np.argmax(np.abs(Vt[0]))] > 0 else -Vt[0]
+        if known_keys.shape[0] and float(np.min(np.minimum(np.linalg.norm(known_keys - key, axis=1),
+                                                           np.linalg.norm(known_keys + key, axis=1)))) <= tol:
+            continue  # a hyperplane already measured
+        if old.shape[0]:
+            other = old_lines != line_id
+            dist = np.minimum(np.linalg.norm(old - key, axis=1), np.linalg.norm(old + key, axis=1))
+            if np.any(other & (dist <= tol)):
+                keep.append(j)
+        pool_keys.append(key)
+        pool_lines.append(line_id)
+    return np.asarray(keep, dtype=int), int(regions.size * (P.shape[0] + 1))
 
 
 #: Radii (in units of the line scale) of the rings of candidate base points, and candidates per ring.
