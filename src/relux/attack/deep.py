@@ -504,10 +504,16 @@ def _distinct_rows(
         both = np.append(a.coverage & c.coverage, True)
         ka, kc = np.append(a.w, a.b)[both], np.append(c.w, c.b)[both]
         na, nc = float(np.linalg.norm(ka)), float(np.linalg.norm(kc))
-        if na > 0 and nc > 0 and float(hyperplane_distance(ka / na, (kc / nc)[None, :])[0]) < same:
+        if na == 0 or nc == 0:
+            return False
+        dist = float(hyperplane_distance(ka / na, (kc / nc)[None, :])[0])
+        if dist < same:
             return True
-        on = sum(on_neuron(witnesses[i], c, tol=1e-6) for i in a.members)
-        return len(a.members) >= 2 and on >= 0.9 * len(a.members)
+        if dist > 0.5:  # unit rows of two neurons sit ~1.4 apart; a bent copy stays close
+            return False
+        sample = a.members[:20]
+        on = sum(on_neuron(witnesses[i], c, tol=1e-6) for i in sample)
+        return len(sample) >= 2 and on >= 0.9 * len(sample)
 
     def is_new(r: NeuronRow) -> bool:
         return not any(one_neuron(r, x) or one_neuron(x, r) for x in out)
@@ -617,9 +623,9 @@ def _with_kept(
     is_last: bool = False,
 ) -> tuple[list[NeuronRow], list[int], int]:
     """The candidate rows with every kept row among them (kept first), their scores, and how many kept
-    rows lead the list. A kept row that
-    now misses more than a tenth of its crossings is dropped: a real neuron misses only where everything
-    after it is off, a row wrong in a weight rarely seen on misses wherever that coordinate is on."""
+    rows lead the list. A kept row that now misses more than a tenth of its crossings is dropped: a
+    real neuron misses only where everything after it is off, a row wrong in a weight rarely seen on
+    misses wherever that coordinate is on."""
     if kept:
         sc, miss = _score_rows(kept, lines, layers, is_last)
         hits = sc + 2 * miss
