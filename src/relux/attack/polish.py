@@ -44,6 +44,9 @@ class Polished:
 def root_on_line(layers: Sequence[pfx.Layer], w: FloatArray, b: float, p: FloatArray, n: FloatArray) -> float | None:
     """``t`` near 0 where the estimated pre-activation vanishes on ``p + t n`` (Newton on a piecewise
     linear function: exact once the piece is right)."""
+    if not layers:
+        slope0 = float(w @ n)
+        return None if slope0 == 0.0 else -float(w @ p + b) / slope0
     t = 0.0
     for _ in range(20):
         x = p + t * n

@@ -48,8 +48,11 @@ def jacobian(layers: Sequence[Layer], x: FloatArray) -> tuple[FloatArray, list[F
 def unit_normal(layers: Sequence[Layer], w: FloatArray, x: FloatArray) -> FloatArray | None:
     """Unit input-space gradient at ``x`` of the pre-activation ``w·h(x) + b`` of a row behind the
     prefix (the normal of its boundary there); None where it vanishes."""
-    M, _ = jacobian(layers, x)
-    n = w @ M
+    if layers:
+        M, _ = jacobian(layers, x)
+        n = w @ M
+    else:
+        n = np.asarray(w, dtype=float)  # a first-layer row: no d0 x d0 identity to multiply by
     nn = float(np.linalg.norm(n))
     if nn == 0.0:
         return None
