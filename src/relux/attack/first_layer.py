@@ -18,7 +18,7 @@ from relux.attack.config import ExtractionConfig
 from relux.attack.confirm import crossing_hits
 from relux.attack.critical import LineKinks, find_kinks
 from relux.attack.gradients import fd_gradients
-from relux.attack.hyperplanes import Signature, cluster_signatures, signature_from_jump
+from relux.attack.hyperplanes import Signature, cluster_signatures, hyperplane_distance, signature_from_jump
 from relux.oracle.base import FloatArray, QueryFn
 from relux.parallel import Executor, SerialExecutor, split_evenly
 
@@ -225,14 +225,10 @@ def _sketch_filter(
         if sv.size > 1 and sv[1] > 1e-3 * sv[0]:
             continue  # two kinks in one probe: not one neuron's jump
         key = Vt[0] if Vt[0][np.argmax(np.abs(Vt[0]))] > 0 else -Vt[0]
-        if known_keys.shape[0] and float(np.min(np.minimum(np.linalg.norm(known_keys - key, axis=1),
-                                                           np.linalg.norm(known_keys + key, axis=1)))) <= tol:
+        if known_keys.shape[0] and float(np.min(hyperplane_distance(key, known_keys))) <= tol:
             continue  # a hyperplane already measured
-        if old.shape[0]:
-            other = old_lines != line_id
-            dist = np.minimum(np.linalg.norm(old - key, axis=1), np.linalg.norm(old + key, axis=1))
-            if np.any(other & (dist <= tol)):
-                keep.append(j)
+        if old.shape[0] and np.any((old_lines != line_id) & (hyperplane_distance(key, old) <= tol)):
+            keep.append(j)
         pool_keys.append(key)
         pool_lines.append(line_id)
     return np.asarray(keep, dtype=int), int(regions.size * (P.shape[0] + 1))

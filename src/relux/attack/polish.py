@@ -155,11 +155,13 @@ def steer_on(
     query; None when the coordinate cannot be switched on along the boundary within ``steps`` pieces."""
     p = x.copy()
     for _ in range(steps):
-        n = pfx.unit_normal(layers, w, p)
-        if n is None:
+        M, jacs = pfx.jacobian(layers, p)  # once per step: the row's normal and the coordinate's gradient
+        n = w @ M
+        nn = float(np.linalg.norm(n))
+        if nn == 0.0:
             return None
+        n = n / nn
         Zs, _ = pfx.forward(layers, p[None, :])
-        _, jacs = pfx.jacobian(layers, p)
         g = jacs[-1][coord]
         gt = g - (g @ n) * n
         ng = float(np.linalg.norm(gt))
