@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from relux.attack import prefix as pfx
@@ -16,8 +16,11 @@ from relux.zoo import random_mlp
 
 def _boundary_point(layers: list[tuple[np.ndarray, np.ndarray]], w: np.ndarray, b: float,
                     rng: np.random.Generator, d: int) -> np.ndarray:
-    """A point where ``w·h(x) + b`` changes sign, by bisection on a random line (exact to 2^-60)."""
-    while True:
+    """A point where ``w·h(x) + b`` changes sign, by bisection on a random line (exact to 2^-60).
+
+    A row that never changes sign near the origin (a dead or always-on neuron: about 0.4% of random
+    victims' rows) has no such point; the calling test is then skipped by ``assume``."""
+    for _ in range(100):
         x0, u = rng.normal(size=d), rng.normal(size=d)
         ts = np.linspace(-3.0, 3.0, 601)
         _, H = pfx.forward(layers, x0 + ts[:, None] * u)
@@ -35,6 +38,8 @@ def _boundary_point(layers: list[tuple[np.ndarray, np.ndarray]], w: np.ndarray, 
                     hi = mid
             out: np.ndarray = x0 + lo * u
             return out
+    assume(False)  # no crossing on 100 random lines: this example does not apply
+    raise AssertionError("unreachable")
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -71,6 +76,7 @@ def test_polish_recovers_a_second_layer_row_to_float_precision(j: int) -> None:
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), n_out=st.integers(0, 3))
+@example(seed=315, n_out=3)  # 13 points, 7 unknowns, 3 outliers: subsets of k+1 points missed 1 time in 10
 def test_fit_row_is_exact_on_consistent_points_and_drops_outliers(seed: int, n_out: int) -> None:
     rng = np.random.default_rng(seed)
     d = 6

@@ -383,13 +383,14 @@ MODEL = load_model({model!r})
 
 def predict(X):
     Path({started!r}).touch()
-    time.sleep(0.02)
+    time.sleep(0.06)
     return MODEL.forward(X)
 """
 
 
 def slow_oracle(tmp_path: Path) -> list[str]:
-    """``--oracle`` arguments of a victim that takes 20 ms per batch and touches ``started`` when first asked."""
+    """``--oracle`` arguments of a victim that takes 60 ms per batch (about 40 batches: a window of
+    over 2 s for the signal, even on a loaded machine) and touches ``started`` when first asked."""
     save_model(random_mlp((20, 10, 1), np.random.default_rng(0)), tmp_path / "victim.npz")
     code = SLOW_ORACLE.format(model=str(tmp_path / "victim.npz"), started=str(tmp_path / "started"))
     (tmp_path / "slow.py").write_text(code)

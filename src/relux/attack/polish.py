@@ -217,6 +217,17 @@ def _null_vector(A: FloatArray) -> FloatArray:
     return out
 
 
+def _ransac_trials(frac: float, size: int, floor: int, cap: int) -> int:
+    """Subsets to draw so that one of ``size`` points is all inliers with probability 1 - 1e-6, when a
+    fraction ``frac`` of the points are inliers; clipped to ``[floor, cap]``."""
+    clean = frac**size
+    if clean <= 0.0:
+        return cap
+    if clean >= 1.0:
+        return floor
+    return int(np.clip(np.ceil(np.log(1e-6) / np.log1p(-clean)), floor, cap))
+
+
 def fit_row(
     H: FloatArray,
     w0: FloatArray,
@@ -242,14 +253,23 @@ def fit_row(
     keep = r <= inlier_tol
     if not keep.all() and n > k:
         best = keep
-        for _ in range(trials):
-            sub = rng.choice(n, size=min(n, k + 1), replace=False)
+        size = min(n, k + 1)  # one point more than the minimum, so a subset checks itself
+        # Adaptive count (Fischler and Bolles 1981): enough subsets that one is clean with probability
+        # 1 - 1e-6 at the best inlier fraction seen so far, within a work budget equal to ``trials``
+        # subsets of 32 unknowns (small rows may draw many more; wide rows keep ``trials``).
+        cap = max(trials, int(trials * (32.0 / k) ** 3))
+        needed = _ransac_trials(float(best.mean()), size, trials, cap)
+        t = 0
+        while t < needed:
+            t += 1
+            sub = rng.choice(n, size=size, replace=False)
             vs = _null_vector(A[sub])
             inl = np.abs(A @ vs) / rownorm <= inlier_tol
             if inl.sum() > best.sum():
                 best = inl
                 if best.sum() == n:
                     break
+                needed = _ransac_trials(float(best.mean()), size, trials, cap)
         if best.sum() >= k:
             keep = best
             v = _null_vector(A[keep])
