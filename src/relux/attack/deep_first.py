@@ -49,6 +49,22 @@ def _distance(r1: RefinedRow, r2: RefinedRow) -> float:
     return float(min(np.linalg.norm(v1 - v2), np.linalg.norm(v1 + v2)))
 
 
+def _reach(attempt: int) -> float:
+    """Probe radius and steps of refinement round ``attempt``, as a fraction of the clearance: 1/4, then
+    1/16 twice, then 1/64. Smaller probes cross fewer unseen boundaries, but their rounding grows as
+    the steps shrink, so the rounds after the first move the base point rather than shrink further."""
+    return 4.0 ** -(1 + min(attempt, 1) + attempt // 3)
+
+
+def _agreement_tol(r1: RefinedRow, r2: RefinedRow) -> float:
+    """How far apart two clean measurements of one row may be, relative to its norm: ``1e-9``, or more
+    when their own precision is coarser. That precision is the rounding expected from their steps
+    (:attr:`RefinedRow.noise`; the measured error stays within 8 times it) and, with several outputs,
+    the jump's departure from rank one, which rounding alone causes at the same level. A probe that
+    crossed an unseen boundary is off by orders of magnitude more (attack-notes §3)."""
+    return max(1e-9, 16.0 * (r1.noise + r2.noise), 4.0 * (r1.rank_ratio + r2.rank_ratio))
+
+
 def first_layer_of_deep(
     query: QueryFn,
     d0: int,
@@ -62,10 +78,10 @@ def first_layer_of_deep(
     """Discover and refine the first hidden layer of a network with ``total_hidden`` hidden neurons.
 
     Search lines are gridded for the kinks of every layer (``total_hidden``), not only the first.
-    A refined row is accepted when two measurements at different base points agree to within
-    ``1e-9`` of the row's norm (float64 refinement reaches ~1e-12; a probe that crossed an unseen
-    boundary is off by far more) and each passed the refinement's own checks (it moved by at most
-    ``1e-3`` from the discovery estimate).
+    A refined row is accepted when two measurements at different base points agree to within their
+    own precision (:func:`_agreement_tol`: ``1e-9`` of the row's norm or the rounding their steps
+    imply, whichever is larger; a probe that crossed an unseen boundary is off by far more) and each
+    passed the refinement's own checks (it moved by at most ``1e-3`` from the discovery estimate).
     """
     dcfg = cfg.replace(grid_per_neuron=cfg.grid_per_neuron * max(total_hidden, width) / width)
     # Deeper kinks outnumber first-layer ones: with a wide input, sketch each kink before paying for
@@ -83,7 +99,7 @@ def first_layer_of_deep(
     n = W.shape[0]
     accepted = np.zeros(n, dtype=bool)
     agreement = np.full(n, np.inf)
-    prev: list[RefinedRow | None] = [None] * n
+    seen: list[list[RefinedRow]] = [[] for _ in range(n)]
     W_out, b_out, pts = W.copy(), b.copy(), starts.copy()
     for attempt in range(attempts):
         todo = [j for j in range(n) if not accepted[j]]
@@ -93,19 +109,20 @@ def first_layer_of_deep(
         if attempt:
             jitter = rng.normal(0.0, cfg.input_scale, size=(len(todo), d0)) * (0.05 * 2.0**attempt)
             st[todo] += jitter
-        rows, _, _ = refine_first_layer(query, W, b, st, cfg, rng, only=todo, reach=4.0 ** -(attempt + 1))
+        rows, _, _ = refine_first_layer(query, W, b, st, cfg, rng, only=todo, reach=_reach(attempt),
+                                        check_segments=True)
         for j, row in zip(todo, rows, strict=True):
             if not row.ok:
                 continue
-            p = prev[j]
-            if p is not None:
+            for p in seen[j]:
                 dist = _distance(p, row)
-                if dist <= 1e-9 * float(np.linalg.norm(np.append(row.w, row.b))):
+                if dist <= _agreement_tol(p, row) * float(np.linalg.norm(np.append(row.w, row.b))):
+                    best = row if row.noise <= p.noise else p  # the finer of the two agreeing measurements
                     accepted[j] = True
                     agreement[j] = dist
-                    W_out[j], b_out[j], pts[j] = row.w, row.b, row.point
-                    continue
-            prev[j] = row
+                    W_out[j], b_out[j], pts[j] = best.w, best.b, best.point
+                    break
+            seen[j].append(row)
     # Rows whose gradient measurements never agreed: fit them to exact points of their hyperplane.
     for j in (int(i) for i in np.flatnonzero(~accepted)):
         pol, _ = polish_row(query, [], W_out[j], float(b_out[j]), pts[j][None, :], d0,
@@ -116,6 +133,7 @@ def first_layer_of_deep(
             W_out[j], b_out[j] = pol.w, pol.b
             accepted[j] = True
             agreement[j] = pol.residual
+    log.debug("layer 1 agreement per row: %s", np.array2string(agreement, precision=1))
     log.info("layer 1: %d/%d rows refined and confirmed", int(accepted.sum()), n)
     return FirstLayer(W_out, b_out, pts, accepted, agreement, info.lines, info.kinks)
 

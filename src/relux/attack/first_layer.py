@@ -14,11 +14,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from relux.attack.column_repair import repair_columns
 from relux.attack.config import ExtractionConfig
 from relux.attack.confirm import crossing_hits
 from relux.attack.critical import LineKinks, find_kinks
 from relux.attack.gradients import fd_gradients
 from relux.attack.hyperplanes import Signature, cluster_signatures, hyperplane_distance, signature_from_jump
+from relux.attack.probe_check import choose_radii
 from relux.oracle.base import FloatArray, QueryFn
 from relux.parallel import Executor, SerialExecutor, split_evenly
 
@@ -50,6 +52,7 @@ class RefinedRow:
     rank_ratio: float
     ok: bool
     reason: str
+    noise: float = 0.0  # expected error of the unit row from float64 rounding in the finite differences
 
 
 def _line_scale(cfg: ExtractionConfig, d: int) -> float:
@@ -324,6 +327,15 @@ class _SolveTask:
     Gm: FloatArray  # (m, k, d): gradients at x-
     Fp: FloatArray  # (m, k): f(x+)
     Fm: FloatArray  # (m, k): f(x-)
+    Sp: FloatArray  # (m, d): the coordinate steps at x+
+    Sm: FloatArray  # (m, d): the coordinate steps at x-
+
+
+def _rounding_noise(F: FloatArray, steps: FloatArray, jump: float) -> float:
+    """Expected error of a unit row measured from forward differences (CJM20 §4.3): each difference
+    carries the rounding of ``f`` (``eps |f|``) divided by its step, relative to the jump's size."""
+    eps = float(np.finfo(float).eps)
+    return float(2.0 * eps * float(np.max(np.abs(F))) * np.sqrt(np.sum(steps ** -2.0)) / max(jump, 1e-300))
 
 
 def _solve_rows(task: _SolveTask) -> list[RefinedRow]:
@@ -361,7 +373,9 @@ def _solve_rows(task: _SolveTask) -> list[RefinedRow]:
             ok, reason = False, f"gradient jump is not rank one (ratio {ratio:.1e})"
         elif change > 1e-3:
             ok, reason = False, f"refined row moved by {change:.1e} from its estimate"
-        rows.append(RefinedRow(w, bj, point, c, float(clears[j]), change, ratio, ok, reason))
+        noise = _rounding_noise(np.concatenate([Fp[j], Fm[j]]), np.concatenate([task.Sp[j], task.Sm[j]]),
+                                float(np.linalg.norm(c)))
+        rows.append(RefinedRow(w, bj, point, c, float(clears[j]), change, ratio, ok, reason, noise))
     return rows
 
 
@@ -386,6 +400,7 @@ def refine_first_layer(
     only: list[int] | None = None,
     reach: float = 1.0,
     executor: Executor | None = None,
+    check_segments: bool = False,
 ) -> tuple[list[RefinedRow], FloatArray, FloatArray]:
     """Re-measure every row of ``(W, b)`` (unit rows) at a well-separated point of its hyperplane.
 
@@ -398,6 +413,11 @@ def refine_first_layer(
 
     ``only`` restricts the work to those rows (the others still bound the steps). ``reach`` (<= 1)
     shrinks the probe radius and the steps, for networks with unseen boundaries (deeper layers).
+    ``check_segments`` (deeper layers present) first tests each probe segment for an unseen boundary
+    (:func:`relux.attack.probe_check.choose_radii`, 18 queries a row), shrinks the radius until one
+    passes, and skips the rows where none does (reported not ok, no gradients paid for). With two or
+    more outputs, single gradient columns whose step crossed an unseen boundary are re-measured
+    (:func:`relux.attack.column_repair.repair_columns`).
 
     The per-row work (base points, steps, solves) runs on ``executor`` (serial by default); the
     queries are made here, in one batched call, and the random draws are made here, in row order,
@@ -420,6 +440,40 @@ def refine_first_layer(
     radii = 0.5 * reach * clears
     Ws = W[sel]
     bs = b[sel]
+    measured = np.ones(n, dtype=bool)
+    if check_segments:
+        choice = choose_radii(query, bases, Ws, radii)
+        radii, measured = choice.radii, choice.clean
+        log.debug("refinement: %d/%d probe segments clean (%d queries)", int(measured.sum()), n, choice.queries)
+        keep = np.flatnonzero(measured)
+        skipped = [RefinedRow(Ws[i], float(bs[i]), bases[i], np.zeros(0), float(clears[i]), np.inf, 1.0, False,
+                              "every probe segment across the hyperplane also crosses another boundary")
+                   for i in range(n)]
+        if keep.size == 0:
+            return skipped, np.empty((0, d)), np.empty((0, 0))
+        sub_rows, X, F = _measure_rows(query, W, b, Ws[keep], bs[keep], bases[keep], radii[keep], clears[keep],
+                                       cfg, reach, ex)
+        for i, row in zip(keep, sub_rows, strict=True):
+            skipped[int(i)] = row
+        return skipped, X, F
+    return _measure_rows(query, W, b, Ws, bs, bases, radii, clears, cfg, reach, ex)
+
+
+def _measure_rows(
+    query: QueryFn,
+    W: FloatArray,
+    b: FloatArray,
+    Ws: FloatArray,
+    bs: FloatArray,
+    bases: FloatArray,
+    radii: FloatArray,
+    clears: FloatArray,
+    cfg: ExtractionConfig,
+    reach: float,
+    ex: Executor,
+) -> tuple[list[RefinedRow], FloatArray, FloatArray]:
+    """Gradients at ``bases ± radii * Ws`` and the rows solved from their jumps (see :func:`refine_first_layer`)."""
+    n, d = Ws.shape
     Xp = bases + radii[:, None] * Ws
     Xm = bases - radii[:, None] * Ws
     X = np.concatenate([Xp, Xm])
@@ -431,11 +485,17 @@ def refine_first_layer(
         _StepTask(Z[c.start:c.stop], absW, cap[c.start:c.stop], cfg.refine_safety, reach) for c in chunks
     ]))
     G, F = fd_gradients(query, X, steps)
+    if G.shape[1] >= 2:
+        G, steps, rep = repair_columns(query, X, F, G, steps, n)
+        if rep.queries:
+            log.debug("refinement: re-measured %s suspect columns (%d queries); %d rows still suspect",
+                      list(rep.remeasured), rep.queries, rep.rows_left)
     Gp, Gm = G[:n], G[n:]
     Fp, Fm = F[:n], F[n:]
     chunks = split_evenly(n, _parts(ex, 1, n))
     solved = ex.map(_solve_rows, [
-        _SolveTask(Ws[s], bs[s], bases[s], radii[s], clears[s], Gp[s], Gm[s], Fp[s], Fm[s])
+        _SolveTask(Ws[s], bs[s], bases[s], radii[s], clears[s], Gp[s], Gm[s], Fp[s], Fm[s], steps[:n][s],
+                   steps[n:][s])
         for s in (slice(c.start, c.stop) for c in chunks)
     ])
     rows = [row for part in solved for row in part]

@@ -256,8 +256,9 @@ def fit_row(
         size = min(n, k + 1)  # one point more than the minimum, so a subset checks itself
         # Adaptive count (Fischler and Bolles 1981): enough subsets that one is clean with probability
         # 1 - 1e-6 at the best inlier fraction seen so far, within a work budget equal to ``trials``
-        # subsets of 32 unknowns (small rows may draw many more; wide rows keep ``trials``).
-        cap = max(trials, int(trials * (32.0 / k) ** 3))
+        # subsets of 32 unknowns (small rows may draw more; wide rows keep ``trials``), and never more
+        # than 16 times ``trials`` (each subset also costs a fixed overhead, whatever its size).
+        cap = max(trials, min(16 * trials, int(trials * (32.0 / k) ** 3)))
         needed = _ransac_trials(float(best.mean()), size, trials, cap)
         t = 0
         while t < needed:
