@@ -289,3 +289,27 @@ def test_extraction_same_on_local_ray(no_ray_left: None) -> None:
     assert not ray.is_initialized()  # extract started a local instance and shut it down
     assert_same_result(serial, on_ray)
     assert (on_ray.execution["jobs"], on_ray.execution["backend"]) == (2, "ray")
+
+
+@pytest.mark.slow
+def test_deep_extraction_same_with_two_loky_workers() -> None:
+    """A deep network's first-layer refinement runs on the workers too, with the same result."""
+    arch = (10, 8, 6, 1)
+    victim = random_mlp(arch, np.random.default_rng(0))
+    one = extract(MLPOracle(victim), arch, ExtractionConfig(seed=0))
+    two = extract(MLPOracle(victim), arch, ExtractionConfig(seed=0, jobs=2))
+    assert one.selfcheck.passed and two.selfcheck.passed
+    assert_same_result(one, two)
+    layer1 = next(s for s in two.execution["stages"] if s["name"] == "layer" and s["layer"] == 1)
+    assert layer1["parallel_seconds"] > 0.0
+
+
+@pytest.mark.slow
+def test_bench_row_records_jobs_and_backend() -> None:
+    """``relux bench --jobs 2``: the attack runs with two workers and the row says so."""
+    from relux.bench.runner import execute_case
+    from relux.bench.suites import suite
+
+    row = execute_case(suite("smoke")[0], 0, parallel={"jobs": 2, "backend": "loky", "ray_address": None})
+    assert row["status"] == "ok"
+    assert (row["execution"]["jobs"], row["execution"]["backend"]) == (2, "loky")

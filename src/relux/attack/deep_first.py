@@ -22,6 +22,7 @@ from relux.attack.hyperplanes import stack_signatures
 from relux.attack.polish import polish_row
 from relux.attack.wiggle import wiggle_signs
 from relux.oracle.base import FloatArray, QueryFn
+from relux.parallel import Executor
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ def first_layer_of_deep(
     rng: np.random.Generator,
     rel_tol: float,
     attempts: int = 6,
+    executor: Executor | None = None,
 ) -> FirstLayer:
     """Discover and refine the first hidden layer of a network with ``total_hidden`` hidden neurons.
 
@@ -110,7 +112,7 @@ def first_layer_of_deep(
             jitter = rng.normal(0.0, cfg.input_scale, size=(len(todo), d0)) * (0.05 * 2.0**attempt)
             st[todo] += jitter
         rows, _, _ = refine_first_layer(query, W, b, st, cfg, rng, only=todo, reach=_reach(attempt),
-                                        check_segments=True)
+                                        check_segments=True, executor=executor)
         for j, row in zip(todo, rows, strict=True):
             if not row.ok:
                 continue
@@ -146,11 +148,13 @@ def first_layer_outcome(
     cfg: ExtractionConfig,
     rng: np.random.Generator,
     rel_tol: float,
+    executor: Executor | None = None,
 ) -> LayerOutcome:
     """Layer 1 of a deep network as a :class:`~relux.attack.deep.LayerOutcome`: rows from
     :func:`first_layer_of_deep`, signs from the wiggle with no prefix (CM24 §4: the first layer is
-    controllable wherever it is not wider than the input)."""
-    fl = first_layer_of_deep(query, d0, width, total_hidden, cfg, rng, rel_tol)
+    controllable wherever it is not wider than the input). The per-row refinement work runs on
+    ``executor`` (serial by default; the result does not depend on it)."""
+    fl = first_layer_of_deep(query, d0, width, total_hidden, cfg, rng, rel_tol, executor=executor)
     ws = wiggle_signs(query, [], fl.W, fl.b, d0, cfg.input_scale, rng)
     W = fl.W * ws.signs[:, None]
     b = fl.b * ws.signs

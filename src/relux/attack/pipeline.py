@@ -369,7 +369,8 @@ def _extract_deep(
             try:
                 out: LayerOutcome | None = None
                 if i == 1:
-                    out = first_layer_outcome(q, d0, width, sum(hidden), cfg, rng, rel_tol)
+                    out = first_layer_outcome(q, d0, width, sum(hidden), cfg, rng, rel_tol,
+                                              executor=stages.executor)
                 else:
                     expansive = hidden[i - 2] > min((d0, *hidden[: i - 2]))
                     # Walks along this layer's boundaries check (and repair) the signs of the layer

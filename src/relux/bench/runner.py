@@ -13,6 +13,7 @@ A row is a JSON-ready dict (non-finite numbers are ``None``) with at least the k
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import multiprocessing
@@ -174,9 +175,13 @@ def execute_case(
     *,
     verify_points: int = 10000,
     verify_lines: int = 64,
+    parallel: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run ``case`` here: build the victim (victim seed and attack seed are both ``seed``), attack it
     through its oracle, verify the result (or the partial result of a failed run) against the truth.
+
+    ``parallel``: the ``jobs``, ``backend`` and ``ray_address`` fields of the attack's
+    :class:`~relux.attack.ExtractionConfig` (default: serial); the row's ``execution`` records them.
 
     Never raises for a failing case: failures, including unexpected exceptions, become the row's status.
     """
@@ -212,7 +217,7 @@ def execute_case(
     attack_log.addHandler(collector)
     t0 = time.perf_counter()
     try:
-        result = extract(meter, reference.arch, ExtractionConfig(seed=seed))
+        result = extract(meter, reference.arch, ExtractionConfig(seed=seed, **(parallel or {})))
         row["status"] = "ok"
     except ExtractionFailed as exc:
         result = exc.partial if isinstance(exc.partial, ExtractionResult) else None
@@ -265,6 +270,7 @@ def _add_result(row: dict[str, Any], layers: list[dict[str, Any]], result: Any) 
     row["stages"] = [s.to_json() for s in result.stages]
     row["sign_queries"] = sign_stage_queries(row["stages"])
     row["warnings"] = list(result.warnings)[:20]
+    row["execution"] = dict(result.execution)
     for rep in result.layers:
         if 1 <= rep.index <= len(layers):
             layers[rep.index - 1].update(
@@ -500,15 +506,19 @@ def run_case(
     shared_dir: str | Path | None = None,
     on_log: Callable[[int, str], None] | None = None,
     execute: Callable[[Case, int, str | None], dict[str, Any]] = execute_case,
+    parallel: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run ``case`` in a worker process under a wall-clock limit of ``timeout`` seconds (``None``: in
     this process, no limit) and return its row. A case killed at the limit has status ``timeout`` and
     keeps the queries spent so far and its last log lines (``progress``).
 
     ``execute(case, seed, shared_dir)`` produces the row in the worker (default :func:`execute_case`;
-    it must be picklable, i.e. defined at module level).
+    it must be picklable, i.e. defined at module level). ``parallel`` is passed on to
+    :func:`execute_case` (the attack's ``jobs``, ``backend`` and ``ray_address``).
     """
     shared = None if shared_dir is None else str(shared_dir)
+    if parallel:
+        execute = functools.partial(execute_case, parallel=dict(parallel)) if execute is execute_case else execute
     if timeout is None:
         return execute(case, seed, shared)
     out = run_isolated(execute, (case, seed, shared), timeout, on_log=on_log)

@@ -13,6 +13,7 @@ from typing import Any
 from relux.bench.cifar import DEFAULT_CIFAR_TIMEOUT, VERIFY_RESERVE_SECONDS
 from relux.bench.runner import DEFAULT_TIMEOUT
 from relux.bench.suites import HIDDEN_SUITES, SUITE_NAMES
+from relux.cli.common import add_parallel_options, parallel_options
 from relux.errors import InputError
 
 DESCRIPTION = f"""\
@@ -70,7 +71,18 @@ def register(subparsers: Any) -> None:
                         help="cifar suite: fresh inputs per source for the argmax agreement (default 100000)")
     parser.add_argument("--strict", action="store_true",
                         help="exit 1 when a row failed, timed out or missed its targets")
+    add_parallel_options(parser)
     parser.set_defaults(func=run)
+
+
+def _code_root() -> Path:
+    """The checkout the running relux comes from (its commit goes into the tables), whatever the
+    current directory; the current directory when relux is installed outside a checkout."""
+    import relux
+    from relux.bench.suites import project_root
+
+    root = project_root(Path(relux.__file__).resolve().parent)
+    return root if root is not None else Path.cwd()
 
 
 def _check_out(path: Path | None, flag: str) -> None:
@@ -110,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--plots {args.plots} is a file; expected a directory")
     if args.shared_models is not None and not args.shared_models.is_dir():
         raise InputError(f"--shared-models {args.shared_models} is not a directory")
+    parallel = parallel_options(args)
     cases = [c for c in suite(args.suite) if args.only is None or any(t in c.name for t in args.only)]
     if not cases:
         raise InputError(f"--only {args.only} matches no row of suite {args.suite!r}")
@@ -126,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     say(f"suite {args.suite}: {len(cases)} case(s), seed {args.seed}, "
         f"{'no time limit' if timeout is None else f'{timeout:g} s per case'}, "
         f"shared models {shared if shared is not None else 'not found'}")
-    env = report.environment(Path.cwd())  # before the run: the commit the suite started on
+    env = report.environment(_code_root())  # before the run: the commit the suite started on
     rows = []
     for i, case in enumerate(cases, start=1):
         say(f"[{i}/{len(cases)}] {case.name}")
@@ -134,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
             row = _run_cifar(case, args, timeout, cifar, say, worker_log)
         else:
             row = run_case(case, args.seed, timeout=timeout, shared_dir=shared,
-                           on_log=lambda level, text: worker_log.log(level, "%s", text))
+                           on_log=lambda level, text: worker_log.log(level, "%s", text), parallel=parallel)
         row["suite"] = args.suite
         rows.append(row)
         q = f", {row['queries']} queries" if row.get("queries") else ""
@@ -187,7 +200,7 @@ def _run_cifar(case: Any, args: argparse.Namespace, timeout: float | None, setup
     """Run one cifar case and write its result file."""
     from relux.bench.cifar import run_cifar_case, run_environment, stamp, write_result
 
-    env = run_environment(Path.cwd())
+    env = run_environment(_code_root())
     record = run_cifar_case(case, args.seed, timeout=timeout, options=setup["options"],
                             on_log=lambda level, text: worker_log.log(level, "%s", text))
     record["command"] = _command(args)

@@ -82,3 +82,48 @@ def nonneg_int(text: str) -> int:
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     return _int_at_least(text, 1, "a positive integer")
+
+
+def add_parallel_options(parser: argparse.ArgumentParser) -> None:
+    """``--jobs``, ``--backend`` and ``--address`` (:mod:`relux.parallel`), shared by ``extract`` and ``bench``."""
+    # the oracle stays in this process; results do not depend on --jobs
+    parser.add_argument(
+        "--jobs",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="workers for the per-neuron work; the victim is still queried from this process only, and the "
+        "result is the same for every N (default 1)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=("loky", "ray"),
+        default="loky",
+        help="where the workers run: loky (processes on this machine) or ray (a local Ray instance on "
+        "127.0.0.1, or the cluster at --address; needs pip install 'relux[ray]') (default loky)",
+    )
+    parser.add_argument(
+        "--address",
+        metavar="ADDR",
+        default=None,
+        help="with --backend ray: address of a running Ray cluster (e.g. ray://HOST:10001 or auto); "
+        "without it a local instance is started and stopped",
+    )
+
+
+def parallel_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``jobs``, ``backend`` and ``ray_address`` of the config, checked before anything starts."""
+    import importlib.util
+
+    jobs = int(getattr(args, "jobs", 1))
+    backend = str(getattr(args, "backend", "loky"))
+    address = getattr(args, "address", None)
+    if address is not None and backend != "ray":
+        raise InputError(f"--address {address} is the address of a Ray cluster: it needs --backend ray")
+    if address is not None and not str(address).strip():
+        raise InputError("--address is empty: expected a Ray cluster address such as ray://HOST:10001 or auto")
+    if backend == "ray" and importlib.util.find_spec("ray") is None:
+        from relux.parallel import RAY_INSTALL_HINT
+
+        raise InputError(f"--backend ray needs the ray package, which is not installed; {RAY_INSTALL_HINT}")
+    return {"jobs": jobs, "backend": backend, "ray_address": address}

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from relux.cli.common import nonneg_int, positive_int
+from relux.cli.common import add_parallel_options, nonneg_int, parallel_options
 from relux.errors import BudgetExhausted, ExtractionFailed, InputError, OracleError
 from relux.model import format_arch, parse_arch
 
@@ -107,29 +107,7 @@ def register(subparsers: Any) -> None:
         help="self-check tolerance, relative to max|f| on fresh queries (default 1e-8: a wrong sign or a missing "
         "neuron leaves errors of 1e-4 and more, float64 precision losses through deep layers stay below)",
     )
-    # parallel execution (relux.parallel): the oracle stays in this process; results do not depend on --jobs
-    parser.add_argument(
-        "--jobs",
-        type=positive_int,
-        default=1,
-        metavar="N",
-        help="workers for the per-neuron work; the victim is still queried from this process only, and the "
-        "result is the same for every N (default 1)",
-    )
-    parser.add_argument(
-        "--backend",
-        choices=("loky", "ray"),
-        default="loky",
-        help="where the workers run: loky (processes on this machine) or ray (a local Ray instance on "
-        "127.0.0.1, or the cluster at --address; needs pip install 'relux[ray]') (default loky)",
-    )
-    parser.add_argument(
-        "--address",
-        metavar="ADDR",
-        default=None,
-        help="with --backend ray: address of a running Ray cluster (e.g. ray://HOST:10001 or auto); "
-        "without it a local instance is started and stopped",
-    )
+    add_parallel_options(parser)
     parser.add_argument(
         "--checkpoint",
         metavar="DIR",
@@ -269,25 +247,6 @@ def _interrupted(ckpt: Checkpoint | None) -> int:
     return 130
 
 
-# --------------------------------------------------------------------------- parallel execution
-def _parallel_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``jobs``, ``backend`` and ``ray_address`` of the config, checked before anything starts."""
-    import importlib.util
-
-    jobs = int(getattr(args, "jobs", 1))
-    backend = str(getattr(args, "backend", "loky"))
-    address = getattr(args, "address", None)
-    if address is not None and backend != "ray":
-        raise InputError(f"--address {address} is the address of a Ray cluster: it needs --backend ray")
-    if address is not None and not str(address).strip():
-        raise InputError("--address is empty: expected a Ray cluster address such as ray://HOST:10001 or auto")
-    if backend == "ray" and importlib.util.find_spec("ray") is None:
-        from relux.parallel import RAY_INSTALL_HINT
-
-        raise InputError(f"--backend ray needs the ray package, which is not installed; {RAY_INSTALL_HINT}")
-    return {"jobs": jobs, "backend": backend, "ray_address": address}
-
-
 # --------------------------------------------------------------------------- output
 def _log2(n: int) -> float:
     return math.log2(n) if n > 0 else 0.0
@@ -379,7 +338,7 @@ def run(args: argparse.Namespace) -> int:
     if args.report is not None:
         _check_output_path("--report", args.report, model=False)
     config = ExtractionConfig(seed=args.seed, input_scale=args.input_scale, selfcheck_tol=args.selfcheck_tol,
-                              **_parallel_options(args))
+                              **parallel_options(args))
     quiet = bool(getattr(args, "quiet", False))
 
     with contextlib.ExitStack() as stack:
