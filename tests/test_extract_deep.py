@@ -161,3 +161,21 @@ def test_sketches_keep_deeper_kinks_out_of_the_first_layer() -> None:
             assert sorted(cos.argmax(axis=1).tolist()) == list(range(6))
             assert np.min(cos.max(axis=1)) >= 1 - 1e-9
     assert counts[24] < counts[0] / 2
+
+
+def test_witness_memory_budget_stops_the_search(caplog: pytest.LogCaptureFixture) -> None:
+    """A layer whose stored witnesses outgrow ``witness_memory_mb`` stops searching new lines and says
+    so (at CIFAR scale the alternative is the machine running out of memory); the checks still decide
+    whether what it has is enough."""
+    import logging
+
+    from relux.errors import ExtractionFailed
+
+    victim = random_mlp((30, 20, 20, 12, 4), np.random.default_rng(0))
+    cfg = relux.ExtractionConfig(seed=0, restarts=0, witness_memory_mb=1)
+    with caplog.at_level(logging.WARNING, logger="relux.attack.deep"):
+        try:
+            relux.extract(MLPOracle(victim), victim.arch, cfg)
+        except ExtractionFailed:
+            pass  # too few witnesses for some layer: reported as a failure, never as a wrong model
+    assert any("over witness_memory_mb=1" in r.getMessage() for r in caplog.records)

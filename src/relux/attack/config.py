@@ -44,6 +44,10 @@ class ExtractionConfig:
             with at most this many parameters (the output layer always; the Jacobian holds about
             ``3 P^2`` numbers); 0 turns it off.
         batch_rows: rows per oracle call.
+        witness_memory_mb: memory for one layer's stored witness measurements (each holds its
+            ``r x d_in`` control image twice). A layer whose witnesses outgrow it stops searching new
+            lines and goes on with what it has, instead of exhausting the machine's memory (at CIFAR
+            scale a search line crosses thousands of kinks, each about half a megabyte).
         progress: show progress bars (tqdm on stderr).
         jobs: workers for the per-neuron work (``relux.parallel``); 1 runs it in this process. The
             oracle is always queried from this process, and the result does not depend on ``jobs``.
@@ -68,6 +72,7 @@ class ExtractionConfig:
     restarts: int = 2
     refine_network_max_params: int = 5000
     batch_rows: int = 65536
+    witness_memory_mb: int = 4096
     progress: bool = False
     jobs: int = 1
     backend: str = "loky"
@@ -85,6 +90,7 @@ class ExtractionConfig:
         need(self.line_range > 0, "line_range", "a positive number")
         need(self.grid_per_neuron >= 1, "grid_per_neuron", "a number >= 1")
         need(self.max_search_lines >= 1, "max_search_lines", "an integer >= 1")
+        need(self.witness_memory_mb >= 1, "witness_memory_mb", "an integer >= 1 (megabytes)")
         need(self.kink_rel_tol is None or 0 < self.kink_rel_tol < 1, "kink_rel_tol", "None or in (0, 1)")
         need(0 < self.fd_rel_step < 0.5, "fd_rel_step", "a number in (0, 0.5)")
         need(self.refine_passes >= 0, "refine_passes", "an integer >= 0")

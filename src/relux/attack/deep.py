@@ -41,7 +41,7 @@ from relux.attack.unify import (
     unify,
 )
 from relux.attack.wiggle import wiggle_signs
-from relux.attack.witnesses import Witness, collect_witnesses
+from relux.attack.witnesses import Witness, collect_witnesses, witness_bytes
 from relux.oracle.base import FloatArray, QueryFn
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,11 @@ def extract_layer(
         aimed = None
         witnesses += new
         all_lines += info.lines_found
+        held = witness_bytes(witnesses)
+        full = held > cfg.witness_memory_mb * 2**20
+        if full:
+            log.warning("layer %d: %d witnesses hold %.0f MB, over witness_memory_mb=%d: no more search lines "
+                        "for this layer", len(layers) + 1, len(witnesses), held / 2**20, cfg.witness_memory_mb)
         rows, score = _build_rows(witnesses, chains, all_lines, layers, rng, width, is_last=is_last)
         kept = _merge_kept(kept, _good(rows, score))
         rows, score, n_kept = _with_kept(kept, rows, all_lines, layers, is_last)
@@ -107,7 +112,7 @@ def extract_layer(
         good = _good(rows, score)
         log.debug("layer %d: %d lines, %d witnesses, %d rows, %d complete", len(layers) + 1, lines_used,
                   len(witnesses), len(rows), len(good))
-        if len(good) >= width and lines_used >= 8:
+        if (len(good) >= width and lines_used >= 8) or full:
             break
         stall = stall + 1 if len(good) <= best_good else 0
         best_good = max(best_good, len(good))

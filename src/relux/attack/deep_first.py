@@ -51,10 +51,11 @@ def _distance(r1: RefinedRow, r2: RefinedRow) -> float:
 
 
 def _reach(attempt: int) -> float:
-    """Probe radius and steps of refinement round ``attempt``, as a fraction of the clearance: 1/4, then
-    1/16 twice, then 1/64. Smaller probes cross fewer unseen boundaries, but their rounding grows as
-    the steps shrink, so the rounds after the first move the base point rather than shrink further."""
-    return 4.0 ** -(1 + min(attempt, 1) + attempt // 3)
+    """Probe radius and steps of refinement round ``attempt``, as a fraction of the clearance: 1/4, 1/8,
+    1/16, ... Smaller probes cross fewer unseen boundaries (their rounding grows only as fast as the
+    steps shrink). Every round uses its own step size: two rounds with the same steps at nearby base
+    points can cross the same unseen boundary along the same coordinates and agree on a wrong row."""
+    return 2.0 ** -(attempt + 2)
 
 
 def _agreement_tol(r1: RefinedRow, r2: RefinedRow) -> float:

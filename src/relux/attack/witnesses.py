@@ -73,6 +73,18 @@ class WitnessInfo:
     lines_found: tuple[LineKinks, ...] = ()
 
 
+#: Memory for the witnesses measured together (local Jacobians, bases and probes): 256 MB.
+WITNESS_CHUNK_BYTES = 256 * 2**20
+
+_Meta = tuple[int, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray]
+
+
+def witness_bytes(witnesses: Sequence[Witness]) -> int:
+    """Memory the witnesses' arrays take, counting the cached constraint rows (about the control image's
+    size) whether or not they were built yet."""
+    return sum(2 * w.A_ctrl.nbytes + w.x.nbytes + w.normal.nbytes + w.h.nbytes + w.w.nbytes for w in witnesses)
+
+
 def collect_witnesses(
     query: QueryFn,
     layers: Sequence[pfx.Layer],
@@ -104,7 +116,7 @@ def collect_witnesses(
     out: list[Witness] = []
     n_kinks = n_prefix = rejected = grad_q = n_known = 0
     # First pass: every unknown kink on every line and its two probe points (no queries).
-    meta: list[tuple[int, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray]] = []
+    cands: list[tuple[int, FloatArray, FloatArray, FloatArray, float, float]] = []
     for li, line in enumerate(lines):
         t = line.t
         n_kinks += t.size
@@ -129,6 +141,19 @@ def collect_witnesses(
                 if np.any(zk <= 1e-7 * zs):
                     n_known += 1
                     continue
+            cands.append((li, x, line.x0 + mids[j] * line.u, line.x0 + mids[j + 1] * line.u,
+                          float(halves[j]) * unorm, float(halves[j + 1]) * unorm))
+    # Then the measurements, a chunk of witnesses at a time: each holds its local Jacobian and basis
+    # (d_in x d0 and r x d0 floats) and 2 (r + 1) probes, which at CIFAR scale (3,072 inputs behind
+    # 256 neurons, thousands of kinks a line) would not fit in memory all at once. Results and query
+    # counts do not depend on the chunking (no random draws here).
+    d_in = layers[-1][0].shape[0] if layers else d0
+    per_witness = (3 * d_in + 4) * d0 * 8
+    chunk = max(1, WITNESS_CHUNK_BYTES // per_witness)
+    for c0 in range(0, len(cands), chunk):
+        part = cands[c0 : c0 + chunk]
+        meta: list[_Meta] = []
+        for li, x, pl, pr, half_l, half_r in part:
             M, _ = pfx.jacobian(layers, x)
             # Orthonormal basis of the row space of M (the space of control).
             _, S, Vt = np.linalg.svd(M, full_matrices=False)
@@ -137,19 +162,37 @@ def collect_witnesses(
                 rejected += 1
                 continue
             B = Vt[:r]
-            pl = line.x0 + mids[j] * line.u
-            pr = line.x0 + mids[j + 1] * line.u
             rel = cfg.fd_rel_step / r  # unknown boundaries: the crossing risk grows with every direction
-            st_l = np.minimum(rel * halves[j] * unorm, 0.25 * pfx.safe_steps(layers, pl, B))
-            st_r = np.minimum(rel * halves[j + 1] * unorm, 0.25 * pfx.safe_steps(layers, pr, B))
+            st_l = np.minimum(rel * half_l, 0.25 * pfx.safe_steps(layers, pl, B))
+            st_r = np.minimum(rel * half_r, 0.25 * pfx.safe_steps(layers, pr, B))
             meta.append((li, x, M, B, pl, pr, st_l, st_r))
-    # One batched oracle call for every probe of every witness.
+        q, rej = _measure(query, meta, layers, d0, line_offset, out)
+        grad_q += q
+        rejected += rej
+    info = WitnessInfo(lines=n_lines, kinks=n_kinks, prefix_kinks=n_prefix, witnesses=len(out), rejected=rejected,
+                       search_queries=kinfo.queries, gradient_queries=grad_q, lines_found=tuple(lines))
+    return out, info
+
+
+
+def _measure(
+    query: QueryFn,
+    meta: Sequence[_Meta],
+    layers: Sequence[pfx.Layer],
+    d0: int,
+    line_offset: int,
+    out: list[Witness],
+) -> tuple[int, int]:
+    """Measure the witnesses of ``meta`` in one batched oracle call and append those that pass to
+    ``out``: the jump of the gradients in the space of control on the two sides of each kink, and from
+    it the partial signature (CM24 §3.2). Returns the queries made and the witnesses rejected."""
     blocks: list[FloatArray] = []
     for _li, _x, _M, B, pl, pr, st_l, st_r in meta:
         blocks.append(np.concatenate([pl[None, :], pl[None, :] + st_l[:, None] * B,
                                       pr[None, :], pr[None, :] + st_r[:, None] * B]))
     Yall = query(np.concatenate(blocks)) if blocks else np.zeros((0, 1))
-    grad_q += sum(blk.shape[0] for blk in blocks)
+    queries = sum(blk.shape[0] for blk in blocks)
+    rejected = 0
     pos = 0
     for li, x, M, B, _pl, _pr, st_l, st_r in meta:
         r = B.shape[0]
@@ -190,6 +233,4 @@ def collect_witnesses(
         out.append(Witness(x=x, active=active, w=w, b=b, full_rank=full, A_ctrl=A_ctrl, v_ctrl=v_ctrl,
                            h=h, rank_ratio=ratio, line=line_offset + li,
                            normal=V / max(float(np.linalg.norm(V)), np.finfo(float).tiny)))
-    info = WitnessInfo(lines=n_lines, kinks=n_kinks, prefix_kinks=n_prefix, witnesses=len(out), rejected=rejected,
-                       search_queries=kinfo.queries, gradient_queries=grad_q, lines_found=tuple(lines))
-    return out, info
+    return queries, rejected
