@@ -116,7 +116,7 @@ def collect_witnesses(
     out: list[Witness] = []
     n_kinks = n_prefix = rejected = grad_q = n_known = 0
     # First pass: every unknown kink on every line and its two probe points (no queries).
-    cands: list[tuple[int, FloatArray, FloatArray, FloatArray, float, float]] = []
+    cands: list[tuple[int, FloatArray, FloatArray, FloatArray, float, float, float]] = []
     for li, line in enumerate(lines):
         t = line.t
         n_kinks += t.size
@@ -142,7 +142,7 @@ def collect_witnesses(
                     n_known += 1
                     continue
             cands.append((li, x, line.x0 + mids[j] * line.u, line.x0 + mids[j + 1] * line.u,
-                          float(halves[j]) * unorm, float(halves[j + 1]) * unorm))
+                          float(halves[j]), float(halves[j + 1]), unorm))
     # Then the measurements, a chunk of witnesses at a time: each holds its local Jacobian and basis
     # (d_in x d0 and r x d0 floats) and 2 (r + 1) probes, which at CIFAR scale (3,072 inputs behind
     # 256 neurons, thousands of kinks a line) would not fit in memory all at once. Results and query
@@ -153,7 +153,7 @@ def collect_witnesses(
     for c0 in range(0, len(cands), chunk):
         part = cands[c0 : c0 + chunk]
         meta: list[_Meta] = []
-        for li, x, pl, pr, half_l, half_r in part:
+        for li, x, pl, pr, half_l, half_r, unorm in part:
             M, _ = pfx.jacobian(layers, x)
             # Orthonormal basis of the row space of M (the space of control).
             _, S, Vt = np.linalg.svd(M, full_matrices=False)
@@ -163,8 +163,8 @@ def collect_witnesses(
                 continue
             B = Vt[:r]
             rel = cfg.fd_rel_step / r  # unknown boundaries: the crossing risk grows with every direction
-            st_l = np.minimum(rel * half_l, 0.25 * pfx.safe_steps(layers, pl, B))
-            st_r = np.minimum(rel * half_r, 0.25 * pfx.safe_steps(layers, pr, B))
+            st_l = np.minimum(rel * half_l * unorm, 0.25 * pfx.safe_steps(layers, pl, B))
+            st_r = np.minimum(rel * half_r * unorm, 0.25 * pfx.safe_steps(layers, pr, B))
             meta.append((li, x, M, B, pl, pr, st_l, st_r))
         q, rej = _measure(query, meta, layers, d0, line_offset, out)
         grad_q += q
