@@ -23,14 +23,14 @@ def test_suspect_columns_are_exactly_the_contaminated_ones(seed: int, k: int, n_
     # another neuron's jump: a random output direction, at least 1e-4 of the row; rounding is ~1e-12, so
     # the jump escapes only if it lies within ~1e-6 rad of c (a chance of about 1e-6 per column)
     delta[:, bad] += rng.normal(size=(k, n_bad)) * rng.uniform(1e-4, 1.0, size=n_bad)
-    got = suspect_columns(delta[None], inv[None])[0]
+    got = suspect_columns(delta[None], inv[None], np.array([1.0]))[0]  # |f| ~ 1: rounding ~ eps / step
     assert set(np.flatnonzero(got)) == set(bad.tolist())
 
 
 def test_one_output_flags_nothing() -> None:
     """With a single output every jump is rank one: the test has no information and flags nothing."""
     rng = np.random.default_rng(0)
-    assert not suspect_columns(rng.normal(size=(3, 1, 50)), np.ones((3, 50))).any()
+    assert not suspect_columns(rng.normal(size=(3, 1, 50)), np.ones((3, 50)), np.ones(3)).any()
 
 
 def test_repair_remeasures_a_crossed_coordinate() -> None:

@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 
 from relux.attack.probe_check import OFFSETS, choose_radii, line_is_clean
 
+OFF = np.asarray(OFFSETS)
+
 
 def _two_pieces(t: np.ndarray, c: np.ndarray, a: np.ndarray, g: np.ndarray, t0: float) -> np.ndarray:
     """``f(t) = a + g t + c relu(t - t0)`` per output: one kink at ``t0``."""
@@ -21,7 +23,7 @@ def test_a_single_kink_near_the_middle_is_clean(seed: int, k: int) -> None:
     rng = np.random.default_rng(seed)
     r = float(rng.uniform(1e-3, 1.0))
     c, a, g = rng.normal(size=k), rng.normal(size=k), rng.normal(size=k)
-    F = _two_pieces(OFFSETS * r, c, a, g, float(rng.uniform(-0.05, 0.05)) * r)
+    F = _two_pieces(OFF * r, c, a, g, float(rng.uniform(-0.05, 0.05)) * r)
     # rounding of a few float64 operations on values of order 1: 64 eps of the largest value covers it
     assert line_is_clean(F, r, 64 * np.finfo(float).eps * float(np.max(np.abs(F))))
 
@@ -38,12 +40,12 @@ def test_a_second_kink_on_the_segment_is_caught(seed: int, k: int, where: str) -
     if where == "middle" and k == 1:
         return
     rng = np.random.default_rng(seed)
-    r = 1.0
+    r = float(rng.uniform(1e-3, 1.0))  # the check must not weaken with the radius
     c, a, g = rng.normal(size=k), rng.normal(size=k), rng.normal(size=k)
-    t1 = float(rng.uniform(0.55, 0.7) if where == "side" else rng.uniform(0.2, 0.45)) * float(rng.choice([-1, 1]))
+    t1 = float(rng.uniform(0.55, 0.7) if where == "side" else rng.uniform(0.2, 0.45)) * float(rng.choice([-1, 1])) * r
     c2 = rng.normal(size=k)
     c2 *= float(rng.uniform(1e-3, 1.0)) * float(np.linalg.norm(c)) / float(np.linalg.norm(c2))
-    t = OFFSETS * r
+    t = OFF * r
     F = _two_pieces(t, c, a, g, 0.0) + np.outer(np.maximum(t - t1, 0.0), c2)
     assert not line_is_clean(F, r, 64 * np.finfo(float).eps * float(np.max(np.abs(F))))
 

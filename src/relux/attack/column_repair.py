@@ -32,11 +32,14 @@ class RepairInfo:
     rows_left: int
 
 
-def suspect_columns(delta: FloatArray, inv_steps: FloatArray, max_fraction: float = 0.45) -> np.ndarray:
+def suspect_columns(
+    delta: FloatArray, inv_steps: FloatArray, f_scale: FloatArray, max_fraction: float = 0.45
+) -> np.ndarray:
     """Columns of each jump ``delta`` (shape ``(n, k, d)``) that do not fit its rank-one part.
 
-    ``inv_steps`` ``(n, d)`` is ``1/h+ + 1/h-`` per column: the rounding a clean column carries scales
-    with it. The rank-one part is fitted, the columns whose residual is more than
+    ``inv_steps`` ``(n, d)`` is ``1/h+ + 1/h-`` per column: the rounding a clean column carries is
+    about ``eps |f|`` times it, with ``|f|`` the row's ``f_scale`` (``(n,)``, the largest output value
+    at its probe points). The rank-one part is fitted, the columns whose residual is more than
     :data:`SUSPECT_FACTOR` times the typical rounding are set aside, and the fit is repeated on the
     rest (twice), so that a few large contaminated columns cannot bend it. A row with more than
     ``max_fraction`` suspect columns is not repaired (its fit is not trustworthy): all-False.
@@ -56,7 +59,7 @@ def suspect_columns(delta: FloatArray, inv_steps: FloatArray, max_fraction: floa
         for _ in range(3):
             res = np.linalg.norm(D - np.outer(u, u @ D), axis=0)  # distance of each column from span(c)
             t = res / inv_steps[r]
-            floor = max(float(np.median(t[clean])), eps * float(np.max(np.abs(D))) / float(np.max(inv_steps[r])))
+            floor = max(float(np.median(t[clean])), eps * float(f_scale[r]))
             bad = t > SUSPECT_FACTOR * floor
             if np.array_equal(~bad, clean) or (~bad).sum() < k:
                 break
@@ -112,12 +115,13 @@ def repair_columns(
     """
     G = G.copy()
     steps = steps.copy()
+    f_scale = np.maximum(np.max(np.abs(F[:n]), axis=1), np.max(np.abs(F[n:]), axis=1))
     done: list[int] = []
     queries = 0
     bad = np.zeros((n, X.shape[1]), dtype=bool)
     for _ in range(passes):
         inv = 1.0 / steps[:n] + 1.0 / steps[n:]
-        bad = suspect_columns(G[:n] - G[n:], inv)
+        bad = suspect_columns(G[:n] - G[n:], inv, f_scale)
         rows, cols = np.nonzero(bad)
         if rows.size == 0:
             break
@@ -134,5 +138,5 @@ def repair_columns(
         done.append(int(rows.size))
     else:
         inv = 1.0 / steps[:n] + 1.0 / steps[n:]
-        bad = suspect_columns(G[:n] - G[n:], inv)
+        bad = suspect_columns(G[:n] - G[n:], inv, f_scale)
     return G, steps, RepairInfo(tuple(done), queries, int(bad.any(axis=1).sum()))

@@ -93,8 +93,10 @@ def extract_layer(
     aimed_rounds = 0
     while lines_used < max_lines:
         known = (np.stack([r.w for r in kept]), np.array([r.b for r in kept])) if kept else None
+        budget = cfg.witness_memory_mb * 2**20 - witness_bytes(witnesses)
         new, info = collect_witnesses(query, layers, d0, per_round, n_grid, cfg, rng, rel_tol,
-                                      line_offset=lines_used, known=known, lines_given=aimed)
+                                      line_offset=lines_used, known=known, lines_given=aimed,
+                                      max_bytes=max(budget, 0))
         lines_used += per_round if aimed is None else aimed[0].shape[0]
         aimed = None
         witnesses += new

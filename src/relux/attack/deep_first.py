@@ -51,20 +51,21 @@ def _distance(r1: RefinedRow, r2: RefinedRow) -> float:
 
 
 def _reach(attempt: int) -> float:
-    """Probe radius and steps of refinement round ``attempt``, as a fraction of the clearance: 1/4, 1/8,
-    1/16, ... Smaller probes cross fewer unseen boundaries (their rounding grows only as fast as the
-    steps shrink). Every round uses its own step size: two rounds with the same steps at nearby base
-    points can cross the same unseen boundary along the same coordinates and agree on a wrong row."""
+    """Scale of the probe radius and the steps in refinement round ``attempt``: 1/4, 1/8, 1/16, ... (the
+    radius is this fraction of half the clearance). Smaller probes cross fewer unseen boundaries (their
+    rounding grows only as fast as the steps shrink). Every round uses its own step size: two rounds
+    with the same steps at nearby base points can cross the same unseen boundary along the same
+    coordinates and agree on a wrong row."""
     return 2.0 ** -(attempt + 2)
 
 
 def _agreement_tol(r1: RefinedRow, r2: RefinedRow) -> float:
     """How far apart two clean measurements of one row may be, relative to its norm: ``1e-9``, or more
-    when their own precision is coarser. That precision is the rounding expected from their steps
-    (:attr:`RefinedRow.noise`; the measured error stays within 8 times it) and, with several outputs,
-    the jump's departure from rank one, which rounding alone causes at the same level. A probe that
-    crossed an unseen boundary is off by orders of magnitude more (attack-notes §3)."""
-    return max(1e-9, 16.0 * (r1.noise + r2.noise), 4.0 * (r1.rank_ratio + r2.rank_ratio))
+    when their own precision is coarser, namely the rounding expected from their steps
+    (:attr:`RefinedRow.noise`; the measured error stays within 8 times it). A probe that crossed an
+    unseen boundary is off by orders of magnitude more (attack-notes §3); a jump that is not rank one
+    is no reason to widen the bound (that is how such a crossing shows)."""
+    return max(1e-9, 16.0 * (r1.noise + r2.noise))
 
 
 def first_layer_of_deep(

@@ -415,15 +415,16 @@ def refine_first_layer(
     shrinks the probe radius and the steps, for networks with unseen boundaries (deeper layers).
     ``check_segments`` (deeper layers present) first tests each probe segment for an unseen boundary
     (:func:`relux.attack.probe_check.choose_radii`, 18 queries a row), shrinks the radius until one
-    passes, and skips the rows where none does (reported not ok, no gradients paid for). With two or
-    more outputs, single gradient columns whose step crossed an unseen boundary are re-measured
+    passes, and skips the rows where none does (reported not ok, no gradients paid for); then, with
+    two or more outputs, single gradient columns whose step crossed an unseen boundary are re-measured
     (:func:`relux.attack.column_repair.repair_columns`).
 
     The per-row work (base points, steps, solves) runs on ``executor`` (serial by default); the
     queries are made here, in one batched call, and the random draws are made here, in row order,
     so the result is the same for every executor and number of workers.
 
-    Returns the refined rows (of ``only``, or all) and the samples ``(X, f(X))`` at the points ``x±``.
+    Returns the refined rows (of ``only``, or all) and the samples ``(X, f(X))`` at the points ``x±``
+    (with ``check_segments``, of the measured rows only: the skipped ones have no probes).
     """
     ex: Executor = executor if executor is not None else SerialExecutor()
     sel = list(range(W.shape[0])) if only is None else list(only)
@@ -440,7 +441,6 @@ def refine_first_layer(
     radii = 0.5 * reach * clears
     Ws = W[sel]
     bs = b[sel]
-    measured = np.ones(n, dtype=bool)
     if check_segments:
         choice = choose_radii(query, bases, Ws, radii)
         radii, measured = choice.radii, choice.clean
@@ -450,9 +450,9 @@ def refine_first_layer(
                               "every probe segment across the hyperplane also crosses another boundary")
                    for i in range(n)]
         if keep.size == 0:
-            return skipped, np.empty((0, d)), np.empty((0, 0))
+            return skipped, np.empty((0, d)), np.empty((0, 1))
         sub_rows, X, F = _measure_rows(query, W, b, Ws[keep], bs[keep], bases[keep], radii[keep], clears[keep],
-                                       cfg, reach, ex)
+                                       cfg, reach, ex, repair=True)
         for i, row in zip(keep, sub_rows, strict=True):
             skipped[int(i)] = row
         return skipped, X, F
@@ -471,8 +471,10 @@ def _measure_rows(
     cfg: ExtractionConfig,
     reach: float,
     ex: Executor,
+    repair: bool = False,
 ) -> tuple[list[RefinedRow], FloatArray, FloatArray]:
-    """Gradients at ``bases ± radii * Ws`` and the rows solved from their jumps (see :func:`refine_first_layer`)."""
+    """Gradients at ``bases ± radii * Ws`` and the rows solved from their jumps (see :func:`refine_first_layer`);
+    ``repair``: re-measure gradient columns that crossed an unseen boundary."""
     n, d = Ws.shape
     Xp = bases + radii[:, None] * Ws
     Xm = bases - radii[:, None] * Ws
@@ -485,7 +487,7 @@ def _measure_rows(
         _StepTask(Z[c.start:c.stop], absW, cap[c.start:c.stop], cfg.refine_safety, reach) for c in chunks
     ]))
     G, F = fd_gradients(query, X, steps)
-    if G.shape[1] >= 2:
+    if repair and G.shape[1] >= 2:
         G, steps, rep = repair_columns(query, X, F, G, steps, n)
         if rep.queries:
             log.debug("refinement: re-measured %s suspect columns (%d queries); %d rows still suspect",

@@ -17,7 +17,7 @@ import numpy as np
 from relux.oracle.base import FloatArray, QueryFn
 
 #: Offsets along the normal, in units of the radius: three points on each side.
-OFFSETS = np.array([-1.0, -0.75, -0.5, 0.5, 0.75, 1.0])
+OFFSETS = (-1.0, -0.75, -0.5, 0.5, 0.75, 1.0)
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def line_is_clean(F: FloatArray, r: float, tol: float) -> bool:
         return False  # no visible kink: the row's jump is lost in rounding here
     t = float(ds @ rhs) / den
     # every output's lines must meet at the same t (a second kink in the middle breaks that)
-    miss = float(np.max(np.abs(ds * t - rhs))) * r
+    miss = float(np.max(np.abs(ds * t - rhs)))
     return abs(t) <= r / 8.0 and miss <= 16.0 * tol
 
 
@@ -66,16 +66,18 @@ def choose_radii(
     n = bases.shape[0]
     scales = shrink ** -np.arange(levels, dtype=float)
     R = radii[:, None] * scales[None, :]  # (n, levels)
-    T = R[:, :, None] * OFFSETS[None, None, :]  # (n, levels, 6)
+    offsets = np.asarray(OFFSETS)
+    T = R[:, :, None] * offsets[None, None, :]  # (n, levels, 6)
     P = bases[:, None, None, :] + T[..., None] * normals[:, None, None, :]
-    Y = np.asarray(query(P.reshape(-1, bases.shape[1])), dtype=np.float64).reshape(n, levels, OFFSETS.size, -1)
+    Y = np.asarray(query(P.reshape(-1, bases.shape[1])), dtype=np.float64).reshape(n, levels, offsets.size, -1)
     eps = float(np.finfo(float).eps)
     out = R[:, -1].copy()
     clean = np.zeros(n, dtype=bool)
     for j in range(n):
         for i in range(levels):
-            tol = 64.0 * eps * float(np.max(np.abs(Y[j, i])) + 1.0)
+            # rounding of one value of f: a few ulps of the largest value on the line
+            tol = 64.0 * eps * max(float(np.max(np.abs(Y[j, i]))), float(np.finfo(float).tiny))
             if line_is_clean(Y[j, i], float(R[j, i]), tol):
                 out[j], clean[j] = R[j, i], True
                 break
-    return RadiusChoice(out, clean, int(P.shape[0] * levels * OFFSETS.size))
+    return RadiusChoice(out, clean, int(P.shape[0] * levels * offsets.size))

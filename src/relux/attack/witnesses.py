@@ -98,11 +98,13 @@ def collect_witnesses(
     lines_given: tuple[FloatArray, FloatArray] | None = None,
     t_range: float | None = None,
     known: tuple[FloatArray, FloatArray] | None = None,
+    max_bytes: int | None = None,
 ) -> tuple[list[Witness], WitnessInfo]:
     """Walk ``n_lines`` random lines (or the lines ``lines_given = (x0, u)``) and measure a partial
     signature at every kink the prefix does not explain (those belong to the layer being extracted or
     to deeper ones). Kinks on a row of ``known = (W, b)`` (rows of this layer already confirmed) cost
-    nothing more either."""
+    nothing more either. ``max_bytes``: stop measuring once the witnesses hold that much memory
+    (:func:`witness_bytes`; checked between chunks)."""
     scale = cfg.input_scale * float(np.sqrt(d0))
     t_range = cfg.line_range if t_range is None else t_range
     if lines_given is not None:
@@ -148,9 +150,13 @@ def collect_witnesses(
     # 256 neurons, thousands of kinks a line) would not fit in memory all at once. Results and query
     # counts do not depend on the chunking (no random draws here).
     d_in = layers[-1][0].shape[0] if layers else d0
-    per_witness = (3 * d_in + 4) * d0 * 8
+    per_witness = (4 * d_in + 6) * d0 * 8  # M, B, the 2 (r + 1) probes (r <= d_in), x and two probe points
     chunk = max(1, WITNESS_CHUNK_BYTES // per_witness)
     for c0 in range(0, len(cands), chunk):
+        if max_bytes is not None and witness_bytes(out) > max_bytes:
+            log.warning("witnesses: %d measured hold more than %.0f MB; the other %d kinks of these lines are "
+                        "left unmeasured", len(out), max_bytes / 2**20, len(cands) - c0)
+            break
         part = cands[c0 : c0 + chunk]
         meta: list[_Meta] = []
         for li, x, pl, pr, half_l, half_r, unorm in part:
@@ -161,7 +167,7 @@ def collect_witnesses(
             if r == 0:
                 rejected += 1
                 continue
-            B = Vt[:r]
+            B = Vt[:r].copy()  # a copy: a view would keep the whole Vt of this witness alive
             rel = cfg.fd_rel_step / r  # unknown boundaries: the crossing risk grows with every direction
             st_l = np.minimum(rel * half_l * unorm, 0.25 * pfx.safe_steps(layers, pl, B))
             st_r = np.minimum(rel * half_r * unorm, 0.25 * pfx.safe_steps(layers, pr, B))

@@ -240,10 +240,10 @@ def _paper() -> tuple[Case, ...]:
         Case("FMSH24 2-hidden-layer MNIST: 784-15-15-1 file", Victim("file", path=FMSH24_MNIST),
              Published("FMSH24", "16,721-parameter 2-hidden-layer MNIST", time="98 min"),
              note="the shared FMSH24 file is 784-15-15-1 (12,031 parameters)"),
-        Case("CM24 CIFAR 3072-256x8-10: unitary", Victim("unitary", CIFAR_ARCH), CM24_CIFAR, CIFAR_TARGETS,
+        Case("CM24 CIFAR 3072-256x8-10: unitary", Victim("unitary", CIFAR_ARCH), CM24_CIFAR,
              note="no package ships CIFAR-10: the CM24 unitary construction at that shape stands in; within "
-                  "this suite's time limit per case it shows how far the attack gets, and `relux bench "
-                  "--suite cifar` runs both CIFAR-scale victims to their one-hour target"),
+                  "this suite's time limit per case it shows how far the attack gets (no targets here), and "
+                  "`relux bench --suite cifar` runs both CIFAR-scale victims against their one-hour targets"),
     )
 
 

@@ -123,6 +123,10 @@ def run(args: argparse.Namespace) -> int:
     if args.shared_models is not None and not args.shared_models.is_dir():
         raise InputError(f"--shared-models {args.shared_models} is not a directory")
     parallel = parallel_options(args)
+    if args.suite == "cifar" and (parallel["jobs"] != 1 or parallel["backend"] != "loky"):
+        raise InputError("--jobs/--backend: the cifar suite runs its attack serially for now; expected the "
+                         f"defaults (--jobs 1, loky), found --jobs {parallel['jobs']} --backend {parallel['backend']}; "
+                         "drop them for --suite cifar")
     cases = [c for c in suite(args.suite) if args.only is None or any(t in c.name for t in args.only)]
     if not cases:
         raise InputError(f"--only {args.only} matches no row of suite {args.suite!r}")
