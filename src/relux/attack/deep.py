@@ -91,18 +91,19 @@ def extract_layer(
     kept: list[NeuronRow] = []  # rows confirmed in some round: later regrouping must not lose them
     aimed: tuple[FloatArray, FloatArray] | None = None
     aimed_rounds = 0
+    mem_limit = cfg.witness_memory_mb * 2**20
+    held = 0  # bytes of the stored witnesses, summed as rounds add them
     while lines_used < max_lines:
         known = (np.stack([r.w for r in kept]), np.array([r.b for r in kept])) if kept else None
-        budget = cfg.witness_memory_mb * 2**20 - witness_bytes(witnesses)
         new, info = collect_witnesses(query, layers, d0, per_round, n_grid, cfg, rng, rel_tol,
                                       line_offset=lines_used, known=known, lines_given=aimed,
-                                      max_bytes=max(budget, 0))
+                                      max_bytes=max(mem_limit - held, 0))
         lines_used += per_round if aimed is None else aimed[0].shape[0]
         aimed = None
         witnesses += new
         all_lines += info.lines_found
-        held = witness_bytes(witnesses)
-        full = held > cfg.witness_memory_mb * 2**20
+        held += witness_bytes(new)
+        full = held > mem_limit
         if full:
             log.warning("layer %d: %d witnesses hold %.0f MB, over witness_memory_mb=%d: no more search lines "
                         "for this layer", len(layers) + 1, len(witnesses), held / 2**20, cfg.witness_memory_mb)

@@ -137,7 +137,6 @@ def first_layer_of_deep(
             W_out[j], b_out[j] = pol.w, pol.b
             accepted[j] = True
             agreement[j] = pol.residual
-    log.debug("layer 1 agreement per row: %s", np.array2string(agreement, precision=1))
     log.info("layer 1: %d/%d rows refined and confirmed", int(accepted.sum()), n)
     return FirstLayer(W_out, b_out, pts, accepted, agreement, info.lines, info.kinks)
 

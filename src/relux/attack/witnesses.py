@@ -152,8 +152,9 @@ def collect_witnesses(
     d_in = layers[-1][0].shape[0] if layers else d0
     per_witness = (4 * d_in + 6) * d0 * 8  # M, B, the 2 (r + 1) probes (r <= d_in), x and two probe points
     chunk = max(1, WITNESS_CHUNK_BYTES // per_witness)
+    held = 0  # bytes of the witnesses measured so far (summed as they come, not recounted per chunk)
     for c0 in range(0, len(cands), chunk):
-        if max_bytes is not None and witness_bytes(out) > max_bytes:
+        if max_bytes is not None and held > max_bytes:
             log.warning("witnesses: %d measured hold more than %.0f MB; the other %d kinks of these lines are "
                         "left unmeasured", len(out), max_bytes / 2**20, len(cands) - c0)
             break
@@ -172,13 +173,14 @@ def collect_witnesses(
             st_l = np.minimum(rel * half_l * unorm, 0.25 * pfx.safe_steps(layers, pl, B))
             st_r = np.minimum(rel * half_r * unorm, 0.25 * pfx.safe_steps(layers, pr, B))
             meta.append((li, x, M, B, pl, pr, st_l, st_r))
+        before = len(out)
         q, rej = _measure(query, meta, layers, d0, line_offset, out)
+        held += witness_bytes(out[before:])
         grad_q += q
         rejected += rej
     info = WitnessInfo(lines=n_lines, kinks=n_kinks, prefix_kinks=n_prefix, witnesses=len(out), rejected=rejected,
                        search_queries=kinfo.queries, gradient_queries=grad_q, lines_found=tuple(lines))
     return out, info
-
 
 
 def _measure(
