@@ -48,6 +48,9 @@ class ExtractionConfig:
             ``r x d_in`` control image twice). A layer whose witnesses outgrow it stops searching new
             lines and goes on with what it has, instead of exhausting the machine's memory (at CIFAR
             scale a search line crosses thousands of kinks, each about half a megabyte).
+        check_walks: walks along a layer's boundaries spent checking the signs of the layer before
+            it when that layer's rows come from witnesses (:mod:`relux.attack.walk`); a walk that
+            cannot switch every neuron still adds a partial fit, and on trained networks few complete.
         progress: show progress bars (tqdm on stderr).
         jobs: workers for the per-neuron work (``relux.parallel``); 1 runs it in this process. The
             oracle is always queried from this process, and the result does not depend on ``jobs``.
@@ -73,6 +76,7 @@ class ExtractionConfig:
     refine_network_max_params: int = 5000
     batch_rows: int = 65536
     witness_memory_mb: int = 4096
+    check_walks: int = 64
     progress: bool = False
     jobs: int = 1
     backend: str = "loky"
@@ -91,6 +95,7 @@ class ExtractionConfig:
         need(self.grid_per_neuron >= 1, "grid_per_neuron", "a number >= 1")
         need(self.max_search_lines >= 1, "max_search_lines", "an integer >= 1")
         need(self.witness_memory_mb >= 1, "witness_memory_mb", "an integer >= 1 (megabytes)")
+        need(self.check_walks >= 1, "check_walks", "an integer >= 1")
         need(self.kink_rel_tol is None or 0 < self.kink_rel_tol < 1, "kink_rel_tol", "None or in (0, 1)")
         need(0 < self.fd_rel_step < 0.5, "fd_rel_step", "a number in (0, 0.5)")
         need(self.refine_passes >= 0, "refine_passes", "an integer >= 0")

@@ -43,6 +43,7 @@ from relux.attack.unify import (
 from relux.attack.wiggle import wiggle_signs
 from relux.attack.witnesses import Witness, collect_witnesses, witness_bytes
 from relux.oracle.base import FloatArray, QueryFn
+from relux.parallel import Executor
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,10 @@ def extract_layer(
     cfg: ExtractionConfig,
     rng: np.random.Generator,
     rel_tol: float,
+    executor: Executor | None = None,
 ) -> LayerOutcome:
-    """Recover hidden layer ``len(layers) + 1`` (``width`` neurons) behind the known ``layers``."""
+    """Recover hidden layer ``len(layers) + 1`` (``width`` neurons) behind the known ``layers``
+    (``executor``: where the per-witness work runs; serial by default, the result does not depend on it)."""
     witnesses: list[Witness] = []
     all_lines: list[LineKinks] = []
     n_grid = int(cfg.grid_per_neuron * total_hidden) + 16
@@ -97,7 +100,7 @@ def extract_layer(
         known = (np.stack([r.w for r in kept]), np.array([r.b for r in kept])) if kept else None
         new, info = collect_witnesses(query, layers, d0, per_round, n_grid, cfg, rng, rel_tol,
                                       line_offset=lines_used, known=known, lines_given=aimed,
-                                      max_bytes=max(mem_limit - held, 0))
+                                      max_bytes=max(mem_limit - held, 0), executor=executor)
         lines_used += per_round if aimed is None else aimed[0].shape[0]
         aimed = None
         witnesses += new
@@ -222,7 +225,7 @@ def extract_layer(
         if x0s.shape[0] == 0:
             break
         new, _ = collect_witnesses(query, layers, d0, 0, n_grid, cfg, rng, rel_tol, line_offset=lines_used,
-                                   lines_given=(x0s, us))
+                                   lines_given=(x0s, us), executor=executor)
         lines_used += x0s.shape[0]
         witnesses += new
         final = _reunify(final, witnesses)

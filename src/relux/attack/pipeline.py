@@ -18,6 +18,7 @@ import numpy as np
 from relux.attack.checks import measure_noise_floor, self_check
 from relux.attack.config import ExtractionConfig
 from relux.attack.first_layer import RefinedRow, discover_first_layer, refine_first_layer
+from relux.attack.frame import input_frame
 from relux.attack.hyperplanes import stack_signatures
 from relux.attack.linalg import lstsq
 from relux.attack.refine_net import refine_network
@@ -276,6 +277,7 @@ def _walked_layer(
     warnings: list[str],
     full: bool,
     points: list[FloatArray] | None = None,
+    executor: Executor | None = None,
 ) -> tuple[list[tuple[FloatArray, FloatArray]], list[LayerReport], LayerOutcome | None]:
     """Walks along layer-``i`` boundaries (:mod:`relux.attack.walk`): the signs of layer ``i - 1``,
     checked and repaired in place (with its report), and, with ``full``, layer ``i``'s outcome when
@@ -286,9 +288,9 @@ def _walked_layer(
 
     prev = reports[-1]
     short = prev.width - layers[-1][0].shape[0]
-    wo = (walk_layer(q, layers, width, d0, cfg, rng, rel_tol, rows_wanted=width, missing=short) if full
-          else walk_layer(q, layers, width, d0, cfg, rng, rel_tol, rows_wanted=min(3, width), max_rounds=3,
-                          missing=short))
+    wo = (walk_layer(q, layers, width, d0, cfg, rng, rel_tol, rows_wanted=width, missing=short, executor=executor)
+          if full else walk_layer(q, layers, width, d0, cfg, rng, rel_tol, rows_wanted=min(3, width), max_rounds=3,
+                                  missing=short, executor=executor, max_walks=cfg.check_walks))
     i = len(layers) + 1
     log.info("layer %d: %d/%d rows from %d walks (%d complete, %d fitted)%s", i, wo.W_next.shape[0], width,
              wo.walks, wo.complete_walks, wo.partial_walks, f"; {wo.reason}" if wo.reason else "")
@@ -373,14 +375,28 @@ def _extract_deep(
                                               executor=stages.executor)
                 else:
                     expansive = hidden[i - 2] > min((d0, *hidden[: i - 2]))
+                    # Behind a complete first layer narrower than the input, everything runs in the
+                    # coordinates of its row space (relux.attack.frame): the same network, fewer inputs.
+                    frame = input_frame(layers, hidden[0])
+                    qf, lf, df, cf = ((frame.query(q), frame.down(layers), frame.dim, frame.config(cfg, d0)) if frame
+                                      else (q, layers, d0, cfg))
+                    new_pts: list[FloatArray] = []
                     # Walks along this layer's boundaries check (and repair) the signs of the layer
                     # before. After a layer wider than its space of control (signs undecidable by the
                     # wiggle) they also give this layer's rows; otherwise a few walks are the check.
-                    layers, reports, out = _walked_layer(q, layers, reports, width, d0, i == len(hidden), cfg,
-                                                         rng, rel_tol, warnings, full=expansive, points=points)
+                    lf2, reports, out = _walked_layer(qf, lf, reports, width, df, i == len(hidden), cf,
+                                                      rng, rel_tol, warnings, full=expansive, points=new_pts,
+                                                      executor=stages.executor)
                     if out is None:
-                        out = extract_layer(q, layers, width, d0, sum(hidden), i == len(hidden), k, cfg, rng,
-                                            rel_tol)
+                        out = extract_layer(qf, lf2, width, df, sum(hidden), i == len(hidden), k, cf, rng,
+                                            rel_tol, executor=stages.executor)
+                    if frame is not None:
+                        layers = frame.up(layers, lf, lf2)
+                        new_pts = [frame.lift(P) for P in new_pts]
+                        out = dataclasses.replace(out, witness_points=frame.lift(out.witness_points))
+                    else:
+                        layers = lf2
+                    points += new_pts
                 assert out is not None
             except ExtractionFailed as exc:
                 if exc.partial is None:

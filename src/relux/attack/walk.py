@@ -36,8 +36,9 @@ from relux.attack.config import ExtractionConfig
 from relux.attack.critical import find_kinks
 from relux.attack.signs import SignSolution
 from relux.attack.walk_fit import PartialFit, features, fit_partial, fit_theta, solve_walk_signs, varying
-from relux.attack.witnesses import collect_witnesses
+from relux.attack.witnesses import Candidate, find_candidates, measure_candidates
 from relux.oracle.base import FloatArray, QueryFn
+from relux.parallel import Executor
 
 log = logging.getLogger(__name__)
 
@@ -235,10 +236,26 @@ def _seeds(
     rng: np.random.Generator,
     rel_tol: float,
     thetas: Sequence[FloatArray] = (),
-) -> list[tuple[FloatArray, FloatArray]]:
-    """Kinks the prefix (and the rows already walked) do not explain, with their local normals."""
-    wts, _ = collect_witnesses(query, _sign_free(layers), d0, n_lines, n_grid, cfg, rng, rel_tol,
+) -> list[Candidate]:
+    """Kinks the prefix (and the rows already walked) do not explain, not yet measured: a walk needs
+    the local normal of its start only, so it is measured when the walk is about to start
+    (:func:`_normals`)."""
+    cands, _ = find_candidates(query, _sign_free(layers), d0, n_lines, n_grid, cfg, rng, rel_tol,
                                known=_as_doubled(layers, thetas))
+    return cands
+
+
+def _normals(
+    query: QueryFn,
+    layers: Sequence[pfx.Layer],
+    d0: int,
+    cands: Sequence[Candidate],
+    cfg: ExtractionConfig,
+    executor: Executor | None,
+) -> list[tuple[FloatArray, FloatArray]]:
+    """The local normals at candidate kinks (the jump of the gradient in the space of control), for
+    those whose jump is rank one."""
+    wts, _, _ = measure_candidates(query, _sign_free(layers), d0, cands, cfg, executor=executor)
     return [(wt.x, wt.normal) for wt in wts]
 
 
@@ -258,11 +275,14 @@ def walk_layer(
     rows_wanted: int,
     max_rounds: int = 48,
     missing: int = 0,
+    executor: Executor | None = None,
+    max_walks: int | None = None,
 ) -> WalkOutcome:
     """Signs of the last known layer and rows of the next one (``width`` neurons) from walks along
     next-layer boundaries; stops once ``rows_wanted`` distinct rows are known (or after
-    ``max_rounds`` rounds of search lines). ``missing``: neurons of layer ``i`` no kink has shown; the
-    sign solve allows for them and returns their directions (:func:`relux.attack.walk_fit.solve_walk_signs`)."""
+    ``max_rounds`` rounds of search lines, or ``max_walks`` walks). ``missing``: neurons of layer
+    ``i`` no kink has shown; the sign solve allows for them and returns their directions
+    (:func:`relux.attack.walk_fit.solve_walk_signs`)."""
     W, b = layers[-1]
     n_i = W.shape[0]
     n_grid = int(cfg.grid_per_neuron * (n_i + width)) + 16
@@ -274,17 +294,24 @@ def walk_layer(
     fit_points: list[FloatArray] = []
     last_new = 0
     for rnd in range(max_rounds):
-        if len(thetas) >= rows_wanted or rnd - last_new > 24:
+        if len(thetas) >= rows_wanted or rnd - last_new > 24 or (max_walks is not None and walks >= max_walks):
             break
         before = len(thetas)
         seeds = _seeds(query, layers, d0, 2, n_grid, cfg, rng, rel_tol, thetas)
-        while seeds and len(thetas) < rows_wanted:
+        while seeds and len(thetas) < rows_wanted and (max_walks is None or walks < max_walks):
             if thetas:  # kinks of rows already walked (the known-row test above is stricter)
-                seeds = [sd for sd in seeds if not any(_on_row(layers, t, sd[0][None, :])[0] for t in thetas)]
+                seeds = [sd for sd in seeds if not any(_on_row(layers, t, sd.x[None, :])[0] for t in thetas)]
                 if not seeds:
                     break
             nb = max(2, min(4, rows_wanted - len(thetas)))
-            batch, seeds = seeds[:nb], seeds[nb:]
+            if max_walks is not None:
+                nb = min(nb, max_walks - walks)
+            batch: list[tuple[FloatArray, FloatArray]] = []
+            while seeds and len(batch) < nb:  # measured only now: most kinks are never walked
+                take, seeds = seeds[: nb - len(batch)], seeds[nb - len(batch) :]
+                batch += _normals(query, layers, d0, take, cfg, executor)
+            if not batch:
+                break
             for wk in walk_boundaries(query, layers, batch, d0, cfg, rng, rel_tol):
                 walks += 1
                 if wk.partial is not None and wk.partial.ok:

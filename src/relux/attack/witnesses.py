@@ -21,6 +21,7 @@ from relux.attack.config import ExtractionConfig
 from relux.attack.critical import LineKinks, find_kinks
 from relux.attack.linalg import lstsq
 from relux.oracle.base import FloatArray, QueryFn
+from relux.parallel import Executor, SerialExecutor, split_evenly
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +77,264 @@ class WitnessInfo:
 #: Memory for the witnesses measured together (local Jacobians, bases and probes): 256 MB.
 WITNESS_CHUNK_BYTES = 256 * 2**20
 
-_Meta = tuple[int, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray]
+
+@dataclass(frozen=True)
+class Candidate:
+    """A kink the prefix does not explain, not yet measured: its point on search line ``line``, the
+    middles of the two segments of that line around it and their half lengths (in units of ``u``, of
+    norm ``unorm``)."""
+
+    line: int
+    x: FloatArray
+    left: FloatArray
+    right: FloatArray
+    half_left: float
+    half_right: float
+    unorm: float
+
+
+@dataclass(frozen=True)
+class CandidateInfo:
+    lines: int
+    kinks: int
+    prefix_kinks: int
+    known_kinks: int
+    search_queries: int
+    lines_found: tuple[LineKinks, ...] = ()
 
 
 def witness_bytes(witnesses: Sequence[Witness]) -> int:
     """Memory the witnesses' arrays take, counting the cached constraint rows (about the control image's
     size) whether or not they were built yet."""
     return sum(2 * w.A_ctrl.nbytes + w.x.nbytes + w.normal.nbytes + w.h.nbytes + w.w.nbytes for w in witnesses)
+
+
+def find_candidates(
+    query: QueryFn,
+    layers: Sequence[pfx.Layer],
+    d0: int,
+    n_lines: int,
+    n_grid: int,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    rel_tol: float,
+    lines_given: tuple[FloatArray, FloatArray] | None = None,
+    t_range: float | None = None,
+    known: tuple[FloatArray, FloatArray] | None = None,
+) -> tuple[list[Candidate], CandidateInfo]:
+    """The kinks on ``n_lines`` random lines (or the lines ``lines_given = (x0, u)``) that neither the
+    prefix nor a row of ``known = (W, b)`` (rows of this layer already confirmed) explains: those
+    belong to the layer being extracted or to deeper ones (CM24 §3.1). Only the kink search queries."""
+    scale = cfg.input_scale * float(np.sqrt(d0))
+    t_range = cfg.line_range if t_range is None else t_range
+    if lines_given is not None:
+        x0, u = lines_given
+        n_lines = x0.shape[0]
+    else:
+        x0 = rng.normal(0.0, cfg.input_scale, size=(n_lines, d0))
+        u = rng.normal(size=(n_lines, d0))
+    u = u * (scale / np.linalg.norm(u, axis=1, keepdims=True))
+    lines, kinfo = find_kinks(query, x0, u, -t_range, t_range, n_grid, rel_tol)
+    n_kinks = n_prefix = n_known = 0
+    red = pfx.input_space(layers)
+    first = red[1] if red is not None else None
+    cands: list[Candidate] = []
+    for li, line in enumerate(lines):
+        t = line.t
+        n_kinks += t.size
+        if t.size == 0:
+            continue
+        P = line.points()
+        bounds = np.concatenate([[t[0] - (t[1] - t[0] if t.size > 1 else 1.0)], t,
+                                 [t[-1] + (t[-1] - t[-2] if t.size > 1 else 1.0)]])
+        mids = 0.5 * (bounds[:-1] + bounds[1:])
+        halves = 0.5 * (bounds[1:] - bounds[:-1])
+        unorm = float(np.linalg.norm(line.u))
+        tol_dist = 1e-6 * unorm * max(float(np.min(halves)), 1e-12) + 1e-9 * scale
+        for j in range(t.size):
+            x = P[j]
+            if layers and pfx.boundary_distance(layers, x, first) <= tol_dist:
+                n_prefix += 1
+                continue
+            if known is not None and known[0].size:
+                _, Hx = pfx.forward(layers, x[None, :])
+                zk = np.abs(known[0] @ Hx[0] + known[1])
+                zs = np.linalg.norm(known[0], axis=1) * float(np.linalg.norm(Hx[0])) + np.abs(known[1])
+                if np.any(zk <= 1e-7 * zs):
+                    n_known += 1
+                    continue
+            cands.append(Candidate(li, x, line.x0 + mids[j] * line.u, line.x0 + mids[j + 1] * line.u,
+                                   float(halves[j]), float(halves[j + 1]), unorm))
+    info = CandidateInfo(lines=n_lines, kinks=n_kinks, prefix_kinks=n_prefix, known_kinks=n_known,
+                         search_queries=kinfo.queries, lines_found=tuple(lines))
+    return cands, info
+
+
+def measure_candidates(
+    query: QueryFn,
+    layers: Sequence[pfx.Layer],
+    d0: int,
+    cands: Sequence[Candidate],
+    cfg: ExtractionConfig,
+    line_offset: int = 0,
+    max_bytes: int | None = None,
+    executor: Executor | None = None,
+) -> tuple[list[Witness], int, int]:
+    """Measure a partial signature at each candidate kink (CM24 §3.2), a chunk at a time: each holds
+    its local Jacobian and basis and 2 (r + 1) probes, which at CIFAR scale (3,072 inputs behind 256
+    neurons, thousands of kinks a line) would not fit in memory all at once. Results and query counts
+    do not depend on the chunking (no random draws here). ``max_bytes``: stop once the witnesses hold
+    that much memory (:func:`witness_bytes`; checked between chunks). The per-witness work (the space
+    of control and the steps before the queries, the signature after) runs on ``executor`` (serial by
+    default; the result does not depend on it). Returns the witnesses, the queries made and the
+    candidates rejected."""
+    ex: Executor = executor if executor is not None else SerialExecutor()
+    red = pfx.input_space(layers)
+    V, first = red if red is not None else (None, None)
+    d_red = V.shape[0] if V is not None else d0
+    d_in = layers[-1][0].shape[0] if layers else d0
+    # M and its basis in the reduced coordinates, the lifted basis, the 2 (r + 1) probes (r <= d_in), x
+    # and two probe points
+    per_witness = 8 * (2 * d_in * d_red + 3 * d_in * d0 + 6 * d0)
+    chunk = max(1, WITNESS_CHUNK_BYTES // per_witness)
+    parts = 1 if ex.jobs == 1 else 2 * ex.jobs
+    out: list[Witness] = []
+    held = 0  # bytes of the witnesses measured so far (summed as they come, not recounted per chunk)
+    grad_q = rejected = 0
+    for c0 in range(0, len(cands), chunk):
+        if max_bytes is not None and held > max_bytes:
+            log.warning("witnesses: %d measured hold more than %.0f MB; the other %d kinks of these lines are "
+                        "left unmeasured", len(out), max_bytes / 2**20, len(cands) - c0)
+            break
+        part = list(cands[c0 : c0 + chunk])
+        planned = [p for ps in ex.map(_plan_witnesses, [
+            _PlanTask(tuple(layers), first, tuple(part[i] for i in c), cfg.fd_rel_step)
+            for c in split_evenly(len(part), parts)
+        ]) for p in ps]
+        meta = [(c, *p) for c, p in zip(part, planned, strict=True) if p is not None]
+        rejected += len(part) - len(meta)
+        blocks: list[FloatArray] = []
+        for c, _M, B, st_l, st_r in meta:
+            Bx = B if V is None else B @ V
+            blocks.append(np.concatenate([c.left[None, :], c.left[None, :] + st_l[:, None] * Bx,
+                                          c.right[None, :], c.right[None, :] + st_r[:, None] * Bx]))
+        Y = query(np.concatenate(blocks)) if blocks else np.zeros((0, 1))
+        grad_q += sum(blk.shape[0] for blk in blocks)
+        del blocks
+        ends = np.cumsum([2 * (m[2].shape[0] + 1) for m in meta])
+        jumps = [_jump(Y[e - 2 * (m[2].shape[0] + 1) : e], m[3], m[4]) for m, e in zip(meta, ends, strict=True)]
+        solved = [w for ws in ex.map(_solve_witnesses, [
+            _SolveTask(tuple(layers), V, d0, line_offset, tuple(meta[i][:3] for i in c), tuple(jumps[i] for i in c))
+            for c in split_evenly(len(meta), parts)
+        ]) for w in ws]
+        new = [w for w in solved if w is not None]
+        rejected += len(solved) - len(new)
+        out += new
+        held += witness_bytes(new)
+    return out, grad_q, rejected
+
+
+@dataclass(frozen=True)
+class _PlanTask:
+    layers: tuple[pfx.Layer, ...]
+    first: FloatArray | None
+    cands: tuple[Candidate, ...]
+    fd_rel_step: float
+
+
+#: A candidate's local Jacobian ``M`` and basis ``B`` of its row space (in the coordinates of
+#: :func:`relux.attack.prefix.input_space`), and the finite-difference steps on its two sides.
+_Plan = tuple[FloatArray, FloatArray, FloatArray, FloatArray]
+
+
+def _plan_witnesses(task: _PlanTask) -> list[_Plan | None]:
+    """Per candidate (pure): the space of control and the steps along it that stay clear of every known
+    boundary; None where the prefix leaves no control."""
+    layers, first = task.layers, task.first
+    out: list[_Plan | None] = []
+    for c in task.cands:
+        M, _ = pfx.jacobian(layers, c.x, first)
+        # Orthonormal basis of the row space of M (the space of control).
+        _, S, Vt = np.linalg.svd(M, full_matrices=False)
+        r = int(np.sum(S > 1e-10 * (S[0] if S.size else 0.0)))
+        if r == 0:
+            out.append(None)
+            continue
+        B = Vt[:r].copy()  # a copy: a view would keep the whole Vt of this witness alive
+        rel = task.fd_rel_step / r  # unknown boundaries: the crossing risk grows with every direction
+        st_l = np.minimum(rel * c.half_left * c.unorm, 0.25 * pfx.safe_steps(layers, c.left, B, first))
+        st_r = np.minimum(rel * c.half_right * c.unorm, 0.25 * pfx.safe_steps(layers, c.right, B, first))
+        out.append((M, B, st_l, st_r))
+    return out
+
+
+def _jump(Yb: FloatArray, st_l: FloatArray, st_r: FloatArray) -> FloatArray:
+    """The jump of the gradient across the kink in the space of control, ``(k, r)``, from the block of
+    probes laid out as ``[left, left + steps, right, right + steps]``."""
+    r = st_l.size
+    Jl = (Yb[1 : r + 1] - Yb[0]) / st_l[:, None]  # (r, k)
+    Jr = (Yb[r + 2 :] - Yb[r + 1]) / st_r[:, None]
+    out: FloatArray = (Jr - Jl).T
+    return out
+
+
+@dataclass(frozen=True)
+class _SolveTask:
+    layers: tuple[pfx.Layer, ...]
+    V: FloatArray | None
+    d0: int
+    line_offset: int
+    meta: tuple[tuple[Candidate, FloatArray, FloatArray], ...]  # candidate, M, B
+    jumps: tuple[FloatArray, ...]
+
+
+def _solve_witnesses(task: _SolveTask) -> list[Witness | None]:
+    """Per measured candidate (pure): the partial signature from the jump, or None where the jump is
+    zero or not rank one (CM24 §3.2)."""
+    return [_solve_one(task.layers, task.V, task.d0, task.line_offset, c, M, B, delta)
+            for (c, M, B), delta in zip(task.meta, task.jumps, strict=True)]
+
+
+def _solve_one(
+    layers: Sequence[pfx.Layer],
+    V: FloatArray | None,
+    d0: int,
+    line_offset: int,
+    c: Candidate,
+    M: FloatArray,
+    B: FloatArray,
+    delta: FloatArray,
+) -> Witness | None:
+    if not np.any(delta):
+        return None
+    _, S, Vt = np.linalg.svd(delta, full_matrices=False)
+    ratio = float(S[1] / S[0]) if S.size > 1 else 0.0
+    if ratio > 1e-3:
+        return None
+    v_ctrl = Vt[0]
+    Vr = v_ctrl @ B  # jump direction, in the coordinates of M
+    _, H = pfx.forward(layers, c.x[None, :])
+    h = H[0]
+    active = (h > 0) if layers else np.ones(d0, dtype=bool)
+    A_ctrl = B @ M.T  # (r, d_in): control-space image of each layer-input coordinate
+    MA = M[active]
+    w = np.zeros(M.shape[0])
+    full = False
+    if MA.shape[0] > 0:
+        sv = np.linalg.svd(MA, compute_uv=False)
+        full = bool(sv.size == MA.shape[0] and sv[-1] > 1e-8 * sv[0])
+        if full:
+            w[active] = lstsq(MA.T, Vr)
+    b = float(-(w @ h))
+    nrm = float(np.linalg.norm(np.append(w, b)))
+    if full and nrm > 0:
+        w, b = w / nrm, b / nrm
+        if w[np.argmax(np.abs(w))] < 0:
+            w, b = -w, -b
+    Vx = Vr if V is None else Vr @ V  # the jump direction in input space
+    return Witness(x=c.x, active=active, w=w, b=b, full_rank=full, A_ctrl=A_ctrl, v_ctrl=v_ctrl, h=h,
+                   rank_ratio=ratio, line=line_offset + c.line,
+                   normal=Vx / max(float(np.linalg.norm(Vx)), np.finfo(float).tiny))
 
 
 def collect_witnesses(
@@ -99,146 +351,16 @@ def collect_witnesses(
     t_range: float | None = None,
     known: tuple[FloatArray, FloatArray] | None = None,
     max_bytes: int | None = None,
+    executor: Executor | None = None,
 ) -> tuple[list[Witness], WitnessInfo]:
     """Walk ``n_lines`` random lines (or the lines ``lines_given = (x0, u)``) and measure a partial
-    signature at every kink the prefix does not explain (those belong to the layer being extracted or
-    to deeper ones). Kinks on a row of ``known = (W, b)`` (rows of this layer already confirmed) cost
-    nothing more either. ``max_bytes``: stop measuring once the witnesses hold that much memory
-    (:func:`witness_bytes`; checked between chunks)."""
-    scale = cfg.input_scale * float(np.sqrt(d0))
-    t_range = cfg.line_range if t_range is None else t_range
-    if lines_given is not None:
-        x0, u = lines_given
-        n_lines = x0.shape[0]
-    else:
-        x0 = rng.normal(0.0, cfg.input_scale, size=(n_lines, d0))
-        u = rng.normal(size=(n_lines, d0))
-    u = u * (scale / np.linalg.norm(u, axis=1, keepdims=True))
-    lines, kinfo = find_kinks(query, x0, u, -t_range, t_range, n_grid, rel_tol)
-    out: list[Witness] = []
-    n_kinks = n_prefix = rejected = grad_q = n_known = 0
-    # First pass: every unknown kink on every line and its two probe points (no queries).
-    cands: list[tuple[int, FloatArray, FloatArray, FloatArray, float, float, float]] = []
-    for li, line in enumerate(lines):
-        t = line.t
-        n_kinks += t.size
-        if t.size == 0:
-            continue
-        P = line.points()
-        bounds = np.concatenate([[t[0] - (t[1] - t[0] if t.size > 1 else 1.0)], t,
-                                 [t[-1] + (t[-1] - t[-2] if t.size > 1 else 1.0)]])
-        mids = 0.5 * (bounds[:-1] + bounds[1:])
-        halves = 0.5 * (bounds[1:] - bounds[:-1])
-        unorm = float(np.linalg.norm(line.u))
-        tol_dist = 1e-6 * unorm * max(float(np.min(halves)), 1e-12) + 1e-9 * scale
-        for j in range(t.size):
-            x = P[j]
-            if layers and pfx.boundary_distance(layers, x) <= tol_dist:
-                n_prefix += 1
-                continue
-            if known is not None and known[0].size:
-                _, Hx = pfx.forward(layers, x[None, :])
-                zk = np.abs(known[0] @ Hx[0] + known[1])
-                zs = np.linalg.norm(known[0], axis=1) * float(np.linalg.norm(Hx[0])) + np.abs(known[1])
-                if np.any(zk <= 1e-7 * zs):
-                    n_known += 1
-                    continue
-            cands.append((li, x, line.x0 + mids[j] * line.u, line.x0 + mids[j + 1] * line.u,
-                          float(halves[j]), float(halves[j + 1]), unorm))
-    # Then the measurements, a chunk of witnesses at a time: each holds its local Jacobian and basis
-    # (d_in x d0 and r x d0 floats) and 2 (r + 1) probes, which at CIFAR scale (3,072 inputs behind
-    # 256 neurons, thousands of kinks a line) would not fit in memory all at once. Results and query
-    # counts do not depend on the chunking (no random draws here).
-    d_in = layers[-1][0].shape[0] if layers else d0
-    per_witness = (4 * d_in + 6) * d0 * 8  # M, B, the 2 (r + 1) probes (r <= d_in), x and two probe points
-    chunk = max(1, WITNESS_CHUNK_BYTES // per_witness)
-    held = 0  # bytes of the witnesses measured so far (summed as they come, not recounted per chunk)
-    for c0 in range(0, len(cands), chunk):
-        if max_bytes is not None and held > max_bytes:
-            log.warning("witnesses: %d measured hold more than %.0f MB; the other %d kinks of these lines are "
-                        "left unmeasured", len(out), max_bytes / 2**20, len(cands) - c0)
-            break
-        part = cands[c0 : c0 + chunk]
-        meta: list[_Meta] = []
-        for li, x, pl, pr, half_l, half_r, unorm in part:
-            M, _ = pfx.jacobian(layers, x)
-            # Orthonormal basis of the row space of M (the space of control).
-            _, S, Vt = np.linalg.svd(M, full_matrices=False)
-            r = int(np.sum(S > 1e-10 * (S[0] if S.size else 0.0)))
-            if r == 0:
-                rejected += 1
-                continue
-            B = Vt[:r].copy()  # a copy: a view would keep the whole Vt of this witness alive
-            rel = cfg.fd_rel_step / r  # unknown boundaries: the crossing risk grows with every direction
-            st_l = np.minimum(rel * half_l * unorm, 0.25 * pfx.safe_steps(layers, pl, B))
-            st_r = np.minimum(rel * half_r * unorm, 0.25 * pfx.safe_steps(layers, pr, B))
-            meta.append((li, x, M, B, pl, pr, st_l, st_r))
-        before = len(out)
-        q, rej = _measure(query, meta, layers, d0, line_offset, out)
-        held += witness_bytes(out[before:])
-        grad_q += q
-        rejected += rej
-    info = WitnessInfo(lines=n_lines, kinks=n_kinks, prefix_kinks=n_prefix, witnesses=len(out), rejected=rejected,
-                       search_queries=kinfo.queries, gradient_queries=grad_q, lines_found=tuple(lines))
+    signature at every kink the prefix does not explain (:func:`find_candidates`, then
+    :func:`measure_candidates`). Kinks on a row of ``known = (W, b)`` cost nothing more.
+    ``max_bytes``: stop measuring once the witnesses hold that much memory; ``executor`` runs the
+    per-witness work."""
+    cands, ci = find_candidates(query, layers, d0, n_lines, n_grid, cfg, rng, rel_tol, lines_given, t_range, known)
+    out, grad_q, rejected = measure_candidates(query, layers, d0, cands, cfg, line_offset, max_bytes, executor)
+    info = WitnessInfo(lines=ci.lines, kinks=ci.kinks, prefix_kinks=ci.prefix_kinks, witnesses=len(out),
+                       rejected=rejected, search_queries=ci.search_queries, gradient_queries=grad_q,
+                       lines_found=ci.lines_found)
     return out, info
-
-
-def _measure(
-    query: QueryFn,
-    meta: Sequence[_Meta],
-    layers: Sequence[pfx.Layer],
-    d0: int,
-    line_offset: int,
-    out: list[Witness],
-) -> tuple[int, int]:
-    """Measure the witnesses of ``meta`` in one batched oracle call and append those that pass to
-    ``out``: the jump of the gradients in the space of control on the two sides of each kink, and from
-    it the partial signature (CM24 §3.2). Returns the queries made and the witnesses rejected."""
-    blocks: list[FloatArray] = []
-    for _li, _x, _M, B, pl, pr, st_l, st_r in meta:
-        blocks.append(np.concatenate([pl[None, :], pl[None, :] + st_l[:, None] * B,
-                                      pr[None, :], pr[None, :] + st_r[:, None] * B]))
-    Yall = query(np.concatenate(blocks)) if blocks else np.zeros((0, 1))
-    queries = sum(blk.shape[0] for blk in blocks)
-    rejected = 0
-    pos = 0
-    for li, x, M, B, _pl, _pr, st_l, st_r in meta:
-        r = B.shape[0]
-        Yb = Yall[pos : pos + 2 * (r + 1)]
-        pos += 2 * (r + 1)
-        Jl = (Yb[1 : r + 1] - Yb[0]) / st_l[:, None]  # (r, k)
-        Jr = (Yb[r + 2 :] - Yb[r + 1]) / st_r[:, None]
-        delta = (Jr - Jl).T  # (k, r)
-        if not np.any(delta):
-            rejected += 1
-            continue
-        _, S, Vt = np.linalg.svd(delta, full_matrices=False)
-        ratio = float(S[1] / S[0]) if S.size > 1 else 0.0
-        if ratio > 1e-3:
-            rejected += 1
-            continue
-        v_ctrl = Vt[0]
-        V = v_ctrl @ B  # jump direction in input space
-        _, H = pfx.forward(layers, x[None, :])
-        h = H[0]
-        active = (h > 0) if layers else np.ones(d0, dtype=bool)
-        A_ctrl = B @ M.T  # (r, d_in): control-space image of each layer-input coordinate
-        MA = M[active]
-        w = np.zeros(M.shape[0])
-        full = False
-        if MA.shape[0] > 0:
-            sv = np.linalg.svd(MA, compute_uv=False)
-            full = bool(sv.size == MA.shape[0] and sv[-1] > 1e-8 * sv[0])
-            if full:
-                wa = lstsq(MA.T, V)
-                w[active] = wa
-        b = float(-(w @ h))
-        nrm = float(np.linalg.norm(np.append(w, b)))
-        if full and nrm > 0:
-            w, b = w / nrm, b / nrm
-            if w[np.argmax(np.abs(w))] < 0:
-                w, b = -w, -b
-        out.append(Witness(x=x, active=active, w=w, b=b, full_rank=full, A_ctrl=A_ctrl, v_ctrl=v_ctrl,
-                           h=h, rank_ratio=ratio, line=line_offset + li,
-                           normal=V / max(float(np.linalg.norm(V)), np.finfo(float).tiny)))
-    return queries, rejected
