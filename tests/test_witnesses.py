@@ -107,3 +107,23 @@ def test_frame_is_the_same_network_with_fewer_inputs(seed: int) -> None:
     up = frame.up(layers, red, changed)
     assert np.array_equal(up[0][0], layers[0][0] * sgn[:, None])
     assert np.array_equal(up[0][1], layers[0][1] * sgn)
+
+
+def test_grouping_continued_equals_grouping_afresh() -> None:
+    """A layer re-groups its witnesses after every round; continuing from the saved state as the list
+    grows gives exactly the groups of a fresh pass, and a list that did not just grow starts over."""
+    from relux.attack.unify import Grouping, group_witnesses
+
+    victim = random_mlp((12, 6, 5, 2), np.random.default_rng(2))
+    oracle = CountingOracle(MLPOracle(victim))
+    cfg = ExtractionConfig(seed=0)
+    cands, _ = find_candidates(oracle.query, [victim.layers[0]], 12, 12, 64, cfg, np.random.default_rng(0), 1.46e-11)
+    ws, _, _ = measure_candidates(oracle.query, [victim.layers[0]], 12, cands, cfg)
+    assert len(ws) >= 20
+    grouping = Grouping()
+    for k in range(0, len(ws) + 1, 5):
+        assert grouping.update(ws[:k]) == group_witnesses(ws[:k])
+    assert grouping.update(ws) == group_witnesses(ws)
+    assert any(len(g) >= 2 for g in group_witnesses(ws))
+    shuffled = ws[::-1]
+    assert grouping.update(shuffled) == group_witnesses(shuffled)

@@ -49,21 +49,58 @@ def group_witnesses(witnesses: Sequence[Witness], tol: float = 1e-5, min_overlap
 
     Each witness joins the group whose running mean it matches best (cosine on the coordinates both
     have seen, bias included), all groups compared at once."""
-    full = [i for i, wt in enumerate(witnesses) if wt.full_rank]
-    if not full:
-        return []
-    d = witnesses[full[0]].w.size
-    cap = len(full)
-    sums = np.zeros((cap, d))
-    counts = np.zeros((cap, d))
-    bsum = np.zeros(cap)
-    sizes = np.zeros(cap)
-    groups: list[list[int]] = []
-    for i in full:
-        wt = witnesses[i]
+    return Grouping(tol, min_overlap).update(witnesses)
+
+
+class Grouping:
+    """:func:`group_witnesses` kept between calls on a list that only grows.
+
+    The grouping is sequential: each witness joins a group given the state the earlier ones left. So
+    when witnesses are only appended, continuing from the saved state gives exactly the groups a fresh
+    call over the whole list gives, for the cost of the new witnesses only (a layer re-groups after
+    every round of search lines). A list that did not just grow is grouped afresh.
+    """
+
+    def __init__(self, tol: float = 1e-5, min_overlap: int = 2) -> None:
+        self.tol = tol
+        self.min_overlap = min_overlap
+        self._reset()
+
+    def _reset(self) -> None:
+        self._seen: list[Witness] = []  # the witnesses processed, in order (identity checked)
+        self._groups: list[list[int]] = []
+        self._sums = np.zeros((0, 0))
+        self._counts = np.zeros((0, 0))
+        self._bsum = np.zeros(0)
+        self._sizes = np.zeros(0)
+
+    def update(self, witnesses: Sequence[Witness]) -> list[list[int]]:
+        """The groups of ``witnesses`` (indices into it)."""
+        n0 = len(self._seen)
+        if len(witnesses) < n0 or any(witnesses[i] is not self._seen[i] for i in range(n0)):
+            self._reset()
+            n0 = 0
+        for i in range(n0, len(witnesses)):
+            self._add(i, witnesses[i])
+            self._seen.append(witnesses[i])
+        return [list(g) for g in self._groups]
+
+    def _add(self, i: int, wt: Witness) -> None:
+        if not wt.full_rank:
+            return
+        g = len(self._groups)
+        if g == self._sums.shape[0]:  # grow the running sums (capacity doubles)
+            cap = max(16, 2 * g)
+            d = wt.w.size
+            for name, shape in (("_sums", (cap, d)), ("_counts", (cap, d)), ("_bsum", (cap,)), ("_sizes", (cap,))):
+                old = getattr(self, name)
+                new = np.zeros(shape)
+                if old.shape[0]:
+                    new[: old.shape[0]] = old
+                setattr(self, name, new)
+        sums, counts, bsum, sizes = self._sums, self._counts, self._bsum, self._sizes
         a_full = np.append(wt.w, wt.b)
         act = np.append(wt.active, True)
-        g = len(groups)
         if g:
             cov = np.concatenate([counts[:g] > 0, np.ones((g, 1), dtype=bool)], axis=1)
             C = cov & act[None, :]
@@ -74,25 +111,24 @@ def group_witnesses(witnesses: Sequence[Witness], tol: float = 1e-5, min_overlap
             na = np.linalg.norm(A, axis=1)
             ne = np.linalg.norm(E, axis=1)
             dot = np.sum(A * E, axis=1)
-            valid = (C.sum(axis=1) >= min_overlap + 1) & (na > 0) & (ne > 0)
+            valid = (C.sum(axis=1) >= self.min_overlap + 1) & (na > 0) & (ne > 0)
             with np.errstate(divide="ignore", invalid="ignore"):
                 cos = np.where(valid, np.abs(dot) / (na * ne), 0.0)
             j = int(np.argmax(cos))
-            if valid[j] and 1.0 - cos[j] <= tol:
+            if valid[j] and 1.0 - cos[j] <= self.tol:
                 lam = float(dot[j]) / float(na[j] ** 2)
                 scaled = a_full * lam
                 sums[j] += np.where(wt.active, scaled[:-1], 0.0)
                 counts[j] += wt.active
                 bsum[j] += scaled[-1]
                 sizes[j] += 1
-                groups[j].append(i)
-                continue
+                self._groups[j].append(i)
+                return
         sums[g] = np.where(wt.active, wt.w, 0.0)
         counts[g] = wt.active
         bsum[g] = wt.b
         sizes[g] = 1
-        groups.append([i])
-    return groups
+        self._groups.append([i])
 
 
 def unify(witnesses: Sequence[Witness], members: Sequence[int]) -> NeuronRow:
