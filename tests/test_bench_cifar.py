@@ -298,13 +298,14 @@ def test_cli_cifar_suite_writes_result_files(tmp_path: Path, monkeypatch: pytest
     results = tmp_path / "results"
     code = run_cli(["-q", "bench", "--suite", "cifar", "--timeout", "0", "--results-dir", str(results),
                     "--cache", str(tmp_path / "cache"), "--agreement-points", "300", "--json",
-                    str(tmp_path / "rows.json")])
+                    str(tmp_path / "rows.json"), "--jobs", "2"])
     out = capsys.readouterr().out
     assert code == 0 and "tiny 12-8-8-3" in out
     data = json.loads((results / "cifar12-8x2-3-random.json").read_text())
     assert ISSUE_KEYS <= set(data) and data["ok"] is True and data["agreement_points"] == 300
     assert data["command"].startswith("relux bench --suite cifar --seed 0 --timeout 0")
     assert all(LAYER_KEYS <= set(e) for e in data["layers"])
+    assert (data["execution"]["jobs"], data["execution"]["backend"]) == (2, "loky")
     (row,) = json.loads((tmp_path / "rows.json").read_text())
     assert row["victim_sha256"] == data["victim_sha256"]
 

@@ -406,6 +406,8 @@ class CifarOptions:
     verify_lines: int = VERIFY_LINES
     profile_interval: float = 0.25
     jobs: int = 1
+    backend: str = "loky"
+    ray_address: str | None = None
     limit_text: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -452,7 +454,8 @@ def execute_cifar_case(case: Case, seed: int, options: CifarOptions) -> dict[str
     t0 = time.perf_counter()
     try:
         with sampler:
-            result = extract(meter, arch, ExtractionConfig(seed=seed, jobs=options.jobs))
+            result = extract(meter, arch, ExtractionConfig(seed=seed, jobs=options.jobs, backend=options.backend,
+                                                           ray_address=options.ray_address))
         record["status"] = "ok"
         add_result(record, result, arch)
         model = result.model
@@ -594,6 +597,8 @@ def run_cifar_case(
         verify_lines=opts.verify_lines,
         profile_interval=opts.profile_interval,
         jobs=opts.jobs,
+        backend=opts.backend,
+        ray_address=opts.ray_address,
         limit_text=f"({timeout - reserve:g} s into the {timeout:g} s limit, {reserve:g} s kept for verification) ",
         extra={**opts.extra, "time_limit_seconds": timeout, "soft_deadline_seconds": round(timeout - reserve, 3)},
     )

@@ -123,15 +123,11 @@ def run(args: argparse.Namespace) -> int:
     if args.shared_models is not None and not args.shared_models.is_dir():
         raise InputError(f"--shared-models {args.shared_models} is not a directory")
     parallel = parallel_options(args)
-    if args.suite == "cifar" and (parallel["jobs"] != 1 or parallel["backend"] != "loky"):
-        raise InputError("--jobs/--backend: the cifar suite runs its attack serially for now; expected the "
-                         f"defaults (--jobs 1, loky), found --jobs {parallel['jobs']} --backend {parallel['backend']}; "
-                         "drop them for --suite cifar")
     cases = [c for c in suite(args.suite) if args.only is None or any(t in c.name for t in args.only)]
     if not cases:
         raise InputError(f"--only {args.only} matches no row of suite {args.suite!r}")
     shared = args.shared_models if args.shared_models is not None else shared_models_dir()
-    cifar = _cifar_setup(args) if args.suite == "cifar" else None
+    cifar = _cifar_setup(args, parallel) if args.suite == "cifar" else None
     quiet = bool(getattr(args, "quiet", False))
     timeout = args.timeout if args.timeout > 0 else None
     worker_log = logging.getLogger("relux.bench.worker")
@@ -178,8 +174,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cifar_setup(args: argparse.Namespace) -> dict[str, Any]:
-    """Check the cifar options; the results directory and the options of every cifar case."""
+def _cifar_setup(args: argparse.Namespace, parallel: dict[str, Any]) -> dict[str, Any]:
+    """Check the cifar options; the results directory and the options of every cifar case (``parallel``:
+    the attack's jobs, backend and Ray address)."""
     from relux.bench.cifar import AGREEMENT_POINTS, CifarOptions
     from relux.bench.suites import project_root
 
@@ -195,7 +192,8 @@ def _cifar_setup(args: argparse.Namespace) -> dict[str, Any]:
         raise InputError(f"--results-dir {results} is a file; expected a directory")
     if args.cache is not None and args.cache.exists() and not args.cache.is_dir():
         raise InputError(f"--cache {args.cache} is a file; expected a directory")
-    options = CifarOptions(cache_dir=None if args.cache is None else str(args.cache), agreement_points=points)
+    options = CifarOptions(cache_dir=None if args.cache is None else str(args.cache), agreement_points=points,
+                           jobs=parallel["jobs"], backend=parallel["backend"], ray_address=parallel["ray_address"])
     return {"results": results, "options": options}
 
 
