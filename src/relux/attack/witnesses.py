@@ -213,16 +213,9 @@ def measure_candidates(
         ]) for p in ps]
         meta = [(c, *p) for c, p in zip(part, planned, strict=True) if p is not None]
         rejected += len(part) - len(meta)
-        blocks: list[FloatArray] = []
-        for c, _M, B, st_l, st_r in meta:
-            Bx = B if V is None else B @ V
-            blocks.append(np.concatenate([c.left[None, :], c.left[None, :] + st_l[:, None] * Bx,
-                                          c.right[None, :], c.right[None, :] + st_r[:, None] * Bx]))
-        Y = query(np.concatenate(blocks)) if blocks else np.zeros((0, 1))
-        grad_q += sum(blk.shape[0] for blk in blocks)
-        del blocks
-        ends = np.cumsum([2 * (m[2].shape[0] + 1) for m in meta])
-        jumps = [_jump(Y[e - 2 * (m[2].shape[0] + 1) : e], m[3], m[4]) for m, e in zip(meta, ends, strict=True)]
+        Y, sides, q = _probe_pieces(query, meta, V)
+        grad_q += q
+        jumps = [_gradient(Y, *sides[i][1], m[4]) - _gradient(Y, *sides[i][0], m[3]) for i, m in enumerate(meta)]
         solved = [w for ws in ex.map(_solve_witnesses, [
             _SolveTask(tuple(layers), V, d0, line_offset, tuple(meta[i][:3] for i in c), tuple(jumps[i] for i in c))
             for c in split_evenly(len(meta), parts)
@@ -268,13 +261,41 @@ def _plan_witnesses(task: _PlanTask) -> list[_Plan | None]:
     return out
 
 
-def _jump(Yb: FloatArray, st_l: FloatArray, st_r: FloatArray) -> FloatArray:
-    """The jump of the gradient across the kink in the space of control, ``(k, r)``, from the block of
-    probes laid out as ``[left, left + steps, right, right + steps]``."""
-    r = st_l.size
-    Jl = (Yb[1 : r + 1] - Yb[0]) / st_l[:, None]  # (r, k)
-    Jr = (Yb[r + 2 :] - Yb[r + 1]) / st_r[:, None]
-    out: FloatArray = (Jr - Jl).T
+def _probe_pieces(
+    query: QueryFn, meta: Sequence[tuple[Candidate, FloatArray, FloatArray, FloatArray, FloatArray]],
+    V: FloatArray | None,
+) -> tuple[FloatArray, list[tuple[tuple[int, int], tuple[int, int]]], int]:
+    """Query the gradient probes of every witness's two pieces in one call: a base point and one step
+    along each basis direction per piece. Two consecutive unknown kinks of a line with no known kink
+    between them share the piece between them, its probe point, its space of control (the prefix's
+    pattern does not change there) and so its steps: that piece is queried once. Returns the outputs,
+    per witness the ``(start, r)`` of its left and right piece, and the queries made."""
+    blocks: list[FloatArray] = []
+    sides: list[tuple[tuple[int, int], tuple[int, int]]] = []
+    at = 0
+    prev: tuple[Candidate, FloatArray, FloatArray, int] | None = None  # last witness, its B, steps, right start
+    for c, _M, B, st_l, st_r in meta:
+        r = B.shape[0]
+        Bx = B if V is None else B @ V
+        if (prev is not None and prev[0].line == c.line and np.array_equal(prev[0].right, c.left)
+                and np.array_equal(prev[1], B) and np.array_equal(prev[2], st_l)):
+            left = prev[3]
+        else:
+            left = at
+            blocks.append(np.concatenate([c.left[None, :], c.left[None, :] + st_l[:, None] * Bx]))
+            at += r + 1
+        blocks.append(np.concatenate([c.right[None, :], c.right[None, :] + st_r[:, None] * Bx]))
+        sides.append(((left, r), (at, r)))
+        prev = (c, B, st_r, at)
+        at += r + 1
+    Y = query(np.concatenate(blocks)) if blocks else np.zeros((0, 1))
+    return Y, sides, at
+
+
+def _gradient(Y: FloatArray, start: int, r: int, steps: FloatArray) -> FloatArray:
+    """The gradient on one piece in the space of control, ``(k, r)``, from its probes ``Y[start]`` (the
+    base point) and ``Y[start + 1 : start + 1 + r]`` (one step along each basis direction)."""
+    out: FloatArray = ((Y[start + 1 : start + 1 + r] - Y[start]) / steps[:, None]).T
     return out
 
 
