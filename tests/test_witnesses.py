@@ -143,3 +143,20 @@ def test_shared_pieces_are_queried_once() -> None:
         # the same probe points; only the batch an output was computed in differs (BLAS rounding),
         # amplified by the 1/step of the finite differences (steps ~1e-3 of the segment)
         assert np.array_equal(a.x, b.x) and np.allclose(a.normal, b.normal, rtol=0, atol=1e-9)
+
+
+def test_frame_lifts_a_first_layer_row_added_in_the_frame() -> None:
+    from relux.attack.frame import input_frame
+
+    victim = random_mlp((10, 4, 3, 1), np.random.default_rng(1))
+    layers = list(victim.layers[:-1])
+    frame = input_frame(layers, 4)
+    assert frame is not None
+    red = frame.down(layers)
+    extra = np.random.default_rng(2).normal(size=(1, frame.dim))
+    changed = [(np.concatenate([red[0][0], extra]), np.append(red[0][1], 0.5)), *red[1:]]
+    up = frame.up(layers, red, changed)
+    assert np.array_equal(up[0][0][:4], layers[0][0]) and up[0][1][-1] == 0.5
+    # the lifted row acts on x as the frame row acts on V x (one product's rounding)
+    x = np.random.default_rng(3).normal(size=10)
+    assert abs(float(up[0][0][4] @ x) - float(extra[0] @ (frame.V @ x))) <= 1e-12 * float(np.linalg.norm(x))

@@ -98,7 +98,6 @@ def extract_layer(
     mem_limit = cfg.witness_memory_mb * 2**20
     held = 0  # bytes of the stored witnesses, summed as rounds add them
     grouping = Grouping()  # kept across rounds: the witness list only grows
-    memo: dict[tuple[int, ...], NeuronRow] = {}
     while lines_used < max_lines:
         known = (np.stack([r.w for r in kept]), np.array([r.b for r in kept])) if kept else None
         new, info = collect_witnesses(query, layers, d0, per_round, n_grid, cfg, rng, rel_tol,
@@ -114,7 +113,7 @@ def extract_layer(
             log.warning("layer %d: %d witnesses hold %.0f MB, over witness_memory_mb=%d: no more search lines "
                         "for this layer", len(layers) + 1, len(witnesses), held / 2**20, cfg.witness_memory_mb)
         rows, score = _build_rows(witnesses, chains, all_lines, layers, rng, width, is_last=is_last,
-                                  grouping=grouping, memo=memo)
+                                  grouping=grouping)
         kept = _merge_kept(kept, _good(rows, score))
         rows, score, n_kept = _with_kept(kept, rows, all_lines, layers, is_last)
         # a kept row must keep explaining its crossings as lines accumulate (a false one stops)
@@ -170,7 +169,7 @@ def extract_layer(
         if len(idx) >= 2:
             chains.append(idx)
         rows, score = _build_rows(witnesses, chains, all_lines, layers, rng, width, triples=False, is_last=is_last,
-                                  grouping=grouping, memo=memo)
+                                  grouping=grouping)
         # kept rows too: their later kinks were skipped (known), so their witnesses alone may not rebuild them
         rows, score, _ = _with_kept(kept, rows, all_lines, layers, is_last)
         log.debug("layer %d: trace %d gave %d witnesses; %d complete rows", len(layers) + 1, traces, len(idx),
@@ -768,21 +767,21 @@ def _build_rows(
     triples: bool = True,
     is_last: bool = False,
     grouping: Grouping | None = None,
-    memo: dict[tuple[int, ...], NeuronRow] | None = None,
 ) -> tuple[list[NeuronRow], list[int]]:
     """Candidate rows from every source (agreeing partial signatures, traced chains, triples), merged
-    and ranked by confirmed crossings. ``grouping`` and ``memo`` carry the grouping and the groups'
-    rows over from earlier calls on the same (growing) witness list; the result is the same."""
+    and ranked by confirmed crossings. ``grouping`` carries the grouping and the groups' rows over
+    from earlier calls on the same (growing) witness list; the result is the same."""
     grouped = grouping.update(witnesses) if grouping is not None else group_witnesses(witnesses)
     groups = [g for g in grouped if len(g) >= 2]
+    memo = grouping.rows if grouping is not None else {}
     base = []
-    for g in groups:  # a group's row depends on its members only (witnesses are only appended)
-        row = memo.get(tuple(g)) if memo is not None else None
-        if row is None:
-            row = robust_unify(witnesses, g)
-            if memo is not None:
-                memo[tuple(g)] = row
-        base.append(row)
+    for g in groups:  # a group's row depends on its members only (cleared when the list is regrouped)
+        key = tuple(g)
+        if key not in memo:
+            memo[key] = robust_unify(witnesses, g)
+        base.append(memo[key])
+    if grouping is not None:  # only the current groups' rows can be asked for again
+        grouping.rows = {tuple(g): memo[tuple(g)] for g in groups}
     base += [unify(witnesses, list(c)) for c in chains]
     explained: set[int] = set()
     for r in base:

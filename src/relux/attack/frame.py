@@ -32,6 +32,7 @@ class InputFrame:
 
     @property
     def dim(self) -> int:
+        """``r``, the number of frame coordinates."""
         return int(self.V.shape[0])
 
     def query(self, query: Callable[[FloatArray], FloatArray]) -> Callable[[FloatArray], FloatArray]:
@@ -70,7 +71,8 @@ class InputFrame:
         which also spreads the random points of the frame that much wider than the projection of the
         input distribution. Measured on random 40-20-10-10-1 (first attempts, seeds 0, 1, 3, 4, 5): 5/5
         extracted this way, 0/5 with the frame's own lengths (incomplete last-layer rows), 3/5
-        without the frame."""
+        without the frame. There the factor is sqrt(2); at CIFAR scale it is sqrt(12), and separating
+        the sampling scale from the length scale has not been tried."""
         return cfg.replace(input_scale=cfg.input_scale * float(np.sqrt(d0 / self.dim)))
 
     def lift(self, Y: FloatArray) -> FloatArray:

@@ -53,12 +53,15 @@ def group_witnesses(witnesses: Sequence[Witness], tol: float = 1e-5, min_overlap
 
 
 class Grouping:
-    """:func:`group_witnesses` kept between calls on a list that only grows.
+    """:func:`group_witnesses` kept between calls on a list that only grows (the unification of
+    attack-notes §3, run after every round of search lines).
 
     The grouping is sequential: each witness joins a group given the state the earlier ones left. So
     when witnesses are only appended, continuing from the saved state gives exactly the groups a fresh
     call over the whole list gives, for the cost of the new witnesses only (a layer re-groups after
-    every round of search lines). A list that did not just grow is grouped afresh.
+    every round of search lines). A list that did not just grow is grouped afresh. ``rows`` keeps each
+    group's unified row by its members (indices into the list), for the caller; it is cleared with
+    the grouping.
     """
 
     def __init__(self, tol: float = 1e-5, min_overlap: int = 2) -> None:
@@ -67,6 +70,7 @@ class Grouping:
         self._reset()
 
     def _reset(self) -> None:
+        self.rows: dict[tuple[int, ...], NeuronRow] = {}
         self._seen: list[Witness] = []  # the witnesses processed, in order (identity checked)
         self._groups: list[list[int]] = []
         self._sums = np.zeros((0, 0))

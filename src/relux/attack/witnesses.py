@@ -95,6 +95,9 @@ class Candidate:
 
 @dataclass(frozen=True)
 class CandidateInfo:
+    """What a candidate search found: lines walked, kinks on them, kinks the prefix or a known row of
+    the layer explains (set aside), and the queries of the kink search."""
+
     lines: int
     kinks: int
     prefix_kinks: int
@@ -182,8 +185,9 @@ def measure_candidates(
 ) -> tuple[list[Witness], int, int]:
     """Measure a partial signature at each candidate kink (CM24 §3.2), a chunk at a time: each holds
     its local Jacobian and basis and 2 (r + 1) probes, which at CIFAR scale (3,072 inputs behind 256
-    neurons, thousands of kinks a line) would not fit in memory all at once. Results and query counts
-    do not depend on the chunking (no random draws here). ``max_bytes``: stop once the witnesses hold
+    neurons, thousands of kinks a line) would not fit in memory all at once. With an exact oracle the
+    results do not depend on the chunking (no random draws here); a piece shared by two kinks of
+    different chunks is queried in both. ``max_bytes``: stop once the witnesses hold
     that much memory (:func:`witness_bytes`; checked between chunks). The per-witness work (the space
     of control and the steps before the queries, the signature after) runs on ``executor`` (serial by
     default; the result does not depend on it). Returns the witnesses, the queries made and the

@@ -100,6 +100,12 @@ def _command(args: argparse.Namespace) -> str:
         parts.append(f"--only '{text}'")
     if args.suite == "cifar" and getattr(args, "agreement_points", None) is not None:
         parts.append(f"--agreement-points {args.agreement_points}")
+    if getattr(args, "jobs", 1) != 1:
+        parts.append(f"--jobs {args.jobs}")
+    if getattr(args, "backend", "loky") != "loky":
+        parts.append(f"--backend {args.backend}")
+    if getattr(args, "address", None):
+        parts.append(f"--address {args.address}")
     return " ".join(parts)
 
 
