@@ -211,6 +211,27 @@ def test_soft_deadline_stops_the_attack(tmp_path: Path) -> None:
     assert [e["status"] for e in record["layers"]] == ["failed", "not reached"]
 
 
+def test_deadline_inside_a_later_layer_keeps_the_finished_ones(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The soft deadline passing inside layer 2 ends the run (no new attempt from scratch, which would
+    stop at its first query): the record keeps layer 1 as done and names layer 2 as the failed one."""
+    from relux.bench import cifar
+
+    emit = cifar._LayerWatch.emit
+
+    def expire_after_layer_1(self: Any, record: logging.LogRecord) -> None:
+        emit(self, record)
+        if re.match(r"layer 1: \d+/\d+ neurons", record.getMessage()):
+            self.meter.deadline = time.time() - 1.0
+
+    monkeypatch.setattr(cifar._LayerWatch, "emit", expire_after_layer_1)
+    record = execute_cifar_case(TINY, 0, CifarOptions(cache_dir=str(tmp_path), deadline=time.time() + 600, **FAST))
+    assert record["deadline_reached"] is True and record["partial"] is True
+    assert record["failed_layer"] == 2 and "soft deadline" in record["reason"]
+    assert [e["status"] for e in record["layers"]] == ["done", "failed"]
+    assert not any(s["name"].startswith("failed_attempt") for s in record["stages"])
+
+
 def test_deadline_is_lifted_after_the_last_hidden_layer() -> None:
     from relux.bench.cifar import _DeadlineMeter, _LayerWatch
     from relux.oracle.local import MLPOracle

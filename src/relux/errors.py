@@ -33,8 +33,12 @@ class BudgetExhausted(OracleError):
 class ExtractionFailed(ReluxError):
     """An attack stage could not produce a result that fresh queries confirm.
 
-    ``partial`` holds whatever was recovered before the failure (may be ``None``).
+    ``partial`` holds whatever was recovered before the failure (may be ``None``). ``restartable``:
+    whether a deep extraction may start a new attempt from new random lines (a failed check: yes; a
+    caller's deadline: no, every new attempt would stop at once).
     """
+
+    restartable: bool = True
 
     def __init__(self, message: str, *, partial: Any = None) -> None:
         super().__init__(message)

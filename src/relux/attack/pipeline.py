@@ -109,7 +109,7 @@ def extract(
                 failed.append(StageStats(f"failed_attempt_{attempt + 1}", counter.queries - q0,
                                          time.perf_counter() - t0, None))
                 notes.append(f"attempt {attempt + 1} (seed {cfg.seed + attempt}) failed: {exc}")
-                if attempt + 1 == attempts:
+                if attempt + 1 == attempts or not exc.restartable:
                     raise
                 log.warning("attempt %d failed (%s); restarting from new random lines", attempt + 1, exc)
     raise AssertionError("unreachable")

@@ -346,7 +346,10 @@ def write_result(record: dict[str, Any], directory: str | os.PathLike[str]) -> P
 
 # --------------------------------------------------------------------------- the worker
 class DeadlineReached(ExtractionFailed):
-    """Raised by the benchmark's oracle wrapper when the soft deadline has passed."""
+    """Raised by the benchmark's oracle wrapper when the soft deadline has passed (ends the run: no
+    new attempt, so the partial result of the attempt it stopped is the one recorded)."""
+
+    restartable = False
 
 
 class _DeadlineMeter(_Meter):
@@ -387,11 +390,14 @@ class _LayerWatch(logging.Handler):
         self.meter = meter
         self.n_hidden = n_hidden
         self.lines: list[str] = []
+        self.layer_lines: list[str] = []  # every "layer i: r/w neurons" line, whatever came after
 
     def emit(self, record: logging.LogRecord) -> None:
         text = record.getMessage()
         self.lines = [*self.lines[-(KEEP_LOG_LINES * 4):], text]
         m = _LAST_LAYER_LINE.match(text)
+        if m:
+            self.layer_lines.append(text)
         if m and int(m.group(1)) >= self.n_hidden:
             self.meter.deadline = None
 
@@ -472,14 +478,14 @@ def execute_cifar_case(case: Case, seed: int, options: CifarOptions) -> dict[str
             record["partial"] = True
         else:
             record["partial"] = False
-            record["layers"] = _merge_log_layers(arch, watch.lines)
+            record["layers"] = _merge_log_layers(arch, [*watch.layer_lines, *watch.lines])
         record["deadline_reached"] = isinstance(exc, DeadlineReached)
         record["progress"] = watch.lines[-2 * KEEP_LOG_LINES:]
     except Exception as exc:  # a bug or an oracle error inside the attack
         record["status"] = f"failed: {type(exc).__name__}: {_one_line(exc)}"
         record["reason"] = record["status"][len("failed: "):]
         record["traceback"] = traceback.format_exc(limit=8)
-        record["layers"] = _merge_log_layers(arch, watch.lines)
+        record["layers"] = _merge_log_layers(arch, [*watch.layer_lines, *watch.lines])
         record["progress"] = watch.lines[-2 * KEEP_LOG_LINES:]
     finally:
         attack_log.removeHandler(watch)
