@@ -108,3 +108,15 @@ def test_lines_are_aimed_where_a_rarely_active_neuron_is_on() -> None:
     x0, u = aimed
     assert x0.shape[0] >= 1 and u.shape == x0.shape
     assert np.all(x0 @ W[0] + b[0] > 0)
+
+
+def test_more_missing_unknowns_than_equations_is_no_error() -> None:
+    # Two short walks and six missing neurons: 72 unknown direction entries, at most 24 equations. The
+    # leftover fit must still run (Levenberg-Marquardt alone refuses such a system) and say whatever it
+    # can, not raise.
+    rng = np.random.default_rng(11)
+    W_hat = rng.normal(size=(8, 12))
+    flips = rng.random(8) < 0.5
+    v = rng.normal(size=12)
+    ws = solve_walk_signs(W_hat, _fits(W_hat, flips, rng, 2, v_missing=v / np.linalg.norm(v)), 6, 16)
+    assert ws is not None

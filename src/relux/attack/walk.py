@@ -35,7 +35,8 @@ from relux.attack import prefix as pfx
 from relux.attack.config import ExtractionConfig
 from relux.attack.critical import find_kinks
 from relux.attack.signs import SignSolution
-from relux.attack.walk_fit import PartialFit, features, fit_partial, fit_theta, solve_walk_signs, varying
+from relux.attack.walk_fit import PartialFit, features, fit_partial, fit_theta, solve_walk_signs
+from relux.attack.walk_system import WalkSystem
 from relux.attack.witnesses import Candidate, find_candidates, measure_candidates
 from relux.oracle.base import FloatArray, QueryFn
 from relux.parallel import Executor
@@ -90,6 +91,7 @@ class _Chain:
     g: FloatArray  # gradient of z'_k in the current region (unit)
     points: list[FloatArray]
     switched: np.ndarray  # over every prefix neuron
+    system: WalkSystem  # the points so far as equations on the row, with the start's normal
     skip: set[int] = field(default_factory=set)
     steps: int = 0
     failures: int = 0
@@ -170,35 +172,6 @@ def _region_radius(z: FloatArray, G: FloatArray, v: FloatArray) -> float:
     rate = np.abs(G @ v)
     with np.errstate(divide="ignore"):
         return float(np.min(np.where(rate > 0, np.abs(z) / rate, np.inf)))
-
-
-def _local_normal(layers: Sequence[pfx.Layer], P: FloatArray, x: FloatArray) -> tuple[FloatArray, float, float] | None:
-    """The walk so far as one row: fit the points ``P`` with the layer-i neurons whose state varies
-    among them (the others are constant: zero, or affine in ``h`` and absorbed) and return the unit
-    normal of that row's piece at ``x``, the fit's residual and its uniqueness gap (None while the
-    points are fewer than the unknowns)."""
-    n_i = layers[-1][0].shape[0]
-    F = features(layers, P)
-    vary = varying(F, n_i)
-    F = np.concatenate([F[:, :n_i][:, vary], F[:, n_i:]], axis=1)
-    if F.shape[0] < F.shape[1] + 1:
-        return None
-    col = np.linalg.norm(F, axis=0)
-    col[col == 0] = 1.0
-    _, S, Vt = np.linalg.svd(F / col, full_matrices=False)
-    theta = Vt[-1] / col
-    resid = float(S[-1] / S[0])
-    gap = float(S[-2] / max(S[-1], np.finfo(float).tiny))
-    M, _ = pfx.jacobian(layers[:-1], x)  # the identity when layer i is the first
-    zx = pfx.forward(layers, x[None, :])[0][-1][0]
-    Gi = layers[-1][0] @ M
-    nv = int(vary.sum())
-    use = zx[vary] > 0
-    grad = theta[:nv][use] @ Gi[vary][use] + theta[nv : nv + M.shape[0]] @ M
-    nrm = float(np.linalg.norm(grad))
-    if nrm == 0.0:
-        return None
-    return grad / nrm, resid, gap
 
 
 def _sign_free(layers: Sequence[pfx.Layer]) -> list[pfx.Layer]:
@@ -373,7 +346,7 @@ def walk_boundaries(
     spread = cfg.input_scale * float(np.sqrt(d0))
     max_steps = 4 * n_i + 32 if max_steps is None else max_steps
     chains = [_Chain(x=x.copy(), g=n / float(np.linalg.norm(n)), points=[x.copy()],
-                     switched=np.zeros(n_all, dtype=bool)) for x, n in starts]
+                     switched=np.zeros(n_all, dtype=bool), system=WalkSystem(layers, x, n)) for x, n in starts]
     for ch in chains:
         ch.switched[: n_all - n_i] = True  # earlier layers: known signs, nothing to learn
     while True:
@@ -460,15 +433,16 @@ def walk_boundaries(
                 ch.skip.add(m1)
                 continue
             y1, gn, y2 = hit
-            fit = _local_normal(layers, np.asarray([*ch.points, y1, y2]), y1)
-            if fit is not None and fit[1] > 1e-8:
-                log.debug("walk: the new points contradict the walk's earlier ones (residual %.1e)", fit[1])
+            fit = ch.system.try_points(np.stack([y1, y2]), y1)
+            if fit.residual > 1e-8:
+                log.debug("walk: the new points contradict the walk's earlier ones (residual %.1e)", fit.residual)
                 ch.failures += 1
                 ch.skip.add(m1)
                 continue
+            ch.system.commit()
             ch.points += [y1, y2]
             ch.x = y1
-            ch.g = gn if fit is None or fit[2] < 1e4 else fit[0]
+            ch.g = gn if fit.normal is None else fit.normal
             if not ch.switched[m1]:
                 ch.switched[m1] = True
                 ch.skip = set()

@@ -1,0 +1,178 @@
+"""One walk's exact points as a growing linear system on its row, solved step by step (attack-notes
+§4: a walk along a next-layer boundary, CM24 §5's features one layer down).
+
+A neuron of layer ``i+1`` is ``z' = Σ_j u_j ReLU(ẑ_j) + a·h + c`` on the features of the known prefix
+(:mod:`relux.attack.walk_fit`). Written relative to the walk's start ``x0``, with
+``s_j = -sign(ẑ_j(x0))``, each neuron enters as ``ReLU(s_j ẑ_j)`` (zero at ``x0``; the difference is
+affine in ``h`` and absorbed into ``a`` and ``c``). A neuron the walk has not switched yet is then zero
+at every point so far, and a column is added only when one switches. The rows so far are kept as the
+triangular factor ``R`` of their QR decomposition, updated with Givens rotations as the walk adds two
+points per step (``O(p²)`` instead of an SVD of every point, ``O(n p²)``), and the row is the null
+vector of ``R`` by inverse iteration from the previous step's.
+
+The start's measured normal joins as weak equations (its complement: the gradient of ``z'`` at
+``x0`` must be parallel to it). Without them the row is undetermined for the walk's first ``d`` steps
+(one unknown per coordinate of ``h``), and a direction carried from step to step gains error at every
+step: on the CM24 100-200x3-10 network it grew from 1e-8 to 1e-4 in about 75 steps, and walks died
+there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+
+from relux.attack import prefix as pfx
+from relux.oracle.base import FloatArray
+
+
+@dataclass(frozen=True)
+class StepFit:
+    """The walk's row after a tentative step: the unit normal of its piece at the step's point, and
+    the largest relative misfit of any point (exact points fit to rounding; a point of another
+    neuron misfits by far more)."""
+
+    normal: FloatArray | None
+    residual: float
+
+
+class WalkSystem:
+    """The growing system of one walk (module docstring). ``try_points`` solves with new points
+    without keeping them; ``commit`` keeps the last tried points."""
+
+    def __init__(
+        self, layers: Sequence[pfx.Layer], x0: FloatArray, normal: FloatArray, weight: float = 1e-3
+    ) -> None:
+        """``x0``: the walk's start (an exact kink); ``normal``: the boundary's measured normal there;
+        ``weight``: of its equations, relative to a point's (the normal is measured to about 1e-8,
+        points are exact to rounding)."""
+        self.layers = list(layers)
+        self.n_i = self.layers[-1][0].shape[0]
+        z0 = self._pre(x0[None, :])[0]
+        self.s = np.where(z0 > 0, -1.0, 1.0)
+        h0 = self._h(x0[None, :])[0]
+        self.d_h = h0.size
+        # columns: ("h", j) for coordinates of h non-zero at x0, ("c", 0), then ("n", m) as neurons switch
+        self.cols: list[tuple[str, int]] = [("h", int(j)) for j in np.flatnonzero(h0 != 0)] + [("c", 0)]
+        hs = float(np.linalg.norm(h0)) / max(np.sqrt(np.count_nonzero(h0)), 1.0)
+        self.scale = np.array([hs] * (len(self.cols) - 1) + [1.0]) if hs > 0 else np.ones(len(self.cols))
+        M, _ = pfx.jacobian(self.layers[:-1], x0)  # the identity when layer i is the first
+        g = normal / float(np.linalg.norm(normal))
+        hj = np.array([j for k, j in self.cols if k == "h"], dtype=int)
+        B = M[hj] if hj.size else np.zeros((0, x0.size))
+        C = np.zeros((x0.size, len(self.cols)))
+        C[:, : hj.size] = (B - np.outer(B @ g, g)).T / self.scale[: hj.size]
+        r0 = self._row(x0[None, :])[0]
+        cn = float(np.max(np.linalg.norm(C, axis=1))) if C.size else 0.0
+        if cn > 0:
+            C *= weight * float(np.linalg.norm(r0)) / cn
+        p = len(self.cols)
+        R0 = np.asarray(scipy.linalg.qr(np.concatenate([C, r0[None, :]]), mode="r")[0])[:p]
+        self.R: FloatArray = np.zeros((p, p))
+        self.R[: R0.shape[0]] = R0
+        self.F: FloatArray = r0[None, :]  # every point's row so far (for the misfit of each)
+        self.theta = self._solve(self.R, np.ones(p))
+        self._tried: tuple[list[tuple[str, int]], FloatArray, FloatArray, FloatArray, FloatArray] | None = None
+
+    def _pre(self, P: FloatArray) -> FloatArray:
+        return pfx.forward(self.layers, P)[0][-1]
+
+    def _h(self, P: FloatArray) -> FloatArray:
+        return pfx.forward(self.layers[:-1], P)[1]
+
+    def _values(self, P: FloatArray, cols: Sequence[tuple[str, int]]) -> FloatArray:
+        Z = np.maximum(self._pre(P) * self.s, 0.0)
+        H = self._h(P)
+        out = np.empty((P.shape[0], len(cols)))
+        for c, (kind, j) in enumerate(cols):
+            out[:, c] = H[:, j] if kind == "h" else (Z[:, j] if kind == "n" else 1.0)
+        return out
+
+    def _row(self, P: FloatArray) -> FloatArray:
+        return self._values(P, self.cols) / self.scale
+
+    @staticmethod
+    def _solve(R: FloatArray, start: FloatArray) -> FloatArray:
+        """Null vector of ``R`` by two steps of inverse iteration on ``RᵀR`` from ``start``."""
+        d = np.abs(np.diag(R))
+        floor = max(float(np.max(d)) if d.size else 1.0, np.finfo(float).tiny) * 1e-15
+        Rg = R.copy()
+        idx = np.flatnonzero(d < floor)
+        Rg[idx, idx] = floor
+        v = start / float(np.linalg.norm(start))
+        for _ in range(2):
+            y = scipy.linalg.solve_triangular(Rg, v, trans="T")
+            v = scipy.linalg.solve_triangular(Rg, y)
+            nv = float(np.linalg.norm(v))
+            if not np.isfinite(nv) or nv == 0:
+                break
+            v = v / nv
+        return np.asarray(v)
+
+    @staticmethod
+    def _givens(R: FloatArray, r: FloatArray) -> None:
+        """Fold row ``r`` into the upper-triangular ``R`` (in place)."""
+        r = r.copy()
+        nz = np.flatnonzero(r)
+        for j in range(int(nz[0]) if nz.size else r.size, r.size):
+            if r[j] == 0.0:
+                continue
+            a, b = R[j, j], r[j]
+            hyp = float(np.hypot(a, b))
+            c, s = a / hyp, b / hyp
+            Rj = R[j, j:].copy()
+            R[j, j:] = c * Rj + s * r[j:]
+            r[j:] = c * r[j:] - s * Rj
+            r[j] = 0.0
+
+    def try_points(self, P: FloatArray, x: FloatArray) -> StepFit:
+        """The row with the points ``P`` added (not kept until :meth:`commit`), its normal at ``x``."""
+        cols = list(self.cols)
+        Z = self._pre(P) * self.s
+        H = self._h(P)
+        have = set(cols)
+        new = [("n", int(m)) for m in np.flatnonzero((Z > 0).any(axis=0)) if ("n", int(m)) not in have]
+        new += [("h", int(j)) for j in np.flatnonzero((H != 0).any(axis=0)) if ("h", int(j)) not in have]
+        cols += new
+        vals = self._values(P, new) if new else np.zeros((P.shape[0], 0))
+        scale = np.concatenate([self.scale, [max(float(np.max(np.abs(vals[:, c]))), np.finfo(float).tiny)
+                                             for c in range(len(new))]])
+        p = len(cols)
+        R = np.zeros((p, p))
+        R[: self.R.shape[0], : self.R.shape[1]] = self.R
+        rows_new = self._values(P, cols) / scale
+        for r in rows_new:
+            self._givens(R, r)
+        start = np.concatenate([self.theta, np.full(len(new), 1e-3)])
+        theta = self._solve(R, start)
+        F = np.zeros((self.F.shape[0] + rows_new.shape[0], p))
+        F[: self.F.shape[0], : self.F.shape[1]] = self.F
+        F[self.F.shape[0] :] = rows_new
+        rn = np.linalg.norm(F, axis=1) + 1e-300
+        resid = float(np.max(np.abs(F @ theta) / rn))
+        self._tried = (cols, scale, R, F, theta)
+        return StepFit(self._normal(cols, scale, theta, x), resid)
+
+    def commit(self) -> None:
+        """Keep the points of the last :meth:`try_points`."""
+        assert self._tried is not None
+        self.cols, self.scale, self.R, self.F, self.theta = self._tried
+        self._tried = None
+
+    def _normal(self, cols: Sequence[tuple[str, int]], scale: FloatArray, theta: FloatArray,
+                x: FloatArray) -> FloatArray | None:
+        M, pre = pfx.jacobian(self.layers[:-1], x)
+        z = self._pre(x[None, :])[0] * self.s
+        Gi = self.layers[-1][0] @ M
+        t = theta / scale
+        grad = np.zeros(M.shape[1])
+        for c, (kind, j) in enumerate(cols):
+            if kind == "h":
+                grad += t[c] * M[j]
+            elif kind == "n" and z[j] > 0:
+                grad += t[c] * self.s[j] * Gi[j]
+        nrm = float(np.linalg.norm(grad))
+        return grad / nrm if nrm > 0 else None
