@@ -110,13 +110,15 @@ def test_lines_are_aimed_where_a_rarely_active_neuron_is_on() -> None:
     assert np.all(x0 @ W[0] + b[0] > 0)
 
 
-def test_more_missing_unknowns_than_equations_is_no_error() -> None:
-    # Two short walks and six missing neurons: 72 unknown direction entries, at most 24 equations. The
-    # leftover fit must still run (Levenberg-Marquardt alone refuses such a system) and say whatever it
-    # can, not raise.
+def test_more_missing_unknowns_than_equations_decides_nothing() -> None:
+    # Two short walks and six missing neurons: the missing directions could absorb any leftover (at
+    # most 24 equations for 24 direction entries and a scale per fit), so a wrong sign vector would
+    # fit exactly. The solve must neither raise nor claim signs.
     rng = np.random.default_rng(11)
     W_hat = rng.normal(size=(8, 12))
     flips = rng.random(8) < 0.5
     v = rng.normal(size=12)
     ws = solve_walk_signs(W_hat, _fits(W_hat, flips, rng, 2, v_missing=v / np.linalg.norm(v)), 6, 16)
     assert ws is not None
+    assert not ws.solution.ok or np.array_equal(ws.solution.flips[ws.solution.relevant],
+                                                flips[ws.solution.relevant])

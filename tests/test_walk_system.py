@@ -108,3 +108,15 @@ def test_givens_fold_matches_a_fresh_qr(seed: int, p: int, extra: int) -> None:
     # R^T R is the Gram matrix of every row folded in, up to rounding of O(p) rotations
     assert np.allclose(R.T @ R, full.T @ full, rtol=1e-10, atol=1e-10 * float(np.max(np.abs(full.T @ full))))
     assert np.allclose(np.tril(R, -1), 0.0)
+
+
+def test_a_row_the_equations_do_not_fix_gives_no_normal() -> None:
+    # Behind 4 inputs -> 30 -> 10, the walk's row has 30 coordinates of h but the start's normal fixes
+    # only their image under the 30x4 prefix Jacobian: many rows fit the first points, and any normal
+    # read from one of them would be arbitrary. The system says so (None) instead.
+    rng = np.random.default_rng(3)
+    layers = [(rng.normal(size=(30, 4)), rng.normal(size=30)), (rng.normal(size=(10, 30)), rng.normal(size=10))]
+    x0 = rng.normal(size=4)
+    ws = WalkSystem(layers, x0, rng.normal(size=4))
+    y = x0 + 1e-6 * rng.normal(size=4)
+    assert ws.try_points(y[None, :], y).normal is None

@@ -434,7 +434,7 @@ def walk_boundaries(
                 continue
             y1, gn, y2 = hit
             fit = ch.system.try_points(np.stack([y1, y2]), y1)
-            if fit.residual > 1e-8:
+            if not fit.residual <= 1e-8:  # (a NaN misfit is no fit)
                 log.debug("walk: the new points contradict the walk's earlier ones (residual %.1e)", fit.residual)
                 ch.failures += 1
                 ch.skip.add(m1)

@@ -195,11 +195,8 @@ def _missing_directions(
             out.append(rw - B @ np.linalg.lstsq(B, rw, rcond=None)[0])
         return np.concatenate(out)
 
-    # Levenberg-Marquardt needs at least as many residuals as unknowns; with fewer (short walks, many
-    # missing neurons) the trust-region method still converges to one of the equivalent bases.
-    n_res = sum(rw.size for _, rw in res)
-    fit = scipy.optimize.least_squares(leftover, V.reshape(-1), method="lm" if n_res >= p * r else "trf",
-                                       xtol=1e-15, ftol=1e-15, gtol=1e-15, max_nfev=200 * (p * r + 1))
+    fit = scipy.optimize.least_squares(leftover, V.reshape(-1), method="lm", xtol=1e-15, ftol=1e-15, gtol=1e-15,
+                                       max_nfev=200 * (p * r + 1))
     return np.asarray(np.linalg.qr(fit.x.reshape(p, r))[0])
 
 
@@ -239,6 +236,10 @@ def solve_walk_signs(
     if sol.ok or n_missing <= 0:
         return WalkSigns(sol, np.zeros((p, 0)))
     r = min(n_missing, p, len(index))  # each fit's leftover shows at most one more direction
+    if A.shape[0] <= p * r + len(index):
+        # Too few equations: the missing directions (and one scale per fit) could absorb any leftover,
+        # so a wrong sign vector would fit exactly. The signs stay undecided.
+        return WalkSigns(sol, np.zeros((p, 0)))
     t = np.clip(np.round(np.linalg.lstsq(A, g, rcond=None)[0]), 0.0, 1.0)
     best = sol
     V = np.zeros((p, 0))

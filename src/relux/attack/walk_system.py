@@ -31,9 +31,9 @@ from relux.oracle.base import FloatArray
 
 @dataclass(frozen=True)
 class StepFit:
-    """The walk's row after a tentative step: the unit normal of its piece at the step's point, and
-    the largest relative misfit of any point (exact points fit to rounding; a point of another
-    neuron misfits by far more)."""
+    """The walk's row after a tentative step: the unit normal of its piece at the step's point (None
+    while the equations do not fix the row), and the largest relative misfit of any point (exact
+    points fit to rounding; a point of another neuron misfits by far more)."""
 
     normal: FloatArray | None
     residual: float
@@ -96,7 +96,8 @@ class WalkSystem:
 
     @staticmethod
     def _solve(R: FloatArray, start: FloatArray) -> FloatArray:
-        """Null vector of ``R`` by two steps of inverse iteration on ``RᵀR`` from ``start``."""
+        """Null vector of ``R`` by two steps of inverse iteration on ``RᵀR`` from ``start`` (unit; an
+        exactly zero pivot is raised to 1e-15 of the largest, and a step that overflows is undone)."""
         d = np.abs(np.diag(R))
         floor = max(float(np.max(d)) if d.size else 1.0, np.finfo(float).tiny) * 1e-15
         Rg = R.copy()
@@ -104,13 +105,39 @@ class WalkSystem:
         Rg[idx, idx] = floor
         v = start / float(np.linalg.norm(start))
         for _ in range(2):
-            y = scipy.linalg.solve_triangular(Rg, v, trans="T")
-            v = scipy.linalg.solve_triangular(Rg, y)
-            nv = float(np.linalg.norm(v))
-            if not np.isfinite(nv) or nv == 0:
+            with np.errstate(over="ignore", invalid="ignore"):
+                y = scipy.linalg.solve_triangular(Rg, v, trans="T", check_finite=False)
+                ny = float(np.linalg.norm(y))
+                if not np.isfinite(ny) or ny == 0.0:
+                    break
+                w = scipy.linalg.solve_triangular(Rg, y / ny, check_finite=False)
+                nw = float(np.linalg.norm(w))
+            if not np.isfinite(nw) or nw == 0.0:
                 break
-            v = v / nv
+            v = w / nw
         return np.asarray(v)
+
+    @staticmethod
+    def _ambiguous(R: FloatArray, theta: FloatArray) -> bool:
+        """Whether ``R`` has a second null direction besides ``theta``: the equations so far do not fix
+        the row (behind a previous layer wider than the input, the start's normal fixes only its image
+        under the prefix Jacobian). Inverse iteration from a start orthogonal to ``theta`` returns to
+        ``±theta`` when the null vector is unique."""
+        p = theta.size
+        if p < 2:
+            return False
+        s = np.cos(np.arange(1, p + 1, dtype=float))
+        s -= float(s @ theta) * theta
+        if float(np.linalg.norm(s)) == 0.0:
+            return False
+        v = WalkSystem._solve(R, s)
+        r = v - float(v @ theta) * theta
+        nr = float(np.linalg.norm(r))
+        if nr < 1e-3:
+            return False
+        # a determined direction is held by a point (or, 1e-3 weaker, by the start's normal): far above
+        # the 1e-9 of the rows' size a null direction reaches, rounding aside
+        return float(np.linalg.norm(R @ (r / nr))) <= 1e-9 * float(np.linalg.norm(R))
 
     @staticmethod
     def _givens(R: FloatArray, r: FloatArray) -> None:
@@ -154,7 +181,8 @@ class WalkSystem:
         rn = np.linalg.norm(F, axis=1) + 1e-300
         resid = float(np.max(np.abs(F @ theta) / rn))
         self._tried = (cols, scale, R, F, theta)
-        return StepFit(self._normal(cols, scale, theta, x), resid)
+        normal = None if self._ambiguous(R, theta) else self._normal(cols, scale, theta, x)
+        return StepFit(normal, resid)
 
     def commit(self) -> None:
         """Keep the points of the last :meth:`try_points`."""
