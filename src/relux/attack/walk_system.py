@@ -50,11 +50,9 @@ class WalkSystem:
         ``weight``: of its equations, relative to a point's (the normal is measured to about 1e-8,
         points are exact to rounding)."""
         self.layers = list(layers)
-        self.n_i = self.layers[-1][0].shape[0]
-        z0 = self._pre(x0[None, :])[0]
-        self.s = np.where(z0 > 0, -1.0, 1.0)
-        h0 = self._h(x0[None, :])[0]
-        self.d_h = h0.size
+        Z0, H0 = self._state(x0[None, :])
+        self.s = np.where(Z0[0] > 0, -1.0, 1.0)
+        h0 = H0[0]
         # columns: ("h", j) for coordinates of h non-zero at x0, ("c", 0), then ("n", m) as neurons switch
         self.cols: list[tuple[str, int]] = [("h", int(j)) for j in np.flatnonzero(h0 != 0)] + [("c", 0)]
         hs = float(np.linalg.norm(h0)) / max(np.sqrt(np.count_nonzero(h0)), 1.0)
@@ -65,7 +63,7 @@ class WalkSystem:
         B = M[hj] if hj.size else np.zeros((0, x0.size))
         C = np.zeros((x0.size, len(self.cols)))
         C[:, : hj.size] = (B - np.outer(B @ g, g)).T / self.scale[: hj.size]
-        r0 = self._row(x0[None, :])[0]
+        r0 = self._values(np.maximum(Z0 * self.s, 0.0), H0, self.cols)[0] / self.scale
         cn = float(np.max(np.linalg.norm(C, axis=1))) if C.size else 0.0
         if cn > 0:
             C *= weight * float(np.linalg.norm(r0)) / cn
@@ -77,22 +75,18 @@ class WalkSystem:
         self.theta = self._solve(self.R, np.ones(p))
         self._tried: tuple[list[tuple[str, int]], FloatArray, FloatArray, FloatArray, FloatArray] | None = None
 
-    def _pre(self, P: FloatArray) -> FloatArray:
-        return pfx.forward(self.layers, P)[0][-1]
+    def _state(self, P: FloatArray) -> tuple[FloatArray, FloatArray]:
+        """Layer ``i``'s pre-activations and its input ``h`` at the rows of ``P`` (one forward pass)."""
+        Zs, _ = pfx.forward(self.layers, P)
+        return Zs[-1], (np.maximum(Zs[-2], 0.0) if len(Zs) > 1 else P)
 
-    def _h(self, P: FloatArray) -> FloatArray:
-        return pfx.forward(self.layers[:-1], P)[1]
-
-    def _values(self, P: FloatArray, cols: Sequence[tuple[str, int]]) -> FloatArray:
-        Z = np.maximum(self._pre(P) * self.s, 0.0)
-        H = self._h(P)
-        out = np.empty((P.shape[0], len(cols)))
+    @staticmethod
+    def _values(Zs: FloatArray, H: FloatArray, cols: Sequence[tuple[str, int]]) -> FloatArray:
+        """The columns ``cols`` of the features, from ``ReLU(s ẑ)`` (``Zs``) and ``h`` (``H``)."""
+        out = np.empty((H.shape[0], len(cols)))
         for c, (kind, j) in enumerate(cols):
-            out[:, c] = H[:, j] if kind == "h" else (Z[:, j] if kind == "n" else 1.0)
+            out[:, c] = H[:, j] if kind == "h" else (Zs[:, j] if kind == "n" else 1.0)
         return out
-
-    def _row(self, P: FloatArray) -> FloatArray:
-        return self._values(P, self.cols) / self.scale
 
     @staticmethod
     def _solve(R: FloatArray, start: FloatArray) -> FloatArray:
@@ -158,19 +152,19 @@ class WalkSystem:
     def try_points(self, P: FloatArray, x: FloatArray) -> StepFit:
         """The row with the points ``P`` added (not kept until :meth:`commit`), its normal at ``x``."""
         cols = list(self.cols)
-        Z = self._pre(P) * self.s
-        H = self._h(P)
+        Z, H = self._state(P)
+        Zs = np.maximum(Z * self.s, 0.0)
         have = set(cols)
-        new = [("n", int(m)) for m in np.flatnonzero((Z > 0).any(axis=0)) if ("n", int(m)) not in have]
+        new = [("n", int(m)) for m in np.flatnonzero((Zs > 0).any(axis=0)) if ("n", int(m)) not in have]
         new += [("h", int(j)) for j in np.flatnonzero((H != 0).any(axis=0)) if ("h", int(j)) not in have]
         cols += new
-        vals = self._values(P, new) if new else np.zeros((P.shape[0], 0))
+        vals = self._values(Zs, H, new)
         scale = np.concatenate([self.scale, [max(float(np.max(np.abs(vals[:, c]))), np.finfo(float).tiny)
                                              for c in range(len(new))]])
         p = len(cols)
         R = np.zeros((p, p))
         R[: self.R.shape[0], : self.R.shape[1]] = self.R
-        rows_new = self._values(P, cols) / scale
+        rows_new = self._values(Zs, H, cols) / scale
         for r in rows_new:
             self._givens(R, r)
         start = np.concatenate([self.theta, np.full(len(new), 1e-3)])
@@ -192,8 +186,8 @@ class WalkSystem:
 
     def _normal(self, cols: Sequence[tuple[str, int]], scale: FloatArray, theta: FloatArray,
                 x: FloatArray) -> FloatArray | None:
-        M, pre = pfx.jacobian(self.layers[:-1], x)
-        z = self._pre(x[None, :])[0] * self.s
+        M, _ = pfx.jacobian(self.layers[:-1], x)
+        z = self._state(x[None, :])[0][0] * self.s
         Gi = self.layers[-1][0] @ M
         t = theta / scale
         grad = np.zeros(M.shape[1])
