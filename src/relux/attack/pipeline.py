@@ -289,9 +289,15 @@ def _walked_layer(
 
     prev = reports[-1]
     short = prev.width - layers[-1][0].shape[0]
-    wo = (walk_layer(q, layers, width, d0, cfg, rng, rel_tol, rows_wanted=width, missing=short, executor=executor)
-          if full else walk_layer(q, layers, width, d0, cfg, rng, rel_tol, rows_wanted=min(3, width), max_rounds=3,
-                                  missing=short, executor=executor, max_walks=cfg.check_walks))
+    # A few sign-free walks first: they decide layer i-1's signs; then, for an expansive layer,
+    # one signed walk per row (each neuron of layer i-1 on once, not switched both ways). When the
+    # few walks leave a sign undecided, sign-free walks give every row instead.
+    wo = walk_layer(q, layers, width, d0, cfg, rng, rel_tol, rows_wanted=min(3, width), max_rounds=3,
+                    missing=short, executor=executor, max_walks=cfg.check_walks)
+    signed = full and wo.solution is not None and wo.solution.ok and bool(wo.decided.all()) and not short
+    if full and not signed:
+        wo = walk_layer(q, layers, width, d0, cfg, rng, rel_tol, rows_wanted=width, missing=short,
+                        executor=executor)
     i = len(layers) + 1
     log.info("layer %d: %d/%d rows from %d walks (%d complete, %d fitted)%s", i, wo.W_next.shape[0], width,
              wo.walks, wo.complete_walks, wo.partial_walks, f"; {wo.reason}" if wo.reason else "")
@@ -334,6 +340,18 @@ def _walked_layer(
                                                   recovered=prev.recovered + found, dead=prev.dead - found)]
     if found:
         return layers, reports, None  # layer i is then extracted behind the completed layer i-1
+    if signed:
+        from relux.attack.walk_rows import walk_rows
+
+        wr = walk_rows(q, layers, width, d0, cfg, rng, rel_tol,
+                       known=list(zip(wo.W_next, wo.b_next, wo.points, strict=True)), executor=executor)
+        log.info("layer %d: %d/%d rows from %d signed walks (%d complete)%s", i, wr.W.shape[0], width, wr.walks,
+                 wr.complete, f"; {wr.reason}" if wr.reason else "")
+        if wr.W.shape[0] < width:
+            return layers, reports, None
+        out = outcome_from_rows(q, layers, wr.W, wr.b, wr.points, wr.residual, width, d0, is_last, cfg, rng,
+                                "signed walks")
+        return layers, reports, out
     if not full or wo.W_next.shape[0] < width:
         return layers, reports, None
     out = outcome_from_rows(q, layers, wo.W_next, wo.b_next, wo.points, wo.row_residual, width, d0, is_last, cfg,

@@ -36,7 +36,7 @@ from relux.attack.config import ExtractionConfig
 from relux.attack.critical import find_kinks
 from relux.attack.signs import SignSolution
 from relux.attack.walk_fit import PartialFit, features, fit_partial, fit_theta, solve_walk_signs
-from relux.attack.walk_system import WalkSystem
+from relux.attack.walk_system import StepFit, WalkSystem
 from relux.attack.witnesses import Candidate, find_candidates, measure_candidates
 from relux.oracle.base import FloatArray, QueryFn
 from relux.parallel import Executor
@@ -93,6 +93,10 @@ class _Chain:
     switched: np.ndarray  # over every prefix neuron
     system: WalkSystem  # the points so far as equations on the row, with the start's normal
     skip: set[int] = field(default_factory=set)
+    virtual: list[FloatArray] = field(default_factory=list)  # signed walks: points reached by prediction
+    failed: bool = False  # signed walks: a point measured at the end contradicts the row
+    saved: tuple[FloatArray, FloatArray, int] | None = None  # signed walks: where this step's teleports began
+    no_teleport: int = 0  # signed walks: steps to take without teleports (after teleports led nowhere)
     steps: int = 0
     failures: int = 0
     done: bool = False
@@ -118,11 +122,13 @@ def _first_crossings(z: FloatArray, G: FloatArray, d: FloatArray) -> tuple[int, 
 
 
 def _plan(
-    ch: _Chain, z: FloatArray, G: FloatArray, layer_idx: FloatArray, rng: np.random.Generator
+    ch: _Chain, z: FloatArray, G: FloatArray, layer_idx: FloatArray, rng: np.random.Generator,
+    nearest: int | None = None,
 ) -> tuple[FloatArray, int, float, float] | None:
     """A tangent direction whose first crossing switches a layer-i neuron the walk has not switched
     (the nearest such), else one towards the nearest unswitched neuron whatever it crosses first.
-    After failures, a random tangent direction (to look again from another region)."""
+    After failures, a random tangent direction (to look again from another region). ``nearest``:
+    consider only that many unswitched neurons, the nearest along the boundary."""
     n = ch.g
     todo = [int(j) for j in layer_idx if not ch.switched[j] and int(j) not in ch.skip]
     if (ch.failures >= 3 and ch.failures % 2 == 1) or not todo:
@@ -141,6 +147,10 @@ def _plan(
     if not ok.any():
         return None
     J, Pj, nrm = J[ok], Pj[ok], nrm[ok]
+    if nearest is not None and J.size > nearest:
+        # the neurons nearest along the boundary only (each candidate costs a pass over all neurons)
+        keep = np.argpartition(np.abs(z[J]) / nrm, nearest)[:nearest]
+        J, Pj, nrm = J[keep], Pj[keep], nrm[keep]
     sgn = np.where(z[J] != 0, -np.sign(z[J]), 1.0)
     D = Pj * (sgn / nrm)[:, None]
     rate = G @ D.T  # (neurons, candidates)
@@ -165,6 +175,182 @@ def _plan(
     else:
         return None
     return D[c], int(first[c]), float(t1s[c]), float(t2s[c])
+
+
+def _teleport(ch: _Chain, layers: Sequence[pfx.Layer], layer_idx: FloatArray, spread: float,
+              rng: np.random.Generator, limit: int = 64) -> None:
+    """Signed walks: follow the row's predicted boundary across the boundaries of neurons whose weight
+    the row already has (known neurons, or neurons of layer ``i`` on at some point so far) until the
+    next crossing is of a neuron never on, without a query. Each piece's boundary is exact there
+    (nothing unknown is on), so the walk queries only where a new weight enters; the pieces passed
+    are checked by points measured at the end of the walk (:func:`_check_virtual`)."""
+    for _ in range(limit):
+        if ch.failures >= 3 or ch.switched.all() or not ch.system.determined:
+            return
+        z, G = _forms(layers, ch.x)
+        plan = _plan(ch, z, G, layer_idx, rng, nearest=16)  # not random: under 3 failures, some todo
+        if plan is None:
+            return
+        d, m1, t1, t2 = plan
+        if not ch.switched[m1] or not np.isfinite(t1):
+            return
+        q = ch.x + t1 * d
+        probe = q + 1e-6 * min(t2 - t1, spread) * d
+        n_new = ch.system.normal_at(probe)
+        if n_new is None:
+            return
+        d2 = d - (d @ n_new) * n_new
+        nd = float(np.linalg.norm(d2))
+        if nd <= 1e-9 or (G[m1] @ d2) * (G[m1] @ d) <= 0:
+            return  # the boundary folds back at m1: the step must look for its piece
+        d2 /= nd
+        zq, Gq = _forms(layers, probe)
+        zq[m1] = 0.0
+        rate = Gq @ d2
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tt = np.where(zq * rate < 0, -zq / rate, np.inf)
+        tt[m1] = np.inf
+        t_next = float(np.min(tt))
+        tau = 0.5 * min(t_next, spread)
+        if not np.isfinite(tau) or tau <= 1e-9 * spread:
+            return
+        ch.x = q + tau * d2
+        ch.g = n_new
+        ch.virtual.append(ch.x.copy())
+
+
+def _undo(ch: _Chain) -> None:
+    """A failed step of a signed walk: back to where its teleports began (a row still wrong in some
+    weight predicts pieces that are not there), and a few steps without them."""
+    if ch.saved is None or len(ch.virtual) == ch.saved[2]:
+        return
+    ch.x, ch.g, n = ch.saved
+    del ch.virtual[n:]
+    ch.no_teleport = 2
+
+
+def _check_virtual(
+    query: QueryFn, layers: Sequence[pfx.Layer], chains: Sequence[_Chain], spread: float,
+    rng: np.random.Generator,
+) -> None:
+    """Signed walks: measure exact points where the complete walks' rows predict their boundary, in
+    pieces reached by prediction (and beside measured points), until each row's points outnumber its
+    unknowns by an eighth; 6 queries a point (:func:`relux.attack.polish.kink_in_bracket`). A point off
+    the prediction ends its walk as failed."""
+    from relux.attack.polish import OFFSETS, kink_in_bracket
+
+    plans: list[tuple[_Chain, FloatArray, FloatArray, FloatArray]] = []
+    for ch in chains:
+        p = len(ch.system.cols)
+        want = max(p - ch.system.F.shape[0], 0) + max(8, p // 8)
+        cand = list(ch.virtual)
+        rng.shuffle(cand)
+        for y in ch.points[1:]:
+            n = ch.system.normal_at(y)
+            if n is None:
+                continue
+            v = rng.normal(size=y.size)
+            v -= (v @ n) * n
+            v /= float(np.linalg.norm(v))
+            zy, Gy = _forms(layers, y)
+            cand.append(y + 0.3 * min(_region_radius(zy, Gy, v), spread) * v)
+        for v in cand[: 2 * want]:
+            n = ch.system.normal_at(v)
+            if n is None:
+                continue
+            zv, Gv = _forms(layers, v)
+            delta = min(0.25 * _region_radius(zv, Gv, n), 1e-2 * spread)
+            if not np.isfinite(delta) or delta <= 1e-9 * spread:
+                continue
+            plans.append((ch, v, n, delta * np.asarray(OFFSETS)))
+    if not plans:
+        return
+    X = np.concatenate([v[None, :] + T[:, None] * n[None, :] for _ch, v, n, T in plans])
+    Y = query(X).reshape(len(plans), len(OFFSETS), -1)
+    got: dict[int, list[FloatArray]] = {}
+    tried: dict[int, int] = {}
+    for (ch, v, n, T), Yi in zip(plans, Y, strict=True):
+        tried[id(ch)] = tried.get(id(ch), 0) + 1
+        t = kink_in_bracket(T, Yi)
+        # where the row predicts it (a row good to 1e-9 misses by about that much; a kink of another
+        # neuron inside the bracket, or the intersection of a side that another kink bends, by far more)
+        if t is not None and abs(t) <= 1e-7 * spread:
+            got.setdefault(id(ch), []).append(v + t * n)
+    for ch in chains:
+        pts = got.get(id(ch), [])
+        p = len(ch.system.cols)
+        want = max(p - ch.system.F.shape[0], 0) + max(8, p // 8)
+        P = np.asarray(pts[:want])
+        # most predicted kinks must be where predicted: a wrong row predicts kinks the oracle does not show
+        if P.shape[0] < min(want, (3 * tried.get(id(ch), 0)) // 4):
+            ch.failed, ch.reason = True, f"{len(pts)} of {tried.get(id(ch), 0)} predicted kinks found"
+            continue
+        fit = ch.system.try_points(P, P[0])
+        if not (fit.residual <= 1e-8 and fit.prior <= _PRIOR_TOL):
+            ch.failed, ch.reason = True, (f"predicted kinks misfit the row (residual {fit.residual:.1e}, start "
+                                          f"normal {fit.prior:.1e})")
+            continue
+        ch.system.commit()
+        ch.points += list(P)
+
+
+# A signed walk's row may turn from its start's measured normal by this much (the sine): a normal is
+# measured to about 1e-8 and at worst a few 1e-6 (from a kink near other boundaries); a row bent to fit
+# another neuron's points turns by 1e-4 or far more.
+_PRIOR_TOL = 1e-5
+_SHIFT = 0.3719  # where a signed walk's verifying line has the predicted kink (in half-lengths, off the grid)
+
+
+def _across(
+    layers: Sequence[pfx.Layer], x: FloatArray, q: FloatArray, g: FloatArray, m: int, z: FloatArray, G: FloatArray,
+    d: FloatArray, spread: float,
+) -> tuple[FloatArray, FloatArray] | None:
+    """Signed walks: a search line for the boundary's next piece past neuron ``m``'s boundary, crossed
+    at ``q`` along ``d``. The next piece is a hyperplane through the ridge where the current piece meets
+    ``m``'s boundary, at an unknown tilt; a line parallel to ``m``'s boundary, a little way past it,
+    meets it whatever the tilt, at a distance that shrinks with that little way (a line along the old
+    normal misses a piece tilted back). Returns the line's middle and its half-length vector."""
+    nm = G[m] * (1.0 if float(G[m] @ d) > 0 else -1.0)
+    nm = nm / float(np.linalg.norm(nm))  # into the next region
+    u = g - float(g @ nm) * nm
+    nu = float(np.linalg.norm(u))
+    if nu <= 1e-6:
+        return None  # the piece is parallel to m's boundary: it never crosses it
+    u /= nu
+    zq = z + G @ (q - x)  # affine: the forms at x hold on the region's closure
+    rate = G @ nm
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tt = np.where(zq * rate < 0, -zq / rate, np.inf)
+    tt[m] = np.inf
+    s = 0.01 * min(float(np.min(tt)), spread)
+    if not np.isfinite(s) or s <= 1e-9 * spread:
+        return None
+    p = q + s * nm
+    zp, Gp = _forms(layers, p)
+    rate_u = np.abs(Gp @ u)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        half = 2.0 * float(np.min(np.where(rate_u > 0, np.abs(zp) / rate_u, np.inf)))
+    half = min(half, 0.5 * spread)
+    if not np.isfinite(half) or half <= 1e-9 * spread:
+        return None
+    return p, u * half
+
+
+def _signed_walk(ch: _Chain, layer_idx: FloatArray, d_h: int) -> Walk:
+    """A signed walk's result: ``θ = (u, 0, c)`` from its exact points alone."""
+    P = np.asarray(ch.points)
+    sw = ch.switched[layer_idx]
+    if ch.failed or not sw.all():
+        return Walk(np.full(0, np.nan), P, sw, ch.steps, np.inf, 0.0, False, ch.reason or "incomplete")
+    theta, resid, gap = ch.system.final()
+    u, c = ch.system.row(theta)
+    th = np.concatenate([u, np.zeros(d_h), [c]])
+    th /= float(np.linalg.norm(th))
+    ok = resid <= 1e-7 and gap >= 1e3
+    reason = "" if ok else f"points do not fix one row (residual {resid:.1e}, gap {gap:.1e})"
+    log.debug("signed walk: %d steps, %d predicted pieces, %d points for %d unknowns, residual %.1e, gap %.1e",
+              ch.steps, len(ch.virtual), ch.system.F.shape[0], len(ch.system.cols), resid, gap)
+    return Walk(th, P, sw, ch.steps, resid, gap, ok, reason)
 
 
 def _region_radius(z: FloatArray, G: FloatArray, v: FloatArray) -> float:
@@ -337,23 +523,30 @@ def walk_boundaries(
     rng: np.random.Generator,
     rel_tol: float,
     max_steps: int | None = None,
+    signed: bool = False,
 ) -> list[Walk]:
     """Walk from each start ``(x, normal)`` until every neuron of the last known layer is switched;
-    every walk advances in the same oracle calls."""
+    every walk advances in the same oracle calls.
+
+    ``signed``: the last known layer's signs are right, so a neuron needs to be on at one point of
+    the walk, not switched (:class:`WalkSystem` in signed mode); the walk then crosses the boundaries
+    of neurons already seen by prediction (:func:`_teleport`) and queries only where a neuron turns
+    on for the first time, and a complete walk is checked at the end (:func:`_check_virtual`)."""
     n_i = layers[-1][0].shape[0]
     n_all = sum(W.shape[0] for W, _ in layers)
     layer_idx = np.arange(n_all - n_i, n_all)
     spread = cfg.input_scale * float(np.sqrt(d0))
     max_steps = 4 * n_i + 32 if max_steps is None else max_steps
     chains = [_Chain(x=x.copy(), g=n / float(np.linalg.norm(n)), points=[x.copy()],
-                     switched=np.zeros(n_all, dtype=bool), system=WalkSystem(layers, x, n)) for x, n in starts]
+                     switched=np.zeros(n_all, dtype=bool), system=WalkSystem(layers, x, n, signed=signed))
+              for x, n in starts]
     for ch in chains:
         ch.switched[: n_all - n_i] = True  # earlier layers: known signs, nothing to learn
     while True:
         active = [c for c in chains if not c.done]
         if not active:
             break
-        plans: list[tuple[_Chain, int, FloatArray, FloatArray, float, FloatArray]] = []
+        plans: list[tuple[_Chain, int, FloatArray, FloatArray, float, FloatArray, FloatArray]] = []
         for ch in active:
             if ch.switched.all():
                 ch.done, ch.reason = True, "complete"
@@ -361,34 +554,54 @@ def walk_boundaries(
             if ch.steps >= max_steps or ch.failures > 12:
                 ch.done, ch.reason = True, f"stopped after {ch.steps} steps ({ch.failures} failures)"
                 continue
+            if signed:
+                ch.saved = (ch.x, ch.g, len(ch.virtual))
+                if ch.no_teleport > 0:
+                    ch.no_teleport -= 1
+                else:
+                    _teleport(ch, layers, layer_idx, spread, rng)
             z, G = _forms(layers, ch.x)
-            plan = _plan(ch, z, G, layer_idx, rng)
+            plan = _plan(ch, z, G, layer_idx, rng, nearest=16 if signed else None)
             if plan is None:
                 ch.done, ch.reason = True, "no unswitched neuron reachable along the boundary"
                 continue
             d, m1, t1, t2 = plan
             ch.steps += 1
+            if signed:
+                across = _across(layers, ch.x, ch.x + t1 * d, ch.g, m1, z, G, d, spread)
+                if across is None:
+                    ch.failures += 1
+                    _undo(ch)
+                    ch.skip.add(m1)
+                    continue
+                p, u_line = across
+                zp, Gp = _forms(layers, p)
+                R = float(np.linalg.norm(u_line))
+                plans.append((ch, m1, p, zp, R, Gp, u_line))
+                continue
             t_c = t1 + 0.5 * min(t2 - t1, max(t1, 0.5 * spread))  # far from the ridge: a long lever for μ
             p = ch.x + t_c * d
             zp, Gp = _forms(layers, p)
             R = min(0.9 * _region_radius(zp, Gp, ch.g), 0.5 * spread)
             if not np.isfinite(R) or R <= 1e-9 * spread:
                 ch.failures += 1
+                _undo(ch)
                 ch.skip.add(m1)
                 continue
-            plans.append((ch, m1, p, zp, R, Gp))
+            plans.append((ch, m1, p, zp, R, Gp, ch.g * R))
         if not plans:
             continue
-        # One batched kink search: a short line along the old normal through each step point.
+        # One batched kink search: a short line along the old normal through each step point (signed
+        # walks: parallel to the crossed boundary, :func:`_across`).
         x0 = np.stack([pl[2] for pl in plans])
-        U = np.stack([pl[0].g * pl[4] for pl in plans])
+        U = np.stack([pl[6] for pl in plans])
         lines, _ = find_kinks(query, x0, U, -1.0, 1.0, 16, rel_tol)
         # Each kink on the search line, nearest first, is a candidate for the new piece of the same
         # neuron; a second, predicted kink on it decides (one batched call for every candidate).
         cands: list[list[tuple[int, FloatArray, FloatArray, FloatArray, float]]] = []
         v_x0: list[FloatArray] = []
         v_u: list[FloatArray] = []
-        for (ch, m1, p, zp, R, Gp), line in zip(plans, lines, strict=True):
+        for (ch, m1, p, zp, R, Gp, _u), line in zip(plans, lines, strict=True):
             mine: list[tuple[int, FloatArray, FloatArray, FloatArray, float]] = []
             pts = line.points()
             for ti in np.argsort(np.abs(line.t))[:4]:
@@ -400,43 +613,72 @@ def walk_boundaries(
                 mu = -float(ch.g @ (y1 - ch.x)) / zm_y1
                 g_new = ch.g + mu * Gp[m1]
                 gn = g_new / float(np.linalg.norm(g_new))
-                v = rng.normal(size=d0)
-                v -= (v @ gn) * gn
-                v /= float(np.linalg.norm(v))
                 zy, Gy = _forms(layers, y1)
-                step = min(0.3 * _region_radius(zy, Gy, v), 0.3 * R)
+                v = Gy[m1] - (Gy[m1] @ gn) * gn if signed and zm_y1 > 0 else rng.normal(size=d0)
+                v -= (v @ gn) * gn
+                nv = float(np.linalg.norm(v))
+                if nv == 0.0:
+                    continue
+                v /= nv
+                if signed and zm_y1 > 0:
+                    # away from the new neuron's boundary, as far as the piece goes: a long lever for its
+                    # weight (a point near its boundary barely sees it, and the row's fit would not either)
+                    rate = Gy @ v
+                    with np.errstate(divide="ignore", invalid="ignore"):
+                        tt = np.where(zy * rate < 0, -zy / rate, np.inf)
+                    step = min(0.5 * float(np.min(tt)), 0.5 * spread)
+                else:
+                    step = min(0.3 * _region_radius(zy, Gy, v), 0.3 * R)
                 p2 = y1 + step * v
                 z2, G2 = _forms(layers, p2)
                 half = min(0.9 * _region_radius(z2, G2, gn), 0.5 * step)
                 if not np.isfinite(step) or step <= 1e-9 * spread or half <= 1e-9 * spread:
                     continue
-                v_x0.append(p2)
+                # signed walks: the predicted kink off the line's middle (a grid node, where a kink
+                # between two affine grid intervals goes unseen)
+                v_x0.append(p2 + _SHIFT * half * gn if signed else p2)
                 v_u.append(gn * half)
                 mine.append((len(v_x0) - 1, y1, gn, p2, step))
             cands.append(mine)
         vlines = find_kinks(query, np.asarray(v_x0), np.asarray(v_u), -1.0, 1.0, 8, rel_tol)[0] if v_x0 else []
         for (ch, m1, *_rest), mine in zip(plans, cands, strict=True):
             hit = None
+            fit: StepFit | None = None
             for vi, y1, gn, _p2, step in mine:
                 vl = vlines[vi]
                 if vl.t.size == 0:
                     continue
-                j = int(np.argmin(np.abs(vl.t)))
+                j = int(np.argmin(np.abs(vl.t + (_SHIFT if signed else 0.0))))
                 off = abs(float(vl.t[j])) * float(np.linalg.norm(vl.u))
+                if signed:
+                    # the first point's μ is imprecise near the ridge, and the second point's lever is
+                    # long: the walk's system (exact points and the start's normal) decides instead
+                    f2 = ch.system.try_points(np.stack([y1, vl.points()[j]]), y1)
+                    if f2.residual <= 1e-8 and f2.prior <= _PRIOR_TOL:
+                        hit, fit = (y1, gn, vl.points()[j]), f2
+                        break
+                    log.debug("walk: candidate misfits (residual %.1e, start normal %.1e)", f2.residual, f2.prior)
+                    continue
                 # the predicted piece must hold at the second point (up to the drift of the estimate)
                 if off <= 1e-4 * step:
                     hit = (y1, gn, vl.points()[j])
                     break
             if hit is None:
-                log.debug("walk: no kink on the search line continues the boundary (%d tried)", len(mine))
+                log.debug("walk: no kink on the search line continues the boundary (%d tried, %d kinks on it)",
+                          len(mine), next(ln.t.size for pl, ln in zip(plans, lines, strict=True) if pl[0] is ch))
                 ch.failures += 1
+                _undo(ch)
                 ch.skip.add(m1)
                 continue
             y1, gn, y2 = hit
-            fit = ch.system.try_points(np.stack([y1, y2]), y1)
-            if not fit.residual <= 1e-8:  # (a NaN misfit is no fit)
-                log.debug("walk: the new points contradict the walk's earlier ones (residual %.1e)", fit.residual)
+            if fit is None:
+                fit = ch.system.try_points(np.stack([y1, y2]), y1)
+            # (a NaN misfit is no fit; a sign-free walk's row is not held to its start's normal)
+            if not (fit.residual <= 1e-8 and (not signed or fit.prior <= _PRIOR_TOL)):
+                log.debug("walk: the new points contradict the walk's earlier ones (residual %.1e, start normal "
+                          "%.1e)", fit.residual, fit.prior)
                 ch.failures += 1
+                _undo(ch)
                 ch.skip.add(m1)
                 continue
             ch.system.commit()
@@ -447,6 +689,9 @@ def walk_boundaries(
                 ch.switched[m1] = True
                 ch.skip = set()
                 ch.failures = 0
+    if signed:
+        _check_virtual(query, layers, [c for c in chains if c.switched.all()], spread, rng)
+        return [_signed_walk(ch, layer_idx, layers[-1][0].shape[1]) for ch in chains]
     out: list[Walk] = []
     for ch in chains:
         P = np.asarray(ch.points)

@@ -37,6 +37,7 @@ class StepFit:
 
     normal: FloatArray | None
     residual: float
+    prior: float = 0.0  # sine of the angle between the row's gradient at x0 and the measured normal
 
 
 class WalkSystem:
@@ -44,25 +45,43 @@ class WalkSystem:
     without keeping them; ``commit`` keeps the last tried points."""
 
     def __init__(
-        self, layers: Sequence[pfx.Layer], x0: FloatArray, normal: FloatArray, weight: float = 1e-3
+        self, layers: Sequence[pfx.Layer], x0: FloatArray, normal: FloatArray, weight: float = 1e-3,
+        signed: bool = False,
     ) -> None:
         """``x0``: the walk's start (an exact kink); ``normal``: the boundary's measured normal there;
         ``weight``: of its equations, relative to a point's (the normal is measured to about 1e-8,
-        points are exact to rounding)."""
+        points are exact to rounding). ``signed``: layer ``i``'s signs are known, so the row is
+        ``z' = Σ_j u_j ReLU(ẑ_j) + c`` (``a = 0``): a column per neuron of layer ``i`` on at some point,
+        and no ``h`` columns."""
         self.layers = list(layers)
+        self.signed = signed
         Z0, H0 = self._state(x0[None, :])
-        self.s = np.where(Z0[0] > 0, -1.0, 1.0)
         h0 = H0[0]
-        # columns: ("h", j) for coordinates of h non-zero at x0, ("c", 0), then ("n", m) as neurons switch
-        self.cols: list[tuple[str, int]] = [("h", int(j)) for j in np.flatnonzero(h0 != 0)] + [("c", 0)]
-        hs = float(np.linalg.norm(h0)) / max(np.sqrt(np.count_nonzero(h0)), 1.0)
+        self.cols: list[tuple[str, int]]
+        if signed:
+            # columns: ("n", j) for the neurons on at x0, ("c", 0), then ("n", m) as neurons turn on
+            self.s = np.ones(Z0.shape[1])
+            on = np.flatnonzero(Z0[0] > 0)
+            self.cols = [("n", int(j)) for j in on] + [("c", 0)]
+            hs = float(np.linalg.norm(Z0[0, on])) / max(np.sqrt(on.size), 1.0)
+        else:
+            # columns: ("h", j) for coordinates of h non-zero at x0, ("c", 0), then ("n", m) as neurons switch
+            self.s = np.where(Z0[0] > 0, -1.0, 1.0)
+            self.cols = [("h", int(j)) for j in np.flatnonzero(h0 != 0)] + [("c", 0)]
+            hs = float(np.linalg.norm(h0)) / max(np.sqrt(np.count_nonzero(h0)), 1.0)
         self.scale = np.array([hs] * (len(self.cols) - 1) + [1.0]) if hs > 0 else np.ones(len(self.cols))
         M, _ = pfx.jacobian(self.layers[:-1], x0)  # the identity when layer i is the first
         g = normal / float(np.linalg.norm(normal))
-        hj = np.array([j for k, j in self.cols if k == "h"], dtype=int)
-        B = M[hj] if hj.size else np.zeros((0, x0.size))
+        hj = np.array([j for k, j in self.cols if k != "c"], dtype=int)
+        if not hj.size:
+            B = np.zeros((0, x0.size))
+        else:  # the gradients of the columns' features at x0
+            B = self.layers[-1][0][hj] @ M if signed else M[hj]
         C = np.zeros((x0.size, len(self.cols)))
         C[:, : hj.size] = (B - np.outer(B @ g, g)).T / self.scale[: hj.size]
+        # the row's gradient at x0 from its first columns (the columns added later are zero near x0)
+        self._grad0: FloatArray = B.T / self.scale[: hj.size]
+        self._g = g
         r0 = self._values(np.maximum(Z0 * self.s, 0.0), H0, self.cols)[0] / self.scale
         cn = float(np.max(np.linalg.norm(C, axis=1))) if C.size else 0.0
         if cn > 0:
@@ -74,6 +93,7 @@ class WalkSystem:
         self.F: FloatArray = r0[None, :]  # every point's row so far (for the misfit of each)
         self.theta = self._solve(self.R, np.ones(p))
         self._tried: tuple[list[tuple[str, int]], FloatArray, FloatArray, FloatArray, FloatArray] | None = None
+        self._determined: bool | None = None
 
     def _state(self, P: FloatArray) -> tuple[FloatArray, FloatArray]:
         """Layer ``i``'s pre-activations and its input ``h`` at the rows of ``P`` (one forward pass)."""
@@ -156,7 +176,8 @@ class WalkSystem:
         Zs = np.maximum(Z * self.s, 0.0)
         have = set(cols)
         new = [("n", int(m)) for m in np.flatnonzero((Zs > 0).any(axis=0)) if ("n", int(m)) not in have]
-        new += [("h", int(j)) for j in np.flatnonzero((H != 0).any(axis=0)) if ("h", int(j)) not in have]
+        if not self.signed:
+            new += [("h", int(j)) for j in np.flatnonzero((H != 0).any(axis=0)) if ("h", int(j)) not in have]
         cols += new
         vals = self._values(Zs, H, new)
         scale = np.concatenate([self.scale, [max(float(np.max(np.abs(vals[:, c]))), np.finfo(float).tiny)
@@ -176,25 +197,85 @@ class WalkSystem:
         resid = float(np.max(np.abs(F @ theta) / rn))
         self._tried = (cols, scale, R, F, theta)
         normal = None if self._ambiguous(R, theta) else self._normal(cols, scale, theta, x)
-        return StepFit(normal, resid)
+        return StepFit(normal, resid, self._prior_misfit(theta))
+
+    def _prior_misfit(self, theta: FloatArray) -> float:
+        """How far the row's gradient at ``x0`` turns from the measured normal (the sine of the
+        angle): the points alone may leave directions that only the weak normal equations hold, and a
+        point of another neuron could turn the row there at little cost in the least squares."""
+        grad = self._grad0 @ theta[: self._grad0.shape[1]]
+        ng = float(np.linalg.norm(grad))
+        if ng == 0.0:
+            return 1.0
+        return float(np.linalg.norm(grad - float(grad @ self._g) * self._g)) / ng
 
     def commit(self) -> None:
         """Keep the points of the last :meth:`try_points`."""
         assert self._tried is not None
         self.cols, self.scale, self.R, self.F, self.theta = self._tried
         self._tried = None
+        self._determined = None
 
     def _normal(self, cols: Sequence[tuple[str, int]], scale: FloatArray, theta: FloatArray,
                 x: FloatArray) -> FloatArray | None:
-        M, _ = pfx.jacobian(self.layers[:-1], x)
+        M, _ = pfx.jacobian(self.layers[:-1], x)  # the identity when layer i is the first
         z = self._state(x[None, :])[0][0] * self.s
-        Gi = self.layers[-1][0] @ M
         t = theta / scale
-        grad = np.zeros(M.shape[1])
-        for c, (kind, j) in enumerate(cols):
-            if kind == "h":
-                grad += t[c] * M[j]
-            elif kind == "n" and z[j] > 0:
-                grad += t[c] * self.s[j] * Gi[j]
+        kinds = np.array([k for k, _j in cols])
+        idx = np.array([j for _k, j in cols], dtype=int)
+        hs = kinds == "h"
+        ns = kinds == "n"
+        ns[ns] = z[idx[ns]] > 0
+        # Σ over on neurons of t_c s_j ŵ_j M, and Σ over h columns of t_c M_j
+        coef = np.zeros(self.layers[-1][0].shape[0])
+        np.add.at(coef, idx[ns], t[ns] * self.s[idx[ns]])
+        grad = (coef @ self.layers[-1][0]) @ M if len(self.layers) > 1 else coef @ self.layers[-1][0]
+        if hs.any():
+            grad = grad + t[hs] @ M[idx[hs]]
         nrm = float(np.linalg.norm(grad))
         return grad / nrm if nrm > 0 else None
+
+    @property
+    def determined(self) -> bool:
+        """Whether the equations so far fix the row (one null direction); kept until the next commit."""
+        if self._determined is None:
+            self._determined = not self._ambiguous(self.R, self.theta)
+        return self._determined
+
+    def normal_at(self, x: FloatArray) -> FloatArray | None:
+        """The unit normal at ``x`` of the current row's boundary piece there."""
+        return self._normal(self.cols, self.scale, self.theta, x)
+
+    def row(self, theta: FloatArray | None = None) -> tuple[FloatArray, float]:
+        """Signed mode: the row on layer ``i``'s outputs (zero on a neuron never on at any point) and its
+        offset, from ``theta`` (the system's current solution by default)."""
+        t = (self.theta if theta is None else theta) / self.scale
+        u = np.zeros(self.s.size)
+        c = 0.0
+        for k, (kind, j) in enumerate(self.cols):
+            if kind == "n":
+                u[j] = t[k] * self.s[j]
+            elif kind == "c":
+                c = float(t[k])
+        return u, c
+
+    def value(self, Y: FloatArray) -> FloatArray:
+        """Signed mode: the current row's pre-activation at the rows of ``Y`` (exact where every neuron
+        on there has a column)."""
+        u, c = self.row()
+        Z, _ = self._state(Y)
+        out: FloatArray = np.maximum(Z, 0.0) @ u + c
+        return out
+
+    def final(self) -> tuple[FloatArray, float, float]:
+        """The row from the exact points alone (the null vector of their rows, without the start's
+        normal), the misfit ``σ_min / σ_max`` and the gap ``σ_2nd / σ_min`` (with fewer points than
+        unknowns the points alone do not fix the row: the system's solution, misfit 0 and gap 0)."""
+        p = len(self.cols)
+        if self.F.shape[0] < p:
+            return self.theta, 0.0, 0.0
+        _, sv, Vt = np.linalg.svd(self.F, full_matrices=False)
+        theta = Vt[-1] * (1.0 if float(Vt[-1] @ self.theta) >= 0 else -1.0)
+        top = float(sv[0]) if sv[0] > 0 else 1.0
+        gap = float(sv[-2] / sv[-1]) if sv[-1] > 0 else np.inf
+        return theta, float(sv[-1] / top), gap

@@ -1,0 +1,124 @@
+"""A layer's rows from signed walks, once the layer before it has its signs (attack-notes §3, the
+rank deficiency behind a layer wider than its space of control).
+
+Behind a layer ``i`` wider than the space of control, one witness of a layer-``i+1`` neuron sees only
+the weights of the layer-``i`` neurons on there, and not even all of those. With layer ``i``'s signs
+known (checked by a few sign-free walks, :func:`relux.attack.walk.walk_layer`), the neuron is
+``z' = Σ_j u_j ReLU(z_j) + c``: a walk along its boundary needs each neuron of layer ``i`` to be on
+at one of its points, not switched both ways, and it crosses the boundaries of the neurons it has
+already seen without a query (:func:`relux.attack.walk.walk_boundaries` with ``signed``). One walk per
+row; the rows already found set their kinks aside when new starts are looked for.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from relux.attack import prefix as pfx
+from relux.attack.config import ExtractionConfig
+from relux.attack.walk import _normals, walk_boundaries
+from relux.attack.walk_system import WalkSystem
+from relux.attack.witnesses import find_candidates
+from relux.oracle.base import FloatArray, QueryFn
+from relux.parallel import Executor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WalkedRows:
+    """Rows of layer ``i+1`` on layer ``i``'s outputs (unit ``(w, b)``), the exact points of each,
+    their misfit, and what it took."""
+
+    W: FloatArray
+    b: FloatArray
+    points: tuple[FloatArray, ...]
+    residual: FloatArray
+    walks: int
+    complete: int
+    reason: str
+
+
+def walk_rows(
+    query: QueryFn,
+    layers: Sequence[pfx.Layer],
+    width: int,
+    d0: int,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    rel_tol: float,
+    known: Sequence[tuple[FloatArray, float, FloatArray]] = (),
+    batch: int = 8,
+    max_rounds: int = 48,
+    executor: Executor | None = None,
+) -> WalkedRows:
+    """Up to ``width`` rows of the layer behind ``layers`` (whose last layer's signs are right) from
+    one signed walk each; ``known``: rows already found, as ``(w, b, points)``. Stops when the layer
+    is complete, or after 12 rounds of search lines that gave no new row, or ``max_rounds``."""
+    n_i = layers[-1][0].shape[0]
+    n_grid = int(cfg.grid_per_neuron * (n_i + width)) + 16
+    rows: list[tuple[FloatArray, float, FloatArray, float]] = []
+    for w, b, P in known:
+        nrm = float(np.linalg.norm(np.append(w, b)))
+        rows.append((np.asarray(w, dtype=float) / nrm, float(b) / nrm, P, 0.0))
+    walks = complete = 0
+    last_new = 0
+    reason = ""
+    for rnd in range(max_rounds):
+        if len(rows) >= width:
+            break
+        if rnd - last_new > 12:
+            reason = f"no new row in {rnd - last_new} rounds of search lines"
+            break
+        kn = (np.stack([r[0] for r in rows]), np.array([r[1] for r in rows])) if rows else None
+        cands, _ = find_candidates(query, layers, d0, 2, n_grid, cfg, rng, rel_tol, known=kn)
+        before = len(rows)
+        # (no query: more neurons on than inputs can never be determined by the start's normal)
+        cands = [cd for cd in cands if int((pfx.forward(layers, cd.x[None, :])[0][-1] > 0).sum()) < d0]
+        while cands and len(rows) < width:
+            take, cands = cands[:batch], cands[batch:]
+            # A start where more neurons of layer i are on than its normal can separate leaves the
+            # row undetermined for many steps, and such walks rarely complete: others are walked.
+            starts = [(x, n) for x, n in _normals(query, layers, d0, take, cfg, executor)
+                      if not _on_rows(layers, rows, x) and WalkSystem(layers, x, n, signed=True).determined]
+            if not starts:
+                continue
+            for wk in walk_boundaries(query, layers, starts, d0, cfg, rng, rel_tol, signed=True):
+                walks += 1
+                if not wk.ok:
+                    log.debug("signed walk failed: %s (%d steps, %d/%d on)", wk.reason, wk.steps,
+                              int(wk.switched.sum()), n_i)
+                    continue
+                complete += 1
+                w, c = wk.theta[:n_i], float(wk.theta[-1])
+                nrm = float(np.linalg.norm(np.append(w, c)))
+                w, c = w / nrm, c / nrm
+                if any(abs(float(w @ r[0] + c * r[1])) > 1 - 1e-6 for r in rows):
+                    continue
+                rows.append((w, c, wk.points, wk.residual))
+            cands = [cd for cd in cands if not _on_rows(layers, rows, cd.x)]
+        if len(rows) > before:
+            last_new = rnd
+        log.debug("signed walks: %d/%d rows after %d walks (%d complete)", len(rows), width, walks, complete)
+    W_out = np.stack([r[0] for r in rows]) if rows else np.zeros((0, n_i))
+    b_out = np.array([r[1] for r in rows], dtype=float)
+    if len(rows) < width and not reason:
+        reason = f"{len(rows)}/{width} rows after {max_rounds} rounds"
+    return WalkedRows(W_out, b_out, tuple(r[2] for r in rows), np.array([r[3] for r in rows]), walks, complete, reason)
+
+
+def _on_rows(layers: Sequence[pfx.Layer], rows: Sequence[tuple[FloatArray, float, FloatArray, float]],
+             x: FloatArray) -> bool:
+    """Whether ``x`` is on the boundary of one of ``rows`` (a start there would walk it again)."""
+    if not rows:
+        return False
+    _, H = pfx.forward(layers, x[None, :])
+    W = np.stack([r[0] for r in rows])
+    b = np.array([r[1] for r in rows])
+    v = W @ H[0] + b
+    scale = np.linalg.norm(W, axis=1) * (float(np.linalg.norm(H[0])) + 1.0)
+    return bool(np.any(np.abs(v) <= 1e-6 * scale))

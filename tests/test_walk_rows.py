@@ -1,0 +1,101 @@
+"""Rows of a layer behind one wider than its space of control, from signed walks
+(relux.attack.walk_rows), and the signed walk system (relux.attack.walk_system)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from relux.attack.config import ExtractionConfig
+from relux.attack.walk_rows import walk_rows
+from relux.attack.walk_system import WalkSystem
+from relux.model import MLP
+from relux.oracle import CountingOracle, MLPOracle
+from relux.zoo import random_mlp
+
+
+@pytest.fixture(scope="module")
+def expansive() -> MLP:
+    # layer 1 (16 neurons) is twice as wide as the input (8): a witness sees only part of a layer-2 row
+    return random_mlp((8, 16, 6, 1), np.random.default_rng(1))
+
+
+def _unit(W: np.ndarray, b: np.ndarray) -> np.ndarray:
+    T = np.concatenate([W, b[:, None]], axis=1)
+    return np.asarray(T / np.linalg.norm(T, axis=1, keepdims=True))
+
+
+def test_signed_walks_give_every_row_exactly(expansive: MLP) -> None:
+    W1, b1 = expansive.layers[0]
+    n1 = np.linalg.norm(np.concatenate([W1, b1[:, None]], axis=1), axis=1)
+    layer = (W1 / n1[:, None], b1 / n1)  # the known first layer, signs right, rows unit
+    oracle = CountingOracle(MLPOracle(expansive))
+    out = walk_rows(oracle.query, [layer], 6, 8, ExtractionConfig(seed=0), np.random.default_rng(0), 1e-9)
+    assert out.W.shape == (6, 16), out.reason
+    W2, b2 = expansive.layers[1]
+    cos = np.abs(_unit(out.W, out.b) @ _unit(W2 * n1[None, :], b2).T)
+    # exact kinks through one known layer: float64 rounding (~1e-13) far below 1e-9
+    assert np.all(1.0 - cos.max(axis=1) <= 1e-9)
+    assert sorted(cos.argmax(axis=1).tolist()) == list(range(6))
+    assert out.walks >= 6 and oracle.queries > 0
+
+
+def test_signed_system_needs_no_columns_for_neurons_never_on() -> None:
+    rng = np.random.default_rng(2)
+    W1, b1 = rng.normal(size=(9, 4)), rng.normal(size=9)
+    w2, b2 = rng.normal(size=9), 0.2
+    # a point on the layer-2 boundary, and its exact normal
+    for _ in range(1000):
+        x = rng.normal(size=4)
+        on = (W1 @ x + b1) > 0
+        g = (on * w2) @ W1
+        x = x - (np.maximum(W1 @ x + b1, 0) @ w2 + b2) / (g @ g) * g
+        if np.array_equal((W1 @ x + b1) > 0, on) and 0 < on.sum() < 4:
+            break
+    ws = WalkSystem([(W1, b1)], x, g, signed=True)
+    assert {j for k, j in ws.cols if k == "n"} == set(np.flatnonzero(on).tolist())
+    assert ws.determined  # fewer neurons on than the input's dimension: the start's normal fixes them
+    u, c = ws.row()
+    ref = np.append(np.where(on, w2, 0.0), b2)
+    est = np.append(u, c)
+    # the start normal enters 1e-3 weaker than the start point, both exact here: rounding only
+    assert abs(abs(est @ ref) / (np.linalg.norm(est) * np.linalg.norm(ref)) - 1.0) <= 1e-12
+
+
+def test_search_line_across_a_crossed_boundary_meets_the_next_piece() -> None:
+    # The next piece of a boundary past neuron m's hyperplane is a hyperplane through the ridge, at a
+    # tilt set by the unknown weight; a line parallel to m's hyperplane, a little past it, meets it.
+    from relux.attack.walk import _across, _forms
+
+    hits = tries = 0
+    for seed in range(400):
+        if tries == 40:
+            break
+        rng = np.random.default_rng(seed)
+        W1, b1 = rng.normal(size=(12, 5)), rng.normal(size=12)
+        w2, b2 = rng.normal(size=12), 0.1
+        layers = [(W1, b1)]
+        x = rng.normal(size=5)
+        on = (W1 @ x + b1) > 0
+        g = (on * w2) @ W1
+        x = x - (np.maximum(W1 @ x + b1, 0) @ w2 + b2) / (g @ g) * g  # onto the boundary (same piece)
+        if not np.array_equal((W1 @ x + b1) > 0, on):
+            continue
+        g /= np.linalg.norm(g)
+        d = rng.normal(size=5)
+        d -= (d @ g) * g
+        d /= np.linalg.norm(d)
+        z, G = _forms(layers, x)
+        rate = G @ d
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = np.where(z * rate < 0, -z / rate, np.inf)
+        m = int(np.argmin(t))
+        line = _across(layers, x, x + t[m] * d, g, m, z, G, d, 10.0)
+        if line is None:
+            continue
+        tries += 1
+        p, u = line
+        ends = np.maximum(np.stack([p - u, p + u]) @ W1.T + b1, 0) @ w2 + b2
+        hits += bool(ends[0] * ends[1] < 0)
+    # a piece nearly parallel to m's hyperplane meets the line beyond its region: rare
+    assert tries == 40 and hits >= 0.9 * tries
