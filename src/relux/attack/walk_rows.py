@@ -77,14 +77,17 @@ def walk_rows(
         kn = (np.stack([r[0] for r in rows]), np.array([r[1] for r in rows])) if rows else None
         cands, _ = find_candidates(query, layers, d0, 2, n_grid, cfg, rng, rel_tol, known=kn)
         before = len(rows)
-        # (no query: more neurons on than inputs can never be determined by the start's normal)
-        cands = [cd for cd in cands if int((pfx.forward(layers, cd.x[None, :])[0][-1] > 0).sum()) < d0]
+        # A start where more neurons of layer i are on than its normal can separate leaves the row
+        # undetermined for many steps, and such walks rarely complete: others are walked first (more
+        # neurons on than inputs is seen without a query). After rounds without a new row, any start.
+        picky = rnd - last_new <= 4
+        if picky:
+            cands = [cd for cd in cands if int((pfx.forward(layers, cd.x[None, :])[0][-1] > 0).sum()) < d0]
         while cands and len(rows) < width:
             take, cands = cands[:batch], cands[batch:]
-            # A start where more neurons of layer i are on than its normal can separate leaves the
-            # row undetermined for many steps, and such walks rarely complete: others are walked.
             starts = [(x, n) for x, n in _normals(query, layers, d0, take, cfg, executor)
-                      if not _on_rows(layers, rows, x) and WalkSystem(layers, x, n, signed=True).determined]
+                      if not _on_rows(layers, rows, x)
+                      and (not picky or WalkSystem(layers, x, n, signed=True).determined)]
             if not starts:
                 continue
             for wk in walk_boundaries(query, layers, starts, d0, cfg, rng, rel_tol, signed=True):
