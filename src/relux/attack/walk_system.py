@@ -221,6 +221,16 @@ class WalkSystem:
         M, _ = pfx.jacobian(self.layers[:-1], x)  # the identity when layer i is the first
         z = self._state(x[None, :])[0][0] * self.s
         t = theta / scale
+        if not self.signed:  # (term by term: the sign-free walks' results stay bit for bit as they were)
+            Gi = self.layers[-1][0] @ M
+            g0 = np.zeros(M.shape[1])
+            for c, (kind, j) in enumerate(cols):
+                if kind == "h":
+                    g0 += t[c] * M[j]
+                elif kind == "n" and z[j] > 0:
+                    g0 += t[c] * self.s[j] * Gi[j]
+            n0 = float(np.linalg.norm(g0))
+            return g0 / n0 if n0 > 0 else None
         kinds = np.array([k for k, _j in cols])
         idx = np.array([j for _k, j in cols], dtype=int)
         hs = kinds == "h"
