@@ -280,9 +280,10 @@ def _walked_layer(
     executor: Executor | None = None,
 ) -> tuple[list[tuple[FloatArray, FloatArray]], list[LayerReport], LayerOutcome | None]:
     """Walks along layer-``i`` boundaries (:mod:`relux.attack.walk`): the signs of layer ``i - 1``,
-    checked and repaired in place (with its report), and, with ``full``, layer ``i``'s outcome when
-    every row was walked (otherwise at most ``cfg.check_walks`` walks and three rows suffice for the
-    check). ``executor`` runs the per-witness work of the walks' starts."""
+    checked and repaired in place (with its report) by at most ``cfg.check_walks`` sign-free walks
+    (three rows suffice for the check), and, with ``full``, layer ``i``'s outcome when every row was
+    walked: by signed walks (:mod:`relux.attack.walk_rows`) once every sign is decided, else by
+    sign-free walks. ``executor`` runs the per-witness work of the walks' starts."""
     from relux.attack.deep import outcome_from_rows
     from relux.attack.missing import recover_from_walks
     from relux.attack.walk import walk_layer

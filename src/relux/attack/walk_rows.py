@@ -58,7 +58,7 @@ def walk_rows(
 ) -> WalkedRows:
     """Up to ``width`` rows of the layer behind ``layers`` (whose last layer's signs are right) from
     one signed walk each; ``known``: rows already found, as ``(w, b, points)``. Stops when the layer
-    is complete, or after 12 rounds of search lines that gave no new row, or ``max_rounds``."""
+    is complete, or after 13 rounds of search lines in a row that gave no new row, or ``max_rounds``."""
     n_i = layers[-1][0].shape[0]
     n_grid = int(cfg.grid_per_neuron * (n_i + width)) + 16
     rows: list[tuple[FloatArray, float, FloatArray, float]] = []
@@ -106,7 +106,7 @@ def walk_rows(
             cands = [cd for cd in cands if not _on_rows(layers, rows, cd.x)]
         if len(rows) > before:
             last_new = rnd
-        log.debug("signed walks: %d/%d rows after %d walks (%d complete)", len(rows), width, walks, complete)
+            log.info("signed walks: %d/%d rows after %d walks (%d complete)", len(rows), width, walks, complete)
     W_out = np.stack([r[0] for r in rows]) if rows else np.zeros((0, n_i))
     b_out = np.array([r[1] for r in rows], dtype=float)
     if len(rows) < width and not reason:

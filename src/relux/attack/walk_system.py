@@ -252,6 +252,10 @@ class WalkSystem:
             self._determined = not self._ambiguous(self.R, self.theta)
         return self._determined
 
+    def has_column(self, j: int) -> bool:
+        """Whether neuron ``j`` of layer ``i`` has a column (switched, or on in signed mode)."""
+        return ("n", int(j)) in self.cols
+
     def normal_at(self, x: FloatArray) -> FloatArray | None:
         """The unit normal at ``x`` of the current row's boundary piece there."""
         return self._normal(self.cols, self.scale, self.theta, x)
