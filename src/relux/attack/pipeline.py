@@ -344,8 +344,8 @@ def _walked_layer(
     if signed:
         from relux.attack.walk_rows import walk_rows
 
-        wr = walk_rows(q, layers, width, d0, cfg, rng, rel_tol,
-                       known=list(zip(wo.W_next, wo.b_next, wo.points, strict=True)), executor=executor)
+        known = list(zip(wo.W_next, wo.b_next, wo.points, wo.row_residual, strict=True))
+        wr = walk_rows(q, layers, width, d0, cfg, rng, rel_tol, known=known, executor=executor)
         log.info("layer %d: %d/%d rows from %d signed walks (%d complete)%s", i, wr.W.shape[0], width, wr.walks,
                  wr.complete, f"; {wr.reason}" if wr.reason else "")
         if wr.W.shape[0] < width:

@@ -51,20 +51,20 @@ def walk_rows(
     cfg: ExtractionConfig,
     rng: np.random.Generator,
     rel_tol: float,
-    known: Sequence[tuple[FloatArray, float, FloatArray]] = (),
+    known: Sequence[tuple[FloatArray, float, FloatArray, float]] = (),
     batch: int = 8,
     max_rounds: int = 48,
     executor: Executor | None = None,
 ) -> WalkedRows:
     """Up to ``width`` rows of the layer behind ``layers`` (whose last layer's signs are right) from
-    one signed walk each; ``known``: rows already found, as ``(w, b, points)``. Stops when the layer
-    is complete, or after 13 rounds of search lines in a row that gave no new row, or ``max_rounds``."""
+    one signed walk each; ``known``: rows already found, as ``(w, b, points, residual)``. Stops when
+    the layer is complete, or after 13 rounds of search lines in a row that gave no new row, or ``max_rounds``."""
     n_i = layers[-1][0].shape[0]
     n_grid = int(cfg.grid_per_neuron * (n_i + width)) + 16
     rows: list[tuple[FloatArray, float, FloatArray, float]] = []
-    for w, b, P in known:
+    for w, b, P, res in known:
         nrm = float(np.linalg.norm(np.append(w, b)))
-        rows.append((np.asarray(w, dtype=float) / nrm, float(b) / nrm, P, 0.0))
+        rows.append((np.asarray(w, dtype=float) / nrm, float(b) / nrm, P, float(res)))
     walks = complete = 0
     last_new = 0
     reason = ""
