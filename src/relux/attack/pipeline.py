@@ -291,8 +291,9 @@ def _walked_layer(
     prev = reports[-1]
     short = prev.width - layers[-1][0].shape[0]
     # A few sign-free walks first: they decide layer i-1's signs; then, for an expansive layer,
-    # one signed walk per row (each neuron of layer i-1 on once, not switched both ways). When the
-    # few walks leave a sign undecided, sign-free walks give every row instead.
+    # one signed walk per row (its row has no term for the signs, so the start's normal fixes it
+    # early and crossings already made are predicted). When the few walks leave a sign undecided,
+    # sign-free walks give every row instead.
     wo = walk_layer(q, layers, width, d0, cfg, rng, rel_tol, rows_wanted=min(3, width), max_rounds=3,
                     missing=short, executor=executor, max_walks=cfg.check_walks)
     signed = full and wo.solution is not None and wo.solution.ok and bool(wo.decided.all()) and not short

@@ -181,9 +181,9 @@ def _teleport(ch: _Chain, layers: Sequence[pfx.Layer], layer_idx: FloatArray, sp
               rng: np.random.Generator, limit: int = 64) -> None:
     """Signed walks: follow the row's predicted boundary across the boundaries of neurons the walk has
     switched already (known neurons, or neurons of layer ``i`` with a column, crossed at a measured
-    step) until the next crossing is of a neuron not switched yet, without a query. Each piece's boundary is exact there
-    (nothing unknown is on), so the walk queries only where a new weight enters; the pieces passed
-    are checked by points measured at the end of the walk (:func:`_check_virtual`)."""
+    step) until the next crossing is of a neuron not switched yet, without a query. Each piece's
+    boundary is exact there (nothing unknown is on), so the walk queries only where a new weight
+    enters; the pieces passed are checked by points measured at the end (:func:`_check_virtual`)."""
     for _ in range(limit):
         todo = np.flatnonzero(~ch.switched[layer_idx])
         if ch.failures >= 3 or not todo.size or not ch.system.determined:
@@ -242,10 +242,12 @@ def _check_virtual(
     the prediction ends its walk as failed."""
     from relux.attack.polish import OFFSETS, kink_in_bracket
 
+    # points wanted per walk: enough to outnumber its unknowns by an eighth
+    wanted = {id(ch): max(len(ch.system.cols) - ch.system.F.shape[0], 0) + max(8, len(ch.system.cols) // 8)
+              for ch in chains}
     plans: list[tuple[_Chain, FloatArray, FloatArray, FloatArray]] = []
     for ch in chains:
-        p = len(ch.system.cols)
-        want = max(p - ch.system.F.shape[0], 0) + max(8, p // 8)
+        want = wanted[id(ch)]
         cand = list(ch.virtual)
         rng.shuffle(cand)
         for y in ch.points[1:]:
@@ -287,8 +289,7 @@ def _check_virtual(
             displaced[id(ch)] = displaced.get(id(ch), 0) + 1
     for ch in chains:
         pts = got.get(id(ch), [])
-        p = len(ch.system.cols)
-        want = max(p - ch.system.F.shape[0], 0) + max(8, p // 8)
+        want = wanted[id(ch)]
         P = np.asarray(pts[:want])
         # three quarters of the predicted kinks where predicted, hardly any elsewhere (two kinks in a
         # bracket's middle interval, rarely: a wrong row misses most of its predictions)
@@ -654,7 +655,7 @@ def walk_boundaries(
                 mine.append((len(v_x0) - 1, y1, gn, p2, step))
             cands.append(mine)
         vlines = find_kinks(query, np.asarray(v_x0), np.asarray(v_u), -1.0, 1.0, 8, rel_tol)[0] if v_x0 else []
-        for (ch, m1, *_rest), mine in zip(plans, cands, strict=True):
+        for (ch, m1, *_rest), mine, line in zip(plans, cands, lines, strict=True):
             hit = None
             fit: StepFit | None = None
             for vi, y1, gn, _p2, step in mine:
@@ -678,7 +679,7 @@ def walk_boundaries(
                     break
             if hit is None:
                 log.debug("walk: no kink on the search line continues the boundary (%d tried, %d kinks on it)",
-                          len(mine), next(ln.t.size for pl, ln in zip(plans, lines, strict=True) if pl[0] is ch))
+                          len(mine), line.t.size)
                 ch.failures += 1
                 _undo(ch)
                 ch.skip.add(m1)

@@ -231,17 +231,13 @@ class WalkSystem:
                     g0 += t[c] * self.s[j] * Gi[j]
             n0 = float(np.linalg.norm(g0))
             return g0 / n0 if n0 > 0 else None
-        kinds = np.array([k for k, _j in cols])
+        # signed: no h columns; Σ over the neurons on at x of t_c ŵ_j M (s = 1)
+        ns = np.array([k == "n" for k, _j in cols])
         idx = np.array([j for _k, j in cols], dtype=int)
-        hs = kinds == "h"
-        ns = kinds == "n"
         ns[ns] = z[idx[ns]] > 0
-        # Σ over on neurons of t_c s_j ŵ_j M, and Σ over h columns of t_c M_j
         coef = np.zeros(self.layers[-1][0].shape[0])
-        np.add.at(coef, idx[ns], t[ns] * self.s[idx[ns]])
+        coef[idx[ns]] = t[ns]
         grad = (coef @ self.layers[-1][0]) @ M if len(self.layers) > 1 else coef @ self.layers[-1][0]
-        if hs.any():
-            grad = grad + t[hs] @ M[idx[hs]]
         nrm = float(np.linalg.norm(grad))
         return grad / nrm if nrm > 0 else None
 
@@ -272,14 +268,6 @@ class WalkSystem:
             elif kind == "c":
                 c = float(t[k])
         return u, c
-
-    def value(self, Y: FloatArray) -> FloatArray:
-        """Signed mode: the current row's pre-activation at the rows of ``Y`` (exact where every neuron
-        on there has a column)."""
-        u, c = self.row()
-        Z, _ = self._state(Y)
-        out: FloatArray = np.maximum(Z, 0.0) @ u + c
-        return out
 
     def final(self) -> tuple[FloatArray, float, float]:
         """The row from the exact points alone (the null vector of their rows, without the start's
