@@ -65,7 +65,7 @@ def test_signed_system_needs_no_columns_for_neurons_never_on() -> None:
 def test_search_line_across_a_crossed_boundary_meets_the_next_piece() -> None:
     # The next piece of a boundary past neuron m's hyperplane is a hyperplane through the ridge, at a
     # tilt set by the unknown weight; a line parallel to m's hyperplane, a little past it, meets it.
-    from relux.attack.walk import _across, _forms
+    from relux.attack.walk import _across, _Chain, _forms
 
     hits = tries = 0
     for seed in range(400):
@@ -90,12 +90,15 @@ def test_search_line_across_a_crossed_boundary_meets_the_next_piece() -> None:
         with np.errstate(divide="ignore", invalid="ignore"):
             t = np.where(z * rate < 0, -z / rate, np.inf)
         m = int(np.argmin(t))
-        line = _across(layers, x, x + t[m] * d, g, m, z, G, d, 10.0)
-        if line is None:
+        ch = _Chain(x=x, g=g, points=[x], switched=np.zeros(12, dtype=bool),
+                    system=WalkSystem(layers, x, g, signed=True))
+        st = _across(layers, ch, x + t[m] * d, m, z, G, d, 10.0)
+        if st is None:
             continue
         tries += 1
-        p, u = line
-        ends = np.maximum(np.stack([p - u, p + u]) @ W1.T + b1, 0) @ w2 + b2
+        # the short line that the walk searches first: a tenth of the region's span about p
+        h = min(-st.lo, st.hi, 0.1 * (st.hi - st.lo))
+        ends = np.maximum(np.stack([st.p - h * st.u, st.p + h * st.u]) @ W1.T + b1, 0) @ w2 + b2
         hits += bool(ends[0] * ends[1] < 0)
-    # a piece nearly parallel to m's hyperplane meets the line beyond its region: rare
+    # a piece nearly parallel to m's hyperplane meets the line beyond it: rare
     assert tries == 40 and hits >= 0.9 * tries

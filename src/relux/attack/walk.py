@@ -98,6 +98,7 @@ class _Chain:
     saved: tuple[FloatArray, FloatArray, int] | None = None  # signed walks: where this step's teleports began
     no_teleport: int = 0  # signed walks: steps to take without teleports (after teleports led nowhere)
     steps: int = 0
+    last_new: int = 0  # the step that last switched a neuron
     failures: int = 0
     done: bool = False
     reason: str = ""
@@ -130,7 +131,8 @@ def _plan(
     After failures, a random tangent direction (to look again from another region). ``nearest``:
     consider only that many unswitched neurons, the nearest along the boundary."""
     n = ch.g
-    todo = [int(j) for j in layer_idx if not ch.switched[j] and int(j) not in ch.skip]
+    free = layer_idx[~ch.switched[layer_idx]]
+    todo = [int(j) for j in free if int(j) not in ch.skip] if ch.skip else free.tolist()
     if (ch.failures >= 3 and ch.failures % 2 == 1) or not todo:
         d = rng.normal(size=n.size)
         d -= (d @ n) * n
@@ -141,16 +143,28 @@ def _plan(
         return (d, m1, t1, t2) if np.isfinite(t1) else None
     # every candidate direction at once: towards neuron j's boundary within the current boundary
     J = np.asarray(todo)
-    Pj = G[J] - np.outer(G[J] @ n, n)
-    nrm = np.linalg.norm(Pj, axis=1)
-    ok = nrm > 1e-12 * np.linalg.norm(G[J], axis=1)
-    if not ok.any():
-        return None
-    J, Pj, nrm = J[ok], Pj[ok], nrm[ok]
     if nearest is not None and J.size > nearest:
-        # the neurons nearest along the boundary only (each candidate costs a pass over all neurons)
-        keep = np.argpartition(np.abs(z[J]) / nrm, nearest)[:nearest]
-        J, Pj, nrm = J[keep], Pj[keep], nrm[keep]
+        # the neurons nearest along the boundary only (each candidate costs a pass over all neurons):
+        # the distance from the projection's length, |P_j|² = |G_j|² - (G_j·n)², before any P_j
+        GJ = G[J]
+        gg = np.einsum("ij,ij->i", GJ, GJ)
+        nrm = np.sqrt(np.maximum(gg - (GJ @ n) ** 2, 0.0))
+        ok = nrm > 1e-6 * np.sqrt(gg)  # (the squares' rounding: a boundary nearly parallel is far anyway)
+        if not ok.any():
+            return None
+        J, nrm = J[ok], nrm[ok]
+        if J.size > nearest:
+            keep = np.argpartition(np.abs(z[J]) / nrm, nearest)[:nearest]
+            J = J[keep]
+        Pj = G[J] - np.outer(G[J] @ n, n)
+        nrm = np.linalg.norm(Pj, axis=1)
+    else:
+        Pj = G[J] - np.outer(G[J] @ n, n)
+        nrm = np.linalg.norm(Pj, axis=1)
+        ok = nrm > 1e-12 * np.linalg.norm(G[J], axis=1)
+        if not ok.any():
+            return None
+        J, Pj, nrm = J[ok], Pj[ok], nrm[ok]
     sgn = np.where(z[J] != 0, -np.sign(z[J]), 1.0)
     D = Pj * (sgn / nrm)[:, None]
     rate = G @ D.T  # (neurons, candidates)
@@ -178,37 +192,39 @@ def _plan(
 
 
 def _teleport(ch: _Chain, layers: Sequence[pfx.Layer], layer_idx: FloatArray, spread: float,
-              rng: np.random.Generator, limit: int = 64) -> None:
+              rng: np.random.Generator, limit: int = 64) -> tuple[FloatArray, FloatArray] | None:
     """Signed walks: follow the row's predicted boundary across the boundaries of neurons the walk has
     switched already (known neurons, or neurons of layer ``i`` with a column, crossed at a measured
     step) until the next crossing is of a neuron not switched yet, without a query. Each piece's
     boundary is exact there (nothing unknown is on), so the walk queries only where a new weight
-    enters; the pieces passed are checked by points measured at the end (:func:`_check_virtual`)."""
+    enters; the pieces passed are checked by points measured at the end (:func:`_check_virtual`).
+    Returns the prefix's forms (:func:`_forms`) where the walk is left, when they were computed."""
+    forms: tuple[FloatArray, FloatArray] | None = None
     for _ in range(limit):
-        todo = np.flatnonzero(~ch.switched[layer_idx])
+        todo = layer_idx[~ch.switched[layer_idx]]
         if ch.failures >= 3 or not todo.size or not ch.system.determined:
-            return
-        if all(int(layer_idx[j]) in ch.skip for j in todo):
-            return  # (the plan would pick a random direction and forget the skipped neurons)
-        z, G = _forms(layers, ch.x)
+            return forms
+        if ch.skip and ch.skip.issuperset(todo.tolist()):
+            return forms  # (the plan would pick a random direction and forget the skipped neurons)
+        z, G = forms if forms is not None else _forms(layers, ch.x)
+        forms = (z, G)
         plan = _plan(ch, z, G, layer_idx, rng, nearest=16)  # not random: under 3 failures, some todo
         if plan is None:
-            return
+            return forms
         d, m1, t1, t2 = plan
         if not ch.switched[m1] or not np.isfinite(t1):
-            return
+            return forms
         q = ch.x + t1 * d
         probe = q + 1e-6 * min(t2 - t1, spread) * d
         n_new = ch.system.normal_at(probe)
         if n_new is None:
-            return
+            return forms
         d2 = d - (d @ n_new) * n_new
         nd = float(np.linalg.norm(d2))
         if nd <= 1e-9 or (G[m1] @ d2) * (G[m1] @ d) <= 0:
-            return  # the boundary folds back at m1: the step must look for its piece
+            return forms  # the boundary folds back at m1: the step must look for its piece
         d2 /= nd
         zq, Gq = _forms(layers, probe)
-        zq[m1] = 0.0
         rate = Gq @ d2
         with np.errstate(divide="ignore", invalid="ignore"):
             tt = np.where(zq * rate < 0, -zq / rate, np.inf)
@@ -216,10 +232,12 @@ def _teleport(ch: _Chain, layers: Sequence[pfx.Layer], layer_idx: FloatArray, sp
         t_next = float(np.min(tt))
         tau = 0.5 * min(t_next, spread)
         if not np.isfinite(tau) or tau <= 1e-9 * spread:
-            return
+            return forms
         ch.x = q + tau * d2
         ch.g = n_new
         ch.virtual.append(ch.x.copy())
+        forms = (zq + Gq @ (ch.x - probe), Gq)  # affine in the piece's region (the forms at probe hold there)
+    return forms
 
 
 def _undo(ch: _Chain) -> None:
@@ -311,18 +329,72 @@ def _check_virtual(
 # measured to about 1e-8 and at worst a few 1e-6 (from a kink near other boundaries); a row bent to fit
 # another neuron's points turns by 1e-4 or far more.
 _PRIOR_TOL = 1e-5
-_SHIFT = 0.3719  # where a signed walk's verifying line has the predicted kink (in half-lengths, off the grid)
+# A signed walk's second point is looked for this close to where its first point predicts it (in
+# units of the piece's reach there): the prediction is good to about 1e-8 of it, and a narrow bracket
+# rarely holds another neuron's kink.
+_BRACKET = 2e-3
+
+
+def _predicted_kinks(query: QueryFn, X0: FloatArray, U: FloatArray) -> list[FloatArray | None]:
+    """The kink in a narrow bracket about each predicted point ``X0[i]`` along ``U[i]``, or None (no
+    kink there, or another one beside it); 6 queries each (:func:`relux.attack.polish.kink_in_bracket`)."""
+    from relux.attack.polish import OFFSETS, kink_in_bracket
+
+    T = _BRACKET * np.asarray(OFFSETS)
+    X = X0[:, None, :] + T[None, :, None] * U[:, None, :]
+    Y = query(X.reshape(-1, X0.shape[1])).reshape(X0.shape[0], T.size, -1)
+    out: list[FloatArray | None] = []
+    for x0, u, Yi in zip(X0, U, Y, strict=True):
+        t = kink_in_bracket(T, Yi)
+        out.append(None if t is None else x0 + t * u)
+    return out
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One step of a walk: its chain, the neuron ``m`` to cross, and a search line ``p + t u`` with
+    ``t`` in ``[lo, hi]`` (input distance) for the boundary's piece past ``m``; ``R`` bounds the
+    second point's reach."""
+
+    ch: _Chain
+    m: int
+    p: FloatArray
+    zp: FloatArray
+    Gp: FloatArray
+    u: FloatArray
+    lo: float
+    hi: float
+    R: float
+
+
+def _fail(ch: _Chain, m: int) -> None:
+    """A step that found no next piece: count it, undo its teleports, and try another neuron first."""
+    ch.failures += 1
+    _undo(ch)
+    ch.skip.add(m)
+
+
+def _beside(layers: Sequence[pfx.Layer], ch: _Chain, m: int, p: FloatArray, spread: float) -> _Step | None:
+    """Sign-free walks: a search line along the old normal through ``p``, a point past ``m``'s
+    boundary far from the ridge (a long lever for the new piece's tilt)."""
+    zp, Gp = _forms(layers, p)
+    R = min(0.9 * _region_radius(zp, Gp, ch.g), 0.5 * spread)
+    if not np.isfinite(R) or R <= 1e-9 * spread:
+        return None
+    return _Step(ch, m, p, zp, Gp, ch.g, -R, R, R)
 
 
 def _across(
-    layers: Sequence[pfx.Layer], x: FloatArray, q: FloatArray, g: FloatArray, m: int, z: FloatArray, G: FloatArray,
-    d: FloatArray, spread: float,
-) -> tuple[FloatArray, FloatArray] | None:
+    layers: Sequence[pfx.Layer], ch: _Chain, q: FloatArray, m: int, z: FloatArray, G: FloatArray, d: FloatArray,
+    spread: float,
+) -> _Step | None:
     """Signed walks: a search line for the boundary's next piece past neuron ``m``'s boundary, crossed
     at ``q`` along ``d``. The next piece is a hyperplane through the ridge where the current piece meets
-    ``m``'s boundary, at an unknown tilt; a line parallel to ``m``'s boundary, a little way past it,
-    meets it whatever the tilt, at a distance that shrinks with that little way (a line along the old
-    normal misses a piece tilted back). Returns the line's middle and its half-length vector."""
+    ``m``'s boundary, at an unknown tilt; a line parallel to ``m``'s boundary, a little way ``s`` past
+    it, meets it whatever the tilt, about ``s`` times the tilt's cotangent from its point nearest the
+    ridge (a line along the old normal misses a piece tilted back). The line spans the region about
+    that point, so that no known neuron's kink is on it."""
+    g = ch.g
     nm = G[m] * (1.0 if float(G[m] @ d) > 0 else -1.0)
     nm = nm / float(np.linalg.norm(nm))  # into the next region
     u = g - float(g @ nm) * nm
@@ -330,7 +402,7 @@ def _across(
     if nu <= 1e-6:
         return None  # the piece is parallel to m's boundary: it never crosses it
     u /= nu
-    zq = z + G @ (q - x)  # affine: the forms at x hold on the region's closure
+    zq = z + G @ (q - ch.x)  # affine: the forms at x hold on the region's closure
     rate = G @ nm
     with np.errstate(divide="ignore", invalid="ignore"):
         tt = np.where(zq * rate < 0, -zq / rate, np.inf)
@@ -340,13 +412,150 @@ def _across(
         return None
     p = q + s * nm
     zp, Gp = _forms(layers, p)
-    rate_u = np.abs(Gp @ u)
+    rate_u = Gp @ u
     with np.errstate(divide="ignore", invalid="ignore"):
-        half = 2.0 * float(np.min(np.where(rate_u > 0, np.abs(zp) / rate_u, np.inf)))
-    half = min(half, 0.5 * spread)
-    if not np.isfinite(half) or half <= 1e-9 * spread:
+        ahead = float(np.min(np.where(zp * rate_u < 0, -zp / rate_u, np.inf)))
+        back = float(np.min(np.where(zp * rate_u > 0, zp / rate_u, np.inf)))
+    ahead, back = 0.98 * min(ahead, 0.5 * spread), 0.98 * min(back, 0.5 * spread)
+    if not (np.isfinite(ahead) and np.isfinite(back)) or min(ahead, back) <= 1e-9 * spread:
         return None
-    return p, u * half
+    return _Step(ch, m, p, zp, Gp, u, -back, ahead, 0.5 * (ahead + back))
+
+
+def _second_point(
+    layers: Sequence[pfx.Layer], st: _Step, y1: FloatArray, signed: bool, rng: np.random.Generator, spread: float,
+) -> tuple[FloatArray, FloatArray, float, float] | None:
+    """From a candidate kink ``y1`` of the next piece: that piece's normal (the old one plus a multiple
+    of ``m``'s gradient fixed by ``y1``), a point ``p2`` on the piece away from ``y1``, the distance
+    to it, and a half-width about ``p2`` along the normal that stays in its region."""
+    ch, m1, zp, Gp = st.ch, st.m, st.zp, st.Gp
+    # the new piece: z'(y) = g·(y - x) + μ z_m(y), with z_m affine near the crossing
+    zm_y1 = float(zp[m1] + Gp[m1] @ (y1 - st.p))
+    if abs(zm_y1) <= 1e-9 * float(np.linalg.norm(Gp[m1])) * spread:
+        return None
+    mu = -float(ch.g @ (y1 - ch.x)) / zm_y1
+    g_new = ch.g + mu * Gp[m1]
+    gn = g_new / float(np.linalg.norm(g_new))
+    zy, Gy = _forms(layers, y1)
+    v = Gy[m1] - (Gy[m1] @ gn) * gn if signed and zm_y1 > 0 else rng.normal(size=y1.size)
+    v -= (v @ gn) * gn
+    nv = float(np.linalg.norm(v))
+    if nv == 0.0:
+        return None
+    v /= nv
+    if signed and zm_y1 > 0:
+        # away from the new neuron's boundary, as far as the piece goes: a long lever for its weight (a
+        # point near its boundary barely sees it, and the row's fit would not either)
+        rate = Gy @ v
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tt = np.where(zy * rate < 0, -zy / rate, np.inf)
+        step = min(0.5 * float(np.min(tt)), 0.5 * spread)
+    else:
+        step = min(0.3 * _region_radius(zy, Gy, v), 0.3 * st.R)
+    p2 = y1 + step * v
+    z2, G2 = _forms(layers, p2)
+    half = min(0.9 * _region_radius(z2, G2, gn), 0.5 * step)
+    if not np.isfinite(step) or step <= 1e-9 * spread or half <= 1e-9 * spread:
+        return None
+    return gn, p2, step, half
+
+
+_Hit = tuple[FloatArray, FloatArray, FloatArray, StepFit]  # first point, new normal, second point, fit
+
+
+def _signed_points(
+    query: QueryFn, layers: Sequence[pfx.Layer], steps: Sequence[_Step], spread: float, rel_tol: float,
+    rng: np.random.Generator,
+) -> list[_Hit | None]:
+    """Signed walks: each step's two points on the next piece, or None. The piece meets the search
+    line near its point nearest the ridge (``s`` is small: on the CM24 100-200x3-10 network within a
+    tenth of the region's span 99% of the time, and a search over the whole span found 8 more pieces
+    in 325 steps): a short line about that point, and its two nearest kinks as candidates. The second
+    point is looked for in a narrow bracket where the first predicts it, and the walk's system decides."""
+    h = np.array([min(-st.lo, st.hi, 0.1 * (st.hi - st.lo)) for st in steps])
+    x0 = np.stack([st.p for st in steps])
+    U = np.stack([st.u for st in steps]) * h[:, None]
+    lines, _ = find_kinks(query, x0, U, -1.0, 1.0, 8, rel_tol)
+    cands: list[list[tuple[int, FloatArray, FloatArray]]] = []
+    v_x0: list[FloatArray] = []
+    v_u: list[FloatArray] = []
+    for st, line in zip(steps, lines, strict=True):
+        mine: list[tuple[int, FloatArray, FloatArray]] = []
+        pts = line.points()
+        for ti in np.argsort(np.abs(line.t))[:2]:
+            y1 = pts[int(ti)]
+            sp = _second_point(layers, st, y1, True, rng, spread)
+            if sp is None:
+                continue
+            gn, p2, _step, half = sp
+            v_x0.append(p2)
+            v_u.append(gn * half)
+            mine.append((len(v_x0) - 1, y1, gn))
+        cands.append(mine)
+    got = _predicted_kinks(query, np.asarray(v_x0), np.asarray(v_u)) if v_x0 else []
+    out: list[_Hit | None] = []
+    for st, mine in zip(steps, cands, strict=True):
+        hit: _Hit | None = None
+        for vi, y1, gn in mine:
+            y2 = got[vi]
+            if y2 is None:
+                continue
+            # the first point's μ is imprecise near the ridge, and the second point's lever is long:
+            # the walk's system (exact points and the start's normal) decides
+            fit = st.ch.system.try_points(np.stack([y1, y2]), y1)
+            if fit.residual <= 1e-8 and fit.prior <= _PRIOR_TOL:
+                hit = (y1, gn, y2, fit)
+                break
+            log.debug("walk: candidate misfits (residual %.1e, start normal %.1e)", fit.residual, fit.prior)
+        out.append(hit)
+    return out
+
+
+def _free_points(
+    query: QueryFn, layers: Sequence[pfx.Layer], steps: Sequence[_Step], spread: float, rel_tol: float,
+    rng: np.random.Generator,
+) -> list[_Hit | None]:
+    """Sign-free walks: each step's two points on the next piece, or None. Each kink on the search
+    line, nearest first, is a candidate; a second kink on a short line through a point of the
+    predicted piece, where predicted, decides (one batched call for every candidate)."""
+    x0 = np.stack([st.p for st in steps])
+    U = np.stack([st.u * st.R for st in steps])
+    lines, _ = find_kinks(query, x0, U, -1.0, 1.0, 16, rel_tol)
+    cands: list[list[tuple[int, FloatArray, FloatArray, float]]] = []
+    v_x0: list[FloatArray] = []
+    v_u: list[FloatArray] = []
+    for st, line in zip(steps, lines, strict=True):
+        mine: list[tuple[int, FloatArray, FloatArray, float]] = []
+        pts = line.points()
+        for ti in np.argsort(np.abs(line.t))[:4]:
+            y1 = pts[int(ti)]
+            sp = _second_point(layers, st, y1, False, rng, spread)
+            if sp is None:
+                continue
+            gn, p2, step, half = sp
+            v_x0.append(p2)
+            v_u.append(gn * half)
+            mine.append((len(v_x0) - 1, y1, gn, step))
+        cands.append(mine)
+    vlines = find_kinks(query, np.asarray(v_x0), np.asarray(v_u), -1.0, 1.0, 8, rel_tol)[0] if v_x0 else []
+    out: list[_Hit | None] = []
+    for st, mine, line in zip(steps, cands, lines, strict=True):
+        hit: _Hit | None = None
+        for vi, y1, gn, step in mine:
+            vl = vlines[vi]
+            if vl.t.size == 0:
+                continue
+            j = int(np.argmin(np.abs(vl.t)))
+            # the predicted piece must hold at the second point (up to the drift of the estimate)
+            if abs(float(vl.t[j])) * float(np.linalg.norm(vl.u)) <= 1e-4 * step:
+                y2 = vl.points()[j]
+                hit = (y1, gn, y2, st.ch.system.try_points(np.stack([y1, y2]), y1))
+                break
+        if hit is None:
+            log.debug("walk: no kink on the search line continues the boundary (%d tried, %d kinks on it)",
+                      len(mine), line.t.size)
+        out.append(hit)
+    return out
 
 
 def _signed_walk(ch: _Chain, layer_idx: FloatArray, d_h: int) -> Walk:
@@ -560,140 +769,54 @@ def walk_boundaries(
         active = [c for c in chains if not c.done]
         if not active:
             break
-        plans: list[tuple[_Chain, int, FloatArray, FloatArray, float, FloatArray, FloatArray]] = []
+        steps: list[_Step] = []
         for ch in active:
             if ch.switched.all():
                 ch.done, ch.reason = True, "complete"
                 continue
-            if ch.steps >= max_steps or ch.failures > 12:
+            if ch.steps >= max_steps or ch.failures > (7 if signed else 12):
                 ch.done, ch.reason = True, f"stopped after {ch.steps} steps ({ch.failures} failures)"
                 continue
+            if signed and ch.steps - ch.last_new > 32:
+                ch.done, ch.reason = True, f"no new neuron in {ch.steps - ch.last_new} steps"
+                continue
+            forms = None
             if signed:
                 ch.saved = (ch.x, ch.g, len(ch.virtual))
                 if ch.no_teleport > 0:
                     ch.no_teleport -= 1
                 else:
-                    _teleport(ch, layers, layer_idx, spread, rng)
-            z, G = _forms(layers, ch.x)
+                    forms = _teleport(ch, layers, layer_idx, spread, rng)
+            z, G = forms if forms is not None else _forms(layers, ch.x)
             plan = _plan(ch, z, G, layer_idx, rng, nearest=16 if signed else None)
             if plan is None:
                 ch.done, ch.reason = True, "no unswitched neuron reachable along the boundary"
                 continue
             d, m1, t1, t2 = plan
             ch.steps += 1
-            if signed:
-                across = _across(layers, ch.x, ch.x + t1 * d, ch.g, m1, z, G, d, spread)
-                if across is None:
-                    ch.failures += 1
-                    _undo(ch)
-                    ch.skip.add(m1)
-                    continue
-                p, u_line = across
-                zp, Gp = _forms(layers, p)
-                R = float(np.linalg.norm(u_line))
-                plans.append((ch, m1, p, zp, R, Gp, u_line))
+            step = (_across(layers, ch, ch.x + t1 * d, m1, z, G, d, spread) if signed
+                    else _beside(layers, ch, m1, ch.x + (t1 + 0.5 * min(t2 - t1, max(t1, 0.5 * spread))) * d, spread))
+            if step is None:
+                _fail(ch, m1)
                 continue
-            t_c = t1 + 0.5 * min(t2 - t1, max(t1, 0.5 * spread))  # far from the ridge: a long lever for μ
-            p = ch.x + t_c * d
-            zp, Gp = _forms(layers, p)
-            R = min(0.9 * _region_radius(zp, Gp, ch.g), 0.5 * spread)
-            if not np.isfinite(R) or R <= 1e-9 * spread:
-                ch.failures += 1
-                _undo(ch)
-                ch.skip.add(m1)
-                continue
-            plans.append((ch, m1, p, zp, R, Gp, ch.g * R))
-        if not plans:
+            steps.append(step)
+        if not steps:
             continue
-        # One batched kink search: a short line along the old normal through each step point (signed
-        # walks: parallel to the crossed boundary, :func:`_across`).
-        x0 = np.stack([pl[2] for pl in plans])
-        U = np.stack([pl[6] for pl in plans])
-        lines, _ = find_kinks(query, x0, U, -1.0, 1.0, 16, rel_tol)
-        # Each kink on the search line, nearest first, is a candidate for the new piece of the same
-        # neuron; a second, predicted kink on it decides (one batched call for every candidate).
-        cands: list[list[tuple[int, FloatArray, FloatArray, FloatArray, float]]] = []
-        v_x0: list[FloatArray] = []
-        v_u: list[FloatArray] = []
-        for (ch, m1, p, zp, R, Gp, _u), line in zip(plans, lines, strict=True):
-            mine: list[tuple[int, FloatArray, FloatArray, FloatArray, float]] = []
-            pts = line.points()
-            for ti in np.argsort(np.abs(line.t))[:4]:
-                y1 = pts[int(ti)]
-                # the new piece: z'(y) = g·(y - x) + μ z_m(y), with z_m affine near the crossing
-                zm_y1 = float(zp[m1] + Gp[m1] @ (y1 - p))
-                if abs(zm_y1) <= 1e-9 * float(np.linalg.norm(Gp[m1])) * spread:
-                    continue
-                mu = -float(ch.g @ (y1 - ch.x)) / zm_y1
-                g_new = ch.g + mu * Gp[m1]
-                gn = g_new / float(np.linalg.norm(g_new))
-                zy, Gy = _forms(layers, y1)
-                v = Gy[m1] - (Gy[m1] @ gn) * gn if signed and zm_y1 > 0 else rng.normal(size=d0)
-                v -= (v @ gn) * gn
-                nv = float(np.linalg.norm(v))
-                if nv == 0.0:
-                    continue
-                v /= nv
-                if signed and zm_y1 > 0:
-                    # away from the new neuron's boundary, as far as the piece goes: a long lever for its
-                    # weight (a point near its boundary barely sees it, and the row's fit would not either)
-                    rate = Gy @ v
-                    with np.errstate(divide="ignore", invalid="ignore"):
-                        tt = np.where(zy * rate < 0, -zy / rate, np.inf)
-                    step = min(0.5 * float(np.min(tt)), 0.5 * spread)
-                else:
-                    step = min(0.3 * _region_radius(zy, Gy, v), 0.3 * R)
-                p2 = y1 + step * v
-                z2, G2 = _forms(layers, p2)
-                half = min(0.9 * _region_radius(z2, G2, gn), 0.5 * step)
-                if not np.isfinite(step) or step <= 1e-9 * spread or half <= 1e-9 * spread:
-                    continue
-                # signed walks: the predicted kink off the line's middle (a grid node, where a kink
-                # between two affine grid intervals goes unseen)
-                v_x0.append(p2 + _SHIFT * half * gn if signed else p2)
-                v_u.append(gn * half)
-                mine.append((len(v_x0) - 1, y1, gn, p2, step))
-            cands.append(mine)
-        vlines = find_kinks(query, np.asarray(v_x0), np.asarray(v_u), -1.0, 1.0, 8, rel_tol)[0] if v_x0 else []
-        for (ch, m1, *_rest), mine, line in zip(plans, cands, lines, strict=True):
-            hit = None
-            fit: StepFit | None = None
-            for vi, y1, gn, _p2, step in mine:
-                vl = vlines[vi]
-                if vl.t.size == 0:
-                    continue
-                j = int(np.argmin(np.abs(vl.t + (_SHIFT if signed else 0.0))))
-                off = abs(float(vl.t[j])) * float(np.linalg.norm(vl.u))
-                if signed:
-                    # the first point's μ is imprecise near the ridge, and the second point's lever is
-                    # long: the walk's system (exact points and the start's normal) decides instead
-                    f2 = ch.system.try_points(np.stack([y1, vl.points()[j]]), y1)
-                    if f2.residual <= 1e-8 and f2.prior <= _PRIOR_TOL:
-                        hit, fit = (y1, gn, vl.points()[j]), f2
-                        break
-                    log.debug("walk: candidate misfits (residual %.1e, start normal %.1e)", f2.residual, f2.prior)
-                    continue
-                # the predicted piece must hold at the second point (up to the drift of the estimate)
-                if off <= 1e-4 * step:
-                    hit = (y1, gn, vl.points()[j])
-                    break
+        if signed:
+            found = _signed_points(query, layers, steps, spread, rel_tol, rng)
+        else:
+            found = _free_points(query, layers, steps, spread, rel_tol, rng)
+        for st, hit in zip(steps, found, strict=True):
+            ch, m1 = st.ch, st.m
             if hit is None:
-                log.debug("walk: no kink on the search line continues the boundary (%d tried, %d kinks on it)",
-                          len(mine), line.t.size)
-                ch.failures += 1
-                _undo(ch)
-                ch.skip.add(m1)
+                _fail(ch, m1)
                 continue
-            y1, gn, y2 = hit
-            if fit is None:
-                fit = ch.system.try_points(np.stack([y1, y2]), y1)
+            y1, gn, y2, fit = hit
             # (a NaN misfit is no fit; a sign-free walk's row is not held to its start's normal)
             if not (fit.residual <= 1e-8 and (not signed or fit.prior <= _PRIOR_TOL)):
                 log.debug("walk: the new points contradict the walk's earlier ones (residual %.1e, start normal "
                           "%.1e)", fit.residual, fit.prior)
-                ch.failures += 1
-                _undo(ch)
-                ch.skip.add(m1)
+                _fail(ch, m1)
                 continue
             ch.system.commit()
             ch.points += [y1, y2]
@@ -705,6 +828,7 @@ def walk_boundaries(
                 ch.switched[m1] = True
                 ch.skip = set()
                 ch.failures = 0
+                ch.last_new = ch.steps
     if signed:
         _check_virtual(query, layers, [c for c in chains if c.switched.all()], spread, rng)
         return [_signed_walk(ch, layer_idx, layers[-1][0].shape[1]) for ch in chains]

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
+import scipy.linalg.lapack
 
 from relux.attack import prefix as pfx
 from relux.oracle.base import FloatArray
@@ -103,9 +104,13 @@ class WalkSystem:
     @staticmethod
     def _values(Zs: FloatArray, H: FloatArray, cols: Sequence[tuple[str, int]]) -> FloatArray:
         """The columns ``cols`` of the features, from ``ReLU(s ẑ)`` (``Zs``) and ``h`` (``H``)."""
-        out = np.empty((H.shape[0], len(cols)))
-        for c, (kind, j) in enumerate(cols):
-            out[:, c] = H[:, j] if kind == "h" else (Zs[:, j] if kind == "n" else 1.0)
+        out = np.ones((H.shape[0], len(cols)))
+        kind = np.array([k for k, _j in cols])
+        idx = np.array([j for _k, j in cols], dtype=int)
+        for name, src in (("h", H), ("n", Zs)):
+            sel = np.flatnonzero(kind == name)
+            if sel.size:
+                out[:, sel] = src[:, idx[sel]]
         return out
 
     @staticmethod
@@ -186,8 +191,14 @@ class WalkSystem:
         R = np.zeros((p, p))
         R[: self.R.shape[0], : self.R.shape[1]] = self.R
         rows_new = self._values(Zs, H, cols) / scale
-        for r in rows_new:
-            self._givens(R, r)
+        if self.signed:  # LAPACK's triangular-pentagonal QR folds the rows at once
+            out, _, _, info = scipy.linalg.lapack.dtpqrt(0, rows_new.shape[0], R, rows_new)
+            if info != 0:
+                raise ValueError(f"dtpqrt failed with info={info}")
+            R = np.triu(out)
+        else:  # (one Givens rotation at a time: the sign-free walks' results stay bit for bit as they were)
+            for r in rows_new:
+                self._givens(R, r)
         start = np.concatenate([self.theta, np.full(len(new), 1e-3)])
         theta = self._solve(R, start)
         F = np.zeros((self.F.shape[0] + rows_new.shape[0], p))
@@ -218,10 +229,11 @@ class WalkSystem:
 
     def _normal(self, cols: Sequence[tuple[str, int]], scale: FloatArray, theta: FloatArray,
                 x: FloatArray) -> FloatArray | None:
-        M, _ = pfx.jacobian(self.layers[:-1], x)  # the identity when layer i is the first
         z = self._state(x[None, :])[0][0] * self.s
         t = theta / scale
-        if not self.signed:  # (term by term: the sign-free walks' results stay bit for bit as they were)
+        if not self.signed:
+            # (term by term: the sign-free walks' results stay bit for bit as they were)
+            M, _ = pfx.jacobian(self.layers[:-1], x)  # the identity when layer i is the first
             Gi = self.layers[-1][0] @ M
             g0 = np.zeros(M.shape[1])
             for c, (kind, j) in enumerate(cols):
@@ -231,13 +243,18 @@ class WalkSystem:
                     g0 += t[c] * self.s[j] * Gi[j]
             n0 = float(np.linalg.norm(g0))
             return g0 / n0 if n0 > 0 else None
-        # signed: no h columns; Σ over the neurons on at x of t_c ŵ_j M (s = 1)
-        ns = np.array([k == "n" for k, _j in cols])
+        # signed: no h columns; Σ over the neurons on at x of t_c ŵ_j M (s = 1); the columns are the
+        # neurons' then c's, then neurons' again
+        ci = next(c for c, (k, _j) in enumerate(cols) if k == "c")
         idx = np.array([j for _k, j in cols], dtype=int)
+        ns = np.ones(len(cols), dtype=bool)
+        ns[ci] = False
         ns[ns] = z[idx[ns]] > 0
         coef = np.zeros(self.layers[-1][0].shape[0])
         coef[idx[ns]] = t[ns]
-        grad = (coef @ self.layers[-1][0]) @ M if len(self.layers) > 1 else coef @ self.layers[-1][0]
+        grad = coef @ self.layers[-1][0]
+        if len(self.layers) > 1:
+            grad = grad @ pfx.jacobian(self.layers[:-1], x)[0]
         nrm = float(np.linalg.norm(grad))
         return grad / nrm if nrm > 0 else None
 
