@@ -20,7 +20,8 @@ import numpy as np
 
 from relux.attack import prefix as pfx
 from relux.attack.config import ExtractionConfig
-from relux.attack.walk import _forms, _normals, _region_radius, walk_boundaries
+from relux.attack.screen import prescreen, screen_starts
+from relux.attack.walk import _normals, walk_boundaries
 from relux.attack.walk_system import WalkSystem
 from relux.attack.witnesses import find_candidates
 from relux.oracle.base import FloatArray, QueryFn
@@ -86,6 +87,12 @@ def walk_rows(
             cands = [cd for cd in cands if int((pfx.forward(layers, cd.x[None, :])[0][-1] > 0).sum()) < d0]
         while cands and len(rows) < width:
             take, cands = cands[:batch], cands[batch:]
+            if rows:  # deeper kinks set aside before their normals are measured
+                keep = prescreen(query, layers, rows, take, spread, rel_tol)
+                screened += len(take) - int(sum(keep))
+                take = [cd for cd, k in zip(take, keep, strict=True) if k]
+                if not take:
+                    continue
             starts = [(x, n) for x, n in _normals(query, layers, d0, take, cfg, executor)
                       if not _on_rows(layers, rows, x)
                       and (not picky or WalkSystem(layers, x, n, signed=True).determined)]
@@ -132,66 +139,3 @@ def _on_rows(layers: Sequence[pfx.Layer], rows: Sequence[tuple[FloatArray, float
     scale = np.linalg.norm(W, axis=1) * (float(np.linalg.norm(H[0])) + 1.0)
     return bool(np.any(np.abs(v) <= 1e-6 * scale))
 
-
-def screen_starts(
-    query: QueryFn,
-    layers: Sequence[pfx.Layer],
-    rows: Sequence[tuple[FloatArray, float, FloatArray, float]],
-    starts: Sequence[tuple[FloatArray, FloatArray]],
-    spread: float,
-    tests: int = 2,
-) -> list[bool]:
-    """Which starts may be kinks of layer ``i+1`` (6 queries a test, ``tests`` tests a start).
-
-    A kink of a deeper layer looks like one of layer ``i+1`` until its boundary crosses a boundary of
-    layer ``i+1``, and a walk from it fails only there, after tens of steps. With rows of layer
-    ``i+1`` known, the start's boundary is followed (as the plane of its measured normal, exact in the
-    prefix's region) just past a known row's boundary, where a row of layer ``i+1`` is unaffected and a
-    deeper neuron that depends on that row bends: a kink off the plane there sets the start aside. A
-    start with no known boundary within its region is kept (no test)."""
-    W = np.stack([r[0] for r in rows])
-    b = np.array([r[1] for r in rows])
-    n_i = layers[-1][0].shape[0]
-    plans: list[tuple[int, FloatArray, FloatArray, float]] = []
-    for si, (x0, n) in enumerate(starts):
-        nn = n / float(np.linalg.norm(n))
-        z, G = _forms(layers, x0)
-        zl, Gl = z[-n_i:], G[-n_i:]
-        zk = W @ np.maximum(zl, 0.0) + b
-        A = (W * (zl > 0)) @ Gl  # the known rows' gradients in the region
-        V = A - np.outer(A @ nn, nn)
-        speed = np.linalg.norm(V, axis=1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            tk = np.where(speed > 1e-12 * np.linalg.norm(A, axis=1), np.abs(zk) / speed, np.inf)
-        done = 0
-        for k in np.argsort(tk)[: 4 * tests]:
-            if done == tests or not np.isfinite(tk[k]):
-                break
-            v = V[k] * (-np.sign(zk[k]) / speed[k])
-            rate = G @ v
-            with np.errstate(divide="ignore", invalid="ignore"):
-                rad = float(np.min(np.where(z * rate < 0, -z / rate, np.inf)))
-            e = 0.5 * min(float(tk[k]), rad - float(tk[k]))
-            if not e > 0.1 * float(tk[k]) or e <= 1e-9 * spread:
-                continue  # the known boundary is not well inside the region
-            y = x0 + (float(tk[k]) + e) * v
-            # a narrow bracket along the normal: the prefix's boundaries are farther than its reach
-            delta = min(1e-3 * e, 0.25 * _region_radius(*_forms(layers, y), nn))
-            if not delta > 1e-9 * spread:
-                continue
-            plans.append((si, y, nn, delta))
-            done += 1
-    keep = [True] * len(starts)
-    if not plans:
-        return keep
-    from relux.attack.polish import OFFSETS, kink_in_bracket
-
-    T = np.asarray(OFFSETS)
-    X = np.concatenate([y[None, :] + (delta * T)[:, None] * nn[None, :] for _si, y, nn, delta in plans])
-    Y = query(X).reshape(len(plans), T.size, -1)
-    for (si, _y, _nn, _delta), Yi in zip(plans, Y, strict=True):
-        # the start's neuron has its kink in the bracket's middle (the plane is good to its normal's
-        # 1e-8, or a few 1e-6 at worst, over a reach under 11 e); a deeper one bends by far more
-        if kink_in_bracket(T, Yi) is None:
-            keep[si] = False
-    return keep
