@@ -126,10 +126,32 @@ def _plan(
     ch: _Chain, z: FloatArray, G: FloatArray, layer_idx: FloatArray, rng: np.random.Generator,
     nearest: int | None = None,
 ) -> tuple[FloatArray, int, float, float] | None:
+    """:func:`_plan_target` without its target."""
+    plan = _plan_target(ch, z, G, layer_idx, rng, nearest)
+    return None if plan is None else plan[:4]
+
+
+def _toward(z: FloatArray, G: FloatArray, n: FloatArray, j: int) -> tuple[FloatArray, int, float, float] | None:
+    """The tangent direction (normal ``n``) towards neuron ``j``'s boundary, its first crossing, when,
+    and when the next one is crossed (:func:`_plan_target` for one target)."""
+    Pj = G[j] - float(G[j] @ n) * n
+    nrm = float(np.linalg.norm(Pj))
+    if nrm <= 1e-12 * float(np.linalg.norm(G[j])):
+        return None
+    d = Pj * ((-np.sign(z[j]) if z[j] != 0 else 1.0) / nrm)
+    m1, t1, t2 = _first_crossings(z, G, d)
+    return (d, m1, t1, t2) if np.isfinite(t1) else None
+
+
+def _plan_target(
+    ch: _Chain, z: FloatArray, G: FloatArray, layer_idx: FloatArray, rng: np.random.Generator,
+    nearest: int | None = None,
+) -> tuple[FloatArray, int, float, float, int] | None:
     """A tangent direction whose first crossing switches a layer-i neuron the walk has not switched
     (the nearest such), else one towards the nearest unswitched neuron whatever it crosses first.
     After failures, a random tangent direction (to look again from another region). ``nearest``:
-    consider only that many unswitched neurons, the nearest along the boundary."""
+    consider only that many unswitched neurons, the nearest along the boundary. Returns the direction,
+    its first crossing, when, when the next one is crossed, and the neuron aimed at (-1: none)."""
     n = ch.g
     free = layer_idx[~ch.switched[layer_idx]]
     todo = [int(j) for j in free if int(j) not in ch.skip] if ch.skip else free.tolist()
@@ -140,7 +162,7 @@ def _plan(
         m1, t1, t2 = _first_crossings(z, G, d)
         if not todo:
             ch.skip = set()  # look again from wherever the random step lands
-        return (d, m1, t1, t2) if np.isfinite(t1) else None
+        return (d, m1, t1, t2, -1) if np.isfinite(t1) else None
     # every candidate direction at once: towards neuron j's boundary within the current boundary
     J = np.asarray(todo)
     if nearest is not None and J.size > nearest:
@@ -188,41 +210,52 @@ def _plan(
         c = int(np.argmin(dist))
     else:
         return None
-    return D[c], int(first[c]), float(t1s[c]), float(t2s[c])
+    return D[c], int(first[c]), float(t1s[c]), float(t2s[c]), int(J[c])
 
 
-def _teleport(ch: _Chain, layers: Sequence[pfx.Layer], layer_idx: FloatArray, spread: float,
-              rng: np.random.Generator, limit: int = 64) -> tuple[FloatArray, FloatArray] | None:
+def _teleport(
+    ch: _Chain, layers: Sequence[pfx.Layer], layer_idx: FloatArray, spread: float, rng: np.random.Generator,
+    limit: int = 64,
+) -> tuple[tuple[FloatArray, FloatArray] | None, tuple[FloatArray, int, float, float] | None]:
     """Signed walks: follow the row's predicted boundary across the boundaries of neurons the walk has
     switched already (known neurons, or neurons of layer ``i`` with a column, crossed at a measured
     step) until the next crossing is of a neuron not switched yet, without a query. Each piece's
     boundary is exact there (nothing unknown is on), so the walk queries only where a new weight
     enters; the pieces passed are checked by points measured at the end (:func:`_check_virtual`).
-    Returns the prefix's forms (:func:`_forms`) where the walk is left, when they were computed."""
+    The walk heads for the unswitched neuron :func:`_plan_target` picks first, until it is switched.
+    Returns the prefix's forms (:func:`_forms`) where the walk is left and the plan made there, when
+    they were computed."""
     forms: tuple[FloatArray, FloatArray] | None = None
+    target = -1
     for _ in range(limit):
         todo = layer_idx[~ch.switched[layer_idx]]
         if ch.failures >= 3 or not todo.size or not ch.system.determined:
-            return forms
+            return forms, None
         if ch.skip and ch.skip.issuperset(todo.tolist()):
-            return forms  # (the plan would pick a random direction and forget the skipped neurons)
+            return forms, None  # (the plan would pick a random direction and forget the skipped neurons)
         z, G = forms if forms is not None else _forms(layers, ch.x)
         forms = (z, G)
-        plan = _plan(ch, z, G, layer_idx, rng, nearest=16)  # not random: under 3 failures, some todo
-        if plan is None:
-            return forms
-        d, m1, t1, t2 = plan
+        aim = _toward(z, G, ch.g, target) if target >= 0 and not ch.switched[target] else None
+        if aim is None:
+            full = _plan_target(ch, z, G, layer_idx, rng, nearest=16)  # not random: under 3 failures, some todo
+            if full is None:
+                return forms, None
+            aim, target = full[:4], full[4]
+            plan: tuple[FloatArray, int, float, float] | None = aim
+        else:
+            plan = None  # (the step plans afresh from here)
+        d, m1, t1, t2 = aim
         if not ch.switched[m1] or not np.isfinite(t1):
-            return forms
+            return forms, plan
         q = ch.x + t1 * d
         probe = q + 1e-6 * min(t2 - t1, spread) * d
         n_new = ch.system.normal_at(probe)
         if n_new is None:
-            return forms
+            return forms, plan
         d2 = d - (d @ n_new) * n_new
         nd = float(np.linalg.norm(d2))
         if nd <= 1e-9 or (G[m1] @ d2) * (G[m1] @ d) <= 0:
-            return forms  # the boundary folds back at m1: the step must look for its piece
+            return forms, plan  # the boundary folds back at m1: the step must look for its piece
         d2 /= nd
         zq, Gq = _forms(layers, probe)
         rate = Gq @ d2
@@ -232,12 +265,12 @@ def _teleport(ch: _Chain, layers: Sequence[pfx.Layer], layer_idx: FloatArray, sp
         t_next = float(np.min(tt))
         tau = 0.5 * min(t_next, spread)
         if not np.isfinite(tau) or tau <= 1e-9 * spread:
-            return forms
+            return forms, plan
         ch.x = q + tau * d2
         ch.g = n_new
         ch.virtual.append(ch.x.copy())
         forms = (zq + Gq @ (ch.x - probe), Gq)  # affine in the piece's region (the forms at probe hold there)
-    return forms
+    return forms, None
 
 
 def _undo(ch: _Chain) -> None:
@@ -752,9 +785,10 @@ def walk_boundaries(
 
     ``signed``: the last known layer's signs are right, so the row has no term for them
     (:class:`WalkSystem` in signed mode) and is fixed, step by step, by the start's normal and the
-    points; a neuron counts as switched once it has a column and was crossed at a measured step. The
-    walk crosses the boundaries of switched neurons by prediction (:func:`_teleport`), queries only
-    where a neuron switches for the first time, and is checked at the end (:func:`_check_virtual`)."""
+    points; a neuron counts as switched once it has a column and was crossed at a measured step, or
+    from the start when it is on there and the start's normal fixes the row. The walk crosses the
+    boundaries of switched neurons by prediction (:func:`_teleport`), queries only where a neuron
+    turns on for the first time, and is checked at the end (:func:`_check_virtual`)."""
     n_i = layers[-1][0].shape[0]
     n_all = sum(W.shape[0] for W, _ in layers)
     layer_idx = np.arange(n_all - n_i, n_all)
@@ -765,6 +799,10 @@ def walk_boundaries(
               for x, n in starts]
     for ch in chains:
         ch.switched[: n_all - n_i] = True  # earlier layers: known signs, nothing to learn
+        if signed and ch.system.determined:
+            # the start's normal fixes the weights of the neurons on there: the walk crosses their
+            # boundaries by prediction too, and measures steps only where a neuron turns on
+            ch.switched[layer_idx[_forms(layers, ch.x)[0][layer_idx] > 0]] = True
     while True:
         active = [c for c in chains if not c.done]
         if not active:
@@ -780,15 +818,16 @@ def walk_boundaries(
             if signed and ch.steps - ch.last_new > 32:
                 ch.done, ch.reason = True, f"no new neuron in {ch.steps - ch.last_new} steps"
                 continue
-            forms = None
+            forms = plan = None
             if signed:
                 ch.saved = (ch.x, ch.g, len(ch.virtual))
                 if ch.no_teleport > 0:
                     ch.no_teleport -= 1
                 else:
-                    forms = _teleport(ch, layers, layer_idx, spread, rng)
+                    forms, plan = _teleport(ch, layers, layer_idx, spread, rng)
             z, G = forms if forms is not None else _forms(layers, ch.x)
-            plan = _plan(ch, z, G, layer_idx, rng, nearest=16 if signed else None)
+            if plan is None:
+                plan = _plan(ch, z, G, layer_idx, rng, nearest=16 if signed else None)
             if plan is None:
                 ch.done, ch.reason = True, "no unswitched neuron reachable along the boundary"
                 continue

@@ -95,6 +95,8 @@ class WalkSystem:
         self.theta = self._solve(self.R, np.ones(p))
         self._tried: tuple[list[tuple[str, int]], FloatArray, FloatArray, FloatArray, FloatArray] | None = None
         self._determined: bool | None = None
+        # signed normals: the columns' neuron indices and the offset's column, for the list they index
+        self._col_cache: tuple[Sequence[tuple[str, int]], np.ndarray, int] | None = None
 
     def _state(self, P: FloatArray) -> tuple[FloatArray, FloatArray]:
         """Layer ``i``'s pre-activations and its input ``h`` at the rows of ``P`` (one forward pass)."""
@@ -245,8 +247,10 @@ class WalkSystem:
             return g0 / n0 if n0 > 0 else None
         # signed: no h columns; Σ over the neurons on at x of t_c ŵ_j M (s = 1); the columns are the
         # neurons' then c's, then neurons' again
-        ci = next(c for c, (k, _j) in enumerate(cols) if k == "c")
-        idx = np.array([j for _k, j in cols], dtype=int)
+        if self._col_cache is None or self._col_cache[0] is not cols:
+            ci = next(c for c, (k, _j) in enumerate(cols) if k == "c")
+            self._col_cache = (cols, np.array([j for _k, j in cols], dtype=int), ci)
+        _, idx, ci = self._col_cache
         ns = np.ones(len(cols), dtype=bool)
         ns[ci] = False
         ns[ns] = z[idx[ns]] > 0
