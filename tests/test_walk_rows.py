@@ -102,3 +102,24 @@ def test_search_line_across_a_crossed_boundary_meets_the_next_piece() -> None:
         hits += bool(ends[0] * ends[1] < 0)
     # a piece nearly parallel to m's hyperplane meets the line beyond it: rare
     assert tries == 40 and hits >= 0.9 * tries
+
+
+def test_bracket_about_a_predicted_kink_finds_it_exactly_or_not_at_all() -> None:
+    from relux.attack.walk import _BRACKET, _predicted_kinks
+
+    net = random_mlp((6, 4, 2), np.random.default_rng(5))
+    W1, b1 = net.layers[0]
+    w, b = W1[0], b1[0]
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(20, 6))
+    on = X - ((X @ w + b) / (w @ w))[:, None] * w[None, :]  # on neuron 0's boundary
+    U = rng.normal(size=(20, 6))
+    U *= np.sign(U @ w)[:, None]  # across the boundary
+    # predicted a tenth of the bracket's middle off: found, exactly (float64 rounding of a 2-layer net)
+    got = _predicted_kinks(MLPOracle(net).query, on + 0.03 * _BRACKET * U, U)
+    hit = [(i, y) for i, y in enumerate(got) if y is not None]
+    assert len(hit) >= 18  # another neuron's kink within the bracket is rare
+    for i, y in hit:
+        assert abs(float(w @ y + b)) / float(np.linalg.norm(w)) <= 1e-12 * float(np.linalg.norm(U[i]))
+    # predicted twice the bracket off: no kink in it
+    assert all(y is None for y in _predicted_kinks(MLPOracle(net).query, on + 2 * _BRACKET * U, U))
