@@ -123,3 +123,19 @@ def test_bracket_about_a_predicted_kink_finds_it_exactly_or_not_at_all() -> None
         assert abs(float(w @ y + b)) / float(np.linalg.norm(w)) <= 1e-12 * float(np.linalg.norm(U[i]))
     # predicted twice the bracket off: no kink in it
     assert all(y is None for y in _predicted_kinks(MLPOracle(net).query, on + 2 * _BRACKET * U, U))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_signed_walks_behind_a_narrow_layer(seed: int) -> None:
+    # 6 first-layer neurons: a walk's system has fewer columns than the end check's points (the QR
+    # update's block size must stay within the columns)
+    net = random_mlp((4, 6, 3, 1), np.random.default_rng(seed))
+    W1, b1 = net.layers[0]
+    n1 = np.linalg.norm(np.concatenate([W1, b1[:, None]], axis=1), axis=1)
+    out = walk_rows(MLPOracle(net).query, [(W1 / n1[:, None], b1 / n1)], 3, 4, ExtractionConfig(seed=0),
+                    np.random.default_rng(0), 1e-9)
+    W2, b2 = net.layers[1]
+    cos = np.abs(_unit(out.W, out.b) @ _unit(W2 * n1[None, :], b2).T) if out.W.shape[0] else np.zeros((0, 3))
+    # every row found is exact to float64 rounding (~1e-13), and each is a different neuron
+    assert np.all(1.0 - cos.max(axis=1) <= 1e-9)
+    assert len(set(cos.argmax(axis=1).tolist())) == out.W.shape[0] == 3, out.reason

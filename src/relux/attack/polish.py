@@ -67,10 +67,18 @@ def kink_in_bracket(T: FloatArray, Y: FloatArray) -> float | None:
     """The kink between ``T[2]`` and ``T[3]`` of ``f`` sampled at the six points ``T`` (three a side),
     by intersecting the two affine pieces. None when a side is not affine (another kink in the
     segment) or the slopes agree (no kink: the neuron does not reach the output there)."""
+    return bracket_kink(T, Y)[0]
+
+
+def bracket_kink(T: FloatArray, Y: FloatArray) -> tuple[float | None, str]:
+    """:func:`kink_in_bracket` with why it found no kink: ``"narrow"`` (a bracket too narrow for
+    float64), ``"bent"`` (a side not affine: another kink beside), ``"flat"`` (both sides affine with
+    the same slope: no kink), ``"outside"`` (the sides' intersection off the middle interval), or
+    ``"kink"``."""
     tl, tr = T[:3], T[3:]
     Yl, Yr = Y[:3], Y[3:]
     if not (tl[0] < tl[1] < tl[2] < tr[0] < tr[1] < tr[2]):
-        return None  # a bracket too narrow to resolve in float64
+        return None, "narrow"
     sl = (Yl[2] - Yl[0]) / (tl[2] - tl[0])
     sr = (Yr[2] - Yr[0]) / (tr[2] - tr[0])
     scale_f = float(np.max(np.abs(Y))) + 1e-300
@@ -78,14 +86,14 @@ def kink_in_bracket(T: FloatArray, Y: FloatArray) -> float | None:
     devl = np.max(np.abs(Yl[1] - (Yl[0] + sl * (tl[1] - tl[0]))))
     devr = np.max(np.abs(Yr[1] - (Yr[0] + sr * (tr[1] - tr[0]))))
     if max(devl, devr) > 1e-9 * scale_f:
-        return None
+        return None, "bent"
     ds = sr - sl
     den = float(ds @ ds)
     if den <= (1e-6 * float(np.max(np.abs(np.concatenate([sl, sr])))) + 1e-300) ** 2:
-        return None
+        return None, "flat"
     # Yl0 + sl (t - tl0) = Yr0 + sr (t - tr0)
     t = float((Yl[0] - Yr[0] - sl * tl[0] + sr * tr[0]) @ ds) / den
-    return t if tl[2] < t < tr[0] else None
+    return (t, "kink") if tl[2] < t < tr[0] else (None, "outside")
 
 
 def boundary_points(

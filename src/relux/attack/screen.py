@@ -22,7 +22,7 @@ import numpy as np
 
 from relux.attack import prefix as pfx
 from relux.attack.critical import find_kinks
-from relux.attack.polish import OFFSETS, kink_in_bracket
+from relux.attack.polish import OFFSETS, bracket_kink
 from relux.attack.walk import _forms
 from relux.attack.witnesses import Candidate
 from relux.oracle.base import FloatArray, QueryFn
@@ -61,24 +61,31 @@ def _crossing(zk: FloatArray, A: FloatArray, z: FloatArray, G: FloatArray, e_dir
         if len(out) == tests or not np.isfinite(bk):
             break
         side = 1.0 if bk > 0 else -1.0
-        e = 0.5 * min(abs(bk), reach[side] - abs(bk))
+        # short of the prefix's next boundary and of the next known row's (its kink would be there)
+        beyond = np.abs(beta[(beta * side > abs(bk))])
+        nxt = min(reach[side], float(np.min(beyond)) if beyond.size else np.inf)
+        e = 0.5 * min(abs(bk), nxt - abs(bk))
         if e > 0.1 * abs(bk):
             out.append(bk + side * e)
     return out
 
 
-def _bracket(layers: Sequence[pfx.Layer], si: int, y: FloatArray, u: FloatArray, beta: float,
-             spread: float) -> tuple[int, FloatArray, FloatArray, float] | None:
+def _bracket(layers: Sequence[pfx.Layer], rows: Sequence[Row], si: int, y: FloatArray, u: FloatArray,
+             beta: float, spread: float) -> tuple[int, FloatArray, FloatArray, float] | None:
     """A bracket along ``u`` about ``y``, a thousandth of the distance walked to it, inside the
-    prefix's region there."""
+    prefix's region there and clear of the known rows' boundaries (their kinks would bend a side)."""
     z, G = _forms(layers, y)
-    delta = min(1e-3 * abs(beta), 0.25 * _reach(z, G, u), 0.25 * _reach(z, G, -u))
+    zk, A = _known_rows(layers, rows, z, G)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rows_reach = float(np.min(np.abs(zk) / np.abs(A @ u)))
+    delta = min(1e-3 * abs(beta), 0.25 * _reach(z, G, u), 0.25 * _reach(z, G, -u), 0.25 * rows_reach)
     return (si, y, u, delta) if delta > 1e-9 * spread else None
 
 
 def _verdicts(query: QueryFn, plans: Sequence[tuple[int, FloatArray, FloatArray, float]], n: int) -> list[bool]:
-    """Brackets ``(start, point, unit direction, half-width)``: a start is kept unless one of its
-    brackets has no kink in its middle."""
+    """Brackets ``(start, point, unit direction, half-width)``: a start is set aside when one of its
+    brackets shows, with both sides affine, no kink in its middle; a side bent by some other kink
+    says nothing."""
     keep = [True] * n
     if not plans:
         return keep
@@ -88,7 +95,7 @@ def _verdicts(query: QueryFn, plans: Sequence[tuple[int, FloatArray, FloatArray,
     for (si, _y, _u, _delta), Yi in zip(plans, Y, strict=True):
         # the start's neuron has its kink in the middle (the plane is good to far better than the
         # middle's 3e-4 of the distance walked); a deeper one that depends on the row bends far more
-        if kink_in_bracket(T, Yi) is None:
+        if bracket_kink(T, Yi)[1] in ("flat", "outside"):
             keep[si] = False
     return keep
 
@@ -114,7 +121,7 @@ def screen_starts(
                 continue
             e_dir = V[k] / nv
             for beta in _crossing(zk[k : k + 1], A[k : k + 1], z, G, e_dir, 1):
-                br = _bracket(layers, si, x0 + beta * e_dir, nn, beta, spread)
+                br = _bracket(layers, rows, si, x0 + beta * e_dir, nn, beta, spread)
                 if br is not None:
                     plans.append(br)
     return _verdicts(query, plans, len(starts))
@@ -148,9 +155,15 @@ def prescreen(
         # a short step towards that boundary, and the segment of the search line about the kink
         span = 0.5 * min(cd.half_left, cd.half_right) * cd.unorm
         beta1 = min(0.2 * min(float(tk[k]), _reach(z, G, w)), 0.5 * span)
-        if not (beta1 > 1e-9 * spread and span > 1e-9 * spread):
+        if not beta1 > 1e-9 * spread:
             continue
-        probes.append((si, x0 + beta1 * w, ell * span, beta1, w, ell, z, G))
+        # the probe line stays in the region (a prefix kink on it would be taken for the start's)
+        x1 = x0 + beta1 * w
+        z1, G1 = _forms(layers, x1)
+        span = min(span, 0.9 * _reach(z1, G1, ell), 0.9 * _reach(z1, G1, -ell))
+        if not span > 1e-9 * spread:
+            continue
+        probes.append((si, x1, ell * span, beta1, w, ell, z, G))
     keep = [True] * len(cands)
     if not probes:
         return keep
@@ -158,9 +171,9 @@ def prescreen(
                           8, rel_tol)
     plans: list[tuple[int, FloatArray, FloatArray, float]] = []
     for (si, _x1, U, beta1, w, ell, z, G), line in zip(probes, lines, strict=True):
-        if not line.t.size:
-            continue
-        a1 = float(line.t[int(np.argmin(np.abs(line.t)))]) * float(np.linalg.norm(U))
+        if line.t.size != 1:
+            continue  # none, or more than one to choose from: untested
+        a1 = float(line.t[0]) * float(np.linalg.norm(U))
         x0 = cands[si].x
         y1 = x0 + beta1 * w + a1 * ell
         z1 = _forms(layers, y1)[0]
@@ -169,7 +182,7 @@ def prescreen(
         e_dir = (y1 - x0) / float(np.linalg.norm(y1 - x0))
         zk, A = _known_rows(layers, rows, z, G)
         for beta in _crossing(zk, A, z, G, e_dir, tests):
-            br = _bracket(layers, si, x0 + beta * e_dir, ell, beta, spread)
+            br = _bracket(layers, rows, si, x0 + beta * e_dir, ell, beta, spread)
             if br is not None:
                 plans.append(br)
     return _verdicts(query, plans, len(cands))

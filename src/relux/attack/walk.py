@@ -50,7 +50,7 @@ class Walk:
 
     theta: FloatArray
     points: FloatArray
-    switched: np.ndarray  # neurons of layer i the walk crossed
+    switched: np.ndarray  # neurons of layer i the walk crossed (signed: or fixed at its start)
     steps: int
     residual: float  # smallest / largest singular value of the point system
     gap: float  # second-smallest / smallest singular value
@@ -218,11 +218,12 @@ def _teleport(
     limit: int = 64,
 ) -> tuple[tuple[FloatArray, FloatArray] | None, tuple[FloatArray, int, float, float] | None]:
     """Signed walks: follow the row's predicted boundary across the boundaries of neurons the walk has
-    switched already (known neurons, or neurons of layer ``i`` with a column, crossed at a measured
-    step) until the next crossing is of a neuron not switched yet, without a query. Each piece's
-    boundary is exact there (nothing unknown is on), so the walk queries only where a new weight
-    enters; the pieces passed are checked by points measured at the end (:func:`_check_virtual`).
-    The walk heads for the unswitched neuron :func:`_plan_target` picks first, until it is switched.
+    switched already (known neurons, neurons of layer ``i`` on at a determined start, or with a
+    column and crossed at a measured step) until the next crossing is of a neuron not switched yet,
+    without a query. Each piece's boundary is exact there (nothing unknown is on), so the walk queries
+    only where a new weight enters; the pieces passed are checked by points measured at the end
+    (:func:`_check_virtual`). The walk heads for the unswitched neuron :func:`_plan_target` picks
+    first, until it is switched.
     Returns the prefix's forms (:func:`_forms`) where the walk is left and the plan made there, when
     they were computed."""
     forms: tuple[FloatArray, FloatArray] | None = None
@@ -241,12 +242,10 @@ def _teleport(
             if full is None:
                 return forms, None
             aim, target = full[:4], full[4]
-            plan: tuple[FloatArray, int, float, float] | None = aim
-        else:
-            plan = None  # (the step plans afresh from here)
+        plan: tuple[FloatArray, int, float, float] | None = aim
         d, m1, t1, t2 = aim
         if not ch.switched[m1] or not np.isfinite(t1):
-            return forms, plan
+            return forms, plan  # a neuron to switch first: the step measures there
         q = ch.x + t1 * d
         probe = q + 1e-6 * min(t2 - t1, spread) * d
         n_new = ch.system.normal_at(probe)
@@ -301,7 +300,7 @@ def _check_virtual(
         want = wanted[id(ch)]
         cand = list(ch.virtual)
         rng.shuffle(cand)
-        for y in ch.points[1:]:
+        for y in ch.points[1:] if len(ch.points) > 1 else ch.points:  # (a walk may end at its start)
             n = ch.system.normal_at(y)
             if n is None:
                 continue
@@ -383,7 +382,7 @@ def _predicted_kinks(query: QueryFn, X0: FloatArray, U: FloatArray) -> list[Floa
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Step:
     """One step of a walk: its chain, the neuron ``m`` to cross, and a search line ``p + t u`` with
     ``t`` in ``[lo, hi]`` (input distance) for the boundary's piece past ``m``; ``R`` bounds the

@@ -7,7 +7,8 @@ known (checked by a few sign-free walks, :func:`relux.attack.walk.walk_layer`), 
 ``z' = Σ_j u_j ReLU(z_j) + c``: a walk along its boundary needs each neuron of layer ``i`` to be on
 at one of its points, not switched both ways, and it crosses the boundaries of the neurons it has
 already seen without a query (:func:`relux.attack.walk.walk_boundaries` with ``signed``). One walk per
-row; the rows already found set their kinks aside when new starts are looked for.
+row; the rows already found set their kinks aside when new starts are looked for, and deeper layers'
+kinks are set aside against those rows' boundaries (:mod:`relux.attack.screen`).
 """
 
 from __future__ import annotations
@@ -138,4 +139,3 @@ def _on_rows(layers: Sequence[pfx.Layer], rows: Sequence[tuple[FloatArray, float
     v = W @ H[0] + b
     scale = np.linalg.norm(W, axis=1) * (float(np.linalg.norm(H[0])) + 1.0)
     return bool(np.any(np.abs(v) <= 1e-6 * scale))
-

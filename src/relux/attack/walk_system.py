@@ -194,7 +194,9 @@ class WalkSystem:
         R[: self.R.shape[0], : self.R.shape[1]] = self.R
         rows_new = self._values(Zs, H, cols) / scale
         if self.signed:  # LAPACK's triangular-pentagonal QR folds the rows at once
-            out, _, _, info = scipy.linalg.lapack.dtpqrt(0, rows_new.shape[0], R, rows_new)
+            # (the block size must lie in [1, columns]; the end check folds in more rows than that)
+            nb = max(1, min(rows_new.shape[0], p))
+            out, _, _, info = scipy.linalg.lapack.dtpqrt(0, nb, R, rows_new)
             if info != 0:
                 raise ValueError(f"dtpqrt failed with info={info}")
             R = np.triu(out)
