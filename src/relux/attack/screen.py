@@ -23,26 +23,25 @@ import numpy as np
 from relux.attack import prefix as pfx
 from relux.attack.critical import find_kinks
 from relux.attack.polish import OFFSETS, bracket_kink
-from relux.attack.walk import _forms
+from relux.attack.walk import _forms, _reach
 from relux.attack.witnesses import Candidate
 from relux.oracle.base import FloatArray, QueryFn
 
 Row = tuple[FloatArray, float, FloatArray, float]  # (w, b, points, residual)
 
 
-def _reach(z: FloatArray, G: FloatArray, v: FloatArray) -> float:
-    """How far from the point of ``z`` along ``+v`` the first prefix boundary is."""
-    rate = G @ v
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return float(np.min(np.where(z * rate < 0, -z / rate, np.inf)))
+Known = tuple[FloatArray, FloatArray]  # the known rows stacked: (W, b)
 
 
-def _known_rows(layers: Sequence[pfx.Layer], rows: Sequence[Row], z: FloatArray,
+def _stack(rows: Sequence[Row]) -> Known:
+    return np.stack([r[0] for r in rows]), np.array([r[1] for r in rows])
+
+
+def _known_rows(layers: Sequence[pfx.Layer], known: Known, z: FloatArray,
                 G: FloatArray) -> tuple[FloatArray, FloatArray]:
     """The known rows' values at the point of ``z`` and their gradients in its region."""
     n_i = layers[-1][0].shape[0]
-    W = np.stack([r[0] for r in rows])
-    b = np.array([r[1] for r in rows])
+    W, b = known
     zl, Gl = z[-n_i:], G[-n_i:]
     return W @ np.maximum(zl, 0.0) + b, (W * (zl > 0)) @ Gl
 
@@ -70,12 +69,12 @@ def _crossing(zk: FloatArray, A: FloatArray, z: FloatArray, G: FloatArray, e_dir
     return out
 
 
-def _bracket(layers: Sequence[pfx.Layer], rows: Sequence[Row], si: int, y: FloatArray, u: FloatArray,
+def _bracket(layers: Sequence[pfx.Layer], known: Known, si: int, y: FloatArray, u: FloatArray,
              beta: float, spread: float) -> tuple[int, FloatArray, FloatArray, float] | None:
     """A bracket along ``u`` about ``y``, a thousandth of the distance walked to it, inside the
     prefix's region there and clear of the known rows' boundaries (their kinks would bend a side)."""
     z, G = _forms(layers, y)
-    zk, A = _known_rows(layers, rows, z, G)
+    zk, A = _known_rows(layers, known, z, G)
     with np.errstate(divide="ignore", invalid="ignore"):
         rows_reach = float(np.min(np.abs(zk) / np.abs(A @ u)))
     delta = min(1e-3 * abs(beta), 0.25 * _reach(z, G, u), 0.25 * _reach(z, G, -u), 0.25 * rows_reach)
@@ -108,11 +107,12 @@ def screen_starts(
     start with no known boundary well inside its region is kept untested."""
     if not rows:
         return [True] * len(starts)
+    known = _stack(rows)
     plans: list[tuple[int, FloatArray, FloatArray, float]] = []
     for si, (x0, n) in enumerate(starts):
         nn = n / float(np.linalg.norm(n))
         z, G = _forms(layers, x0)
-        zk, A = _known_rows(layers, rows, z, G)
+        zk, A = _known_rows(layers, known, z, G)
         # towards each known boundary within the start's plane
         V = A - np.outer(A @ nn, nn)
         for k in np.argsort(np.abs(zk) / (np.linalg.norm(V, axis=1) + 1e-300))[:tests]:
@@ -121,7 +121,7 @@ def screen_starts(
                 continue
             e_dir = V[k] / nv
             for beta in _crossing(zk[k : k + 1], A[k : k + 1], z, G, e_dir, 1):
-                br = _bracket(layers, rows, si, x0 + beta * e_dir, nn, beta, spread)
+                br = _bracket(layers, known, si, x0 + beta * e_dir, nn, beta, spread)
                 if br is not None:
                     plans.append(br)
     return _verdicts(query, plans, len(starts))
@@ -137,13 +137,15 @@ def prescreen(
     followed from there as in :func:`screen_starts`. A start is kept when nothing could be tested."""
     if not rows or not cands:
         return [True] * len(cands)
-    probes: list[tuple[int, FloatArray, FloatArray, float, FloatArray, FloatArray, FloatArray, FloatArray]] = []
+    known = _stack(rows)
+    probes: list[tuple[int, FloatArray, FloatArray, float, FloatArray, FloatArray, FloatArray, FloatArray,
+                       FloatArray, FloatArray]] = []
     for si, cd in enumerate(cands):
         x0 = cd.x
         ell = cd.right - cd.left
         ell = ell / float(np.linalg.norm(ell))
         z, G = _forms(layers, x0)
-        zk, A = _known_rows(layers, rows, z, G)
+        zk, A = _known_rows(layers, known, z, G)
         V = A - np.outer(A @ ell, ell)
         nv = np.linalg.norm(V, axis=1)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -163,14 +165,14 @@ def prescreen(
         span = min(span, 0.9 * _reach(z1, G1, ell), 0.9 * _reach(z1, G1, -ell))
         if not span > 1e-9 * spread:
             continue
-        probes.append((si, x1, ell * span, beta1, w, ell, z, G))
+        probes.append((si, x1, ell * span, beta1, w, ell, z, G, zk, A))
     keep = [True] * len(cands)
     if not probes:
         return keep
     lines, _ = find_kinks(query, np.stack([p[1] for p in probes]), np.stack([p[2] for p in probes]), -1.0, 1.0,
                           8, rel_tol)
     plans: list[tuple[int, FloatArray, FloatArray, float]] = []
-    for (si, _x1, U, beta1, w, ell, z, G), line in zip(probes, lines, strict=True):
+    for (si, _x1, U, beta1, w, ell, z, G, zk, A), line in zip(probes, lines, strict=True):
         if line.t.size != 1:
             continue  # none, or more than one to choose from: untested
         a1 = float(line.t[0]) * float(np.linalg.norm(U))
@@ -180,9 +182,8 @@ def prescreen(
         if not np.array_equal(z1 > 0, z > 0):
             continue  # that kink is past a prefix boundary: not the same plane
         e_dir = (y1 - x0) / float(np.linalg.norm(y1 - x0))
-        zk, A = _known_rows(layers, rows, z, G)
         for beta in _crossing(zk, A, z, G, e_dir, tests):
-            br = _bracket(layers, rows, si, x0 + beta * e_dir, ell, beta, spread)
+            br = _bracket(layers, known, si, x0 + beta * e_dir, ell, beta, spread)
             if br is not None:
                 plans.append(br)
     return _verdicts(query, plans, len(cands))

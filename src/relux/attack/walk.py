@@ -33,7 +33,7 @@ import numpy as np
 
 from relux.attack import prefix as pfx
 from relux.attack.config import ExtractionConfig
-from relux.attack.critical import find_kinks
+from relux.attack.critical import LineKinks, find_kinks
 from relux.attack.signs import SignSolution
 from relux.attack.walk_fit import PartialFit, features, fit_partial, fit_theta, solve_walk_signs
 from relux.attack.walk_system import StepFit, WalkSystem
@@ -444,11 +444,7 @@ def _across(
         return None
     p = q + s * nm
     zp, Gp = _forms(layers, p)
-    rate_u = Gp @ u
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ahead = float(np.min(np.where(zp * rate_u < 0, -zp / rate_u, np.inf)))
-        back = float(np.min(np.where(zp * rate_u > 0, zp / rate_u, np.inf)))
-    ahead, back = 0.98 * min(ahead, 0.5 * spread), 0.98 * min(back, 0.5 * spread)
+    ahead, back = 0.98 * min(_reach(zp, Gp, u), 0.5 * spread), 0.98 * min(_reach(zp, Gp, -u), 0.5 * spread)
     if not (np.isfinite(ahead) and np.isfinite(back)) or min(ahead, back) <= 1e-9 * spread:
         return None
     return _Step(ch, m, p, zp, Gp, u, -back, ahead, 0.5 * (ahead + back))
@@ -478,10 +474,7 @@ def _second_point(
     if signed and zm_y1 > 0:
         # away from the new neuron's boundary, as far as the piece goes: a long lever for its weight (a
         # point near its boundary barely sees it, and the row's fit would not either)
-        rate = Gy @ v
-        with np.errstate(divide="ignore", invalid="ignore"):
-            tt = np.where(zy * rate < 0, -zy / rate, np.inf)
-        step = min(0.5 * float(np.min(tt)), 0.5 * spread)
+        step = min(0.5 * _reach(zy, Gy, v), 0.5 * spread)
     else:
         step = min(0.3 * _region_radius(zy, Gy, v), 0.3 * st.R)
     p2 = y1 + step * v
@@ -493,6 +486,32 @@ def _second_point(
 
 
 _Hit = tuple[FloatArray, FloatArray, FloatArray, StepFit]  # first point, new normal, second point, fit
+
+
+def _candidates(
+    layers: Sequence[pfx.Layer], steps: Sequence[_Step], lines: Sequence[LineKinks], count: int, signed: bool,
+    rng: np.random.Generator, spread: float,
+) -> tuple[list[list[tuple[int, FloatArray, FloatArray, float]]], list[FloatArray], list[FloatArray]]:
+    """The ``count`` kinks nearest each search line's middle as candidates for the next piece: per
+    step ``(index of its second-point search, first point, new normal, distance to the second
+    point)``, and the second-point searches' middles and half-length vectors (along the new normal)."""
+    cands: list[list[tuple[int, FloatArray, FloatArray, float]]] = []
+    v_x0: list[FloatArray] = []
+    v_u: list[FloatArray] = []
+    for st, line in zip(steps, lines, strict=True):
+        mine: list[tuple[int, FloatArray, FloatArray, float]] = []
+        pts = line.points()
+        for ti in np.argsort(np.abs(line.t))[:count]:
+            y1 = pts[int(ti)]
+            sp = _second_point(layers, st, y1, signed, rng, spread)
+            if sp is None:
+                continue
+            gn, p2, step, half = sp
+            v_x0.append(p2)
+            v_u.append(gn * half)
+            mine.append((len(v_x0) - 1, y1, gn, step))
+        cands.append(mine)
+    return cands, v_x0, v_u
 
 
 def _signed_points(
@@ -508,27 +527,12 @@ def _signed_points(
     x0 = np.stack([st.p for st in steps])
     U = np.stack([st.u for st in steps]) * h[:, None]
     lines, _ = find_kinks(query, x0, U, -1.0, 1.0, 8, rel_tol)
-    cands: list[list[tuple[int, FloatArray, FloatArray]]] = []
-    v_x0: list[FloatArray] = []
-    v_u: list[FloatArray] = []
-    for st, line in zip(steps, lines, strict=True):
-        mine: list[tuple[int, FloatArray, FloatArray]] = []
-        pts = line.points()
-        for ti in np.argsort(np.abs(line.t))[:2]:
-            y1 = pts[int(ti)]
-            sp = _second_point(layers, st, y1, True, rng, spread)
-            if sp is None:
-                continue
-            gn, p2, _step, half = sp
-            v_x0.append(p2)
-            v_u.append(gn * half)
-            mine.append((len(v_x0) - 1, y1, gn))
-        cands.append(mine)
+    cands, v_x0, v_u = _candidates(layers, steps, lines, 2, True, rng, spread)
     got = _predicted_kinks(query, np.asarray(v_x0), np.asarray(v_u)) if v_x0 else []
     out: list[_Hit | None] = []
     for st, mine in zip(steps, cands, strict=True):
         hit: _Hit | None = None
-        for vi, y1, gn in mine:
+        for vi, y1, gn, _step in mine:
             y2 = got[vi]
             if y2 is None:
                 continue
@@ -553,22 +557,7 @@ def _free_points(
     x0 = np.stack([st.p for st in steps])
     U = np.stack([st.u * st.R for st in steps])
     lines, _ = find_kinks(query, x0, U, -1.0, 1.0, 16, rel_tol)
-    cands: list[list[tuple[int, FloatArray, FloatArray, float]]] = []
-    v_x0: list[FloatArray] = []
-    v_u: list[FloatArray] = []
-    for st, line in zip(steps, lines, strict=True):
-        mine: list[tuple[int, FloatArray, FloatArray, float]] = []
-        pts = line.points()
-        for ti in np.argsort(np.abs(line.t))[:4]:
-            y1 = pts[int(ti)]
-            sp = _second_point(layers, st, y1, False, rng, spread)
-            if sp is None:
-                continue
-            gn, p2, step, half = sp
-            v_x0.append(p2)
-            v_u.append(gn * half)
-            mine.append((len(v_x0) - 1, y1, gn, step))
-        cands.append(mine)
+    cands, v_x0, v_u = _candidates(layers, steps, lines, 4, False, rng, spread)
     vlines = find_kinks(query, np.asarray(v_x0), np.asarray(v_u), -1.0, 1.0, 8, rel_tol)[0] if v_x0 else []
     out: list[_Hit | None] = []
     for st, mine, line in zip(steps, cands, lines, strict=True):
@@ -605,6 +594,13 @@ def _signed_walk(ch: _Chain, layer_idx: FloatArray, d_h: int) -> Walk:
     log.debug("signed walk: %d steps, %d predicted pieces, %d points for %d unknowns, residual %.1e, gap %.1e",
               ch.steps, len(ch.virtual), ch.system.F.shape[0], len(ch.system.cols), resid, gap)
     return Walk(th, P, sw, ch.steps, resid, gap, ok, reason)
+
+
+def _reach(z: FloatArray, G: FloatArray, v: FloatArray) -> float:
+    """Distance from the point of ``z`` along ``+v`` to the first prefix boundary."""
+    rate = G @ v
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.min(np.where(z * rate < 0, -z / rate, np.inf)))
 
 
 def _region_radius(z: FloatArray, G: FloatArray, v: FloatArray) -> float:

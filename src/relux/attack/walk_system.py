@@ -93,7 +93,7 @@ class WalkSystem:
         self.R[: R0.shape[0]] = R0
         self.F: FloatArray = r0[None, :]  # every point's row so far (for the misfit of each)
         self.theta = self._solve(self.R, np.ones(p))
-        self._tried: tuple[list[tuple[str, int]], FloatArray, FloatArray, FloatArray, FloatArray] | None = None
+        self._tried: tuple[list[tuple[str, int]], FloatArray, FloatArray, FloatArray, FloatArray, bool] | None = None
         self._determined: bool | None = None
         # signed normals: the columns' neuron indices and the offset's column, for the list they index
         self._col_cache: tuple[Sequence[tuple[str, int]], np.ndarray, int] | None = None
@@ -210,8 +210,9 @@ class WalkSystem:
         F[self.F.shape[0] :] = rows_new
         rn = np.linalg.norm(F, axis=1) + 1e-300
         resid = float(np.max(np.abs(F @ theta) / rn))
-        self._tried = (cols, scale, R, F, theta)
-        normal = None if self._ambiguous(R, theta) else self._normal(cols, scale, theta, x)
+        ambiguous = self._ambiguous(R, theta)
+        self._tried = (cols, scale, R, F, theta, ambiguous)
+        normal = None if ambiguous else self._normal(cols, scale, theta, x)
         return StepFit(normal, resid, self._prior_misfit(theta))
 
     def _prior_misfit(self, theta: FloatArray) -> float:
@@ -227,9 +228,9 @@ class WalkSystem:
     def commit(self) -> None:
         """Keep the points of the last :meth:`try_points`."""
         assert self._tried is not None
-        self.cols, self.scale, self.R, self.F, self.theta = self._tried
+        self.cols, self.scale, self.R, self.F, self.theta, ambiguous = self._tried
         self._tried = None
-        self._determined = None
+        self._determined = not ambiguous
 
     def _normal(self, cols: Sequence[tuple[str, int]], scale: FloatArray, theta: FloatArray,
                 x: FloatArray) -> FloatArray | None:
@@ -266,7 +267,8 @@ class WalkSystem:
 
     @property
     def determined(self) -> bool:
-        """Whether the equations so far fix the row (one null direction); kept until the next commit."""
+        """Whether the equations so far fix the row (one null direction); a commit keeps what its try
+        found."""
         if self._determined is None:
             self._determined = not self._ambiguous(self.R, self.theta)
         return self._determined
