@@ -139,3 +139,39 @@ def test_signed_walks_behind_a_narrow_layer(seed: int) -> None:
     # every row found is exact to float64 rounding (~1e-13), and each is a different neuron
     assert np.all(1.0 - cos.max(axis=1) <= 1e-9)
     assert len(set(cos.argmax(axis=1).tolist())) == out.W.shape[0] == 3, out.reason
+
+
+def test_relocation_lands_exactly_on_the_row_boundary_without_a_query() -> None:
+    from relux.attack.walk import _Chain, _relocate
+
+    rng = np.random.default_rng(3)
+    W1, b1 = rng.normal(size=(9, 4)), rng.normal(size=9)
+    w2, b2 = rng.normal(size=9), 0.2
+
+    def value(x: np.ndarray) -> float:
+        return float(np.maximum(W1 @ x + b1, 0) @ w2 + b2)
+
+    for _ in range(1000):  # a start on the boundary where fewer neurons are on than inputs
+        x = rng.normal(size=4)
+        on = (W1 @ x + b1) > 0
+        g = (on * w2) @ W1
+        x = x - value(x) / (g @ g) * g
+        if np.array_equal((W1 @ x + b1) > 0, on) and 0 < on.sum() < 4:
+            break
+    ws = WalkSystem([(W1, b1)], x, g, signed=True)
+    assert ws.determined
+    ch = _Chain(x=x.copy(), g=g / np.linalg.norm(g), points=[x.copy()], switched=on.copy(), system=ws)
+    moved = 0
+    for _ in range(20):
+        if not _relocate(ch, [(W1, b1)], np.arange(9), 2.0, rng):
+            continue
+        moved += 1
+        here = (W1 @ ch.x + b1) > 0
+        assert not np.any(here & ~on)  # only neurons whose weights the row holds are on there
+        gt = (here * w2) @ W1
+        # the predicted boundary is the true one there: an interpolation inside one region, exact to
+        # rounding (~1e-15 of the terms), and the normal is the row's
+        assert abs(value(ch.x)) <= 1e-12 * (np.abs(W1 @ ch.x + b1) @ np.abs(w2) + 1.0)
+        assert abs(abs(float(ch.g @ gt)) / np.linalg.norm(gt) - 1.0) <= 1e-12
+        assert ch.virtual and np.array_equal(ch.virtual[-1], ch.x)
+    assert moved >= 10

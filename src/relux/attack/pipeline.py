@@ -278,12 +278,16 @@ def _walked_layer(
     full: bool,
     points: list[FloatArray] | None = None,
     executor: Executor | None = None,
+    signed_only: bool = False,
 ) -> tuple[list[tuple[FloatArray, FloatArray]], list[LayerReport], LayerOutcome | None]:
     """Walks along layer-``i`` boundaries (:mod:`relux.attack.walk`): the signs of layer ``i - 1``,
     checked and repaired in place (with its report) by at most ``cfg.check_walks`` sign-free walks
     (three rows suffice for the check), and, with ``full``, layer ``i``'s outcome when every row was
     walked: by signed walks (:mod:`relux.attack.walk_rows`) once every sign is decided, else by
-    sign-free walks. ``executor`` runs the per-witness work of the walks' starts."""
+    sign-free walks. ``signed_only``: layer ``i``'s rows from signed walks once every sign is decided,
+    and never from sign-free walks (a layer as wide as its space of control: witnesses still see most of
+    a row, so when the signs are open the witnesses' unification is cheaper). ``executor`` runs the
+    per-witness work of the walks' starts."""
     from relux.attack.deep import outcome_from_rows
     from relux.attack.missing import recover_from_walks
     from relux.attack.walk import walk_layer
@@ -296,7 +300,11 @@ def _walked_layer(
     # sign-free walks give every row instead.
     wo = walk_layer(q, layers, width, d0, cfg, rng, rel_tol, rows_wanted=min(3, width), max_rounds=3,
                     missing=short, executor=executor, max_walks=cfg.check_walks)
-    signed = full and wo.solution is not None and wo.solution.ok and bool(wo.decided.all()) and not short
+    # a sign is known when the walks decided it, or the wiggle's verdict was clean and no walk flipped it
+    clean = np.array([float(nr.get("sign_confidence", 0.0)) >= 1.0 for nr in prev.neurons])
+    known_sign = wo.decided | (clean & ~wo.flips) if clean.size == wo.decided.size else wo.decided
+    signed = ((full or signed_only) and wo.solution is not None and wo.solution.ok and bool(known_sign.all())
+              and not short)
     if full and not signed:
         wo = walk_layer(q, layers, width, d0, cfg, rng, rel_tol, rows_wanted=width, missing=short,
                         executor=executor)
@@ -349,8 +357,13 @@ def _walked_layer(
         wr = walk_rows(q, layers, width, d0, cfg, rng, rel_tol, known=known, executor=executor)
         log.info("layer %d: %d/%d rows from %d signed walks (%d complete)%s", i, wr.W.shape[0], width, wr.walks,
                  wr.complete, f"; {wr.reason}" if wr.reason else "")
-        if wr.W.shape[0] < width:
+        # An inner layer a few rows short (rarely switched neurons whose kinks the lines did not show)
+        # is kept: the next layer's walks look for a missing neuron. The last hidden layer, or a layer
+        # far short, is extracted from witnesses instead.
+        if wr.W.shape[0] < (width if is_last else 0.9 * width):
             return layers, reports, None
+        if wr.W.shape[0] < width:
+            warnings.append(f"layer {i}: {width - wr.W.shape[0]} row(s) not found by signed walks ({wr.reason})")
         out = outcome_from_rows(q, layers, wr.W, wr.b, wr.points, wr.residual, width, d0, is_last, cfg, rng,
                                 "signed walks")
         return layers, reports, out
@@ -395,7 +408,8 @@ def _extract_deep(
                     out = first_layer_outcome(q, d0, width, sum(hidden), cfg, rng, rel_tol,
                                               executor=stages.executor)
                 else:
-                    expansive = hidden[i - 2] > min((d0, *hidden[: i - 2]))
+                    control = min((d0, *hidden[: i - 2]))
+                    expansive = hidden[i - 2] > control
                     # Behind a complete first layer narrower than the input, everything runs in the
                     # coordinates of its row space (relux.attack.frame): the same network, fewer inputs.
                     frame = input_frame(layers, hidden[0])
@@ -407,7 +421,7 @@ def _extract_deep(
                     # wiggle) they also give this layer's rows; otherwise a few walks are the check.
                     lf2, reports, out = _walked_layer(qf, lf, reports, width, df, i == len(hidden), cf,
                                                       rng, rel_tol, warnings, full=expansive, points=new_pts,
-                                                      executor=stages.executor)
+                                                      executor=stages.executor, signed_only=hidden[i - 2] == control)
                     if out is None:
                         out = extract_layer(qf, lf2, width, df, sum(hidden), i == len(hidden), k, cf, rng,
                                             rel_tol, executor=stages.executor)
