@@ -408,11 +408,12 @@ def _extract_deep(
                     out = first_layer_outcome(q, d0, width, sum(hidden), cfg, rng, rel_tol,
                                               executor=stages.executor)
                 else:
-                    control = min((d0, *hidden[: i - 2]))
-                    expansive = hidden[i - 2] > control
                     # Behind a complete first layer narrower than the input, everything runs in the
                     # coordinates of its row space (relux.attack.frame): the same network, fewer inputs.
                     frame = input_frame(layers, hidden[0])
+                    # layer i-1's space of control: the input, or a narrower layer before it
+                    control = min((d0, *hidden[: i - 2]))
+                    expansive = hidden[i - 2] > control
                     qf, lf, df, cf = ((frame.query(q), frame.down(layers), frame.dim, frame.config(cfg, d0)) if frame
                                       else (q, layers, d0, cfg))
                     new_pts: list[FloatArray] = []

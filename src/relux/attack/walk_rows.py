@@ -21,6 +21,8 @@ import numpy as np
 
 from relux.attack import prefix as pfx
 from relux.attack.config import ExtractionConfig
+from relux.attack.confirm import crossing_hits
+from relux.attack.critical import LineKinks
 from relux.attack.screen import prescreen, screen_starts
 from relux.attack.walk import _normals, walk_boundaries
 from relux.attack.walk_system import WalkSystem
@@ -71,6 +73,7 @@ def walk_rows(
     spread = cfg.input_scale * float(np.sqrt(d0))
     last_new = 0
     reason = ""
+    lines: list[LineKinks] = []
     for rnd in range(max_rounds):
         if len(rows) >= width:
             break
@@ -78,7 +81,8 @@ def walk_rows(
             reason = f"no new row in {rnd - last_new} rounds of search lines"
             break
         kn = (np.stack([r[0] for r in rows]), np.array([r[1] for r in rows])) if rows else None
-        cands, _ = find_candidates(query, layers, d0, 2, n_grid, cfg, rng, rel_tol, known=kn)
+        cands, info = find_candidates(query, layers, d0, 2, n_grid, cfg, rng, rel_tol, known=kn)
+        lines += info.lines_found
         before = len(rows)
         # A start where more neurons of layer i are on than its normal can separate leaves the row
         # undetermined for many steps, and such walks rarely complete: others are walked first (more
@@ -117,6 +121,7 @@ def walk_rows(
                     continue
                 rows.append((w, c, wk.points, wk.residual))
             cands = [cd for cd in cands if not _on_rows(layers, rows, cd.x)]
+        rows = _confirmed(layers, rows, lines, width)
         if len(rows) > before:
             last_new = rnd
             log.info("signed walks: %d/%d rows after %d walks (%d complete; %d starts set aside as deeper)",
@@ -139,3 +144,25 @@ def _on_rows(layers: Sequence[pfx.Layer], rows: Sequence[tuple[FloatArray, float
     v = W @ H[0] + b
     scale = np.linalg.norm(W, axis=1) * (float(np.linalg.norm(H[0])) + 1.0)
     return bool(np.any(np.abs(v) <= 1e-6 * scale))
+
+
+def _confirmed(
+    layers: Sequence[pfx.Layer], rows: list[tuple[FloatArray, float, FloatArray, float]], lines: Sequence[LineKinks],
+    width: int,
+) -> list[tuple[FloatArray, float, FloatArray, float]]:
+    """``rows`` without those that predict crossings the search lines do not show, at most ``width``
+    of them (the best confirmed first). A deeper neuron's boundary can pass for a row of this layer along
+    a walk that switched none of the neurons in between, and its end check; on the search lines its
+    row predicts kinks where there are none. A row of this layer misses a kink only where everything
+    after it is off: a tenth of its hits and two more are allowed (as for witnesses' rows,
+    :func:`relux.attack.deep._with_kept`)."""
+    if not rows or not lines:
+        return rows[:width]
+    hits, misses = crossing_hits(np.stack([r[0] for r in rows]), np.array([r[1] for r in rows]), lines, layers)
+    keep = [j for j in range(len(rows)) if misses[j] <= 0.1 * hits[j] + 2]
+    if len(keep) < len(rows):
+        log.info("signed walks: %d row(s) dropped: they predict crossings the search lines do not show (%s)",
+                 len(rows) - len(keep), ", ".join(f"{int(misses[j])} of {int(hits[j] + misses[j])}"
+                                                  for j in range(len(rows)) if j not in keep))
+    keep.sort(key=lambda j: -(int(hits[j]) - 2 * int(misses[j])))
+    return [rows[j] for j in sorted(keep[:width])]
