@@ -175,3 +175,25 @@ def test_relocation_lands_exactly_on_the_row_boundary_without_a_query() -> None:
         assert abs(abs(float(ch.g @ gt)) / np.linalg.norm(gt) - 1.0) <= 1e-12
         assert ch.virtual and np.array_equal(ch.virtual[-1], ch.x)
     assert moved >= 10
+
+
+def test_rows_the_search_lines_contradict_are_dropped(expansive: MLP) -> None:
+    from relux.attack.critical import find_kinks
+    from relux.attack.walk_rows import _confirmed
+
+    W1, b1 = expansive.layers[0]
+    n1 = np.linalg.norm(np.concatenate([W1, b1[:, None]], axis=1), axis=1)
+    layer = (W1 / n1[:, None], b1 / n1)
+    T = _unit(expansive.layers[1][0] * n1[None, :], expansive.layers[1][1])
+    rng = np.random.default_rng(4)
+    x0 = rng.normal(size=(12, 8))
+    U = rng.normal(size=(12, 8))
+    U *= (4.0 * np.sqrt(8) / np.linalg.norm(U, axis=1))[:, None]
+    lines, _ = find_kinks(MLPOracle(expansive).query, x0, U, -1.0, 1.0, 512, 1e-9)
+    bogus = T[0] + 0.05 * rng.normal(size=T.shape[1])  # a row near a real one: its crossings are elsewhere
+    bogus /= np.linalg.norm(bogus)
+    rows = [(t[:-1], float(t[-1]), np.zeros((0, 8)), 0.0) for t in (*T, bogus)]
+    kept = _confirmed([layer], rows, lines, 7)  # room for all seven: the misses drop the bogus row
+    assert len(kept) == 6
+    assert all(any(r is k for k in kept) for r in rows[:6])  # every real row kept, the bogus one dropped
+    assert len(_confirmed([layer], rows[:6], lines, 4)) == 4  # never more than the layer's width
