@@ -65,7 +65,8 @@ def test_signed_system_needs_no_columns_for_neurons_never_on() -> None:
 def test_search_line_across_a_crossed_boundary_meets_the_next_piece() -> None:
     # The next piece of a boundary past neuron m's hyperplane is a hyperplane through the ridge, at a
     # tilt set by the unknown weight; a line parallel to m's hyperplane, a little past it, meets it.
-    from relux.attack.walk import _across, _Chain, _forms
+    from relux.attack.prefix import forms as _forms
+    from relux.attack.walk import _across, _Chain
 
     hits = tries = 0
     for seed in range(400):

@@ -122,3 +122,25 @@ def safe_steps(
             dist = np.abs(Z[0])[:, None] / rate
         out = np.minimum(out, np.min(dist, axis=0))
     return out
+
+
+def forms(layers: Sequence[Layer], x: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """Pre-activation and its input-space gradient for every prefix neuron at ``x``."""
+    Zs, _ = forward(layers, x[None, :])
+    _, J = jacobian(layers, x)
+    return np.concatenate([Z[0] for Z in Zs]), np.concatenate(J, axis=0)
+
+
+def reach(z: FloatArray, G: FloatArray, v: FloatArray) -> float:
+    """Distance from a point along ``+v`` to the first prefix boundary (``z, G``: :func:`forms` there;
+    both hold in the point's whole region, where the prefix is affine)."""
+    rate = G @ v
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.min(np.where(z * rate < 0, -z / rate, np.inf)))
+
+
+def region_radius(z: FloatArray, G: FloatArray, v: FloatArray) -> float:
+    """Distance from a point along ``±v`` to the nearest prefix boundary (``z, G``: :func:`forms` there)."""
+    rate = np.abs(G @ v)
+    with np.errstate(divide="ignore"):
+        return float(np.min(np.where(rate > 0, np.abs(z) / rate, np.inf)))

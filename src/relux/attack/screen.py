@@ -23,7 +23,6 @@ import numpy as np
 from relux.attack import prefix as pfx
 from relux.attack.critical import find_kinks
 from relux.attack.polish import OFFSETS, bracket_kink
-from relux.attack.walk import _forms, _reach
 from relux.attack.witnesses import Candidate
 from relux.oracle.base import FloatArray, QueryFn
 
@@ -54,7 +53,7 @@ def _crossing(zk: FloatArray, A: FloatArray, z: FloatArray, G: FloatArray, e_dir
     with np.errstate(divide="ignore", invalid="ignore"):
         beta = np.where(rate != 0, -zk / rate, np.inf)
     out: list[float] = []
-    reach = {1.0: _reach(z, G, e_dir), -1.0: _reach(z, G, -e_dir)}
+    reach = {1.0: pfx.reach(z, G, e_dir), -1.0: pfx.reach(z, G, -e_dir)}
     for k in np.argsort(np.abs(beta)):
         bk = float(beta[k])
         if len(out) == tests or not np.isfinite(bk):
@@ -73,11 +72,11 @@ def _bracket(layers: Sequence[pfx.Layer], known: Known, si: int, y: FloatArray, 
              beta: float, spread: float) -> tuple[int, FloatArray, FloatArray, float] | None:
     """A bracket along ``u`` about ``y``, a thousandth of the distance walked to it, inside the
     prefix's region there and clear of the known rows' boundaries (their kinks would bend a side)."""
-    z, G = _forms(layers, y)
+    z, G = pfx.forms(layers, y)
     zk, A = _known_rows(layers, known, z, G)
     with np.errstate(divide="ignore", invalid="ignore"):
         rows_reach = float(np.min(np.abs(zk) / np.abs(A @ u)))
-    delta = min(1e-3 * abs(beta), 0.25 * _reach(z, G, u), 0.25 * _reach(z, G, -u), 0.25 * rows_reach)
+    delta = min(1e-3 * abs(beta), 0.25 * pfx.reach(z, G, u), 0.25 * pfx.reach(z, G, -u), 0.25 * rows_reach)
     return (si, y, u, delta) if delta > 1e-9 * spread else None
 
 
@@ -111,7 +110,7 @@ def screen_starts(
     plans: list[tuple[int, FloatArray, FloatArray, float]] = []
     for si, (x0, n) in enumerate(starts):
         nn = n / float(np.linalg.norm(n))
-        z, G = _forms(layers, x0)
+        z, G = pfx.forms(layers, x0)
         zk, A = _known_rows(layers, known, z, G)
         # towards each known boundary within the start's plane
         V = A - np.outer(A @ nn, nn)
@@ -144,7 +143,7 @@ def prescreen(
         x0 = cd.x
         ell = cd.right - cd.left
         ell = ell / float(np.linalg.norm(ell))
-        z, G = _forms(layers, x0)
+        z, G = pfx.forms(layers, x0)
         zk, A = _known_rows(layers, known, z, G)
         V = A - np.outer(A @ ell, ell)
         nv = np.linalg.norm(V, axis=1)
@@ -156,13 +155,13 @@ def prescreen(
         w = V[k] * (-np.sign(zk[k]) / nv[k])
         # a short step towards that boundary, and the segment of the search line about the kink
         span = 0.5 * min(cd.half_left, cd.half_right) * cd.unorm
-        beta1 = min(0.2 * min(float(tk[k]), _reach(z, G, w)), 0.5 * span)
+        beta1 = min(0.2 * min(float(tk[k]), pfx.reach(z, G, w)), 0.5 * span)
         if not beta1 > 1e-9 * spread:
             continue
         # the probe line stays in the region (a prefix kink on it would be taken for the start's)
         x1 = x0 + beta1 * w
-        z1, G1 = _forms(layers, x1)
-        span = min(span, 0.9 * _reach(z1, G1, ell), 0.9 * _reach(z1, G1, -ell))
+        z1, G1 = pfx.forms(layers, x1)
+        span = min(span, 0.9 * pfx.reach(z1, G1, ell), 0.9 * pfx.reach(z1, G1, -ell))
         if not span > 1e-9 * spread:
             continue
         probes.append((si, x1, ell * span, beta1, w, ell, z, G, zk, A))
@@ -178,7 +177,7 @@ def prescreen(
         a1 = float(line.t[0]) * float(np.linalg.norm(U))
         x0 = cands[si].x
         y1 = x0 + beta1 * w + a1 * ell
-        z1 = _forms(layers, y1)[0]
+        z1 = pfx.forms(layers, y1)[0]
         if not np.array_equal(z1 > 0, z > 0):
             continue  # that kink is past a prefix boundary: not the same plane
         e_dir = (y1 - x0) / float(np.linalg.norm(y1 - x0))

@@ -105,11 +105,6 @@ class _Chain:
     reason: str = ""
 
 
-def _forms(layers: Sequence[pfx.Layer], x: FloatArray) -> tuple[FloatArray, FloatArray]:
-    """Pre-activation and its input-space gradient for every prefix neuron at ``x``."""
-    Zs, _ = pfx.forward(layers, x[None, :])
-    _, J = pfx.jacobian(layers, x)
-    return np.concatenate([Z[0] for Z in Zs]), np.concatenate(J, axis=0)
 
 
 def _first_crossings(z: FloatArray, G: FloatArray, d: FloatArray) -> tuple[int, float, float]:
@@ -225,7 +220,7 @@ def _teleport(
     only where a new weight enters; the pieces passed are checked by points measured at the end
     (:func:`_check_virtual`). The walk heads for the unswitched neuron :func:`_plan_target` picks
     first, until it is switched.
-    Returns the prefix's forms (:func:`_forms`) where the walk is left and the plan made there, when
+    Returns the prefix's forms (:func:`relux.attack.prefix.forms`) where the walk is left and the plan made there, when
     they were computed."""
     forms: tuple[FloatArray, FloatArray] | None = None
     target = -1
@@ -235,7 +230,7 @@ def _teleport(
             return forms, None
         if ch.skip and ch.skip.issuperset(todo.tolist()):
             return forms, None  # (the plan would pick a random direction and forget the skipped neurons)
-        z, G = forms if forms is not None else _forms(layers, ch.x)
+        z, G = forms if forms is not None else pfx.forms(layers, ch.x)
         forms = (z, G)
         aim = _toward(z, G, ch.g, target) if target >= 0 and not ch.switched[target] else None
         if aim is None:
@@ -257,7 +252,7 @@ def _teleport(
         if nd <= 1e-9 or (G[m1] @ d2) * (G[m1] @ d) <= 0:
             return forms, plan  # the boundary folds back at m1: the step must look for its piece
         d2 /= nd
-        zq, Gq = _forms(layers, probe)
+        zq, Gq = pfx.forms(layers, probe)
         rate = Gq @ d2
         with np.errstate(divide="ignore", invalid="ignore"):
             tt = np.where(zq * rate < 0, -zq / rate, np.inf)
@@ -311,7 +306,7 @@ def _relocate(
         n = ch.system.normal_at(p)
         if n is None:
             continue
-        z, G = _forms(layers, p)
+        z, G = pfx.forms(layers, p)
         GJ = G[todo]
         pn = np.sqrt(np.maximum(np.einsum("ij,ij->i", GJ, GJ) - (GJ @ n) ** 2, 0.0))
         with np.errstate(divide="ignore"):
@@ -363,14 +358,14 @@ def _check_virtual(
             v = rng.normal(size=y.size)
             v -= (v @ n) * n
             v /= float(np.linalg.norm(v))
-            zy, Gy = _forms(layers, y)
-            cand.append(y + 0.3 * min(_region_radius(zy, Gy, v), spread) * v)
+            zy, Gy = pfx.forms(layers, y)
+            cand.append(y + 0.3 * min(pfx.region_radius(zy, Gy, v), spread) * v)
         for v in cand[: 2 * want]:
             n = ch.system.normal_at(v)
             if n is None:
                 continue
-            zv, Gv = _forms(layers, v)
-            delta = min(0.25 * _region_radius(zv, Gv, n), 1e-2 * spread)
+            zv, Gv = pfx.forms(layers, v)
+            delta = min(0.25 * pfx.region_radius(zv, Gv, n), 1e-2 * spread)
             if not np.isfinite(delta) or delta <= 1e-9 * spread:
                 continue
             plans.append((ch, v, n, delta * np.asarray(OFFSETS)))
@@ -473,8 +468,8 @@ def _fail(ch: _Chain, m: int) -> None:
 def _beside(layers: Sequence[pfx.Layer], ch: _Chain, m: int, p: FloatArray, spread: float) -> _Step | None:
     """Sign-free walks: a search line along the old normal through ``p``, a point past ``m``'s
     boundary far from the ridge (a long lever for the new piece's tilt)."""
-    zp, Gp = _forms(layers, p)
-    R = min(0.9 * _region_radius(zp, Gp, ch.g), 0.5 * spread)
+    zp, Gp = pfx.forms(layers, p)
+    R = min(0.9 * pfx.region_radius(zp, Gp, ch.g), 0.5 * spread)
     if not np.isfinite(R) or R <= 1e-9 * spread:
         return None
     return _Step(ch, m, p, zp, Gp, ch.g, -R, R, R)
@@ -507,8 +502,8 @@ def _across(
     if not np.isfinite(s) or s <= 1e-9 * spread:
         return None
     p = q + s * nm
-    zp, Gp = _forms(layers, p)
-    ahead, back = 0.98 * min(_reach(zp, Gp, u), 0.5 * spread), 0.98 * min(_reach(zp, Gp, -u), 0.5 * spread)
+    zp, Gp = pfx.forms(layers, p)
+    ahead, back = 0.98 * min(pfx.reach(zp, Gp, u), 0.5 * spread), 0.98 * min(pfx.reach(zp, Gp, -u), 0.5 * spread)
     if not (np.isfinite(ahead) and np.isfinite(back)) or min(ahead, back) <= 1e-9 * spread:
         return None
     return _Step(ch, m, p, zp, Gp, u, -back, ahead, 0.5 * (ahead + back))
@@ -528,7 +523,7 @@ def _second_point(
     mu = -float(ch.g @ (y1 - ch.x)) / zm_y1
     g_new = ch.g + mu * Gp[m1]
     gn = g_new / float(np.linalg.norm(g_new))
-    zy, Gy = _forms(layers, y1)
+    zy, Gy = pfx.forms(layers, y1)
     v = Gy[m1] - (Gy[m1] @ gn) * gn if signed and zm_y1 > 0 else rng.normal(size=y1.size)
     v -= (v @ gn) * gn
     nv = float(np.linalg.norm(v))
@@ -538,12 +533,12 @@ def _second_point(
     if signed and zm_y1 > 0:
         # away from the new neuron's boundary, as far as the piece goes: a long lever for its weight (a
         # point near its boundary barely sees it, and the row's fit would not either)
-        step = min(0.5 * _reach(zy, Gy, v), 0.5 * spread)
+        step = min(0.5 * pfx.reach(zy, Gy, v), 0.5 * spread)
     else:
-        step = min(0.3 * _region_radius(zy, Gy, v), 0.3 * st.R)
+        step = min(0.3 * pfx.region_radius(zy, Gy, v), 0.3 * st.R)
     p2 = y1 + step * v
-    z2, G2 = _forms(layers, p2)
-    half = min(0.9 * _region_radius(z2, G2, gn), 0.5 * step)
+    z2, G2 = pfx.forms(layers, p2)
+    half = min(0.9 * pfx.region_radius(z2, G2, gn), 0.5 * step)
     if not np.isfinite(step) or step <= 1e-9 * spread or half <= 1e-9 * spread:
         return None
     return gn, p2, step, half
@@ -660,18 +655,8 @@ def _signed_walk(ch: _Chain, layer_idx: FloatArray, d_h: int) -> Walk:
     return Walk(th, P, sw, ch.steps, resid, gap, ok, reason)
 
 
-def _reach(z: FloatArray, G: FloatArray, v: FloatArray) -> float:
-    """Distance from the point of ``z`` along ``+v`` to the first prefix boundary."""
-    rate = G @ v
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return float(np.min(np.where(z * rate < 0, -z / rate, np.inf)))
 
 
-def _region_radius(z: FloatArray, G: FloatArray, v: FloatArray) -> float:
-    """Distance from the point of ``z`` along ``±v`` to the nearest prefix boundary."""
-    rate = np.abs(G @ v)
-    with np.errstate(divide="ignore"):
-        return float(np.min(np.where(rate > 0, np.abs(z) / rate, np.inf)))
 
 
 def _sign_free(layers: Sequence[pfx.Layer]) -> list[pfx.Layer]:
@@ -863,7 +848,7 @@ def walk_boundaries(
         if signed and ch.system.determined:
             # the start's normal fixes the weights of the neurons on there: the walk crosses their
             # boundaries by prediction too, and measures steps only where a neuron turns on
-            ch.switched[layer_idx[_forms(layers, ch.x)[0][layer_idx] > 0]] = True
+            ch.switched[layer_idx[pfx.forms(layers, ch.x)[0][layer_idx] > 0]] = True
     while True:
         active = [c for c in chains if not c.done]
         if not active:
@@ -891,7 +876,7 @@ def walk_boundaries(
                     ch.no_teleport -= 1
                 else:
                     forms, plan = _teleport(ch, layers, layer_idx, spread, rng)
-            z, G = forms if forms is not None else _forms(layers, ch.x)
+            z, G = forms if forms is not None else pfx.forms(layers, ch.x)
             if plan is None:
                 plan = _plan(ch, z, G, layer_idx, rng, nearest=16 if signed else None)
             if plan is None:
