@@ -62,6 +62,28 @@ def test_walks_catch_and_repair_one_flipped_inner_sign(expansive: MLP) -> None:
     assert np.flatnonzero(out.flips).tolist() == [4]
 
 
+def test_a_check_stops_once_its_walks_settle_the_signs(expansive: MLP, monkeypatch: pytest.MonkeyPatch) -> None:
+    import relux.attack.walk as walk_mod
+
+    truth_flips = np.random.default_rng(11).random(12) < 0.5
+    W1, b1, _ = _unit_rows(*expansive.layers[0])
+    signs = np.where(truth_flips, -1.0, 1.0)
+
+    def check() -> relux.attack.walk.WalkOutcome:
+        oracle = CountingOracle(MLPOracle(expansive))
+        # more rows wanted than exist: only the settled signs (or the search giving out) end the check
+        return walk_layer(oracle.query, [(W1 * signs[:, None], b1 * signs)], 5, 6, ExtractionConfig(seed=0),
+                          np.random.default_rng(0), 1e-9, rows_wanted=50, max_walks=64)
+
+    out = check()
+    assert out.solution is not None and out.solution.ok and out.decided.all()
+    assert np.array_equal(out.flips, truth_flips)
+    monkeypatch.setattr(walk_mod, "_SETTLE_FITS", 10**9)  # never settle early
+    full = check()
+    assert np.array_equal(full.flips, truth_flips)
+    assert out.walks < full.walks
+
+
 def test_theta_is_the_null_vector_of_exact_boundary_points() -> None:
     # points built exactly on u·ReLU(ẑ) + a·x + c = 0 (solved for their last coordinate on a piece)
     rng = np.random.default_rng(0)

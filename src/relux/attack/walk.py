@@ -409,9 +409,9 @@ def _check_virtual(
         ch.points += list(P)
 
 
-# A check's walks stop once their partial fits have decided every sign, the same way after two
-# batches in a row, from at least this many fits (on layer 3 of the digits-trained 64-40x4-10 the 64
-# walks of a full check cost 330k queries and 54 s).
+# A check's walks stop once their partial fits have decided every sign, uniquely and the same way
+# after two batches in a row that each added fits, from at least this many fits (on layer 3 of the
+# digits-trained 64-40x4-10 the 64 walks of a full check cost 330k queries and 54 s).
 _SETTLE_FITS = 6
 
 # A signed walk stalls after this many steps without a new neuron, and then moves elsewhere on its
@@ -759,6 +759,7 @@ def walk_layer(
     last_new = 0
     settled = False  # a check (max_walks): two batches in a row gave the same signs, every one decided
     last_flips: bytes | None = None
+    solved_with = 0  # fits in the last early solve
     for rnd in range(max_rounds):
         if (settled or len(thetas) >= rows_wanted or rnd - last_new > 24
                 or (max_walks is not None and walks >= max_walks)):
@@ -794,10 +795,13 @@ def walk_layer(
                     thetas.append(wk.theta)
                     pts.append(wk.points)
                     res.append(wk.residual)
-            if max_walks is not None and len(fits) >= _SETTLE_FITS:
+            # (not while a neuron of layer i is missing: a walk along its own boundary may still come)
+            if max_walks is not None and not missing and len(fits) >= _SETTLE_FITS and len(fits) > solved_with:
+                solved_with = len(fits)
                 early = solve_walk_signs(W, fits, missing, cfg.max_enum_bits)
-                ok = early is not None and early.solution.ok and bool(early.solution.relevant.all())
-                now = early.solution.flips.tobytes() if ok and early is not None else None
+                sol = early.solution if early is not None else None
+                ok = sol is not None and sol.ok and sol.solutions == 1 and bool(sol.relevant.all())
+                now = sol.flips.tobytes() if ok and sol is not None else None
                 settled = now is not None and now == last_flips
                 last_flips = now
         if len(thetas) > before:
