@@ -56,3 +56,10 @@ def crossing_hits(
             change &= ~blind[1:] & ~blind[:-1]
         misses += change.sum(axis=0)
     return hits, misses
+
+
+def mostly_confirmed(hits: np.ndarray, misses: np.ndarray) -> np.ndarray:
+    """Rows whose predicted crossings the lines show, per :func:`crossing_hits`' counts: a row of the
+    layer misses a kink only where everything after it is off, so at most a tenth of its hits and two
+    more; a row fitted to a deeper neuron misses most of its predictions."""
+    return np.asarray(misses <= 0.1 * hits + 2)

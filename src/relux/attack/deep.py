@@ -20,7 +20,7 @@ from relux.attack import prefix as pfx
 from relux.attack.always_on import AlwaysOn, solve_always_on
 from relux.attack.complete import complete_row
 from relux.attack.config import ExtractionConfig
-from relux.attack.confirm import crossing_hits
+from relux.attack.confirm import crossing_hits, mostly_confirmed
 from relux.attack.critical import LineKinks
 from relux.attack.hyperplanes import hyperplane_distance
 from relux.attack.linalg import lstsq
@@ -644,7 +644,7 @@ def _with_kept(
     if kept:
         sc, miss = _score_rows(kept, lines, layers, is_last)
         hits = sc + 2 * miss
-        kept = [r for r, h, mi in zip(kept, hits, miss, strict=True) if mi <= 0.1 * h + 2]
+        kept = [r for r, ok in zip(kept, mostly_confirmed(hits, miss), strict=True) if ok]
     if not kept:
         return list(rows), list(_score_rows(rows, lines, layers, is_last)[0]) if rows else [], 0
     keys = np.stack([np.append(x.w, x.b) for x in kept])

@@ -21,7 +21,7 @@ import numpy as np
 
 from relux.attack import prefix as pfx
 from relux.attack.config import ExtractionConfig
-from relux.attack.confirm import crossing_hits
+from relux.attack.confirm import crossing_hits, mostly_confirmed
 from relux.attack.critical import LineKinks
 from relux.attack.screen import prescreen, screen_starts
 from relux.attack.walk import _normals, walk_boundaries
@@ -153,13 +153,12 @@ def _confirmed(
     """``rows`` without those that predict crossings the search lines do not show, at most ``width``
     of them (the best confirmed first). A deeper neuron's boundary can pass for a row of this layer along
     a walk that switched none of the neurons in between, and its end check; on the search lines its
-    row predicts kinks where there are none. A row of this layer misses a kink only where everything
-    after it is off: a tenth of its hits and two more are allowed (as for witnesses' rows,
-    :func:`relux.attack.deep._with_kept`)."""
+    row predicts kinks where there are none (:func:`relux.attack.confirm.mostly_confirmed`, the rule
+    witnesses' rows are held to as well)."""
     if not rows or not lines:
         return rows[:width]
     hits, misses = crossing_hits(np.stack([r[0] for r in rows]), np.array([r[1] for r in rows]), lines, layers)
-    keep = [j for j in range(len(rows)) if misses[j] <= 0.1 * hits[j] + 2]
+    keep = [int(j) for j in np.flatnonzero(mostly_confirmed(hits, misses))]
     if len(keep) < len(rows):
         log.info("signed walks: %d row(s) dropped: they predict crossings the search lines do not show (%s)",
                  len(rows) - len(keep), ", ".join(f"{int(misses[j])} of {int(hits[j] + misses[j])}"
