@@ -309,12 +309,27 @@ def outcome_from_rows(
     cfg: ExtractionConfig,
     rng: np.random.Generator,
     how: str,
+    coverage: np.ndarray | None = None,
+    rel_tol: float | None = None,
 ) -> LayerOutcome:
-    """A layer whose rows are already known (from walks, :mod:`relux.attack.walk`): signs as for any
-    layer (the last-layer solve, or the wiggle for an inner layer, checked by the next layer's walks)."""
+    """A layer whose rows are already known (from walks, :mod:`relux.attack.walk`, or witness groups,
+    :mod:`relux.attack.free_last`): signs as for any layer (the last-layer solve, or the wiggle for an
+    inner layer, checked by the next layer's walks). ``coverage``: the layer-input coordinates each
+    row's points saw on (all by default); the others are first filled along the row's boundary
+    (:func:`relux.attack.complete.complete_row`, with the kink search's ``rel_tol``)."""
     nrm = np.linalg.norm(np.concatenate([W, b[:, None]], axis=1), axis=1)
     W, b = W / nrm[:, None], b / nrm
     row_residual = np.array(row_residual, dtype=float)
+    cov = np.ones(W.shape, dtype=bool) if coverage is None else np.array(coverage, dtype=bool)
+    if layers and not cov.all():
+        if rel_tol is None:
+            raise ValueError("outcome_from_rows: rows with unseen weights need the kink search's rel_tol")
+        n_grid = int(cfg.grid_per_neuron * sum(w.shape[0] for w, _ in layers)) + 16 + 4 * W.shape[0]
+        for j in (int(i) for i in np.flatnonzero(~cov.all(axis=1))):
+            c = complete_row(query, layers, W[j], float(b[j]), cov[j], row_points[j][:3], d0,
+                             cfg.input_scale * float(np.sqrt(d0)), n_grid, rel_tol)
+            n = float(np.linalg.norm(np.append(c.w, c.b)))
+            W[j], b[j], cov[j] = c.w / n, c.b / n, c.coverage
     for j in range(W.shape[0]):
         P = row_points[j]
         anchors = P[rng.choice(P.shape[0], size=min(8, P.shape[0]), replace=False)]
@@ -322,7 +337,7 @@ def outcome_from_rows(
         if got is not None:
             W[j], b[j], row_residual[j] = got
     sgn, conf, sign_method, on = _layer_signs(query, layers, W, b, d0, is_last, W.shape[0] < width, cfg, rng,
-                                              np.concatenate(list(row_points)))
+                                              np.concatenate(list(row_points)), cov)
     W = W * sgn[:, None]
     b = b * sgn
     neurons = tuple(
@@ -332,7 +347,7 @@ def outcome_from_rows(
     )
     pts = np.stack([p[0] for p in row_points])
     out = LayerOutcome(W, b, int(sum(p.shape[0] for p in row_points)), 0, sign_method, neurons,
-                       width - W.shape[0], pts, np.asarray(conf, dtype=float), np.ones(W.shape, dtype=bool),
+                       width - W.shape[0], pts, np.asarray(conf, dtype=float), cov,
                        float(np.max(row_residual)) if row_residual.size else float("nan"))
     return _with_always_on(out, on)
 

@@ -374,6 +374,66 @@ def _walked_layer(
     return layers, reports, out
 
 
+def _free_last_layer(
+    q: Callable[[FloatArray], FloatArray],
+    layers: list[tuple[FloatArray, FloatArray]],
+    reports: list[LayerReport],
+    width: int,
+    d0: int,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    rel_tol: float,
+    warnings: list[str],
+    total_hidden: int,
+    points: list[FloatArray],
+    executor: Executor | None = None,
+) -> tuple[list[tuple[FloatArray, FloatArray]], list[LayerReport], LayerOutcome | None, bool]:
+    """The last hidden layer from witnesses grouped by output direction (:mod:`relux.attack.free_last`),
+    which also settles the signs of the layer before it (those are applied, with its report). Returns
+    the layers, the reports, layer ``i``'s outcome when every row was fitted, and whether the signs
+    settled (if not, nothing changed and the walks take over)."""
+    from relux.attack.deep import outcome_from_rows
+    from relux.attack.free_last import free_last_layer
+
+    i = len(layers) + 1
+    prev = reports[-1]
+    # A neuron missing from layer i-1 leaves kinks whose jump matches no column (set aside), and spoils
+    # only the witnesses where it is on (dropped by the groups' robust fits).
+    fl = free_last_layer(q, layers, width, d0, total_hidden, cfg, rng, rel_tol, executor=executor)
+    log.info("layer %d: %d/%d rows from %d witness groups (%d witnesses, %d lines); layer-%d signs %s%s", i,
+             fl.W.shape[0], width, fl.groups, fl.witnesses, fl.lines, i - 1,
+             "settled" if fl.ok else "open", f"; {fl.reason}" if fl.reason else "")
+    if not fl.ok:
+        return layers, reports, None, False
+    assert fl.sign is not None
+    W, b = layers[-1]
+    sgn = np.where(fl.flips, -1.0, 1.0)
+    layers = [*layers[:-1], (W * sgn[:, None], b * sgn)]
+    neurons = tuple(
+        {**nr, "sign": int(nr.get("sign", 1)) * int(sgn[j]),
+         "sign_confidence": float(fl.confidence[j]) if fl.decided[j] else nr.get("sign_confidence", 0.0)}
+        for j, nr in enumerate(prev.neurons)
+    )
+    flipped = [int(j) for j in np.flatnonzero(fl.flips)]
+    if flipped:
+        log.info("layer %d: layer-%d witness groups flipped neuron(s) %s", i - 1, i, flipped)
+    method = (f"{prev.sign_method}; checked by {fl.free_rows} layer-{i} witness groups ({fl.sign.method}, "
+              f"{int(fl.decided.sum())} decided, flipped {len(flipped)})")
+    reports = [*reports[:-1], dataclasses.replace(prev, sign_method=method, neurons=neurons)]
+    if fl.W.shape[0] < 0.9 * width:
+        warnings.append(f"layer {i}: witness groups gave {fl.W.shape[0]}/{width} rows ({fl.reason}); "
+                        "extracted from witnesses instead")
+        return layers, reports, None, True
+    # A few neurons no line crossed, even where the rows found cannot explain f: reported dead (the
+    # output check on fresh queries says whether they matter).
+    if fl.W.shape[0] < width:
+        warnings.append(f"layer {i}: witness groups gave {fl.W.shape[0]}/{width} rows ({fl.reason})")
+    points += list(fl.points)
+    out = outcome_from_rows(q, layers, fl.W, fl.b, fl.points, fl.residual, width, d0, True, cfg, rng,
+                            "witness groups", coverage=fl.coverage, rel_tol=rel_tol)
+    return layers, reports, out, True
+
+
 def _extract_deep(
     counter: CountingOracle,
     a: tuple[int, ...],
@@ -417,12 +477,23 @@ def _extract_deep(
                     qf, lf, df, cf = ((frame.query(q), frame.down(layers), frame.dim, frame.config(cfg, d0)) if frame
                                       else (q, layers, d0, cfg))
                     new_pts: list[FloatArray] = []
+                    lf2 = lf
+                    if i >= 3 and i == len(hidden) and k >= 2:
+                        # The last hidden layer: its witnesses group by output direction and decide the
+                        # signs of the layer before with its rows (relux.attack.free_last).
+                        lf2, reports, out, settled = _free_last_layer(qf, lf, reports, width, df, cf, rng, rel_tol,
+                                                                      warnings, sum(hidden), new_pts, stages.executor)
+                        if settled and out is None:
+                            out = extract_layer(qf, lf2, width, df, sum(hidden), True, k, cf, rng, rel_tol,
+                                                executor=stages.executor)
                     # Walks along this layer's boundaries check (and repair) the signs of the layer
                     # before. After a layer wider than its space of control (signs undecidable by the
                     # wiggle) they also give this layer's rows; otherwise a few walks are the check.
-                    lf2, reports, out = _walked_layer(qf, lf, reports, width, df, i == len(hidden), cf,
-                                                      rng, rel_tol, warnings, full=expansive, points=new_pts,
-                                                      executor=stages.executor, signed_only=hidden[i - 2] == control)
+                    if out is None:
+                        lf2, reports, out = _walked_layer(qf, lf, reports, width, df, i == len(hidden), cf, rng,
+                                                          rel_tol, warnings, full=expansive, points=new_pts,
+                                                          executor=stages.executor,
+                                                          signed_only=hidden[i - 2] == control)
                     if out is None:
                         out = extract_layer(qf, lf2, width, df, sum(hidden), i == len(hidden), k, cf, rng,
                                             rel_tol, executor=stages.executor)

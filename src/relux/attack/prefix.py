@@ -118,8 +118,9 @@ def safe_steps(
     _, pre_jacs = jacobian(layers, x, first)
     for Z, J in zip(Zs, pre_jacs, strict=True):
         rate = np.abs(J @ basis.T)  # (d_l, r)
-        with np.errstate(divide="ignore"):
-            dist = np.abs(Z[0])[:, None] / rate
+        with np.errstate(divide="ignore", invalid="ignore"):
+            # a row that does not move along a direction never reaches its boundary that way
+            dist = np.where(rate > 0, np.abs(Z[0])[:, None] / rate, np.inf)
         out = np.minimum(out, np.min(dist, axis=0))
     return out
 

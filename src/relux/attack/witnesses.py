@@ -47,6 +47,9 @@ class Witness:
     rank_ratio: float
     line: int
     normal: FloatArray  # unit normal of the kink's local hyperplane, in input space
+    #: unit direction of the jump in output space (up to sign): for a last-hidden-layer neuron it is
+    #: that neuron's column of the output layer, the same at every one of its kinks
+    out_dir: FloatArray | None = None
 
     @cached_property
     def constraint_rows(self) -> FloatArray:
@@ -332,7 +335,7 @@ def _solve_one(
 ) -> Witness | None:
     if not np.any(delta):
         return None
-    _, S, Vt = np.linalg.svd(delta, full_matrices=False)
+    U, S, Vt = np.linalg.svd(delta, full_matrices=False)
     ratio = float(S[1] / S[0]) if S.size > 1 else 0.0
     if ratio > 1e-3:
         return None
@@ -359,7 +362,7 @@ def _solve_one(
     Vx = Vr if V is None else Vr @ V  # the jump direction in input space
     return Witness(x=c.x, active=active, w=w, b=b, full_rank=full, A_ctrl=A_ctrl, v_ctrl=v_ctrl, h=h,
                    rank_ratio=ratio, line=line_offset + c.line,
-                   normal=Vx / max(float(np.linalg.norm(Vx)), np.finfo(float).tiny))
+                   normal=Vx / max(float(np.linalg.norm(Vx)), np.finfo(float).tiny), out_dir=U[:, 0].copy())
 
 
 def collect_witnesses(
