@@ -225,6 +225,22 @@ def _null_vector(A: FloatArray) -> FloatArray:
     return out
 
 
+def _tightened(
+    A: FloatArray, rownorm: FloatArray, v: FloatArray, r: FloatArray, keep: np.ndarray, k: int, rounds: int = 3
+) -> tuple[FloatArray, FloatArray, np.ndarray]:
+    """The fit tightened to the data's own scatter: points a little off (another kink close by) go,
+    up to ``rounds`` refits. Returns the null vector, every point's residual and the points kept."""
+    for _ in range(rounds):
+        tol2 = max(1e-14, 20.0 * float(np.median(r[keep])))
+        tight = r <= tol2
+        if tight.sum() < k or tight.sum() == keep.sum():
+            break
+        keep = tight
+        v = _null_vector(A[keep])
+        r = np.abs(A @ v) / rownorm
+    return v, r, keep
+
+
 def _ransac_trials(frac: float, size: int, floor: int, cap: int) -> int:
     """Subsets to draw so that one of ``size`` points is all inliers with probability 1 - 1e-6, when a
     fraction ``frac`` of the points are inliers; clipped to ``[floor, cap]``."""
@@ -259,7 +275,15 @@ def fit_row(
     v = _null_vector(A[near] if near.sum() >= k + 2 else A)
     r = np.abs(A @ v) / rownorm
     keep = r <= inlier_tol
-    if not keep.all() and n > k:
+    clean = keep.all()
+    if not clean and n > k:
+        # Often the points the estimate explains are clean already: refitted on them, and tightened to
+        # their own scatter, they fit one row to rounding. Then the draws below are not needed.
+        vq, rq, kq = _tightened(A, rownorm, v, r, keep, k)
+        if kq.sum() >= k + 2 and float(np.max(rq[kq])) <= 1e-3 * inlier_tol:
+            v, r, keep = vq, rq, kq
+            clean = True
+    if not clean and n > k:
         best = keep
         size = min(n, k + 1)  # one point more than the minimum, so a subset checks itself
         # Adaptive count (Fischler and Bolles 1981): enough subsets that one is clean with probability
@@ -285,15 +309,7 @@ def fit_row(
             r = np.abs(A @ v) / rownorm
     if not keep.any() or keep.sum() < k:
         keep = np.ones(n, dtype=bool)
-    # Then tighten to the data's own scatter: points a little off (another kink close by) go too.
-    for _ in range(3):
-        tol2 = max(1e-14, 20.0 * float(np.median(r[keep])))
-        tight = r <= tol2
-        if tight.sum() < k or tight.sum() == keep.sum():
-            break
-        keep = tight
-        v = _null_vector(A[keep])
-        r = np.abs(A @ v) / rownorm
+    v, r, keep = _tightened(A, rownorm, v, r, keep, k)
     res = float(np.max(r[keep]))
     full = np.zeros_like(w0)
     full[active] = v[:-1]
