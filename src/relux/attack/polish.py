@@ -63,6 +63,26 @@ def root_on_line(layers: Sequence[pfx.Layer], w: FloatArray, b: float, p: FloatA
     return t
 
 
+def _roots_on_lines(layers: Sequence[pfx.Layer], w: FloatArray, b: float, P: FloatArray, N: FloatArray
+                    ) -> FloatArray:
+    """:func:`root_on_line` for every row of ``P`` and ``N`` at once; NaN where the slope vanishes."""
+    t = np.zeros(P.shape[0])
+    live = np.ones(P.shape[0], dtype=bool)
+    for _ in range(20):
+        if not live.any():
+            break
+        i = np.flatnonzero(live)
+        z, slope = pfx.directional(layers, w, b, P[i] + t[i, None] * N[i], N[i])
+        flat = slope == 0.0
+        t[i[flat]] = np.nan
+        live[i[flat]] = False
+        i, z, slope = i[~flat], z[~flat], slope[~flat]
+        step = z / slope
+        t[i] -= step
+        live[i[np.abs(step) <= 1e-15 * (np.abs(t[i]) + 1.0)]] = False
+    return t
+
+
 def kink_in_bracket(T: FloatArray, Y: FloatArray) -> float | None:
     """The kink between ``T[2]`` and ``T[3]`` of ``f`` sampled at the six points ``T`` (three a side),
     by intersecting the two affine pieces. None when a side is not affine (another kink in the
@@ -109,40 +129,43 @@ def boundary_points(
     """Exact points of the neuron's boundary near ``anchors``; also returns the queries spent."""
     bases: list[FloatArray] = []
     normals: list[FloatArray] = []
-    ts: list[float] = []
-    deltas: list[float] = []
-    tries = 0
-    while len(bases) < n_points and tries < 4 * n_points:
-        tries += 1
-        x = anchors[tries % anchors.shape[0]]
-        n = pfx.unit_normal(layers, w, x)
-        if n is None:
-            continue
-        v = rng.normal(size=x.size)
-        v -= (v @ n) * n
-        v *= spread * float(rng.uniform(0.05, 1.0)) / float(np.linalg.norm(v))
-        p = x + v
-        n2 = pfx.unit_normal(layers, w, p)
-        if n2 is None:
-            continue
-        t0 = root_on_line(layers, w, b, p, n2)
-        if t0 is None:
-            continue
-        c = p + t0 * n2
+    ts: list[FloatArray] = []
+    deltas: list[FloatArray] = []
+    tries = got = 0
+    d = anchors.shape[1]
+    # Candidates a batch at a time (every prefix computation vectorised over the batch), in the order
+    # the anchors are cycled, until enough or 4 n_points tries.
+    while got < n_points and tries < 4 * n_points:
+        m = min(4 * n_points - tries, max(8, 2 * (n_points - got)))
+        idx = (tries + 1 + np.arange(m)) % anchors.shape[0]
+        tries += m
+        Xa = anchors[idx]
+        Na = pfx.unit_normals(layers, w, Xa) if layers else np.broadcast_to(w / np.linalg.norm(w), Xa.shape)
+        V = rng.normal(size=(m, d))
+        V -= np.sum(V * Na, axis=1, keepdims=True) * Na
+        V *= spread * rng.uniform(0.05, 1.0, size=(m, 1)) / np.linalg.norm(V, axis=1, keepdims=True)
+        P = Xa + V
+        N2 = pfx.unit_normals(layers, w, P) if layers else np.broadcast_to(w / np.linalg.norm(w), P.shape)
+        ok = np.any(Na != 0, axis=1) & np.any(N2 != 0, axis=1)
+        t0 = _roots_on_lines(layers, w, b, P, N2)
+        ok &= np.isfinite(t0)
+        C = P + np.where(ok, t0, 0.0)[:, None] * N2
         # The segment must stay clear of every known boundary.
-        dist = pfx.boundary_distance(layers, c)
-        delta = min(0.25 * dist, 1e-2 * spread)
-        if not np.isfinite(delta) or delta <= 1e-9 * spread:
-            continue
-        bases.append(p)
-        normals.append(n2)
-        ts.append(t0)
-        deltas.append(delta)
+        dist = pfx.boundary_distances(layers, C)
+        delta = np.minimum(0.25 * dist, 1e-2 * spread)
+        ok &= np.isfinite(delta) & (delta > 1e-9 * spread)
+        keep = np.flatnonzero(ok)[: n_points - got]
+        bases.append(P[keep])
+        normals.append(N2[keep])
+        ts.append(t0[keep])
+        deltas.append(delta[keep])
+        got += keep.size
+    bases = [np.concatenate(bases)] if got else []
     if not bases:
         return np.zeros((0, anchors.shape[1])), 0
-    P = np.asarray(bases)
-    N = np.asarray(normals)
-    T = np.asarray(ts)[:, None] + np.asarray(deltas)[:, None] * np.asarray(OFFSETS)[None, :]  # (n, 6)
+    P = bases[0]
+    N = np.concatenate(normals)
+    T = np.concatenate(ts)[:, None] + np.concatenate(deltas)[:, None] * np.asarray(OFFSETS)[None, :]  # (n, 6)
     X = P[:, None, :] + T[:, :, None] * N[:, None, :]
     Y = query(X.reshape(-1, X.shape[2])).reshape(X.shape[0], 6, -1)
     out: list[FloatArray] = []

@@ -90,6 +90,56 @@ def unit_normal(layers: Sequence[Layer], w: FloatArray, x: FloatArray) -> FloatA
     return out
 
 
+def unit_normals(layers: Sequence[Layer], w: FloatArray, X: FloatArray) -> FloatArray:
+    """:func:`unit_normal` at every row of ``X`` at once (reverse mode through the activation patterns);
+    a row is all zero where the gradient vanishes."""
+    Zs, _ = forward(layers, X)
+    G = np.broadcast_to(np.asarray(w, dtype=float), (X.shape[0], w.size))
+    for (W, _), Z in zip(reversed(layers), reversed(Zs), strict=True):
+        G = (G * (Z > 0)) @ W
+    nn = np.linalg.norm(G, axis=1, keepdims=True)
+    out: FloatArray = np.divide(G, nn, out=np.zeros_like(G), where=nn > 0)
+    return out
+
+
+def directional(layers: Sequence[Layer], w: FloatArray, b: float, X: FloatArray, N: FloatArray
+                ) -> tuple[FloatArray, FloatArray]:
+    """The pre-activation ``w·h(x) + b`` at every row of ``X`` and its derivative along the matching row
+    of ``N`` (forward mode through the activation patterns at ``X``)."""
+    H, D = X, N
+    for W, bl in layers:
+        Z = H @ W.T + bl
+        on = Z > 0
+        H = np.where(on, Z, 0.0)
+        D = np.where(on, D @ W.T, 0.0)
+    return H @ w + b, D @ w
+
+
+def boundary_distances(layers: Sequence[Layer], X: FloatArray, chunk: int = 64) -> FloatArray:
+    """:func:`boundary_distance` at every row of ``X`` (a chunk of rows at a time: each holds the
+    gradients of every prefix neuron)."""
+    out = np.full(X.shape[0], np.inf)
+    if not layers:
+        return out
+    for c0 in range(0, X.shape[0], chunk):
+        Xc = X[c0 : c0 + chunk]
+        M: FloatArray | None = None  # (n, d_l, d0): Jacobian of the layer output
+        H = Xc
+        best = np.full(Xc.shape[0], np.inf)
+        for W, bl in layers:
+            Z = H @ W.T + bl
+            J = np.broadcast_to(W, (Xc.shape[0], *W.shape)) if M is None else np.einsum("ij,njk->nik", W, M)
+            norms = np.linalg.norm(J, axis=2)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                dist = np.where(norms > 0, np.abs(Z) / norms, np.inf)
+            best = np.minimum(best, dist.min(axis=1))
+            on = Z > 0
+            M = J * on[:, :, None]
+            H = np.where(on, Z, 0.0)
+        out[c0 : c0 + chunk] = best
+    return out
+
+
 def boundary_distance(layers: Sequence[Layer], x: FloatArray, first: FloatArray | None = None) -> float:
     """Distance (to first order) from ``x`` to the nearest boundary of any known neuron (``first``: as
     in :func:`jacobian`; the gradients' norms do not change)."""
