@@ -55,33 +55,30 @@ def augment(layers: Sequence[pfx.Layer]) -> list[pfx.Layer]:
 def group_by_output(witnesses: Sequence[Witness], rel_tol: float = 100.0) -> list[np.ndarray]:
     """Witnesses grouped by the direction of their output jump (up to sign), largest group first.
 
-    Two witnesses join when the angle between their directions is below ``rel_tol`` times the sum of
-    their measured noise (the second singular value of each jump over its first, which is what a
-    finite difference's error leaves), and below 1e-2 in any case. Groups are the connected
-    components of that relation."""
-    n = len(witnesses)
-    if n == 0:
+    A witness joins the group whose first member's direction is nearest, when the angle between them
+    is below ``rel_tol`` times the sum of their measured noise (the second singular value of each jump
+    over its first, which is what a finite difference's error leaves), and below 1e-2 in any case;
+    else it starts a group. One pass, against one direction per group: O(witnesses x groups)."""
+    if not witnesses:
         return []
     D = np.stack([np.asarray(w.out_dir) for w in witnesses])
     noise = np.array([max(w.rank_ratio, np.finfo(float).eps) for w in witnesses])
-    cos = np.clip(np.abs(D @ D.T), 0.0, 1.0)
-    angle = np.sqrt(np.maximum(2.0 * (1.0 - cos), 0.0))
-    tol = np.minimum(rel_tol * (noise[:, None] + noise[None, :]) + 1e3 * np.finfo(float).eps, 1e-2)
-    adj = angle <= tol
-    label = -np.ones(n, dtype=int)
-    g = 0
-    for s in range(n):
-        if label[s] >= 0:
-            continue
-        stack = [s]
-        label[s] = g
-        while stack:
-            i = stack.pop()
-            for j in np.flatnonzero(adj[i] & (label < 0)):
-                label[j] = g
-                stack.append(int(j))
-        g += 1
-    groups = [np.flatnonzero(label == c) for c in range(g)]
+    reps = np.zeros((0, D.shape[1]))
+    rep_noise = np.zeros(0)
+    members: list[list[int]] = []
+    for i in range(D.shape[0]):
+        if members:
+            cos = np.clip(np.abs(reps @ D[i]), 0.0, 1.0)
+            angle = np.sqrt(np.maximum(2.0 * (1.0 - cos), 0.0))
+            tol = np.minimum(rel_tol * (rep_noise + noise[i]) + 1e3 * np.finfo(float).eps, 1e-2)
+            j = int(np.argmin(angle - tol))
+            if angle[j] <= tol[j]:
+                members[j].append(i)
+                continue
+        reps = np.vstack([reps, D[i]])
+        rep_noise = np.append(rep_noise, noise[i])
+        members.append([i])
+    groups = [np.array(m) for m in members]
     groups.sort(key=lambda m: -m.size)
     return groups
 
