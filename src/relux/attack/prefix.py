@@ -115,12 +115,18 @@ def directional(layers: Sequence[Layer], w: FloatArray, b: float, X: FloatArray,
     return H @ w + b, D @ w
 
 
-def boundary_distances(layers: Sequence[Layer], X: FloatArray, chunk: int = 64) -> FloatArray:
-    """:func:`boundary_distance` at every row of ``X`` (a chunk of rows at a time: each holds the
-    gradients of every prefix neuron)."""
+def boundary_distances(
+    layers: Sequence[Layer], X: FloatArray, chunk: int | None = None, first: FloatArray | None = None
+) -> FloatArray:
+    """:func:`boundary_distance` at every row of ``X``, ``chunk`` rows at a time (each holds the
+    gradients of every prefix neuron: by default as many rows as fit in 32 MB); ``first`` as in
+    :func:`jacobian`."""
     out = np.full(X.shape[0], np.inf)
     if not layers:
         return out
+    if chunk is None:
+        d_in = first.shape[1] if first is not None else X.shape[1]
+        chunk = max(1, 2**22 // (max(W.shape[0] for W, _ in layers) * d_in))
     for c0 in range(0, X.shape[0], chunk):
         Xc = X[c0 : c0 + chunk]
         M: FloatArray | None = None  # (n, d_l, d0): Jacobian of the layer output
@@ -128,7 +134,11 @@ def boundary_distances(layers: Sequence[Layer], X: FloatArray, chunk: int = 64) 
         best = np.full(Xc.shape[0], np.inf)
         for W, bl in layers:
             Z = H @ W.T + bl
-            J = np.broadcast_to(W, (Xc.shape[0], *W.shape)) if M is None else np.einsum("ij,njk->nik", W, M)
+            if M is None:
+                W0 = W if first is None else first
+                J = np.broadcast_to(W0, (Xc.shape[0], *W0.shape))
+            else:
+                J = np.einsum("ij,njk->nik", W, M)
             norms = np.linalg.norm(J, axis=2)
             with np.errstate(divide="ignore", invalid="ignore"):
                 dist = np.where(norms > 0, np.abs(Z) / norms, np.inf)

@@ -157,9 +157,11 @@ def find_candidates(
         halves = 0.5 * (bounds[1:] - bounds[:-1])
         unorm = float(np.linalg.norm(line.u))
         tol_dist = 1e-6 * unorm * max(float(np.min(halves)), 1e-12) + 1e-9 * scale
+        on_prefix = (pfx.boundary_distances(layers, P, first=first) <= tol_dist if layers
+                     else np.zeros(t.size, dtype=bool))
         for j in range(t.size):
             x = P[j]
-            if layers and pfx.boundary_distance(layers, x, first) <= tol_dist:
+            if on_prefix[j]:
                 n_prefix += 1
                 continue
             if known is not None and known[0].size:
