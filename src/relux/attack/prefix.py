@@ -138,7 +138,8 @@ def boundary_distances(
                 W0 = W if first is None else first
                 J = np.broadcast_to(W0, (Xc.shape[0], *W0.shape))
             else:
-                J = np.einsum("ij,njk->nik", W, M)
+                n, d_prev, d_in = M.shape  # one product for the whole chunk
+                J = (W @ M.transpose(1, 0, 2).reshape(d_prev, n * d_in)).reshape(W.shape[0], n, d_in).transpose(1, 0, 2)
             norms = np.linalg.norm(J, axis=2)
             with np.errstate(divide="ignore", invalid="ignore"):
                 dist = np.where(norms > 0, np.abs(Z) / norms, np.inf)
