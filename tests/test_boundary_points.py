@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from relux.attack import prefix as pfx
 from relux.attack.complete import complete_row
-from relux.attack.polish import fit_row, polish_row
+from relux.attack.polish import _roots_on_lines, fit_row, polish_row, root_on_line
 from relux.oracle import MLPOracle
 from relux.zoo import random_mlp
 
@@ -163,3 +163,31 @@ def test_polish_sees_a_rarely_active_coordinate() -> None:
     true = np.append(W2[j], b2[j]) / np.linalg.norm(np.append(W2[j], b2[j]))
     got *= float(true @ true) / float(got @ true)
     assert np.max(np.abs(got - true)) <= 1e-10
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.booleans())
+def test_batched_prefix_geometry_matches_the_pointwise_one(seed: int, framed: bool) -> None:
+    """Normals, boundary distances and Newton roots for a batch equal the one-point functions: the
+    same products in another order, so they agree to rounding (1e-12 relative is a wide margin)."""
+    rng = np.random.default_rng(seed)
+    victim = random_mlp((6, 9, 7, 4, 1), rng)
+    layers = victim.layers[:2]
+    w, b = victim.layers[2][0][0], float(victim.layers[2][1][0])
+    X = rng.normal(size=(17, 6))
+    N = rng.normal(size=(17, 6))
+    first = layers[0][0][:, :4] if framed else None
+    normals = pfx.unit_normals(layers, w, X)
+    for x, n_b in zip(X, normals, strict=True):
+        n_1 = pfx.unit_normal(layers, w, x)
+        # a point where every path to the row is off has no normal: the batch gives zeros there
+        assert np.allclose(n_b, 0.0 if n_1 is None else n_1, rtol=0, atol=1e-12)
+    d_b = pfx.boundary_distances(layers, X, chunk=5, first=first)
+    d_1 = np.array([pfx.boundary_distance(layers, x, first) for x in X])
+    # a pre-activation carries absolute rounding (a sum of products of order one), so distances agree
+    # to rounding relative to the largest, not to each one near a boundary
+    assert np.allclose(d_b, d_1, rtol=0, atol=1e-12 * float(np.max(d_1)))
+    t_b = _roots_on_lines(layers, w, b, X, N)
+    for x, n, tb in zip(X, N, t_b, strict=True):
+        t1 = root_on_line(layers, w, b, x, n)
+        assert (t1 is None and np.isnan(tb)) or abs(tb - t1) <= 1e-12 * (1 + abs(t1))
