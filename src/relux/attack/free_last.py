@@ -68,8 +68,10 @@ def group_by_output(witnesses: Sequence[Witness], rel_tol: float = 100.0) -> lis
     members: list[list[int]] = []
     for i in range(D.shape[0]):
         if members:
-            cos = np.clip(np.abs(reps @ D[i]), 0.0, 1.0)
-            angle = np.sqrt(np.maximum(2.0 * (1.0 - cos), 0.0))
+            # the chord between the directions (signs aligned): from 1 - cos, rounding alone would
+            # leave angles of 1e-8
+            sgn = np.where(reps @ D[i] < 0, -1.0, 1.0)
+            angle = np.linalg.norm(reps - sgn[:, None] * D[i], axis=1)
             tol = np.minimum(rel_tol * (rep_noise + noise[i]) + 1e3 * np.finfo(float).eps, 1e-2)
             j = int(np.argmin(angle - tol))
             if angle[j] <= tol[j]:

@@ -271,17 +271,20 @@ def _peeled(
     """The fit refitted without its worst points until every kept point fits to ``clean``: each round
     drops the points beyond 20 times the median residual, or else the worst twentieth. A few near
     misses (another kink inside a bracket) pull the fit, but stay its largest residuals."""
+    # never below a quarter more points than unknowns, nor below 60% of the points given: a fit
+    # peeled down to a near-minimal subset would fit it whatever its precision
+    floor = max(k + 2, int(np.ceil(1.25 * k)), int(np.ceil(0.6 * keep.sum())))
     if keep.sum() >= k:
         v = _null_vector(A[keep])
         r = np.abs(A @ v) / rownorm
     for _ in range(rounds):
-        if keep.sum() < k + 2 or float(np.max(r[keep])) <= clean:
+        if keep.sum() < floor or float(np.max(r[keep])) <= clean:
             break
         tight = keep & (r <= 20.0 * float(np.median(r[keep])))
         if tight.sum() == keep.sum():
             cut = float(np.quantile(r[keep], 0.95))
             tight = keep & (r < cut)
-        if tight.sum() < k:
+        if tight.sum() < floor:
             break
         keep = tight
         v = _null_vector(A[keep])
@@ -331,7 +334,7 @@ def fit_row(
         vq, rq, kq = _peeled(A, rownorm, v, r, keep, k, 1e-3 * inlier_tol)
         u0 = v0 / float(np.linalg.norm(v0))
         near_est = min(float(np.linalg.norm(vq - u0)), float(np.linalg.norm(vq + u0))) <= 1e-3
-        if kq.sum() >= k + 2 and float(np.max(rq[kq])) <= 1e-3 * inlier_tol and near_est:
+        if kq.sum() >= max(k + 2, 1.25 * k) and float(np.max(rq[kq])) <= 1e-3 * inlier_tol and near_est:
             v, r, keep = vq, rq, kq
             clean = True
     if not clean and n > k:
