@@ -241,6 +241,7 @@ def free_last_layer(
     executor: Executor | None = None,
     min_free_rows: int = 4,
     max_free_rows: int = 64,
+    max_settle_lines: int = 48,
 ) -> FreeLast:
     """The last hidden layer (``width`` rows) and the signs of the layer before it, from witnesses on
     random lines behind the augmented prefix (see the module docstring).
@@ -248,7 +249,8 @@ def free_last_layer(
     Search lines come four at a time. Until the signs settle, the largest groups (at most
     ``max_free_rows``, three witnesses or more) fit their augmented rows, and once ``min_free_rows``
     of them are determined the signs are solved; they are settled when two solves in a row give one
-    exact solution with the same flips. Then every group's signed row is fitted, until ``width``
+    exact solution with the same flips (else it gives up after ``max_settle_lines`` lines: the walks
+    then take over). Then every group's signed row is fitted, until ``width``
     distinct rows are determined with at most 1% of their weights unseen (or two rounds after all
     rows are there), or four rounds bring no new row (after up to four rounds of lines aimed where the
     rows found cannot explain ``f``)."""
@@ -311,6 +313,9 @@ def free_last_layer(
                       len(witnesses), len(groups), n_free, "settled" if settled else
                       (sol.reason or "solved once") if sol is not None else "not solved yet")
             if not settled:
+                if lines >= max_settle_lines:
+                    reason = f"signs not settled after {lines} lines"
+                    break
                 continue
             assert sol is not None
             flips = np.array(sol.flips, dtype=bool)
