@@ -306,6 +306,7 @@ def free_last_layer(
             if n_free >= min_free_rows:
                 new_sol = decode_flips(good, layers[-1][0], cfg.max_enum_bits)
                 settled = (sol is not None and new_sol.ok and sol.ok and new_sol.solutions == 1
+                           and bool(new_sol.relevant.any())
                            and bool(np.array_equal(new_sol.flips, sol.flips))
                            and bool(np.array_equal(new_sol.relevant, sol.relevant)))
                 sol = new_sol
@@ -363,13 +364,15 @@ def free_last_layer(
             break
     if sol is None or not settled:
         why = "signs never solved" if sol is None else (sol.reason or "two solves in a row disagreed")
-        return FreeLast(np.zeros(d_prev, dtype=bool), np.zeros(d_prev), np.zeros(d_prev, dtype=bool), sol,
+        # signs that never settled are no verdict: no sign solution goes out (``ok`` is False)
+        return FreeLast(np.zeros(d_prev, dtype=bool), np.zeros(d_prev), np.zeros(d_prev, dtype=bool), None,
                         np.zeros((0, d_prev)), np.zeros(0), np.zeros((0, d_prev), dtype=bool), (),
                         np.zeros(0), len(witnesses), lines, len(groups), n_free, f"{reason}; {why}" if reason else why)
     W = np.stack([r.w for r, _ in done]) if done else np.zeros((0, d_prev))
     b = np.array([r.b for r, _ in done])
     cov = np.stack([r.coverage for r, _ in done]) if done else np.zeros((0, d_prev), dtype=bool)
-    pts = tuple(np.stack([witnesses[i].x for i in g]) for _, g in done)
+    # the witnesses each row's fit kept (robust_unify may drop a few): exact points of its boundary
+    pts = tuple(np.stack([witnesses[i].x for i in r.members]) for r, _ in done)
     res = np.array([r.residual for r, _ in done])
     conf = np.where(decided, np.maximum(sol.confidence, 0.5), sol.confidence)
     return FreeLast(flips, conf, decided, sol, W, b, cov, pts, res, len(witnesses), lines, len(groups), n_free,

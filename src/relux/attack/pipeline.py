@@ -417,6 +417,16 @@ def _free_last_layer(
     flipped = [int(j) for j in np.flatnonzero(fl.flips)]
     if flipped:
         log.info("layer %d: layer-%d witness groups flipped neuron(s) %s", i - 1, i, flipped)
+    undecided = [int(j) for j in np.flatnonzero(~fl.decided)]
+    if undecided:
+        warnings.append(f"layer {i - 1}: sign(s) of neuron(s) {undecided} left as they were: no layer-{i} witness "
+                        "group decided them (the output check on fresh queries still judges them)")
+    overruled = [j for j in flipped if float(prev.neurons[j].get("sign_confidence", 0.0)) >= 1.0]
+    if overruled:
+        warnings.append(f"layer {i - 1}: witness groups flipped neuron(s) {overruled} whose wiggle verdict was clean")
+    if prev.width != W.shape[0]:
+        warnings.append(f"layer {i - 1}: {prev.width - W.shape[0]} neuron(s) missing; the witness groups of layer "
+                        f"{i} do not look for them")
     method = (f"{prev.sign_method}; checked by {fl.free_rows} layer-{i} witness groups ({fl.sign.method}, "
               f"{int(fl.decided.sum())} decided, flipped {len(flipped)})")
     reports = [*reports[:-1], dataclasses.replace(prev, sign_method=method, neurons=neurons)]

@@ -334,7 +334,10 @@ def fit_row(
         vq, rq, kq = _peeled(A, rownorm, v, r, keep, k, 1e-3 * inlier_tol)
         u0 = v0 / float(np.linalg.norm(v0))
         near_est = min(float(np.linalg.norm(vq - u0)), float(np.linalg.norm(vq + u0))) <= 1e-3
-        if kq.sum() >= max(k + 2, 1.25 * k) and float(np.max(rq[kq])) <= 1e-3 * inlier_tol and near_est:
+        # and the kept points still see every coordinate on (else the fit is not determined there)
+        sees_all = bool((A[kq][:, :-1] != 0).any(axis=0).all())
+        if (kq.sum() >= max(k + 2, 1.25 * k) and float(np.max(rq[kq])) <= 1e-3 * inlier_tol and near_est
+                and sees_all):
             v, r, keep = vq, rq, kq
             clean = True
     if not clean and n > k:
