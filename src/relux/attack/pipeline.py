@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -264,6 +264,25 @@ def _extract_one_hidden(
     return model, layer, witnesses, W / np.linalg.norm(W, axis=1, keepdims=True), radii, warnings
 
 
+def _with_flips(
+    layers: list[tuple[FloatArray, FloatArray]],
+    prev: LayerReport,
+    flips: np.ndarray,
+    confidence: FloatArray,
+    decided: np.ndarray,
+) -> tuple[list[tuple[FloatArray, FloatArray]], tuple[dict[str, Any], ...], list[int]]:
+    """Layer ``i - 1`` with the rows ``flips`` negated, its report's neurons with their signs (and the
+    confidence of each ``decided`` one) updated, and the flipped indices."""
+    W, b = layers[-1]
+    sgn = np.where(flips, -1.0, 1.0)
+    neurons = tuple(
+        {**nr, "sign": int(nr.get("sign", 1)) * int(sgn[j]),
+         "sign_confidence": float(confidence[j]) if decided[j] else nr.get("sign_confidence", 0.0)}
+        for j, nr in enumerate(prev.neurons)
+    )
+    return [*layers[:-1], (W * sgn[:, None], b * sgn)], neurons, [int(j) for j in np.flatnonzero(flips)]
+
+
 def _walked_layer(
     q: Callable[[FloatArray], FloatArray],
     layers: list[tuple[FloatArray, FloatArray]],
@@ -314,15 +333,7 @@ def _walked_layer(
     if wo.solution is None or not wo.solution.ok:
         warnings.append(f"layer {i - 1}: signs not checked by layer-{i} walks ({wo.reason})")
         return layers, reports, None
-    W, b = layers[-1]
-    sgn = np.where(wo.flips, -1.0, 1.0)
-    layers = [*layers[:-1], (W * sgn[:, None], b * sgn)]
-    neurons = tuple(
-        {**nr, "sign": int(nr.get("sign", 1)) * int(sgn[j]),
-         "sign_confidence": float(wo.confidence[j]) if wo.decided[j] else nr.get("sign_confidence", 0.0)}
-        for j, nr in enumerate(prev.neurons)
-    )
-    flipped = [int(j) for j in np.flatnonzero(wo.flips)]
+    layers, neurons, flipped = _with_flips(layers, prev, wo.flips, wo.confidence, wo.decided)
     method = (f"{prev.sign_method}; checked by {wo.partial_walks} layer-{i} walks "
               f"({wo.solution.method}, {int(wo.decided.sum())} decided, flipped {len(flipped)})")
     if flipped:
@@ -406,15 +417,8 @@ def _free_last_layer(
     if not fl.ok:
         return layers, reports, None, False
     assert fl.sign is not None
-    W, b = layers[-1]
-    sgn = np.where(fl.flips, -1.0, 1.0)
-    layers = [*layers[:-1], (W * sgn[:, None], b * sgn)]
-    neurons = tuple(
-        {**nr, "sign": int(nr.get("sign", 1)) * int(sgn[j]),
-         "sign_confidence": float(fl.confidence[j]) if fl.decided[j] else nr.get("sign_confidence", 0.0)}
-        for j, nr in enumerate(prev.neurons)
-    )
-    flipped = [int(j) for j in np.flatnonzero(fl.flips)]
+    n_rows = layers[-1][0].shape[0]
+    layers, neurons, flipped = _with_flips(layers, prev, fl.flips, fl.confidence, fl.decided)
     if flipped:
         log.info("layer %d: layer-%d witness groups flipped neuron(s) %s", i - 1, i, flipped)
     undecided = [int(j) for j in np.flatnonzero(~fl.decided)]
@@ -424,8 +428,8 @@ def _free_last_layer(
     overruled = [j for j in flipped if float(prev.neurons[j].get("sign_confidence", 0.0)) >= 1.0]
     if overruled:
         warnings.append(f"layer {i - 1}: witness groups flipped neuron(s) {overruled} whose wiggle verdict was clean")
-    if prev.width != W.shape[0]:
-        warnings.append(f"layer {i - 1}: {prev.width - W.shape[0]} neuron(s) missing; the witness groups of layer "
+    if prev.width != n_rows:
+        warnings.append(f"layer {i - 1}: {prev.width - n_rows} neuron(s) missing; the witness groups of layer "
                         f"{i} do not look for them")
     method = (f"{prev.sign_method}; checked by {fl.free_rows} layer-{i} witness groups ({fl.sign.method}, "
               f"{int(fl.decided.sum())} decided, flipped {len(flipped)})")
