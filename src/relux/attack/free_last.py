@@ -266,6 +266,7 @@ def free_last_layer(
     settled = False
     n_free = 0
     free_cache: dict[tuple[int, ...], tuple[NeuronRow, np.ndarray]] = {}
+    signed_cache: dict[tuple[int, ...], NeuronRow] = {}
     done: list[tuple[NeuronRow, np.ndarray]] = []
     groups: list[np.ndarray] = []
     reason = ""
@@ -334,7 +335,13 @@ def free_last_layer(
             witnesses = [signed_witness(w, Ws, bs) for w in witnesses]
             prefix = [*layers[:-1], (Ws, bs)]
         # a lone witness may be two kinks at once, whose jump matches no column: two at least
-        fitted = [(robust_unify(witnesses, list(g)), g) for g in groups if g.size >= 2]
+        # (a group whose members did not change keeps its fit: the witness list only grows)
+        fitted = []
+        for g in (g for g in groups if g.size >= 2):
+            key = tuple(int(i) for i in g)
+            if key not in signed_cache:
+                signed_cache[key] = robust_unify(witnesses, list(key))
+            fitted.append((signed_cache[key], g))
         det = [(r, g) for r, g in fitted if r.gap >= 1e3]
         limit = max(1e-8, 30.0 * float(np.median([r.residual for r, _ in det]))) if det else 0.0
         done = _distinct([(r, g) for r, g in det if r.residual <= limit])[:width]
