@@ -234,9 +234,11 @@ def complete_row(
             for c in cands:
                 miss, h_k = _probe(query, layers, w, b, m, c, probes[-1], scale)
                 queries += 6
+                if h_k is None or h_k[m] <= 0:
+                    continue  # the kink is where the coordinate is off: it cannot tell one weight from another
                 if miss < best_err:
                     best, best_err = c, miss
-                if miss <= 1e-6 or h_k is None or len(probes) < 2 or h_k[m] <= 0 or np.any(h_k[others] > 0):
+                if miss <= 1e-6 or len(probes) < 2 or np.any(h_k[others] > 0):
                     continue
                 # The first estimate comes from just past the switch, where h_m is small and divides
                 # the row's own error; the probe's kink, further on, gives a sharper one. It must
@@ -244,8 +246,10 @@ def complete_row(
                 c2 = float(-(w @ h_k + b - w[m] * h_k[m]) / h_k[m])
                 if abs(c2 - c) > 1e-2 * (abs(c) + 1e-12 * float(np.linalg.norm(w))):
                     continue  # a different neuron's kink
-                miss2, _ = _probe(query, layers, w, b, m, c2, probes[-2], scale)
+                miss2, h2 = _probe(query, layers, w, b, m, c2, probes[-2], scale)
                 queries += 6
+                if h2 is None or h2[m] <= 0:
+                    continue
                 if miss2 <= 1e-4:
                     # two kinks of the oracle, at independent points, agree on c2 (another neuron's kink
                     # would miss by a fraction of the bracket): the polish refines it on boundary points

@@ -39,6 +39,7 @@ from relux.attack.unify import (
     on_neuron,
     ransac_rows,
     robust_unify,
+    shadowed_rows,
     unify,
 )
 from relux.attack.wiggle import wiggle_signs
@@ -233,6 +234,13 @@ def extract_layer(
         lines_used += x0s.shape[0]
         witnesses += new
         final = _reunify(final, witnesses)
+    # A row whose every witness lies on another row was fitted to other neurons' witnesses.
+    shadowed = shadowed_rows(final, witnesses)
+    if shadowed:
+        log.debug("layer %d: dropped %d row(s) whose witnesses all lie on other rows", len(layers) + 1,
+                  len(shadowed))
+        provisional = {j - sum(s < j for s in shadowed) for j in provisional if j not in shadowed}
+        final = [r for j, r in enumerate(final) if j not in shadowed]
     if layers:
         final = [_polish(query, layers, r, witnesses, d0, cfg, rng) for r in final]
     if provisional:
@@ -735,6 +743,39 @@ def _polish_unit(
     log.debug("polish: %d points, %d dropped, residual %.1e, change %.1e", pol.points, pol.dropped, pol.residual,
               pol.change)
     return pol.w, pol.b, pol.residual
+
+
+def polish_filled(
+    query: QueryFn,
+    layers: Sequence[pfx.Layer],
+    rows: Sequence[int],
+    points: FloatArray,
+    d0: int,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+) -> tuple[list[pfx.Layer], int]:
+    """The last layer's ``rows`` refined on exact boundary points after some of their weights were
+    fitted from the output (:func:`complete_last_layer`, precise only as far as its data see those
+    coordinates on): the polish steers along each boundary to where a weakly seen coordinate is on
+    (:func:`relux.attack.polish.polish_row`). Anchors are the ``points`` on the row's boundary. Each
+    row keeps its norm and sign; returns the layers and how many rows were refined."""
+    W, b = (np.array(a, dtype=float) for a in layers[-1])
+    prefix = list(layers[:-1])
+    _, H = pfx.forward(prefix, points)
+    done = 0
+    for j in rows:
+        z = H @ W[j] + b[j]
+        scale = float(np.linalg.norm(W[j])) * (np.linalg.norm(H, axis=1) + 1.0)
+        on = points[np.abs(z) <= 1e-8 * scale]
+        if on.shape[0] == 0:
+            continue
+        got = _polish_unit(query, prefix, W[j], float(b[j]), on[:8], d0, cfg, rng)
+        if got is None:
+            continue
+        nrm = float(np.linalg.norm(np.append(W[j], b[j])))
+        W[j], b[j] = got[0] * nrm, got[1] * nrm
+        done += 1
+    return [*prefix, (W, b)], done
 
 
 def _rank_rows(

@@ -78,6 +78,7 @@ def first_layer_of_deep(
     rel_tol: float,
     attempts: int = 6,
     executor: Executor | None = None,
+    polish_all: bool = False,
 ) -> FirstLayer:
     """Discover and refine the first hidden layer of a network with ``total_hidden`` hidden neurons.
 
@@ -86,6 +87,9 @@ def first_layer_of_deep(
     own precision (:func:`_agreement_tol`: ``1e-9`` of the row's norm or the rounding their steps
     imply, whichever is larger; a probe that crossed an unseen boundary is off by far more) and each
     passed the refinement's own checks (it moved by at most ``1e-3`` from the discovery estimate).
+    Rows that never agree are fitted to exact points of their hyperplane (:mod:`relux.attack.polish`);
+    with ``polish_all`` every row is, since a gradient measurement is precise to about ``1e-10`` only
+    and each deeper layer's own fit inherits the prefix's error.
     """
     dcfg = cfg.replace(grid_per_neuron=cfg.grid_per_neuron * max(total_hidden, width) / width)
     # Deeper kinks outnumber first-layer ones: with a wide input, sketch each kink before paying for
@@ -127,8 +131,9 @@ def first_layer_of_deep(
                     W_out[j], b_out[j], pts[j] = best.w, best.b, best.point
                     break
             seen[j].append(row)
-    # Rows whose gradient measurements never agreed: fit them to exact points of their hyperplane.
-    for j in (int(i) for i in np.flatnonzero(~accepted)):
+    # Rows whose gradient measurements never agreed (or every row, with polish_all): fit them to exact
+    # points of their hyperplane.
+    for j in range(n) if polish_all else (int(i) for i in np.flatnonzero(~accepted)):
         pol, _ = polish_row(query, [], W_out[j], float(b_out[j]), pts[j][None, :], d0,
                             cfg.input_scale * float(np.sqrt(d0)), rng)
         log.debug("layer 1 row %d: polish %s %s (%d points, %d dropped)", j, pol.ok, pol.reason, pol.points,
@@ -150,12 +155,14 @@ def first_layer_outcome(
     rng: np.random.Generator,
     rel_tol: float,
     executor: Executor | None = None,
+    polish_all: bool = False,
 ) -> LayerOutcome:
     """Layer 1 of a deep network as a :class:`~relux.attack.deep.LayerOutcome`: rows from
     :func:`first_layer_of_deep`, signs from the wiggle with no prefix (CM24 §4: the first layer is
     controllable wherever it is not wider than the input). The per-row refinement work runs on
     ``executor`` (serial by default; the result does not depend on it)."""
-    fl = first_layer_of_deep(query, d0, width, total_hidden, cfg, rng, rel_tol, executor=executor)
+    fl = first_layer_of_deep(query, d0, width, total_hidden, cfg, rng, rel_tol, executor=executor,
+                            polish_all=polish_all)
     ws = wiggle_signs(query, [], fl.W, fl.b, d0, cfg.input_scale, rng)
     W = fl.W * ws.signs[:, None]
     b = fl.b * ws.signs

@@ -34,7 +34,7 @@ from relux.attack import prefix as pfx
 from relux.attack.config import ExtractionConfig
 from relux.attack.missing import unexplained_lines
 from relux.attack.signs import SignSolution, solve_binary
-from relux.attack.unify import NeuronRow, robust_unify
+from relux.attack.unify import NeuronRow, robust_unify, shadowed_rows
 from relux.attack.witnesses import Witness, collect_witnesses, witness_bytes
 from relux.oracle.base import FloatArray, QueryFn
 from relux.parallel import Executor
@@ -344,7 +344,11 @@ def free_last_layer(
             fitted.append((signed_cache[key], g))
         det = [(r, g) for r, g in fitted if r.gap >= 1e3]
         limit = max(1e-8, 30.0 * float(np.median([r.residual for r, _ in det]))) if det else 0.0
-        done = _distinct([(r, g) for r, g in det if r.residual <= limit])[:width]
+        done = _distinct([(r, g) for r, g in det if r.residual <= limit])
+        # a group whose every witness lies on another group's row: that neuron's witnesses again
+        # (split off by a poor jump direction), fitted wrong in a weight one stray witness fixes
+        gone = shadowed_rows([r for r, _ in done], witnesses)
+        done = [d for i, d in enumerate(done) if i not in gone][:width]
         unseen = int(sum(int((~r.coverage).sum()) for r, _ in done))
         log.debug("free last layer: %d lines, %d groups, %d signed rows, %d weights unseen", lines,
                   len(groups), len(done), unseen)

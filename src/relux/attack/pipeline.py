@@ -341,6 +341,20 @@ def _walked_layer(
     found = 0
     # A neuron of layer i-1 no kink showed: a walk along its own boundary, or the walks' shared leftover.
     mr = recover_from_walks(q, layers, wo, d0, cfg, rng, rel_tol) if short else None
+    if mr is not None and mr.ok:
+        # The leftover of a neuron whose sign the walks got wrong looks like a missing neuron (its
+        # error ReLU(z) - ReLU(-z) = z is affine too); it is that neuron's own hyperplane again.
+        from relux.attack.hyperplanes import hyperplane_distance
+
+        Wp, bp = layers[-1]
+        keys = np.concatenate([Wp, bp[:, None]], axis=1)
+        keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+        key = np.append(mr.w, mr.b) / float(np.linalg.norm(np.append(mr.w, mr.b)))
+        dist = hyperplane_distance(key, keys)
+        if dist.size and float(dist.min()) < 1e-3:
+            j = int(np.argmin(dist))
+            mr = dataclasses.replace(mr, ok=False, reason=f"its hyperplane is neuron {j}'s (distance "
+                                     f"{float(dist.min()):.1e}): a sign error, not a missing neuron")
     if mr is not None:
         log.info("layer %d: missing neuron from the layer-%d walks: %s", i - 1, i,
                  "recovered" if mr.ok else mr.reason)
@@ -409,15 +423,18 @@ def _free_last_layer(
     i = len(layers) + 1
     prev = reports[-1]
     # A neuron missing from layer i-1 leaves kinks whose jump matches no column (set aside), and spoils
-    # only the witnesses where it is on (dropped by the groups' robust fits).
-    fl = free_last_layer(q, layers, width, d0, total_hidden, cfg, rng, rel_tol, executor=executor)
+    # the witnesses where it is on (dropped by the groups' robust fits). One that is often on leaves no
+    # sign vector that explains the groups: with layer i-1 short, the walks (which look for missing
+    # neurons) take over sooner.
+    n_rows = layers[-1][0].shape[0]
+    fl = free_last_layer(q, layers, width, d0, total_hidden, cfg, rng, rel_tol, executor=executor,
+                         max_settle_lines=16 if n_rows < prev.width else 48)
     log.info("layer %d: %d/%d rows from %d witness groups (%d witnesses, %d lines); layer-%d signs %s%s", i,
              fl.W.shape[0], width, fl.groups, fl.witnesses, fl.lines, i - 1,
              "settled" if fl.ok else "open", f"; {fl.reason}" if fl.reason else "")
     if not fl.ok:
         return layers, reports, None, False
     assert fl.sign is not None
-    n_rows = layers[-1][0].shape[0]
     layers, neurons, flipped = _with_flips(layers, prev, fl.flips, fl.confidence, fl.decided)
     if flipped:
         log.info("layer %d: layer-%d witness groups flipped neuron(s) %s", i - 1, i, flipped)
@@ -461,6 +478,7 @@ def _extract_deep(
         complete_last_layer,
         extract_layer,
         fit_output_layer,
+        polish_filled,
         straddle_points,
     )
     from relux.attack.deep_first import first_layer_outcome
@@ -479,8 +497,10 @@ def _extract_deep(
             try:
                 out: LayerOutcome | None = None
                 if i == 1:
+                    # Three hidden layers or more: each layer's precision bounds the next one's, so
+                    # every first-layer row is fitted to exact points of its hyperplane.
                     out = first_layer_outcome(q, d0, width, sum(hidden), cfg, rng, rel_tol,
-                                              executor=stages.executor)
+                                              executor=stages.executor, polish_all=len(hidden) >= 3)
                 else:
                     # Behind a complete first layer narrower than the input, everything runs in the
                     # coordinates of its row space (relux.attack.frame): the same network, fewer inputs.
@@ -492,11 +512,13 @@ def _extract_deep(
                                       else (q, layers, d0, cfg))
                     new_pts: list[FloatArray] = []
                     lf2 = lf
-                    if i >= 3 and i == len(hidden) and k >= 2:
+                    free_last = i >= 3 and i == len(hidden) and k >= 2
+                    if free_last:
                         # The last hidden layer: its witnesses group by output direction and decide the
                         # signs of the layer before with its rows (relux.attack.free_last).
                         lf2, reports, out, settled = _free_last_layer(qf, lf, reports, width, df, cf, rng, rel_tol,
                                                                       warnings, sum(hidden), new_pts, stages.executor)
+                        free_last = not settled
                         if settled and out is None:
                             out = extract_layer(qf, lf2, width, df, sum(hidden), True, k, cf, rng, rel_tol,
                                                 executor=stages.executor)
@@ -508,6 +530,15 @@ def _extract_deep(
                                                           rel_tol, warnings, full=expansive, points=new_pts,
                                                           executor=stages.executor,
                                                           signed_only=hidden[i - 2] == control)
+                        if out is None and free_last and lf2[-1][0].shape[0] > lf[-1][0].shape[0]:
+                            # the walks found the neuron of layer i-1 that kept the witness groups from
+                            # settling: they get another go behind the completed layer
+                            lf2, reports, out, settled = _free_last_layer(
+                                qf, lf2, reports, width, df, cf, rng, rel_tol, warnings, sum(hidden), new_pts,
+                                stages.executor)
+                            if settled and out is None:
+                                out = extract_layer(qf, lf2, width, df, sum(hidden), True, k, cf, rng, rel_tol,
+                                                    executor=stages.executor)
                     if out is None:
                         out = extract_layer(qf, lf2, width, df, sum(hidden), i == len(hidden), k, cf, rng,
                                             rel_tol, executor=stages.executor)
@@ -543,7 +574,11 @@ def _extract_deep(
             n_fit = 4 * (sum(W.shape[0] + W.shape[1] for W, _ in layers[-1:]) + 1) + 64
             Xc = np.concatenate([rng.normal(0.0, cfg.input_scale, size=(n_fit, d0)), wpts])
             layers, filled = complete_last_layer(layers, last_cov, Xc, q(Xc))
-        warnings.append(f"last hidden layer: {filled} weight(s) no kink could show were fitted from the output")
+            # then refined on exact boundary points where those coordinates are on
+            layers, polished = polish_filled(q, layers, [int(j) for j in np.flatnonzero(~last_cov.all(axis=1))],
+                                             wpts, d0, cfg, rng)
+        warnings.append(f"last hidden layer: {filled} weight(s) no kink could show were fitted from the output"
+                        f" ({polished} of their rows then refined on exact boundary points)")
     # Both sides of every last-layer boundary: a rarely active neuron may be on at no random point.
     fit_pts = np.concatenate([wpts, straddle_points(layers, wpts, cfg.input_scale * float(np.sqrt(d0)))])
     with stages.stage("sign_check"):
