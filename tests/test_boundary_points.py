@@ -214,3 +214,28 @@ def test_batched_prefix_geometry_matches_the_pointwise_one(seed: int, framed: bo
     for x, n, tb in zip(X, N, t_b, strict=True):
         t1 = root_on_line(layers, w, b, x, n)
         assert (t1 is None and np.isnan(tb)) or abs(tb - t1) <= 1e-12 * (1 + abs(t1))
+
+
+@pytest.mark.parametrize("j", [0, 2, 4])
+def test_polish_filled_refines_a_weight_fitted_from_the_output(j: int) -> None:
+    """A last-layer weight the output fit left off by 1e-5 (all of the row's kinks had that coordinate
+    off) comes back to float precision from exact boundary points."""
+    from relux.attack.config import ExtractionConfig
+    from relux.attack.deep import polish_filled
+
+    victim = random_mlp((12, 8, 6, 1), np.random.default_rng(0))
+    L1 = victim.layers[0]
+    W2, b2 = (np.array(a) for a in victim.layers[1])
+    rng = np.random.default_rng(j)
+    pts = np.stack([_boundary_point([L1], W2[j], float(b2[j]), rng, 12) for _ in range(4)])
+    _, H = pfx.forward([L1], pts)
+    m = int(np.argmax(W2[j] != 0))
+    Wc = W2.copy()
+    Wc[j, m] += 1e-5 * float(np.linalg.norm(W2[j]))
+    got, n = polish_filled(MLPOracle(victim).query, [L1, (Wc, b2)], [j], pts, 12, ExtractionConfig(), rng)
+    assert n == 1
+    Wg, bg = got[-1]
+    # exact boundary points: rounding times the fit's conditioning, far below the 1e-5 given
+    assert _dist(np.append(Wg[j], bg[j]), np.append(W2[j], b2[j])) < 1e-10
+    # the other rows are left as they were
+    assert np.array_equal(np.delete(Wg, j, axis=0), np.delete(Wc, j, axis=0))
