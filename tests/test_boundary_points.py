@@ -239,3 +239,20 @@ def test_polish_filled_refines_a_weight_fitted_from_the_output(j: int) -> None:
     assert _dist(np.append(Wg[j], bg[j]), np.append(W2[j], b2[j])) < 1e-10
     # the other rows are left as they were
     assert np.array_equal(np.delete(Wg, j, axis=0), np.delete(Wc, j, axis=0))
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_estimated_boundary_points_lie_on_the_estimated_boundary(seed: int) -> None:
+    from relux.attack.polish import estimated_boundary_points
+
+    rng = np.random.default_rng(seed)
+    victim = random_mlp((10, 8, 5, 1), rng)
+    layers = [victim.layers[0]]
+    W2, b2 = victim.layers[1]
+    P = estimated_boundary_points(layers, W2[0], float(b2[0]), 10, 1.0, rng)
+    assume(P.shape[0] > 0)  # a row on (or off) at every draw has no boundary among them
+    _, H = pfx.forward(layers, P)
+    # bisection to 2^-60 of a unit-scale segment: the pre-activation vanishes to rounding
+    scale = float(np.linalg.norm(W2[0])) * (np.linalg.norm(H, axis=1) + 1.0)
+    assert np.all(np.abs(H @ W2[0] + b2[0]) <= 1e-12 * scale)

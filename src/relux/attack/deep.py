@@ -25,7 +25,7 @@ from relux.attack.critical import LineKinks
 from relux.attack.hyperplanes import hyperplane_distance
 from relux.attack.linalg import lstsq
 from relux.attack.missing import unexplained_lines
-from relux.attack.polish import polish_unit
+from relux.attack.polish import estimated_boundary_points, polish_unit
 from relux.attack.seeding import rows_from_seeds, rows_from_unexplained
 from relux.attack.signcheck import SignCheck, check_and_repair
 from relux.attack.signs import affine_relu_residual, fit_dropping_misfits, solve_flips
@@ -737,6 +737,12 @@ def _polish_unit(
     """A row refined on exact boundary points near ``anchors``, unit-norm, with its residual (None when
     the refinement kept it as given)."""
     pol = polish_unit(query, layers, w, b, anchors, d0, cfg.input_scale * float(np.sqrt(d0)), rng)
+    if not pol.ok and layers:
+        # a row's own points may be few or bunched (one walk's): anchors spread over the inputs instead
+        fresh = estimated_boundary_points(layers, w, b, d0, cfg.input_scale, rng)
+        if fresh.shape[0]:
+            log.debug("polish kept the row (%s); again from %d spread anchors", pol.reason, fresh.shape[0])
+            pol = polish_unit(query, layers, w, b, fresh, d0, cfg.input_scale * float(np.sqrt(d0)), rng)
     if not pol.ok:
         log.debug("polish kept the row: %s", pol.reason)
         return None

@@ -180,6 +180,31 @@ def boundary_points(
     return (np.asarray(out) if out else np.zeros((0, anchors.shape[1]))), int(X.shape[0] * 6)
 
 
+def estimated_boundary_points(
+    layers: Sequence[pfx.Layer], w: FloatArray, b: float, d0: int, input_scale: float, rng: np.random.Generator,
+    n: int = 8, draws: int = 2000,
+) -> FloatArray:
+    """Up to ``n`` points of the estimated boundary ``w·h(x) + b = 0`` spread over the input
+    distribution: bisection (prefix arithmetic only, no query) between random inputs on either side.
+    Fresh anchors for a row whose own points are too few or too close together to polish it."""
+    X = rng.normal(0.0, input_scale, size=(draws, d0))
+    _, H = pfx.forward(layers, X) if layers else (None, X)
+    z = H @ w + b
+    pos, neg = X[z > 0][:n], X[z <= 0][:n]
+    m = min(pos.shape[0], neg.shape[0])
+    if m == 0:
+        return np.zeros((0, d0))
+    lo, hi = np.zeros(m), np.ones(m)
+    P, D = pos[:m], neg[:m] - pos[:m]
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        _, Hm = pfx.forward(layers, P + mid[:, None] * D) if layers else (None, P + mid[:, None] * D)
+        on = Hm @ w + b > 0
+        lo, hi = np.where(on, mid, lo), np.where(on, hi, mid)
+    out: FloatArray = P + lo[:, None] * D
+    return out
+
+
 def steer_on(
     layers: Sequence[pfx.Layer], w: FloatArray, b: float, x: FloatArray, coord: int, reach: float, steps: int = 24
 ) -> FloatArray | None:
