@@ -736,13 +736,14 @@ def _polish_unit(
 ) -> tuple[FloatArray, float, float] | None:
     """A row refined on exact boundary points near ``anchors``, unit-norm, with its residual (None when
     the refinement kept it as given)."""
-    pol = polish_unit(query, layers, w, b, anchors, d0, cfg.input_scale * float(np.sqrt(d0)), rng)
-    if not pol.ok and layers:
-        # a row's own points may be few or bunched (one walk's): anchors spread over the inputs instead
-        fresh = estimated_boundary_points(layers, w, b, d0, cfg.input_scale, rng)
-        if fresh.shape[0]:
-            log.debug("polish kept the row (%s); again from %d spread anchors", pol.reason, fresh.shape[0])
-            pol = polish_unit(query, layers, w, b, fresh, d0, cfg.input_scale * float(np.sqrt(d0)), rng)
+    # A row's own points may be few or bunched (one walk's): a fit to points near them alone can leave a
+    # weight that few of them see on fixed by a point or two, which then fit it exactly whatever its
+    # error. Anchors spread over the inputs beside them (prefix bisection, no query) see more.
+    fresh = estimated_boundary_points(layers, w, b, d0, cfg.input_scale, rng) if layers else anchors[:0]
+    pol = polish_unit(query, layers, w, b, anchors, d0, cfg.input_scale * float(np.sqrt(d0)), rng, fresh)
+    if not pol.ok and fresh.shape[0]:
+        log.debug("polish kept the row (%s); again from %d spread anchors only", pol.reason, fresh.shape[0])
+        pol = polish_unit(query, layers, w, b, anchors[:0], d0, cfg.input_scale * float(np.sqrt(d0)), rng, fresh)
     if not pol.ok:
         log.debug("polish kept the row: %s", pol.reason)
         return None

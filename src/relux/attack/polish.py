@@ -441,11 +441,15 @@ def polish_row(
     d0: int,
     scale: float,
     rng: np.random.Generator,
+    spread_anchors: FloatArray | None = None,
 ) -> tuple[Polished, int]:
-    """Refine ``(w, b)`` (a row behind ``layers``) from exact boundary points; returns it and the queries."""
+    """Refine ``(w, b)`` (a row behind ``layers``) from exact boundary points; returns it and the queries.
+    ``anchors`` are exact points of the boundary (they join the fit); ``spread_anchors``, points of the
+    estimated boundary only, seed more boundary points but are not fitted themselves."""
     d_in = w.size
     need = 2 * (d_in + 1) + 8
-    pts, q = boundary_points(query, layers, w, b, anchors, need, scale, rng)
+    seeds = anchors if spread_anchors is None or not spread_anchors.size else np.concatenate([anchors, spread_anchors])
+    pts, q = boundary_points(query, layers, w, b, seeds, need, scale, rng)
     base = np.concatenate([anchors, pts]) if pts.size else anchors
     _, H = pfx.forward(layers, base)
     if layers:
@@ -480,9 +484,10 @@ def polish_unit(
     d0: int,
     scale: float,
     rng: np.random.Generator,
+    spread_anchors: FloatArray | None = None,
 ) -> Polished:
     """:func:`polish_row` with the refined row scaled to unit norm ``‖(w, b)‖ = 1`` when ``ok``."""
-    pol, _ = polish_row(query, layers, w, b, anchors, d0, scale, rng)
+    pol, _ = polish_row(query, layers, w, b, anchors, d0, scale, rng, spread_anchors)
     if not pol.ok:
         return pol
     nrm = float(np.linalg.norm(np.append(pol.w, pol.b)))
