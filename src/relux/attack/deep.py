@@ -341,7 +341,7 @@ def outcome_from_rows(
     for j in range(W.shape[0]):
         P = row_points[j]
         anchors = P[rng.choice(P.shape[0], size=min(8, P.shape[0]), replace=False)]
-        got = _polish_unit(query, layers, W[j], float(b[j]), anchors, d0, cfg, rng)
+        got = refine_row(query, layers, W[j], float(b[j]), anchors, d0, cfg, rng)
         if got is not None:
             W[j], b[j], row_residual[j] = got
     sgn, conf, sign_method, on = _layer_signs(query, layers, W, b, d0, is_last, W.shape[0] < width, cfg, rng,
@@ -718,13 +718,13 @@ def _polish(
     rng: np.random.Generator,
 ) -> NeuronRow:
     anchors = np.stack([witnesses[i].x for i in row.members[:8]])
-    got = _polish_unit(query, layers, row.w, row.b, anchors, d0, cfg, rng)
+    got = refine_row(query, layers, row.w, row.b, anchors, d0, cfg, rng)
     if got is None:
         return row
     return dataclasses.replace(row, w=got[0], b=got[1], residual=got[2])
 
 
-def _polish_unit(
+def refine_row(
     query: QueryFn,
     layers: Sequence[pfx.Layer],
     w: FloatArray,
@@ -776,7 +776,7 @@ def polish_filled(
         on = points[np.abs(z) <= 1e-8 * scale]
         if on.shape[0] == 0:
             continue
-        got = _polish_unit(query, prefix, W[j], float(b[j]), on[:8], d0, cfg, rng)
+        got = refine_row(query, prefix, W[j], float(b[j]), on[:8], d0, cfg, rng)
         if got is None:
             continue
         nrm = float(np.linalg.norm(np.append(W[j], b[j])))

@@ -360,7 +360,16 @@ def _walked_layer(
                  "recovered" if mr.ok else mr.reason)
         if mr.ok:
             W, b = layers[-1]
-            layers = [*layers[:-1], (np.concatenate([W, mr.w[None, :]]), np.append(b, mr.b))]
+            # its row came from a few kinks: polished like every other row, since the next layer's
+            # rows are fitted over it
+            from relux.attack.deep import refine_row
+
+            w_new, b_new = mr.w, mr.b
+            got = refine_row(q, layers[:-1], mr.w, float(mr.b), mr.points[:8], d0, cfg, rng)
+            if got is not None:
+                nrm = float(np.linalg.norm(np.append(mr.w, mr.b)))
+                w_new, b_new = got[0] * nrm, got[1] * nrm
+            layers = [*layers[:-1], (np.concatenate([W, w_new[None, :]]), np.append(b, b_new))]
             neurons = (*neurons, {"index": len(neurons), "witnesses": int(mr.points.shape[0]),
                                   "residual": mr.residual, "sign": 1, "sign_confidence": 1.0,
                                   "rows_from": f"layer-{i} walks"})
