@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from relux.attack.unify import shadowed_rows, unify
@@ -57,7 +57,8 @@ def test_a_row_fitted_across_two_neurons_is_dropped_and_the_true_rows_stay(seed:
     assert mixed.residual < 1e-10
     ref = np.append(wa, ba) / np.linalg.norm(np.append(wa, ba))
     got = np.append(mixed.w, mixed.b)
-    assert min(np.linalg.norm(got - ref), np.linalg.norm(got + ref)) > 1e-3
+    # the stray witness moves the mixed row away from A unless it happens to lie near A's boundary too
+    assume(min(np.linalg.norm(got - ref), np.linalg.norm(got + ref)) > 1e-3)
     assert shadowed_rows([row_a, row_b, mixed], wits) == {2}
     assert shadowed_rows([mixed, row_b, row_a], wits) == {0}
 

@@ -25,7 +25,7 @@ from relux.attack.critical import LineKinks
 from relux.attack.hyperplanes import hyperplane_distance
 from relux.attack.linalg import lstsq
 from relux.attack.missing import unexplained_lines
-from relux.attack.polish import estimated_boundary_points, polish_unit
+from relux.attack.polish import Polished, estimated_boundary_points, polish_unit
 from relux.attack.seeding import rows_from_seeds, rows_from_unexplained
 from relux.attack.signcheck import SignCheck, check_and_repair
 from relux.attack.signs import affine_relu_residual, fit_dropping_misfits, solve_flips
@@ -234,7 +234,8 @@ def extract_layer(
         lines_used += x0s.shape[0]
         witnesses += new
         final = _reunify(final, witnesses)
-    # A row whose every witness lies on another row was fitted to other neurons' witnesses.
+    # A row whose every witness lies on another row was fitted to other neurons' witnesses. Its slot
+    # stays free (a last layer short of rows gets its always-on neuron from the output fit).
     shadowed = shadowed_rows(final, witnesses)
     if shadowed:
         log.debug("layer %d: dropped %d row(s) whose witnesses all lie on other rows", len(layers) + 1,
@@ -343,7 +344,7 @@ def outcome_from_rows(
         anchors = P[rng.choice(P.shape[0], size=min(8, P.shape[0]), replace=False)]
         got = refine_row(query, layers, W[j], float(b[j]), anchors, d0, cfg, rng)
         if got is not None:
-            W[j], b[j], row_residual[j] = got
+            W[j], b[j], row_residual[j] = got.w, got.b, got.residual
     sgn, conf, sign_method, on = _layer_signs(query, layers, W, b, d0, is_last, W.shape[0] < width, cfg, rng,
                                               np.concatenate(list(row_points)), cov)
     W = W * sgn[:, None]
@@ -721,7 +722,7 @@ def _polish(
     got = refine_row(query, layers, row.w, row.b, anchors, d0, cfg, rng)
     if got is None:
         return row
-    return dataclasses.replace(row, w=got[0], b=got[1], residual=got[2])
+    return dataclasses.replace(row, w=got.w, b=got.b, residual=got.residual)
 
 
 def refine_row(
@@ -733,8 +734,8 @@ def refine_row(
     d0: int,
     cfg: ExtractionConfig,
     rng: np.random.Generator,
-) -> tuple[FloatArray, float, float] | None:
-    """A row refined on exact boundary points near ``anchors``, unit-norm, with its residual (None when
+) -> Polished | None:
+    """A row refined on exact boundary points near ``anchors`` (attack-notes §3), unit-norm (None when
     the refinement kept it as given)."""
     # A row's own points may be few or bunched (one walk's): a fit to points near them alone can leave a
     # weight that few of them see on fixed by a point or two, which then fit it exactly whatever its
@@ -749,28 +750,29 @@ def refine_row(
         return None
     log.debug("polish: %d points, %d dropped, residual %.1e, change %.1e", pol.points, pol.dropped, pol.residual,
               pol.change)
-    return pol.w, pol.b, pol.residual
+    return pol
 
 
 def polish_filled(
     query: QueryFn,
     layers: Sequence[pfx.Layer],
-    rows: Sequence[int],
+    filled: np.ndarray,
     points: FloatArray,
     d0: int,
     cfg: ExtractionConfig,
     rng: np.random.Generator,
 ) -> tuple[list[pfx.Layer], int]:
-    """The last layer's ``rows`` refined on exact boundary points after some of their weights were
-    fitted from the output (:func:`complete_last_layer`, precise only as far as its data see those
-    coordinates on): the polish steers along each boundary to where a weakly seen coordinate is on
-    (:func:`relux.attack.polish.polish_row`). Anchors are the ``points`` on the row's boundary. Each
-    row keeps its norm and sign; returns the layers and how many rows were refined."""
+    """The last layer's rows refined on exact boundary points after the weights marked in ``filled``
+    (rows x layer inputs) were fitted from the output (:func:`complete_last_layer`, precise only as
+    far as its data see those coordinates on): the polish steers along each boundary to where a
+    weakly seen coordinate is on (:func:`relux.attack.polish.polish_row`). Anchors are the ``points``
+    on the row's boundary. Each row keeps its norm and sign; returns the layers and how many rows had
+    every filled weight refitted (a polish whose points never saw a filled coordinate on keeps it)."""
     W, b = (np.array(a, dtype=float) for a in layers[-1])
     prefix = list(layers[:-1])
     _, H = pfx.forward(prefix, points)
     done = 0
-    for j in rows:
+    for j in (int(i) for i in np.flatnonzero(filled.any(axis=1))):
         z = H @ W[j] + b[j]
         scale = float(np.linalg.norm(W[j])) * (np.linalg.norm(H, axis=1) + 1.0)
         on = points[np.abs(z) <= 1e-8 * scale]
@@ -780,8 +782,9 @@ def polish_filled(
         if got is None:
             continue
         nrm = float(np.linalg.norm(np.append(W[j], b[j])))
-        W[j], b[j] = got[0] * nrm, got[1] * nrm
-        done += 1
+        W[j], b[j] = got.w * nrm, got.b * nrm
+        if got.seen is not None and bool(got.seen[filled[j]].all()):
+            done += 1
     return [*prefix, (W, b)], done
 
 

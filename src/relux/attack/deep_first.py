@@ -140,8 +140,9 @@ def first_layer_of_deep(
                   pol.dropped)
         if pol.ok:
             W_out[j], b_out[j] = pol.w, pol.b
+            if not accepted[j]:  # an agreed row keeps its two measurements' distance as its agreement
+                agreement[j] = pol.residual
             accepted[j] = True
-            agreement[j] = pol.residual
     log.info("layer 1: %d/%d rows refined and confirmed", int(accepted.sum()), n)
     return FirstLayer(W_out, b_out, pts, accepted, agreement, info.lines, info.kinks)
 

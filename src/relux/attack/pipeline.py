@@ -355,6 +355,8 @@ def _walked_layer(
             j = int(np.argmin(dist))
             mr = dataclasses.replace(mr, ok=False, reason=f"its hyperplane is neuron {j}'s (distance "
                                      f"{float(dist.min()):.1e}): a sign error, not a missing neuron")
+            warnings.append(f"layer {len(layers)}: the layer-{len(layers) + 1} walks' leftover is neuron {j}'s own "
+                            "hyperplane (its sign may be wrong); no neuron added, the output check judges it")
     if mr is not None:
         log.info("layer %d: missing neuron from the layer-%d walks: %s", i - 1, i,
                  "recovered" if mr.ok else mr.reason)
@@ -368,7 +370,7 @@ def _walked_layer(
             got = refine_row(q, layers[:-1], mr.w, float(mr.b), mr.points[:8], d0, cfg, rng)
             if got is not None:
                 nrm = float(np.linalg.norm(np.append(mr.w, mr.b)))
-                w_new, b_new = got[0] * nrm, got[1] * nrm
+                w_new, b_new = got.w * nrm, got.b * nrm
             layers = [*layers[:-1], (np.concatenate([W, w_new[None, :]]), np.append(b, b_new))]
             neurons = (*neurons, {"index": len(neurons), "witnesses": int(mr.points.shape[0]),
                                   "residual": mr.residual, "sign": 1, "sign_confidence": 1.0,
@@ -584,8 +586,7 @@ def _extract_deep(
             Xc = np.concatenate([rng.normal(0.0, cfg.input_scale, size=(n_fit, d0)), wpts])
             layers, filled = complete_last_layer(layers, last_cov, Xc, q(Xc))
             # then refined on exact boundary points where those coordinates are on
-            layers, polished = polish_filled(q, layers, [int(j) for j in np.flatnonzero(~last_cov.all(axis=1))],
-                                             wpts, d0, cfg, rng)
+            layers, polished = polish_filled(q, layers, ~last_cov, wpts, d0, cfg, rng)
         warnings.append(f"last hidden layer: {filled} weight(s) no kink could show were fitted from the output"
                         f" ({polished} of their rows then refined on exact boundary points)")
     # Both sides of every last-layer boundary: a rarely active neuron may be on at no random point.

@@ -39,6 +39,8 @@ class Polished:
     change: float
     ok: bool
     reason: str
+    #: the layer-input coordinates the fit saw on (the others kept the given weights); None when no fit
+    seen: np.ndarray | None = None
 
 
 def root_on_line(layers: Sequence[pfx.Layer], w: FloatArray, b: float, p: FloatArray, n: FloatArray) -> float | None:
@@ -324,15 +326,21 @@ def _peeled(
 def _lone_outliers(
     A: FloatArray, rownorm: FloatArray, v: FloatArray, r: FloatArray, keep: np.ndarray, floor: int, rounds: int = 8
 ) -> tuple[FloatArray, FloatArray, np.ndarray]:
-    """The fit without its worst point, as long as that point is an outlier of the fit made without
-    it: its residual there more than 30 times the 90th percentile of the others'. With many unknowns
+    """The fit without its worst point (by leverage-corrected residual), as long as that point is an
+    outlier of the fit made without it: its residual there more than 30 times the 90th percentile of
+    the others'. With many unknowns
     a least-squares fit spreads one bad point over all the others (its own residual then stands
     only some 20 times above their median), so a ratio test on the fit that includes it misses it."""
     for _ in range(rounds):
         idx = np.flatnonzero(keep)
         if idx.size <= floor:
             break
-        j = int(idx[np.argmax(r[idx])])
+        # the candidate: largest residual corrected for leverage (r / (1 - h)), since a point that pulls
+        # the fit towards itself hides part of its own residual
+        B = A[idx] / rownorm[idx, None]
+        U, _, _ = np.linalg.svd(B, full_matrices=False)
+        lev = np.sum(U[:, :-1] ** 2, axis=1)
+        j = int(idx[np.argmax(r[idx] / np.maximum(1.0 - lev, 1e-12))])
         rest = keep.copy()
         rest[j] = False
         v2 = _null_vector(A[rest])
@@ -449,6 +457,8 @@ def polish_row(
     d_in = w.size
     need = 2 * (d_in + 1) + 8
     seeds = anchors if spread_anchors is None or not spread_anchors.size else np.concatenate([anchors, spread_anchors])
+    if seeds.shape[0] == 0:
+        return Polished(w, b, 0, 0, np.inf, 0.0, False, "no anchor on the boundary"), 0
     pts, q = boundary_points(query, layers, w, b, seeds, need, scale, rng)
     base = np.concatenate([anchors, pts]) if pts.size else anchors
     _, H = pfx.forward(layers, base)
@@ -456,7 +466,10 @@ def polish_row(
         # coordinates few points see on: more points where they are on, found along the boundary
         targets = _weak_targets(layers, w, b, base, H, 0.1 * scale, rng)
         if targets.size:
-            more, q2 = boundary_points(query, layers, w, b, targets, 2 * targets.shape[0], 0.05 * scale, rng)
+            # their weights are the least precise, so the true kink may sit further from the estimated one:
+            # a wider bracket than the default
+            more, q2 = boundary_points(query, layers, w, b, targets, 2 * targets.shape[0], 0.05 * scale, rng,
+                                       bracket=5e-4 * scale)
             q += q2
             if more.size:
                 base = np.concatenate([base, more])
@@ -471,8 +484,8 @@ def polish_row(
     change = float(min(np.linalg.norm(v1 - v2), np.linalg.norm(v1 + v2)))
     if res > 1e-9 or change > 1e-3:
         return Polished(w, b, base.shape[0], dropped, res, change, False,
-                        f"boundary points do not fit one row (residual {res:.1e}, change {change:.1e})"), q
-    return Polished(w2, b2, base.shape[0], dropped, res, change, True, ""), q
+                        f"boundary points do not fit one row (residual {res:.1e}, change {change:.1e})", active), q
+    return Polished(w2, b2, base.shape[0], dropped, res, change, True, "", active), q
 
 
 def polish_unit(

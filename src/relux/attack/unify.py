@@ -178,20 +178,25 @@ def on_neuron(wt: Witness, row: NeuronRow, tol: float = 1e-6) -> bool:
     return bool(1.0 - abs(float(pred @ wt.v_ctrl)) / npred <= tol)
 
 
-def shadowed_rows(rows: Sequence[NeuronRow], witnesses: Sequence[Witness], tol: float = 1e-5) -> set[int]:
+def shadowed_rows(rows: Sequence[NeuronRow], witnesses: Sequence[Witness], tol: float = 1e-6) -> set[int]:
     """Rows every witness of which lies on another kept row (:func:`on_neuron`), fewest witnesses
-    first, so that of two rows sharing witnesses the better supported one stays.
+    first, so that of two rows sharing witnesses the better supported one stays; a row dropped for a
+    row dropped later is kept again unless the final rows explain its witnesses too.
 
     A kink lies on one neuron's boundary (two boundaries meet on a set of measure zero), so such a
     row was fitted to other neurons' witnesses: ones that see too few layer-input coordinates to
     tell the rows apart, leaving some weight fixed by a single stray witness."""
+
+    def covered(j: int, dropped: set[int]) -> bool:
+        others = [r for i, r in enumerate(rows) if i != j and i not in dropped]
+        return bool(rows[j].members) and bool(others) and all(
+            any(on_neuron(witnesses[m], r, tol) for r in others) for m in rows[j].members)
+
     dropped: set[int] = set()
     for j in sorted(range(len(rows)), key=lambda j: len(rows[j].members)):
-        others = [r for i, r in enumerate(rows) if i != j and i not in dropped]
-        if rows[j].members and others and all(any(on_neuron(witnesses[m], r, tol) for r in others)
-                                              for m in rows[j].members):
+        if covered(j, dropped):
             dropped.add(j)
-    return dropped
+    return {j for j in dropped if covered(j, dropped)}
 
 
 def agrees_on_overlap(wt: Witness, row: NeuronRow, tol: float = 1e-5, min_overlap: int = 2) -> bool:
