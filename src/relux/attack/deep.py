@@ -740,11 +740,12 @@ def refine_row(
     # A row's own points may be few or bunched (one walk's): a fit to points near them alone can leave a
     # weight that few of them see on fixed by a point or two, which then fit it exactly whatever its
     # error. Anchors spread over the inputs beside them (prefix bisection, no query) see more.
+    spread = cfg.input_scale * float(np.sqrt(d0))
     fresh = estimated_boundary_points(layers, w, b, d0, cfg.input_scale, rng) if layers else anchors[:0]
-    pol = polish_unit(query, layers, w, b, anchors, d0, cfg.input_scale * float(np.sqrt(d0)), rng, fresh)
+    pol = polish_unit(query, layers, w, b, anchors, d0, spread, rng, fresh)
     if not pol.ok and fresh.shape[0]:
         log.debug("polish kept the row (%s); again from %d spread anchors only", pol.reason, fresh.shape[0])
-        pol = polish_unit(query, layers, w, b, anchors[:0], d0, cfg.input_scale * float(np.sqrt(d0)), rng, fresh)
+        pol = polish_unit(query, layers, w, b, anchors[:0], d0, spread, rng, fresh)
     if not pol.ok:
         log.debug("polish kept the row: %s", pol.reason)
         return None

@@ -279,6 +279,18 @@ def _null_vector(A: FloatArray) -> FloatArray:
     return out
 
 
+def _refit(A: FloatArray, rownorm: FloatArray, keep: np.ndarray) -> tuple[FloatArray, FloatArray]:
+    """The null vector of the rows ``keep`` and every row's relative residual under it."""
+    v = _null_vector(A[keep])
+    return v, np.abs(A @ v) / rownorm
+
+
+def _min_points(k: int) -> int:
+    """Fewest points a fit of ``k`` unknowns may keep: two more than ``k`` and a quarter more, so that
+    a fit peeled down to a near-minimal subset (which fits it whatever its precision) is not accepted."""
+    return max(k + 2, int(np.ceil(1.25 * k)))
+
+
 def _tightened(
     A: FloatArray, rownorm: FloatArray, v: FloatArray, r: FloatArray, keep: np.ndarray, k: int, rounds: int = 3
 ) -> tuple[FloatArray, FloatArray, np.ndarray]:
@@ -290,8 +302,7 @@ def _tightened(
         if tight.sum() < k or tight.sum() == keep.sum():
             break
         keep = tight
-        v = _null_vector(A[keep])
-        r = np.abs(A @ v) / rownorm
+        v, r = _refit(A, rownorm, keep)
     return v, r, keep
 
 
@@ -304,10 +315,9 @@ def _peeled(
     misses (another kink inside a bracket) pull the fit, but stay its largest residuals."""
     # never below a quarter more points than unknowns, nor below 60% of the points given: a fit
     # peeled down to a near-minimal subset would fit it whatever its precision
-    floor = max(k + 2, int(np.ceil(1.25 * k)), int(np.ceil(0.6 * keep.sum())))
+    floor = max(_min_points(k), int(np.ceil(0.6 * keep.sum())))
     if keep.sum() >= k:
-        v = _null_vector(A[keep])
-        r = np.abs(A @ v) / rownorm
+        v, r = _refit(A, rownorm, keep)
     for _ in range(rounds):
         if keep.sum() < floor or float(np.max(r[keep])) <= clean:
             break
@@ -318,8 +328,7 @@ def _peeled(
         if tight.sum() < floor:
             break
         keep = tight
-        v = _null_vector(A[keep])
-        r = np.abs(A @ v) / rownorm
+        v, r = _refit(A, rownorm, keep)
     return v, r, keep
 
 
@@ -328,9 +337,9 @@ def _lone_outliers(
 ) -> tuple[FloatArray, FloatArray, np.ndarray]:
     """The fit without its worst point (by leverage-corrected residual), as long as that point is an
     outlier of the fit made without it: its residual there more than 30 times the 90th percentile of
-    the others'. With many unknowns
-    a least-squares fit spreads one bad point over all the others (its own residual then stands
-    only some 20 times above their median), so a ratio test on the fit that includes it misses it."""
+    the others'. With many unknowns a least-squares fit spreads one bad point over all the others
+    (its own residual then stands only some 20 times above their median), so a ratio test on the fit
+    that includes it misses it."""
     for _ in range(rounds):
         idx = np.flatnonzero(keep)
         if idx.size <= floor:
@@ -343,8 +352,7 @@ def _lone_outliers(
         j = int(idx[np.argmax(r[idx] / np.maximum(1.0 - lev, 1e-12))])
         rest = keep.copy()
         rest[j] = False
-        v2 = _null_vector(A[rest])
-        r2 = np.abs(A @ v2) / rownorm
+        v2, r2 = _refit(A, rownorm, rest)
         if r2[j] <= 30.0 * float(np.quantile(r2[rest], 0.9)):
             break
         v, r, keep = v2, r2, rest
@@ -382,10 +390,9 @@ def fit_row(
     v0 = np.append(w0[active], b0)
     r0 = np.abs(A @ v0) / (rownorm * float(np.linalg.norm(v0)))
     near = r0 <= 1e-5
-    v = _null_vector(A[near] if near.sum() >= k + 2 else A)
-    r = np.abs(A @ v) / rownorm
+    v, r = _refit(A, rownorm, near if near.sum() >= k + 2 else np.ones(n, dtype=bool))
     keep = r <= inlier_tol
-    clean = keep.all()
+    clean = bool(keep.all())
     if float(np.max(r)) > 1e-3 * inlier_tol and n > k:
         # Often the points the estimate explains are clean but for a few near misses: refitted without
         # their worst points, they fit one row to rounding, close to the estimate. Then the draws below
@@ -395,7 +402,7 @@ def fit_row(
         near_est = min(float(np.linalg.norm(vq - u0)), float(np.linalg.norm(vq + u0))) <= 1e-3
         # and the kept points still see every coordinate on (else the fit is not determined there)
         sees_all = bool((A[kq][:, :-1] != 0).any(axis=0).all())
-        if (kq.sum() >= max(k + 2, 1.25 * k) and float(np.max(rq[kq])) <= 1e-3 * inlier_tol and near_est
+        if (kq.sum() >= _min_points(k) and float(np.max(rq[kq])) <= 1e-3 * inlier_tol and near_est
                 and sees_all):
             v, r, keep = vq, rq, kq
             clean = True
@@ -421,12 +428,11 @@ def fit_row(
                 needed = _ransac_trials(float(best.mean()), size, trials, cap)
         if best.sum() >= k:
             keep = best
-            v = _null_vector(A[keep])
-            r = np.abs(A @ v) / rownorm
+            v, r = _refit(A, rownorm, keep)
     if not keep.any() or keep.sum() < k:
         keep = np.ones(n, dtype=bool)
     v, r, keep = _tightened(A, rownorm, v, r, keep, k)
-    v, r, keep = _lone_outliers(A, rownorm, v, r, keep, max(k + 2, int(np.ceil(1.25 * k))))
+    v, r, keep = _lone_outliers(A, rownorm, v, r, keep, _min_points(k))
     res = float(np.max(r[keep]))
     full = np.zeros_like(w0)
     full[active] = v[:-1]
