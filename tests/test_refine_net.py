@@ -45,3 +45,15 @@ def test_over_budget_only_the_tail_moves() -> None:
     np.testing.assert_array_equal(layers[0][0], noisy[0][0])
     # an exact first layer: the tail converges as the whole network does (see above)
     assert align(m, MLP(layers)).log2_max_norm_weight_error < -40
+
+
+def test_a_structural_misfit_is_left_alone() -> None:
+    """A neuron negated (a sign error) leaves a misfit of order one that no step at fixed patterns
+    repairs: the model comes back unchanged, with the reason, and no step is tried."""
+    m = random_mlp("8-10-6-3", np.random.default_rng(0))
+    (W1, b1), *rest = m.layers
+    wrong = [(W1 * np.where(np.arange(10) == 3, -1.0, 1.0)[:, None], b1 * np.where(np.arange(10) == 3, -1.0, 1.0)),
+             *rest]
+    layers, info = refine_network(MLPOracle(m).query, wrong, 8, 1.0, np.random.default_rng(2))
+    assert info.misfit_before > 1e-2 and info.steps == 0 and "structural" in info.reason
+    assert all(np.array_equal(W, W0) and np.array_equal(b, b0) for (W, b), (W0, b0) in zip(layers, wrong, strict=True))

@@ -159,10 +159,12 @@ def complete_row(
     scale: float,
     n_grid: int,
     rel_tol: float,
+    max_anchors: int = 3,
 ) -> Completion:
     """Fill the weights of ``(w, b)`` on the coordinates outside ``coverage`` (see the module text).
 
-    ``anchors`` are points on the neuron's boundary (its witnesses). ``scale`` is the input scale
+    ``anchors`` are points on the neuron's boundary (its witnesses); the first ``max_anchors`` are
+    tried in turn. ``scale`` is the input scale
     times ``sqrt(d0)``. For each missing coordinate ``m``: walk along the boundary (holding the other
     unknown coordinates fixed) to just past where ``m`` switches on, search a short segment across
     the boundary for the kink nearest the estimated crossing, read ``w_m`` from it, and confirm with
@@ -180,7 +182,7 @@ def complete_row(
         others = ~cov  # the unknown coordinates other than m
         others[m] = False
         hold = [int(k) for k in np.flatnonzero(others)]
-        for x in anchors[:3]:
+        for x in anchors[:max_anchors]:
             if pfx.unit_normal(layers, w, x) is None:
                 continue
             walked = _walk(layers, x, w, m, hold, scale)

@@ -34,7 +34,7 @@ from relux.attack import prefix as pfx
 from relux.attack.config import ExtractionConfig
 from relux.attack.missing import unexplained_lines
 from relux.attack.signs import SignSolution, solve_binary
-from relux.attack.unify import NeuronRow, robust_unify, shadowed_rows
+from relux.attack.unify import NeuronRow, robust_unify, shadowed_rows, trimmed_unify
 from relux.attack.witnesses import Witness, collect_witnesses, witness_bytes
 from relux.oracle.base import FloatArray, QueryFn
 from relux.parallel import Executor
@@ -340,7 +340,13 @@ def free_last_layer(
         for g in (g for g in groups if g.size >= 2):
             key = tuple(int(i) for i in g)
             if key not in signed_cache:
-                signed_cache[key] = robust_unify(witnesses, list(key))
+                r = robust_unify(witnesses, list(key))
+                if (r.residual > 1e-8 or r.gap < 1e3) and len(key) >= 4:
+                    # a few witnesses of another boundary mixed in: trimmed one at a time
+                    t = trimmed_unify(witnesses, list(key))
+                    if t.residual <= 1e-8 and t.gap >= 1e3:
+                        r = t
+                signed_cache[key] = r
             fitted.append((signed_cache[key], g))
         det = [(r, g) for r, g in fitted if r.gap >= 1e3]
         limit = max(1e-8, 30.0 * float(np.median([r.residual for r, _ in det]))) if det else 0.0

@@ -399,7 +399,19 @@ def _walked_layer(
         if wr.W.shape[0] < (width if is_last else 0.9 * width):
             return layers, reports, None
         if wr.W.shape[0] < width:
-            warnings.append(f"layer {i}: {width - wr.W.shape[0]} row(s) not found by signed walks ({wr.reason})")
+            # rarely switched neurons: their walks seldom complete, their witnesses still see every weight
+            from relux.attack.more_rows import more_rows
+
+            more = more_rows(q, layers, wr.W, wr.b, width, d0, cfg, rng, rel_tol, executor=executor)
+            log.info("layer %d: %d more row(s) from %d witnesses on %d lines%s", i, more.W.shape[0], more.witnesses,
+                     more.lines, f"; {more.reason}" if more.reason else "")
+            if more.W.shape[0]:
+                wr = dataclasses.replace(wr, W=np.concatenate([wr.W, more.W]), b=np.append(wr.b, more.b),
+                                         points=(*wr.points, *more.points),
+                                         residual=np.append(wr.residual, more.residual))
+        if wr.W.shape[0] < width:
+            warnings.append(f"layer {i}: {width - wr.W.shape[0]} row(s) found neither by signed walks ({wr.reason}) "
+                            "nor from witnesses on more search lines")
         out = outcome_from_rows(q, layers, wr.W, wr.b, wr.points, wr.residual, width, d0, is_last, cfg, rng,
                                 "signed walks")
         return layers, reports, out

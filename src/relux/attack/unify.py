@@ -302,6 +302,100 @@ def ransac_rows(
     return rows
 
 
+@dataclass
+class ConstraintStack:
+    """Every witness's constraint rows, zero-padded into one array (``R``: witnesses x rows x
+    (d_in + 1)), with each one's row count and active coordinates; :meth:`extend` appends witnesses."""
+
+    R: FloatArray
+    n_rows: np.ndarray
+    active: np.ndarray
+
+    @classmethod
+    def of(cls, witnesses: Sequence[Witness]) -> ConstraintStack:
+        d = witnesses[0].A_ctrl.shape[1] if witnesses else 0
+        out = cls(np.zeros((0, 1, d + 1)), np.zeros(0, dtype=int), np.zeros((0, d), dtype=bool))
+        out.extend(witnesses)
+        return out
+
+    def extend(self, witnesses: Sequence[Witness]) -> None:
+        if not witnesses:
+            return
+        Rs = [wt.constraint_rows for wt in witnesses]
+        rmax = max(self.R.shape[1], max(R.shape[0] for R in Rs))
+        new = np.zeros((len(Rs), rmax, Rs[0].shape[1]))
+        for j, R in enumerate(Rs):
+            new[j, : R.shape[0]] = R
+        old = self.R
+        if old.shape[1] < rmax:
+            old = np.concatenate([old, np.zeros((old.shape[0], rmax - old.shape[1], old.shape[2]))], axis=1)
+        self.R = np.concatenate([old, new])
+        self.n_rows = np.append(self.n_rows, [R.shape[0] for R in Rs])
+        self.active = np.concatenate([self.active, np.stack([wt.active for wt in witnesses])])
+
+
+def consistent_witnesses(
+    witnesses: Sequence[Witness] | ConstraintStack, pool: Sequence[int], row: NeuronRow, tol: float = 1e-7,
+    margin: int = 4,
+) -> list[int]:
+    """The witnesses of ``pool`` whose measurements ``row`` satisfies, its unseen weights left free
+    (``witnesses`` may be given as their :class:`ConstraintStack`).
+
+    A row seen so far only where some layer-input coordinates were off has no weight for them, so a
+    witness where they are on fails the zero test (:func:`on_neuron`) even on the row's own neuron.
+    Here each witness's constraint rows are solved for the weights of those coordinates (least
+    squares, all witnesses at once), and the witness is consistent when the rest is satisfied to
+    ``tol``. Only witnesses with at least ``margin`` more constraints than free weights are tested
+    (fewer fit anything)."""
+    ids = np.asarray([int(i) for i in pool], dtype=int)
+    if ids.size == 0:
+        return []
+    st = witnesses if isinstance(witnesses, ConstraintStack) else ConstraintStack.of(
+        [witnesses[i] for i in ids])
+    sel = ids if isinstance(witnesses, ConstraintStack) else np.arange(ids.size)
+    theta = np.append(row.w, row.b)
+    unseen = np.flatnonzero(~row.coverage)
+    free = st.active[sel][:, unseen]
+    ok = st.n_rows[sel] - free.sum(axis=1) >= margin
+    if not ok.any():
+        return []
+    idx = np.flatnonzero(ok)
+    R = st.R[sel[idx]]
+    rhs = R @ theta  # (n, rows): the constraints with the unseen weights at zero
+    if unseen.size:
+        F = free[idx]
+        A = R[:, :, unseen] * F[:, None, :]  # only the unseen coordinates on at the witness move
+        G = np.einsum("nri,nrj->nij", A, A)
+        # a coordinate off at the witness has a zero column: its unknown is pinned at 0
+        G += np.eye(unseen.size)[None] * np.where(F, 1e-14 * np.maximum(np.trace(G, axis1=1, axis2=2), 1e-300)
+                                                  [:, None], 1.0)[:, :, None]
+        x = np.linalg.solve(G, -np.einsum("nri,nr->ni", A, rhs)[..., None])[..., 0]
+        rhs = rhs + np.einsum("nri,ni->nr", A, x)
+    res = np.linalg.norm(rhs, axis=1)
+    return [int(ids[i]) for i in idx[res <= tol]]
+
+
+def grow_row(
+    witnesses: Sequence[Witness], row: NeuronRow, pool: Sequence[int], tol: float = 1e-7, rounds: int = 3,
+    stack: ConstraintStack | None = None,
+) -> NeuronRow:
+    """``row`` re-unified with every witness of ``pool`` consistent with it
+    (:func:`consistent_witnesses`), repeated while witnesses join: each new one may show weights the
+    row lacked. Gathers the few, mostly rank-deficient, witnesses of a rarely switched neuron that no
+    grouping of full-rank signatures joins. ``stack``: the witnesses' :class:`ConstraintStack`, when
+    held."""
+    members = list(row.members)
+    for _ in range(rounds):
+        taken = set(members)
+        new = consistent_witnesses(witnesses if stack is None else stack, [i for i in pool if i not in taken], row,
+                                   tol)
+        if not new:
+            break
+        members += new
+        row = unify(witnesses, members)
+    return row
+
+
 def robust_unify(witnesses: Sequence[Witness], members: Sequence[int], rounds: int = 3) -> NeuronRow:
     """:func:`unify`, dropping up to ``rounds`` witnesses whose constraints the row violates far more
     than the others' (one bad finite difference should not spoil a neuron)."""
@@ -316,5 +410,27 @@ def robust_unify(witnesses: Sequence[Witness], members: Sequence[int], rounds: i
         if viol[worst] <= 10.0 * float(np.median(viol)):
             break
         members.pop(worst)
+        row = unify(witnesses, members)
+    return row
+
+
+def trimmed_unify(witnesses: Sequence[Witness], members: Sequence[int], max_frac: float = 0.25,
+                  tol: float = 1e-8) -> NeuronRow:
+    """:func:`unify` after dropping, one at a time, the witness whose constraints the row violates
+    most, until the witnesses agree to ``tol`` (at most ``max_frac`` of them dropped, three kept).
+
+    For a group that holds a few witnesses of another boundary (a neuron missing from the layer
+    before, whose kinks no known row explains): their constraints pull the solution of the whole
+    group into a mixture, so no single one stands ten times above the median, as
+    :func:`robust_unify` asks; the most violated one is still foreign. Returns the last fit, which
+    the caller judges (residual and uniqueness gap)."""
+    members = list(members)
+    row = unify(witnesses, members)
+    budget = int(max_frac * len(members))
+    while row.residual > tol and budget > 0 and len(members) > 3:
+        x = np.append(row.w, row.b)
+        viol = [float(np.linalg.norm(witnesses[i].constraint_rows @ x)) for i in members]
+        members.pop(int(np.argmax(viol)))
+        budget -= 1
         row = unify(witnesses, members)
     return row

@@ -1,0 +1,214 @@
+"""Rows a layer's signed walks did not find, from witnesses (attack-notes §3, CM24 §3.1).
+
+A neuron rarely switched (on at a few percent of inputs, or off at a few) is crossed by few search
+lines, and a signed walk along its boundary stays where few neurons of the layer before switch, so it
+rarely completes. Its witnesses still see, between them, every weight: each kink's partial signature
+gives the row on the coordinates on there, and witnesses from different lines overlap. So once the
+walks stop finding rows, search lines go on, every kink of a known row costs no more than its
+location, and the unexplained kinks are unified into rows exactly as a layer's witnesses are
+(:func:`relux.attack.deep.extract_layer`). A row is kept only when it is complete, confirmed by the
+crossings it predicts on the search lines, and new.
+
+A rare neuron's witnesses are few and mostly rank-deficient (more coordinates on than the space of
+control), so they seldom form a group of full-rank signatures. A line through its small on (or off)
+region crosses its boundary twice, though: two witnesses of one line that unify into one determined
+row seed it, as does a group. Each seed is grown, when it appears, with every witness consistent
+with it (:func:`relux.attack.unify.consistent_witnesses`, the unseen weights left free): the
+neuron's witnesses from earlier lines join the pair of a later one. A grown row confirmed by its
+crossings but still incomplete is completed along its boundary
+(:func:`relux.attack.complete.complete_row`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from relux.attack import prefix as pfx
+from relux.attack.complete import complete_row
+from relux.attack.config import ExtractionConfig
+from relux.attack.critical import LineKinks
+from relux.attack.hyperplanes import hyperplane_distance
+from relux.attack.screen import prescreen
+from relux.attack.unify import ConstraintStack, Grouping, NeuronRow, grow_row, unify
+from relux.attack.witnesses import Witness, find_candidates, measure_candidates
+from relux.oracle.base import FloatArray, QueryFn
+from relux.parallel import Executor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MoreRows:
+    """New rows (unit ``(w, b)``), the exact points of each (its witnesses), their unification
+    residuals, and what the search took."""
+
+    W: FloatArray
+    b: FloatArray
+    points: tuple[FloatArray, ...]
+    residual: FloatArray
+    lines: int
+    witnesses: int
+    reason: str
+
+
+def more_rows(
+    query: QueryFn,
+    layers: Sequence[pfx.Layer],
+    W_known: FloatArray,
+    b_known: FloatArray,
+    width: int,
+    d0: int,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    rel_tol: float,
+    max_lines: int | None = None,
+    stall_lines: int | None = None,
+    executor: Executor | None = None,
+) -> MoreRows:
+    """Up to ``width - len(W_known)`` rows of the layer behind ``layers`` that the known rows
+    ``(W_known, b_known)`` lack, from witnesses on new search lines (see the module docstring). Stops
+    when the layer is complete, after ``max_lines`` lines (default ``12 * cfg.max_search_lines``), or
+    after ``stall_lines`` lines (default ``8 * cfg.max_search_lines``) without a new row. A neuron
+    crossed by one line in forty needs a hundred lines or more for the three crossings that confirm
+    its row."""
+    from relux.attack.deep import _build_rows
+
+    need = width - W_known.shape[0]
+    max_lines = 12 * cfg.max_search_lines if max_lines is None else max_lines
+    stall_lines = 8 * cfg.max_search_lines if stall_lines is None else stall_lines
+    # grid points for the kinks of this layer and the one before (later ones are found by bisection)
+    n_grid = int(cfg.grid_per_neuron * (layers[-1][0].shape[0] + width)) + 16
+    nrm = np.linalg.norm(np.concatenate([W_known, b_known[:, None]], axis=1), axis=1)
+    kW, kb = W_known / nrm[:, None], b_known / nrm
+    witnesses: list[Witness] = []
+    lines: list[LineKinks] = []
+    grouping = Grouping()
+    found: list[NeuronRow] = []
+    seeds = _Seeds()
+    used = last_new = 0
+    per_round = 4
+    reason = ""
+    spread = cfg.input_scale * float(np.sqrt(d0))
+    while len(found) < need:
+        if used >= max_lines:
+            reason = f"{len(found)}/{need} new rows after {used} lines"
+            break
+        if used - last_new >= stall_lines:
+            reason = f"no new row in {used - last_new} lines"
+            break
+        known = (np.concatenate([kW, *[r.w[None, :] for r in found]]), np.append(kb, [r.b for r in found]))
+        cands, info = find_candidates(query, layers, d0, per_round, n_grid, cfg, rng, rel_tol, known=known)
+        # kinks of deeper neurons set aside before their partial signatures are measured
+        verdict = prescreen(query, layers, [(w, float(c), w[:0], 0.0) for w, c in zip(*known, strict=True)], cands,
+                            spread, rel_tol)
+        cands = [cd for cd, ok in zip(cands, verdict, strict=True) if ok]
+        new, _, _ = measure_candidates(query, layers, d0, cands, cfg, used, executor=executor)
+        used += per_round
+        first_new = len(witnesses)
+        witnesses += new
+        lines += info.lines_found
+        if len(witnesses) < 2:
+            continue
+        keys = np.concatenate([known[0], known[1][:, None]], axis=1)
+        # groups seed rows too (random triples would add little to the pairs on one line)
+        rows, _ = _build_rows(witnesses, [], lines, layers, rng, width, triples=False, grouping=grouping)
+        seeds.add(witnesses, rows, first_new, keys)
+        for r in seeds.ready(query, layers, witnesses, lines, keys, d0, n_grid, cfg, rel_tol):
+            if float(np.min(hyperplane_distance(np.append(r.w, r.b), keys))) < 1e-4:
+                continue
+            found.append(r)
+            keys = np.concatenate([keys, np.append(r.w, r.b)[None, :]])
+            last_new = used
+            log.info("more rows: a new row from %d witnesses after %d lines (%d/%d)", len(r.members), used,
+                     len(found), need)
+            if len(found) >= need:
+                break
+    W = np.stack([r.w for r in found]) if found else np.zeros((0, kW.shape[1]))
+    b = np.array([r.b for r in found], dtype=float)
+    pts = tuple(np.stack([witnesses[i].x for i in r.members]) for r in found)
+    return MoreRows(W, b, pts, np.array([r.residual for r in found], dtype=float), used, len(witnesses), reason)
+
+
+def _determined(r: NeuronRow) -> bool:
+    """The witnesses agree on one row (to 1e-8, the unification's tolerance) and fix it (gap)."""
+    return r.residual <= 1e-8 and r.gap >= 1e3
+
+
+class _Seeds:
+    """Rows grown from seeds (the module docstring): ``rows`` by seed, and the members of each when
+    last judged, so that nothing is scored or completed twice."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[int, ...], NeuronRow] = {}
+        self.judged: dict[tuple[int, ...], tuple[int, ...]] = {}  # seed -> members when last judged
+        self.stack: ConstraintStack | None = None  # every witness's constraint rows, for the tests
+
+    def add(self, witnesses: Sequence[Witness], group_rows: Sequence[NeuronRow], first_new: int,
+            keys: FloatArray) -> None:
+        """Seeds from the groups' rows and from the new witnesses' lines (pairs), each grown with every
+        witness; none on a row of ``keys``."""
+        if self.stack is None:
+            self.stack = ConstraintStack.of(witnesses)
+        else:
+            self.stack.extend(witnesses[self.stack.n_rows.size:])
+        cands = [r for r in group_rows if len(r.members) >= 2]
+        by_line: dict[int, list[int]] = {}
+        for i, wt in enumerate(witnesses):
+            by_line.setdefault(wt.line, []).append(i)
+        for i in range(first_new, len(witnesses)):
+            cands += [unify(witnesses, [j, i]) for j in by_line[witnesses[i].line] if j < i]
+        for r in cands:
+            if r.members in self.rows or not _determined(r):
+                continue
+            if float(np.min(hyperplane_distance(np.append(r.w, r.b), keys))) < 1e-4:
+                continue
+            g = grow_row(witnesses, r, range(len(witnesses)), stack=self.stack)
+            self.rows[r.members] = g if _determined(g) else r
+
+    def ready(
+        self,
+        query: QueryFn,
+        layers: Sequence[pfx.Layer],
+        witnesses: Sequence[Witness],
+        lines: Sequence[LineKinks],
+        keys: FloatArray,
+        d0: int,
+        n_grid: int,
+        cfg: ExtractionConfig,
+        rel_tol: float,
+    ) -> list[NeuronRow]:
+        """Grown rows of three witnesses or more, not judged with these members before, that are
+        complete (or completed along their boundary) and confirmed by three crossings or more."""
+        from relux.attack.deep import _score_rows
+
+        out: list[NeuronRow] = []
+        for key, g in self.rows.items():
+            if len(g.members) < 3 or self.judged.get(key) == g.members:
+                continue
+            self.judged[key] = g.members
+            if float(np.min(hyperplane_distance(np.append(g.w, g.b), keys))) < 1e-4:
+                continue
+            if not g.complete:
+                # Completion costs queries: only for rows that lack a few weights (a deeper neuron's
+                # witnesses, fitted in one region, leave many unseen) and that their crossings confirm
+                # already; confirmed again once completed.
+                if int((~g.coverage).sum()) > max(2, g.coverage.size // 10):
+                    continue
+                if int(_score_rows([g], lines, layers)[0][0]) < 3:
+                    continue
+                anchors = np.stack([witnesses[i].x for i in g.members[:8]])
+                c = complete_row(query, layers, g.w, g.b, g.coverage, anchors, d0,
+                                 cfg.input_scale * float(np.sqrt(d0)), n_grid, rel_tol, max_anchors=8)
+                if not c.coverage.all():
+                    log.debug("more rows: a row of %d witnesses not completed: %s", len(g.members), c.reasons)
+                    continue
+                n = float(np.linalg.norm(np.append(c.w, c.b)))
+                g = dataclasses.replace(g, w=c.w / n, b=c.b / n, coverage=c.coverage)
+            if int(_score_rows([g], lines, layers)[0][0]) >= 3:
+                out.append(g)
+        return out

@@ -1,0 +1,107 @@
+"""Rows of rarely switched neurons from witnesses that no grouping joins, and groups with a few
+foreign witnesses (relux.attack.unify.grow_row, trimmed_unify)."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relux.attack.unify import consistent_witnesses, grow_row, trimmed_unify, unify
+from relux.attack.witnesses import Witness
+
+
+def _witness(w: np.ndarray, b: float, active: np.ndarray, rank: int, rng: np.random.Generator) -> Witness:
+    """An exact witness of the neuron ``(w, b)`` whose layer input is on at ``active`` only, measured
+    through a space of control of dimension ``rank`` (fewer than the active coordinates: the
+    partial signature alone does not determine ``w`` there)."""
+    idx = np.flatnonzero(active)
+    h = np.zeros(w.size)
+    h[idx] = rng.uniform(0.01, 0.2, size=idx.size)
+    k = idx[-1]
+    h[k] = 0.0
+    h[k] = -(w @ h + b) / w[k]
+    A = np.zeros((rank, w.size))
+    A[:, idx] = rng.normal(size=(rank, idx.size))
+    v = A @ w
+    wp = np.where(active, w, 0.0)
+    n = float(np.linalg.norm(np.append(wp, b)))
+    return Witness(x=h.copy(), active=active.copy(), w=wp / n, b=b / n, full_rank=rank >= idx.size, A_ctrl=A,
+                   v_ctrl=v / np.linalg.norm(v), h=h, rank_ratio=0.0, line=0, normal=np.zeros(w.size))
+
+
+def _neuron(rng: np.random.Generator, d: int) -> tuple[np.ndarray, float]:
+    """Positive weights and a bias low enough that every coordinate set reaches the boundary with
+    positive inputs (so that ``_witness`` can place its point)."""
+    return rng.uniform(0.3, 1.5, size=d), float(rng.uniform(-3.0, -1.5))
+
+
+def _err(row_w: np.ndarray, row_b: float, w: np.ndarray, b: float) -> float:
+    got = np.append(row_w, row_b)
+    ref = np.append(w, b) / np.linalg.norm(np.append(w, b))
+    return float(min(np.abs(got - ref).max(), np.abs(got + ref).max()))
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_grow_gathers_the_neurons_rank_deficient_witnesses_and_no_other(seed: int) -> None:
+    """Two full-rank witnesses see coordinates 0-7 of a 12-input neuron; six rank-deficient ones see
+    it elsewhere (among them every coordinate). Witnesses of two other neurons, full-rank and not,
+    are in the pool too. The grown row is the neuron, complete, with exactly its own witnesses."""
+    rng = np.random.default_rng(seed)
+    d = 12
+    (w, b), *others = [_neuron(rng, d) for _ in range(3)]
+    first = np.arange(d) < 8
+    wits = [_witness(w, b, first, 8, rng) for _ in range(2)]
+    for j in range(6):
+        # 8 to 10 coordinates on, rank one less: at least 8 constraints, at most 4 unseen weights free
+        active = np.isin(np.arange(d), rng.choice(d, size=int(rng.integers(8, 11)), replace=False))
+        active[[j, 8 + j % 4]] = True  # between them every coordinate is seen
+        wits.append(_witness(w, b, active, int(active.sum()) - 1, rng))
+    own = set(range(len(wits)))
+    for wo, bo in others:
+        for rank_def in (False, True, True):
+            active = rng.random(d) < 0.7
+            active[rng.integers(d)] = True
+            n_on = int(active.sum())
+            wits.append(_witness(wo, bo, active, max(1, n_on - 2) if rank_def else n_on, rng))
+    start = unify(wits, [0, 1])
+    assert not start.complete
+    grown = grow_row(wits, start, range(len(wits)))
+    assert set(grown.members) == own
+    assert grown.complete
+    # exact witnesses: the unified row is exact up to rounding in the eigen-solve (1e-9 leaves ample room)
+    assert _err(grown.w, grown.b, w, b) < 1e-9
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n_own=st.integers(6, 12), n_foreign=st.integers(1, 2))
+def test_trimmed_unify_drops_a_few_foreign_witnesses(seed: int, n_own: int, n_foreign: int) -> None:
+    """A group of one neuron's witnesses with one or two of another's: the plain fit is a mixture;
+    the trimmed fit is the neuron. A clean group loses nothing."""
+    rng = np.random.default_rng(seed)
+    d = 8
+    (w, b), (wo, bo) = _neuron(rng, d), _neuron(rng, d)
+    full = np.ones(d, dtype=bool)
+    wits = [_witness(w, b, full, d, rng) for _ in range(n_own)]
+    wits += [_witness(wo, bo, full, d, rng) for _ in range(n_foreign)]
+    mixed = unify(wits, list(range(len(wits))))
+    assert mixed.residual > 1e-8
+    got = trimmed_unify(wits, list(range(len(wits))))
+    assert got.residual <= 1e-8
+    assert set(got.members) == set(range(n_own))
+    assert _err(got.w, got.b, w, b) < 1e-9  # exact witnesses (see above)
+    clean = trimmed_unify(wits, list(range(n_own)))
+    assert clean.members == tuple(range(n_own))
+
+
+def test_consistency_needs_more_constraints_than_free_weights() -> None:
+    """A witness whose every constraint could be met by the row's unseen weights says nothing."""
+    rng = np.random.default_rng(0)
+    d = 6
+    w, b = _neuron(rng, d)
+    seen = np.arange(d) < 2
+    row = unify([_witness(w, b, seen, 2, rng) for _ in range(3)], [0, 1, 2])
+    wo, bo = _neuron(rng, d)
+    loose = _witness(wo, bo, np.ones(d, dtype=bool), 2, rng)  # 3 constraints, 4 unseen weights free
+    assert consistent_witnesses([loose], [0], row) == []
