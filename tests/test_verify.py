@@ -281,3 +281,23 @@ def test_real_model_against_its_symmetric_copy(name: str) -> None:
     # these networks' outputs come out below 2^-45 relative (observed ~2^-49).
     assert report.max_norm_weight_error < 2.0**-45
     assert report.max_rel_output_error < 2.0**-45
+
+
+def test_unmatched_reference_neurons_report_how_often_they_are_on() -> None:
+    """A reference neuron the extraction lacks is listed with the fraction of N(0, I) inputs where it
+    is on: exactly 0 for a neuron whose weights and bias are all negative (its input is a ReLU
+    output, so it is never on), about one half for an ordinary one."""
+    rng = np.random.default_rng(0)
+    W1, b1 = rng.normal(size=(6, 4)), rng.normal(size=6)
+    W2, b2 = rng.normal(size=(5, 6)), rng.normal(size=5)
+    W2[4], b2[4] = -np.abs(W2[4]), -1.0  # dead: never on
+    W3, b3 = rng.normal(size=(2, 5)), rng.normal(size=2)
+    ref = MLP([(W1, b1), (W2, b2), (W3, b3)])
+    ext = MLP([(W1, b1), (W2[:3], b2[:3]), (W3[:, :3], b3)])  # neurons 3 and 4 of layer 2 missing
+    rep = verify(ref, ext, n_random=200, n_lines=0, config=VerifyConfig(activity_points=20000))
+    act = {(li, j): (f, n) for li, j, f, n in rep.unmatched_activity}
+    assert set(act) == {(1, 3), (1, 4)}
+    assert act[(1, 4)] == (0.0, 20000)
+    assert 0.0 < act[(1, 3)][0] < 1.0
+    assert rep.to_json()["unmatched_activity"][0]["inputs"] == 20000
+    assert "of N(0, I) inputs" in rep.to_table()

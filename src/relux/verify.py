@@ -66,12 +66,15 @@ class VerifyConfig:
     ``match_threshold``: see :func:`relux.align.align`. ``points_per_line``: uniform grid points per
     line (first-layer kinks come on top). ``line_coverage``: fraction in (0, 1] of the reference's
     first-layer crossings each line spans. ``batch_size``: rows per forward pass.
+    ``activity_points``: ``N(0, I)`` inputs (reference only, no extracted model) on which the
+    fraction of inputs each unmatched reference neuron is on is measured (0: not measured).
     """
 
     match_threshold: float = DEFAULT_MATCH_THRESHOLD
     points_per_line: int = 256
     line_coverage: float = 0.9
     batch_size: int = 4096
+    activity_points: int = 100_000
 
     def __post_init__(self) -> None:
         check_match_threshold(self.match_threshold)
@@ -81,6 +84,8 @@ class VerifyConfig:
             raise InputError(f"line_coverage must be in (0, 1], found {self.line_coverage!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, found {self.batch_size!r}")
+        if not isinstance(self.activity_points, int) or self.activity_points < 0:
+            raise InputError(f"activity_points must be a non-negative integer, found {self.activity_points!r}")
 
 
 # --------------------------------------------------------------------------- input sources
@@ -213,6 +218,9 @@ class VerificationReport:
     alignment: Alignment
     functional: tuple[SourceError, ...]
     agreement_kind: str
+    #: ``(layer, reference neuron, fraction of N(0, I) inputs where it is on, inputs)`` for every
+    #: unmatched reference neuron: how reachable the neurons an extraction missed are
+    unmatched_activity: tuple[tuple[int, int, float, int], ...] = ()
 
     # ----------------------------------------------------------- weights
     @property
@@ -290,6 +298,8 @@ class VerificationReport:
             "match_threshold": json_float(self.alignment.match_threshold),
             "layers": [layer.to_json("extracted") for layer in self.layers],
             "functional": {s.name: s.to_json() for s in self.functional},
+            "unmatched_activity": [{"layer": li, "neuron": j, "on_fraction": json_float(f), "inputs": n}
+                                   for li, j, f, n in self.unmatched_activity],
         }
 
     def to_table(self) -> str:
@@ -358,6 +368,10 @@ class VerificationReport:
         for L in self.layers[:-1]:
             if L.unmatched_reference:
                 details.append(f"layer {L.index}: unmatched reference neurons {_short(L.unmatched_reference)}")
+                on = [(j, f, n) for li, j, f, n in self.unmatched_activity if li == L.index]
+                if on:
+                    details.append(f"layer {L.index}: on at " + ", ".join(
+                        f"{f:.1e}" if f > 0 else f"0 of {n}" for _j, f, n in on) + " of N(0, I) inputs")
             if L.unmatched_candidate:
                 details.append(f"layer {L.index}: unmatched extracted neurons {_short(L.unmatched_candidate)}")
             if L.sign_error_neurons:
@@ -407,6 +421,31 @@ def _format_rows(rows: list[list[str]]) -> list[str]:
 
 
 # --------------------------------------------------------------------------- entry point
+def unmatched_activity(
+    reference: MLP, alignment: Alignment, rng: np.random.Generator, n: int, batch_size: int = 4096
+) -> tuple[tuple[int, int, float, int], ...]:
+    """For each unmatched reference neuron, ``(layer, neuron, fraction of n N(0, I) inputs where it
+    is on, n)``: a neuron on at one input in 10^5 is out of reach of any search that samples like
+    that, and says more about the victim than about the extraction. Empty when ``n`` is 0 or every
+    reference neuron was matched."""
+    todo = [(L.index, tuple(int(j) for j in L.unmatched_reference)) for L in alignment.layers[:-1]
+            if len(L.unmatched_reference)]
+    if n == 0 or not todo:
+        return ()
+    counts = {li: np.zeros(len(js)) for li, js in todo}
+    done = 0
+    while done < n:
+        m = min(batch_size, n - done)
+        H = rng.normal(size=(m, reference.input_dim))
+        for li, (W, b) in enumerate(reference.layers[:-1]):  # numbered as the alignment's layers
+            Z = H @ W.T + b
+            if li in counts:
+                counts[li] += np.count_nonzero(Z[:, list(dict(todo)[li])] > 0.0, axis=0)
+            H = np.maximum(Z, 0.0)
+        done += m
+    return tuple((li, j, float(counts[li][k]) / n, n) for li, js in todo for k, j in enumerate(js))
+
+
 def verify(
     reference: MLP,
     extracted: MLP,
@@ -451,6 +490,7 @@ def verify(
         alignment=alignment,
         functional=tuple(functional),
         agreement_kind="argmax" if reference.output_dim >= 2 else "sign",
+        unmatched_activity=unmatched_activity(reference, alignment, gen, cfg.activity_points, cfg.batch_size),
     )
     logger.debug("%r", report)
     return report

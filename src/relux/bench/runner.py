@@ -310,6 +310,8 @@ def _add_verification(
         agreement_kind=report.agreement_kind,
         sign_errors=report.sign_errors,
         unmatched=report.unmatched,
+        # how often each unmatched reference neuron is on: a neuron on at 1e-5 of inputs is out of reach
+        unmatched_activity=report.to_json()["unmatched_activity"],
     )
     for la in report.layers:  # alignment layers count from 0, the attack's LayerReport from 1
         if la.kind == "hidden" and 0 <= la.index < len(layers):
