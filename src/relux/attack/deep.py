@@ -28,7 +28,7 @@ from relux.attack.missing import unexplained_lines
 from relux.attack.polish import Polished, estimated_boundary_points, polish_unit
 from relux.attack.seeding import rows_from_seeds, rows_from_unexplained
 from relux.attack.signcheck import SignCheck, check_and_repair
-from relux.attack.signs import affine_relu_residual, fit_dropping_misfits, solve_flips
+from relux.attack.signs import SignSolution, affine_relu_residual, fit_dropping_misfits, solve_flips
 from relux.attack.trace import trace_neuron
 from relux.attack.unify import (
     Grouping,
@@ -418,15 +418,26 @@ def _last_layer_signs(
     Y = query(X)
     _, H = pfx.forward(layers, X)
     Z = H @ W.T + b
+    # A row on at every point (typical where the points are only those with some coordinates off) has
+    # ReLU(ẑ) = ẑ there, a linear term the fit cannot tell from the others: it leaves the features, and
+    # the solve allows its linear term (its sign stays open; the sign check on fresh queries judges it).
+    lin = np.all(Z > 0, axis=0) if 0 < Z.shape[0] else np.zeros(W.shape[0], dtype=bool)
+    if lin.all():
+        lin[:] = False
+    cols = ~lin
     # a missing (rarely active) neuron leaves misfits where it is on: those points are dropped
-    alpha, gamma, c, _, kept = fit_dropping_misfits(Z, H[:, seen], Y, rounds=4 if short else 0)
+    alpha, gamma, c, _, kept = fit_dropping_misfits(Z[:, cols], H[:, seen], Y, rounds=4 if short else 0)
     X, Y, H, Z = X[kept], Y[kept], H[kept], Z[kept]
-    sol = solve_flips(alpha, gamma, W[:, seen], cfg.max_enum_bits)
+    sol = solve_flips(alpha, gamma, W[cols][:, seen], cfg.max_enum_bits, linear=W[lin][:, seen])
+    if lin.any():
+        log.debug("layer %d signs: %d row(s) on at every fit point, signs left open: %s", len(layers) + 1,
+                  int(lin.sum()), np.flatnonzero(lin).tolist())
+        sol = _with_open(sol, cols)
     log.debug("layer %d signs: %s from %d points and %d/%d coordinates", len(layers) + 1, sol.reason or "solved",
               X.shape[0], int(seen.sum()), d_in)
     status = "" if sol.ok else ", FAILED"
     method = f"last-layer {sol.method} (free bits {sol.free_bits}, solutions {sol.solutions}{status})"
-    if sol.ok or not short or not layers:
+    if sol.ok or not short or not layers or lin.any():
         return method, sol.flips, sol.confidence, None
     # A short layer whose fit is exact: the affine part no flip explains is an always-on neuron.
     if not seen.all():
@@ -444,6 +455,16 @@ def _last_layer_signs(
     method = (f"last-layer solve with an always-on neuron ({on.representations} equivalent sign choice(s), "
               f"gauge neurons {list(on.gauge)})")
     return method, on.flips, conf, on
+
+
+def _with_open(sol: SignSolution, cols: np.ndarray) -> SignSolution:
+    """``sol`` (solved for the rows ``cols``) spread over every row: the others unflipped, not
+    relevant, confidence 0 (their signs are open)."""
+    flips = np.zeros(cols.size, dtype=bool)
+    relevant = np.zeros(cols.size, dtype=bool)
+    conf = np.zeros(cols.size)
+    flips[cols], relevant[cols], conf[cols] = sol.flips, sol.relevant, sol.confidence
+    return dataclasses.replace(sol, flips=flips, relevant=relevant, confidence=conf)
 
 
 def _points_with_off(

@@ -84,15 +84,32 @@ def solve_flips(
     W_hat: FloatArray,
     max_enum_bits: int,
     rel_tol: float = 1e-3,
+    linear: FloatArray | None = None,
 ) -> SignSolution:
     """Solve ``A t = -γ`` over ``t ∈ {0,1}^m`` with ``A[(o, :), j] = α[o, j] ŵ_j``.
 
     ``rel_tol`` is the acceptance threshold of the residual, relative to the smallest column norm of
     the relevant neurons: a wrong bit moves the residual by at least one column norm.
+
+    ``linear`` (rows ``ŵ_i``): neurons on at every point of the fit, left out of its ReLU features.
+    Each adds ``e_i ŵ_i`` to ``γ`` with an unknown ``e_i`` per output (``α_i`` if its sign is right,
+    0 if not: ``ReLU(-ẑ)`` is 0 where ``ẑ > 0``), so both sides are projected off the span of those
+    terms before the binary solve; such neurons' signs stay open.
     """
     k, m = alpha.shape
     A = np.concatenate([alpha[o][None, :] * W_hat.T for o in range(k)], axis=0)  # (k p, m)
-    return solve_binary(A, -gamma.reshape(-1), max_enum_bits, rel_tol)
+    g = -gamma.reshape(-1)
+    if linear is not None and linear.shape[0]:
+        p = W_hat.shape[1]
+        B = np.zeros((k * p, k * linear.shape[0]))
+        for o in range(k):  # output o's block of γ takes e[o, i] ŵ_i
+            B[o * p : (o + 1) * p, o * linear.shape[0] : (o + 1) * linear.shape[0]] = linear.T
+        Qb, Rb = np.linalg.qr(B)
+        keep = np.abs(np.diag(Rb)) > 1e-10 * max(float(np.abs(Rb).max(initial=0.0)), np.finfo(float).tiny)
+        Qb = Qb[:, keep]
+        A = A - Qb @ (Qb.T @ A)
+        g = g - Qb @ (Qb.T @ g)
+    return solve_binary(A, g, max_enum_bits, rel_tol)
 
 
 def solve_binary(

@@ -1,0 +1,33 @@
+"""The last-layer sign solve with rows on at every fit point (relux.attack.signs.solve_flips, ``linear``)."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relux.attack.signs import solve_flips
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), m=st.integers(3, 12), n_on=st.integers(1, 3), k=st.integers(1, 3))
+def test_rows_on_everywhere_add_a_free_linear_term_and_the_others_signs_are_exact(
+    seed: int, m: int, n_on: int, k: int
+) -> None:
+    """A row on at every fit point contributes ``e ŵ`` to the affine term (``e = α`` when its sign
+    is right, 0 when not), with ``e`` unknown: the solve must allow it, and then finds the other
+    rows' flips exactly. Without it, that term reads as flips no 0/1 vector explains."""
+    rng = np.random.default_rng(seed)
+    p = m + n_on + 4  # more layer-input coordinates than rows: the columns are independent
+    W = rng.normal(size=(m, p))
+    L = rng.normal(size=(n_on, p))
+    alpha = rng.normal(size=(k, m))
+    t = rng.random(m) < 0.5
+    e = rng.normal(size=(k, n_on)) * (rng.random(n_on) < 0.5)
+    gamma = -(alpha * t) @ W + e @ L
+    sol = solve_flips(alpha, gamma, W, 16, linear=L)
+    assert sol.ok, sol.reason
+    assert np.array_equal(sol.flips, t)
+    if np.abs(e).max() > 1e-3:
+        plain = solve_flips(alpha, gamma, W, 16)
+        assert not plain.ok or not np.array_equal(plain.flips, t)
