@@ -57,3 +57,10 @@ def test_a_structural_misfit_is_left_alone() -> None:
     layers, info = refine_network(MLPOracle(m).query, wrong, 8, 1.0, np.random.default_rng(2))
     assert info.misfit_before > 1e-2 and info.steps == 0 and "structural" in info.reason
     assert all(np.array_equal(W, W0) and np.array_equal(b, b0) for (W, b), (W0, b0) in zip(layers, wrong, strict=True))
+
+
+def test_an_exact_model_is_not_stepped() -> None:
+    m = random_mlp("8-10-6-3", np.random.default_rng(0))
+    layers, info = refine_network(MLPOracle(m).query, list(m.layers), 8, 1.0, np.random.default_rng(2))
+    # the model is the oracle's own: its misfit is float64 rounding (far below 64 eps)
+    assert info.steps == 0 and "rounding" in info.reason

@@ -165,6 +165,7 @@ def refine_network(
     extra: FloatArray | None = None,
     max_params: int = 5000,
     max_misfit: float = 1e-2,
+    min_misfit: float = 64 * float(np.finfo(float).eps),
 ) -> tuple[list[Layer], NetRefinement]:
     """Gauss-Newton on the parameters of ``layers`` (hidden layers and output layer) against fresh
     outputs; see the module docstring. Only the longest tail of layers with at most ``max_params``
@@ -172,7 +173,8 @@ def refine_network(
     ``3 P / k + 128`` queries (``P`` refined parameters, ``k`` outputs), a quarter more held out, and
     the ``extra`` points (where rarely active neurons are on). A misfit above ``max_misfit`` (relative
     to ``max |f|``) is left alone: it comes from a missing neuron or a wrong sign, which steps at fixed
-    activation patterns cannot repair, and the steps would cost minutes at 5,000 parameters."""
+    activation patterns cannot repair, and the steps would cost minutes at 5,000 parameters. One at or
+    below ``min_misfit`` is float64 rounding already: nothing to gain either."""
     layers = [(np.array(W, dtype=float), np.array(b, dtype=float)) for W, b in layers]
     k = layers[-1][0].shape[0]
     # the longest tail of layers within the parameter budget is refined; the layers before it stay fixed
@@ -200,6 +202,9 @@ def refine_network(
     reason = ""
     if before > max_misfit:
         reason = f"misfit {before:.1e} above {max_misfit:.0e}: a structural error, not imprecision"
+        max_steps = 0
+    elif before <= min_misfit:
+        reason = f"misfit {before:.1e}: float64 rounding already"
         max_steps = 0
     for _ in range(max_steps):
         ins, pres, out = _forward(layers, X)
