@@ -31,3 +31,16 @@ def test_rows_on_everywhere_add_a_free_linear_term_and_the_others_signs_are_exac
     if np.abs(e).max() > 1e-3:
         plain = solve_flips(alpha, gamma, W, 16)
         assert not plain.ok or not np.array_equal(plain.flips, t)
+
+
+def test_dependent_rows_on_everywhere_are_projected_off_as_one() -> None:
+    """Two such rows with the same weights (dependent columns): their span is found all the same."""
+    rng = np.random.default_rng(3)
+    W = rng.normal(size=(5, 12))
+    row = rng.normal(size=12)
+    L = np.stack([row, 2.0 * row, rng.normal(size=12)])
+    alpha = rng.normal(size=(2, 5))
+    t = np.array([True, False, True, True, False])
+    gamma = -(alpha * t) @ W + rng.normal(size=(2, 3)) @ L
+    sol = solve_flips(alpha, gamma, W, 16, linear=L)
+    assert sol.ok and np.array_equal(sol.flips, t)

@@ -300,4 +300,4 @@ def test_unmatched_reference_neurons_report_how_often_they_are_on() -> None:
     assert act[(1, 4)] == (0.0, 20000)
     assert 0.0 < act[(1, 3)][0] < 1.0
     assert rep.to_json()["unmatched_activity"][0]["inputs"] == 20000
-    assert "of N(0, I) inputs" in rep.to_table()
+    assert "N(0, I) inputs where each is on: 3: " in rep.to_table()

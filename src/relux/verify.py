@@ -74,7 +74,7 @@ class VerifyConfig:
     points_per_line: int = 256
     line_coverage: float = 0.9
     batch_size: int = 4096
-    activity_points: int = 100_000
+    activity_points: int = 20_000
 
     def __post_init__(self) -> None:
         check_match_threshold(self.match_threshold)
@@ -370,8 +370,8 @@ class VerificationReport:
                 details.append(f"layer {L.index}: unmatched reference neurons {_short(L.unmatched_reference)}")
                 on = [(j, f, n) for li, j, f, n in self.unmatched_activity if li == L.index]
                 if on:
-                    details.append(f"layer {L.index}: on at " + ", ".join(
-                        f"{f:.1e}" if f > 0 else f"0 of {n}" for _j, f, n in on) + " of N(0, I) inputs")
+                    shown = ", ".join(f"{j}: {f:.1e}" for j, f, _n in on[:12]) + (", ..." if len(on) > 12 else "")
+                    details.append(f"layer {L.index}: fraction of {on[0][2]} N(0, I) inputs where each is on: {shown}")
             if L.unmatched_candidate:
                 details.append(f"layer {L.index}: unmatched extracted neurons {_short(L.unmatched_candidate)}")
             if L.sign_error_neurons:
@@ -433,6 +433,7 @@ def unmatched_activity(
     if n == 0 or not todo:
         return ()
     counts = {li: np.zeros(len(js)) for li, js in todo}
+    cols = {li: list(js) for li, js in todo}
     done = 0
     while done < n:
         m = min(batch_size, n - done)
@@ -440,7 +441,7 @@ def unmatched_activity(
         for li, (W, b) in enumerate(reference.layers[:-1]):  # numbered as the alignment's layers
             Z = H @ W.T + b
             if li in counts:
-                counts[li] += np.count_nonzero(Z[:, list(dict(todo)[li])] > 0.0, axis=0)
+                counts[li] += np.count_nonzero(Z[:, cols[li]] > 0.0, axis=0)
             H = np.maximum(Z, 0.0)
         done += m
     return tuple((li, j, float(counts[li][k]) / n, n) for li, js in todo for k, j in enumerate(js))

@@ -140,13 +140,14 @@ def _determined(r: NeuronRow) -> bool:
 
 
 class _Seeds:
-    """Rows grown from seeds (the module docstring): ``rows`` by seed, and the members of each when
-    last judged, so that nothing is scored or completed twice."""
+    """Rows grown from seeds (the module docstring): ``rows`` by seed, each grown once when it is
+    added and judged once (``judged``), so that nothing is scored or completed twice; a neuron whose
+    row was judged too early comes back through a later pair or group."""
 
     def __init__(self) -> None:
         self.rows: dict[tuple[int, ...], NeuronRow] = {}
         self.judged: dict[tuple[int, ...], tuple[int, ...]] = {}  # seed -> members when last judged
-        self.stack: ConstraintStack | None = None  # every witness's constraint rows, for the tests
+        self.stack: ConstraintStack | None = None  # every witness's constraint rows, for consistency tests
 
     def add(self, witnesses: Sequence[Witness], group_rows: Sequence[NeuronRow], first_new: int,
             keys: FloatArray) -> None:

@@ -189,9 +189,9 @@ def refine_network(
         X = np.concatenate([X, extra])
     X = np.concatenate([X, _balanced_points(layers, X, first, n, d0, input_scale, rng)])
     Xv = rng.normal(0.0, input_scale, size=(n // 4 + 32, d0))
-    Y = query(X)
     Yv = query(Xv)
-    yscale = max(float(np.max(np.abs(np.concatenate([Y, Yv])))), np.finfo(float).tiny)
+    # the fit points are queried only if a step will be tried (see max_misfit and min_misfit)
+    yscale = max(float(np.max(np.abs(Yv))), np.finfo(float).tiny)
 
     def misfit(ls: Sequence[Layer]) -> float:
         return float(np.max(np.abs(_forward(ls, Xv)[2] - Yv))) / yscale
@@ -206,6 +206,7 @@ def refine_network(
     elif before <= min_misfit:
         reason = f"misfit {before:.1e}: float64 rounding already"
         max_steps = 0
+    Y = query(X) if max_steps > 0 else np.zeros((0, k))
     for _ in range(max_steps):
         ins, pres, out = _forward(layers, X)
         keep = _margin_ok(layers, pres, ins, margin)
@@ -230,4 +231,4 @@ def refine_network(
         if best <= 1e-14:
             break
     log.debug("network refinement: misfit %.1e -> %.1e in %d steps (%s)", before, best, steps, reason)
-    return layers, NetRefinement(before, best, steps, int(X.shape[0] + Xv.shape[0]), reason, first)
+    return layers, NetRefinement(before, best, steps, int(Y.shape[0] + Xv.shape[0]), reason, first)

@@ -104,9 +104,9 @@ def solve_flips(
         B = np.zeros((k * p, k * linear.shape[0]))
         for o in range(k):  # output o's block of γ takes e[o, i] ŵ_i
             B[o * p : (o + 1) * p, o * linear.shape[0] : (o + 1) * linear.shape[0]] = linear.T
-        Qb, Rb = np.linalg.qr(B)
-        keep = np.abs(np.diag(Rb)) > 1e-10 * max(float(np.abs(Rb).max(initial=0.0)), np.finfo(float).tiny)
-        Qb = Qb[:, keep]
+        # an orthonormal basis of their span (SVD: the rows may be dependent on the seen coordinates)
+        U, sv, _ = np.linalg.svd(B, full_matrices=False)
+        Qb = U[:, sv > 1e-10 * max(float(sv.max(initial=0.0)), np.finfo(float).tiny)]
         A = A - Qb @ (Qb.T @ A)
         g = g - Qb @ (Qb.T @ g)
     return solve_binary(A, g, max_enum_bits, rel_tol)

@@ -345,8 +345,9 @@ def consistent_witnesses(
     witness where they are on fails the zero test (:func:`on_neuron`) even on the row's own neuron.
     Here each witness's constraint rows are solved for the weights of those coordinates (least
     squares, all witnesses at once), and the witness is consistent when the rest is satisfied to
-    ``tol``. Only witnesses with at least ``margin`` more constraints than free weights are tested
-    (fewer fit anything)."""
+    ``tol``. Only witnesses with at least ``margin`` more constraint rows than free weights are tested
+    (fewer fit anything; the rows hold one constraint fewer than their count, the jump's own
+    direction being projected out)."""
     ids = np.asarray([int(i) for i in pool], dtype=int)
     if ids.size == 0:
         return []

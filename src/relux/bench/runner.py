@@ -294,10 +294,11 @@ def _add_verification(
     row: dict[str, Any], layers: list[dict[str, Any]], reference: MLP, extracted: MLP, n_random: int, n_lines: int
 ) -> None:
     """Verify ``extracted`` against ``reference`` and copy the figures into the row and per-layer list."""
-    from relux.verify import verify
+    from relux.verify import VerifyConfig, verify
 
     try:
-        report = verify(reference, extracted, rng=np.random.default_rng(0), n_random=n_random, n_lines=n_lines)
+        report = verify(reference, extracted, rng=np.random.default_rng(0), n_random=n_random, n_lines=n_lines,
+                        config=VerifyConfig(activity_points=100_000))
     except Exception as exc:  # e.g. a partial model of another depth: keep the attack's own numbers
         row["verify_error"] = f"{type(exc).__name__}: {_one_line(exc)}"
         return
@@ -310,8 +311,10 @@ def _add_verification(
         agreement_kind=report.agreement_kind,
         sign_errors=report.sign_errors,
         unmatched=report.unmatched,
-        # how often each unmatched reference neuron is on: a neuron on at 1e-5 of inputs is out of reach
-        unmatched_activity=report.to_json()["unmatched_activity"],
+        # how often each unmatched reference neuron is on (hidden layers from 1, as in "layers"): a
+        # neuron on at 1e-5 of inputs is out of reach of random search lines
+        unmatched_activity=[{"layer": li + 1, "neuron": j, "on_fraction": f, "inputs": n}
+                            for li, j, f, n in report.unmatched_activity],
     )
     for la in report.layers:  # alignment layers count from 0, the attack's LayerReport from 1
         if la.kind == "hidden" and 0 <= la.index < len(layers):
