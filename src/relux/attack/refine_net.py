@@ -165,7 +165,7 @@ def refine_network(
     extra: FloatArray | None = None,
     max_params: int = 5000,
     max_misfit: float = 1e-2,
-    min_misfit: float = 64 * float(np.finfo(float).eps),
+    min_misfit: float = 4 * float(np.finfo(float).eps),
 ) -> tuple[list[Layer], NetRefinement]:
     """Gauss-Newton on the parameters of ``layers`` (hidden layers and output layer) against fresh
     outputs; see the module docstring. Only the longest tail of layers with at most ``max_params``
@@ -174,7 +174,8 @@ def refine_network(
     the ``extra`` points (where rarely active neurons are on). A misfit above ``max_misfit`` (relative
     to ``max |f|``) is left alone: it comes from a missing neuron or a wrong sign, which steps at fixed
     activation patterns cannot repair, and the steps would cost minutes at 5,000 parameters. One at or
-    below ``min_misfit`` is float64 rounding already: nothing to gain either."""
+    below ``min_misfit`` is float64 rounding already: nothing to gain either (a misfit of 1e-14 is
+    not: steps from there still took 30-20-20-12-4 from 2^-43 to 2^-49)."""
     layers = [(np.array(W, dtype=float), np.array(b, dtype=float)) for W, b in layers]
     k = layers[-1][0].shape[0]
     # the longest tail of layers within the parameter budget is refined; the layers before it stay fixed
