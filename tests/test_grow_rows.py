@@ -6,34 +6,9 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from witness_helpers import exact_witness, positive_neuron
 
 from relux.attack.unify import consistent_witnesses, grow_row, trimmed_unify, unify
-from relux.attack.witnesses import Witness
-
-
-def _witness(w: np.ndarray, b: float, active: np.ndarray, rank: int, rng: np.random.Generator) -> Witness:
-    """An exact witness of the neuron ``(w, b)`` whose layer input is on at ``active`` only, measured
-    through a space of control of dimension ``rank`` (fewer than the active coordinates: the
-    partial signature alone does not determine ``w`` there)."""
-    idx = np.flatnonzero(active)
-    h = np.zeros(w.size)
-    h[idx] = rng.uniform(0.01, 0.2, size=idx.size)
-    k = idx[-1]
-    h[k] = 0.0
-    h[k] = -(w @ h + b) / w[k]
-    A = np.zeros((rank, w.size))
-    A[:, idx] = rng.normal(size=(rank, idx.size))
-    v = A @ w
-    wp = np.where(active, w, 0.0)
-    n = float(np.linalg.norm(np.append(wp, b)))
-    return Witness(x=h.copy(), active=active.copy(), w=wp / n, b=b / n, full_rank=rank >= idx.size, A_ctrl=A,
-                   v_ctrl=v / np.linalg.norm(v), h=h, rank_ratio=0.0, line=0, normal=np.zeros(w.size))
-
-
-def _neuron(rng: np.random.Generator, d: int) -> tuple[np.ndarray, float]:
-    """Positive weights and a bias low enough that every coordinate set reaches the boundary with
-    positive inputs (so that ``_witness`` can place its point)."""
-    return rng.uniform(0.3, 1.5, size=d), float(rng.uniform(-3.0, -1.5))
 
 
 def _err(row_w: np.ndarray, row_b: float, w: np.ndarray, b: float) -> float:
@@ -50,21 +25,21 @@ def test_grow_gathers_the_neurons_rank_deficient_witnesses_and_no_other(seed: in
     are in the pool too. The grown row is the neuron, complete, with exactly its own witnesses."""
     rng = np.random.default_rng(seed)
     d = 12
-    (w, b), *others = [_neuron(rng, d) for _ in range(3)]
+    (w, b), *others = [positive_neuron(rng, d) for _ in range(3)]
     first = np.arange(d) < 8
-    wits = [_witness(w, b, first, 8, rng) for _ in range(2)]
+    wits = [exact_witness(w, b, first, rng, 8) for _ in range(2)]
     for j in range(6):
         # 8 to 10 coordinates on, rank one less: at least 8 constraints, at most 4 unseen weights free
         active = np.isin(np.arange(d), rng.choice(d, size=int(rng.integers(8, 11)), replace=False))
         active[[j, 8 + j % 4]] = True  # between them every coordinate is seen
-        wits.append(_witness(w, b, active, int(active.sum()) - 1, rng))
+        wits.append(exact_witness(w, b, active, rng, int(active.sum()) - 1))
     own = set(range(len(wits)))
     for wo, bo in others:
         for rank_def in (False, True, True):
             active = rng.random(d) < 0.7
             active[rng.integers(d)] = True
             n_on = int(active.sum())
-            wits.append(_witness(wo, bo, active, max(1, n_on - 2) if rank_def else n_on, rng))
+            wits.append(exact_witness(wo, bo, active, rng, max(1, n_on - 2) if rank_def else n_on))
     start = unify(wits, [0, 1])
     assert not start.complete
     grown = grow_row(wits, start, range(len(wits)))
@@ -81,10 +56,10 @@ def test_trimmed_unify_drops_a_few_foreign_witnesses(seed: int, n_own: int, n_fo
     the trimmed fit is the neuron. A clean group loses nothing."""
     rng = np.random.default_rng(seed)
     d = 8
-    (w, b), (wo, bo) = _neuron(rng, d), _neuron(rng, d)
+    (w, b), (wo, bo) = positive_neuron(rng, d), positive_neuron(rng, d)
     full = np.ones(d, dtype=bool)
-    wits = [_witness(w, b, full, d, rng) for _ in range(n_own)]
-    wits += [_witness(wo, bo, full, d, rng) for _ in range(n_foreign)]
+    wits = [exact_witness(w, b, full, rng, d) for _ in range(n_own)]
+    wits += [exact_witness(wo, bo, full, rng, d) for _ in range(n_foreign)]
     mixed = unify(wits, list(range(len(wits))))
     assert mixed.residual > 1e-8
     got = trimmed_unify(wits, list(range(len(wits))))
@@ -99,9 +74,9 @@ def test_consistency_needs_more_constraints_than_free_weights() -> None:
     """A witness whose every constraint could be met by the row's unseen weights says nothing."""
     rng = np.random.default_rng(0)
     d = 6
-    w, b = _neuron(rng, d)
+    w, b = positive_neuron(rng, d)
     seen = np.arange(d) < 2
-    row = unify([_witness(w, b, seen, 2, rng) for _ in range(3)], [0, 1, 2])
-    wo, bo = _neuron(rng, d)
-    loose = _witness(wo, bo, np.ones(d, dtype=bool), 2, rng)  # 3 constraints, 4 unseen weights free
+    row = unify([exact_witness(w, b, seen, rng, 2) for _ in range(3)], [0, 1, 2])
+    wo, bo = positive_neuron(rng, d)
+    loose = exact_witness(wo, bo, np.ones(d, dtype=bool), rng, 2)  # 3 constraints, 4 unseen weights free
     assert consistent_witnesses([loose], [0], row) == []

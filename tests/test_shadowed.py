@@ -5,34 +5,17 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from witness_helpers import exact_witness, positive_neuron
 
 from relux.attack.unify import shadowed_rows, unify
 from relux.attack.witnesses import Witness
 
 
 def _witness(w: np.ndarray, b: float, active: np.ndarray, rng: np.random.Generator) -> Witness:
-    """An exact witness of the neuron ``(w, b)`` whose layer input is on at ``active`` only: the
-    measurement shows ``w`` restricted to those coordinates (up to scale), and ``w·h + b = 0``."""
-    idx = np.flatnonzero(active)
-    h = np.zeros(w.size)
-    h[idx] = rng.uniform(0.01, 0.2, size=idx.size)
-    # the last active coordinate puts the point on the boundary (positive: w > 0 and w·h + b < 0 so far)
-    k = idx[-1]
-    h[k] = 0.0
-    h[k] = -(w @ h + b) / w[k]
-    assert h[k] > 0
-    A = np.eye(w.size)[idx]
-    v = w[idx] / np.linalg.norm(w[idx])
-    wp = np.where(active, w, 0.0)
-    n = float(np.linalg.norm(np.append(wp, b)))
-    return Witness(x=h.copy(), active=active.copy(), w=wp / n, b=b / n, full_rank=True, A_ctrl=A, v_ctrl=v, h=h,
-                   rank_ratio=0.0, line=0, normal=np.zeros(w.size))
-
-
-def _neuron(rng: np.random.Generator, d: int) -> tuple[np.ndarray, float]:
-    """Positive weights and a bias below minus their sum over a fifth: every coordinate set reaches
-    the boundary with positive inputs."""
-    return rng.uniform(0.3, 1.5, size=d), float(rng.uniform(-3.0, -1.5))
+    """A full-rank exact witness whose point has every active input positive."""
+    wt = exact_witness(w, b, active, rng)
+    assert wt.h[np.flatnonzero(active)[-1]] > 0
+    return wt
 
 
 @settings(max_examples=30, deadline=None)
@@ -43,7 +26,7 @@ def test_a_row_fitted_across_two_neurons_is_dropped_and_the_true_rows_stay(seed:
     that fits them all (that coordinate's weight is fixed by the stray witness alone)."""
     rng = np.random.default_rng(seed)
     d = 6
-    (wa, ba), (wb, bb) = _neuron(rng, d), _neuron(rng, d)
+    (wa, ba), (wb, bb) = positive_neuron(rng, d), positive_neuron(rng, d)
     full = np.ones(d, dtype=bool)
     wits = [_witness(wa, ba, full, rng) for _ in range(3)]  # neuron A, every coordinate on
     wits += [_witness(wb, bb, full, rng) for _ in range(3)]  # neuron B
@@ -71,7 +54,7 @@ def test_rows_of_distinct_neurons_are_never_dropped(seed: int, n: int) -> None:
     wits: list[Witness] = []
     rows = []
     for _ in range(n):
-        w, b = _neuron(rng, d)
+        w, b = positive_neuron(rng, d)
         start = len(wits)
         for _ in range(3):
             active = rng.random(d) < 0.7
