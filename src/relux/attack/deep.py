@@ -28,7 +28,14 @@ from relux.attack.missing import unexplained_lines
 from relux.attack.polish import Polished, estimated_boundary_points, polish_unit
 from relux.attack.seeding import rows_from_seeds, rows_from_unexplained
 from relux.attack.signcheck import SignCheck, check_and_repair
-from relux.attack.signs import SignSolution, affine_relu_residual, fit_dropping_misfits, solve_flips
+from relux.attack.signs import (
+    LinearSigns,
+    SignSolution,
+    affine_relu_residual,
+    fit_dropping_misfits,
+    linear_row_signs,
+    solve_flips,
+)
 from relux.attack.trace import trace_neuron
 from relux.attack.unify import (
     Grouping,
@@ -419,9 +426,12 @@ def _last_layer_signs(
     _, H = pfx.forward(layers, X)
     Z = H @ W.T + b
     # A row on at every point (typical where the points are only those with some coordinates off) has
-    # ReLU(ẑ) = ẑ there, a linear term the fit cannot tell from the others: it leaves the features, and
-    # the solve allows its linear term (its sign stays open; the sign check on fresh queries judges it).
-    lin = np.all(Z > 0, axis=0) if 0 < Z.shape[0] else np.zeros(W.shape[0], dtype=bool)
+    # ReLU(ẑ) = ẑ there, and one off at every point has ReLU(ẑ) = 0: a linear term (or none) the fit
+    # cannot tell from the others. Such rows leave the features, the solve allows their linear terms,
+    # and what the solved rows leave of the affine part then decides their signs.
+    n_pts = Z.shape[0]
+    all_on = np.all(Z > 0, axis=0) if n_pts else np.zeros(W.shape[0], dtype=bool)
+    lin = all_on | np.all(Z <= 0, axis=0) if n_pts else all_on
     if lin.all():
         lin[:] = False
     cols = ~lin
@@ -430,9 +440,13 @@ def _last_layer_signs(
     X, Y, H, Z = X[kept], Y[kept], H[kept], Z[kept]
     sol = solve_flips(alpha, gamma, W[cols][:, seen], cfg.max_enum_bits, linear=W[lin][:, seen])
     if lin.any():
-        log.debug("layer %d signs: %d row(s) on at every fit point, signs left open: %s", len(layers) + 1,
-                  int(lin.sum()), np.flatnonzero(lin).tolist())
         sol = _with_open(sol, cols)
+        if sol.ok:
+            ls = linear_row_signs(alpha, gamma, W[cols][:, seen], sol.flips[cols], W[lin][:, seen], all_on[lin])
+            sol = _with_linear(sol, lin, ls)
+            log.debug("layer %d signs: row(s) %s on (or off) at every fit point: flips %s, confidence %s%s",
+                      len(layers) + 1, np.flatnonzero(lin).tolist(), np.flatnonzero(ls.flips).tolist(),
+                      np.round(ls.confidence, 2).tolist(), f" ({ls.reason})" if ls.reason else "")
     log.debug("layer %d signs: %s from %d points and %d/%d coordinates", len(layers) + 1, sol.reason or "solved",
               X.shape[0], int(seen.sum()), d_in)
     status = "" if sol.ok else ", FAILED"
@@ -464,6 +478,13 @@ def _with_open(sol: SignSolution, cols: np.ndarray) -> SignSolution:
     relevant = np.zeros(cols.size, dtype=bool)
     conf = np.zeros(cols.size)
     flips[cols], relevant[cols], conf[cols] = sol.flips, sol.relevant, sol.confidence
+    return dataclasses.replace(sol, flips=flips, relevant=relevant, confidence=conf)
+
+
+def _with_linear(sol: SignSolution, lin: np.ndarray, ls: LinearSigns) -> SignSolution:
+    """``sol`` with the rows ``lin`` signed by :func:`~relux.attack.signs.linear_row_signs`."""
+    flips, relevant, conf = sol.flips.copy(), sol.relevant.copy(), sol.confidence.copy()
+    flips[lin], relevant[lin], conf[lin] = ls.flips, ls.present, ls.confidence
     return dataclasses.replace(sol, flips=flips, relevant=relevant, confidence=conf)
 
 

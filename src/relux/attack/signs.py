@@ -112,6 +112,65 @@ def solve_flips(
     return solve_binary(A, g, max_enum_bits, rel_tol)
 
 
+@dataclass(frozen=True)
+class LinearSigns:
+    """Signs of rows that are on (or off) at every fit point, read from the affine term."""
+
+    flips: np.ndarray
+    confidence: FloatArray  # 0 where the sign stays open
+    present: np.ndarray  # whose ``e_i`` is non-zero (the true neuron is on at the fit points)
+    reason: str  # empty when every row was decided
+
+
+def linear_row_signs(
+    alpha: FloatArray,
+    gamma: FloatArray,
+    W_hat: FloatArray,
+    flips: np.ndarray,
+    linear: FloatArray,
+    on: np.ndarray,
+    threshold: float = 1e-6,
+    fit_tol: float = 1e-6,
+) -> LinearSigns:
+    """The signs of the rows ``linear`` left out of the ReLU features of :func:`solve_flips` (CM24 §5,
+    attack-notes §4), once the other rows' ``flips`` are known.
+
+    What the solved rows leave of ``γ`` is ``Σ_i e_i ŵ_i`` over those rows, with ``e_i`` the output
+    weights of neuron ``i`` where the true neuron is on at every fit point and 0 where it is off at
+    every one. A row on at every point (``on[i]``) keeps its sign when ``e_i ≠ 0``; a row off at every
+    point is flipped when ``e_i ≠ 0`` (then ``-ẑ_i`` is on everywhere). ``e_i`` counts as non-zero
+    above ``threshold`` times the largest column of the solve (a neuron that reaches no output
+    either way has no sign that matters); the confidence is how many decades it sits from that
+    threshold, over three. Rows whose terms are dependent, or whose least squares leaves more than
+    ``fit_tol`` of ``γ``, stay open (confidence 0, not flipped)."""
+    n = linear.shape[0]
+    out_flips = np.zeros(n, dtype=bool)
+    conf = np.zeros(n)
+    present = np.zeros(n, dtype=bool)
+    if n == 0:
+        return LinearSigns(out_flips, conf, present, "")
+    t = np.asarray(flips, dtype=float)
+    r = gamma + (alpha * t[None, :]) @ W_hat  # (k, p): Σ_i e_i ŵ_i when the flips are right
+    cols = np.abs(alpha)[:, :, None] * np.abs(W_hat)[None, :, :]
+    scale = max(float(np.sqrt(np.max(np.sum(cols**2, axis=(0, 2)), initial=0.0))), float(np.linalg.norm(r)),
+                np.finfo(float).tiny)
+    sv = np.linalg.svd(linear, compute_uv=False)
+    if sv.size < n or sv[-1] <= 1e-8 * sv[0]:
+        return LinearSigns(out_flips, conf, present, f"{n} such rows are dependent on the seen coordinates")
+    e = lstsq(linear.T, r.T).T  # (k, n)
+    miss = float(np.linalg.norm(e @ linear - r))
+    if miss > fit_tol * scale:
+        why = f"those rows leave {miss / scale:.1e} of the affine term unexplained (tolerance {fit_tol:.0e})"
+        return LinearSigns(out_flips, conf, present, why)
+    size = np.linalg.norm(e, axis=0) * np.linalg.norm(linear, axis=1) / scale
+    present = size > threshold
+    out_flips = np.where(np.asarray(on, dtype=bool), ~present, present)
+    with np.errstate(divide="ignore"):
+        decades = np.abs(np.log10(np.maximum(size, 1e-300)) - np.log10(threshold))
+    conf = np.clip(decades / 3.0, 0.0, 1.0)
+    return LinearSigns(out_flips, conf, present, "")
+
+
 def solve_binary(
     A: FloatArray, g: FloatArray, max_enum_bits: int, rel_tol: float = 1e-3, relevant_rel: float = 1e-9
 ) -> SignSolution:
