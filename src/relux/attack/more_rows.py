@@ -51,6 +51,7 @@ class MoreRows:
     b: FloatArray
     points: tuple[FloatArray, ...]
     residual: FloatArray
+    coverage: np.ndarray  # per row, the layer-input coordinates its witnesses (or completion) saw on
     lines: int
     witnesses: int
     reason: str
@@ -69,13 +70,15 @@ def more_rows(
     max_lines: int | None = None,
     stall_lines: int | None = None,
     executor: Executor | None = None,
+    partial_ok: bool = False,
 ) -> MoreRows:
     """Up to ``width - len(W_known)`` rows of the layer behind ``layers`` that the known rows
     ``(W_known, b_known)`` lack, from witnesses on new search lines (see the module docstring). Stops
     when the layer is complete, after ``max_lines`` lines (default ``12 * cfg.max_search_lines``), or
     after ``stall_lines`` lines (default ``8 * cfg.max_search_lines``) without a new row. A neuron
     crossed by one line in forty needs a hundred lines or more for the three crossings that confirm
-    its row."""
+    its row. ``partial_ok`` (the last hidden layer, whose unseen weights the output fit can give):
+    a confirmed row that completion leaves short of a few weights is kept, with its coverage."""
     from relux.attack.deep import _build_rows
 
     need = width - W_known.shape[0]
@@ -118,7 +121,7 @@ def more_rows(
         # groups seed rows too (random triples would add little to the pairs on one line)
         rows, _ = _build_rows(witnesses, [], lines, layers, rng, width, triples=False, grouping=grouping)
         seeds.add(witnesses, rows, first_new, keys)
-        for r in seeds.ready(query, layers, witnesses, lines, keys, d0, n_grid, cfg, rel_tol):
+        for r in seeds.ready(query, layers, witnesses, lines, keys, d0, n_grid, cfg, rel_tol, partial_ok):
             if float(np.min(hyperplane_distance(np.append(r.w, r.b), keys))) < 1e-4:
                 continue
             found.append(r)
@@ -131,7 +134,9 @@ def more_rows(
     W = np.stack([r.w for r in found]) if found else np.zeros((0, kW.shape[1]))
     b = np.array([r.b for r in found], dtype=float)
     pts = tuple(np.stack([witnesses[i].x for i in r.members]) for r in found)
-    return MoreRows(W, b, pts, np.array([r.residual for r in found], dtype=float), used, len(witnesses), reason)
+    cov = np.stack([r.coverage for r in found]) if found else np.zeros((0, kW.shape[1]), dtype=bool)
+    return MoreRows(W, b, pts, np.array([r.residual for r in found], dtype=float), cov, used, len(witnesses),
+                    reason)
 
 
 def _determined(r: NeuronRow) -> bool:
@@ -182,9 +187,11 @@ class _Seeds:
         n_grid: int,
         cfg: ExtractionConfig,
         rel_tol: float,
+        partial_ok: bool = False,
     ) -> list[NeuronRow]:
         """Grown rows of three witnesses or more, not judged with these members before, that are
-        complete (or completed along their boundary) and confirmed by three crossings or more."""
+        complete (or completed along their boundary; with ``partial_ok``, as far as it went) and
+        confirmed by three crossings or more."""
         from relux.attack.deep import _score_rows
 
         out: list[NeuronRow] = []
@@ -207,7 +214,8 @@ class _Seeds:
                                  cfg.input_scale * float(np.sqrt(d0)), n_grid, rel_tol, max_anchors=8)
                 if not c.coverage.all():
                     log.debug("more rows: a row of %d witnesses not completed: %s", len(g.members), c.reasons)
-                    continue
+                    if not partial_ok:
+                        continue
                 n = float(np.linalg.norm(np.append(c.w, c.b)))
                 g = dataclasses.replace(g, w=c.w / n, b=c.b / n, coverage=c.coverage)
             if int(_score_rows([g], lines, layers)[0][0]) >= 3:

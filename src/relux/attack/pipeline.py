@@ -393,27 +393,31 @@ def _walked_layer(
         wr = walk_rows(q, layers, width, d0, cfg, rng, rel_tol, known=known, executor=executor)
         log.info("layer %d: %d/%d rows from %d signed walks (%d complete)%s", i, wr.W.shape[0], width, wr.walks,
                  wr.complete, f"; {wr.reason}" if wr.reason else "")
-        # An inner layer a few rows short (rarely switched neurons whose kinks the lines did not show)
-        # is kept: the next layer's walks look for a missing neuron. The last hidden layer, or a layer
-        # far short, is extracted from witnesses instead.
-        if wr.W.shape[0] < (width if is_last else 0.9 * width):
-            return layers, reports, None
-        if wr.W.shape[0] < width:
+        # A layer a few rows short (rarely switched neurons whose kinks the lines did not show) looks for
+        # them on more lines. An inner layer still short is kept: the next layer's walks look for a
+        # missing neuron. The last hidden layer still short, or a layer far short, is extracted from
+        # witnesses instead.
+        cov = None
+        if 0.9 * width <= wr.W.shape[0] < width:
             # rarely switched neurons: their walks seldom complete, their witnesses still see every weight
             from relux.attack.more_rows import more_rows
 
-            more = more_rows(q, layers, wr.W, wr.b, width, d0, cfg, rng, rel_tol, executor=executor)
+            more = more_rows(q, layers, wr.W, wr.b, width, d0, cfg, rng, rel_tol, executor=executor,
+                             partial_ok=is_last)
             log.info("layer %d: %d more row(s) from %d witnesses on %d lines%s", i, more.W.shape[0], more.witnesses,
                      more.lines, f"; {more.reason}" if more.reason else "")
             if more.W.shape[0]:
+                cov = np.concatenate([np.ones(wr.W.shape, dtype=bool), more.coverage])
                 wr = dataclasses.replace(wr, W=np.concatenate([wr.W, more.W]), b=np.append(wr.b, more.b),
                                          points=(*wr.points, *more.points),
                                          residual=np.append(wr.residual, more.residual))
+        if wr.W.shape[0] < (width if is_last else 0.9 * width):
+            return layers, reports, None
         if wr.W.shape[0] < width:
             warnings.append(f"layer {i}: {width - wr.W.shape[0]} row(s) found neither by signed walks ({wr.reason}) "
                             "nor from witnesses on more search lines")
         out = outcome_from_rows(q, layers, wr.W, wr.b, wr.points, wr.residual, width, d0, is_last, cfg, rng,
-                                "signed walks")
+                                "signed walks", coverage=cov, rel_tol=rel_tol)
         return layers, reports, out
     if not full or wo.W_next.shape[0] < width:
         return layers, reports, None
