@@ -40,6 +40,18 @@ def test_signed_walks_give_every_row_exactly(expansive: MLP) -> None:
     assert out.walks >= 6 and oracle.queries > 0
 
 
+def test_a_degenerate_known_row_is_ignored(expansive: MLP) -> None:
+    """A known row of zeros (a walk fit with no term on the layer's outputs) is no row: it used to
+    stop the extraction with a ZeroDivisionError (random 10-10-10-10-1, seed 2)."""
+    W1, b1 = expansive.layers[0]
+    n1 = np.linalg.norm(np.concatenate([W1, b1[:, None]], axis=1), axis=1)
+    layer = (W1 / n1[:, None], b1 / n1)
+    known = [(np.zeros(16), 0.0, np.zeros((1, 8)), 0.0)]
+    out = walk_rows(CountingOracle(MLPOracle(expansive)).query, [layer], 6, 8, ExtractionConfig(seed=0),
+                    np.random.default_rng(0), 1e-9, known=known)
+    assert out.W.shape == (6, 16) and np.all(np.isfinite(out.W)), out.reason
+
+
 def test_signed_system_needs_no_columns_for_neurons_never_on() -> None:
     rng = np.random.default_rng(2)
     W1, b1 = rng.normal(size=(9, 4)), rng.normal(size=9)
