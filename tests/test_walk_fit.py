@@ -122,3 +122,21 @@ def test_more_missing_unknowns_than_equations_decides_nothing() -> None:
     assert ws is not None
     assert not ws.solution.ok or np.array_equal(ws.solution.flips[ws.solution.relevant],
                                                 flips[ws.solution.relevant])
+
+
+def test_hints_aim_lines_at_a_neuron_too_rare_for_the_samples() -> None:
+    # neuron 0 on for about 1 in 10^5 N(0, I) inputs: 1,024 fresh samples almost never show it, but
+    # an input where an earlier model disagreed with f (a hint) lies in its on-region
+    m = random_mlp("6-8-1", np.random.default_rng(2))
+    (W, b), out = m.layers
+    X = np.random.default_rng(0).normal(size=(400000, 6))
+    b = b.copy()
+    b[0] -= np.quantile(X @ W[0] + b[0], 1 - 1e-5)
+    victim = MLP([(W, b), out])
+    cfg = ExtractionConfig(seed=0)
+    inside = X[np.argmax(X @ W[0] + b[0])][None, :]
+    assert float((inside @ W[0])[0] + b[0]) > 0
+    query = MLPOracle(victim).query
+    aimed = unexplained_lines(query, [], W[1:], b[1:], 6, cfg, np.random.default_rng(1), hints=inside)
+    assert aimed is not None
+    np.testing.assert_array_equal(aimed[0][0], inside[0])

@@ -84,9 +84,12 @@ def extract_layer(
     rng: np.random.Generator,
     rel_tol: float,
     executor: Executor | None = None,
+    hints: FloatArray | None = None,
 ) -> LayerOutcome:
     """Recover hidden layer ``len(layers) + 1`` (``width`` neurons) behind the known ``layers``
-    (``executor``: where the per-witness work runs; serial by default, the result does not depend on it)."""
+    (``executor``: where the per-witness work runs; serial by default, the result does not depend on it).
+    ``hints``: inputs where an earlier attempt's model was wrong; the last layer's aimed lines look
+    there first (:func:`relux.attack.missing.unexplained_lines`)."""
     witnesses: list[Witness] = []
     all_lines: list[LineKinks] = []
     n_grid = int(cfg.grid_per_neuron * total_hidden) + 16
@@ -136,7 +139,7 @@ def extract_layer(
         if is_last and good and stall >= 3 and aimed_rounds < 4:
             # A last-layer neuron rarely on shows where the confirmed rows cannot explain f: aim there.
             aimed = unexplained_lines(query, layers, np.stack([r.w for r in good]), np.array([r.b for r in good]),
-                                      d0, cfg, rng)
+                                      d0, cfg, rng, hints=hints)
             aimed_rounds += 1
             if aimed is not None:
                 log.debug("layer %d: %d lines aimed at unexplained outputs", len(layers) + 1, aimed[0].shape[0])

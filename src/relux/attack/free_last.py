@@ -242,6 +242,7 @@ def free_last_layer(
     min_free_rows: int = 4,
     max_free_rows: int = 64,
     max_settle_lines: int = 48,
+    hints: FloatArray | None = None,
 ) -> FreeLast:
     """The last hidden layer (``width`` rows) and the signs of the layer before it, from witnesses on
     random lines behind the augmented prefix (see the module docstring).
@@ -253,7 +254,8 @@ def free_last_layer(
     then take over). Then every group's signed row is fitted, until ``width``
     distinct rows are determined with at most 1% of their weights unseen (or two rounds after all
     rows are there), or four rounds bring no new row (after up to four rounds of lines aimed where the
-    rows found cannot explain ``f``)."""
+    rows found cannot explain ``f``; ``hints`` are looked at first: inputs where an earlier
+    attempt's model was wrong)."""
     d_prev = layers[-1][0].shape[0]
     aug = augment(layers)
     n_grid = int(cfg.grid_per_neuron * total_hidden) + 16
@@ -370,7 +372,7 @@ def free_last_layer(
         if len(done) < width and done and stall >= 2 and aimed_rounds < 4:
             # a neuron rarely on shows where the rows found cannot explain f: aim lines there
             aimed = unexplained_lines(query, prefix, np.stack([r.w for r, _ in done]),
-                                      np.array([r.b for r, _ in done]), d0, cfg, rng)
+                                      np.array([r.b for r, _ in done]), d0, cfg, rng, hints=hints)
             aimed_rounds += 1
             if aimed is not None:
                 log.debug("free last layer: %d lines aimed at unexplained outputs", aimed[0].shape[0])

@@ -233,13 +233,17 @@ def unexplained_lines(
     rng: np.random.Generator,
     n_samples: int = 1024,
     max_lines: int = 8,
+    hints: FloatArray | None = None,
 ) -> tuple[FloatArray, FloatArray] | None:
     """Lines through inputs where the known rows ``(W, b)`` of the last hidden layer (behind ``layers``)
     cannot explain ``f``: a neuron that is rarely on shows only there, and a line through a point of its
     on-region must cross its boundary. ``f`` is fitted on ``[ReLU(ẑ), h, 1]`` (the signs need not be
     known) with the worst points dropped until the fit is clean; the dropped ones are the targets.
-    Returns ``(x0, u)`` or None when every sample is explained."""
+    ``hints``: inputs sampled first (where an earlier attempt's model disagreed with ``f``: a rarely
+    on neuron it lacked is likely on there). Returns ``(x0, u)`` or None when every sample is explained."""
     X = rng.normal(0.0, cfg.input_scale, size=(n_samples, d0))
+    if hints is not None and hints.size:
+        X = np.concatenate([hints.reshape(-1, d0), X])
     Y = query(X)
     _, H = pfx.forward(layers, X)
     if n_samples < 2 * (W.shape[0] + H.shape[1] + 1):

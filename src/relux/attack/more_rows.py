@@ -71,6 +71,7 @@ def more_rows(
     stall_lines: int | None = None,
     executor: Executor | None = None,
     partial_ok: bool = False,
+    hints: FloatArray | None = None,
 ) -> MoreRows:
     """Up to ``width - len(W_known)`` rows of the layer behind ``layers`` that the known rows
     ``(W_known, b_known)`` lack, from witnesses on new search lines (see the module docstring). Stops
@@ -78,7 +79,9 @@ def more_rows(
     after ``stall_lines`` lines (default ``8 * cfg.max_search_lines``) without a new row. A neuron
     crossed by one line in forty needs a hundred lines or more for the three crossings that confirm
     its row. ``partial_ok`` (the last hidden layer, whose unseen weights the output fit can give):
-    a confirmed row that completion leaves short of a few weights is kept, with its coverage."""
+    a confirmed row that completion leaves short of a few weights is kept, with its coverage.
+    ``hints``: inputs where an earlier attempt's model was wrong (a neuron it lacked is likely on
+    there); the first lines go through them, in random directions."""
     from relux.attack.deep import _build_rows
 
     need = width - W_known.shape[0]
@@ -105,13 +108,18 @@ def more_rows(
             reason = f"no new row in {used - last_new} lines"
             break
         known = (np.concatenate([kW, *[r.w[None, :] for r in found]]), np.append(kb, [r.b for r in found]))
-        cands, info = find_candidates(query, layers, d0, per_round, n_grid, cfg, rng, rel_tol, known=known)
+        given = None
+        if used == 0 and hints is not None and hints.size:
+            x0 = hints.reshape(-1, d0)[:16]
+            given = (x0, rng.normal(size=x0.shape))
+        cands, info = find_candidates(query, layers, d0, per_round, n_grid, cfg, rng, rel_tol, lines_given=given,
+                                      known=known)
         # kinks of deeper neurons set aside before their partial signatures are measured
         verdict = prescreen(query, layers, [(w, float(c), w[:0], 0.0) for w, c in zip(*known, strict=True)], cands,
                             spread, rel_tol)
         cands = [cd for cd, ok in zip(cands, verdict, strict=True) if ok]
         new, _, _ = measure_candidates(query, layers, d0, cands, cfg, used, executor=executor)
-        used += per_round
+        used += per_round if given is None else given[0].shape[0]
         first_new = len(witnesses)
         witnesses += new
         lines += info.lines_found

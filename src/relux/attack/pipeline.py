@@ -100,12 +100,17 @@ def extract(
     attempts = cfg.restarts + 1 if len(a) > 3 else 1
     failed: list[StageStats] = []
     notes: list[str] = []
+    # inputs where a failed attempt's model disagreed with f: the next attempt's last hidden layer
+    # aims search lines there first (a rarely on neuron it lacked is likely on there)
+    hints = np.zeros((0, a[0]))
     with make_executor(cfg.backend, cfg.jobs, cfg.ray_address) as executor:
         for attempt in range(attempts):
             q0, t0 = counter.queries, time.perf_counter()
             try:
-                return _extract(counter, a, cfg, executor, cfg.seed + attempt, t_start, failed, notes)
+                return _extract(counter, a, cfg, executor, cfg.seed + attempt, t_start, failed, notes, hints)
             except ExtractionFailed as exc:
+                if isinstance(exc.partial, ExtractionResult) and exc.partial.selfcheck.disagreements:
+                    hints = np.concatenate([np.array(exc.partial.selfcheck.disagreements), hints])[:32]
                 failed.append(StageStats(f"failed_attempt_{attempt + 1}", counter.queries - q0,
                                          time.perf_counter() - t0, None))
                 notes.append(f"attempt {attempt + 1} (seed {cfg.seed + attempt}) failed: {exc}")
@@ -124,6 +129,7 @@ def _extract(
     t_start: float,
     prior: Sequence[StageStats],
     notes: Sequence[str],
+    hints: FloatArray | None = None,
 ) -> ExtractionResult:
     stages = _Stages(counter, executor)
     stages.stats.extend(prior)
@@ -140,12 +146,15 @@ def _extract(
         model, layer, witnesses, normals, radii, warnings = _extract_one_hidden(counter, a, cfg, rng, rel_tol, stages)
         layer_reports: tuple[LayerReport, ...] = (layer,)
     else:
-        model, layer_reports, witnesses, warnings = _extract_deep(counter, a, cfg, rng, rel_tol, stages)
+        model, layer_reports, witnesses, warnings = _extract_deep(counter, a, cfg, rng, rel_tol, stages, hints)
         normals = rng.normal(size=witnesses.shape)
         normals /= np.linalg.norm(normals, axis=1, keepdims=True)
         radii = np.full(witnesses.shape[0], 0.05 * cfg.input_scale * np.sqrt(a[0]))
     with stages.stage("selfcheck"):
-        check = self_check(counter.query, model, witnesses, normals, radii, cfg.selfcheck_points,
+        # a longer run could have missed rarer neurons: it is checked on more points
+        n_check = min(max(cfg.selfcheck_points, int(np.ceil(cfg.selfcheck_fraction * counter.queries))),
+                      cfg.selfcheck_max_points)
+        check = self_check(counter.query, model, witnesses, normals, radii, n_check,
                            scale, cfg.selfcheck_tol, floor, rng)
     result = ExtractionResult(
         model=model,
@@ -298,6 +307,7 @@ def _walked_layer(
     points: list[FloatArray] | None = None,
     executor: Executor | None = None,
     signed_only: bool = False,
+    hints: FloatArray | None = None,
 ) -> tuple[list[tuple[FloatArray, FloatArray]], list[LayerReport], LayerOutcome | None]:
     """Walks along layer-``i`` boundaries (:mod:`relux.attack.walk`): the signs of layer ``i - 1``,
     checked and repaired in place (with its report) by at most ``cfg.check_walks`` sign-free walks
@@ -306,7 +316,8 @@ def _walked_layer(
     sign-free walks. ``signed_only``: layer ``i``'s rows from signed walks once every sign is decided,
     and never from sign-free walks (a layer as wide as its space of control: witnesses still see most of
     a row, so when the signs are open the witnesses' unification is cheaper). ``executor`` runs the
-    per-witness work of the walks' starts."""
+    per-witness work of the walks' starts. ``hints``: inputs where an earlier attempt's model was wrong,
+    where the search for rows the walks missed (:func:`relux.attack.more_rows.more_rows`) starts."""
     from relux.attack.deep import outcome_from_rows
     from relux.attack.missing import recover_from_walks
     from relux.attack.walk import walk_layer
@@ -403,7 +414,7 @@ def _walked_layer(
             from relux.attack.more_rows import more_rows
 
             more = more_rows(q, layers, wr.W, wr.b, width, d0, cfg, rng, rel_tol, executor=executor,
-                             partial_ok=is_last)
+                             partial_ok=is_last, hints=hints)
             log.info("layer %d: %d more row(s) from %d witnesses on %d lines%s", i, more.W.shape[0], more.witnesses,
                      more.lines, f"; {more.reason}" if more.reason else "")
             if more.W.shape[0]:
@@ -439,6 +450,7 @@ def _free_last_layer(
     total_hidden: int,
     points: list[FloatArray],
     executor: Executor | None = None,
+    hints: FloatArray | None = None,
 ) -> tuple[list[tuple[FloatArray, FloatArray]], list[LayerReport], LayerOutcome | None, bool]:
     """The last hidden layer from witnesses grouped by output direction (:mod:`relux.attack.free_last`),
     which also settles the signs of the layer before it (those are applied, with its report). Returns
@@ -455,7 +467,7 @@ def _free_last_layer(
     # neurons) take over sooner.
     n_rows = layers[-1][0].shape[0]
     fl = free_last_layer(q, layers, width, d0, total_hidden, cfg, rng, rel_tol, executor=executor,
-                         max_settle_lines=16 if n_rows < prev.width else 48)
+                         max_settle_lines=16 if n_rows < prev.width else 48, hints=hints)
     log.info("layer %d: %d/%d rows from %d witness groups (%d witnesses, %d lines); layer-%d signs %s%s", i,
              fl.W.shape[0], width, fl.groups, fl.witnesses, fl.lines, i - 1,
              "settled" if fl.ok else "open", f"; {fl.reason}" if fl.reason else "")
@@ -499,6 +511,7 @@ def _extract_deep(
     rng: np.random.Generator,
     rel_tol: float,
     stages: _Stages,
+    hints: FloatArray | None = None,
 ) -> tuple[MLP, tuple[LayerReport, ...], FloatArray, list[str]]:
     from relux.attack.deep import (
         check_last_layer,
@@ -539,16 +552,20 @@ def _extract_deep(
                                       else (q, layers, d0, cfg))
                     new_pts: list[FloatArray] = []
                     lf2 = lf
+                    # the hints, for the last hidden layer only, in the frame's coordinates
+                    hf = None if hints is None or not hints.size or i < len(hidden) else (
+                        hints @ frame.V.T if frame is not None else hints)
                     free_last = i >= 3 and i == len(hidden) and k >= 2
                     if free_last:
                         # The last hidden layer: its witnesses group by output direction and decide the
                         # signs of the layer before with its rows (relux.attack.free_last).
                         lf2, reports, out, settled = _free_last_layer(qf, lf, reports, width, df, cf, rng, rel_tol,
-                                                                      warnings, sum(hidden), new_pts, stages.executor)
+                                                                      warnings, sum(hidden), new_pts, stages.executor,
+                                                                      hf)
                         free_last = not settled
                         if settled and out is None:
                             out = extract_layer(qf, lf2, width, df, sum(hidden), True, k, cf, rng, rel_tol,
-                                                executor=stages.executor)
+                                                executor=stages.executor, hints=hf)
                     # Walks along this layer's boundaries check (and repair) the signs of the layer
                     # before. After a layer wider than its space of control (signs undecidable by the
                     # wiggle) they also give this layer's rows; otherwise a few walks are the check.
@@ -556,19 +573,19 @@ def _extract_deep(
                         lf2, reports, out = _walked_layer(qf, lf, reports, width, df, i == len(hidden), cf, rng,
                                                           rel_tol, warnings, full=expansive, points=new_pts,
                                                           executor=stages.executor,
-                                                          signed_only=hidden[i - 2] == control)
+                                                          signed_only=hidden[i - 2] == control, hints=hf)
                         if out is None and free_last and lf2[-1][0].shape[0] > lf[-1][0].shape[0]:
                             # the walks found the neuron of layer i-1 that kept the witness groups from
                             # settling: they get another go behind the completed layer
                             lf2, reports, out, settled = _free_last_layer(
                                 qf, lf2, reports, width, df, cf, rng, rel_tol, warnings, sum(hidden), new_pts,
-                                stages.executor)
+                                stages.executor, hf)
                             if settled and out is None:
                                 out = extract_layer(qf, lf2, width, df, sum(hidden), True, k, cf, rng, rel_tol,
-                                                    executor=stages.executor)
+                                                    executor=stages.executor, hints=hf)
                     if out is None:
                         out = extract_layer(qf, lf2, width, df, sum(hidden), i == len(hidden), k, cf, rng,
-                                            rel_tol, executor=stages.executor)
+                                            rel_tol, executor=stages.executor, hints=hf)
                     if frame is not None:
                         layers = frame.up(layers, lf, lf2)
                         new_pts = [frame.lift(P) for P in new_pts]

@@ -32,9 +32,23 @@ class SelfCheck:
     tolerance: float
     noise_floor: float
     passed: bool
+    #: the fresh random points among ``points`` (the others lie on lines through witnesses)
+    random_points: int = 0
+    #: inputs where the model disagreed with the oracle beyond the tolerance, worst first (at most 16):
+    #: a restarted attempt aims search lines there (not in ``to_json``)
+    disagreements: tuple[tuple[float, ...], ...] = field(default=(), repr=False, compare=False)
+
+    @property
+    def disagreement_bound(self) -> float:
+        """With no disagreement on ``random_points`` fresh random inputs, the probability (under the
+        check's input distribution) of an input where the model is wrong is below this, at 95%
+        confidence (the rule of three); 1 when there were none."""
+        return min(1.0, 3.0 / self.random_points) if self.random_points else 1.0
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        out = {k: v for k, v in self.__dict__.items() if k != "disagreements"}
+        out["disagreement_bound"] = self.disagreement_bound
+        return out
 
 
 @dataclass(frozen=True)

@@ -271,6 +271,9 @@ def format_summary(result: ExtractionResult) -> str:
         f"(tolerance {check.tolerance:.3g}) on {check.points} fresh points; noise floor {result.noise_floor:.2g}",
         "",
     ]
+    if check.passed and check.random_points:
+        lines.insert(-1, f"               {check.random_points} of them random: inputs where the model is wrong "
+                         f"have probability < {check.disagreement_bound:.1e} (95% confidence)")
     ex = result.execution
     if ex:
         startup = f", after {ex['startup_seconds']:.2f} s starting workers" if ex.get("startup_seconds") else ""
