@@ -64,3 +64,23 @@ def test_an_exact_model_is_not_stepped() -> None:
     layers, info = refine_network(MLPOracle(m).query, list(m.layers), 8, 1.0, np.random.default_rng(2))
     # the model is the oracle's own: its misfit is float64 rounding (far below 64 eps)
     assert info.steps == 0 and "rounding" in info.reason
+
+
+def test_a_rarely_active_missing_neuron_bends_no_weight() -> None:
+    """A layer-1 neuron on at about 5% of inputs, left out of the model: the misfit it leaves is under
+    the structural cut (1e-2), so steps are tried, but none cuts the misfit fourfold (they would only
+    bend the other weights around the missing neuron) and none is taken."""
+    m = random_mlp("8-10-6-3", np.random.default_rng(0))
+    (W1, b1), (W2, b2), out = m.layers
+    X = np.random.default_rng(5).normal(size=(100000, 8))
+    b1 = b1.copy()
+    b1[3] -= np.quantile(X @ W1[3] + b1[3], 0.95)
+    W2 = W2.copy()
+    W2[:, 3] *= 0.1  # its misfit under the structural cut
+    truth = MLP([(W1, b1), (W2, b2), out])
+    keep = np.arange(10) != 3
+    model = [(W1[keep], b1[keep]), (W2[:, keep], b2), out]
+    layers, info = refine_network(MLPOracle(truth).query, model, 8, 1.0, np.random.default_rng(2))
+    assert 1e-12 < info.misfit_before <= 1e-2, info
+    assert info.steps == 0
+    assert all(np.array_equal(W, W0) and np.array_equal(b, b0) for (W, b), (W0, b0) in zip(layers, model, strict=True))
