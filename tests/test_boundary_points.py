@@ -216,7 +216,10 @@ def test_batched_prefix_geometry_matches_the_pointwise_one(seed: int, framed: bo
     t_b = _roots_on_lines(layers, w, b, X, N)
     for x, n, tb in zip(X, N, t_b, strict=True):
         t1 = root_on_line(layers, w, b, x, n)
-        assert (t1 is None and np.isnan(tb)) or abs(tb - t1) <= 1e-12 * (1 + abs(t1))
+        # a root's rounding is the pre-activation's divided by its slope along the line, and a random
+        # line can cross the boundary at a shallow angle: 1e-9 leaves room for a slope 1e-3 of the
+        # row's norm (seed 1314864 needed 3e-11)
+        assert (t1 is None and np.isnan(tb)) or abs(tb - t1) <= 1e-9 * (1 + abs(t1))
 
 
 @pytest.mark.parametrize("j", [0, 2, 4])
