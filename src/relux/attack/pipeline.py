@@ -641,7 +641,7 @@ def _extract_deep(
             inner = [straddle_points(layers[: j + 1], wpts, cfg.input_scale * float(np.sqrt(d0)))
                      for j in range(len(layers) - 1)]
             full, ref = refine_network(q, full, d0, cfg.input_scale, rng, extra=np.concatenate([fit_pts, *inner]),
-                                       max_params=cfg.refine_network_max_params)
+                                       max_params=cfg.refine_network_max_params, accept_misfit=cfg.selfcheck_tol)
         log.info("network refinement (layers %d-%d): output misfit %.1e -> %.1e (%d Gauss-Newton steps%s)",
                  ref.fixed_layers + 1, len(full), ref.misfit_before, ref.misfit_after, ref.steps,
                  f"; {ref.reason}" if ref.reason else "")
