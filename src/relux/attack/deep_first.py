@@ -59,6 +59,11 @@ def _reach(attempt: int) -> float:
     return 2.0 ** -(attempt + 2)
 
 
+#: Largest number of boundary points (about ``2 (d0 + 1)`` a row) spent polishing every first-layer row
+#: of a deep network; beyond it only the rows whose two measurements disagreed are polished.
+POLISH_ALL_POINTS = 2**18
+
+
 def _agreement_tol(r1: RefinedRow, r2: RefinedRow) -> float:
     """How far apart two clean measurements of one row may be, relative to its norm: ``1e-9``, or more
     when their own precision is coarser, namely the rounding expected from their steps
@@ -89,7 +94,8 @@ def first_layer_of_deep(
     passed the refinement's own checks (it moved by at most ``1e-3`` from the discovery estimate).
     Rows that never agree are fitted to exact points of their hyperplane (:mod:`relux.attack.polish`);
     with ``polish_all`` every row is, since a gradient measurement is precise to about ``1e-10`` only
-    and each deeper layer's own fit inherits the prefix's error.
+    and each deeper layer's own fit inherits the prefix's error (unless that would take more than
+    :data:`POLISH_ALL_POINTS` boundary points).
     """
     dcfg = cfg.replace(grid_per_neuron=cfg.grid_per_neuron * max(total_hidden, width) / width)
     # Deeper kinks outnumber first-layer ones: with a wide input, sketch each kink before paying for
@@ -132,7 +138,12 @@ def first_layer_of_deep(
                     break
             seen[j].append(row)
     # Rows whose gradient measurements never agreed (or every row, with polish_all): fit them to exact
-    # points of their hyperplane.
+    # points of their hyperplane. A polish takes about 2 (d0 + 1) boundary points a row: past
+    # POLISH_ALL_POINTS in all (a 3072-256 first layer needs 1.6 M) the agreed rows stay as measured.
+    if polish_all and 2 * (d0 + 1) * n > POLISH_ALL_POINTS:
+        log.info("layer 1: %d agreed rows kept as measured (polishing all would take about %d boundary points)",
+                 int(accepted.sum()), 2 * (d0 + 1) * n)
+        polish_all = False
     for j in range(n) if polish_all else (int(i) for i in np.flatnonzero(~accepted)):
         pol, _ = polish_row(query, [], W_out[j], float(b_out[j]), pts[j][None, :], d0,
                             cfg.input_scale * float(np.sqrt(d0)), rng)
