@@ -47,10 +47,57 @@ class AlwaysOn:
     margin: float
     ok: bool
     reason: str
+    #: 0 for a neuron on everywhere; else it is off somewhere (:mod:`relux.attack.rarely_off`) and its
+    #: bias ``b`` was read from this many inputs where it is off
+    off_points: int = 0
 
 
 def _fail(m: int, p: int, k: int, reason: str) -> AlwaysOn:
     return AlwaysOn(np.zeros(m, dtype=bool), np.zeros(p), 0.0, np.zeros(k), 0, (), float("nan"), False, reason)
+
+
+def _leftovers(
+    alpha: FloatArray, gamma: FloatArray, W_hat: FloatArray, max_bits: int, rank_tol: float
+) -> tuple[np.ndarray, FloatArray, FloatArray, FloatArray, FloatArray, np.ndarray] | str:
+    """Per flip vector ``t`` of the relevant rows, the leftover ``γ + Σ_j t_j α_j ⊗ ŵ_j`` (``k x p``) and
+    its leading singular triple: ``(relevant rows, T, σ_1, unit output directions (t, k), unit rows
+    (t, p), rank-one mask)``, or why the enumeration is not done."""
+    k, m = alpha.shape
+    p = W_hat.shape[1]
+    A = (alpha[:, :, None] * W_hat[None, :, :]).reshape(k, m, p)  # A[o, j] = α[o, j] ŵ_j
+    colnorm = np.sqrt(np.sum(A**2, axis=(0, 2)))
+    relevant = np.flatnonzero(colnorm > 1e-9 * max(float(colnorm.max(initial=0.0)), np.finfo(float).tiny))
+    if relevant.size > max_bits or 2.0**relevant.size * k * p > 2.0**25:  # the leftovers fit in 256 MB
+        return f"{relevant.size} sign bits over {k} x {p} outputs and inputs are too many to enumerate"
+    Ar = A[:, relevant, :]
+    T = np.array(list(itertools.product((0.0, 1.0), repeat=relevant.size))) if relevant.size else np.zeros((1, 0))
+    L = gamma[None, :, :] + np.einsum("tj,ojp->top", T, Ar)  # leftover always-on term per flip vector
+    U, S, Vt = np.linalg.svd(L, full_matrices=False)
+    s1 = S[:, 0]
+    rank1 = (S[:, 1] <= rank_tol * s1) if k > 1 else np.ones(T.shape[0], dtype=bool)
+    return relevant, T, s1, U[:, :, 0], Vt[:, 0, :], rank1
+
+
+def rank_one_leftovers(
+    alpha: FloatArray, gamma: FloatArray, W_hat: FloatArray, max_bits: int = 16, rank_tol: float = 1e-6,
+    limit: int = 4,
+) -> list[tuple[np.ndarray, FloatArray, FloatArray]]:
+    """The flip vectors whose leftover affine term is one neuron's (rank one), smallest first (at most
+    ``limit``): ``(flips over all m rows, unit row w (p), output weights (k))`` with the term
+    ``out ⊗ w``. Without the dual-cone test of :func:`solve_always_on`: for a neuron on almost
+    everywhere (:mod:`relux.attack.rarely_off`)."""
+    m = alpha.shape[1]
+    left = _leftovers(alpha, gamma, W_hat, max_bits, rank_tol)
+    if isinstance(left, str):
+        return []
+    relevant, T, s1, out_dirs, u, rank1 = left
+    order = [int(i) for i in np.argsort(s1) if rank1[i] and s1[i] > 0][:limit]
+    out = []
+    for i in order:
+        flips = np.zeros(m, dtype=bool)
+        flips[relevant] = T[i] > 0.5
+        out.append((flips, u[i], out_dirs[i] * s1[i]))
+    return out
 
 
 def solve_always_on(
@@ -74,23 +121,14 @@ def solve_always_on(
     relevant rows (``m <= max_bits``)."""
     k, m = alpha.shape
     p = W_hat.shape[1]
-    A = (alpha[:, :, None] * W_hat[None, :, :]).reshape(k, m, p)  # A[o, j] = α[o, j] ŵ_j
-    colnorm = np.sqrt(np.sum(A**2, axis=(0, 2)))
-    relevant = np.flatnonzero(colnorm > 1e-9 * max(float(colnorm.max(initial=0.0)), np.finfo(float).tiny))
-    if relevant.size > max_bits or 2.0**relevant.size * k * p > 2.0**25:  # the leftovers fit in 256 MB
-        return _fail(m, p, k, f"{relevant.size} sign bits over {k} x {p} outputs and inputs are too many to "
-                              "enumerate for an always-on neuron")
+    left = _leftovers(alpha, gamma, W_hat, max_bits, rank_tol)
+    if isinstance(left, str):
+        return _fail(m, p, k, left + " for an always-on neuron")
+    relevant, T, s1, out_dirs, u, rank1 = left
     rn = np.linalg.norm(recession, axis=1)
     R = recession[rn > 0] / rn[rn > 0, None]
     if R.shape[0] == 0:
         return _fail(m, p, k, "no recession direction of the layer input was sampled")
-    Ar = A[:, relevant, :]
-    T = np.array(list(itertools.product((0.0, 1.0), repeat=relevant.size))) if relevant.size else np.zeros((1, 0))
-    L = gamma[None, :, :] + np.einsum("tj,ojp->top", T, Ar)  # leftover always-on term per flip vector
-    U, S, Vt = np.linalg.svd(L, full_matrices=False)
-    s1 = S[:, 0]
-    rank1 = (S[:, 1] <= rank_tol * s1) if k > 1 else np.ones(T.shape[0], dtype=bool)
-    u = Vt[:, 0, :]  # (t, p) unit rows
     proj = u @ R.T  # (t, N)
     lo, hi = proj.min(axis=1), proj.max(axis=1)
     valid = rank1 & (s1 > 0) & ((lo >= -cone_tol) | (hi <= cone_tol))
@@ -99,7 +137,7 @@ def solve_always_on(
     order = np.flatnonzero(valid)
     best = int(order[np.argmin(s1[order])])
     w = u[best]
-    out = U[best, :, 0] * s1[best]
+    out = out_dirs[best] * s1[best]
     margin = float(lo[best])
     if lo[best] < -cone_tol:  # oriented the other way: negate row and output weights together
         w, out, margin = -w, -out, float(-hi[best])

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from relux.attack import prefix as pfx
-from relux.attack.always_on import AlwaysOn, solve_always_on
+from relux.attack.always_on import AlwaysOn, rank_one_leftovers, solve_always_on
 from relux.attack.complete import complete_row
 from relux.attack.config import ExtractionConfig
 from relux.attack.confirm import crossing_hits, mostly_confirmed
@@ -26,6 +26,7 @@ from relux.attack.hyperplanes import hyperplane_distance
 from relux.attack.linalg import lstsq
 from relux.attack.missing import unexplained_lines
 from relux.attack.polish import Polished, estimated_boundary_points, polish_unit
+from relux.attack.rarely_off import locate_rarely_off
 from relux.attack.seeding import rows_from_seeds, rows_from_unexplained
 from relux.attack.signcheck import SignCheck, check_and_repair
 from relux.attack.signs import (
@@ -309,6 +310,9 @@ def _with_always_on(out: LayerOutcome, on: AlwaysOn | None) -> LayerOutcome:
     neuron = {"index": j, "witnesses": 0, "residual": float("nan"), "uniqueness_gap": float("nan"), "sign": 1,
               "sign_confidence": 1.0, "rows_from": "always-on: the affine part of the output fit",
               "always_on": True, "bias_identifiable": False, "sign_gauge_neurons": list(on.gauge)}
+    if on.off_points:
+        neuron.update(rows_from=f"rarely off: the affine part of the output fit, its bias from {on.off_points} "
+                                "inputs where it is off", always_on=False, bias_identifiable=True)
     return dataclasses.replace(
         out, W=np.concatenate([out.W, on.w[None, :]]), b=np.append(out.b, on.b), neurons=(*out.neurons, neuron),
         dead=out.dead - 1, confidence=np.append(out.confidence, 1.0),
@@ -466,7 +470,21 @@ def _last_layer_signs(
     on = solve_always_on(alpha, gamma, W, R, H)
     log.debug("layer %d: always-on solve: %s", len(layers) + 1, on.reason or f"{on.representations} representation(s)")
     if not on.ok:
-        return f"{method}; always-on neuron: {on.reason}", sol.flips, sol.confidence, None
+        # a neuron on almost everywhere leaves the same affine term, but its row leaves the dual cone:
+        # its bias is read where it is off
+        def predict(P: FloatArray) -> FloatArray:
+            _, Hp = pfx.forward(layers, P)
+            out: FloatArray = np.maximum(Hp @ W.T + b, 0.0) @ alpha.T + Hp @ gamma.T + c
+            return out
+
+        ro = locate_rarely_off(query, layers, predict, rank_one_leftovers(alpha, gamma, W), d0, cfg.input_scale, rng)
+        log.debug("layer %d: rarely-off neuron: %s", len(layers) + 1, ro.reason or f"bias from {ro.off_points} inputs")
+        if not ro.ok:
+            return f"{method}; always-on neuron: {on.reason}; rarely-off neuron: {ro.reason}", sol.flips, \
+                sol.confidence, None
+        on = AlwaysOn(ro.flips, ro.w, ro.b, ro.out, 1, (), float("nan"), True, "", off_points=ro.off_points)
+        method = f"last-layer solve with a neuron rarely off (its bias from {ro.off_points} inputs where it is off)"
+        return method, on.flips, np.ones(W.shape[0]), on
     conf = np.ones(W.shape[0])
     conf[list(on.gauge)] = 0.5
     method = (f"last-layer solve with an always-on neuron ({on.representations} equivalent sign choice(s), "
