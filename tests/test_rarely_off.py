@@ -57,7 +57,7 @@ def test_a_neuron_off_at_one_input_in_a_thousand_is_placed_exactly(seed: int) ->
     scale = float(got @ true) / float(true @ true)
     assert scale > 0
     np.testing.assert_allclose(got, scale * true, atol=1e-9 * float(np.linalg.norm(got)))
-    assert ro.off_points >= 2 and ro.queries <= 4 * 64 * len(cands)
+    assert ro.off_points >= 2 and ro.queries <= 2 * 64 * len(cands)
 
 
 def test_nothing_is_placed_when_no_probed_input_is_off() -> None:
@@ -82,4 +82,4 @@ def test_nothing_is_placed_when_no_probed_input_is_off() -> None:
 
     ro = locate_rarely_off(query, prefix, predict, rank_one_leftovers(alpha, gamma, Wk), 6, 1.0,
                            np.random.default_rng(1))
-    assert not ro.ok and "off" in ro.reason
+    assert not ro.ok and ro.reason == "no probed input showed the neuron off"

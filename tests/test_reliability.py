@@ -220,7 +220,7 @@ def test_cli_summary_and_report_show_the_noise_floor(tmp_path: Path, capsys: pyt
 
 def test_self_check_keeps_the_inputs_it_disagrees_at_and_bounds_what_it_missed() -> None:
     """The oracle differs from the model only where ``x_0 > 2`` (2.3% of N(0, I) inputs): every kept
-    disagreement lies there, at most 16, and the random points checked give the rule-of-three bound."""
+    disagreement lies there, at most 16; a check that passes gives the rule-of-three bound."""
     model = victim()
 
     def oracle(X: np.ndarray) -> np.ndarray:
@@ -231,9 +231,24 @@ def test_self_check_keeps_the_inputs_it_disagrees_at_and_bounds_what_it_missed()
     assert not check.passed and check.random_points == 5000 and check.points == 5000
     assert 1 <= len(check.disagreements) <= 16
     assert all(x[0] > 2.0 for x in check.disagreements)
-    assert check.disagreement_bound == pytest.approx(3.0 / 5000)
+    # a failed check bounds nothing
+    assert check.disagreement_bound == 1.0
     report = check.to_json()
-    assert "disagreements" not in report and report["disagreement_bound"] == pytest.approx(6e-4)
+    assert "disagreements" not in report and report["disagreement_bound"] is None
     json.dumps(report)
-    clean = self_check(model.forward, model, empty, empty, np.empty(0), 64, 1.0, 1e-8, 0.0, np.random.default_rng(3))
+    clean = self_check(model.forward, model, empty, empty, np.empty(0), 5000, 1.0, 1e-8, 0.0, np.random.default_rng(3))
     assert clean.passed and clean.disagreements == ()
+    assert clean.to_json()["disagreement_bound"] == pytest.approx(3.0 / 5000)
+
+
+def test_self_check_counts_a_nan_answer_as_a_disagreement() -> None:
+    model = victim()
+
+    def oracle(X: np.ndarray) -> np.ndarray:
+        Y = model.forward(X)
+        Y[0, 0] = np.nan
+        return np.asarray(Y)
+
+    empty = np.empty((0, ARCH[0]))
+    check = self_check(oracle, model, empty, empty, np.empty(0), 64, 1.0, 1e-8, 0.0, np.random.default_rng(3))
+    assert not check.passed and len(check.disagreements) == 1

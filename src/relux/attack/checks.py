@@ -83,6 +83,7 @@ def self_check(
         X = fixed[i] if i < len(fixed) else rng.normal(0.0, scale, size=(sizes[i - len(fixed)], d))
         Y = query(X)
         e = np.max(np.abs(Y - model.forward(X)), axis=1)
+        e = np.where(np.isfinite(e), e, np.inf)  # a NaN answer is a disagreement, never a pass
         err = max(err, float(e.max(initial=0.0)))
         ref = max(ref, float(np.max(np.abs(Y), initial=0.0)))
         top = np.argsort(e)[::-1][:16]

@@ -39,7 +39,8 @@ class ExtractionConfig:
             disagreement, the inputs where the model is wrong have probability below ``3 / N`` (95%
             confidence), so a longer run, which could have missed rarer neurons, is checked harder.
             At 0.05 the check costs a twentieth of the run.
-        selfcheck_max_points: cap on the self-check's random points.
+        selfcheck_max_points: cap on the random points that ``selfcheck_fraction`` asks for (never
+            fewer than ``selfcheck_points``).
         max_enum_bits: largest number of free sign bits enumerated exhaustively when a layer is wider
             than its input (attack-notes §4).
         restarts: extra attempts of a deep extraction that failed (each from new random lines, seed
@@ -111,8 +112,8 @@ class ExtractionConfig:
         need(0 < self.selfcheck_tol < 1, "selfcheck_tol", "a number in (0, 1)")
         need(self.selfcheck_points >= 10, "selfcheck_points", "an integer >= 10")
         need(0 <= self.selfcheck_fraction <= 1, "selfcheck_fraction", "a number in [0, 1]")
-        need(self.selfcheck_max_points >= self.selfcheck_points, "selfcheck_max_points",
-             "an integer >= selfcheck_points")
+        need(isinstance(self.selfcheck_max_points, int) and self.selfcheck_max_points >= 1, "selfcheck_max_points",
+             "an integer >= 1")
         need(0 <= self.max_enum_bits <= 30, "max_enum_bits", "an integer in [0, 30]")
         need(self.batch_rows >= 1, "batch_rows", "an integer >= 1")
         need(isinstance(self.refine_network_max_params, int) and self.refine_network_max_params >= 0,

@@ -477,7 +477,8 @@ def _last_layer_signs(
             out: FloatArray = np.maximum(Hp @ W.T + b, 0.0) @ alpha.T + Hp @ gamma.T + c
             return out
 
-        ro = locate_rarely_off(query, layers, predict, rank_one_leftovers(alpha, gamma, W), d0, cfg.input_scale, rng)
+        ro = locate_rarely_off(query, layers, predict, rank_one_leftovers(alpha, gamma, W), d0, cfg.input_scale, rng,
+                               rel_tol=max(1e-7, 1e2 * misfit / max(float(np.max(np.abs(Y))), np.finfo(float).tiny)))
         log.debug("layer %d: rarely-off neuron: %s", len(layers) + 1, ro.reason or f"bias from {ro.off_points} inputs")
         if not ro.ok:
             return f"{method}; always-on neuron: {on.reason}; rarely-off neuron: {ro.reason}", sol.flips, \

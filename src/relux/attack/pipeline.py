@@ -152,8 +152,8 @@ def _extract(
         radii = np.full(witnesses.shape[0], 0.05 * cfg.input_scale * np.sqrt(a[0]))
     with stages.stage("selfcheck"):
         # a longer run could have missed rarer neurons: it is checked on more points
-        n_check = min(max(cfg.selfcheck_points, int(np.ceil(cfg.selfcheck_fraction * counter.queries))),
-                      cfg.selfcheck_max_points)
+        n_check = max(cfg.selfcheck_points,
+                      min(int(np.ceil(cfg.selfcheck_fraction * counter.queries)), cfg.selfcheck_max_points))
         check = self_check(counter.query, model, witnesses, normals, radii, n_check,
                            scale, cfg.selfcheck_tol, floor, rng)
     result = ExtractionResult(
@@ -409,7 +409,8 @@ def _walked_layer(
         # missing neuron. The last hidden layer still short, or a layer far short, is extracted from
         # witnesses instead.
         cov = None
-        if 0.9 * width <= wr.W.shape[0] < width:
+        few = width - wr.W.shape[0] <= max(1, width // 10)
+        if few and wr.W.shape[0] < width:
             # rarely switched neurons: their walks seldom complete, their witnesses still see every weight
             from relux.attack.more_rows import more_rows
 
@@ -422,7 +423,7 @@ def _walked_layer(
                 wr = dataclasses.replace(wr, W=np.concatenate([wr.W, more.W]), b=np.append(wr.b, more.b),
                                          points=(*wr.points, *more.points),
                                          residual=np.append(wr.residual, more.residual))
-        if wr.W.shape[0] < (width if is_last else 0.9 * width):
+        if wr.W.shape[0] < width and (is_last or not few):
             return layers, reports, None
         if wr.W.shape[0] < width:
             warnings.append(f"layer {i}: {width - wr.W.shape[0]} row(s) found neither by signed walks ({wr.reason}) "
@@ -538,7 +539,8 @@ def _extract_deep(
                 out: LayerOutcome | None = None
                 if i == 1:
                     # Three hidden layers or more: each layer's precision bounds the next one's, so
-                    # every first-layer row is fitted to exact points of its hyperplane.
+                    # every first-layer row is fitted to exact points of its hyperplane (while that
+                    # takes at most deep_first.POLISH_ALL_POINTS points in all).
                     out = first_layer_outcome(q, d0, width, sum(hidden), cfg, rng, rel_tol,
                                               executor=stages.executor, polish_all=len(hidden) >= 3)
                 else:
@@ -641,7 +643,8 @@ def _extract_deep(
             inner = [straddle_points(layers[: j + 1], wpts, cfg.input_scale * float(np.sqrt(d0)))
                      for j in range(len(layers) - 1)]
             full, ref = refine_network(q, full, d0, cfg.input_scale, rng, extra=np.concatenate([fit_pts, *inner]),
-                                       max_params=cfg.refine_network_max_params, accept_misfit=cfg.selfcheck_tol)
+                                       max_params=cfg.refine_network_max_params,
+                                       accept_misfit=max(cfg.selfcheck_tol, 100.0 * stages.noise_floor))
         log.info("network refinement (layers %d-%d): output misfit %.1e -> %.1e (%d Gauss-Newton steps%s)",
                  ref.fixed_layers + 1, len(full), ref.misfit_before, ref.misfit_after, ref.steps,
                  f"; {ref.reason}" if ref.reason else "")

@@ -64,9 +64,11 @@ def locate_rarely_off(
     ``predict``: the last-layer fit ``f̂`` (exact wherever the neuron is on); ``layers``: the prefix,
     whose outputs ``h`` the rows act on. A pool of ``n_pool`` inputs ``N(0, scale²)`` is drawn, and the
     ``n_probe`` with the lowest and highest ``w·h`` are queried. An input counts as off when ``|g|``
-    exceeds ``rel_tol`` of ``max |f|`` and ``g`` is parallel to ``out`` (cosine 1 - 1e-6); at least two
-    must agree on ``t`` (to ``1e-7`` of the spread of ``w·h``), and every probed input must be on
-    or off as the found neuron says."""
+    exceeds ``rel_tol`` of ``max |f|`` (the caller sets it well above the fit's own misfit) and ``g`` is
+    parallel to ``out`` (cosine 1 - 1e-6); all of them, two at least, must agree on ``t`` (to ``1e-7``
+    of the spread of ``w·h``), and every probed input must be on (fitted within ``rel_tol``) or off as
+    the found neuron says. With one output every leftover is rank one and the cosine test says
+    nothing: the candidates are then only the smallest leftovers, and the bias test alone decides."""
     n_pool = max(2 * n_probe, min(n_pool, 2**25 // max(d0, 1)))
     X = rng.normal(0.0, scale, size=(n_pool, d0))
     _, H = pfx.forward(layers, X)
@@ -104,8 +106,9 @@ def locate_rarely_off(
             close = np.abs(t - v) <= 1e-7 * (spread + abs(v))
             if int(close.sum()) > best_n:
                 best_n, best_t = int(close.sum()), float(np.median(t[close]))
-        if best_n < 2:
-            reason = f"the {int(off.sum())} probed input(s) off do not agree on a bias"
+        if best_n < 2 or best_n < int(off.sum()):
+            # one neuron off gives one bias at every input where it is off
+            reason = f"the {int(off.sum())} probed input(s) off do not agree on a bias ({best_n} do)"
             continue
         side = np.sign(s[probe][off] + best_t)
         if np.any(side == 0) or np.unique(side).size != 1:
@@ -113,8 +116,9 @@ def locate_rarely_off(
             continue
         sg = -float(side[0])  # off where sg (w·h + t) < 0
         predicted_off = sg * (s[probe] + best_t) < 0
-        # every probed input predicted off must show it, and no other must look off
-        if np.any(predicted_off != off):
+        # every probed input predicted off must show it, and every other must fit (a miss there is
+        # another error of the fit, which the bias read here would not explain)
+        if np.any(predicted_off != off) or np.any(gn[~predicted_off] > rel_tol * yscale):
             reason = "the probed inputs are not on and off as the found boundary says"
             continue
         log.debug("rarely-off neuron: bias %.6g from %d inputs off (candidate %d)", best_t, best_n, ci)

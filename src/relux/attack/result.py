@@ -40,14 +40,14 @@ class SelfCheck:
 
     @property
     def disagreement_bound(self) -> float:
-        """With no disagreement on ``random_points`` fresh random inputs, the probability (under the
+        """When the check passed on ``random_points`` fresh random inputs, the probability (under the
         check's input distribution) of an input where the model is wrong is below this, at 95%
-        confidence (the rule of three); 1 when there were none."""
-        return min(1.0, 3.0 / self.random_points) if self.random_points else 1.0
+        confidence (the rule of three); 1 when no random point was checked or the check failed."""
+        return min(1.0, 3.0 / self.random_points) if self.random_points and self.passed else 1.0
 
     def to_json(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if k != "disagreements"}
-        out["disagreement_bound"] = self.disagreement_bound
+        out["disagreement_bound"] = self.disagreement_bound if self.passed else None
         return out
 
 

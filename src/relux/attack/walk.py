@@ -791,7 +791,9 @@ def walk_layer(
                     continue
                 complete += 1
                 dup = any(abs(float(wk.theta @ t)) > 1 - 1e-6 for t in thetas)
-                if not dup:
+                # a fit with no term on the layer's outputs is no row (and must not count as one)
+                flat = float(np.linalg.norm(wk.theta[:n_i])) <= 1e-8 * float(np.linalg.norm(wk.theta))
+                if not dup and not flat:
                     thetas.append(wk.theta)
                     pts.append(wk.points)
                     res.append(wk.residual)
@@ -827,12 +829,6 @@ def walk_layer(
     reason = "" if sol.ok else sol.reason
     # rows of layer i+1 behind the corrected layer i: ReLU(ẑ_j) = ReLU(-ẑ_j) + ẑ_j for a flipped row
     b_next = C + U[:, flips] @ b[flips]
-    # a walk whose fit has no term on the layer's outputs gives no row
-    real = np.linalg.norm(np.concatenate([U, b_next[:, None]], axis=1), axis=1) > 1e-8 * np.linalg.norm(T, axis=1)
-    if not real.all():
-        U, b_next = U[real], b_next[real]
-        pts = [P for P, r in zip(pts, real, strict=True) if r]
-        res = [e for e, r in zip(res, real, strict=True) if r]
     return WalkOutcome(flips, conf, decided, U, b_next, tuple(pts), np.asarray(res), walks, complete, sol, reason,
                        tuple(fits), ws.missing, on_pts,
                        tuple((np.append(f.a, f.c) / float(np.linalg.norm(np.append(f.a, f.c))), P) for f, P in own))

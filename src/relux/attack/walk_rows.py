@@ -68,7 +68,7 @@ def walk_rows(
     rows: list[tuple[FloatArray, float, FloatArray, float]] = []
     for w, b, P, res in known:
         nrm = float(np.linalg.norm(np.append(w, b)))
-        if not (np.isfinite(nrm) and nrm > 0):
+        if not (np.isfinite(nrm) and float(np.linalg.norm(w)) > 1e-8 * nrm):
             continue  # a degenerate walk fit (no term on the layer's outputs) is no row
         rows.append((np.asarray(w, dtype=float) / nrm, float(b) / nrm, P, float(res)))
     walks = complete = screened = 0
