@@ -7,7 +7,8 @@ the attack never draws). Each run is one of:
 
 - ``ok``: the self-check passed and ``verify`` agrees (relative output error at most 1e-8);
 - ``failed``: the self-check failed (relux exits 1 and reports how far it got): honest;
-- ``WRONG``: the self-check passed but ``verify`` finds a relative output error above 1e-8.
+- ``WRONG``: the self-check passed but ``verify`` finds a relative output error above 1e-8;
+- ``CRASH``: ``extract`` raised anything other than :class:`~relux.errors.ExtractionFailed`.
 
 Unmatched neurons are listed too: a run can be ``ok`` with some (a neuron never on, or weights that
 no input can tell apart). Usage, from the project root:
@@ -15,7 +16,7 @@ no input can tell apart). Usage, from the project root:
     .venv/bin/python benchmarks/seed_sweep.py 30-20-20-12-4:1-10 20-10-10-10-2:1-5 30-15-15-15-1:1-6 \\
         10-10-10-10-1:1-3 40-20-10-10-1:1-3 20-40-40-1:1-2 [--seed S] [--json sweep.json]
 
-Exit status 1 when any run is ``WRONG``, else 0.
+Exit status 1 when any run is ``WRONG`` or ``CRASH``, else 0.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ def run(arch: str, victim_seed: int, attack_seed: int) -> dict[str, Any]:
         passed = True
     except ExtractionFailed as exc:
         res, passed = exc.partial, False
+    except Exception as exc:  # a benchmark records a crash as a result
+        return {"arch": arch, "victim_seed": victim_seed, "attack_seed": attack_seed, "queries": 0,
+                "seconds": round(time.perf_counter() - t0, 2), "selfcheck_passed": False, "status": "CRASH",
+                "error": f"{type(exc).__name__}: {exc}"}
     seconds = time.perf_counter() - t0
     row: dict[str, Any] = {"arch": arch, "victim_seed": victim_seed, "attack_seed": attack_seed,
                            "queries": int(res.queries), "seconds": round(seconds, 2), "selfcheck_passed": passed}
@@ -81,13 +86,14 @@ def main(argv: list[str]) -> int:
             print(f"{arch:<16} victim {v:<3} {row['status']:<7} {row['queries']:>9} queries "
                   f"(2^{math.log2(max(row['queries'], 1)):.2f}) {row['seconds']:>7.1f} s  "
                   f"w 2^{row.get('log2_weight_error', float('nan')):.1f}  out {err if err is None else f'{err:.1e}'}  "
-                  f"unmatched {row.get('unmatched')}", flush=True)
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "WRONG")}
-    print(f"{len(rows)} runs: {counts['ok']} ok, {counts['failed']} failed (self-check), {counts['WRONG']} WRONG")
+                  f"unmatched {row.get('unmatched')}{'  ' + row['error'] if 'error' in row else ''}", flush=True)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "WRONG", "CRASH")}
+    print(f"{len(rows)} runs: {counts['ok']} ok, {counts['failed']} failed (self-check), {counts['WRONG']} WRONG, "
+          f"{counts['CRASH']} CRASH")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"rows": rows, "counts": counts, "attack_seed": args.seed}, fh, indent=1)
-    return 1 if counts["WRONG"] else 0
+    return 1 if counts["WRONG"] or counts["CRASH"] else 0
 
 
 if __name__ == "__main__":
