@@ -130,7 +130,7 @@ def more_rows(
         rows, _ = _build_rows(witnesses, [], lines, layers, rng, width, triples=False, grouping=grouping)
         seeds.add(witnesses, rows, first_new, keys)
         for r in seeds.ready(query, layers, witnesses, lines, keys, d0, n_grid, cfg, rel_tol, partial_ok):
-            if float(np.min(hyperplane_distance(np.append(r.w, r.b), keys))) < 1e-4:
+            if _known(r, keys):  # another seed of a row found in this round
                 continue
             found.append(r)
             keys = np.concatenate([keys, np.append(r.w, r.b)[None, :]])
@@ -145,6 +145,11 @@ def more_rows(
     cov = np.stack([r.coverage for r in found]) if found else np.zeros((0, kW.shape[1]), dtype=bool)
     return MoreRows(W, b, pts, np.array([r.residual for r in found], dtype=float), cov, used, len(witnesses),
                     reason)
+
+
+def _known(r: NeuronRow, keys: FloatArray) -> bool:
+    """Is ``r`` the hyperplane of one of the unit rows ``keys`` (to 1e-4)?"""
+    return float(np.min(hyperplane_distance(np.append(r.w, r.b), keys))) < 1e-4
 
 
 def _determined(r: NeuronRow) -> bool:
@@ -177,9 +182,7 @@ class _Seeds:
         for i in range(first_new, len(witnesses)):
             cands += [unify(witnesses, [j, i]) for j in by_line[witnesses[i].line] if j < i]
         for r in cands:
-            if r.members in self.rows or not _determined(r):
-                continue
-            if float(np.min(hyperplane_distance(np.append(r.w, r.b), keys))) < 1e-4:
+            if r.members in self.rows or not _determined(r) or _known(r, keys):
                 continue
             g = grow_row(witnesses, r, range(len(witnesses)), stack=self.stack)
             self.rows[r.members] = g if _determined(g) else r
@@ -207,7 +210,7 @@ class _Seeds:
             if len(g.members) < 3 or self.judged.get(key) == g.members:
                 continue
             self.judged[key] = g.members
-            if float(np.min(hyperplane_distance(np.append(g.w, g.b), keys))) < 1e-4:
+            if _known(g, keys):
                 continue
             if not g.complete:
                 # Completion costs queries: only for rows that lack a few weights (a deeper neuron's

@@ -73,11 +73,11 @@ def locate_rarely_off(
     X = rng.normal(0.0, scale, size=(n_pool, d0))
     _, H = pfx.forward(layers, X)
     asked: dict[int, FloatArray] = {}
-    m = candidates[0][0].size if candidates else 0
-    none = RarelyOff(False, "no rank-one leftover to place", np.zeros(m, dtype=bool), np.zeros(H.shape[1]), 0.0,
-                     np.zeros(0), 0, 0)
-    reason = none.reason
+    reason = "no rank-one leftover to place"
     for ci, (flips, w, out) in enumerate(candidates):
+        on2 = float(out @ out)
+        if on2 == 0:
+            continue
         s = H @ w
         order = np.argsort(s)
         probe = np.unique(np.concatenate([order[:n_probe], order[-n_probe:]]))
@@ -89,9 +89,6 @@ def locate_rarely_off(
         g = Y - predict(X[probe])
         yscale = max(float(np.max(np.abs(Y))), np.finfo(float).tiny)
         gn = np.linalg.norm(g, axis=1)
-        on2 = float(out @ out)
-        if on2 == 0:
-            continue
         cos = np.abs(g @ out) / np.maximum(gn * np.sqrt(on2), np.finfo(float).tiny)
         off = (gn > rel_tol * yscale) & (cos >= 1 - 1e-6)
         if not off.any():
@@ -100,9 +97,8 @@ def locate_rarely_off(
         t = -(g[off] @ out) / on2 - s[probe][off]
         spread = float(np.std(s)) + 1e-300
         # the largest group of off inputs agreeing on t
-        tt = np.sort(t)
         best_n, best_t = 0, 0.0
-        for v in tt:
+        for v in t:
             close = np.abs(t - v) <= 1e-7 * (spread + abs(v))
             if int(close.sum()) > best_n:
                 best_n, best_t = int(close.sum()), float(np.median(t[close]))
@@ -123,4 +119,5 @@ def locate_rarely_off(
             continue
         log.debug("rarely-off neuron: bias %.6g from %d inputs off (candidate %d)", best_t, best_n, ci)
         return RarelyOff(True, "", flips, sg * w, sg * best_t, sg * out, best_n, len(asked), ci)
-    return RarelyOff(False, reason, none.flips, none.w, 0.0, none.out, 0, len(asked))
+    m = candidates[0][0].size if candidates else 0
+    return RarelyOff(False, reason, np.zeros(m, dtype=bool), np.zeros(H.shape[1]), 0.0, np.zeros(0), 0, len(asked))

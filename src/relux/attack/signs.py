@@ -94,7 +94,8 @@ def solve_flips(
     ``linear`` (rows ``ŵ_i``): neurons on at every point of the fit, left out of its ReLU features.
     Each adds ``e_i ŵ_i`` to ``γ`` with an unknown ``e_i`` per output (``α_i`` if its sign is right,
     0 if not: ``ReLU(-ẑ)`` is 0 where ``ẑ > 0``), so both sides are projected off the span of those
-    terms before the binary solve; such neurons' signs stay open.
+    terms before the binary solve; such neurons' signs stay open here (:func:`linear_row_signs`
+    reads them afterwards).
     """
     k, m = alpha.shape
     A = np.concatenate([alpha[o][None, :] * W_hat.T for o in range(k)], axis=0)  # (k p, m)
@@ -151,9 +152,9 @@ def linear_row_signs(
         return LinearSigns(out_flips, conf, present, "")
     t = np.asarray(flips, dtype=float)
     r = gamma + (alpha * t[None, :]) @ W_hat  # (k, p): Σ_i e_i ŵ_i when the flips are right
-    cols = np.abs(alpha)[:, :, None] * np.abs(W_hat)[None, :, :]
-    scale = max(float(np.sqrt(np.max(np.sum(cols**2, axis=(0, 2)), initial=0.0))), float(np.linalg.norm(r)),
-                np.finfo(float).tiny)
+    # the solve's column j is α_j ⊗ ŵ_j, of norm |α_j| |ŵ_j|
+    colnorm = np.linalg.norm(alpha, axis=0) * np.linalg.norm(W_hat, axis=1)
+    scale = max(float(np.max(colnorm, initial=0.0)), float(np.linalg.norm(r)), np.finfo(float).tiny)
     sv = np.linalg.svd(linear, compute_uv=False)
     if sv.size < n or sv[-1] <= 1e-8 * sv[0]:
         return LinearSigns(out_flips, conf, present, f"{n} such rows are dependent on the seen coordinates")
