@@ -292,6 +292,49 @@ def _with_flips(
     return [*layers[:-1], (W * sgn[:, None], b * sgn)], neurons, [int(j) for j in np.flatnonzero(flips)]
 
 
+def _all_on_layer(
+    q: Callable[[FloatArray], FloatArray],
+    layers: list[tuple[FloatArray, FloatArray]],
+    reports: list[LayerReport],
+    width: int,
+    d0: int,
+    is_last: bool,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    rel_tol: float,
+    executor: Executor | None,
+) -> tuple[list[tuple[FloatArray, FloatArray]], list[LayerReport], LayerOutcome | None]:
+    """Layer ``i`` from chords of the region where every known neuron is on
+    (:func:`relux.attack.all_on_layer.all_on_outcome`), which also checks layer ``i - 1``'s signs: a
+    neuron of it that no row weights is off where it was believed on. Such neurons (a tenth of the
+    layer at most) are flipped and the chords tried once more; the flips are kept only when every row
+    then weights every neuron. Returns the layers (layer ``i - 1`` possibly flipped), the reports and
+    the outcome, or the given layers and reports with None (the walks and witness groups then take
+    the layer). ``rng``: a stream of its own, so that after a failure what follows draws as before."""
+    from relux.attack.all_on_layer import all_on_outcome
+
+    i = len(layers) + 1
+    prev = reports[-1]
+    out, why, zero = all_on_outcome(q, layers, width, d0, is_last, cfg, rng, rel_tol, executor=executor)
+    flipped: list[int] = []
+    if out is None and 0 < zero.size <= max(1, prev.width // 10):
+        flips = np.zeros(prev.width, dtype=bool)
+        flips[zero] = True
+        trial, neurons, flipped = _with_flips(layers, prev, flips, np.ones(prev.width), flips)
+        log.info("layer %d: neuron(s) %s of layer %d weighted by no row: flipped, and the chords again", i, flipped,
+                 i - 1)
+        out, why, zero = all_on_outcome(q, trial, width, d0, is_last, cfg, rng, rel_tol, executor=executor)
+        if out is not None:
+            layers = trial
+            prev = dataclasses.replace(prev, neurons=neurons)
+    if out is None:
+        log.info("layer %d: not from all-on lines (%s)", i, why)
+        return layers, reports, None
+    check = f"checked by layer-{i} all-on rows (every neuron weighted by some row; flipped {len(flipped)})"
+    reports = [*reports[:-1], dataclasses.replace(prev, sign_method=f"{prev.sign_method}; {check}")]
+    return layers, reports, out
+
+
 def _walked_layer(
     q: Callable[[FloatArray], FloatArray],
     layers: list[tuple[FloatArray, FloatArray]],
@@ -568,6 +611,15 @@ def _extract_deep(
                         if settled and out is None:
                             out = extract_layer(qf, lf2, width, df, sum(hidden), True, k, cf, rng, rel_tol,
                                                 executor=stages.executor, hints=hf)
+                    # Chords of the region where every known neuron is on: one witness there shows a
+                    # whole row (relux.attack.all_on_layer). The region is where the layer before is on
+                    # with the signs it has, so every one of them must be settled (a clean wiggle
+                    # verdict, or a check by walks); otherwise the walks below check them first.
+                    settled_signs = all(float(nr.get("sign_confidence", 0.0)) >= 1.0 for nr in reports[-1].neurons)
+                    if (out is None and reports[-1].width >= cf.all_on_min_width and settled_signs
+                            and lf2[-1][0].shape[0] == reports[-1].width):
+                        lf2, reports, out = _all_on_layer(qf, lf2, reports, width, df, i == len(hidden), cf,
+                                                          rng.spawn(1)[0], rel_tol, stages.executor)
                     # Walks along this layer's boundaries check (and repair) the signs of the layer
                     # before. After a layer wider than its space of control (signs undecidable by the
                     # wiggle) they also give this layer's rows; otherwise a few walks are the check.

@@ -1,0 +1,149 @@
+"""Search lines along which every known neuron is on (attack-notes §3, "space of control").
+
+A witness of layer ``i`` sees its neuron's weights only on the layer-``(i-1)`` neurons active there,
+and only through the prefix's local Jacobian: on a random line about half of each layer is off, so a
+single witness shows about half a row, and rows must be pieced together from many witnesses whose
+active sets cover each other (CM24 §3.2; LSELBP26 on the rank loss). Where every known neuron is on,
+the prefix is one affine map ``z = A x + c``; when the block of ``A`` for layer ``i - 1`` has full
+row rank, one witness there shows the whole row.
+
+That region, ``{x : A x + c ≥ margin}``, is a convex polyhedron (empty when the linear program finds
+no point in it). It is thin but long: behind the 256-wide layers of a CIFAR-scale network, random
+directions leave it within 1% of the input scale once two layers are known, while chords between
+two of its vertices are tens of times longer and cross dozens of next-layer boundaries. So lines are
+chords: each joins two vertices, found by linear programs with random objectives inside a box. By
+convexity every point of a chord is in the region. No queries are made here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import linprog
+
+from relux.attack import prefix as pfx
+from relux.oracle.base import FloatArray
+
+log = logging.getLogger(__name__)
+
+#: Each end of a chord is pulled in by this fraction of its length: a vertex lies on some neuron's
+#: margin, and the kink search needs the line's ends clear of the region's edge.
+END_TRIM = 1e-3
+
+
+@dataclass(frozen=True)
+class ActiveLines:
+    """Lines ``x0 + t u`` (``u`` of norm ``scale``, ``|t| ≤ half[i]`` for line ``i``) along which every
+    known neuron is on; ``reason`` says why fewer than asked were found (empty when all were)."""
+
+    x0: FloatArray
+    u: FloatArray
+    half: FloatArray
+    reason: str = ""
+
+
+def all_on_map(layers: Sequence[pfx.Layer]) -> tuple[FloatArray, FloatArray]:
+    """Every known pre-activation as an affine map of the input where every known neuron is on:
+    ``(A, c)`` with one row per neuron, layers stacked in order."""
+    d = layers[0][0].shape[1]
+    M = np.eye(d)
+    m = np.zeros(d)
+    As: list[FloatArray] = []
+    cs: list[FloatArray] = []
+    for W, b in layers:
+        M = W @ M
+        m = W @ m + b
+        As.append(M)
+        cs.append(m)
+    return np.concatenate(As), np.concatenate(cs)
+
+
+def region_margin(A: FloatArray, c: FloatArray, box: float) -> FloatArray:
+    """The margin each neuron keeps inside the region: ``1e-6`` of its pre-activation's range over the
+    box, so that rounding in the prefix cannot switch it off."""
+    out: FloatArray = 1e-6 * (box * np.abs(A).sum(axis=1) + np.abs(c))
+    return out
+
+
+def vertex(A: FloatArray, c: FloatArray, box: float, margin: FloatArray, objective: FloatArray) -> FloatArray | None:
+    """The point of ``{x : A x + c ≥ margin, |x_i| ≤ box}`` that maximises ``objective · x`` (a vertex),
+    or None when that set is empty."""
+    res = linprog(-objective, A_ub=-A, b_ub=c - margin, bounds=[(-box, box)] * A.shape[1], method="highs")
+    if res.status != 0:
+        return None
+    return np.asarray(res.x, dtype=float)
+
+
+@dataclass
+class AllOnRegion:
+    """The region where every known neuron is on, inside ``[-box, box]^d``: ``A x + c ≥ margin``, a
+    point deep inside it (``centre``, the centre of the largest ball in it)."""
+
+    A: FloatArray
+    c: FloatArray
+    margin: FloatArray
+    box: float
+    centre: FloatArray
+    depth: float  # radius of that ball
+
+
+def all_on_region(layers: Sequence[pfx.Layer], box: float) -> AllOnRegion | None:
+    """The all-on region of ``layers`` inside the box, or None when it is empty (the largest ball in it
+    has no radius)."""
+    A, c = all_on_map(layers)
+    d = A.shape[1]
+    margin = region_margin(A, c, box)
+    nrm = np.linalg.norm(A, axis=1)
+    # max s: A x + c - margin >= s |A_i|, |x_i| <= box - s
+    A_ub = np.block([[-A, nrm[:, None]], [np.eye(d), np.ones((d, 1))], [-np.eye(d), np.ones((d, 1))]])
+    b_ub = np.concatenate([c - margin, np.full(2 * d, box)])
+    res = linprog(np.append(np.zeros(d), -1.0), A_ub=A_ub, b_ub=b_ub, bounds=[(None, None)] * d + [(0.0, box)],
+                  method="highs")
+    if res.status != 0 or float(res.x[d]) <= 0.0:
+        return None
+    return AllOnRegion(A, c, margin, box, np.asarray(res.x[:d], dtype=float), float(res.x[d]))
+
+
+def active_lines(
+    region: AllOnRegion, n_lines: int, scale: float, rng: np.random.Generator, d_last: int | None = None
+) -> ActiveLines:
+    """``n_lines`` chords of ``region`` (module docstring); ``u`` has norm ``scale`` and line ``i`` spans
+    ``|t| ≤ half[i]``. Chord ``i`` joins the two vertices where one neuron of the last known layer
+    (``d_last`` neurons: the last rows of ``region.A``; the whole stack by default) is lowest and
+    highest, the objective tilted at random so that a neuron drawn twice gives a new chord. A
+    next-layer neuron leans on some neurons of the layer before, so the chord between their extremes
+    crosses it; chords between the vertices of random objectives stay in the bulk of the region
+    (behind two CIFAR-scale layers, 216 of 256 next-layer neurons crossed twice by 48 such chords,
+    against 249). Chords sharing a vertex would meet one deeper neuron's kinks near it under the
+    same activation pattern, whose keys then agree (:mod:`relux.attack.all_on_layer`): each chord has
+    its own vertices."""
+    A, c, margin, box = region.A, region.c, region.margin, region.box
+    d = A.shape[1]
+    last = A[-(d_last or A.shape[0]):]
+    last = last / np.maximum(np.linalg.norm(last, axis=1, keepdims=True), np.finfo(float).tiny)
+    x0s: list[FloatArray] = []
+    us: list[FloatArray] = []
+    halves: list[float] = []
+    tries = 0
+    while len(x0s) < n_lines and tries < 4 * n_lines:  # two objectives may pick one vertex (few in low d)
+        tries += 1
+        g = last[rng.integers(last.shape[0])] + 0.25 * rng.standard_normal((d,)) / np.sqrt(d)
+        ends = [vertex(A, c, box, margin, -g), vertex(A, c, box, margin, g)]
+        if ends[0] is None or ends[1] is None:
+            continue
+        # a vertex lies on some neurons' margins: pulled a hundredth of the way to the centre, the
+        # chord is strictly inside
+        a = 0.99 * ends[0] + 0.01 * region.centre
+        b = 0.99 * ends[1] + 0.01 * region.centre
+        v = b - a
+        nv = float(np.linalg.norm(v))
+        if nv == 0.0:
+            continue
+        x0s.append(0.5 * (a + b))
+        us.append(v * (scale / nv))
+        halves.append(0.5 * (1.0 - 2 * END_TRIM) * nv / scale)
+    reason = "" if len(x0s) == n_lines else f"{len(x0s)} of {n_lines} chords found"
+    return ActiveLines(np.array(x0s).reshape(-1, d), np.array(us).reshape(-1, d), np.array(halves), reason)

@@ -1,0 +1,291 @@
+"""A hidden layer read on lines where every known neuron is on (attack-notes §3; CM24 §3.2).
+
+On such a line (:mod:`relux.attack.active_lines`) the prefix is one affine map of full rank, so a
+single witness of a layer-``i`` neuron shows its whole row. Most kinks there are of deeper neurons,
+though (behind a 256-wide first layer, about 55 of layer 2 and 350 deeper per line), and a full
+gradient costs ``2 (d + 1)`` queries. So every kink first gets a cheap key: the jump of the gradient
+along ``k`` fixed random directions (``2 (k + 1)`` queries at most, pieces shared between neighbouring
+kinks). A layer-``i`` neuron's jump is ``c ⊗ (w A)``, whose direction along the fixed directions is
+the same at each of its kinks; a deeper neuron's depends on which layer-``i`` neurons are on, which
+differs between lines. Keys that agree on two lines make a candidate; one full measurement gives
+its row, which must pass through the other kinks of its key and predict the kinks found on every
+line (:func:`relux.attack.confirm.crossing_hits`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+
+from relux.attack import prefix as pfx
+from relux.attack.active_lines import active_lines, all_on_map, all_on_region
+from relux.attack.config import ExtractionConfig
+from relux.attack.confirm import crossing_hits, mostly_confirmed
+from relux.attack.critical import LineKinks
+from relux.attack.witnesses import Candidate, find_candidates, measure_candidates
+from relux.oracle.base import FloatArray, QueryFn
+from relux.parallel import Executor
+
+if TYPE_CHECKING:
+    from relux.attack.deep import LayerOutcome
+
+log = logging.getLogger(__name__)
+
+#: Keys of one neuron agree to rounding (exact finite differences inside linear pieces); keys of two
+#: neurons are independent directions in ``k`` dimensions, ``|cos|`` about ``1/sqrt(k)``: with the
+#: default ``k = 8``, one pair in about ``1e20`` comes within this tolerance.
+KEY_TOL = 1e-6
+#: A row from one finite-difference gradient (steps of ``fd_rel_step / d`` of a piece) is good to about
+#: 1e-6 relative; its other kinks lie that close to its plane, a deeper neuron's kink O(1) away.
+PLANE_TOL = 1e-4
+
+
+@dataclass(frozen=True)
+class AllOnRows:
+    """Rows of layer ``i`` (unit norm, first weight of largest magnitude positive), with the exact
+    kinks each was seen at, the largest relative distance of those kinks from its plane, and what the
+    search cost."""
+
+    W: FloatArray
+    b: FloatArray
+    points: tuple[FloatArray, ...]
+    residual: FloatArray
+    lines: int
+    kinks: int
+    measured: int
+    reason: str = ""
+
+
+@dataclass
+class _Cluster:
+    key: FloatArray
+    members: list[Candidate] = field(default_factory=list)
+    done: bool = False  # measured (a row, or found not to be one)
+
+    @property
+    def n_lines(self) -> int:
+        return len({c.line for c in self.members})
+
+
+def jump_keys(
+    query: QueryFn, layers: Sequence[pfx.Layer], cands: Sequence[Candidate], D: FloatArray, fd_rel_step: float,
+    chunk: int = 4096,
+) -> tuple[list[FloatArray | None], int]:
+    """Per candidate, the unit direction (sign fixed) of its gradient jump along the rows of ``D``, or
+    None when the jump is zero or not rank one; and the queries made. A piece shared by two
+    neighbouring candidates of a line is probed once."""
+    k = D.shape[0]
+    pieces: dict[bytes, int] = {}
+    base: list[FloatArray] = []
+    steps: list[FloatArray] = []
+    sides: list[tuple[int, int]] = []
+    for c in cands:
+        idx = []
+        for p, half in ((c.left, c.half_left), (c.right, c.half_right)):
+            key = p.tobytes()
+            if key not in pieces:
+                st = np.minimum(fd_rel_step / k * half * c.unorm, 0.25 * pfx.safe_steps(layers, p, D))
+                pieces[key] = len(base)
+                base.append(p)
+                steps.append(st)
+            idx.append(pieces[key])
+        sides.append((idx[0], idx[1]))
+    n = len(base)
+    if n == 0:
+        return [], 0
+    P = np.stack(base)
+    S = np.stack(steps)
+    X = np.concatenate([P[:, None, :], P[:, None, :] + S[:, :, None] * D[None, :, :]], axis=1).reshape(-1, P.shape[1])
+    Y = np.concatenate([query(X[i : i + chunk]) for i in range(0, X.shape[0], chunk)])
+    Y = Y.reshape(n, k + 1, -1)
+    G = (Y[:, 1:, :] - Y[:, :1, :]) / S[:, :, None]  # (pieces, k, outputs)
+    out: list[FloatArray | None] = []
+    for left, right in sides:
+        J = (G[right] - G[left]).T  # (outputs, k)
+        if not np.any(J):
+            out.append(None)
+            continue
+        _, s, Vt = np.linalg.svd(J, full_matrices=False)
+        if s.size > 1 and s[1] > 1e-3 * s[0]:
+            out.append(None)
+            continue
+        v = Vt[0]
+        out.append(v if v[np.argmax(np.abs(v))] > 0 else -v)
+    return out, X.shape[0]
+
+
+class _Row(NamedTuple):
+    w: FloatArray
+    b: float
+    points: list[FloatArray]  # the cluster's kinks on its plane
+    fit: float  # their median relative misfit
+    residual: float  # and the largest
+
+
+def _cluster_row(
+    query: QueryFn, layers: Sequence[pfx.Layer], d0: int, cl: _Cluster, cfg: ExtractionConfig, rel_tol: float,
+    executor: Executor | None,
+) -> tuple[_Row | None, int]:
+    """The row of a cluster's neuron, measured at one member on each of up to two lines and taken from
+    the measurement whose plane passes closest to the other members (a finite-difference probe that
+    crossed an unseen boundary spoils one measurement, rarely two), and the measurements made. None
+    when no measurement passes through members on two lines."""
+    by_line: dict[int, Candidate] = {}
+    for c in cl.members:
+        by_line.setdefault(c.line, c)
+    X = np.stack([c.x for c in cl.members])
+    _, H = pfx.forward(layers, X)
+    hn = np.linalg.norm(H, axis=1)
+    best: _Row | None = None
+    n = 0
+    for c in list(by_line.values())[:2]:
+        wts, _, _ = measure_candidates(query, layers, d0, [c], cfg, executor=executor)
+        n += 1
+        if not wts or not wts[0].full_rank:
+            continue
+        w, b = wts[0].w, wts[0].b
+        z = np.abs(H @ w + b) / (hn * float(np.linalg.norm(w)) + abs(b))
+        on = z <= max(PLANE_TOL, 1e3 * rel_tol)
+        if len({m.line for m, o in zip(cl.members, on, strict=True) if o}) < 2:
+            continue
+        row = _Row(w, b, [x for x, o in zip(X, on, strict=True) if o], float(np.median(z[on])), float(np.max(z[on])))
+        if best is None or row.fit < best.fit:
+            best = row
+        if row.fit <= 1e3 * rel_tol:
+            break
+    return best, n
+
+
+def all_on_rows(
+    query: QueryFn,
+    layers: Sequence[pfx.Layer],
+    width: int,
+    d0: int,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    rel_tol: float,
+    executor: Executor | None = None,
+    n_keys: int = 8,
+    per_round: int = 8,
+) -> AllOnRows:
+    """Rows of the layer behind ``layers`` from kinks on all-on lines (module docstring). Rounds of
+    ``per_round`` lines run until ``width`` rows are confirmed, two rounds in a row add none, or
+    ``cfg.max_search_lines * 4`` lines were walked."""
+    d_in = layers[-1][0].shape[0]
+    scale = cfg.input_scale * float(np.sqrt(d0))
+    empty = AllOnRows(np.zeros((0, d_in)), np.zeros(0), (), np.zeros(0), 0, 0, 0)
+    n_keys = min(n_keys, d0)
+    D = np.linalg.qr(rng.normal(size=(d0, n_keys)))[0].T  # (k, d0) orthonormal
+    n_grid = int(cfg.grid_per_neuron * width * 2) + 16
+    clusters: list[_Cluster] = []
+    K = np.zeros((1024, n_keys))  # the clusters' keys, one per row
+    rows: list[_Row] = []
+    lines: list[LineKinks] = []
+    n_kinks = measured = 0
+    stall = 0
+    max_lines = cfg.max_search_lines * 4
+    reason = ""
+    A_last = all_on_map(layers)[0][-d_in:]
+    if np.linalg.matrix_rank(A_last) < d_in:
+        return AllOnRows(empty.W, empty.b, (), empty.residual, 0, 0, 0,
+                         f"layer {len(layers)} has {d_in} neurons but controls fewer directions where all are on")
+    region = all_on_region(layers, 3.0 * cfg.input_scale)
+    if region is None:
+        return AllOnRows(empty.W, empty.b, (), empty.residual, 0, 0, 0, "no point where every known neuron is on")
+    while len(lines) < max_lines and len(rows) < width and stall < 2:
+        al = active_lines(region, per_round, scale, rng, d_last=d_in)
+        if al.x0.shape[0] == 0:
+            reason = al.reason
+            break
+        known = (np.stack([r.w for r in rows]), np.array([r.b for r in rows])) if rows else None
+        cands: list[Candidate] = []
+        for x0, u, half in zip(al.x0, al.u, al.half, strict=True):
+            got, ci = find_candidates(query, layers, d0, 0, n_grid, cfg, rng, rel_tol, lines_given=(x0[None], u[None]),
+                                      t_range=float(half), known=known)
+            cands += [Candidate(len(lines), c.x, c.left, c.right, c.half_left, c.half_right, c.unorm) for c in got]
+            lines += ci.lines_found
+            n_kinks += ci.kinks
+        keys, _ = jump_keys(query, layers, cands, D, cfg.fd_rel_step)
+        for c, key in zip(cands, keys, strict=True):
+            if key is None:
+                continue
+            near = np.flatnonzero(1.0 - np.abs(K[: len(clusters)] @ key) <= KEY_TOL)
+            if near.size:
+                clusters[int(near[0])].members.append(c)
+                continue
+            if len(clusters) == K.shape[0]:
+                K = np.concatenate([K, np.zeros_like(K)])
+            K[len(clusters)] = key
+            clusters.append(_Cluster(key, [c]))
+        before = len(rows)
+        for cl in clusters:
+            if cl.done or cl.n_lines < 2:
+                continue
+            cl.done = True
+            row, n = _cluster_row(query, layers, d0, cl, cfg, rel_tol, executor)
+            measured += n
+            if row is not None:
+                rows.append(row)
+        stall = stall + 1 if len(rows) == before else 0
+        log.debug("all-on lines: %d lines, %d kinks, %d keys in %d clusters, %d rows", len(lines), n_kinks,
+                  sum(len(c.members) for c in clusters), len(clusters), len(rows))
+    if not rows:
+        return AllOnRows(empty.W, empty.b, (), empty.residual, len(lines), n_kinks, measured,
+                         reason or "no key was seen on two lines")
+    W = np.stack([r.w for r in rows])
+    b = np.array([r.b for r in rows])
+    hits, misses = crossing_hits(W, b, lines, layers, rel_tol=max(PLANE_TOL, 1e3 * rel_tol))
+    ok = mostly_confirmed(hits, misses)
+    if not ok.all():
+        log.debug("all-on lines: %d row(s) predict kinks the lines do not show: dropped", int((~ok).sum()))
+    keep = np.flatnonzero(ok)
+    if len(keep) < width and not reason:
+        reason = f"{len(keep)} of {width} rows confirmed after {len(lines)} lines"
+    return AllOnRows(W[keep], b[keep], tuple(np.stack(rows[j].points) for j in keep),
+                     np.array([rows[j].residual for j in keep]), len(lines), n_kinks, measured, reason)
+
+
+def all_on_outcome(
+    query: QueryFn,
+    layers: Sequence[pfx.Layer],
+    width: int,
+    d0: int,
+    is_last: bool,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    rel_tol: float,
+    executor: Executor | None = None,
+) -> tuple[LayerOutcome | None, str, np.ndarray]:
+    """The layer behind ``layers`` from :func:`all_on_rows`, refined, with its signs
+    (:func:`relux.attack.deep.outcome_from_rows`); None, with the reason, when the region is missing,
+    some row is missing (a neuron the chords seldom cross: the witness groups and walks, which look
+    everywhere, then extract the layer), or a layer-input coordinate has no weight in any row. That
+    last case is the check of the layer before: where a neuron of it whose sign is wrong is believed
+    on, it is off, so every measured row gets exactly zero weight on it. The third value lists those
+    neurons (empty otherwise)."""
+    from relux.attack.deep import outcome_from_rows
+
+    none = np.zeros(0, dtype=int)
+    ao = all_on_rows(query, layers, width, d0, cfg, rng, rel_tol, executor=executor)
+    n = ao.W.shape[0]
+    log.info("layer %d: %d/%d rows from %d all-on lines (%d kinks, %d measured)%s", len(layers) + 1, n, width,
+             ao.lines, ao.kinks, ao.measured, f"; {ao.reason}" if ao.reason else "")
+    if n == 0:
+        return None, ao.reason, none
+    col = np.abs(ao.W).max(axis=0)
+    # a measured row's weight is known to about 1e-6 of its norm (PLANE_TOL's note); a real column
+    # of a random or trained layer is far larger than that in its largest row
+    zero = np.flatnonzero(col <= 1e-6 * float(col.max()))
+    if zero.size:
+        return None, (f"layer {len(layers)} neuron(s) {zero.tolist()} have no weight in any row: wrong signs, "
+                      "or neurons off where they were believed on"), zero
+    if n < width:
+        return None, ao.reason, none
+    out = outcome_from_rows(query, layers, ao.W, ao.b, ao.points, ao.residual, width, d0, is_last, cfg, rng,
+                            "all-on lines", rel_tol=rel_tol)
+    return dataclasses.replace(out, witnesses=ao.kinks, lines=ao.lines), "", none

@@ -1,0 +1,123 @@
+"""Rows of a hidden layer from chords of the region where every known neuron is on
+(relux.attack.active_lines, relux.attack.all_on_layer)."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relux.attack.active_lines import active_lines, all_on_region
+from relux.attack.all_on_layer import all_on_outcome, all_on_rows
+from relux.attack.config import ExtractionConfig
+from relux.attack.pipeline import _all_on_layer
+from relux.attack.result import LayerReport
+from relux.oracle import CountingOracle, MLPOracle
+from relux.zoo import random_mlp
+
+
+def _unit(W: np.ndarray, b: np.ndarray) -> np.ndarray:
+    T = np.concatenate([W, b[:, None]], axis=1)
+    return np.asarray(T / np.linalg.norm(T, axis=1, keepdims=True))
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), d=st.integers(3, 10), depth=st.integers(1, 2))
+def test_every_point_of_every_chord_has_every_known_neuron_on(seed: int, d: int, depth: int) -> None:
+    rng = np.random.default_rng(seed)
+    widths = [d] + [int(rng.integers(2, d + 1)) for _ in range(depth)]
+    layers = [(rng.normal(size=(o, i)), rng.normal(scale=0.3, size=o))
+              for i, o in zip(widths[:-1], widths[1:], strict=True)]
+    region = all_on_region(layers, 3.0)
+    if region is None:
+        return  # two layers need not have a common all-on point
+    assert region.depth > 0
+    lines = active_lines(region, 4, 2.0, rng)
+    assert lines.x0.shape[0] == 4, lines.reason
+    np.testing.assert_allclose(np.linalg.norm(lines.u, axis=1), 2.0)
+    assert np.all(lines.half > 0)
+    for x0, u, half in zip(lines.x0, lines.u, lines.half, strict=True):
+        X = x0 + np.linspace(-half, half, 41)[:, None] * u
+        H = X
+        for W, b in layers:
+            Z = H @ W.T + b
+            assert np.all(Z > 0)  # the chord is strictly inside: every neuron on, no switching
+            H = Z
+
+
+def test_a_region_that_cannot_exist_gives_no_lines() -> None:
+    # x - 1 > 0 and -x - 1 > 0 at once: impossible
+    layers = [(np.array([[1.0, 0.0], [-1.0, 0.0]]), np.array([-1.0, -1.0]))]
+    assert all_on_region(layers, 10.0) is None
+
+
+def _victim() -> tuple[object, list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
+    # layer 1 (10) narrower than the input (14): the all-on region of layer 1 is a cone, and one
+    # witness there shows a whole layer-2 row
+    net = random_mlp((14, 10, 8, 1), np.random.default_rng(2))  # every layer-2 boundary crosses the region
+    W1, b1 = net.layers[0]
+    n1 = np.linalg.norm(np.concatenate([W1, b1[:, None]], axis=1), axis=1)
+    W2, b2 = net.layers[1]
+    return net, [(W1 / n1[:, None], b1 / n1)], _unit(W2 * n1[None, :], b2)
+
+
+def test_the_rows_of_layer_two_come_from_all_on_chords() -> None:
+    net, prefix, true = _victim()
+    oracle = CountingOracle(MLPOracle(net))
+    out = all_on_rows(oracle.query, prefix, 8, 14, ExtractionConfig(seed=0), np.random.default_rng(0), 1e-9)
+    assert out.W.shape == (8, 10), out.reason
+    cos = np.abs(_unit(out.W, out.b) @ true.T)
+    assert sorted(cos.argmax(axis=1).tolist()) == list(range(8))
+    # one finite-difference gradient per row, steps of 1% of a piece over d: good to about 1e-8
+    # here; 1e-5 is far above that and far below a wrong row
+    assert np.all(1.0 - cos.max(axis=1) <= 1e-5)
+    assert out.measured >= 8 and out.lines > 0 and oracle.queries > 0
+    for p, w, b in zip(out.points, out.W, out.b, strict=True):
+        H = np.maximum(p @ prefix[0][0].T + prefix[0][1], 0)
+        assert p.shape[0] >= 2  # seen on two lines at least
+        assert np.all(np.abs(H @ w + b) <= 1e-4 * (np.linalg.norm(H, axis=1) + 1))
+
+
+def _flip(prefix: list[tuple[np.ndarray, np.ndarray]], j: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    W1, b1 = prefix[0]
+    f = np.where(np.arange(W1.shape[0]) == j, -1.0, 1.0)
+    return [(W1 * f[:, None], b1 * f)]
+
+
+def test_a_wrong_sign_in_the_layer_before_is_caught() -> None:
+    net, prefix, _ = _victim()
+    oracle = CountingOracle(MLPOracle(net))
+    out, why, zero = all_on_outcome(oracle.query, _flip(prefix, 4), 8, 14, False, ExtractionConfig(seed=0),
+                                    np.random.default_rng(0), 1e-9)
+    # the flipped neuron is off wherever it is believed on: every row the chords give weights it 0
+    assert out is None
+    assert zero.tolist() == [4] and "[4]" in why
+
+
+def test_the_pipeline_flips_it_back_and_takes_the_layer() -> None:
+    net, prefix, true = _victim()
+    oracle = CountingOracle(MLPOracle(net))
+    neurons = tuple({"index": j, "sign": 1, "sign_confidence": 1.0} for j in range(10))
+    report = LayerReport(index=1, width=10, recovered=10, dead=0, witnesses=0, queries=0, seconds=0.0,
+                         sign_method="wiggle", neurons=neurons)
+    layers, reports, out = _all_on_layer(oracle.query, _flip(prefix, 4), [report], 8, 14, False,
+                                         ExtractionConfig(seed=0), np.random.default_rng(0), 1e-9, None)
+    assert out is not None
+    np.testing.assert_array_equal(layers[0][0], prefix[0][0])  # neuron 4 flipped back exactly
+    assert reports[0].neurons[4]["sign"] == -1 and reports[0].neurons[3]["sign"] == 1
+    assert "flipped 1" in reports[0].sign_method
+    cos = np.abs(_unit(out.W, out.b) @ true.T)
+    assert sorted(cos.argmax(axis=1).tolist()) == list(range(8))
+    # rows polished on exact boundary points: far below the 1e-5 of a single measurement
+    assert np.all(1.0 - cos.max(axis=1) <= 1e-9)
+
+
+def test_the_switch_is_validated() -> None:
+    import pytest
+
+    from relux.errors import InputError
+
+    assert ExtractionConfig(all_on_min_width=0).all_on_min_width == 0
+    for bad in (-1, 2.5, True):
+        with pytest.raises(InputError, match="all_on_min_width"):
+            ExtractionConfig(all_on_min_width=bad)  # type: ignore[arg-type]
