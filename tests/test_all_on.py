@@ -100,12 +100,14 @@ def test_the_pipeline_flips_it_back_and_takes_the_layer() -> None:
     neurons = tuple({"index": j, "sign": 1, "sign_confidence": 1.0} for j in range(10))
     report = LayerReport(index=1, width=10, recovered=10, dead=0, witnesses=0, queries=0, seconds=0.0,
                          sign_method="wiggle", neurons=neurons)
+    warnings: list[str] = []
     layers, reports, out = _all_on_layer(oracle.query, _flip(prefix, 4), [report], 8, 14, False,
-                                         ExtractionConfig(seed=0), np.random.default_rng(0), 1e-9, None)
+                                         ExtractionConfig(seed=0), np.random.default_rng(0), 1e-9, None, warnings)
     assert out is not None
     np.testing.assert_array_equal(layers[0][0], prefix[0][0])  # neuron 4 flipped back exactly
     assert reports[0].neurons[4]["sign"] == -1 and reports[0].neurons[3]["sign"] == 1
     assert "flipped 1" in reports[0].sign_method
+    assert len(warnings) == 1 and "[4]" in warnings[0]
     cos = np.abs(_unit(out.W, out.b) @ true.T)
     assert sorted(cos.argmax(axis=1).tolist()) == list(range(8))
     # rows polished on exact boundary points: far below the 1e-5 of a single measurement

@@ -11,8 +11,9 @@ That region, ``{x : A x + c ≥ margin}``, is a convex polyhedron (empty when th
 no point in it). It is thin but long: behind the 256-wide layers of a CIFAR-scale network, random
 directions leave it within 1% of the input scale once two layers are known, while chords between
 two of its vertices are tens of times longer and cross dozens of next-layer boundaries. So lines are
-chords: each joins two vertices, found by linear programs with random objectives inside a box. By
-convexity every point of a chord is in the region. No queries are made here.
+chords: each joins the two vertices, inside a box, where one neuron of the last known layer is lowest
+and highest (two linear programs; :func:`active_lines`). By convexity every point of a chord is in
+the region. No queries are made here.
 """
 
 from __future__ import annotations
@@ -117,9 +118,10 @@ def active_lines(
     next-layer neuron leans on some neurons of the layer before, so the chord between their extremes
     crosses it; chords between the vertices of random objectives stay in the bulk of the region
     (behind two CIFAR-scale layers, 216 of 256 next-layer neurons crossed twice by 48 such chords,
-    against 249). Chords sharing a vertex would meet one deeper neuron's kinks near it under the
-    same activation pattern, whose keys then agree (:mod:`relux.attack.all_on_layer`): each chord has
-    its own vertices."""
+    against 249). Each chord's vertices are solved afresh, with a tilt of a quarter of the objective's
+    norm so that one neuron drawn twice rarely gives the same vertices: chords sharing a vertex would
+    meet one deeper neuron's kinks near it under the same activation pattern, whose keys then agree
+    (:mod:`relux.attack.all_on_layer`; its checks drop the rows such keys give)."""
     A, c, margin, box = region.A, region.c, region.margin, region.box
     d = A.shape[1]
     last = A[-(d_last or A.shape[0]):]

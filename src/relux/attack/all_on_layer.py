@@ -237,6 +237,11 @@ def all_on_rows(
     if not rows:
         return AllOnRows(empty.W, empty.b, (), empty.residual, len(lines), n_kinks, measured,
                          reason or "no key was seen on two lines")
+    # two clusters of one neuron (keys split by a spoiled probe) give one row twice: keep the first
+    U = np.stack([np.append(r.w, r.b) for r in rows])
+    U /= np.linalg.norm(U, axis=1, keepdims=True)
+    same = np.abs(U @ U.T) >= 1.0 - PLANE_TOL
+    rows = [r for j, r in enumerate(rows) if not same[j, :j].any()]
     W = np.stack([r.w for r in rows])
     b = np.array([r.b for r in rows])
     hits, misses = crossing_hits(W, b, lines, layers, rel_tol=max(PLANE_TOL, 1e3 * rel_tol))
@@ -275,17 +280,19 @@ def all_on_outcome(
     n = ao.W.shape[0]
     log.info("layer %d: %d/%d rows from %d all-on lines (%d kinks, %d measured)%s", len(layers) + 1, n, width,
              ao.lines, ao.kinks, ao.measured, f"; {ao.reason}" if ao.reason else "")
-    if n == 0:
+    if n < max(1, width // 2):
         return None, ao.reason, none
-    col = np.abs(ao.W).max(axis=0)
-    # a measured row's weight is known to about 1e-6 of its norm (PLANE_TOL's note); a real column
-    # of a random or trained layer is far larger than that in its largest row
-    zero = np.flatnonzero(col <= 1e-6 * float(col.max()))
+    # A wrong-sign neuron's column is zero up to the rows' error (1e-4 at most, PLANE_TOL's note, and
+    # about 1e-6 typically); the columns of a random or trained layer are within a factor of ten or
+    # so of their median. A genuinely weak column flipped by mistake is then off where it is believed
+    # on, its column zero at the retry, and the retry fails, so the flip is not kept.
+    col = np.linalg.norm(ao.W, axis=0)
+    zero = np.flatnonzero(col <= 1e-3 * float(np.median(col)))
     if zero.size:
         return None, (f"layer {len(layers)} neuron(s) {zero.tolist()} have no weight in any row: wrong signs, "
                       "or neurons off where they were believed on"), zero
-    if n < width:
-        return None, ao.reason, none
+    if n != width:
+        return None, ao.reason or f"{n} rows for a layer of {width}", none
     out = outcome_from_rows(query, layers, ao.W, ao.b, ao.points, ao.residual, width, d0, is_last, cfg, rng,
                             "all-on lines", rel_tol=rel_tol)
     return dataclasses.replace(out, witnesses=ao.kinks, lines=ao.lines), "", none

@@ -303,6 +303,7 @@ def _all_on_layer(
     rng: np.random.Generator,
     rel_tol: float,
     executor: Executor | None,
+    warnings: list[str],
 ) -> tuple[list[tuple[FloatArray, FloatArray]], list[LayerReport], LayerOutcome | None]:
     """Layer ``i`` from chords of the region where every known neuron is on
     (:func:`relux.attack.all_on_layer.all_on_outcome`), which also checks layer ``i - 1``'s signs: a
@@ -330,6 +331,9 @@ def _all_on_layer(
     if out is None:
         log.info("layer %d: not from all-on lines (%s)", i, why)
         return layers, reports, None
+    if flipped:
+        warnings.append(f"layer {i - 1}: neuron(s) {flipped} flipped against the wiggle's verdict: no layer-{i} row "
+                        "weighted them until they were")
     check = f"checked by layer-{i} all-on rows (every neuron weighted by some row; flipped {len(flipped)})"
     reports = [*reports[:-1], dataclasses.replace(prev, sign_method=f"{prev.sign_method}; {check}")]
     return layers, reports, out
@@ -619,7 +623,7 @@ def _extract_deep(
                     if (out is None and reports[-1].width >= cf.all_on_min_width and settled_signs
                             and lf2[-1][0].shape[0] == reports[-1].width):
                         lf2, reports, out = _all_on_layer(qf, lf2, reports, width, df, i == len(hidden), cf,
-                                                          rng.spawn(1)[0], rel_tol, stages.executor)
+                                                          rng.spawn(1)[0], rel_tol, stages.executor, warnings)
                     # Walks along this layer's boundaries check (and repair) the signs of the layer
                     # before. After a layer wider than its space of control (signs undecidable by the
                     # wiggle) they also give this layer's rows; otherwise a few walks are the check.
