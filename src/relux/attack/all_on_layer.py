@@ -27,6 +27,7 @@ from relux.attack.active_lines import active_lines, all_on_map, all_on_region
 from relux.attack.config import ExtractionConfig
 from relux.attack.confirm import crossing_hits, mostly_confirmed
 from relux.attack.critical import LineKinks
+from relux.attack.hyperplanes import signature_from_jump
 from relux.attack.witnesses import Candidate, find_candidates, measure_candidates
 from relux.oracle.base import FloatArray, QueryFn
 from relux.parallel import Executor
@@ -63,7 +64,6 @@ class AllOnRows:
 
 @dataclass
 class _Cluster:
-    key: FloatArray
     members: list[Candidate] = field(default_factory=list)
     done: bool = False  # measured (a row, or found not to be one)
 
@@ -105,17 +105,11 @@ def jump_keys(
     Y = Y.reshape(n, k + 1, -1)
     G = (Y[:, 1:, :] - Y[:, :1, :]) / S[:, :, None]  # (pieces, k, outputs)
     out: list[FloatArray | None] = []
+    origin = np.zeros(k)
     for left, right in sides:
         J = (G[right] - G[left]).T  # (outputs, k)
-        if not np.any(J):
-            out.append(None)
-            continue
-        _, s, Vt = np.linalg.svd(J, full_matrices=False)
-        if s.size > 1 and s[1] > 1e-3 * s[0]:
-            out.append(None)
-            continue
-        v = Vt[0]
-        out.append(v if v[np.argmax(np.abs(v))] > 0 else -v)
+        sig = signature_from_jump(J, origin) if np.any(J) else None
+        out.append(sig.w if sig is not None and sig.rank_ratio <= 1e-3 else None)
     return out, X.shape[0]
 
 
@@ -183,7 +177,7 @@ def all_on_rows(
     D = np.linalg.qr(rng.normal(size=(d0, n_keys)))[0].T  # (k, d0) orthonormal
     n_grid = int(cfg.grid_per_neuron * width * 2) + 16
     clusters: list[_Cluster] = []
-    K = np.zeros((1024, n_keys))  # the clusters' keys, one per row
+    K = np.zeros((1024, n_keys))  # each cluster's key (its first member's), one per row
     rows: list[_Row] = []
     lines: list[LineKinks] = []
     n_kinks = measured = 0
@@ -192,11 +186,11 @@ def all_on_rows(
     reason = ""
     A_last = all_on_map(layers)[0][-d_in:]
     if np.linalg.matrix_rank(A_last) < d_in:
-        return AllOnRows(empty.W, empty.b, (), empty.residual, 0, 0, 0,
-                         f"layer {len(layers)} has {d_in} neurons but controls fewer directions where all are on")
+        return dataclasses.replace(
+            empty, reason=f"layer {len(layers)} has {d_in} neurons but controls fewer directions where all are on")
     region = all_on_region(layers, 3.0 * cfg.input_scale)
     if region is None:
-        return AllOnRows(empty.W, empty.b, (), empty.residual, 0, 0, 0, "no point where every known neuron is on")
+        return dataclasses.replace(empty, reason="no point where every known neuron is on")
     while len(lines) < max_lines and len(rows) < width and stall < 2:
         al = active_lines(region, per_round, scale, rng, d_last=d_in)
         if al.x0.shape[0] == 0:
@@ -221,7 +215,7 @@ def all_on_rows(
             if len(clusters) == K.shape[0]:
                 K = np.concatenate([K, np.zeros_like(K)])
             K[len(clusters)] = key
-            clusters.append(_Cluster(key, [c]))
+            clusters.append(_Cluster([c]))
         before = len(rows)
         for cl in clusters:
             if cl.done or cl.n_lines < 2:
@@ -235,8 +229,8 @@ def all_on_rows(
         log.debug("all-on lines: %d lines, %d kinks, %d keys in %d clusters, %d rows", len(lines), n_kinks,
                   sum(len(c.members) for c in clusters), len(clusters), len(rows))
     if not rows:
-        return AllOnRows(empty.W, empty.b, (), empty.residual, len(lines), n_kinks, measured,
-                         reason or "no key was seen on two lines")
+        return dataclasses.replace(empty, lines=len(lines), kinks=n_kinks, measured=measured,
+                                   reason=reason or "no key was seen on two lines")
     # two clusters of one neuron (keys split by a spoiled probe) give one row twice: keep the first
     U = np.stack([np.append(r.w, r.b) for r in rows])
     U /= np.linalg.norm(U, axis=1, keepdims=True)
