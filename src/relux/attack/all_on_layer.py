@@ -44,6 +44,11 @@ KEY_TOL = 1e-6
 #: A row from one finite-difference gradient (steps of ``fd_rel_step / d`` of a piece) is good to about
 #: 1e-6 relative; its other kinks lie that close to its plane, a deeper neuron's kink O(1) away.
 PLANE_TOL = 1e-4
+#: A row is confirmed on two kinks of different lines at least this fraction of the shorter line's
+#: length apart. Kinks of one deeper neuron agree in key and plane wherever the layer's pattern is the
+#: same, as near a vertex two chords share; a chord crosses about a hundred of the layer's boundaries,
+#: so that stretch is about 1% of its length.
+MIN_APART = 0.1
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,18 @@ class _Cluster:
     @property
     def n_lines(self) -> int:
         return len({c.line for c in self.members})
+
+
+def _apart(members: Sequence[Candidate], lengths: Sequence[float]) -> bool:
+    """Whether two of ``members`` on different lines are ``MIN_APART`` of the shorter line apart
+    (``lengths``: every line's length, by index)."""
+    if len({c.line for c in members}) < 2:
+        return False
+    X = np.stack([c.x for c in members])
+    line = np.array([c.line for c in members])
+    ln = np.asarray(lengths)[line]
+    dist = np.linalg.norm(X[:, None, :] - X[None, :, :], axis=2)
+    return bool(np.any((line[:, None] != line[None, :]) & (dist >= MIN_APART * np.minimum(ln[:, None], ln[None, :]))))
 
 
 def jump_keys(
@@ -122,13 +139,13 @@ class _Row(NamedTuple):
 
 
 def _cluster_row(
-    query: QueryFn, layers: Sequence[pfx.Layer], d0: int, cl: _Cluster, cfg: ExtractionConfig, rel_tol: float,
-    executor: Executor | None,
+    query: QueryFn, layers: Sequence[pfx.Layer], d0: int, cl: _Cluster, lengths: Sequence[float],
+    cfg: ExtractionConfig, rel_tol: float, executor: Executor | None,
 ) -> tuple[_Row | None, int]:
     """The row of a cluster's neuron, measured at one member on each of up to two lines and taken from
     the measurement whose plane passes closest to the other members (a finite-difference probe that
     crossed an unseen boundary spoils one measurement, rarely two), and the measurements made. None
-    when no measurement passes through members on two lines."""
+    when no measurement passes through members on two lines far enough apart (:func:`_apart`)."""
     by_line: dict[int, Candidate] = {}
     for c in cl.members:
         by_line.setdefault(c.line, c)
@@ -145,7 +162,7 @@ def _cluster_row(
         w, b = wts[0].w, wts[0].b
         z = np.abs(H @ w + b) / (hn * float(np.linalg.norm(w)) + abs(b))
         on = z <= max(PLANE_TOL, 1e3 * rel_tol)
-        if len({m.line for m, o in zip(cl.members, on, strict=True) if o}) < 2:
+        if not _apart([m for m, o in zip(cl.members, on, strict=True) if o], lengths):
             continue
         row = _Row(w, b, [x for x, o in zip(X, on, strict=True) if o], float(np.median(z[on])), float(np.max(z[on])))
         if best is None or row.fit < best.fit:
@@ -168,8 +185,9 @@ def all_on_rows(
     per_round: int = 8,
 ) -> AllOnRows:
     """Rows of the layer behind ``layers`` from kinks on all-on lines (module docstring). Rounds of
-    ``per_round`` lines run until ``width`` rows are confirmed, two rounds in a row add none, or
-    ``cfg.max_search_lines * 4`` lines were walked."""
+    ``per_round`` lines run until ``width`` rows are confirmed, three rounds in a row add none, or
+    ``cfg.max_search_lines * 8`` lines were walked. (Behind the first two layers of the CIFAR-scale
+    unitary network the last rows come one in one or two rounds: 253 of 256 after 96 lines.)"""
     d_in = layers[-1][0].shape[0]
     scale = cfg.input_scale * float(np.sqrt(d0))
     empty = AllOnRows(np.zeros((0, d_in)), np.zeros(0), (), np.zeros(0), 0, 0, 0)
@@ -180,9 +198,11 @@ def all_on_rows(
     K = np.zeros((1024, n_keys))  # each cluster's key (its first member's), one per row
     rows: list[_Row] = []
     lines: list[LineKinks] = []
+    lengths: list[float] = []
+    facets = np.zeros(0, dtype=int)
     n_kinks = measured = 0
     stall = 0
-    max_lines = cfg.max_search_lines * 4
+    max_lines = cfg.max_search_lines * 8
     reason = ""
     A_last = all_on_map(layers)[0][-d_in:]
     if np.linalg.matrix_rank(A_last) < d_in:
@@ -191,8 +211,12 @@ def all_on_rows(
     region = all_on_region(layers, 3.0 * cfg.input_scale)
     if region is None:
         return dataclasses.replace(empty, reason="no point where every known neuron is on")
-    while len(lines) < max_lines and len(rows) < width and stall < 2:
-        al = active_lines(region, per_round, scale, rng, d_last=d_in)
+    while len(lines) < max_lines and len(rows) < width and stall < 3:
+        # each neuron of the layer before ends one facet chord while it can (active_lines)
+        if facets.size < per_round:
+            facets = np.concatenate([facets, rng.permutation(d_in)])
+        al = active_lines(region, per_round, scale, rng, d_last=d_in, facets=facets[:per_round].tolist())
+        facets = facets[per_round:]
         if al.x0.shape[0] == 0:
             reason = al.reason
             break
@@ -203,6 +227,7 @@ def all_on_rows(
                                       t_range=float(half), known=known)
             cands += [Candidate(len(lines), c.x, c.left, c.right, c.half_left, c.half_right, c.unorm) for c in got]
             lines += ci.lines_found
+            lengths += [(ln.t_hi - ln.t_lo) * float(np.linalg.norm(ln.u)) for ln in ci.lines_found]
             n_kinks += ci.kinks
         keys, _ = jump_keys(query, layers, cands, D, cfg.fd_rel_step)
         for c, key in zip(cands, keys, strict=True):
@@ -218,10 +243,10 @@ def all_on_rows(
             clusters.append(_Cluster([c]))
         before = len(rows)
         for cl in clusters:
-            if cl.done or cl.n_lines < 2:
+            if cl.done or not _apart(cl.members, lengths):
                 continue
             cl.done = True
-            row, n = _cluster_row(query, layers, d0, cl, cfg, rel_tol, executor)
+            row, n = _cluster_row(query, layers, d0, cl, lengths, cfg, rel_tol, executor)
             measured += n
             if row is not None:
                 rows.append(row)
@@ -230,7 +255,7 @@ def all_on_rows(
                   sum(len(c.members) for c in clusters), len(clusters), len(rows))
     if not rows:
         return dataclasses.replace(empty, lines=len(lines), kinks=n_kinks, measured=measured,
-                                   reason=reason or "no key was seen on two lines")
+                                   reason=reason or "no key was seen on two lines far apart")
     # two clusters of one neuron (keys split by a spoiled probe) give one row twice: keep the first
     U = np.stack([np.append(r.w, r.b) for r in rows])
     U /= np.linalg.norm(U, axis=1, keepdims=True)
