@@ -7,11 +7,12 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relux.attack.active_lines import active_lines, all_on_region
-from relux.attack.all_on_layer import all_on_outcome, all_on_rows
+from relux.attack.active_lines import END_TRIM, active_lines, all_on_region
+from relux.attack.all_on_layer import _apart, all_on_outcome, all_on_rows
 from relux.attack.config import ExtractionConfig
 from relux.attack.pipeline import _all_on_layer
 from relux.attack.result import LayerReport
+from relux.attack.witnesses import Candidate
 from relux.oracle import CountingOracle, MLPOracle
 from relux.zoo import random_mlp
 
@@ -43,6 +44,34 @@ def test_every_point_of_every_chord_has_every_known_neuron_on(seed: int, d: int,
             Z = H @ W.T + b
             assert np.all(Z > 0)  # the chord is strictly inside: every neuron on, no switching
             H = Z
+
+
+def test_between_facets_chords_end_near_the_facets_of_the_neurons_named() -> None:
+    rng = np.random.default_rng(5)
+    layers = [(rng.normal(size=(6, 8)), rng.normal(scale=0.3, size=6))]
+    region = all_on_region(layers, 3.0)
+    assert region is not None
+    lines = active_lines(region, 2, 1.0, rng, facets=[4, 1])
+    assert lines.x0.shape[0] == 2, lines.reason
+    # chord 1 (the second) joins the vertices where neurons 4 and 1 are lowest: on their facets, each
+    # end pulled at most 3% of the way to the centre (the margin, 1e-6 of the range, is below that)
+    W, b = layers[0]
+    z_centre = W @ region.centre + b
+    ends = [lines.x0[1] + s * lines.half[1] / (1.0 - 2 * END_TRIM) * lines.u[1] for s in (-1.0, 1.0)]
+    for x, m in zip(ends, (4, 1), strict=True):
+        assert 0.0 < W[m] @ x + b[m] <= 0.031 * z_centre[m]
+
+
+def test_a_row_is_confirmed_only_on_kinks_of_two_lines_far_apart() -> None:
+    def cand(line: int, x: list[float]) -> Candidate:
+        return Candidate(line, np.array(x), np.zeros(2), np.zeros(2), 0.1, 0.1, 1.0)
+
+    lengths = [10.0, 20.0, 10.0]
+    assert not _apart([cand(0, [0.0, 0.0]), cand(0, [5.0, 0.0])], lengths)  # one line
+    # a tenth of the shorter line (10) apart at least
+    assert not _apart([cand(0, [0.0, 0.0]), cand(1, [0.9, 0.0])], lengths)
+    assert _apart([cand(0, [0.0, 0.0]), cand(1, [1.1, 0.0])], lengths)
+    assert _apart([cand(0, [0.0, 0.0]), cand(2, [0.0, 0.5]), cand(1, [0.0, 1.5])], lengths)
 
 
 def test_a_region_that_cannot_exist_gives_no_lines() -> None:
