@@ -142,12 +142,15 @@ def _cluster_row(
     query: QueryFn, layers: Sequence[pfx.Layer], d0: int, cl: _Cluster, lengths: Sequence[float],
     cfg: ExtractionConfig, rel_tol: float, executor: Executor | None,
 ) -> tuple[_Row | None, int]:
-    """The row of a cluster's neuron, measured at one member on each of up to two lines and taken from
+    """The row of a cluster's neuron, measured at one member on each of up to two lines (the two
+    with the longest pieces) and taken from
     the measurement whose plane passes closest to the other members (a finite-difference probe that
     crossed an unseen boundary spoils one measurement, rarely two), and the measurements made. None
     when no measurement passes through members on two lines far enough apart (:func:`_apart`)."""
+    # On each line the member with the longest pieces on both sides: finite-difference steps are a
+    # fraction of a piece, so the longest pieces give the most precise gradient (attack-notes §3).
     by_line: dict[int, Candidate] = {}
-    for c in cl.members:
+    for c in sorted(cl.members, key=lambda c: -min(c.half_left, c.half_right) * c.unorm):
         by_line.setdefault(c.line, c)
     X = np.stack([c.x for c in cl.members])
     _, H = pfx.forward(layers, X)

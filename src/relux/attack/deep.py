@@ -807,6 +807,15 @@ def refine_row(
     spread = cfg.input_scale * float(np.sqrt(d0))
     fresh = estimated_boundary_points(layers, w, b, d0, cfg.input_scale, rng) if layers else anchors[:0]
     pol = polish_unit(query, layers, w, b, anchors, d0, spread, rng, fresh)
+    if not pol.ok and pol.fit is not None and pol.change <= 1e-3:
+        # A row a little off (one finite-difference gradient near other boundaries) predicts its
+        # boundary points a little off, and a few of those found are a neighbour's: the fit, though it
+        # does not pass, is closer, and its predictions find the right ones.
+        log.debug("polish kept the row (%s); again from its fit", pol.reason)
+        w_fit, b_fit = pol.fit
+        pol = polish_unit(query, layers, w_fit, b_fit, anchors, d0, spread, rng,
+                          estimated_boundary_points(layers, w_fit, b_fit, d0, cfg.input_scale, rng) if layers
+                          else None)
     if not pol.ok and fresh.shape[0]:
         log.debug("polish kept the row (%s); again from %d spread anchors only", pol.reason, fresh.shape[0])
         pol = polish_unit(query, layers, w, b, anchors[:0], d0, spread, rng, fresh)

@@ -41,6 +41,9 @@ class Polished:
     reason: str
     #: the layer-input coordinates the fit saw on (the others kept the given weights); None when no fit
     seen: np.ndarray | None = None
+    #: when not ``ok`` after a fit: the fitted row ``(w, b)``, a better start than the given one when the
+    #: fit failed only because some points came from a neighbouring boundary
+    fit: tuple[FloatArray, float] | None = None
 
 
 def root_on_line(layers: Sequence[pfx.Layer], w: FloatArray, b: float, p: FloatArray, n: FloatArray) -> float | None:
@@ -490,7 +493,8 @@ def polish_row(
     change = float(min(np.linalg.norm(v1 - v2), np.linalg.norm(v1 + v2)))
     if res > 1e-9 or change > 1e-3:
         return Polished(w, b, base.shape[0], dropped, res, change, False,
-                        f"boundary points do not fit one row (residual {res:.1e}, change {change:.1e})", active), q
+                        f"boundary points do not fit one row (residual {res:.1e}, change {change:.1e})", active,
+                        (w2, b2)), q
     return Polished(w2, b2, base.shape[0], dropped, res, change, True, "", active), q
 
 
