@@ -150,13 +150,16 @@ def active_lines(
     queue = [int(m) for m in facets]
     while len(x0s) < n_lines and tries < 4 * n_lines:  # two objectives may pick one vertex (few in low d)
         tries += 1
-        if len(x0s) % 2 == 0 or last.shape[0] < 2:
-            g = last[rng.integers(last.shape[0])] + 0.25 * rng.standard_normal((d,)) / np.sqrt(d)
-            ends = [vertex(A, c, box, margin, -g), vertex(A, c, box, margin, g)]
-        else:
+        ends: list[FloatArray | None] = [None, None]
+        if len(x0s) % 2 == 1 and last.shape[0] >= 2:
             pair = queue[:2] if len(queue) >= 2 else rng.choice(last.shape[0], 2, replace=False).tolist()
             del queue[:2]
             ends = [vertex(A, c, box, margin, -last[m]) for m in pair]
+        if ends[0] is None or ends[1] is None or np.linalg.norm(ends[1] - ends[0]) <= 1e-9 * box * np.sqrt(d):
+            # an across chord (also in place of a facet chord whose two neurons are lowest at one
+            # vertex, as happens in few dimensions: pulled in by different amounts, a sliver)
+            g = last[rng.integers(last.shape[0])] + 0.25 * rng.standard_normal((d,)) / np.sqrt(d)
+            ends = [vertex(A, c, box, margin, -g), vertex(A, c, box, margin, g)]
         if ends[0] is None or ends[1] is None:
             continue
         # a vertex lies on some neurons' margins: pulled a little of the way to the centre, the chord

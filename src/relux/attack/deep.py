@@ -355,8 +355,9 @@ def outcome_from_rows(
             W[j], b[j], cov[j] = c.w / n, c.b / n, c.coverage
     for j in range(W.shape[0]):
         P = row_points[j]
-        # Up to three tries, anchors and boundary points drawn afresh: the wiggle below leans on every
-        # row (behind CIFAR layer 1, one row left 3e-7 off gave 15 wrong signs at full confidence).
+        # Up to three tries, boundary points (and anchors, from a row with more than 8) drawn afresh:
+        # the wiggle below leans on every row (behind CIFAR layer 1, one row left 3e-7 off gave 15
+        # wrong signs at full confidence).
         for _ in range(3):
             anchors = P[rng.choice(P.shape[0], size=min(8, P.shape[0]), replace=False)]
             got = refine_row(query, layers, W[j], float(b[j]), anchors, d0, cfg, rng)
