@@ -7,7 +7,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relux.attack.active_lines import END_TRIM, active_lines, all_on_region
+from relux.attack.active_lines import END_TRIM, TIP_REACH, TIP_START, active_lines, all_on_region, tip_lines
 from relux.attack.all_on_layer import _apart, all_on_outcome, all_on_rows
 from relux.attack.config import ExtractionConfig
 from relux.attack.pipeline import _all_on_layer
@@ -72,6 +72,52 @@ def test_a_row_is_confirmed_only_on_kinks_of_two_lines_far_apart() -> None:
     assert not _apart([cand(0, [0.0, 0.0]), cand(1, [0.9, 0.0])], lengths)
     assert _apart([cand(0, [0.0, 0.0]), cand(1, [1.1, 0.0])], lengths)
     assert _apart([cand(0, [0.0, 0.0]), cand(2, [0.0, 0.5]), cand(1, [0.0, 1.5])], lengths)
+
+
+def test_kinks_of_tips_need_the_known_neurons_to_switch_between_them() -> None:
+    def cand(line: int, x: list[float]) -> Candidate:
+        return Candidate(line, np.array(x), np.zeros(2), np.zeros(2), 0.1, 0.1, 1.0)
+
+    far = [cand(0, [0.0, 0.0]), cand(1, [100.0, 0.0])]
+    # line 1 is a tip (no length): distance never counts, near a shared vertex a deeper neuron's
+    # kinks agree in key
+    assert not _apart(far, [10.0, np.inf])
+    one = np.array([[True, False, True], [True, True, True]])  # one known neuron switches between them
+    two = np.array([[True, False, True], [False, True, True]])
+    assert not _apart(far, [10.0, np.inf], one)
+    assert _apart(far, [10.0, np.inf], two)
+    assert not _apart([cand(0, [0.0, 0.0]), cand(0, [1.0, 0.0])], [10.0], two)  # one line
+    assert _apart([cand(0, [0.0, 0.0]), cand(1, [0.1, 0.0])], [10.0, 10.0], two)  # close chords, switched
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), d=st.integers(3, 10))
+def test_tips_start_at_the_vertex_named_and_stay_inside(seed: int, d: int) -> None:
+    rng = np.random.default_rng(seed)
+    layers = [(rng.normal(size=(d, d)), rng.normal(scale=0.3, size=d) + 1.0)]
+    region = all_on_region(layers, 3.0)
+    if region is None:
+        return
+    W, b = layers[0]
+    ends = [(int(rng.integers(d)), bool(rng.integers(2))) for _ in range(3)]
+    tips = tip_lines(region, ends, 2.0, d)
+    assert tips.x0.shape[0] >= len(ends)
+    np.testing.assert_allclose(np.linalg.norm(tips.u, axis=1), 2.0)
+    for x0, u, half in zip(tips.x0, tips.u, tips.half, strict=True):
+        X = x0 + np.linspace(-half, half, 21)[:, None] * u
+        assert np.all(X @ W.T + b > 0)  # every point of a tip is in the region
+    # the first tip starts on the facet of ends[0]'s neuron: its value there is its lowest (or
+    # highest) over the region, moved TIP_START of the way towards the centre
+    m, high = ends[0]
+    start = tips.x0[0] - tips.half[0] / (1.0 - 2 * END_TRIM) * tips.u[0]
+    v = (start - TIP_START * region.centre) / (1.0 - TIP_START)  # the vertex itself
+    z = W @ v + b
+    grid = region.centre + rng.uniform(-1.0, 1.0, size=(200, d)) * 0.1
+    inside = grid[np.all(grid @ W.T + b > region.margin, axis=1)]
+    vals = inside @ W[m] + b[m]
+    assert (z[m] >= vals.max() - 1e-9) if high else (z[m] <= vals.min() + 1e-9)
+    reach = np.linalg.norm(2 * tips.half[0] / (1.0 - 2 * END_TRIM) * tips.u[0])
+    np.testing.assert_allclose(reach, (TIP_REACH - TIP_START) * np.linalg.norm(region.centre - v), rtol=1e-9)
 
 
 def test_a_region_that_cannot_exist_gives_no_lines() -> None:

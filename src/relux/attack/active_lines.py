@@ -176,3 +176,54 @@ def active_lines(
         halves.append(0.5 * (1.0 - 2 * END_TRIM) * nv / scale)
     reason = "" if len(x0s) == n_lines else f"{len(x0s)} of {n_lines} chords found"
     return ActiveLines(np.array(x0s).reshape(-1, d), np.array(us).reshape(-1, d), np.array(halves), reason)
+
+
+#: How far into the region a tip reaches, as a fraction of the way from its vertex to its target.
+#: Behind the true first two layers of the CIFAR-scale unitary network, the zero of each of the
+#: fifteen least-crossed layer-3 neurons lies within 0.05-0.5 of the way from a vertex where it has
+#: the minority sign to the centre (neuron 10: at 2 of the 512 facet vertices, at 0.05 and 0.16).
+TIP_REACH = 0.25
+#: Where a tip starts: this fraction of the way in from its vertex (which lies on some margins).
+TIP_START = 2e-3
+
+
+def tip_lines(
+    region: AllOnRegion,
+    ends: Sequence[tuple[int, bool]],
+    scale: float,
+    d_last: int,
+) -> ActiveLines:
+    """Two short lines (*tips*) from each of the vertices where neuron ``m`` of the last known layer
+    is lowest (``(m, False)`` in ``ends``) or highest (``(m, True)``): one towards the centre, one
+    towards the middle of the centre and the next vertex, each reaching ``TIP_REACH`` of the way.
+    A next-layer neuron whose sign at nearly every vertex is the same is switched only in small
+    corners of the region; a chord crosses it only when one of its ends lies in such a corner, and
+    then once. Both tips of a corner's vertex cross it, at points of its boundary where the layer's
+    known neurons differ (:func:`relux.attack.all_on_layer.all_on_rows` confirms a row on such a
+    pair). ``u`` has norm ``scale``; line ``i`` spans ``|t| ≤ half[i]``. No queries are made."""
+    A, c, margin, box = region.A, region.c, region.margin, region.box
+    d = A.shape[1]
+    last = A[-d_last:]
+    last = last / np.maximum(np.linalg.norm(last, axis=1, keepdims=True), np.finfo(float).tiny)
+    verts = [v for v in (vertex(A, c, box, margin, last[m] if high else -last[m]) for m, high in ends)
+             if v is not None]
+    x0s: list[FloatArray] = []
+    us: list[FloatArray] = []
+    halves: list[float] = []
+    for i, v in enumerate(verts):
+        other = verts[(i + 1) % len(verts)]
+        targets = [region.centre]
+        if np.linalg.norm(other - v) > 1e-9 * box * np.sqrt(d):  # else both tips would be one line
+            targets.append(0.5 * (region.centre + other))
+        for target in targets:
+            a = v + TIP_START * (target - v)
+            b = v + TIP_REACH * (target - v)
+            nv = float(np.linalg.norm(b - a))
+            if nv == 0.0:
+                continue
+            x0s.append(0.5 * (a + b))
+            us.append((b - a) * (scale / nv))
+            halves.append(0.5 * (1.0 - 2 * END_TRIM) * nv / scale)
+    want = 2 * len(ends)
+    reason = "" if len(x0s) == want else f"{len(x0s)} of {want} tips found"
+    return ActiveLines(np.array(x0s).reshape(-1, d), np.array(us).reshape(-1, d), np.array(halves), reason)

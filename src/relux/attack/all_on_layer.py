@@ -24,7 +24,7 @@ import numpy as np
 from scipy.spatial.distance import cdist
 
 from relux.attack import prefix as pfx
-from relux.attack.active_lines import active_lines, all_on_map, all_on_region
+from relux.attack.active_lines import active_lines, all_on_map, all_on_region, tip_lines
 from relux.attack.config import ExtractionConfig
 from relux.attack.confirm import crossing_hits, mostly_confirmed
 from relux.attack.critical import LineKinks
@@ -50,6 +50,10 @@ PLANE_TOL = 1e-4
 #: same, as near a vertex two chords share; a chord crosses about a hundred of the layer's boundaries,
 #: so that stretch is about 1% of its length.
 MIN_APART = 0.1
+#: ... or where at least this many of the layer's known neurons switch between the two kinks. A
+#: deeper neuron's key changes with any one of them unless its weight on it is zero; two guard
+#: against one weak weight.
+MIN_SWITCHED = 2
 
 
 @dataclass(frozen=True)
@@ -74,16 +78,38 @@ class _Cluster:
     done: bool = False  # measured (a row, or found not to be one)
 
 
-def _apart(members: Sequence[Candidate], lengths: Sequence[float]) -> bool:
-    """Whether two of ``members`` on different lines are ``MIN_APART`` of the shorter line apart
-    (``lengths``: every line's length, by index)."""
+def _apart(
+    members: Sequence[Candidate], lengths: Sequence[float], switched: np.ndarray | None = None,
+) -> bool:
+    """Whether two of ``members`` on different lines are kinks of one neuron of the layer, not of a
+    deeper neuron whose key stayed the same: either both lines are chords (finite ``lengths``, by line
+    index) and the kinks are ``MIN_APART`` of the shorter one apart, or ``switched`` (the members' on/off
+    pattern over the layer's rows known so far) differs in at least ``MIN_SWITCHED`` neurons between
+    them. A deeper neuron's key is the direction of its weights through the layer's active neurons, so
+    it changes wherever the layer's pattern does (attack-notes §3)."""
     if len({c.line for c in members}) < 2:
         return False
     X = np.stack([c.x for c in members])
     line = np.array([c.line for c in members])
-    ln = np.asarray(lengths)[line]
-    dist = cdist(X, X)
-    return bool(np.any((line[:, None] != line[None, :]) & (dist >= MIN_APART * np.minimum(ln[:, None], ln[None, :]))))
+    ln = np.asarray(lengths, dtype=float)[line]
+    pair = line[:, None] != line[None, :]
+    chords = np.isfinite(ln)
+    near = MIN_APART * np.minimum(ln[:, None], ln[None, :])
+    if np.any(pair & chords[:, None] & chords[None, :] & (cdist(X, X) >= np.where(np.isfinite(near), near, 0.0))):
+        return True
+    if switched is None or switched.shape[1] == 0:
+        return False
+    S = switched.astype(float)
+    differ = S @ (1.0 - S).T + (1.0 - S) @ S.T
+    return bool(np.any(pair & (differ >= MIN_SWITCHED)))
+
+
+def _switched(layers: Sequence[pfx.Layer], X: FloatArray, known: tuple[FloatArray, FloatArray] | None) -> np.ndarray:
+    """The on/off pattern at ``X`` of the layer's rows ``known`` so far (no columns when none are)."""
+    if known is None:
+        return np.zeros((X.shape[0], 0), dtype=bool)
+    _, H = pfx.forward(layers, X)
+    return np.asarray(H @ known[0].T + known[1] > 0)
 
 
 def jump_keys(
@@ -137,7 +163,7 @@ class _Row(NamedTuple):
 
 def _cluster_row(
     query: QueryFn, layers: Sequence[pfx.Layer], d0: int, cl: _Cluster, lengths: Sequence[float],
-    cfg: ExtractionConfig, rel_tol: float, executor: Executor | None,
+    known: tuple[FloatArray, FloatArray] | None, cfg: ExtractionConfig, rel_tol: float, executor: Executor | None,
 ) -> tuple[_Row | None, int]:
     """The row of a cluster's neuron, measured at one member on each of up to two lines (the two
     with the longest pieces) and taken from
@@ -152,6 +178,7 @@ def _cluster_row(
     X = np.stack([c.x for c in cl.members])
     _, H = pfx.forward(layers, X)
     hn = np.linalg.norm(H, axis=1)
+    switched = _switched(layers, X, known)
     best: _Row | None = None
     n = 0
     for c in list(by_line.values())[:2]:
@@ -162,7 +189,7 @@ def _cluster_row(
         w, b = wts[0].w, wts[0].b
         z = np.abs(H @ w + b) / (hn * float(np.linalg.norm(w)) + abs(b))
         on = z <= max(PLANE_TOL, 1e3 * rel_tol)
-        if not _apart([m for m, o in zip(cl.members, on, strict=True) if o], lengths):
+        if not _apart([m for m, o in zip(cl.members, on, strict=True) if o], lengths, switched[on]):
             continue
         row = _Row(w, b, [x for x, o in zip(X, on, strict=True) if o], float(np.median(z[on])), float(np.max(z[on])))
         if best is None or row.fit < best.fit:
@@ -201,7 +228,8 @@ def all_on_rows(
     lengths: list[float] = []
     facets = np.zeros(0, dtype=int)
     n_kinks = measured = 0
-    stall = 0
+    stall = gained = n_tips = 0
+    few = max(1, width // 100)  # rows a round of chords adds before tips take over
     max_lines = cfg.max_search_lines * 8
     reason = ""
     A_last = all_on_map(layers)[0][-d_in:]
@@ -211,14 +239,26 @@ def all_on_rows(
     region = all_on_region(layers, 3.0 * cfg.input_scale)
     if region is None:
         return dataclasses.replace(empty, reason="no point where every known neuron is on")
-    while len(lines) < max_lines and len(rows) < width and stall < 3:
-        # each neuron of the layer before ends one facet chord while it can (active_lines)
-        n_ends = 2 * (per_round // 2)  # two ends for each facet chord (every other chord)
-        if facets.size < n_ends:
-            facets = np.concatenate([facets, rng.permutation(d_in)])
-        al = active_lines(region, per_round, scale, rng, d_last=d_in, facets=facets[:n_ends].tolist())
-        facets = facets[n_ends:]
+    tips: list[tuple[int, bool]] | None = None  # the vertices tips are still to start from, once begun
+    while len(rows) < width:
+        if tips is None and (len(lines) >= max_lines or stall >= 3 or (len(lines) > per_round and gained <= few)):
+            # chords now add rows slowly: the rest are switched only in small corners (tip_lines)
+            tips = [(int(k) % d_in, bool(k >= d_in)) for k in rng.permutation(2 * d_in)]
+        if tips is not None:
+            if not tips:
+                break
+            al = tip_lines(region, tips[: per_round // 2], scale, d_last=d_in)
+            del tips[: per_round // 2]
+        else:
+            # each neuron of the layer before ends one facet chord while it can (active_lines)
+            n_ends = 2 * (per_round // 2)  # two ends for each facet chord (every other chord)
+            if facets.size < n_ends:
+                facets = np.concatenate([facets, rng.permutation(d_in)])
+            al = active_lines(region, per_round, scale, rng, d_last=d_in, facets=facets[:n_ends].tolist())
+            facets = facets[n_ends:]
         if al.x0.shape[0] == 0:
+            if tips is not None:
+                continue
             reason = al.reason
             break
         known = (np.stack([r.w for r in rows]), np.array([r.b for r in rows])) if rows else None
@@ -228,8 +268,11 @@ def all_on_rows(
                                       t_range=float(half), known=known)
             cands += [Candidate(len(lines), c.x, c.left, c.right, c.half_left, c.half_right, c.unorm) for c in got]
             lines += ci.lines_found
-            lengths += [(ln.t_hi - ln.t_lo) * float(np.linalg.norm(ln.u)) for ln in ci.lines_found]
+            # a tip's length does not count (_apart): two tips share their vertex
+            lengths += [np.inf if tips is not None else (ln.t_hi - ln.t_lo) * float(np.linalg.norm(ln.u))
+                        for ln in ci.lines_found]
             n_kinks += ci.kinks
+            n_tips += len(ci.lines_found) if tips is not None else 0
         keys, _ = jump_keys(query, layers, cands, D, cfg.fd_rel_step)
         for c, key in zip(cands, keys, strict=True):
             if key is None:
@@ -244,16 +287,19 @@ def all_on_rows(
             clusters.append(_Cluster([c]))
         before = len(rows)
         for cl in clusters:
-            if cl.done or not _apart(cl.members, lengths):
+            if cl.done or len({c.line for c in cl.members}) < 2:
+                continue
+            if not _apart(cl.members, lengths, _switched(layers, np.stack([c.x for c in cl.members]), known)):
                 continue
             cl.done = True
-            row, n = _cluster_row(query, layers, d0, cl, lengths, cfg, rel_tol, executor)
+            row, n = _cluster_row(query, layers, d0, cl, lengths, known, cfg, rel_tol, executor)
             measured += n
             if row is not None:
                 rows.append(row)
-        stall = stall + 1 if len(rows) == before else 0
-        log.debug("all-on lines: %d lines, %d kinks, %d keys in %d clusters, %d rows", len(lines), n_kinks,
-                  sum(len(c.members) for c in clusters), len(clusters), len(rows))
+        gained = len(rows) - before
+        stall = stall + 1 if gained == 0 else 0
+        log.debug("all-on lines: %d lines (%d tips), %d kinks, %d keys in %d clusters, %d rows", len(lines), n_tips,
+                  n_kinks, sum(len(c.members) for c in clusters), len(clusters), len(rows))
     if not rows:
         return dataclasses.replace(empty, lines=len(lines), kinks=n_kinks, measured=measured,
                                    reason=reason or "no key was seen on two lines far apart")
