@@ -7,7 +7,16 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relux.attack.active_lines import END_TRIM, TIP_REACH, TIP_START, active_lines, all_on_region, tip_lines
+from relux.attack.active_lines import (
+    END_TRIM,
+    TIP_REACH,
+    TIP_START,
+    active_lines,
+    all_on_region,
+    corner_scores,
+    facet_vertices,
+    tip_lines,
+)
 from relux.attack.all_on_layer import _apart, all_on_outcome, all_on_rows
 from relux.attack.config import ExtractionConfig
 from relux.attack.pipeline import _all_on_layer
@@ -92,32 +101,54 @@ def test_kinks_of_tips_need_the_known_neurons_to_switch_between_them() -> None:
 
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 2**16), d=st.integers(3, 10))
-def test_tips_start_at_the_vertex_named_and_stay_inside(seed: int, d: int) -> None:
+def test_facet_vertices_are_where_each_neuron_is_lowest_or_highest(seed: int, d: int) -> None:
     rng = np.random.default_rng(seed)
     layers = [(rng.normal(size=(d, d)), rng.normal(scale=0.3, size=d) + 1.0)]
     region = all_on_region(layers, 3.0)
     if region is None:
         return
     W, b = layers[0]
-    ends = [(int(rng.integers(d)), bool(rng.integers(2))) for _ in range(3)]
-    tips = tip_lines(region, ends, 2.0, d)
-    assert tips.x0.shape[0] >= len(ends)
+    V = facet_vertices(region, d)
+    assert 1 <= V.shape[0] <= 2 * d
+    Z = V @ W.T + b
+    assert np.all(Z >= region.margin - 1e-9)  # in the region
+    # each neuron's lowest and highest value over the region is at one of them: no point of the
+    # region (random points near the centre, here) is beyond
+    grid = region.centre + rng.uniform(-1.0, 1.0, size=(200, d)) * 0.1
+    inside = grid[np.all(grid @ W.T + b > region.margin, axis=1)]
+    vals = inside @ W.T + b
+    assert np.all(Z.min(axis=0) <= vals.min(axis=0, initial=np.inf) + 1e-9)
+    assert np.all(Z.max(axis=0) >= vals.max(axis=0, initial=-np.inf) - 1e-9)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), d=st.integers(3, 10))
+def test_tips_start_at_their_vertex_and_stay_inside(seed: int, d: int) -> None:
+    rng = np.random.default_rng(seed)
+    layers = [(rng.normal(size=(d, d)), rng.normal(scale=0.3, size=d) + 1.0)]
+    region = all_on_region(layers, 3.0)
+    if region is None:
+        return
+    W, b = layers[0]
+    V = facet_vertices(region, d)[:3]
+    tips = tip_lines(region, V, 2.0)
+    assert V.shape[0] <= tips.x0.shape[0] <= 2 * V.shape[0]
     np.testing.assert_allclose(np.linalg.norm(tips.u, axis=1), 2.0)
     for x0, u, half in zip(tips.x0, tips.u, tips.half, strict=True):
         X = x0 + np.linspace(-half, half, 21)[:, None] * u
         assert np.all(X @ W.T + b > 0)  # every point of a tip is in the region
-    # the first tip starts on the facet of ends[0]'s neuron: its value there is its lowest (or
-    # highest) over the region, moved TIP_START of the way towards the centre
-    m, high = ends[0]
-    start = tips.x0[0] - tips.half[0] / (1.0 - 2 * END_TRIM) * tips.u[0]
-    v = (start - TIP_START * region.centre) / (1.0 - TIP_START)  # the vertex itself
-    z = W @ v + b
-    grid = region.centre + rng.uniform(-1.0, 1.0, size=(200, d)) * 0.1
-    inside = grid[np.all(grid @ W.T + b > region.margin, axis=1)]
-    vals = inside @ W[m] + b[m]
-    assert (z[m] >= vals.max() - 1e-9) if high else (z[m] <= vals.min() + 1e-9)
-    reach = np.linalg.norm(2 * tips.half[0] / (1.0 - 2 * END_TRIM) * tips.u[0])
-    np.testing.assert_allclose(reach, (TIP_REACH - TIP_START) * np.linalg.norm(region.centre - v), rtol=1e-9)
+    # the first tip runs from TIP_START to TIP_REACH of the way from the first vertex to the centre
+    full = 2 * tips.half[0] / (1.0 - 2 * END_TRIM) * tips.u[0]
+    start = tips.x0[0] - 0.5 * full
+    np.testing.assert_allclose(start, V[0] + TIP_START * (region.centre - V[0]), atol=1e-9)
+    np.testing.assert_allclose(start + full, V[0] + TIP_REACH * (region.centre - V[0]), atol=1e-9)
+
+
+def test_corners_score_by_the_neurons_rarely_of_their_sign_there() -> None:
+    # values of four neurons (columns) at five vertices (rows): neuron 0 is negative at vertex 2 only,
+    # neuron 1 at vertices 2 and 3, neuron 2 positive at vertex 0 only, neuron 3 never changes sign
+    Z = np.array([[1, 1, -1, 1, 1], [1, 1, -1, -1, 1], [1, -1, -1, -1, -1], [1, 1, 1, 1, 1]], dtype=float).T
+    np.testing.assert_allclose(corner_scores(Z), [1.0, 0.0, 1.0 + 0.5, 0.5, 0.0])
 
 
 def test_a_region_that_cannot_exist_gives_no_lines() -> None:

@@ -187,33 +187,53 @@ TIP_REACH = 0.25
 TIP_START = 2e-3
 
 
-def tip_lines(
-    region: AllOnRegion,
-    ends: Sequence[tuple[int, bool]],
-    scale: float,
-    d_last: int,
-) -> ActiveLines:
-    """Two short lines (*tips*) from each of the vertices where neuron ``m`` of the last known layer
-    is lowest (``(m, False)`` in ``ends``) or highest (``(m, True)``): one towards the centre, one
-    towards the middle of the centre and the next vertex, each reaching ``TIP_REACH`` of the way.
-    A next-layer neuron whose sign at nearly every vertex is the same is switched only in small
-    corners of the region; a chord crosses it only when one of its ends lies in such a corner, and
-    then once. Both tips of a corner's vertex cross it, at points of its boundary where the layer's
-    known neurons differ (:func:`relux.attack.all_on_layer.all_on_rows` confirms a row on such a
-    pair). ``u`` has norm ``scale``; line ``i`` spans ``|t| ≤ half[i]``. No queries are made."""
+def facet_vertices(region: AllOnRegion, d_last: int) -> FloatArray:
+    """The vertices of ``region`` where each of the last known layer's ``d_last`` neurons is lowest and
+    highest (linear programs, no queries), without repeats: ``(n, d)``, ``n ≤ 2 d_last``."""
     A, c, margin, box = region.A, region.c, region.margin, region.box
-    d = A.shape[1]
     last = A[-d_last:]
     last = last / np.maximum(np.linalg.norm(last, axis=1, keepdims=True), np.finfo(float).tiny)
-    verts = [v for v in (vertex(A, c, box, margin, last[m] if high else -last[m]) for m, high in ends)
-             if v is not None]
+    found = [v for g in (*(-last), *last) if (v := vertex(A, c, box, margin, g)) is not None]
+    if not found:
+        return np.zeros((0, A.shape[1]))
+    V = np.stack(found)
+    tol = 1e-9 * box * np.sqrt(A.shape[1])
+    keep = [i for i in range(V.shape[0]) if not np.any(np.linalg.norm(V[:i] - V[i], axis=1) <= tol)]
+    out: FloatArray = V[keep]
+    return out
+
+
+def corner_scores(Z: FloatArray) -> FloatArray:
+    """How much each vertex is a corner, from ``Z`` (vertices x neurons: the known next-layer neurons'
+    values there): the sum, over neurons, of ``1 / (vertices where the neuron has its rarer sign)``
+    where this vertex is one of them. Corners are shared: behind the true first two layers of the
+    CIFAR-scale unitary network, the two vertices (of 512) where layer-3 neuron 10 is negative ranked
+    2nd and 22nd by the other 255 neurons' scores, and the rarest five neurons' rarer-sign vertices
+    mostly in the first 40."""
+    S = Z > 0
+    rare = S != (S.mean(axis=0) > 0.5)[None, :]
+    out: FloatArray = rare @ (1.0 / np.maximum(rare.sum(axis=0), 1))
+    return out
+
+
+def tip_lines(region: AllOnRegion, vertices: FloatArray, scale: float) -> ActiveLines:
+    """Two short lines (*tips*) from each of ``vertices`` (rows; :func:`facet_vertices`): one towards
+    the centre, one towards the middle of the centre and the next vertex, each reaching ``TIP_REACH``
+    of the way. A next-layer neuron whose sign at nearly every vertex is the same is switched only in
+    small corners of the region; a chord crosses it only when one of its ends lies in such a corner,
+    and then once. Both tips of a corner's vertex cross it, at points of its boundary where the
+    layer's known neurons differ (:func:`relux.attack.all_on_layer.all_on_rows` confirms a row on
+    such a pair). ``u`` has norm ``scale``; line ``i`` spans ``|t| ≤ half[i]``. No queries are made."""
+    d = region.A.shape[1]
+    tol = 1e-9 * region.box * np.sqrt(d)
     x0s: list[FloatArray] = []
     us: list[FloatArray] = []
     halves: list[float] = []
-    for i, v in enumerate(verts):
-        other = verts[(i + 1) % len(verts)]
+    n = vertices.shape[0]
+    for i, v in enumerate(vertices):
+        other = vertices[(i + 1) % n]
         targets = [region.centre]
-        if np.linalg.norm(other - v) > 1e-9 * box * np.sqrt(d):  # else both tips would be one line
+        if np.linalg.norm(other - v) > tol:  # else both tips would be one line
             targets.append(0.5 * (region.centre + other))
         for target in targets:
             a = v + TIP_START * (target - v)
@@ -224,6 +244,6 @@ def tip_lines(
             x0s.append(0.5 * (a + b))
             us.append((b - a) * (scale / nv))
             halves.append(0.5 * (1.0 - 2 * END_TRIM) * nv / scale)
-    want = 2 * len(ends)
+    want = 2 * n
     reason = "" if len(x0s) == want else f"{len(x0s)} of {want} tips found"
     return ActiveLines(np.array(x0s).reshape(-1, d), np.array(us).reshape(-1, d), np.array(halves), reason)

@@ -24,7 +24,14 @@ import numpy as np
 from scipy.spatial.distance import cdist
 
 from relux.attack import prefix as pfx
-from relux.attack.active_lines import active_lines, all_on_map, all_on_region, tip_lines
+from relux.attack.active_lines import (
+    active_lines,
+    all_on_map,
+    all_on_region,
+    corner_scores,
+    facet_vertices,
+    tip_lines,
+)
 from relux.attack.config import ExtractionConfig
 from relux.attack.confirm import crossing_hits, mostly_confirmed
 from relux.attack.critical import LineKinks
@@ -239,16 +246,23 @@ def all_on_rows(
     region = all_on_region(layers, 3.0 * cfg.input_scale)
     if region is None:
         return dataclasses.replace(empty, reason="no point where every known neuron is on")
-    tips: list[tuple[int, bool]] | None = None  # the vertices tips are still to start from, once begun
+    corners: FloatArray | None = None  # the facet vertices, once tips begin
+    todo = np.zeros(0, dtype=bool)  # those no tip has started from yet
     while len(rows) < width:
-        if tips is None and (len(lines) >= max_lines or stall >= 3 or (len(lines) > per_round and gained <= few)):
+        if corners is None and (len(lines) >= max_lines or stall >= 3 or (len(lines) > per_round and gained <= few)):
             # chords now add rows slowly: the rest are switched only in small corners (tip_lines)
-            tips = [(int(k) % d_in, bool(k >= d_in)) for k in rng.permutation(2 * d_in)]
-        if tips is not None:
-            if not tips:
+            corners = facet_vertices(region, d_in)
+            todo = np.ones(corners.shape[0], dtype=bool)
+        tips = corners is not None
+        if corners is not None:
+            if not todo.any() or not rows:
                 break
-            al = tip_lines(region, tips[: per_round // 2], scale, d_last=d_in)
-            del tips[: per_round // 2]
+            # the likeliest corners first, by the rows known so far (corner_scores)
+            _, Hc = pfx.forward(layers, corners)
+            score = corner_scores(Hc @ np.stack([r.w for r in rows]).T + np.array([r.b for r in rows]))
+            pick = np.flatnonzero(todo)[np.argsort(-score[todo], kind="stable")[: max(1, per_round // 2)]]
+            todo[pick] = False
+            al = tip_lines(region, corners[pick], scale)
         else:
             # each neuron of the layer before ends one facet chord while it can (active_lines)
             n_ends = 2 * (per_round // 2)  # two ends for each facet chord (every other chord)
@@ -257,7 +271,7 @@ def all_on_rows(
             al = active_lines(region, per_round, scale, rng, d_last=d_in, facets=facets[:n_ends].tolist())
             facets = facets[n_ends:]
         if al.x0.shape[0] == 0:
-            if tips is not None:
+            if tips:
                 continue
             reason = al.reason
             break
@@ -269,10 +283,10 @@ def all_on_rows(
             cands += [Candidate(len(lines), c.x, c.left, c.right, c.half_left, c.half_right, c.unorm) for c in got]
             lines += ci.lines_found
             # a tip's length does not count (_apart): two tips share their vertex
-            lengths += [np.inf if tips is not None else (ln.t_hi - ln.t_lo) * float(np.linalg.norm(ln.u))
+            lengths += [np.inf if tips else (ln.t_hi - ln.t_lo) * float(np.linalg.norm(ln.u))
                         for ln in ci.lines_found]
             n_kinks += ci.kinks
-            n_tips += len(ci.lines_found) if tips is not None else 0
+            n_tips += len(ci.lines_found) if tips else 0
         keys, _ = jump_keys(query, layers, cands, D, cfg.fd_rel_step)
         for c, key in zip(cands, keys, strict=True):
             if key is None:
