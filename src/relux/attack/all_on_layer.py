@@ -7,9 +7,12 @@ gradient costs ``2 (d + 1)`` queries. So every kink first gets a cheap key: the 
 along ``k`` fixed random directions (``2 (k + 1)`` queries at most, pieces shared between neighbouring
 kinks). A layer-``i`` neuron's jump is ``c ⊗ (w A)``, whose direction along the fixed directions is
 the same at each of its kinks; a deeper neuron's depends on which layer-``i`` neurons are on, which
-differs between lines. Keys that agree on two lines, at kinks far apart (:func:`_apart`), make a
-candidate; one full measurement gives its row, which must pass through the other kinks of its key
-and predict the kinks found on every line (:func:`relux.attack.confirm.crossing_hits`).
+differs between lines. Keys that agree on two lines, at kinks far apart or with known neurons of the
+layer switching between them (:func:`_apart`), make a candidate; one full measurement gives its row,
+which must pass through the other kinks of its key and predict the kinks found on every line
+(:func:`relux.attack.confirm.crossing_hits`). Chords find most rows; the last are of neurons switched
+only in small corners of the region, which short lines from its vertices (*tips*,
+:func:`relux.attack.active_lines.tip_lines`) cross twice.
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ class AllOnRows:
     kinks: int
     measured: int
     reason: str = ""
+    tips: int = 0  # how many of the lines were tips
 
 
 @dataclass
@@ -102,7 +106,7 @@ def _apart(
     pair = line[:, None] != line[None, :]
     chords = np.isfinite(ln)
     near = MIN_APART * np.minimum(ln[:, None], ln[None, :])
-    if np.any(pair & chords[:, None] & chords[None, :] & (cdist(X, X) >= np.where(np.isfinite(near), near, 0.0))):
+    if np.any(pair & chords[:, None] & chords[None, :] & (cdist(X, X) >= near)):
         return True
     if switched is None or switched.shape[1] == 0:
         return False
@@ -218,10 +222,14 @@ def all_on_rows(
     n_keys: int = 8,
     per_round: int = 8,
 ) -> AllOnRows:
-    """Rows of the layer behind ``layers`` from kinks on all-on lines (module docstring). Rounds of
-    ``per_round`` lines run until ``width`` rows are confirmed, three rounds in a row add none, or
-    ``cfg.max_search_lines * 8`` lines were walked. (Behind the first two layers of the CIFAR-scale
-    unitary network the last rows come one in one or two rounds: 253 of 256 after 96 lines.)"""
+    """Rows of the layer behind ``layers`` from kinks on all-on lines (module docstring), in rounds of
+    ``per_round`` lines until ``width`` rows are confirmed. Chords first, until a round adds at most
+    one row in a hundred (or none three rounds in a row, or ``cfg.max_search_lines * 8`` lines were
+    walked); then tips from every facet vertex of the region, the likeliest corners first
+    (:func:`relux.attack.active_lines.corner_scores` over the rows known so far), until none is left.
+    Behind the true first two layers of the CIFAR-scale unitary network: 245 rows after 24 chords,
+    the last 11 from tips (256/256 after 32 chords and 192 tips, 1.49M queries); session 18's chords
+    alone stopped at 255 after 144."""
     d_in = layers[-1][0].shape[0]
     scale = cfg.input_scale * float(np.sqrt(d0))
     empty = AllOnRows(np.zeros((0, d_in)), np.zeros(0), (), np.zeros(0), 0, 0, 0)
@@ -315,7 +323,7 @@ def all_on_rows(
         log.debug("all-on lines: %d lines (%d tips), %d kinks, %d keys in %d clusters, %d rows", len(lines), n_tips,
                   n_kinks, sum(len(c.members) for c in clusters), len(clusters), len(rows))
     if not rows:
-        return dataclasses.replace(empty, lines=len(lines), kinks=n_kinks, measured=measured,
+        return dataclasses.replace(empty, lines=len(lines), kinks=n_kinks, measured=measured, tips=n_tips,
                                    reason=reason or "no key was seen on two lines far apart")
     # two clusters of one neuron (keys split by a spoiled probe) give one row twice: keep the first
     U = np.stack([np.append(r.w, r.b) for r in rows])
@@ -332,7 +340,7 @@ def all_on_rows(
     if len(keep) < width and not reason:
         reason = f"{len(keep)} of {width} rows confirmed after {len(lines)} lines"
     return AllOnRows(W[keep], b[keep], tuple(np.stack(rows[j].points) for j in keep),
-                     np.array([rows[j].residual for j in keep]), len(lines), n_kinks, measured, reason)
+                     np.array([rows[j].residual for j in keep]), len(lines), n_kinks, measured, reason, n_tips)
 
 
 def all_on_outcome(
@@ -358,8 +366,8 @@ def all_on_outcome(
     none = np.zeros(0, dtype=int)
     ao = all_on_rows(query, layers, width, d0, cfg, rng, rel_tol, executor=executor)
     n = ao.W.shape[0]
-    log.info("layer %d: %d/%d rows from %d all-on lines (%d kinks, %d measured)%s", len(layers) + 1, n, width,
-             ao.lines, ao.kinks, ao.measured, f"; {ao.reason}" if ao.reason else "")
+    log.info("layer %d: %d/%d rows from %d all-on lines (%d of them tips; %d kinks, %d measured)%s", len(layers) + 1,
+             n, width, ao.lines, ao.tips, ao.kinks, ao.measured, f"; {ao.reason}" if ao.reason else "")
     if n < max(1, width // 2):
         return None, ao.reason, none
     # A wrong-sign neuron's column is zero up to the rows' error (1e-4 at most, PLANE_TOL's note, and
