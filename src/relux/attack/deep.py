@@ -399,7 +399,7 @@ def _layer_signs(
     if is_last:
         method, flips, conf, on = _last_layer_signs(query, layers, W, b, d0, cfg, rng, witness_x, short, coverage)
         return np.where(flips, -1.0, 1.0), conf, method, on
-    ws = wiggle_signs(query, layers, W, b, d0, cfg.input_scale, rng)
+    ws = wiggle_signs(query, layers, W, b, d0, cfg.input_scale, rng, fallback=witness_x)
     conf = ws.confidence
     if short:
         # a missing row moves with every probe and can make even a clean-looking verdict wrong

@@ -85,9 +85,17 @@ def _candidates(
     box = 4.0 * scale * np.sqrt(d0)
     G, g, A, c = _active_forms(layers, d0)
     centre = _lp(np.zeros(d0), G, g, None, box)
-    if centre is None:
-        return np.concatenate(pts)
-    x_c, t_max = centre[:d0], float(centre[-1])
+    if centre is not None:
+        x_c, t_max = centre[:d0], float(centre[-1])
+    else:
+        # HiGHS can fail on this program where the formulation of the all-on chords does not (a
+        # CIFAR-scale run's layer 3 had no controllable point at all): the centre from there
+        from relux.attack.active_lines import all_on_region
+
+        region = all_on_region(layers, 3.0 * scale)
+        if region is None:
+            return np.concatenate(pts)
+        x_c, t_max = region.centre, region.depth
     out = [x_c]
     m = W_hat.shape[0]
     for j in range(m):
@@ -109,17 +117,28 @@ def wiggle_signs(
     scale: float,
     rng: np.random.Generator,
     max_points: int = 24,
+    fallback: FloatArray | None = None,
 ) -> WiggleSigns:
-    """Decide the sign of every row of ``(W_hat, b_hat)`` (the layer after ``layers``)."""
+    """Decide the sign of every row of ``(W_hat, b_hat)`` (the layer after ``layers``). ``fallback``:
+    more points to probe from (rows), looked at only when none of the usual ones is controllable
+    (their linear programs can fail; points where the rows were found, such as all-on kinks, often
+    are)."""
     m = W_hat.shape[0]
     C = _candidates(layers, W_hat, b_hat, d0, scale, max_points, rng)
-    chosen: list[tuple[FloatArray, FloatArray, bool]] = []
-    for x in C:
-        M, _ = pfx.jacobian(layers, x)
-        R = W_hat @ M
-        sv = np.linalg.svd(R, compute_uv=False)
-        ctrl = bool(sv.size == m and sv[-1] > 1e-8 * sv[0])
-        chosen.append((x, R, ctrl))
+
+    def assess(X: FloatArray) -> list[tuple[FloatArray, FloatArray, bool]]:
+        out = []
+        for x in X:
+            M, _ = pfx.jacobian(layers, x)
+            R = W_hat @ M
+            sv = np.linalg.svd(R, compute_uv=False)
+            out.append((x, R, bool(sv.size == m and sv[-1] > 1e-8 * sv[0])))
+        return out
+
+    chosen = assess(C)
+    if fallback is not None and fallback.shape[0] and not any(c[2] for c in chosen):
+        step = max(1, fallback.shape[0] // (2 * max_points))
+        chosen += assess(fallback[::step][: 2 * max_points])
     chosen.sort(key=lambda c: not c[2])
     if any(c[2] for c in chosen):
         chosen = [c for c in chosen if c[2]]

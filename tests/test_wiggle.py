@@ -1,0 +1,71 @@
+"""Neuron-wiggle sign recovery (relux.attack.wiggle; CM24 §4)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from relux.attack import wiggle
+from relux.attack.active_lines import all_on_region
+from relux.attack.wiggle import wiggle_signs
+from relux.oracle import CountingOracle, MLPOracle
+from relux.zoo import random_mlp
+
+
+def _layer_two(seed: int) -> tuple[object, list[tuple[np.ndarray, np.ndarray]], np.ndarray, np.ndarray, np.ndarray]:
+    """A 10-6-6-1 network, its first layer, and its second layer's rows normalised with random signs
+    (the signs to find)."""
+    net = random_mlp((10, 6, 6, 1), np.random.default_rng(seed))
+    W2, b2 = net.layers[1]
+    s = np.where(np.random.default_rng(seed + 1).random(6) < 0.5, -1.0, 1.0)
+    n = np.linalg.norm(np.concatenate([W2, b2[:, None]], axis=1), axis=1)
+    return net, [net.layers[0]], W2 / n[:, None] * s[:, None], b2 / n * s, s
+
+
+def test_the_wiggle_finds_the_signs_of_a_controllable_layer() -> None:
+    net, prefix, W, b, s = _layer_two(0)
+    ws = wiggle_signs(CountingOracle(MLPOracle(net)).query, prefix, W, b, 10, 1.0, np.random.default_rng(0))
+    assert ws.controllable_points > 0
+    # a clean verdict is exact: the output moves or it does not
+    np.testing.assert_array_equal(ws.signs[ws.decided], s[ws.decided])
+    assert ws.decided.all()
+
+
+def test_without_controllable_points_it_falls_back_to_the_points_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    net, prefix, W, b, s = _layer_two(0)
+    W1, b1 = prefix[0]
+
+    def off_points(layers, W_hat, b_hat, d0, scale, n, rng):  # type: ignore[no-untyped-def]
+        # as when the linear programs fail: random points, each with first-layer neuron 0 off, where
+        # the six rows of layer 2 see five directions at most
+        X = rng.normal(0.0, scale, size=(n, d0))
+        w = W1[0] / np.linalg.norm(W1[0])
+        return X - ((X @ W1[0] + b1[0] + 1.0) / np.linalg.norm(W1[0]))[:, None] * w
+
+    monkeypatch.setattr(wiggle, "_candidates", off_points)
+    query = CountingOracle(MLPOracle(net)).query
+    alone = wiggle_signs(query, prefix, W, b, 10, 1.0, np.random.default_rng(0))
+    assert alone.controllable_points == 0
+    region = all_on_region(prefix, 3.0)
+    assert region is not None
+    inside = region.centre + 0.01 * region.depth * np.random.default_rng(1).standard_normal((8, 10)) / np.sqrt(10)
+    ws = wiggle_signs(query, prefix, W, b, 10, 1.0, np.random.default_rng(0), fallback=inside)
+    assert ws.controllable_points > 0
+    assert ws.decided.all()
+    np.testing.assert_array_equal(ws.signs, s)
+
+
+def test_when_its_centre_program_fails_the_centre_of_the_all_on_region_stands_in(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    net, prefix, W, b, s = _layer_two(0)
+    lp = wiggle._lp
+
+    def failing(cost, G, g, margin, box):  # type: ignore[no-untyped-def]
+        return None if margin is None else lp(cost, G, g, margin, box)
+
+    monkeypatch.setattr(wiggle, "_lp", failing)
+    ws = wiggle_signs(CountingOracle(MLPOracle(net)).query, prefix, W, b, 10, 1.0, np.random.default_rng(0))
+    assert ws.controllable_points > 0
+    assert ws.decided.all()
+    np.testing.assert_array_equal(ws.signs, s)
