@@ -91,10 +91,13 @@ def test_kinks_of_tips_need_the_known_neurons_to_switch_between_them() -> None:
     # line 1 is a tip (no length): distance never counts, near a shared vertex a deeper neuron's
     # kinks agree in key
     assert not _apart(far, [10.0, np.inf])
-    one = np.array([[True, False, True], [True, True, True]])  # one known neuron switches between them
-    two = np.array([[True, False, True], [False, True, True]])
+    # per member, each known neuron clearly on (1), clearly off (-1) or too near its boundary (0)
+    one = np.array([[1, -1, 1], [1, 1, 1]])  # one known neuron switches between them
+    two = np.array([[1, -1, 1], [-1, 1, 1]])
+    near = np.array([[1, -1, 1], [0, 1, 1]])  # the second may not have switched: too near its boundary
     assert not _apart(far, [10.0, np.inf], one)
     assert _apart(far, [10.0, np.inf], two)
+    assert not _apart(far, [10.0, np.inf], near)
     assert not _apart([cand(0, [0.0, 0.0]), cand(0, [1.0, 0.0])], [10.0], two)  # one line
     assert _apart([cand(0, [0.0, 0.0]), cand(1, [0.1, 0.0])], [10.0, 10.0], two)  # close chords, switched
 

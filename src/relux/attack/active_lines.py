@@ -179,9 +179,10 @@ def active_lines(
 
 
 #: How far into the region a tip reaches, as a fraction of the way from its vertex to its target.
-#: Behind the true first two layers of the CIFAR-scale unitary network, the zero of each of the
-#: fifteen least-crossed layer-3 neurons lies within 0.05-0.5 of the way from a vertex where it has
-#: the minority sign to the centre (neuron 10: at 2 of the 512 facet vertices, at 0.05 and 0.16).
+#: Behind the true first two layers of the CIFAR-scale unitary network, the zero of each of the five
+#: least-crossed layer-3 neurons lies 0.04-0.5 of the way from a vertex where it has its rarer sign to
+#: the centre, mostly below a quarter (neuron 10: rarer at 2 of the 512 facet vertices, zero at 0.05
+#: and 0.16 of the way); a quarter keeps a tip at about a tenth of a chord's kinks.
 TIP_REACH = 0.25
 #: Where a tip starts: this fraction of the way in from its vertex (which lies on some margins).
 TIP_START = 2e-3
@@ -191,7 +192,7 @@ def facet_vertices(region: AllOnRegion, d_last: int) -> FloatArray:
     """The vertices of ``region`` where each of the last known layer's ``d_last`` neurons is lowest and
     highest (linear programs, no queries), without repeats: ``(n, d)``, ``n ≤ 2 d_last``."""
     A, c, margin, box = region.A, region.c, region.margin, region.box
-    last = A[-d_last:]
+    last = A[-d_last:] if d_last > 0 else A
     last = last / np.maximum(np.linalg.norm(last, axis=1, keepdims=True), np.finfo(float).tiny)
     found = [v for g in (*(-last), *last) if (v := vertex(A, c, box, margin, g)) is not None]
     if not found:
@@ -216,14 +217,18 @@ def corner_scores(Z: FloatArray) -> FloatArray:
     return out
 
 
-def tip_lines(region: AllOnRegion, vertices: FloatArray, scale: float) -> ActiveLines:
+def tip_lines(
+    region: AllOnRegion, vertices: FloatArray, scale: float, partners: FloatArray | None = None,
+) -> ActiveLines:
     """Two short lines (*tips*) from each of ``vertices`` (rows; :func:`facet_vertices`): one towards
-    the centre, one towards the middle of the centre and the next vertex, each reaching ``TIP_REACH``
-    of the way. A next-layer neuron whose sign at nearly every vertex is the same is switched only in
-    small corners of the region; a chord crosses it only when one of its ends lies in such a corner,
-    and then once. Both tips of a corner's vertex cross it, at points of its boundary where the
-    layer's known neurons differ (:func:`relux.attack.all_on_layer.all_on_rows` confirms a row on
-    such a pair). ``u`` has norm ``scale``; line ``i`` spans ``|t| ≤ half[i]``. No queries are made."""
+    the centre, one towards the middle of the centre and its partner (row ``i`` of ``partners``, by
+    default the next of ``vertices``), each reaching ``TIP_REACH`` of the way (attack-notes §3). A
+    next-layer neuron whose sign at nearly every vertex is the same is switched only in small
+    corners of the region; a chord crosses it only when one of its ends lies in such a corner, and
+    then once. Both tips of a corner's vertex cross it when its zero is within their reach, at
+    points of its boundary where the layer's known neurons differ
+    (:func:`relux.attack.all_on_layer.all_on_rows` confirms a row on such a pair). ``u`` has norm
+    ``scale``; line ``i`` spans ``|t| ≤ half[i]``. No queries are made."""
     d = region.A.shape[1]
     tol = 1e-9 * region.box * np.sqrt(d)
     x0s: list[FloatArray] = []
@@ -231,7 +236,7 @@ def tip_lines(region: AllOnRegion, vertices: FloatArray, scale: float) -> Active
     halves: list[float] = []
     n = vertices.shape[0]
     for i, v in enumerate(vertices):
-        other = vertices[(i + 1) % n]
+        other = partners[i] if partners is not None else vertices[(i + 1) % n]
         targets = [region.centre]
         if np.linalg.norm(other - v) > tol:  # else both tips would be one line
             targets.append(0.5 * (region.centre + other))

@@ -94,10 +94,11 @@ def _apart(
 ) -> bool:
     """Whether two of ``members`` on different lines are kinks of one neuron of the layer, not of a
     deeper neuron whose key stayed the same: either both lines are chords (finite ``lengths``, by line
-    index) and the kinks are ``MIN_APART`` of the shorter one apart, or ``switched`` (the members' on/off
-    pattern over the layer's rows known so far) differs in at least ``MIN_SWITCHED`` neurons between
-    them. A deeper neuron's key is the direction of its weights through the layer's active neurons, so
-    it changes wherever the layer's pattern does (attack-notes §3)."""
+    index) and the kinks are ``MIN_APART`` of the shorter one apart, or at least ``MIN_SWITCHED`` of the
+    layer's rows known so far are clearly on at one and clearly off at the other (``switched``, per
+    member: +1, -1 or 0, :func:`_switched`). A deeper neuron's key is the direction of its weights
+    through the layer's active neurons, so it changes wherever the layer's pattern does (attack-notes
+    §3)."""
     if len({c.line for c in members}) < 2:
         return False
     X = np.stack([c.x for c in members])
@@ -110,17 +111,23 @@ def _apart(
         return True
     if switched is None or switched.shape[1] == 0:
         return False
-    S = switched.astype(float)
-    differ = S @ (1.0 - S).T + (1.0 - S) @ S.T
+    on = (switched > 0).astype(float)
+    off = (switched < 0).astype(float)
+    differ = on @ off.T + off @ on.T
     return bool(np.any(pair & (differ >= MIN_SWITCHED)))
 
 
 def _switched(layers: Sequence[pfx.Layer], X: FloatArray, known: tuple[FloatArray, FloatArray] | None) -> np.ndarray:
-    """The on/off pattern at ``X`` of the layer's rows ``known`` so far (no columns when none are)."""
+    """The pattern at ``X`` of the layer's rows ``known`` so far: +1 clearly on, -1 clearly off, 0
+    within ``PLANE_TOL`` (relative) of the boundary, where an imprecise row may be either (no columns
+    when no row is known)."""
     if known is None:
-        return np.zeros((X.shape[0], 0), dtype=bool)
+        return np.zeros((X.shape[0], 0), dtype=np.int8)
     _, H = pfx.forward(layers, X)
-    return np.asarray(H @ known[0].T + known[1] > 0)
+    W, b = known
+    Z = H @ W.T + b
+    scale = np.linalg.norm(H, axis=1)[:, None] * np.linalg.norm(W, axis=1)[None, :] + np.abs(b)[None, :]
+    return np.asarray(np.where(Z > PLANE_TOL * scale, 1, np.where(Z < -PLANE_TOL * scale, -1, 0)), dtype=np.int8)
 
 
 def jump_keys(
@@ -226,7 +233,9 @@ def all_on_rows(
     ``per_round`` lines until ``width`` rows are confirmed. Chords first, until a round adds at most
     one row in a hundred (or none three rounds in a row, or ``cfg.max_search_lines * 8`` lines were
     walked); then tips from every facet vertex of the region, the likeliest corners first
-    (:func:`relux.attack.active_lines.corner_scores` over the rows known so far), until none is left.
+    (:func:`relux.attack.active_lines.corner_scores` over the rows known so far), until none is left
+    or ``cfg.max_search_lines * 8`` tips in a row add no row (a row that cannot come, as when a sign
+    of the layer before is wrong, costs no more than that).
     Behind the true first two layers of the CIFAR-scale unitary network: 245 rows after 24 chords,
     the last 11 from tips (256/256 after 32 chords and 192 tips, 1.49M queries); session 18's chords
     alone stopped at 255 after 144."""
@@ -243,7 +252,7 @@ def all_on_rows(
     lengths: list[float] = []
     facets = np.zeros(0, dtype=int)
     n_kinks = measured = 0
-    stall = gained = n_tips = 0
+    stall = gained = n_tips = tips_idle = 0
     few = max(1, width // 100)  # rows a round of chords adds before tips take over
     max_lines = cfg.max_search_lines * 8
     reason = ""
@@ -263,14 +272,14 @@ def all_on_rows(
             todo = np.ones(corners.shape[0], dtype=bool)
         tips = corners is not None
         if corners is not None:
-            if not todo.any() or not rows:
+            if not todo.any() or not rows or tips_idle >= max_lines:
                 break
             # the likeliest corners first, by the rows known so far (corner_scores)
             _, Hc = pfx.forward(layers, corners)
             score = corner_scores(Hc @ np.stack([r.w for r in rows]).T + np.array([r.b for r in rows]))
             pick = np.flatnonzero(todo)[np.argsort(-score[todo], kind="stable")[: max(1, per_round // 2)]]
             todo[pick] = False
-            al = tip_lines(region, corners[pick], scale)
+            al = tip_lines(region, corners[pick], scale, partners=corners[(pick + 1) % corners.shape[0]])
         else:
             # each neuron of the layer before ends one facet chord while it can (active_lines)
             n_ends = 2 * (per_round // 2)  # two ends for each facet chord (every other chord)
@@ -320,6 +329,7 @@ def all_on_rows(
                 rows.append(row)
         gained = len(rows) - before
         stall = stall + 1 if gained == 0 else 0
+        tips_idle = tips_idle + al.x0.shape[0] if tips and gained == 0 else 0
         log.debug("all-on lines: %d lines (%d tips), %d kinks, %d keys in %d clusters, %d rows", len(lines), n_tips,
                   n_kinks, sum(len(c.members) for c in clusters), len(clusters), len(rows))
     if not rows:

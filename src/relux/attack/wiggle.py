@@ -18,6 +18,7 @@ import numpy as np
 from scipy.optimize import linprog
 
 from relux.attack import prefix as pfx
+from relux.attack.active_lines import all_on_region
 from relux.oracle.base import FloatArray, QueryFn
 
 
@@ -77,7 +78,9 @@ def _candidates(
     rng: np.random.Generator,
 ) -> FloatArray:
     """Random points, plus points of the all-active region of the prefix where each neuron of the
-    layer is pushed to each side of its hyperplane (so that every neuron is probed on both sides)."""
+    layer is pushed to each side of its hyperplane (so that every neuron is probed on both sides),
+    around the region's centre (from :func:`relux.attack.active_lines.all_on_region` when this
+    module's own program fails)."""
     pts = [rng.normal(0.0, scale, size=(n, d0))]
     if not layers:
         # No prefix: the layer is controllable everywhere; push each neuron to each side directly.
@@ -90,8 +93,6 @@ def _candidates(
     else:
         # HiGHS can fail on this program where the formulation of the all-on chords does not (a
         # CIFAR-scale run's layer 3 had no controllable point at all): the centre from there
-        from relux.attack.active_lines import all_on_region
-
         region = all_on_region(layers, 3.0 * scale)
         if region is None:
             return np.concatenate(pts)
