@@ -91,8 +91,9 @@ def _candidates(
     if centre is not None:
         x_c, t_max = centre[:d0], float(centre[-1])
     else:
-        # HiGHS can fail on this program where the formulation of the all-on chords does not (a
-        # CIFAR-scale run's layer 3 had no controllable point at all): the centre from there
+        # should this program fail, the centre from the formulation of the all-on chords (suspected,
+        # wrongly, behind CIFAR layer 3's wiggle without a controllable point; BENCHMARKS.md
+        # session 19)
         region = all_on_region(layers, 3.0 * scale)
         if region is None:
             return np.concatenate(pts)
@@ -122,8 +123,7 @@ def wiggle_signs(
 ) -> WiggleSigns:
     """Decide the sign of every row of ``(W_hat, b_hat)`` (the layer after ``layers``). ``fallback``:
     more points to probe from (rows), looked at only when none of the usual ones is controllable
-    (their linear programs can fail; points where the rows were found, such as all-on kinks, often
-    are)."""
+    (points where the rows were found, such as all-on kinks, often are)."""
     m = W_hat.shape[0]
     C = _candidates(layers, W_hat, b_hat, d0, scale, max_points, rng)
 
