@@ -11,6 +11,7 @@ from relux.attack.active_lines import (
     END_TRIM,
     TIP_REACH,
     TIP_START,
+    AllOnRegion,
     active_lines,
     all_on_region,
     corner_scores,
@@ -102,15 +103,20 @@ def test_kinks_of_tips_need_the_known_neurons_to_switch_between_them() -> None:
     assert _apart([cand(0, [0.0, 0.0]), cand(1, [0.1, 0.0])], [10.0, 10.0], two)  # close chords, switched
 
 
+def _one_layer_region(seed: int, d: int) -> tuple[np.random.Generator, np.ndarray, np.ndarray, AllOnRegion | None]:
+    """A random square layer of width ``d`` (biases near 1, so that its all-on region is seldom
+    empty), the generator that drew it, and that region inside ``[-3, 3]^d``."""
+    rng = np.random.default_rng(seed)
+    W, b = rng.normal(size=(d, d)), rng.normal(scale=0.3, size=d) + 1.0
+    return rng, W, b, all_on_region([(W, b)], 3.0)
+
+
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 2**16), d=st.integers(3, 10))
 def test_facet_vertices_are_where_each_neuron_is_lowest_or_highest(seed: int, d: int) -> None:
-    rng = np.random.default_rng(seed)
-    layers = [(rng.normal(size=(d, d)), rng.normal(scale=0.3, size=d) + 1.0)]
-    region = all_on_region(layers, 3.0)
+    rng, W, b, region = _one_layer_region(seed, d)
     if region is None:
         return
-    W, b = layers[0]
     V = facet_vertices(region, d)
     assert 1 <= V.shape[0] <= 2 * d
     Z = V @ W.T + b
@@ -127,12 +133,9 @@ def test_facet_vertices_are_where_each_neuron_is_lowest_or_highest(seed: int, d:
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 2**16), d=st.integers(3, 10))
 def test_tips_start_at_their_vertex_and_stay_inside(seed: int, d: int) -> None:
-    rng = np.random.default_rng(seed)
-    layers = [(rng.normal(size=(d, d)), rng.normal(scale=0.3, size=d) + 1.0)]
-    region = all_on_region(layers, 3.0)
+    _, W, b, region = _one_layer_region(seed, d)
     if region is None:
         return
-    W, b = layers[0]
     V = facet_vertices(region, d)[:3]
     tips = tip_lines(region, V, 2.0)
     assert V.shape[0] <= tips.x0.shape[0] <= 2 * V.shape[0]

@@ -108,6 +108,15 @@ def all_on_region(layers: Sequence[pfx.Layer], box: float) -> AllOnRegion | None
     return AllOnRegion(A, c, margin, box, np.asarray(res.x[:d], dtype=float), float(res.x[d]))
 
 
+def _segment(a: FloatArray, b: FloatArray, scale: float) -> tuple[FloatArray, FloatArray, float] | None:
+    """The segment from ``a`` to ``b`` as a line ``x0 + t u`` (``u`` of norm ``scale``, ``|t| ≤ half``,
+    each end trimmed by ``END_TRIM`` of its length), or None when the two are one point."""
+    nv = float(np.linalg.norm(b - a))
+    if nv == 0.0:
+        return None
+    return 0.5 * (a + b), (b - a) * (scale / nv), 0.5 * (1.0 - 2 * END_TRIM) * nv / scale
+
+
 def active_lines(
     region: AllOnRegion,
     n_lines: int,
@@ -167,13 +176,12 @@ def active_lines(
         pa, pb = rng.uniform(0.01, 0.03, size=2)
         a = (1.0 - pa) * ends[0] + pa * region.centre
         b = (1.0 - pb) * ends[1] + pb * region.centre
-        v = b - a
-        nv = float(np.linalg.norm(v))
-        if nv == 0.0:
+        seg = _segment(a, b, scale)
+        if seg is None:
             continue
-        x0s.append(0.5 * (a + b))
-        us.append(v * (scale / nv))
-        halves.append(0.5 * (1.0 - 2 * END_TRIM) * nv / scale)
+        x0s.append(seg[0])
+        us.append(seg[1])
+        halves.append(seg[2])
     reason = "" if len(x0s) == n_lines else f"{len(x0s)} of {n_lines} chords found"
     return ActiveLines(np.array(x0s).reshape(-1, d), np.array(us).reshape(-1, d), np.array(halves), reason)
 
@@ -241,14 +249,12 @@ def tip_lines(
         if np.linalg.norm(other - v) > tol:  # else both tips would be one line
             targets.append(0.5 * (region.centre + other))
         for target in targets:
-            a = v + TIP_START * (target - v)
-            b = v + TIP_REACH * (target - v)
-            nv = float(np.linalg.norm(b - a))
-            if nv == 0.0:
+            seg = _segment(v + TIP_START * (target - v), v + TIP_REACH * (target - v), scale)
+            if seg is None:
                 continue
-            x0s.append(0.5 * (a + b))
-            us.append((b - a) * (scale / nv))
-            halves.append(0.5 * (1.0 - 2 * END_TRIM) * nv / scale)
+            x0s.append(seg[0])
+            us.append(seg[1])
+            halves.append(seg[2])
     want = 2 * n
     reason = "" if len(x0s) == want else f"{len(x0s)} of {want} tips found"
     return ActiveLines(np.array(x0s).reshape(-1, d), np.array(us).reshape(-1, d), np.array(halves), reason)

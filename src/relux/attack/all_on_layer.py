@@ -117,13 +117,12 @@ def _apart(
     return bool(np.any(pair & (differ >= MIN_SWITCHED)))
 
 
-def _switched(layers: Sequence[pfx.Layer], X: FloatArray, known: tuple[FloatArray, FloatArray] | None) -> np.ndarray:
-    """The pattern at ``X`` of the layer's rows ``known`` so far: +1 clearly on, -1 clearly off, 0
-    within ``PLANE_TOL`` (relative) of the boundary, where an imprecise row may be either (no columns
-    when no row is known)."""
+def _switched(H: FloatArray, known: tuple[FloatArray, FloatArray] | None) -> np.ndarray:
+    """The pattern of the layer's rows ``known`` so far at points whose layer inputs are ``H``: +1
+    clearly on, -1 clearly off, 0 within ``PLANE_TOL`` (relative) of the boundary, where an imprecise
+    row may be either (no columns when no row is known)."""
     if known is None:
-        return np.zeros((X.shape[0], 0), dtype=np.int8)
-    _, H = pfx.forward(layers, X)
+        return np.zeros((H.shape[0], 0), dtype=np.int8)
     W, b = known
     Z = H @ W.T + b
     scale = np.linalg.norm(H, axis=1)[:, None] * np.linalg.norm(W, axis=1)[None, :] + np.abs(b)[None, :]
@@ -196,7 +195,7 @@ def _cluster_row(
     X = np.stack([c.x for c in cl.members])
     _, H = pfx.forward(layers, X)
     hn = np.linalg.norm(H, axis=1)
-    switched = _switched(layers, X, known)
+    switched = _switched(H, known)
     best: _Row | None = None
     n = 0
     for c in list(by_line.values())[:2]:
@@ -264,18 +263,19 @@ def all_on_rows(
     if region is None:
         return dataclasses.replace(empty, reason="no point where every known neuron is on")
     corners: FloatArray | None = None  # the facet vertices, once tips begin
+    Hc = np.zeros((0, d_in))  # the layer's inputs there
     todo = np.zeros(0, dtype=bool)  # those no tip has started from yet
     while len(rows) < width:
         if corners is None and (len(lines) >= max_lines or stall >= 3 or (len(lines) > per_round and gained <= few)):
             # chords now add rows slowly: the rest are switched only in small corners (tip_lines)
             corners = facet_vertices(region, d_in)
+            _, Hc = pfx.forward(layers, corners)
             todo = np.ones(corners.shape[0], dtype=bool)
         tips = corners is not None
         if corners is not None:
             if not todo.any() or not rows or tips_idle >= max_lines:
                 break
             # the likeliest corners first, by the rows known so far (corner_scores)
-            _, Hc = pfx.forward(layers, corners)
             score = corner_scores(Hc @ np.stack([r.w for r in rows]).T + np.array([r.b for r in rows]))
             pick = np.flatnonzero(todo)[np.argsort(-score[todo], kind="stable")[: max(1, per_round // 2)]]
             todo[pick] = False
@@ -320,7 +320,8 @@ def all_on_rows(
         for cl in clusters:
             if cl.done or len({c.line for c in cl.members}) < 2:
                 continue
-            if not _apart(cl.members, lengths, _switched(layers, np.stack([c.x for c in cl.members]), known)):
+            _, Hm = pfx.forward(layers, np.stack([c.x for c in cl.members]))
+            if not _apart(cl.members, lengths, _switched(Hm, known)):
                 continue
             cl.done = True
             row, n = _cluster_row(query, layers, d0, cl, lengths, known, cfg, rel_tol, executor)
