@@ -49,10 +49,11 @@ def _prefix_kink(layers: Sequence[pfx.Layer], x: FloatArray, rel: float = 1e-7) 
 
 
 def _hold_basis(jac: FloatArray, rows: Sequence[int], extra: FloatArray | None = None) -> FloatArray:
-    """Orthonormal basis of the gradients of the pre-activations ``rows`` (and ``extra``)."""
+    """Orthonormal basis of the gradients of the pre-activations ``rows`` (and the gradient or
+    gradients ``extra``)."""
     parts = [jac[list(rows)]] if len(rows) else []
     if extra is not None:
-        parts.append(extra[None, :])
+        parts.append(np.atleast_2d(extra))
     if not parts:
         return np.zeros((jac.shape[1], 0))
     B = np.concatenate(parts)
@@ -67,21 +68,27 @@ def _walk(
 ) -> tuple[FloatArray, FloatArray] | None:
     """From ``x``, walk (piece by piece of the prefix) in the direction that raises coordinate ``m``
     while holding the row's estimated pre-activation and the coordinates ``hold`` fixed, to just past
-    where ``m`` switches on. Returns the point there and the final direction."""
+    where ``m`` switches on. Returns the point there and the final direction.
+
+    Each step ends at the nearest known boundary ahead, where the prefix's Jacobian changes. Where
+    the new piece's direction turns straight back across the boundary just crossed, the walk slides
+    along that boundary (holds its pre-activation too) rather than zigzag across it."""
     p = x.copy()
-    crossed: dict[int, set[int]] = {}
+    crossed: set[tuple[int, int]] = set()
+    slide: list[tuple[int, int]] = []
     for _ in range(64):
         M, jacs = pfx.jacobian(layers, p)
         n = w @ M
+        extra = np.vstack([n, *(jacs[li][k] for li, k in slide)])
         Zs, _ = pfx.forward(layers, p[None, :])
         g = jacs[-1][m]
         # Hold the unknown coordinates closest to switching on, as many as the control space allows.
         held: list[int] = []
         for k in sorted(hold, key=lambda k: abs(float(Zs[-1][0, k]))):
-            Q = _hold_basis(jacs[-1], [*held, k], n)
+            Q = _hold_basis(jacs[-1], [*held, k], extra)
             if float(np.linalg.norm(g - Q @ (Q.T @ g))) >= 0.2 * float(np.linalg.norm(g)):
                 held.append(k)
-        Q = _hold_basis(jacs[-1], held, n)
+        Q = _hold_basis(jacs[-1], held, extra)
         d = g - Q @ (Q.T @ g)
         nd = float(np.linalg.norm(d))
         if nd <= 1e-9 * float(np.linalg.norm(g)):
@@ -98,16 +105,21 @@ def _walk(
                 tt = np.where(-Z[0] * np.sign(r) > 0, -Z[0] / r, np.inf)
             if li == len(jacs) - 1:
                 tt[m] = np.inf
-            for k in crossed.get(li, ()):
-                tt[k] = np.inf  # a boundary already crossed once: do not zigzag along it
+            for lk, k in slide:
+                if lk == li:
+                    tt[k] = np.inf  # held: the walk runs along it
             i = int(np.argmin(tt))
             if tt[i] < lim:
                 lim, hit = float(tt[i]), (li, i)
         if to_switch <= lim:
-            return p + (to_switch + 1e-3 * scale) * d, d
+            # just past the switch, but not past the next boundary (the step is linear)
+            return p + (to_switch + min(1e-3 * scale, 0.5 * (lim - to_switch))) * d, d
         if not np.isfinite(lim) or lim > 4.0 * scale:
             return None
-        crossed.setdefault(hit[0], set()).add(hit[1])
+        if hit in crossed and lim <= 1e-6 * scale:
+            slide.append(hit)
+            continue
+        crossed.add(hit)
         p = p + (lim + 1e-9 * scale) * d
     return None
 

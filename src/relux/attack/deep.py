@@ -803,15 +803,17 @@ def refine_row(
     d0: int,
     cfg: ExtractionConfig,
     rng: np.random.Generator,
+    untrusted: np.ndarray | None = None,
 ) -> Polished | None:
     """A row refined on exact boundary points near ``anchors`` (attack-notes §3), unit-norm (None when
-    the refinement kept it as given)."""
+    the refinement kept it as given). ``untrusted``: weights known to be imprecise
+    (:func:`relux.attack.polish.polish_row`)."""
     # A row's own points may be few or bunched (one walk's): a fit to points near them alone can leave a
     # weight that few of them see on fixed by a point or two, which then fit it exactly whatever its
     # error. Anchors spread over the inputs beside them (prefix bisection, no query) see more.
     spread = cfg.input_scale * float(np.sqrt(d0))
     fresh = estimated_boundary_points(layers, w, b, d0, cfg.input_scale, rng) if layers else anchors[:0]
-    pol = polish_unit(query, layers, w, b, anchors, d0, spread, rng, fresh)
+    pol = polish_unit(query, layers, w, b, anchors, d0, spread, rng, fresh, untrusted)
     if not pol.ok and pol.fit is not None and pol.change <= 1e-3:
         # A row a little off (one finite-difference gradient near other boundaries) predicts its
         # boundary points a little off, and a few of those found are a neighbour's: the fit, though it
@@ -820,16 +822,55 @@ def refine_row(
         w_fit, b_fit = pol.fit
         pol = polish_unit(query, layers, w_fit, b_fit, anchors, d0, spread, rng,
                           estimated_boundary_points(layers, w_fit, b_fit, d0, cfg.input_scale, rng) if layers
-                          else None)
+                          else None, untrusted)
     if not pol.ok and fresh.shape[0]:
         log.debug("polish kept the row (%s); again from %d spread anchors only", pol.reason, fresh.shape[0])
-        pol = polish_unit(query, layers, w, b, anchors[:0], d0, spread, rng, fresh)
+        pol = polish_unit(query, layers, w, b, anchors[:0], d0, spread, rng, fresh, untrusted)
     if not pol.ok:
         log.debug("polish kept the row: %s", pol.reason)
         return None
     log.debug("polish: %d points, %d dropped, residual %.1e, change %.1e", pol.points, pol.dropped, pol.residual,
               pol.change)
     return pol
+
+
+def _on_row(prefix: Sequence[pfx.Layer], w: FloatArray, b: float, points: FloatArray) -> FloatArray:
+    """The ``points`` that lie on the boundary of row ``(w, b)`` behind ``prefix`` (to 1e-8 of the
+    pre-activation's scale)."""
+    _, H = pfx.forward(prefix, points)
+    scale = float(np.linalg.norm(w)) * (np.linalg.norm(H, axis=1) + 1.0)
+    out: FloatArray = points[np.abs(H @ w + b) <= 1e-8 * scale]
+    return out
+
+
+def complete_unseen(
+    query: QueryFn,
+    layers: Sequence[pfx.Layer],
+    coverage: np.ndarray,
+    points: FloatArray,
+    d0: int,
+    n_total: int,
+    cfg: ExtractionConfig,
+    rel_tol: float,
+) -> tuple[list[pfx.Layer], np.ndarray]:
+    """The last layer's weights on the coordinates its rows' witnesses never saw on (``~coverage``),
+    read from exact kinks where the boundary crosses the region those coordinates are on
+    (:func:`relux.attack.complete.complete_row`, attack-notes §3). ``points`` are the witnesses: each
+    row's anchors are those on its boundary. Returns the layers and the coverage after; the weights
+    still unseen are left for the output fit (:func:`complete_last_layer`)."""
+    W, b = (np.array(a, dtype=float) for a in layers[-1])
+    prefix = list(layers[:-1])
+    cov = np.array(coverage, dtype=bool)
+    n_grid = int(cfg.grid_per_neuron * n_total) + 16
+    for j in (int(i) for i in np.flatnonzero(~cov.all(axis=1))):
+        anchors = _on_row(prefix, W[j], float(b[j]), points)
+        if anchors.shape[0] == 0:
+            continue
+        c = complete_row(query, prefix, W[j], float(b[j]), cov[j], anchors, d0,
+                         cfg.input_scale * float(np.sqrt(d0)), n_grid, rel_tol)
+        log.debug("last layer row %d: completion filled %s, left %s", j, list(c.filled), c.reasons)
+        W[j], b[j], cov[j] = c.w, c.b, c.coverage
+    return [*prefix, (W, b)], cov
 
 
 def polish_filled(
@@ -849,15 +890,12 @@ def polish_filled(
     every filled weight refitted (a polish whose points never saw a filled coordinate on keeps it)."""
     W, b = (np.array(a, dtype=float) for a in layers[-1])
     prefix = list(layers[:-1])
-    _, H = pfx.forward(prefix, points)
     done = 0
     for j in (int(i) for i in np.flatnonzero(filled.any(axis=1))):
-        z = H @ W[j] + b[j]
-        scale = float(np.linalg.norm(W[j])) * (np.linalg.norm(H, axis=1) + 1.0)
-        on = points[np.abs(z) <= 1e-8 * scale]
+        on = _on_row(prefix, W[j], float(b[j]), points)
         if on.shape[0] == 0:
             continue
-        got = refine_row(query, prefix, W[j], float(b[j]), on[:8], d0, cfg, rng)
+        got = refine_row(query, prefix, W[j], float(b[j]), on[:8], d0, cfg, rng, untrusted=filled[j])
         if got is None:
             continue
         nrm = float(np.linalg.norm(np.append(W[j], b[j])))

@@ -566,6 +566,7 @@ def _extract_deep(
     from relux.attack.deep import (
         check_last_layer,
         complete_last_layer,
+        complete_unseen,
         extract_layer,
         fit_output_layer,
         polish_filled,
@@ -675,13 +676,19 @@ def _extract_deep(
     wpts = np.concatenate(points)
     if not last_cov.all():
         with stages.stage("unseen_weights"):
-            n_fit = 4 * (sum(W.shape[0] + W.shape[1] for W, _ in layers[-1:]) + 1) + 64
-            Xc = np.concatenate([rng.normal(0.0, cfg.input_scale, size=(n_fit, d0)), wpts])
-            layers, filled = complete_last_layer(layers, last_cov, Xc, q(Xc))
-            # then refined on exact boundary points where those coordinates are on
-            layers, polished = polish_filled(q, layers, ~last_cov, wpts, d0, cfg, rng)
-        warnings.append(f"last hidden layer: {filled} weight(s) no kink could show were fitted from the output"
-                        f" ({polished} of their rows then refined on exact boundary points)")
+            # first from exact kinks where a row's boundary enters the region its unseen coordinate is on
+            layers, cov = complete_unseen(q, layers, last_cov, wpts, d0, sum(hidden), cfg, rel_tol)
+            filled = polished = 0
+            if not cov.all():
+                n_fit = 4 * (sum(W.shape[0] + W.shape[1] for W, _ in layers[-1:]) + 1) + 64
+                Xc = np.concatenate([rng.normal(0.0, cfg.input_scale, size=(n_fit, d0)), wpts])
+                layers, filled = complete_last_layer(layers, cov, Xc, q(Xc))
+                # then refined on exact boundary points where those coordinates are on
+                layers, polished = polish_filled(q, layers, ~cov, wpts, d0, cfg, rng)
+        warnings.append(f"last hidden layer: {int((~last_cov).sum())} weight(s) no witness saw: "
+                        f"{int((cov & ~last_cov).sum())} read from kinks where their coordinates are on, "
+                        f"{filled} fitted from the output ({polished} of their rows then refined on exact "
+                        "boundary points)")
     # Both sides of every last-layer boundary: a rarely active neuron may be on at no random point.
     fit_pts = np.concatenate([wpts, straddle_points(layers, wpts, cfg.input_scale * float(np.sqrt(d0)))])
     with stages.stage("sign_check"):

@@ -254,24 +254,32 @@ def steer_on(
 
 def _weak_targets(
     layers: Sequence[pfx.Layer], w: FloatArray, b: float, base: FloatArray, H: FloatArray, reach: float,
-    rng: np.random.Generator, min_seen: int = 3, starts: int = 4,
+    rng: np.random.Generator, min_seen: int = 3, starts: int = 4, untrusted: np.ndarray | None = None,
 ) -> FloatArray:
     """Estimated boundary points where the row's weakly seen coordinates are on: those with a weight
     (``w_m != 0``: an unknown coordinate is left alone, :mod:`relux.attack.complete` fills it) that
     fewer than ``min_seen`` of the boundary points ``base`` see on. A weight seen at few points is
-    poorly conditioned in the fit (LSELBP26's rank deficiency, in one coordinate)."""
+    poorly conditioned in the fit (LSELBP26's rank deficiency, in one coordinate).
+
+    An ``untrusted`` weight is targeted however often it is seen, also at ``reach / 30``: its error
+    moves the true boundary by about the error times the coordinate's value, so close past the
+    coordinate's own boundary the true kink stays near the estimated one (at the coordinate's boundary
+    the two meet) even for an error of 1e-2."""
     seen = (H > 0).sum(axis=0)
-    weak = np.flatnonzero((seen < min_seen) & (w != 0))
+    weak = (seen < min_seen) & (w != 0)
+    if untrusted is not None:
+        weak |= untrusted
     out: list[FloatArray] = []
-    for m in weak:
-        got = 0
-        for k in rng.permutation(base.shape[0])[:starts]:
-            y = steer_on(layers, w, b, base[k], int(m), reach)
-            if y is not None:
-                out.append(y)
-                got += 1
-                if got >= 2:
-                    break
+    for m in np.flatnonzero(weak):
+        for r in (reach, reach / 30.0) if untrusted is not None and untrusted[m] else (reach,):
+            got = 0
+            for k in rng.permutation(base.shape[0])[:starts]:
+                y = steer_on(layers, w, b, base[k], int(m), r)
+                if y is not None:
+                    out.append(y)
+                    got += 1
+                    if got >= 2:
+                        break
     return np.asarray(out) if out else np.zeros((0, base.shape[1]))
 
 
@@ -459,10 +467,14 @@ def polish_row(
     scale: float,
     rng: np.random.Generator,
     spread_anchors: FloatArray | None = None,
+    untrusted: np.ndarray | None = None,
 ) -> tuple[Polished, int]:
     """Refine ``(w, b)`` (a row behind ``layers``) from exact boundary points; returns it and the queries.
     ``anchors`` are exact points of the boundary (they join the fit); ``spread_anchors``, points of the
-    estimated boundary only, seed more boundary points but are not fitted themselves."""
+    estimated boundary only, seed more boundary points but are not fitted themselves. ``untrusted``
+    (a mask over ``w``) marks weights known to be imprecise: the refit may move them any distance, and
+    only the others count in the change the refit must keep below 1e-3 (which guards against a fit
+    to another neuron's boundary)."""
     d_in = w.size
     need = 2 * (d_in + 1) + 8
     seeds = anchors if spread_anchors is None or not spread_anchors.size else np.concatenate([anchors, spread_anchors])
@@ -473,12 +485,13 @@ def polish_row(
     _, H = pfx.forward(layers, base)
     if layers:
         # coordinates few points see on: more points where they are on, found along the boundary
-        targets = _weak_targets(layers, w, b, base, H, 0.1 * scale, rng)
+        targets = _weak_targets(layers, w, b, base, H, 0.1 * scale, rng, untrusted=untrusted)
         if targets.size:
             # their weights are the least precise, so the true kink may sit further from the estimated one:
-            # a wider bracket than the default
+            # a wider bracket than the default; for untrusted weights (one fitted from the output can be
+            # off by 1e-2) the widest that stays clear of every known boundary
             more, q2 = boundary_points(query, layers, w, b, targets, 2 * targets.shape[0], 0.05 * scale, rng,
-                                       bracket=5e-4 * scale)
+                                       bracket=5e-4 * scale if untrusted is None else np.inf)
             q += q2
             if more.size:
                 base = np.concatenate([base, more])
@@ -488,8 +501,11 @@ def polish_row(
     if base.shape[0] < int(active.sum()) + 3:
         return Polished(w, b, base.shape[0], 0, np.inf, 0.0, False, "too few boundary points"), q
     w2, b2, res, dropped = fit_row(H, w, b, active, rng)
-    v1 = np.append(w, b) / np.linalg.norm(np.append(w, b))
-    v2 = np.append(w2, b2) / np.linalg.norm(np.append(w2, b2))
+    trusted = np.ones(w.size + 1, dtype=bool)
+    if untrusted is not None:
+        trusted[:-1] = ~untrusted
+    v1, v2 = np.append(w, b)[trusted], np.append(w2, b2)[trusted]
+    v1, v2 = v1 / np.linalg.norm(v1), v2 / np.linalg.norm(v2)
     change = float(min(np.linalg.norm(v1 - v2), np.linalg.norm(v1 + v2)))
     if res > 1e-9 or change > 1e-3:
         return Polished(w, b, base.shape[0], dropped, res, change, False,
@@ -508,9 +524,10 @@ def polish_unit(
     scale: float,
     rng: np.random.Generator,
     spread_anchors: FloatArray | None = None,
+    untrusted: np.ndarray | None = None,
 ) -> Polished:
     """:func:`polish_row` with the refined row scaled to unit norm ``‖(w, b)‖ = 1`` when ``ok``."""
-    pol, _ = polish_row(query, layers, w, b, anchors, d0, scale, rng, spread_anchors)
+    pol, _ = polish_row(query, layers, w, b, anchors, d0, scale, rng, spread_anchors, untrusted)
     if not pol.ok:
         return pol
     nrm = float(np.linalg.norm(np.append(pol.w, pol.b)))
