@@ -18,7 +18,7 @@ from relux.attack.active_lines import (
     facet_vertices,
     tip_lines,
 )
-from relux.attack.all_on_layer import _apart, all_on_outcome, all_on_rows
+from relux.attack.all_on_layer import MIN_SWITCHED, _apart, all_on_outcome, all_on_rows
 from relux.attack.config import ExtractionConfig
 from relux.attack.pipeline import _all_on_layer
 from relux.attack.result import LayerReport
@@ -93,14 +93,15 @@ def test_kinks_of_tips_need_the_known_neurons_to_switch_between_them() -> None:
     # kinks agree in key
     assert not _apart(far, [10.0, np.inf])
     # per member, each known neuron clearly on (1), clearly off (-1) or too near its boundary (0)
-    one = np.array([[1, -1, 1], [1, 1, 1]])  # one known neuron switches between them
-    two = np.array([[1, -1, 1], [-1, 1, 1]])
-    near = np.array([[1, -1, 1], [0, 1, 1]])  # the second may not have switched: too near its boundary
-    assert not _apart(far, [10.0, np.inf], one)
-    assert _apart(far, [10.0, np.inf], two)
+    three = np.array([[1, -1, 1, -1, 1], [-1, 1, -1, -1, 1]])  # three known neurons switch between them
+    four = np.array([[1, -1, 1, -1, 1], [-1, 1, -1, 1, 1]])
+    near = np.array([[1, -1, 1, -1, 1], [-1, 1, -1, 0, 1]])  # the fourth may not have: too near its boundary
+    assert MIN_SWITCHED == 4
+    assert not _apart(far, [10.0, np.inf], three)
+    assert _apart(far, [10.0, np.inf], four)
     assert not _apart(far, [10.0, np.inf], near)
-    assert not _apart([cand(0, [0.0, 0.0]), cand(0, [1.0, 0.0])], [10.0], two)  # one line
-    assert _apart([cand(0, [0.0, 0.0]), cand(1, [0.1, 0.0])], [10.0, 10.0], two)  # close chords, switched
+    assert not _apart([cand(0, [0.0, 0.0]), cand(0, [1.0, 0.0])], [10.0], four)  # one line
+    assert _apart([cand(0, [0.0, 0.0]), cand(1, [0.1, 0.0])], [10.0, 10.0], four)  # close chords, switched
 
 
 def _one_layer_region(seed: int, d: int) -> tuple[np.random.Generator, np.ndarray, np.ndarray, AllOnRegion | None]:

@@ -61,9 +61,12 @@ PLANE_TOL = 1e-4
 #: so that stretch is about 1% of its length.
 MIN_APART = 0.1
 #: ... or where at least this many of the layer's known neurons switch between the two kinks. A
-#: deeper neuron's key changes with any one of them unless its weight on it is zero; two guard
-#: against one weak weight.
-MIN_SWITCHED = 2
+#: deeper neuron's key changes with any one of them unless its weight on it is near zero. Two were
+#: not enough: behind the extracted CIFAR layers 1-2, two kinks of a layer-4 neuron whose weights on
+#: the two layer-3 neurons switched between them were 5e-4 and 2e-4 (of a unit row; a typical weight
+#: is 6e-2) gave a false layer-3 row. A weight that small is about one in a hundred, so four in a row
+#: one in 1e8.
+MIN_SWITCHED = 4
 
 
 @dataclass(frozen=True)
