@@ -84,3 +84,7 @@ def test_a_rarely_active_missing_neuron_bends_no_weight() -> None:
     assert 1e-12 < info.misfit_before <= 1e-2, info
     assert info.steps == 0 and "undone" in info.reason and info.misfit_after == info.misfit_before
     assert all(np.array_equal(W, W0) and np.array_equal(b, b0) for (W, b), (W0, b0) in zip(layers, model, strict=True))
+    # the held-out inputs where the model misses f are handed on (the self-check queries them again):
+    # there the missing neuron is on
+    assert 1 <= info.misses.shape[0] <= 16
+    assert np.all(info.misses @ W1[3] + b1[3] > 0)

@@ -54,15 +54,18 @@ def self_check(
     tol: float,
     noise_floor: float,
     rng: np.random.Generator,
+    suspects: FloatArray | None = None,
 ) -> SelfCheck:
-    """Compare ``model`` with the oracle on fresh points: random ones, and points along lines through
-    every witness (random points miss neurons whose active region is small).
+    """Compare ``model`` with the oracle on fresh points: random ones, points along lines through
+    every witness (random points miss neurons whose active region is small), and ``suspects``, inputs
+    where an earlier stage saw the model miss (queried again here, so that the verdict rests on this
+    check's own answers).
 
     Passes when ``max |f - f_hat| <= max(tol, 100 * noise_floor) * max |f|``. The inputs that fail it
     (the 16 worst) are kept in ``disagreements``.
     """
     d = model.input_dim
-    pts: list[FloatArray] = []
+    pts: list[FloatArray] = [suspects] if suspects is not None and suspects.size else []
     if witnesses.size:
         m = witnesses.shape[0]
         for f in (-1.5, -0.5, 0.5, 1.5):

@@ -145,8 +145,10 @@ def _extract(
     if len(a) == 3:
         model, layer, witnesses, normals, radii, warnings = _extract_one_hidden(counter, a, cfg, rng, rel_tol, stages)
         layer_reports: tuple[LayerReport, ...] = (layer,)
+        suspects: FloatArray | None = None
     else:
-        model, layer_reports, witnesses, warnings = _extract_deep(counter, a, cfg, rng, rel_tol, stages, hints)
+        model, layer_reports, witnesses, warnings, suspects = _extract_deep(counter, a, cfg, rng, rel_tol, stages,
+                                                                            hints)
         normals = rng.normal(size=witnesses.shape)
         normals /= np.linalg.norm(normals, axis=1, keepdims=True)
         radii = np.full(witnesses.shape[0], 0.05 * cfg.input_scale * np.sqrt(a[0]))
@@ -155,7 +157,7 @@ def _extract(
         n_check = max(cfg.selfcheck_points,
                       min(int(np.ceil(cfg.selfcheck_fraction * counter.queries)), cfg.selfcheck_max_points))
         check = self_check(counter.query, model, witnesses, normals, radii, n_check,
-                           scale, cfg.selfcheck_tol, floor, rng)
+                           scale, cfg.selfcheck_tol, floor, rng, suspects)
     result = ExtractionResult(
         model=model,
         arch=a,
@@ -562,7 +564,7 @@ def _extract_deep(
     rel_tol: float,
     stages: _Stages,
     hints: FloatArray | None = None,
-) -> tuple[MLP, tuple[LayerReport, ...], FloatArray, list[str]]:
+) -> tuple[MLP, tuple[LayerReport, ...], FloatArray, list[str], FloatArray | None]:
     from relux.attack.deep import (
         check_last_layer,
         complete_last_layer,
@@ -714,4 +716,6 @@ def _extract_deep(
                  ref.fixed_layers + 1, len(full), ref.misfit_before, ref.misfit_after, ref.steps,
                  f"; {ref.reason}" if ref.reason else "")
     model = MLP(full)
-    return model, tuple(reports), wpts, warnings
+    # held-out points where the refined model still missed f: the self-check queries them again
+    suspects = ref.misses if cfg.refine_network_max_params > 0 else None
+    return model, tuple(reports), wpts, warnings, suspects

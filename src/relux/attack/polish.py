@@ -505,8 +505,9 @@ def polish_row(
     if untrusted is not None:
         trusted[:-1] = ~untrusted
     v1, v2 = np.append(w, b)[trusted], np.append(w2, b2)[trusted]
-    v1, v2 = v1 / np.linalg.norm(v1), v2 / np.linalg.norm(v2)
-    change = float(min(np.linalg.norm(v1 - v2), np.linalg.norm(v1 + v2)))
+    n1, n2 = float(np.linalg.norm(v1)), float(np.linalg.norm(v2))
+    # a row with no trusted weight left has no direction to compare: never accepted as unchanged
+    change = float(min(np.linalg.norm(v1 / n1 - v2 / n2), np.linalg.norm(v1 / n1 + v2 / n2))) if n1 and n2 else np.inf
     if res > 1e-9 or change > 1e-3:
         return Polished(w, b, base.shape[0], dropped, res, change, False,
                         f"boundary points do not fit one row (residual {res:.1e}, change {change:.1e})", active,

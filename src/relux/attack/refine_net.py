@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.linalg
@@ -35,6 +35,9 @@ class NetRefinement:
     points: int
     reason: str
     fixed_layers: int = 0  # leading layers kept as extracted (over the parameter budget)
+    #: held-out inputs where the returned layers miss ``f`` by more than ``accept_misfit`` (relative),
+    #: the 16 worst: queried answers that contradict the model, for the self-check to look at again
+    misses: FloatArray = field(default_factory=lambda: np.zeros((0, 0)))
 
 
 def _forward(layers: Sequence[Layer], X: FloatArray) -> tuple[list[FloatArray], list[FloatArray], FloatArray]:
@@ -242,4 +245,7 @@ def refine_network(
         layers = [(np.array(W, dtype=float), np.array(b, dtype=float)) for W, b in start]
         best, steps = before, 0
     log.debug("network refinement: misfit %.1e -> %.1e in %d steps (%s)", before, best, steps, reason)
-    return layers, NetRefinement(before, best, steps, int(Y.shape[0] + Xv.shape[0]), reason, first)
+    e = np.max(np.abs(_forward(layers, Xv)[2] - Yv), axis=1) / yscale
+    worst = np.argsort(e)[::-1][:16]
+    return layers, NetRefinement(before, best, steps, int(Y.shape[0] + Xv.shape[0]), reason, first,
+                                 Xv[worst[e[worst] > accept_misfit]])
