@@ -71,8 +71,8 @@ def _walk(
     where ``m`` switches on. Returns the point there and the final direction.
 
     Each step ends at the nearest known boundary ahead, where the prefix's Jacobian changes. Where
-    the new piece's direction turns straight back across the boundary just crossed, the walk slides
-    along that boundary (holds its pre-activation too) rather than zigzag across it."""
+    the new piece's direction turns straight back across a boundary the walk has crossed before, the
+    walk slides along that boundary (holds its pre-activation too) rather than zigzag across it."""
     p = x.copy()
     crossed: set[tuple[int, int]] = set()
     slide: list[tuple[int, int]] = []

@@ -834,10 +834,9 @@ def refine_row(
     return pol
 
 
-def _on_row(prefix: Sequence[pfx.Layer], w: FloatArray, b: float, points: FloatArray) -> FloatArray:
-    """The ``points`` that lie on the boundary of row ``(w, b)`` behind ``prefix`` (to 1e-8 of the
-    pre-activation's scale)."""
-    _, H = pfx.forward(prefix, points)
+def _on_row(H: FloatArray, w: FloatArray, b: float, points: FloatArray) -> FloatArray:
+    """The ``points`` (layer inputs ``H``) that lie on the boundary of row ``(w, b)``, to 1e-8 of the
+    pre-activation's scale."""
     scale = float(np.linalg.norm(w)) * (np.linalg.norm(H, axis=1) + 1.0)
     out: FloatArray = points[np.abs(H @ w + b) <= 1e-8 * scale]
     return out
@@ -862,8 +861,9 @@ def complete_unseen(
     prefix = list(layers[:-1])
     cov = np.array(coverage, dtype=bool)
     n_grid = int(cfg.grid_per_neuron * n_total) + 16
+    _, H = pfx.forward(prefix, points)
     for j in (int(i) for i in np.flatnonzero(~cov.all(axis=1))):
-        anchors = _on_row(prefix, W[j], float(b[j]), points)
+        anchors = _on_row(H, W[j], float(b[j]), points)
         if anchors.shape[0] == 0:
             continue
         c = complete_row(query, prefix, W[j], float(b[j]), cov[j], anchors, d0,
@@ -891,8 +891,9 @@ def polish_filled(
     W, b = (np.array(a, dtype=float) for a in layers[-1])
     prefix = list(layers[:-1])
     done = 0
+    _, H = pfx.forward(prefix, points)
     for j in (int(i) for i in np.flatnonzero(filled.any(axis=1))):
-        on = _on_row(prefix, W[j], float(b[j]), points)
+        on = _on_row(H, W[j], float(b[j]), points)
         if on.shape[0] == 0:
             continue
         got = refine_row(query, prefix, W[j], float(b[j]), on[:8], d0, cfg, rng, untrusted=filled[j])

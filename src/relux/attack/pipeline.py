@@ -704,6 +704,7 @@ def _extract_deep(
     with stages.stage("output_layer"):
         W_out, b_out = fit_output_layer(q, layers, d0, cfg, rng, fit_pts)
     full = [*layers, (W_out, b_out)]
+    suspects: FloatArray | None = None
     if cfg.refine_network_max_params > 0:
         with stages.stage("refine_network"):
             # both sides of every inner boundary too: a neuron rarely off is off at no random point
@@ -712,10 +713,10 @@ def _extract_deep(
             full, ref = refine_network(q, full, d0, cfg.input_scale, rng, extra=np.concatenate([fit_pts, *inner]),
                                        max_params=cfg.refine_network_max_params,
                                        accept_misfit=max(cfg.selfcheck_tol, 100.0 * stages.noise_floor))
+        # held-out points where the refined model still misses f: the self-check queries them again
+        suspects = ref.misses
         log.info("network refinement (layers %d-%d): output misfit %.1e -> %.1e (%d Gauss-Newton steps%s)",
                  ref.fixed_layers + 1, len(full), ref.misfit_before, ref.misfit_after, ref.steps,
                  f"; {ref.reason}" if ref.reason else "")
     model = MLP(full)
-    # held-out points where the refined model still missed f: the self-check queries them again
-    suspects = ref.misses if cfg.refine_network_max_params > 0 else None
     return model, tuple(reports), wpts, warnings, suspects

@@ -268,7 +268,7 @@ def _weak_targets(
     seen = (H > 0).sum(axis=0)
     weak = (seen < min_seen) & (w != 0)
     if untrusted is not None:
-        weak |= untrusted
+        weak |= np.asarray(untrusted, dtype=bool)
     out: list[FloatArray] = []
     for m in np.flatnonzero(weak):
         for r in (reach, reach / 30.0) if untrusted is not None and untrusted[m] else (reach,):
@@ -488,10 +488,10 @@ def polish_row(
         targets = _weak_targets(layers, w, b, base, H, 0.1 * scale, rng, untrusted=untrusted)
         if targets.size:
             # their weights are the least precise, so the true kink may sit further from the estimated one:
-            # a wider bracket than the default; for untrusted weights (one fitted from the output can be
-            # off by 1e-2) the widest that stays clear of every known boundary
+            # a wider bracket than the default; with untrusted weights (one fitted from the output can be
+            # off by 1e-2) wider still, up to a quarter of the way to the nearest known boundary
             more, q2 = boundary_points(query, layers, w, b, targets, 2 * targets.shape[0], 0.05 * scale, rng,
-                                       bracket=5e-4 * scale if untrusted is None else np.inf)
+                                       bracket=5e-4 * scale if untrusted is None else 2e-2 * scale)
             q += q2
             if more.size:
                 base = np.concatenate([base, more])
@@ -503,12 +503,15 @@ def polish_row(
     w2, b2, res, dropped = fit_row(H, w, b, active, rng)
     trusted = np.ones(w.size + 1, dtype=bool)
     if untrusted is not None:
-        trusted[:-1] = ~untrusted
+        trusted[:-1] = ~np.asarray(untrusted, dtype=bool)
     v1, v2 = np.append(w, b)[trusted], np.append(w2, b2)[trusted]
     n1, n2 = float(np.linalg.norm(v1)), float(np.linalg.norm(v2))
-    # a row with no trusted weight left has no direction to compare: never accepted as unchanged
-    change = float(min(np.linalg.norm(v1 / n1 - v2 / n2), np.linalg.norm(v1 / n1 + v2 / n2))) if n1 and n2 else np.inf
-    if res > 1e-9 or change > 1e-3:
+    # a row with no trusted weight (or none but its bias) has no direction to compare: never accepted
+    # as unchanged
+    change = np.inf
+    if trusted[:-1].any() and n1 > 0 and n2 > 0:
+        change = float(min(np.linalg.norm(v1 / n1 - v2 / n2), np.linalg.norm(v1 / n1 + v2 / n2)))
+    if not (res <= 1e-9 and change <= 1e-3):  # a NaN fails too
         return Polished(w, b, base.shape[0], dropped, res, change, False,
                         f"boundary points do not fit one row (residual {res:.1e}, change {change:.1e})", active,
                         (w2, b2)), q

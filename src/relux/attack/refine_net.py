@@ -246,6 +246,7 @@ def refine_network(
         best, steps = before, 0
     log.debug("network refinement: misfit %.1e -> %.1e in %d steps (%s)", before, best, steps, reason)
     e = np.max(np.abs(_forward(layers, Xv)[2] - Yv), axis=1) / yscale
+    e = np.where(np.isfinite(e), e, np.inf)  # a NaN answer is a miss
     worst = np.argsort(e)[::-1][:16]
     return layers, NetRefinement(before, best, steps, int(Y.shape[0] + Xv.shape[0]), reason, first,
                                  Xv[worst[e[worst] > accept_misfit]])
