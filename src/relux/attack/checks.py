@@ -62,7 +62,7 @@ def self_check(
     check's own answers).
 
     Passes when ``max |f - f_hat| <= max(tol, 100 * noise_floor) * max |f|``. The inputs that fail it
-    (the 16 worst) are kept in ``disagreements``.
+    are counted in ``disagreeing`` and the 16 worst kept in ``disagreements``.
     """
     d = model.input_dim
     pts: list[FloatArray] = [suspects] if suspects is not None and suspects.size else []
@@ -81,12 +81,14 @@ def self_check(
     err = ref = 0.0
     worst_x = np.zeros((0, d))
     worst_e = np.zeros(0)
+    errors: list[FloatArray] = []
     fixed = [np.concatenate(pts)] if pts else []
     for i in range(len(fixed) + len(sizes)):
         X = fixed[i] if i < len(fixed) else rng.normal(0.0, scale, size=(sizes[i - len(fixed)], d))
         Y = query(X)
         e = np.max(np.abs(Y - model.forward(X)), axis=1)
         e = np.where(np.isfinite(e), e, np.inf)  # a NaN answer is a disagreement, never a pass
+        errors.append(e)
         err = max(err, float(e.max(initial=0.0)))
         ref = max(ref, float(np.max(np.abs(Y), initial=0.0)))
         top = np.argsort(e)[::-1][:16]
@@ -98,6 +100,7 @@ def self_check(
     thr = max(tol, 100.0 * noise_floor)
     rel = err / ref
     bad = worst_e > thr * ref
+    n_bad = sum(int(np.count_nonzero(e > thr * ref)) for e in errors)
     return SelfCheck(points=n_total, max_abs_error=err, max_rel_error=rel, tolerance=thr,
                      noise_floor=noise_floor, passed=bool(rel <= thr), random_points=n_random,
-                     disagreements=tuple(tuple(float(v) for v in x) for x in worst_x[bad]))
+                     disagreeing=n_bad, disagreements=tuple(tuple(float(v) for v in x) for x in worst_x[bad]))

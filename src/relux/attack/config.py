@@ -46,6 +46,12 @@ class ExtractionConfig:
         restarts: extra attempts of a deep extraction that failed (each from new random lines, seed
             ``seed + attempt``; every attempt's queries are counted). A failure is always one that
             the checks detected, so a restart can only replace a rejected result.
+        resumes: attempts of a deep extraction that go on from a failed attempt instead of starting
+            afresh, on top of ``restarts``. When the self-check disagreed on at most 1% of its points
+            (the model is right nearly everywhere: it lacks a rarely active neuron, a wrong sign or a
+            wrong row would disagree almost everywhere), the next attempt keeps the hidden layers
+            before the first incomplete one and extracts the rest again, its search lines aimed
+            through the inputs where the model was wrong (where the missing neuron is on).
         refine_network_max_params: a deep extraction ends with a Gauss-Newton refinement of the
             weights on fresh outputs (:mod:`relux.attack.refine_net`): of the longest tail of layers
             with at most this many parameters (the output layer always; the Jacobian holds about
@@ -91,6 +97,7 @@ class ExtractionConfig:
     selfcheck_max_points: int = 100_000
     max_enum_bits: int = 22
     restarts: int = 2
+    resumes: int = 2
     refine_network_max_params: int = 5000
     batch_rows: int = 65536
     witness_memory_mb: int = 4096
@@ -129,6 +136,8 @@ class ExtractionConfig:
         need(isinstance(self.refine_network_max_params, int) and self.refine_network_max_params >= 0,
              "refine_network_max_params", "an integer >= 0")
         need(isinstance(self.restarts, int) and 0 <= self.restarts <= 10, "restarts", "an integer in [0, 10]")
+        need(isinstance(self.resumes, int) and not isinstance(self.resumes, bool) and 0 <= self.resumes <= 10,
+             "resumes", "an integer in [0, 10]")
         need(isinstance(self.all_on_min_width, int) and not isinstance(self.all_on_min_width, bool)
              and self.all_on_min_width >= 0, "all_on_min_width", "an integer >= 0")
         need(isinstance(self.jobs, int) and not isinstance(self.jobs, bool) and self.jobs >= 1, "jobs",

@@ -161,8 +161,11 @@ def extract_layer(
             log.debug("layer %d: %d row(s) grown from single witnesses; %d complete rows", len(layers) + 1,
                       len(seeded), len(_good(rows, score)))
     # Still short: follow single neurons' boundaries across prefix regions until rows are determined.
-    traces = 0
-    while layers and len(_good(rows, score)) < width and traces < 4 * width:
+    traces = last_gain = 0
+    best_traced = len(_good(rows, score))
+    # at most 4 traces per row, and a row's worth of traces without a new complete row ends them (most
+    # unexplained witnesses belong to deeper layers, whose traces add nothing here)
+    while layers and len(_good(rows, score)) < width and traces < 4 * width and traces - last_gain < width:
         good = _good(rows, score)
         explained: set[int] = set()
         for r in good:
@@ -184,8 +187,11 @@ def extract_layer(
                                   grouping=grouping)
         # kept rows too: their later kinks were skipped (known), so their witnesses alone may not rebuild them
         rows, score, _ = _with_kept(kept, rows, all_lines, layers, is_last)
+        n_good = len(_good(rows, score))
+        if n_good > best_traced:
+            best_traced, last_gain = n_good, traces
         log.debug("layer %d: trace %d gave %d witnesses; %d complete rows", len(layers) + 1, traces, len(idx),
-                  len(_good(rows, score)))
+                  n_good)
     # Rows ranked by the crossings they predict on every line: kinks of deeper neurons, fitted inside
     # one region of the layer before, predict crossings the oracle does not show.
     # Complete, uniquely determined rows first; others only to fill the layer.

@@ -22,7 +22,7 @@ from relux.attack.frame import input_frame
 from relux.attack.hyperplanes import stack_signatures
 from relux.attack.linalg import lstsq
 from relux.attack.refine_net import refine_network
-from relux.attack.result import ExtractionResult, LayerReport, PartialResult, StageStats
+from relux.attack.result import ExtractionResult, LayerReport, PartialResult, SelfCheck, StageStats
 from relux.attack.signs import fit_affine_plus_relu, solve_flips
 from relux.errors import ExtractionFailed, InputError
 from relux.model import MLP, parse_arch
@@ -96,28 +96,84 @@ def extract(
     counter = CountingOracle(oracle)
     t_start = time.perf_counter()
     # Deep extraction is a randomised search whose every result is checked on fresh queries: a failed
-    # attempt is restarted from new random lines (a Las Vegas algorithm). One hidden layer needs none.
-    attempts = cfg.restarts + 1 if len(a) > 3 else 1
+    # attempt is restarted from new random lines (a Las Vegas algorithm), or resumed from its first
+    # incomplete layer when its model was wrong on a few inputs only. One hidden layer needs neither.
+    deep = len(a) > 3
+    fresh, resumes = (cfg.restarts + 1, cfg.resumes) if deep else (1, 0)
     failed: list[StageStats] = []
     notes: list[str] = []
-    # inputs where a failed attempt's model disagreed with f: the next attempt's last hidden layer
-    # aims search lines there first (a rarely on neuron it lacked is likely on there)
+    # inputs where a failed attempt's model disagreed with f: the next attempt aims search lines there
+    # first (a rarely on neuron it lacked is likely on there)
     hints = np.zeros((0, a[0]))
+    resume: _Resume | None = None
+    attempt = fresh_used = 0
     with make_executor(cfg.backend, cfg.jobs, cfg.ray_address) as executor:
-        for attempt in range(attempts):
+        while True:
             q0, t0 = counter.queries, time.perf_counter()
+            seed = cfg.seed + attempt
+            attempt += 1
+            fresh_used += resume is None
+            nxt: _Resume | None = None
             try:
-                return _extract(counter, a, cfg, executor, cfg.seed + attempt, t_start, failed, notes, hints)
-            except ExtractionFailed as exc:
-                if isinstance(exc.partial, ExtractionResult) and exc.partial.selfcheck.disagreements:
-                    hints = np.concatenate([np.array(exc.partial.selfcheck.disagreements), hints])[:32]
-                failed.append(StageStats(f"failed_attempt_{attempt + 1}", counter.queries - q0,
-                                         time.perf_counter() - t0, None))
-                notes.append(f"attempt {attempt + 1} (seed {cfg.seed + attempt}) failed: {exc}")
-                if attempt + 1 == attempts or not exc.restartable:
-                    raise
-                log.warning("attempt %d failed (%s); restarting from new random lines", attempt + 1, exc)
-    raise AssertionError("unreachable")
+                result, nxt = _extract(counter, a, cfg, executor, seed, t_start, failed, notes, hints, resume)
+                if result.selfcheck.passed:
+                    return result
+                exc = ExtractionFailed(
+                    f"self-check failed: fresh queries differ from the extracted model by "
+                    f"{result.selfcheck.max_rel_error:.2e} relative to max |f| (tolerance "
+                    f"{result.selfcheck.tolerance:.1e})",
+                    partial=result,
+                )
+            except ExtractionFailed as err:
+                exc = err
+            if isinstance(exc.partial, ExtractionResult) and exc.partial.selfcheck.disagreements:
+                hints = np.concatenate([np.array(exc.partial.selfcheck.disagreements), hints])[:32]
+            failed.append(StageStats(f"failed_attempt_{attempt}", counter.queries - q0,
+                                     time.perf_counter() - t0, None))
+            how = f"seed {seed}" + (f", resumed at layer {len(resume.layers) + 1}" if resume is not None else "")
+            notes.append(f"attempt {attempt} ({how}) failed: {exc}")
+            if nxt is not None and resumes > 0:
+                resumes -= 1
+                resume = nxt
+                log.warning("attempt %d failed (%s); resuming at layer %d, keeping the %d complete layer(s) "
+                            "before it", attempt, exc, len(nxt.layers) + 1, len(nxt.layers))
+                continue
+            if fresh_used >= fresh or not exc.restartable:
+                raise exc
+            resume = None
+            log.warning("attempt %d failed (%s); restarting from new random lines", attempt, exc)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Resume:
+    """What an attempt that resumes a failed one keeps (``ExtractionConfig.resumes``): the complete
+    hidden layers before the failed attempt's first incomplete one (input coordinates), their reports,
+    and the exact points found while extracting them (for the refinement's and self-check's samples)."""
+
+    layers: tuple[tuple[FloatArray, FloatArray], ...]
+    reports: tuple[LayerReport, ...]
+    points: tuple[FloatArray, ...]
+
+
+#: a self-check that disagreed on at most this share of its points may be resumed (config ``resumes``)
+RESUME_MAX_SHARE = 0.01
+
+
+def _resume_point(model: MLP, reports: Sequence[LayerReport], points: Sequence[FloatArray],
+                  check: SelfCheck, resumed_at: int = 0) -> _Resume | None:
+    """Where the next attempt may resume a failed deep attempt (the config's ``resumes``): at its first
+    incomplete hidden layer after ``resumed_at`` (the layer this attempt itself resumed at, which had
+    its aimed search already; 0 for a fresh attempt), keeping the layers before it. None when the
+    check disagreed on more than :data:`RESUME_MAX_SHARE` of its points, when no such layer exists,
+    or when it is the first layer (nothing to keep)."""
+    if check.passed or check.disagreeing > RESUME_MAX_SHARE * check.points:
+        return None
+    short = [r.index for r in reports if r.recovered < r.width and r.index > resumed_at]
+    if not short or short[0] <= 1:
+        return None
+    keep = short[0] - 1
+    return _Resume(tuple((W.copy(), b.copy()) for W, b in model.layers[:keep]), tuple(reports[:keep]),
+                   tuple(points[:keep]))
 
 
 def _extract(
@@ -130,7 +186,10 @@ def _extract(
     prior: Sequence[StageStats],
     notes: Sequence[str],
     hints: FloatArray | None = None,
-) -> ExtractionResult:
+    resume: _Resume | None = None,
+) -> tuple[ExtractionResult, _Resume | None]:
+    """One attempt: the result (its self-check passed or not) and, when it failed, where the next
+    attempt may resume it (:func:`_resume_point`)."""
     stages = _Stages(counter, executor)
     stages.stats.extend(prior)
     stages.t_start = t_start
@@ -146,9 +205,10 @@ def _extract(
         model, layer, witnesses, normals, radii, warnings = _extract_one_hidden(counter, a, cfg, rng, rel_tol, stages)
         layer_reports: tuple[LayerReport, ...] = (layer,)
         suspects: FloatArray | None = None
+        layer_points: list[FloatArray] = []
     else:
-        model, layer_reports, witnesses, warnings, suspects = _extract_deep(counter, a, cfg, rng, rel_tol, stages,
-                                                                            hints)
+        model, layer_reports, witnesses, warnings, suspects, layer_points = _extract_deep(
+            counter, a, cfg, rng, rel_tol, stages, hints, resume)
         normals = rng.normal(size=witnesses.shape)
         normals /= np.linalg.norm(normals, axis=1, keepdims=True)
         radii = np.full(witnesses.shape[0], 0.05 * cfg.input_scale * np.sqrt(a[0]))
@@ -171,13 +231,9 @@ def _extract(
         warnings=(*notes, *warnings),
         execution=execution_report(executor, stages.parallel),
     )
-    if not check.passed:
-        raise ExtractionFailed(
-            f"self-check failed: fresh queries differ from the extracted model by {check.max_rel_error:.2e} "
-            f"relative to max |f| (tolerance {check.tolerance:.1e})",
-            partial=result,
-        )
-    return result
+    resumed_at = len(resume.layers) + 1 if resume is not None else 0
+    nxt = _resume_point(model, layer_reports, layer_points, check, resumed_at) if len(a) > 3 else None
+    return result, nxt
 
 
 def _extract_one_hidden(
@@ -503,11 +559,13 @@ def _free_last_layer(
     points: list[FloatArray],
     executor: Executor | None = None,
     hints: FloatArray | None = None,
+    signs_known: bool = False,
 ) -> tuple[list[tuple[FloatArray, FloatArray]], list[LayerReport], LayerOutcome | None, bool]:
     """The last hidden layer from witnesses grouped by output direction (:mod:`relux.attack.free_last`),
     which also settles the signs of the layer before it (those are applied, with its report). Returns
     the layers, the reports, layer ``i``'s outcome when every row was fitted, and whether the signs
-    settled (if not, nothing changed and the walks take over)."""
+    settled (if not, nothing changed and the walks take over). ``signs_known``: the layer before was
+    kept from a failed attempt that settled its signs; they are not solved again."""
     from relux.attack.deep import outcome_from_rows
     from relux.attack.free_last import free_last_layer
 
@@ -515,11 +573,13 @@ def _free_last_layer(
     prev = reports[-1]
     # A neuron missing from layer i-1 leaves kinks whose jump matches no column (set aside), and spoils
     # the witnesses where it is on (dropped by the groups' robust fits). One that is often on leaves no
-    # sign vector that explains the groups: with layer i-1 short, the walks (which look for missing
-    # neurons) take over sooner.
+    # sign vector that explains the groups: with layer i-1 far short, the walks (which look for missing
+    # neurons) take over sooner. A few missing are usually rarely on neurons that no line showed (the
+    # walks do not find them either: digits 64-40x4-10, layer 3 two short): the groups get their time.
     n_rows = layers[-1][0].shape[0]
+    few = prev.width - n_rows <= max(1, prev.width // 10)
     fl = free_last_layer(q, layers, width, d0, total_hidden, cfg, rng, rel_tol, executor=executor,
-                         max_settle_lines=16 if n_rows < prev.width else 48, hints=hints)
+                         max_settle_lines=48 if few else 16, hints=hints, signs_known=signs_known)
     log.info("layer %d: %d/%d rows from %d witness groups (%d witnesses, %d lines); layer-%d signs %s%s", i,
              fl.W.shape[0], width, fl.groups, fl.witnesses, fl.lines, i - 1,
              "settled" if fl.ok else "open", f"; {fl.reason}" if fl.reason else "")
@@ -564,7 +624,13 @@ def _extract_deep(
     rel_tol: float,
     stages: _Stages,
     hints: FloatArray | None = None,
-) -> tuple[MLP, tuple[LayerReport, ...], FloatArray, list[str], FloatArray | None]:
+    resume: _Resume | None = None,
+) -> tuple[MLP, tuple[LayerReport, ...], FloatArray, list[str], FloatArray | None, list[FloatArray]]:
+    """The hidden layers one after the other, then the output layer and the network refinement.
+    ``resume``: a failed attempt's complete first layers, kept; the layers after them are extracted
+    again with every search aimed through ``hints`` first (else only the last hidden layer's is).
+    Returns the model, the layer reports, every exact point found, warnings, the refinement's misses
+    and the exact points found per hidden layer."""
     from relux.attack.deep import (
         check_last_layer,
         complete_last_layer,
@@ -583,9 +649,19 @@ def _extract_deep(
     reports: list[LayerReport] = []
     warnings: list[str] = []
     points: list[FloatArray] = []
+    layer_points: list[FloatArray] = []
+    start = 1
+    if resume is not None:
+        layers, reports = [(W.copy(), b.copy()) for W, b in resume.layers], list(resume.reports)
+        points, layer_points = list(resume.points), list(resume.points)
+        start = len(layers) + 1
+        log.info("resuming at layer %d behind the %d complete layer(s) of the failed attempt", start, len(layers))
     last_conf = np.zeros(0)
     last_cov = np.ones((0, 0), dtype=bool)
     for i, width in enumerate(hidden, start=1):
+        if i < start:
+            continue
+        n_points = len(points)
         with stages.stage("layer", layer=i):
             try:
                 out: LayerOutcome | None = None
@@ -606,16 +682,19 @@ def _extract_deep(
                                       else (q, layers, d0, cfg))
                     new_pts: list[FloatArray] = []
                     lf2 = lf
-                    # the hints, for the last hidden layer only, in the frame's coordinates
-                    hf = None if hints is None or not hints.size or i < len(hidden) else (
+                    # the hints, in the frame's coordinates: for the last hidden layer, or for every
+                    # layer extracted again when resuming
+                    aimed = i == len(hidden) or resume is not None
+                    hf = None if hints is None or not hints.size or not aimed else (
                         hints @ frame.V.T if frame is not None else hints)
                     free_last = i >= 3 and i == len(hidden) and k >= 2
                     if free_last:
                         # The last hidden layer: its witnesses group by output direction and decide the
                         # signs of the layer before with its rows (relux.attack.free_last).
+                        # a layer kept by a resumed attempt had its signs settled by the failed one
                         lf2, reports, out, settled = _free_last_layer(qf, lf, reports, width, df, cf, rng, rel_tol,
                                                                       warnings, sum(hidden), new_pts, stages.executor,
-                                                                      hf)
+                                                                      hf, signs_known=resume is not None and i == start)
                         free_last = not settled
                         if settled and out is None:
                             out = extract_layer(qf, lf2, width, df, sum(hidden), True, k, cf, rng, rel_tol,
@@ -637,7 +716,15 @@ def _extract_deep(
                                                           rel_tol, warnings, full=expansive, points=new_pts,
                                                           executor=stages.executor,
                                                           signed_only=hidden[i - 2] == control, hints=hf)
-                        if out is None and free_last and lf2[-1][0].shape[0] > lf[-1][0].shape[0]:
+                        grew = lf2[-1][0].shape[0] > lf[-1][0].shape[0]
+                        if out is None and grew and not free_last:
+                            # the walks found a neuron of layer i-1 no kink had shown: this layer's
+                            # rows are walked again behind the completed layer (its signs now checked)
+                            lf2, reports, out = _walked_layer(qf, lf2, reports, width, df, i == len(hidden), cf,
+                                                              rng, rel_tol, warnings, full=expansive,
+                                                              points=new_pts, executor=stages.executor,
+                                                              signed_only=hidden[i - 2] == control, hints=hf)
+                        if out is None and free_last and grew:
                             # the walks found the neuron of layer i-1 that kept the witness groups from
                             # settling: they get another go behind the completed layer
                             lf2, reports, out, settled = _free_last_layer(
@@ -665,6 +752,7 @@ def _extract_deep(
                 raise
         layers.append((out.W, out.b))
         points.append(out.witness_points)
+        layer_points.append(np.concatenate(points[n_points:]))
         last_conf = out.confidence
         last_cov = out.coverage
         qi, si = stages.total(i)
@@ -719,4 +807,4 @@ def _extract_deep(
                  ref.fixed_layers + 1, len(full), ref.misfit_before, ref.misfit_after, ref.steps,
                  f"; {ref.reason}" if ref.reason else "")
     model = MLP(full)
-    return model, tuple(reports), wpts, warnings, suspects
+    return model, tuple(reports), wpts, warnings, suspects, layer_points
