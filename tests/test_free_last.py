@@ -112,22 +112,3 @@ def test_last_layer_and_open_signs_from_witness_groups(seed: int) -> None:
         cos = np.abs(T[:, m] @ e[m]) / (np.linalg.norm(T[:, m], axis=1) * np.linalg.norm(e[m]))
         assert 1.0 - cos.max() <= 1e-6
 
-
-def test_known_signs_are_kept_and_rows_fitted() -> None:
-    """``signs_known``: behind a correctly signed layer the signs are not solved again (no flip, every
-    neuron decided) and the rows come out as with solved signs."""
-    victim = random_mlp((8, 12, 10, 6, 3), np.random.default_rng(0))
-    layers = _unit_layers(victim)
-    oracle = CountingOracle(MLPOracle(victim))
-    out = free_last_layer(oracle.query, layers[:2], 6, 8, 28, ExtractionConfig(seed=0), np.random.default_rng(0),
-                          1e-9, signs_known=True)
-    assert out.ok and out.sign is not None and out.sign.method == "signs kept from the attempt resumed"
-    assert not out.flips.any() and out.decided.all()
-    assert out.W.shape == (6, 10)
-    # as above: 1e-6 is a safe margin over the ~1e-8 that finite differences over two layers leave
-    T = np.concatenate([layers[2][0], layers[2][1][:, None]], axis=1)
-    for w, b, cov in zip(out.W, out.b, out.coverage, strict=True):
-        e = np.append(w, b)
-        m = np.append(cov, True)
-        cos = np.abs(T[:, m] @ e[m]) / (np.linalg.norm(T[:, m], axis=1) * np.linalg.norm(e[m]))
-        assert 1.0 - cos.max() <= 1e-6

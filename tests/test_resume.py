@@ -10,9 +10,11 @@ import pytest
 import relux
 from relux.attack import pipeline
 from relux.attack.result import LayerReport, SelfCheck
+from relux.attack.resume import boundary_points, resume_point
 from relux.errors import InputError
 from relux.model import MLP
 from relux.oracle import MLPOracle
+from relux.verify import verify
 from relux.zoo import random_mlp
 
 
@@ -22,8 +24,9 @@ def _reports(recovered: list[int], width: int = 8) -> list[LayerReport]:
 
 
 def _check(disagreeing: int, points: int = 1000) -> SelfCheck:
+    worst = tuple(tuple(float(i + k) for k in range(6)) for i in range(min(disagreeing, 16)))
     return SelfCheck(points=points, max_abs_error=1.0, max_rel_error=1e-3, tolerance=1e-8, noise_floor=0.0,
-                     passed=False, random_points=points, disagreeing=disagreeing)
+                     passed=False, random_points=points, disagreeing=disagreeing, disagreements=worst)
 
 
 @pytest.mark.parametrize(
@@ -42,7 +45,7 @@ def _check(disagreeing: int, points: int = 1000) -> SelfCheck:
 def test_resume_point(recovered: list[int], disagreeing: int, resumed_at: int, kept: int | None) -> None:
     model = random_mlp((6, 8, 8, 8, 2), np.random.default_rng(0))
     points = [np.full((2, 6), float(i)) for i in range(3)]
-    got = pipeline._resume_point(model, _reports(recovered), points, _check(disagreeing), resumed_at)
+    got = resume_point(model, _reports(recovered), points, _check(disagreeing), resumed_at)
     if kept is None:
         assert got is None
         return
@@ -53,13 +56,19 @@ def test_resume_point(recovered: list[int], disagreeing: int, resumed_at: int, k
         np.testing.assert_array_equal(b, bm)
     assert [r.index for r in got.reports] == list(range(1, kept + 1))
     assert got.points[-1][0, 0] == kept - 1
+    assert got.layer == kept + 1
+    # the incomplete layer's rows, which the resumed attempt keeps
+    np.testing.assert_array_equal(got.rows[0], model.layers[kept][0])
+    np.testing.assert_array_equal(got.rows[1], model.layers[kept][1])
+    # the inputs where the model disagreed, where the resumed attempt aims
+    assert got.hints.shape == (min(disagreeing, 16), 6) and got.hints[1, 0] == 1.0
 
 
 def test_a_passed_check_is_never_resumed() -> None:
     model = random_mlp((6, 8, 8, 8, 2), np.random.default_rng(0))
     passed = SelfCheck(points=1000, max_abs_error=0.0, max_rel_error=0.0, tolerance=1e-8, noise_floor=0.0,
                        passed=True, random_points=1000)
-    assert pipeline._resume_point(model, _reports([8, 8, 7]), [np.zeros((1, 6))] * 3, passed) is None
+    assert resume_point(model, _reports([8, 8, 7]), [np.zeros((1, 6))] * 3, passed) is None
 
 
 def test_resumes_is_validated() -> None:
@@ -69,27 +78,32 @@ def test_resumes_is_validated() -> None:
         relux.ExtractionConfig(resumes=True)  # type: ignore[arg-type]
 
 
-def _with_rare_neuron(model: MLP, rng: np.random.Generator, share: float) -> MLP:
-    """``model`` with one more last-hidden neuron, on at about ``share`` of N(0, I) inputs: a model that
-    lacks a rarely active neuron looks like this one to the oracle."""
-    X = rng.normal(size=(20000, model.input_dim))
-    H = X
+def _rare_victim(share: float) -> MLP:
+    """Random 12-8-8-3 whose last hidden neuron 0 is on at about ``share`` of N(0, I) inputs."""
+    victim = random_mlp((12, 8, 8, 3), np.random.default_rng(1))
+    (W1, b1), (W2, b2), out = victim.layers
+    H = np.maximum(np.random.default_rng(5).normal(size=(50000, 12)) @ W1.T + b1, 0.0)
+    b2 = b2.copy()
+    b2[0] -= float(np.quantile(H @ W2[0] + b2[0], 1.0 - share))
+    return MLP([(W1, b1), (W2, b2), out])
+
+
+def _without_rarest(model: MLP) -> MLP:
+    """``model`` without the last-hidden neuron that is on least often (as if no line had found it)."""
+    H = np.random.default_rng(6).normal(size=(50000, model.input_dim))
     for W, b in model.layers[:-2]:
         H = np.maximum(H @ W.T + b, 0.0)
-    u = rng.normal(size=H.shape[1])
-    s = H @ u
-    c = float(np.quantile(s, 1.0 - share))
-    (W_last, b_last), (W_out, b_out) = model.layers[-2], model.layers[-1]
-    hidden = (np.concatenate([W_last, u[None, :]]), np.append(b_last, -c))
-    out = (np.concatenate([W_out, np.ones((W_out.shape[0], 1))], axis=1), b_out)
-    return MLP([*model.layers[:-2], hidden, out])
+    (W, b), (Wo, bo) = model.layers[-2], model.layers[-1]
+    j = int(np.argmin(np.mean(H @ W.T + b > 0, axis=0)))
+    keep = np.arange(W.shape[0]) != j
+    return MLP([*model.layers[:-2], (W[keep], b[keep]), (Wo[:, keep], bo)])
 
 
 def test_a_failed_attempt_resumes_at_its_first_incomplete_layer(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The first attempt is made to look as if it lacked a rarely active last-hidden neuron (its model
-    has a spurious one, its report one row short): the second attempt keeps its first hidden layer
-    and extracts the last one again, with the resume and the failure in the notes."""
-    victim = random_mlp((12, 8, 8, 3), np.random.default_rng(0))
+    """The first attempt is made to miss a last-hidden neuron on at 0.5% of inputs (its model lacks it,
+    its report is one row short). The second attempt keeps the first hidden layer and the seven rows
+    found, finds the eighth on lines through the inputs where the first model was wrong, and passes."""
+    victim = _rare_victim(0.005)
     real = pipeline._extract_deep
     calls: list[Any] = []
 
@@ -101,7 +115,7 @@ def test_a_failed_attempt_resumes_at_its_first_incomplete_layer(monkeypatch: pyt
             return out
         model, reports, *rest = out
         short = (*reports[:-1], reports[-1].__class__(**{**reports[-1].__dict__, "recovered": reports[-1].width - 1}))
-        return (_with_rare_neuron(model, np.random.default_rng(1), 0.002), short, *rest)
+        return (_without_rarest(model), short, *rest)
 
     monkeypatch.setattr(pipeline, "_extract_deep", fake)
     result = relux.extract(MLPOracle(victim), victim.arch, relux.ExtractionConfig(seed=0, restarts=0))
@@ -109,24 +123,70 @@ def test_a_failed_attempt_resumes_at_its_first_incomplete_layer(monkeypatch: pyt
     assert len(calls) == 2 and calls[0] is None
     kept = calls[1]
     assert kept is not None and len(kept.layers) == 1 and kept.reports[0].index == 1
+    assert kept.rows[0].shape == (7, 8)
     assert any("attempt 1 (seed 0) failed: self-check failed" in w for w in result.warnings)
     assert [s.name for s in result.stages].count("failed_attempt_1") == 1
     # the kept layer is the first attempt's; the network refinement at the end may move its exact
     # weights only by rounding (3e-14 here), far below 1e-9
     np.testing.assert_allclose(result.model.layers[0][0], kept.layers[0][0], rtol=0, atol=1e-9)
+    report = verify(victim, result.model).to_json()
+    assert report["unmatched"] == 0 and report["sign_errors"] == 0
+    # issue 4's bounds, as for every deep extraction in tests/test_extract_deep.py
+    assert report["max_norm_weight_error"] <= 2.0**-25 and report["max_rel_output_error"] <= 1e-8
+
+
+def test_boundary_points_lie_on_the_row() -> None:
+    model = random_mlp((6, 8, 8, 2), np.random.default_rng(3))
+    rng = np.random.default_rng(4)
+    w, b = model.layers[1][0][2], float(model.layers[1][1][2])
+    P = boundary_points(model.layers[:1], w, b, rng.normal(size=(500, 6)), 8, rng)
+    assert P.shape == (8, 6)
+    H = np.maximum(P @ model.layers[0][0].T + model.layers[0][1], 0.0)
+    # 60 halvings of a unit segment leave the point within 2^-60 of the boundary: |z| at rounding
+    # level of the inputs' scale
+    assert np.max(np.abs(H @ w + b)) <= 1e-12 * (np.abs(w) @ np.abs(H).max(axis=0) + abs(b))
+    # a row on nowhere among the samples has none
+    assert boundary_points(model.layers[:1], w, b + 1e6, rng.normal(size=(50, 6)), 8, rng).shape == (0, 6)
 
 
 def test_no_resume_when_resumes_is_zero(monkeypatch: pytest.MonkeyPatch) -> None:
-    victim = random_mlp((12, 8, 8, 3), np.random.default_rng(0))
     real = pipeline._extract_deep
 
     def fake(*args: Any, **kwargs: Any) -> Any:
         model, reports, *rest = real(*args, **kwargs)
         short = (*reports[:-1], reports[-1].__class__(**{**reports[-1].__dict__, "recovered": reports[-1].width - 1}))
-        return (_with_rare_neuron(model, np.random.default_rng(1), 0.002), short, *rest)
+        return (_without_rarest(model), short, *rest)
 
     monkeypatch.setattr(pipeline, "_extract_deep", fake)
+    victim = _rare_victim(0.005)
     with pytest.raises(relux.ExtractionFailed, match="self-check failed") as info:
         relux.extract(MLPOracle(victim), victim.arch, relux.ExtractionConfig(seed=0, restarts=0, resumes=0))
     assert isinstance(info.value.partial, relux.ExtractionResult)
     assert 0 < info.value.partial.selfcheck.disagreeing <= 0.01 * info.value.partial.selfcheck.points
+
+
+def test_a_resumed_attempt_that_fails_otherwise_resumes_from_the_same_point(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The resumed attempt's model is broken everywhere (no resume point of its own): the third attempt
+    resumes from the first attempt's point again and passes."""
+    victim = _rare_victim(0.005)
+    real = pipeline._extract_deep
+    calls: list[Any] = []
+
+    def fake(*args: Any, **kwargs: Any) -> Any:
+        resume = args[7] if len(args) > 7 else kwargs.get("resume")
+        calls.append(resume)
+        model, reports, *rest = real(*args, **kwargs)
+        if len(calls) == 1:
+            short = (*reports[:-1],
+                     reports[-1].__class__(**{**reports[-1].__dict__, "recovered": reports[-1].width - 1}))
+            return (_without_rarest(model), short, *rest)
+        if len(calls) == 2:
+            (Wo, bo) = model.layers[-1]
+            return (MLP([*model.layers[:-1], (-Wo, bo)]), reports, *rest)  # wrong at nearly every input
+        return (model, reports, *rest)
+
+    monkeypatch.setattr(pipeline, "_extract_deep", fake)
+    result = relux.extract(MLPOracle(victim), victim.arch, relux.ExtractionConfig(seed=0, restarts=0))
+    assert result.selfcheck.passed
+    assert len(calls) == 3 and calls[0] is None and calls[1] is not None and calls[2] is calls[1]
+    assert any("attempt 2 (seed 1, resumed at layer 2) failed" in w for w in result.warnings)

@@ -51,7 +51,8 @@ class ExtractionConfig:
             (the model is right nearly everywhere: it lacks a rarely active neuron, a wrong sign or a
             wrong row would disagree almost everywhere), the next attempt keeps the hidden layers
             before the first incomplete one and extracts the rest again, its search lines aimed
-            through the inputs where the model was wrong (where the missing neuron is on).
+            through the inputs where the model was wrong (where the missing neuron is on). A resumed
+            attempt that fails without such a point of its own is resumed again from the same point.
         refine_network_max_params: a deep extraction ends with a Gauss-Newton refinement of the
             weights on fresh outputs (:mod:`relux.attack.refine_net`): of the longest tail of layers
             with at most this many parameters (the output layer always; the Jacobian holds about

@@ -340,12 +340,15 @@ def outcome_from_rows(
     how: str,
     coverage: np.ndarray | None = None,
     rel_tol: float | None = None,
+    settled: np.ndarray | None = None,
 ) -> LayerOutcome:
     """A layer whose rows are already known (from walks, :mod:`relux.attack.walk`, or witness groups,
     :mod:`relux.attack.free_last`): signs as for any layer (the last-layer solve, or the wiggle for an
     inner layer, checked by the next layer's walks). ``coverage``: the layer-input coordinates each
     row's points saw on (all by default); the others are first filled along the row's boundary
-    (:func:`relux.attack.complete.complete_row`, with the kink search's ``rel_tol``)."""
+    (:func:`relux.attack.complete.complete_row`, with the kink search's ``rel_tol``). ``settled``:
+    rows already refined and signed (kept from a failed attempt, :mod:`relux.attack.resume`): not
+    refined again, and their signs stay as given."""
     nrm = np.linalg.norm(np.concatenate([W, b[:, None]], axis=1), axis=1)
     W, b = W / nrm[:, None], b / nrm
     row_residual = np.array(row_residual, dtype=float)
@@ -359,7 +362,8 @@ def outcome_from_rows(
                              cfg.input_scale * float(np.sqrt(d0)), n_grid, rel_tol)
             n = float(np.linalg.norm(np.append(c.w, c.b)))
             W[j], b[j], cov[j] = c.w / n, c.b / n, c.coverage
-    for j in range(W.shape[0]):
+    done = np.zeros(W.shape[0], dtype=bool) if settled is None else np.asarray(settled, dtype=bool)
+    for j in (int(i) for i in np.flatnonzero(~done)):
         P = row_points[j]
         # Up to three tries, boundary points (and anchors, from a row with more than 8) drawn afresh:
         # the wiggle below leans on every row (behind CIFAR layer 1, one row left 3e-7 off gave 15
@@ -372,6 +376,7 @@ def outcome_from_rows(
                 break
     sgn, conf, sign_method, on = _layer_signs(query, layers, W, b, d0, is_last, W.shape[0] < width, cfg, rng,
                                               np.concatenate(list(row_points)), cov)
+    sgn, conf = np.where(done, 1.0, sgn), np.where(done, 1.0, conf)
     W = W * sgn[:, None]
     b = b * sgn
     neurons = tuple(

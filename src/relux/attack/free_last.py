@@ -243,7 +243,6 @@ def free_last_layer(
     max_free_rows: int = 64,
     max_settle_lines: int = 48,
     hints: FloatArray | None = None,
-    signs_known: bool = False,
 ) -> FreeLast:
     """The last hidden layer (``width`` rows) and the signs of the layer before it, from witnesses on
     random lines behind the augmented prefix (see the module docstring).
@@ -256,8 +255,7 @@ def free_last_layer(
     distinct rows are determined with at most 1% of their weights unseen (or two rounds after all
     rows are there), or four rounds bring no new row (after up to four rounds of lines aimed where the
     rows found cannot explain ``f``; ``hints`` are looked at first: inputs where an earlier
-    attempt's model was wrong). ``signs_known``: the signs of ``layers`` are taken as they are (a
-    resumed attempt keeps a layer whose signs the failed attempt settled), and only rows are fitted."""
+    attempt's model was wrong)."""
     d_prev = layers[-1][0].shape[0]
     aug = augment(layers)
     n_grid = int(cfg.grid_per_neuron * total_hidden) + 16
@@ -278,13 +276,6 @@ def free_last_layer(
     prefix = aug
     aimed: tuple[FloatArray, FloatArray] | None = None
     aimed_rounds = 0
-    if signs_known:
-        ones = np.ones(d_prev)
-        sol = SignSolution(np.zeros(d_prev, dtype=bool), np.ones(d_prev, dtype=bool), 0.0, 0, 1,
-                           "signs kept from the attempt resumed", True, "", ones)
-        settled = True
-        decided = np.ones(d_prev, dtype=bool)
-        prefix = list(layers)
     while True:
         if lines >= max_lines:
             reason = f"search-line limit ({max_lines}) reached"

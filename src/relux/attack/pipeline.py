@@ -22,7 +22,8 @@ from relux.attack.frame import input_frame
 from relux.attack.hyperplanes import stack_signatures
 from relux.attack.linalg import lstsq
 from relux.attack.refine_net import refine_network
-from relux.attack.result import ExtractionResult, LayerReport, PartialResult, SelfCheck, StageStats
+from relux.attack.result import ExtractionResult, LayerReport, PartialResult, StageStats
+from relux.attack.resume import Resume, boundary_points, resume_point
 from relux.attack.signs import fit_affine_plus_relu, solve_flips
 from relux.errors import ExtractionFailed, InputError
 from relux.model import MLP, parse_arch
@@ -103,9 +104,9 @@ def extract(
     failed: list[StageStats] = []
     notes: list[str] = []
     # inputs where a failed attempt's model disagreed with f: the next attempt aims search lines there
-    # first (a rarely on neuron it lacked is likely on there)
+    # first (a rarely on neuron it lacked is likely on there); a resumed attempt aims at its own
     hints = np.zeros((0, a[0]))
-    resume: _Resume | None = None
+    resume: Resume | None = None
     attempt = fresh_used = 0
     with make_executor(cfg.backend, cfg.jobs, cfg.ray_address) as executor:
         while True:
@@ -113,9 +114,10 @@ def extract(
             seed = cfg.seed + attempt
             attempt += 1
             fresh_used += resume is None
-            nxt: _Resume | None = None
+            nxt: Resume | None = None
             try:
-                result, nxt = _extract(counter, a, cfg, executor, seed, t_start, failed, notes, hints, resume)
+                aim = resume.hints if resume is not None else hints
+                result, nxt = _extract(counter, a, cfg, executor, seed, t_start, failed, notes, aim, resume)
                 if result.selfcheck.passed:
                     return result
                 exc = ExtractionFailed(
@@ -132,6 +134,10 @@ def extract(
                                      time.perf_counter() - t0, None))
             how = f"seed {seed}" + (f", resumed at layer {len(resume.layers) + 1}" if resume is not None else "")
             notes.append(f"attempt {attempt} ({how}) failed: {exc}")
+            if nxt is None and resume is not None and exc.restartable:
+                # a resumed attempt that failed otherwise tells nothing new about the layers it kept,
+                # which the attempt before it showed right nearly everywhere: the same point again
+                nxt = resume
             if nxt is not None and resumes > 0:
                 resumes -= 1
                 resume = nxt
@@ -144,38 +150,6 @@ def extract(
             log.warning("attempt %d failed (%s); restarting from new random lines", attempt, exc)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Resume:
-    """What an attempt that resumes a failed one keeps (``ExtractionConfig.resumes``): the complete
-    hidden layers before the failed attempt's first incomplete one (input coordinates), their reports,
-    and the exact points found while extracting them (for the refinement's and self-check's samples)."""
-
-    layers: tuple[tuple[FloatArray, FloatArray], ...]
-    reports: tuple[LayerReport, ...]
-    points: tuple[FloatArray, ...]
-
-
-#: a self-check that disagreed on at most this share of its points may be resumed (config ``resumes``)
-RESUME_MAX_SHARE = 0.01
-
-
-def _resume_point(model: MLP, reports: Sequence[LayerReport], points: Sequence[FloatArray],
-                  check: SelfCheck, resumed_at: int = 0) -> _Resume | None:
-    """Where the next attempt may resume a failed deep attempt (the config's ``resumes``): at its first
-    incomplete hidden layer after ``resumed_at`` (the layer this attempt itself resumed at, which had
-    its aimed search already; 0 for a fresh attempt), keeping the layers before it. None when the
-    check disagreed on more than :data:`RESUME_MAX_SHARE` of its points, when no such layer exists,
-    or when it is the first layer (nothing to keep)."""
-    if check.passed or check.disagreeing > RESUME_MAX_SHARE * check.points:
-        return None
-    short = [r.index for r in reports if r.recovered < r.width and r.index > resumed_at]
-    if not short or short[0] <= 1:
-        return None
-    keep = short[0] - 1
-    return _Resume(tuple((W.copy(), b.copy()) for W, b in model.layers[:keep]), tuple(reports[:keep]),
-                   tuple(points[:keep]))
-
-
 def _extract(
     counter: CountingOracle,
     a: tuple[int, ...],
@@ -186,10 +160,10 @@ def _extract(
     prior: Sequence[StageStats],
     notes: Sequence[str],
     hints: FloatArray | None = None,
-    resume: _Resume | None = None,
-) -> tuple[ExtractionResult, _Resume | None]:
+    resume: Resume | None = None,
+) -> tuple[ExtractionResult, Resume | None]:
     """One attempt: the result (its self-check passed or not) and, when it failed, where the next
-    attempt may resume it (:func:`_resume_point`)."""
+    attempt may resume it (:func:`relux.attack.resume.resume_point`)."""
     stages = _Stages(counter, executor)
     stages.stats.extend(prior)
     stages.t_start = t_start
@@ -232,7 +206,7 @@ def _extract(
         execution=execution_report(executor, stages.parallel),
     )
     resumed_at = len(resume.layers) + 1 if resume is not None else 0
-    nxt = _resume_point(model, layer_reports, layer_points, check, resumed_at) if len(a) > 3 else None
+    nxt = resume_point(model, layer_reports, layer_points, check, resumed_at) if len(a) > 3 else None
     return result, nxt
 
 
@@ -545,6 +519,51 @@ def _walked_layer(
     return layers, reports, out
 
 
+def _resumed_layer(
+    q: Callable[[FloatArray], FloatArray],
+    layers: list[tuple[FloatArray, FloatArray]],
+    rows: tuple[FloatArray, FloatArray],
+    width: int,
+    d0: int,
+    is_last: bool,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    rel_tol: float,
+    hints: FloatArray | None,
+    executor: Executor | None = None,
+) -> LayerOutcome:
+    """The layer a resumed attempt starts at (:mod:`relux.attack.resume`): the failed attempt's rows,
+    already refined and signed, each with boundary points found without a query, and the missing rows
+    from witnesses on search lines through ``hints`` first (:func:`relux.attack.more_rows.more_rows`);
+    the new rows are refined and signed as any layer's."""
+    from relux.attack.deep import outcome_from_rows
+    from relux.attack.more_rows import more_rows
+
+    W0, b0 = rows
+    X = rng.normal(0.0, cfg.input_scale, size=(8192, d0))
+    if hints is not None and hints.size:
+        X = np.concatenate([hints.reshape(-1, d0), X])  # a rarely active row is on there
+    pts, kept = [], []
+    for j in range(W0.shape[0]):
+        P = boundary_points(layers, W0[j], float(b0[j]), X, 8, rng)
+        if P.shape[0]:
+            pts.append(P)
+            kept.append(j)
+    W0, b0 = W0[kept], b0[kept]
+    more = more_rows(q, layers, W0, b0, width, d0, cfg, rng, rel_tol, executor=executor, partial_ok=is_last,
+                     hints=hints)
+    log.info("layer %d: %d row(s) kept from the attempt resumed, %d more from %d witnesses on %d lines%s",
+             len(layers) + 1, W0.shape[0], more.W.shape[0], more.witnesses, more.lines,
+             f"; {more.reason}" if more.reason else "")
+    n_new = more.W.shape[0]
+    return outcome_from_rows(
+        q, layers, np.concatenate([W0, more.W]), np.append(b0, more.b), [*pts, *more.points],
+        np.append(np.zeros(W0.shape[0]), more.residual), width, d0, is_last, cfg, rng,
+        "kept from the attempt resumed, or from witnesses at its disagreements",
+        coverage=np.concatenate([np.ones(W0.shape, dtype=bool), more.coverage]), rel_tol=rel_tol,
+        settled=np.concatenate([np.ones(W0.shape[0], dtype=bool), np.zeros(n_new, dtype=bool)]))
+
+
 def _free_last_layer(
     q: Callable[[FloatArray], FloatArray],
     layers: list[tuple[FloatArray, FloatArray]],
@@ -559,13 +578,11 @@ def _free_last_layer(
     points: list[FloatArray],
     executor: Executor | None = None,
     hints: FloatArray | None = None,
-    signs_known: bool = False,
 ) -> tuple[list[tuple[FloatArray, FloatArray]], list[LayerReport], LayerOutcome | None, bool]:
     """The last hidden layer from witnesses grouped by output direction (:mod:`relux.attack.free_last`),
     which also settles the signs of the layer before it (those are applied, with its report). Returns
     the layers, the reports, layer ``i``'s outcome when every row was fitted, and whether the signs
-    settled (if not, nothing changed and the walks take over). ``signs_known``: the layer before was
-    kept from a failed attempt that settled its signs; they are not solved again."""
+    settled (if not, nothing changed and the walks take over)."""
     from relux.attack.deep import outcome_from_rows
     from relux.attack.free_last import free_last_layer
 
@@ -579,7 +596,7 @@ def _free_last_layer(
     n_rows = layers[-1][0].shape[0]
     few = prev.width - n_rows <= max(1, prev.width // 10)
     fl = free_last_layer(q, layers, width, d0, total_hidden, cfg, rng, rel_tol, executor=executor,
-                         max_settle_lines=48 if few else 16, hints=hints, signs_known=signs_known)
+                         max_settle_lines=48 if few else 16, hints=hints)
     log.info("layer %d: %d/%d rows from %d witness groups (%d witnesses, %d lines); layer-%d signs %s%s", i,
              fl.W.shape[0], width, fl.groups, fl.witnesses, fl.lines, i - 1,
              "settled" if fl.ok else "open", f"; {fl.reason}" if fl.reason else "")
@@ -624,7 +641,7 @@ def _extract_deep(
     rel_tol: float,
     stages: _Stages,
     hints: FloatArray | None = None,
-    resume: _Resume | None = None,
+    resume: Resume | None = None,
 ) -> tuple[MLP, tuple[LayerReport, ...], FloatArray, list[str], FloatArray | None, list[FloatArray]]:
     """The hidden layers one after the other, then the output layer and the network refinement.
     ``resume``: a failed attempt's complete first layers, kept; the layers after them are extracted
@@ -688,13 +705,17 @@ def _extract_deep(
                     hf = None if hints is None or not hints.size or not aimed else (
                         hints @ frame.V.T if frame is not None else hints)
                     free_last = i >= 3 and i == len(hidden) and k >= 2
+                    if resume is not None and i == start:
+                        # the failed attempt's rows of this layer, and the missing ones at its disagreements
+                        out = _resumed_layer(qf, lf, resume.rows, width, df, i == len(hidden), cf, rng, rel_tol, hf,
+                                             stages.executor)
+                        free_last = False
                     if free_last:
                         # The last hidden layer: its witnesses group by output direction and decide the
                         # signs of the layer before with its rows (relux.attack.free_last).
-                        # a layer kept by a resumed attempt had its signs settled by the failed one
                         lf2, reports, out, settled = _free_last_layer(qf, lf, reports, width, df, cf, rng, rel_tol,
                                                                       warnings, sum(hidden), new_pts, stages.executor,
-                                                                      hf, signs_known=resume is not None and i == start)
+                                                                      hf)
                         free_last = not settled
                         if settled and out is None:
                             out = extract_layer(qf, lf2, width, df, sum(hidden), True, k, cf, rng, rel_tol,
