@@ -644,8 +644,9 @@ def _extract_deep(
     resume: Resume | None = None,
 ) -> tuple[MLP, tuple[LayerReport, ...], FloatArray, list[str], FloatArray | None, list[FloatArray]]:
     """The hidden layers one after the other, then the output layer and the network refinement.
-    ``resume``: a failed attempt's complete first layers, kept; the layers after them are extracted
-    again with every search aimed through ``hints`` first (else only the last hidden layer's is).
+    ``resume``: a failed attempt's complete first layers, kept; its rows of the next layer are kept
+    too and the missing ones looked for (:func:`_resumed_layer`), then the layers after it are
+    extracted again, every search aimed through ``hints`` first (else only the last hidden layer's is).
     Returns the model, the layer reports, every exact point found, warnings, the refinement's misses
     and the exact points found per hidden layer."""
     from relux.attack.deep import (
