@@ -78,9 +78,9 @@ def more_rows(
     when the layer is complete, after ``max_lines`` lines (default ``12 * cfg.max_search_lines``), or
     after ``stall_lines`` lines (default ``8 * cfg.max_search_lines``, ``2 *`` with ``hints``) without
     a new row. A neuron crossed by one line in forty needs a hundred lines or more for the three
-    crossings that confirm its row. ``partial_ok`` (the last hidden layer, whose unseen weights the output fit can give):
-    a confirmed row that completion leaves short of a few weights is kept, with its coverage.
-    ``hints``: inputs where an earlier attempt's model was wrong (a neuron it lacked is likely on
+    crossings that confirm its row. ``partial_ok`` (the last hidden layer, whose unseen weights the
+    output fit can give): a confirmed row that completion leaves short of a few weights is kept, with
+    its coverage. ``hints``: inputs where an earlier attempt's model was wrong (a neuron it lacked is likely on
     there); the first lines go through them, in random directions."""
     from relux.attack.deep import _build_rows
 
