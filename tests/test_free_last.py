@@ -111,4 +111,3 @@ def test_last_layer_and_open_signs_from_witness_groups(seed: int) -> None:
         m = np.append(cov, True)
         cos = np.abs(T[:, m] @ e[m]) / (np.linalg.norm(T[:, m], axis=1) * np.linalg.norm(e[m]))
         assert 1.0 - cos.max() <= 1e-6
-

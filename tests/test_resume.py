@@ -9,6 +9,7 @@ import pytest
 
 import relux
 from relux.attack import pipeline
+from relux.attack.checks import self_check
 from relux.attack.result import LayerReport, SelfCheck
 from relux.attack.resume import boundary_points, resume_point
 from relux.errors import InputError
@@ -129,6 +130,9 @@ def test_a_failed_attempt_resumes_at_its_first_incomplete_layer(monkeypatch: pyt
     # the kept layer is the first attempt's; the network refinement at the end may move its exact
     # weights only by rounding (3e-14 here), far below 1e-9
     np.testing.assert_allclose(result.model.layers[0][0], kept.layers[0][0], rtol=0, atol=1e-9)
+    last = result.layers[1]
+    assert last.recovered == 8
+    assert sum(n["rows_from"].startswith("kept from the attempt resumed") for n in last.neurons) == 8
     report = verify(victim, result.model).to_json()
     assert report["unmatched"] == 0 and report["sign_errors"] == 0
     # issue 4's bounds, as for every deep extraction in tests/test_extract_deep.py
@@ -190,3 +194,25 @@ def test_a_resumed_attempt_that_fails_otherwise_resumes_from_the_same_point(monk
     assert result.selfcheck.passed
     assert len(calls) == 3 and calls[0] is None and calls[1] is not None and calls[2] is calls[1]
     assert any("attempt 2 (seed 1, resumed at layer 2) failed" in w for w in result.warnings)
+
+
+def test_self_check_counts_the_random_points_that_disagree() -> None:
+    """``disagreeing`` counts the random points beyond the tolerance (what the resume rule reads); the
+    points near witnesses and the suspects are checked but not counted."""
+    base = random_mlp((6, 8, 2), np.random.default_rng(0))
+    (W, b), (Wo, bo) = base.layers
+    X = np.random.default_rng(1).normal(size=(20000, 6))
+    b_rare = b.copy()
+    b_rare[0] -= float(np.quantile(X @ W[0] + b[0], 0.99))  # neuron 0 on at 1% of N(0, I) inputs
+    victim = MLP([(W, b_rare), (Wo, bo)])
+    Wo_without = Wo.copy()
+    Wo_without[:, 0] = 0.0
+    lacking = MLP([(W, b_rare), (Wo_without, bo)])  # right wherever neuron 0 is off
+    oracle = MLPOracle(victim)
+    wit, normals, radii = np.zeros((3, 6)), np.eye(6)[:3], np.full(3, 0.1)
+    # 4,000 points at a 1% share: 40 expected, standard deviation 6.3; the bounds are 3 of them away
+    for model, lo, hi in ((victim, 0, 0), (lacking, 20, 60)):
+        check = self_check(oracle.query, model, wit, normals, radii, 4000, 1.0, 1e-8, 0.0,
+                           np.random.default_rng(2), suspects=np.zeros((2, 6)))
+        assert check.points == 4000 + 6 * 3 + 2 and check.random_points == 4000
+        assert lo <= check.disagreeing <= hi

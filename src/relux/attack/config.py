@@ -47,12 +47,14 @@ class ExtractionConfig:
             ``seed + attempt``; every attempt's queries are counted). A failure is always one that
             the checks detected, so a restart can only replace a rejected result.
         resumes: attempts of a deep extraction that go on from a failed attempt instead of starting
-            afresh, on top of ``restarts``. When the self-check disagreed on at most 1% of its points
+            afresh, on top of ``restarts``. When the self-check disagreed on at most 1% of its random
+            points
             (the model is right nearly everywhere: it lacks a rarely active neuron, a wrong sign or a
             wrong row would disagree almost everywhere), the next attempt keeps the hidden layers
-            before the first incomplete one and extracts the rest again, its search lines aimed
-            through the inputs where the model was wrong (where the missing neuron is on). A resumed
-            attempt that fails without such a point of its own is resumed again from the same point.
+            before the first incomplete one and the rows found in that one, looks for the missing
+            rows on search lines through the inputs where the model was wrong (where the missing
+            neuron is on), and extracts the layers after it again (:mod:`relux.attack.resume`). A
+            resumed attempt that fails without such a point of its own is resumed from the same point.
         refine_network_max_params: a deep extraction ends with a Gauss-Newton refinement of the
             weights on fresh outputs (:mod:`relux.attack.refine_net`): of the longest tail of layers
             with at most this many parameters (the output layer always; the Jacobian holds about

@@ -163,8 +163,9 @@ def extract_layer(
     # Still short: follow single neurons' boundaries across prefix regions until rows are determined.
     traces = last_gain = 0
     best_traced = len(_good(rows, score))
-    # at most 4 traces per row, and a row's worth of traces without a new complete row ends them (most
-    # unexplained witnesses belong to deeper layers, whose traces add nothing here)
+    # at most 4 traces per row of the layer, and as many traces as the layer has rows without a new
+    # complete row end them (most unexplained witnesses belong to deeper layers, whose traces add
+    # nothing here: digits 64-40x4-10's layer 2 spent 160 traces, 2 minutes, on its 40th row)
     while layers and len(_good(rows, score)) < width and traces < 4 * width and traces - last_gain < width:
         good = _good(rows, score)
         explained: set[int] = set()

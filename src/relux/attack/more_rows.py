@@ -76,23 +76,18 @@ def more_rows(
     """Up to ``width - len(W_known)`` rows of the layer behind ``layers`` that the known rows
     ``(W_known, b_known)`` lack, from witnesses on new search lines (see the module docstring). Stops
     when the layer is complete, after ``max_lines`` lines (default ``12 * cfg.max_search_lines``), or
-    after ``stall_lines`` lines (default ``8 * cfg.max_search_lines``, ``2 *`` with ``hints``) without
-    a new row. A neuron crossed by one line in forty needs a hundred lines or more for the three
-    crossings that confirm its row. ``partial_ok`` (the last hidden layer, whose unseen weights the
-    output fit can give): a confirmed row that completion leaves short of a few weights is kept, with
-    its coverage. ``hints``: inputs where an earlier attempt's model was wrong (a neuron it lacked is likely on
+    after ``stall_lines`` lines (default ``8 * cfg.max_search_lines``) without a new row. A neuron
+    crossed by one line in forty needs a hundred lines or more for the three crossings that confirm
+    its row. ``partial_ok`` (the last hidden layer, whose unseen weights the output fit can give):
+    a confirmed row that completion leaves short of a few weights is kept, with its coverage.
+    ``hints``: inputs where an earlier attempt's model was wrong (a neuron it lacked is likely on
     there); the first lines go through them, in random directions."""
     from relux.attack.deep import _build_rows
 
     need = width - W_known.shape[0]
     max_lines = 12 * cfg.max_search_lines if max_lines is None else max_lines
+    stall_lines = 8 * cfg.max_search_lines if stall_lines is None else stall_lines
     x_hint = hints.reshape(-1, d0)[:16] if hints is not None and hints.size else None
-    aimed = x_hint is not None
-    if stall_lines is None:
-        # With hints, the rows that matter are on there and show on the first lines; random lines
-        # after them are no likelier to cross a rare neuron than the failed attempt's, which already
-        # spent the full stall on them.
-        stall_lines = (2 if aimed else 8) * cfg.max_search_lines
     # grid points for the kinks of this layer and the one before (later ones are found by bisection)
     n_grid = int(cfg.grid_per_neuron * (layers[-1][0].shape[0] + width)) + 16
     nrm = np.linalg.norm(np.concatenate([W_known, b_known[:, None]], axis=1), axis=1)

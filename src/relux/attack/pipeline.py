@@ -132,7 +132,7 @@ def extract(
                 hints = np.concatenate([np.array(exc.partial.selfcheck.disagreements), hints])[:32]
             failed.append(StageStats(f"failed_attempt_{attempt}", counter.queries - q0,
                                      time.perf_counter() - t0, None))
-            how = f"seed {seed}" + (f", resumed at layer {len(resume.layers) + 1}" if resume is not None else "")
+            how = f"seed {seed}" + (f", resumed at layer {resume.layer}" if resume is not None else "")
             notes.append(f"attempt {attempt} ({how}) failed: {exc}")
             if nxt is None and resume is not None and exc.restartable:
                 # a resumed attempt that failed otherwise tells nothing new about the layers it kept,
@@ -141,8 +141,8 @@ def extract(
             if nxt is not None and resumes > 0:
                 resumes -= 1
                 resume = nxt
-                log.warning("attempt %d failed (%s); resuming at layer %d, keeping the %d complete layer(s) "
-                            "before it", attempt, exc, len(nxt.layers) + 1, len(nxt.layers))
+                log.warning("attempt %d failed (%s); resuming at layer %d, keeping the %d layer(s) before it "
+                            "and its rows", attempt, exc, nxt.layer, len(nxt.layers))
                 continue
             if fresh_used >= fresh or not exc.restartable:
                 raise exc
@@ -205,7 +205,7 @@ def _extract(
         warnings=(*notes, *warnings),
         execution=execution_report(executor, stages.parallel),
     )
-    resumed_at = len(resume.layers) + 1 if resume is not None else 0
+    resumed_at = resume.layer if resume is not None else 0
     nxt = resume_point(model, layer_reports, layer_points, check, resumed_at) if len(a) > 3 else None
     return result, nxt
 
@@ -550,12 +550,20 @@ def _resumed_layer(
             pts.append(P)
             kept.append(j)
     W0, b0 = W0[kept], b0[kept]
-    more = more_rows(q, layers, W0, b0, width, d0, cfg, rng, rel_tol, executor=executor, partial_ok=is_last,
-                     hints=hints)
+    # The rows that matter are on at the hints and show on the first lines; random lines after them
+    # are no likelier to cross a rare neuron than the failed attempt's, which spent the full stall.
+    more = more_rows(q, layers, W0, b0, width, d0, cfg, rng, rel_tol, stall_lines=2 * cfg.max_search_lines,
+                     executor=executor, partial_ok=is_last, hints=hints)
     log.info("layer %d: %d row(s) kept from the attempt resumed, %d more from %d witnesses on %d lines%s",
              len(layers) + 1, W0.shape[0], more.W.shape[0], more.witnesses, more.lines,
              f"; {more.reason}" if more.reason else "")
     n_new = more.W.shape[0]
+    if W0.shape[0] < rows[0].shape[0]:
+        log.warning("layer %d: %d kept row(s) dropped: no sample input on either side of their boundary",
+                    len(layers) + 1, rows[0].shape[0] - W0.shape[0])
+    if W0.shape[0] + n_new == 0:
+        raise ExtractionFailed(f"layer {len(layers) + 1}: the resumed attempt has no row (expected {width}, found "
+                               "none kept and none new); a fresh attempt follows if any is left")
     return outcome_from_rows(
         q, layers, np.concatenate([W0, more.W]), np.append(b0, more.b), [*pts, *more.points],
         np.append(np.zeros(W0.shape[0]), more.residual), width, d0, is_last, cfg, rng,
@@ -644,7 +652,7 @@ def _extract_deep(
     resume: Resume | None = None,
 ) -> tuple[MLP, tuple[LayerReport, ...], FloatArray, list[str], FloatArray | None, list[FloatArray]]:
     """The hidden layers one after the other, then the output layer and the network refinement.
-    ``resume``: a failed attempt's complete first layers, kept; its rows of the next layer are kept
+    ``resume``: a failed attempt's first layers, kept; its rows of the next layer are kept
     too and the missing ones looked for (:func:`_resumed_layer`), then the layers after it are
     extracted again, every search aimed through ``hints`` first (else only the last hidden layer's is).
     Returns the model, the layer reports, every exact point found, warnings, the refinement's misses
@@ -672,8 +680,8 @@ def _extract_deep(
     if resume is not None:
         layers, reports = [(W.copy(), b.copy()) for W, b in resume.layers], list(resume.reports)
         points, layer_points = list(resume.points), list(resume.points)
-        start = len(layers) + 1
-        log.info("resuming at layer %d behind the %d complete layer(s) of the failed attempt", start, len(layers))
+        start = resume.layer
+        log.info("resuming at layer %d behind the %d layer(s) kept from the failed attempt", start, len(layers))
     last_conf = np.zeros(0)
     last_cov = np.ones((0, 0), dtype=bool)
     for i, width in enumerate(hidden, start=1):

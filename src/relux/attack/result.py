@@ -34,8 +34,8 @@ class SelfCheck:
     passed: bool
     #: the fresh random points among ``points`` (the others lie on lines through witnesses)
     random_points: int = 0
-    #: how many of the ``points`` disagreed beyond the tolerance (a model wrong on a small share of
-    #: the inputs lacks a rarely active neuron; a wrong layer disagrees almost everywhere)
+    #: how many of the ``random_points`` disagreed beyond the tolerance (a model wrong on a small share
+    #: of the inputs lacks a rarely active neuron; a wrong layer disagrees almost everywhere)
     disagreeing: int = 0
     #: inputs where the model disagreed with the oracle beyond the tolerance, worst first (at most 16):
     #: a restarted attempt aims search lines there (not in ``to_json``)

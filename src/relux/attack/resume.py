@@ -28,7 +28,8 @@ RESUME_MAX_SHARE = 0.01
 @dataclass(frozen=True)
 class Resume:
     """What an attempt that resumes a failed one keeps: the hidden layers before the failed attempt's
-    first incomplete one (input coordinates), their reports, the exact points found while extracting
+    first incomplete one (or, for a later resume, the first incomplete one after the layer it resumed
+    at; input coordinates), their reports, the exact points found while extracting
     them (for the refinement's and the self-check's samples), and the rows the failed attempt found in
     the incomplete layer (over the kept layers' outputs), and the inputs where the failed attempt's
     model disagreed with ``f`` (worst first), where the resumed attempt aims its search lines; a resumed
@@ -51,9 +52,10 @@ def resume_point(model: MLP, reports: Sequence[LayerReport], points: Sequence[Fl
     """Where the next attempt may resume a failed deep attempt: at its first incomplete hidden layer
     after ``resumed_at`` (the layer this attempt itself resumed at, which had its aimed search already;
     0 for a fresh attempt). None when the check passed or disagreed on more than
-    :data:`RESUME_MAX_SHARE` of its points, when no such layer exists, or when it is the first layer
+    :data:`RESUME_MAX_SHARE` of its random points (the others, near witnesses and suspects, are
+    where a model is likeliest wrong), when no such layer exists, or when it is the first layer
     (nothing to keep)."""
-    if check.passed or check.disagreeing > RESUME_MAX_SHARE * check.points:
+    if check.passed or check.disagreeing > RESUME_MAX_SHARE * check.random_points:
         return None
     short = [r.index for r in reports if r.recovered < r.width and r.index > resumed_at]
     if not short or short[0] <= 1:
