@@ -44,9 +44,26 @@ def _check(disagreeing: int, points: int = 1000) -> SelfCheck:
     ],
 )
 def test_resume_point(recovered: list[int], disagreeing: int, resumed_at: int, kept: int | None) -> None:
+    _resume_point_case(recovered, disagreeing, resumed_at, False, kept)
+
+
+@pytest.mark.parametrize(
+    ("recovered", "resumed_at", "kept"),
+    [
+        ([8, 7, 7], 3, 2),  # its search found rows in layer 3, still short: layer 3 again
+        ([8, 7, 8], 3, None),  # layer 3 complete now: nothing to resume
+        ([8, 7, 7], 2, 2),  # a later incomplete layer comes first
+    ],
+)
+def test_resume_point_after_a_gain(recovered: list[int], resumed_at: int, kept: int | None) -> None:
+    _resume_point_case(recovered, 5, resumed_at, True, kept)
+
+
+def _resume_point_case(recovered: list[int], disagreeing: int, resumed_at: int, gained: bool,
+                       kept: int | None) -> None:
     model = random_mlp((6, 8, 8, 8, 2), np.random.default_rng(0))
     points = [np.full((2, 6), float(i)) for i in range(3)]
-    got = resume_point(model, _reports(recovered), points, _check(disagreeing), resumed_at)
+    got = resume_point(model, _reports(recovered), points, _check(disagreeing), resumed_at, gained)
     if kept is None:
         assert got is None
         return
@@ -100,7 +117,8 @@ def _without_rarest(model: MLP) -> MLP:
     return MLP([*model.layers[:-2], (W[keep], b[keep]), (Wo[:, keep], bo)])
 
 
-def test_a_failed_attempt_resumes_at_its_first_incomplete_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_attempt_resumes_at_its_first_incomplete_layer(monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
     """The first attempt is made to miss a last-hidden neuron on at 0.5% of inputs (its model lacks it,
     its report is one row short). The second attempt keeps the first hidden layer and the seven rows
     found, finds the eighth on lines through the inputs where the first model was wrong, and passes."""
@@ -119,8 +137,11 @@ def test_a_failed_attempt_resumes_at_its_first_incomplete_layer(monkeypatch: pyt
         return (_without_rarest(model), short, *rest)
 
     monkeypatch.setattr(pipeline, "_extract_deep", fake)
-    result = relux.extract(MLPOracle(victim), victim.arch, relux.ExtractionConfig(seed=0, restarts=0))
+    with caplog.at_level("INFO", logger="relux.attack.pipeline"):
+        result = relux.extract(MLPOracle(victim), victim.arch, relux.ExtractionConfig(seed=0, restarts=0))
     assert result.selfcheck.passed
+    # the last hidden layer's missing row comes from the witness groups on lines through the hints
+    assert "7 row(s) kept from the attempt resumed, 1 from witness groups at its disagreements" in caplog.text
     assert len(calls) == 2 and calls[0] is None
     kept = calls[1]
     assert kept is not None and len(kept.layers) == 1 and kept.reports[0].index == 1
@@ -216,3 +237,31 @@ def test_self_check_counts_the_random_points_that_disagree() -> None:
                            np.random.default_rng(2), suspects=np.zeros((2, 6)))
         assert check.points == 4000 + 6 * 3 + 2 and check.random_points == 4000
         assert lo <= check.disagreeing <= hi
+
+
+def test_later_self_checks_query_earlier_disagreements_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every attempt's self-check queries again the inputs where earlier attempts were seen wrong: a
+    model lacking the same rarely active neuron cannot pass by its random points missing it."""
+    victim = _rare_victim(0.005)
+    real_deep, real_check = pipeline._extract_deep, pipeline.self_check
+    checks: list[tuple[Any, SelfCheck]] = []
+
+    def fake(*args: Any, **kwargs: Any) -> Any:
+        model, reports, *rest = real_deep(*args, **kwargs)
+        return (_without_rarest(model), reports, *rest)  # reports complete: restarts, never resumes
+
+    def spy(*args: Any, **kwargs: Any) -> SelfCheck:
+        out = real_check(*args, **kwargs)
+        checks.append((args[10] if len(args) > 10 else kwargs.get("suspects"), out))
+        return out
+
+    monkeypatch.setattr(pipeline, "_extract_deep", fake)
+    monkeypatch.setattr(pipeline, "self_check", spy)
+    with pytest.raises(relux.ExtractionFailed):
+        relux.extract(MLPOracle(victim), victim.arch, relux.ExtractionConfig(seed=0, restarts=2))
+    assert len(checks) == 3
+    for k in (1, 2):
+        earlier = np.concatenate([np.array(c.disagreements) for _, c in checks[:k]])
+        suspects = checks[k][0]
+        assert suspects is not None and earlier.size
+        assert all(np.any(np.all(suspects == x, axis=1)) for x in earlier)

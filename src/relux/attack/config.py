@@ -55,6 +55,8 @@ class ExtractionConfig:
             rows on search lines through the inputs where the model was wrong (where the missing
             neuron is on), and extracts the layers after it again (:mod:`relux.attack.resume`). A
             resumed attempt that fails without such a point of its own is resumed from the same point.
+            A later resume starts after the layer the one before resumed at, or at that layer again
+            when its search there found rows and it is still short.
         refine_network_max_params: a deep extraction ends with a Gauss-Newton refinement of the
             weights on fresh outputs (:mod:`relux.attack.refine_net`): of the longest tail of layers
             with at most this many parameters (the output layer always; the Jacobian holds about
@@ -100,7 +102,7 @@ class ExtractionConfig:
     selfcheck_max_points: int = 100_000
     max_enum_bits: int = 22
     restarts: int = 2
-    resumes: int = 2
+    resumes: int = 3
     refine_network_max_params: int = 5000
     batch_rows: int = 65536
     witness_memory_mb: int = 4096

@@ -106,6 +106,9 @@ def extract(
     # inputs where a failed attempt's model disagreed with f: the next attempt aims search lines there
     # first (a rarely on neuron it lacked is likely on there); a resumed attempt aims at its own
     hints = np.zeros((0, a[0]))
+    # every such input of every failed attempt: each later self-check queries them again, so that no
+    # attempt passes where an earlier one was seen wrong (more attempts are not more chances to miss)
+    wrong_before = np.zeros((0, a[0]))
     resume: Resume | None = None
     attempt = fresh_used = 0
     with make_executor(cfg.backend, cfg.jobs, cfg.ray_address) as executor:
@@ -117,7 +120,8 @@ def extract(
             nxt: Resume | None = None
             try:
                 aim = resume.hints if resume is not None else hints
-                result, nxt = _extract(counter, a, cfg, executor, seed, t_start, failed, notes, aim, resume)
+                result, nxt = _extract(counter, a, cfg, executor, seed, t_start, failed, notes, aim, resume,
+                                       wrong_before)
                 if result.selfcheck.passed:
                     return result
                 exc = ExtractionFailed(
@@ -129,7 +133,9 @@ def extract(
             except ExtractionFailed as err:
                 exc = err
             if isinstance(exc.partial, ExtractionResult) and exc.partial.selfcheck.disagreements:
-                hints = np.concatenate([np.array(exc.partial.selfcheck.disagreements), hints])[:32]
+                worst = np.array(exc.partial.selfcheck.disagreements)
+                hints = np.concatenate([worst, hints])[:32]
+                wrong_before = np.concatenate([wrong_before, worst])
             failed.append(StageStats(f"failed_attempt_{attempt}", counter.queries - q0,
                                      time.perf_counter() - t0, None))
             how = f"seed {seed}" + (f", resumed at layer {resume.layer}" if resume is not None else "")
@@ -161,9 +167,11 @@ def _extract(
     notes: Sequence[str],
     hints: FloatArray | None = None,
     resume: Resume | None = None,
+    wrong_before: FloatArray | None = None,
 ) -> tuple[ExtractionResult, Resume | None]:
     """One attempt: the result (its self-check passed or not) and, when it failed, where the next
-    attempt may resume it (:func:`relux.attack.resume.resume_point`)."""
+    attempt may resume it (:func:`relux.attack.resume.resume_point`). ``wrong_before``: inputs where
+    earlier attempts' models disagreed with ``f``, queried again by this attempt's self-check."""
     stages = _Stages(counter, executor)
     stages.stats.extend(prior)
     stages.t_start = t_start
@@ -190,6 +198,8 @@ def _extract(
         # a longer run could have missed rarer neurons: it is checked on more points
         n_check = max(cfg.selfcheck_points,
                       min(int(np.ceil(cfg.selfcheck_fraction * counter.queries)), cfg.selfcheck_max_points))
+        if wrong_before is not None and wrong_before.size:
+            suspects = wrong_before if suspects is None else np.concatenate([suspects, wrong_before])
         check = self_check(counter.query, model, witnesses, normals, radii, n_check,
                            scale, cfg.selfcheck_tol, floor, rng, suspects)
     result = ExtractionResult(
@@ -206,7 +216,9 @@ def _extract(
         execution=execution_report(executor, stages.parallel),
     )
     resumed_at = resume.layer if resume is not None else 0
-    nxt = resume_point(model, layer_reports, layer_points, check, resumed_at) if len(a) > 3 else None
+    # rows the resumed layer gained over those kept (its aimed search found some)
+    gained = resume is not None and layer_reports[resumed_at - 1].recovered > resume.rows[0].shape[0]
+    nxt = resume_point(model, layer_reports, layer_points, check, resumed_at, gained) if len(a) > 3 else None
     return result, nxt
 
 
@@ -550,26 +562,87 @@ def _resumed_layer(
             pts.append(P)
             kept.append(j)
     W0, b0 = W0[kept], b0[kept]
+    n_kept = W0.shape[0]
+    cov0 = np.ones(W0.shape, dtype=bool)
+    res0 = np.zeros(n_kept)
+    if is_last and hints is not None and hints.size:
+        # the last hidden layer: witnesses on lines through the hints, grouped by output direction
+        W0, b0, cov0, res0, pts = _last_rows_at_hints(q, layers, W0, b0, cov0, res0, pts, width, d0, cfg, rng,
+                                                      rel_tol, hints, executor)
     # The rows that matter are on at the hints and show on the first lines; random lines after them
     # are no likelier to cross a rare neuron than the failed attempt's, which spent the full stall.
     more = more_rows(q, layers, W0, b0, width, d0, cfg, rng, rel_tol, stall_lines=2 * cfg.max_search_lines,
                      executor=executor, partial_ok=is_last, hints=hints)
-    log.info("layer %d: %d row(s) kept from the attempt resumed, %d more from %d witnesses on %d lines%s",
-             len(layers) + 1, W0.shape[0], more.W.shape[0], more.witnesses, more.lines,
-             f"; {more.reason}" if more.reason else "")
-    n_new = more.W.shape[0]
-    if W0.shape[0] < rows[0].shape[0]:
+    log.info("layer %d: %d row(s) kept from the attempt resumed, %d from witness groups at its disagreements, "
+             "%d more from %d witnesses on %d lines%s", len(layers) + 1, n_kept, W0.shape[0] - n_kept,
+             more.W.shape[0], more.witnesses, more.lines, f"; {more.reason}" if more.reason else "")
+    n_new = W0.shape[0] - n_kept + more.W.shape[0]
+    if n_kept < rows[0].shape[0]:
         log.warning("layer %d: %d kept row(s) dropped: no sample input on either side of their boundary",
                     len(layers) + 1, rows[0].shape[0] - W0.shape[0])
-    if W0.shape[0] + n_new == 0:
+    if n_kept + n_new == 0:
         raise ExtractionFailed(f"layer {len(layers) + 1}: the resumed attempt has no row (expected {width}, found "
                                "none kept and none new); a fresh attempt follows if any is left")
     return outcome_from_rows(
         q, layers, np.concatenate([W0, more.W]), np.append(b0, more.b), [*pts, *more.points],
-        np.append(np.zeros(W0.shape[0]), more.residual), width, d0, is_last, cfg, rng,
+        np.append(res0, more.residual), width, d0, is_last, cfg, rng,
         "kept from the attempt resumed, or from witnesses at its disagreements",
-        coverage=np.concatenate([np.ones(W0.shape, dtype=bool), more.coverage]), rel_tol=rel_tol,
-        settled=np.concatenate([np.ones(W0.shape[0], dtype=bool), np.zeros(n_new, dtype=bool)]))
+        coverage=np.concatenate([cov0, more.coverage]), rel_tol=rel_tol,
+        settled=np.concatenate([np.ones(n_kept, dtype=bool), np.zeros(n_new, dtype=bool)]))
+
+
+def _last_rows_at_hints(
+    q: Callable[[FloatArray], FloatArray],
+    layers: list[tuple[FloatArray, FloatArray]],
+    W: FloatArray,
+    b: FloatArray,
+    cov: np.ndarray,
+    res: FloatArray,
+    pts: list[FloatArray],
+    width: int,
+    d0: int,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    rel_tol: float,
+    hints: FloatArray,
+    executor: Executor | None = None,
+) -> tuple[FloatArray, FloatArray, np.ndarray, FloatArray, list[FloatArray]]:
+    """Rows of the last hidden layer, behind its signed prefix, that ``(W, b)`` lacks: witnesses on
+    lines through ``hints`` (one random direction each), grouped by the direction of their output jump
+    (every kink of one last-layer neuron moves the output along its column, :mod:`relux.attack.free_last`),
+    each group of two or more unified into one row, kept when its witnesses determine it (residual
+    1e-8, gap 1e3, as for :mod:`relux.attack.more_rows`' seeds) and it is new. A rarely active neuron's
+    pairs of witnesses see too few coordinates to determine its row; its group of thirty does (digits
+    64-40x4-10, layer-4 neurons on at 3e-5 and 3e-4 of inputs: rows to 1e-9). Returns the rows with the
+    new ones appended, their coverage, residuals and boundary points."""
+    from relux.attack.free_last import group_by_output
+    from relux.attack.hyperplanes import hyperplane_distance
+    from relux.attack.unify import robust_unify
+    from relux.attack.witnesses import collect_witnesses
+
+    x0 = hints.reshape(-1, d0)[:16]
+    n_grid = int(cfg.grid_per_neuron * (sum(W_.shape[0] for W_, _ in layers) + width)) + 16
+    nrm = np.linalg.norm(np.concatenate([W, b[:, None]], axis=1), axis=1)
+    known = (W / nrm[:, None], b / nrm) if W.shape[0] else None
+    wits, _ = collect_witnesses(q, layers, d0, x0.shape[0], n_grid, cfg, rng, rel_tol,
+                                lines_given=(x0, rng.normal(size=x0.shape)), known=known, executor=executor)
+    wits = [w for w in wits if w.out_dir is not None]
+    keys = np.concatenate([W, b[:, None]], axis=1) / nrm[:, None] if W.shape[0] else np.zeros((0, W.shape[1] + 1))
+    W, b, cov, res, pts = W.copy(), b.copy(), cov.copy(), res.copy(), list(pts)
+    for g in group_by_output(wits):
+        if g.size < 2 or W.shape[0] >= width:
+            continue
+        r = robust_unify(wits, [int(i) for i in g])
+        key = np.append(r.w, r.b)
+        if r.residual > 1e-8 or r.gap < 1e3:
+            continue
+        if keys.shape[0] and float(np.min(hyperplane_distance(key, keys))) < 1e-4:
+            continue
+        W, b = np.concatenate([W, r.w[None, :]]), np.append(b, r.b)
+        cov, res = np.concatenate([cov, r.coverage[None, :]]), np.append(res, r.residual)
+        pts.append(np.stack([wits[i].x for i in r.members]))
+        keys = np.concatenate([keys, key[None, :]])
+    return W, b, cov, res, pts
 
 
 def _free_last_layer(

@@ -48,16 +48,20 @@ class Resume:
 
 
 def resume_point(model: MLP, reports: Sequence[LayerReport], points: Sequence[FloatArray], check: SelfCheck,
-                 resumed_at: int = 0) -> Resume | None:
+                 resumed_at: int = 0, gained: bool = False) -> Resume | None:
     """Where the next attempt may resume a failed deep attempt: at its first incomplete hidden layer
     after ``resumed_at`` (the layer this attempt itself resumed at, which had its aimed search already;
-    0 for a fresh attempt). None when the check passed or disagreed on more than
+    0 for a fresh attempt); when there is none, at ``resumed_at`` again if its aimed search ``gained``
+    rows there and it is still incomplete (another rare neuron of that layer, on where this attempt's
+    model is wrong). None when the check passed or disagreed on more than
     :data:`RESUME_MAX_SHARE` of its random points (the others, near witnesses and suspects, are
     where a model is likeliest wrong), when no such layer exists, or when it is the first layer
     (nothing to keep)."""
     if check.passed or check.disagreeing > RESUME_MAX_SHARE * check.random_points:
         return None
     short = [r.index for r in reports if r.recovered < r.width and r.index > resumed_at]
+    if not short and gained:
+        short = [r.index for r in reports if r.recovered < r.width and r.index == resumed_at]
     if not short or short[0] <= 1:
         return None
     keep = short[0] - 1
