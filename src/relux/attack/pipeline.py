@@ -195,9 +195,11 @@ def _extract(
         normals /= np.linalg.norm(normals, axis=1, keepdims=True)
         radii = np.full(witnesses.shape[0], 0.05 * cfg.input_scale * np.sqrt(a[0]))
     with stages.stage("selfcheck"):
-        # a longer run could have missed rarer neurons: it is checked on more points
+        # a longer run could have missed rarer neurons: it is checked on more points; so is every
+        # attempt after failed ones (each is one more chance for a wrong model to miss a rare region)
         n_check = max(cfg.selfcheck_points,
-                      min(int(np.ceil(cfg.selfcheck_fraction * counter.queries)), cfg.selfcheck_max_points))
+                      min(int(np.ceil(cfg.selfcheck_fraction * counter.queries * (len(prior) + 1))),
+                          cfg.selfcheck_max_points))
         if wrong_before is not None and wrong_before.size:
             suspects = wrong_before if suspects is None else np.concatenate([suspects, wrong_before])
         check = self_check(counter.query, model, witnesses, normals, radii, n_check,
