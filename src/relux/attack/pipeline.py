@@ -581,7 +581,7 @@ def _resumed_layer(
     n_new = W0.shape[0] - n_kept + more.W.shape[0]
     if n_kept < rows[0].shape[0]:
         log.warning("layer %d: %d kept row(s) dropped: no sample input on either side of their boundary",
-                    len(layers) + 1, rows[0].shape[0] - W0.shape[0])
+                    len(layers) + 1, rows[0].shape[0] - n_kept)
     if n_kept + n_new == 0:
         raise ExtractionFailed(f"layer {len(layers) + 1}: the resumed attempt has no row (expected {width}, found "
                                "none kept and none new); a fresh attempt follows if any is left")
