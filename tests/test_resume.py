@@ -137,7 +137,7 @@ def test_a_failed_attempt_resumes_at_its_first_incomplete_layer(monkeypatch: pyt
         return (_without_rarest(model), short, *rest)
 
     monkeypatch.setattr(pipeline, "_extract_deep", fake)
-    with caplog.at_level("INFO", logger="relux.attack.pipeline"):
+    with caplog.at_level("INFO", logger="relux.attack"):
         result = relux.extract(MLPOracle(victim), victim.arch, relux.ExtractionConfig(seed=0, restarts=0))
     assert result.selfcheck.passed
     # the last hidden layer's missing row comes from the witness groups on lines through the hints

@@ -23,7 +23,7 @@ from relux.attack.hyperplanes import stack_signatures
 from relux.attack.linalg import lstsq
 from relux.attack.refine_net import refine_network
 from relux.attack.result import ExtractionResult, LayerReport, PartialResult, StageStats
-from relux.attack.resume import Resume, boundary_points, resume_point
+from relux.attack.resume import Resume, resume_point, resumed_layer
 from relux.attack.signs import fit_affine_plus_relu, solve_flips
 from relux.errors import ExtractionFailed, InputError
 from relux.model import MLP, parse_arch
@@ -533,120 +533,6 @@ def _walked_layer(
     return layers, reports, out
 
 
-def _resumed_layer(
-    q: Callable[[FloatArray], FloatArray],
-    layers: list[tuple[FloatArray, FloatArray]],
-    rows: tuple[FloatArray, FloatArray],
-    width: int,
-    d0: int,
-    is_last: bool,
-    cfg: ExtractionConfig,
-    rng: np.random.Generator,
-    rel_tol: float,
-    hints: FloatArray | None,
-    executor: Executor | None = None,
-) -> LayerOutcome:
-    """The layer a resumed attempt starts at (:mod:`relux.attack.resume`): the failed attempt's rows,
-    already refined and signed, each with boundary points found without a query, and the missing rows
-    from witnesses on search lines through ``hints`` first (:func:`relux.attack.more_rows.more_rows`);
-    the new rows are refined and signed as any layer's."""
-    from relux.attack.deep import outcome_from_rows
-    from relux.attack.more_rows import more_rows
-
-    W0, b0 = rows
-    X = rng.normal(0.0, cfg.input_scale, size=(8192, d0))
-    if hints is not None and hints.size:
-        X = np.concatenate([hints.reshape(-1, d0), X])  # a rarely active row is on there
-    pts, kept = [], []
-    for j in range(W0.shape[0]):
-        P = boundary_points(layers, W0[j], float(b0[j]), X, 8, rng)
-        if P.shape[0]:
-            pts.append(P)
-            kept.append(j)
-    W0, b0 = W0[kept], b0[kept]
-    n_kept = W0.shape[0]
-    cov0 = np.ones(W0.shape, dtype=bool)
-    res0 = np.zeros(n_kept)
-    if is_last and hints is not None and hints.size:
-        # the last hidden layer: witnesses on lines through the hints, grouped by output direction
-        W0, b0, cov0, res0, pts = _last_rows_at_hints(q, layers, W0, b0, cov0, res0, pts, width, d0, cfg, rng,
-                                                      rel_tol, hints, executor)
-    # The rows that matter are on at the hints and show on the first lines; random lines after them
-    # are no likelier to cross a rare neuron than the failed attempt's, which spent the full stall.
-    more = more_rows(q, layers, W0, b0, width, d0, cfg, rng, rel_tol, stall_lines=2 * cfg.max_search_lines,
-                     executor=executor, partial_ok=is_last, hints=hints)
-    log.info("layer %d: %d row(s) kept from the attempt resumed, %d from witness groups at its disagreements, "
-             "%d more from %d witnesses on %d lines%s", len(layers) + 1, n_kept, W0.shape[0] - n_kept,
-             more.W.shape[0], more.witnesses, more.lines, f"; {more.reason}" if more.reason else "")
-    n_new = W0.shape[0] - n_kept + more.W.shape[0]
-    if n_kept < rows[0].shape[0]:
-        log.warning("layer %d: %d kept row(s) dropped: no sample input on either side of their boundary",
-                    len(layers) + 1, rows[0].shape[0] - n_kept)
-    if n_kept + n_new == 0:
-        raise ExtractionFailed(f"layer {len(layers) + 1}: the resumed attempt has no row (expected {width}, found "
-                               "none kept and none new); a fresh attempt follows if any is left")
-    return outcome_from_rows(
-        q, layers, np.concatenate([W0, more.W]), np.append(b0, more.b), [*pts, *more.points],
-        np.append(res0, more.residual), width, d0, is_last, cfg, rng,
-        "kept from the attempt resumed, or from witnesses at its disagreements",
-        coverage=np.concatenate([cov0, more.coverage]), rel_tol=rel_tol,
-        settled=np.concatenate([np.ones(n_kept, dtype=bool), np.zeros(n_new, dtype=bool)]))
-
-
-def _last_rows_at_hints(
-    q: Callable[[FloatArray], FloatArray],
-    layers: list[tuple[FloatArray, FloatArray]],
-    W: FloatArray,
-    b: FloatArray,
-    cov: np.ndarray,
-    res: FloatArray,
-    pts: list[FloatArray],
-    width: int,
-    d0: int,
-    cfg: ExtractionConfig,
-    rng: np.random.Generator,
-    rel_tol: float,
-    hints: FloatArray,
-    executor: Executor | None = None,
-) -> tuple[FloatArray, FloatArray, np.ndarray, FloatArray, list[FloatArray]]:
-    """Rows of the last hidden layer, behind its signed prefix, that ``(W, b)`` lacks: witnesses on
-    lines through ``hints`` (one random direction each), grouped by the direction of their output jump
-    (every kink of one last-layer neuron moves the output along its column, :mod:`relux.attack.free_last`),
-    each group of two or more unified into one row, kept when its witnesses determine it (residual
-    1e-8, gap 1e3, as for :mod:`relux.attack.more_rows`' seeds) and it is new. A rarely active neuron's
-    pairs of witnesses see too few coordinates to determine its row; its group of thirty does (digits
-    64-40x4-10, layer-4 neurons on at 3e-5 and 3e-4 of inputs: rows to 1e-9). Returns the rows with the
-    new ones appended, their coverage, residuals and boundary points."""
-    from relux.attack.free_last import group_by_output
-    from relux.attack.hyperplanes import hyperplane_distance
-    from relux.attack.unify import robust_unify
-    from relux.attack.witnesses import collect_witnesses
-
-    x0 = hints.reshape(-1, d0)[:16]
-    n_grid = int(cfg.grid_per_neuron * (sum(W_.shape[0] for W_, _ in layers) + width)) + 16
-    nrm = np.linalg.norm(np.concatenate([W, b[:, None]], axis=1), axis=1)
-    known = (W / nrm[:, None], b / nrm) if W.shape[0] else None
-    wits, _ = collect_witnesses(q, layers, d0, x0.shape[0], n_grid, cfg, rng, rel_tol,
-                                lines_given=(x0, rng.normal(size=x0.shape)), known=known, executor=executor)
-    wits = [w for w in wits if w.out_dir is not None]
-    keys = np.concatenate([W, b[:, None]], axis=1) / nrm[:, None] if W.shape[0] else np.zeros((0, W.shape[1] + 1))
-    W, b, cov, res, pts = W.copy(), b.copy(), cov.copy(), res.copy(), list(pts)
-    for g in group_by_output(wits):
-        if g.size < 2 or W.shape[0] >= width:
-            continue
-        r = robust_unify(wits, [int(i) for i in g])
-        key = np.append(r.w, r.b)
-        if r.residual > 1e-8 or r.gap < 1e3:
-            continue
-        if keys.shape[0] and float(np.min(hyperplane_distance(key, keys))) < 1e-4:
-            continue
-        W, b = np.concatenate([W, r.w[None, :]]), np.append(b, r.b)
-        cov, res = np.concatenate([cov, r.coverage[None, :]]), np.append(res, r.residual)
-        pts.append(np.stack([wits[i].x for i in r.members]))
-        keys = np.concatenate([keys, key[None, :]])
-    return W, b, cov, res, pts
-
-
 def _free_last_layer(
     q: Callable[[FloatArray], FloatArray],
     layers: list[tuple[FloatArray, FloatArray]],
@@ -728,7 +614,7 @@ def _extract_deep(
 ) -> tuple[MLP, tuple[LayerReport, ...], FloatArray, list[str], FloatArray | None, list[FloatArray]]:
     """The hidden layers one after the other, then the output layer and the network refinement.
     ``resume``: a failed attempt's first layers, kept; its rows of the next layer are kept
-    too and the missing ones looked for (:func:`_resumed_layer`), then the layers after it are
+    too and the missing ones looked for (:func:`relux.attack.resume.resumed_layer`), then the layers after it are
     extracted again, every search aimed through ``hints`` first (else only the last hidden layer's is).
     Returns the model, the layer reports, every exact point found, warnings, the refinement's misses
     and the exact points found per hidden layer."""
@@ -791,7 +677,7 @@ def _extract_deep(
                     free_last = i >= 3 and i == len(hidden) and k >= 2
                     if resume is not None and i == start:
                         # the failed attempt's rows of this layer, and the missing ones at its disagreements
-                        out = _resumed_layer(qf, lf, resume.rows, width, df, i == len(hidden), cf, rng, rel_tol, hf,
+                        out = resumed_layer(qf, lf, resume.rows, width, df, i == len(hidden), cf, rng, rel_tol, hf,
                                              stages.executor)
                         free_last = False
                     if free_last:
