@@ -7,6 +7,7 @@ signs and output layer (CM24 §5 for the last hidden layer), and the self-check 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -703,18 +704,16 @@ def _extract_deep(
                     # before. After a layer wider than its space of control (signs undecidable by the
                     # wiggle) they also give this layer's rows; otherwise a few walks are the check.
                     if out is None:
-                        lf2, reports, out = _walked_layer(qf, lf, reports, width, df, i == len(hidden), cf, rng,
-                                                          rel_tol, warnings, full=expansive, points=new_pts,
-                                                          executor=stages.executor,
-                                                          signed_only=hidden[i - 2] == control, hints=hf)
+                        walk = functools.partial(_walked_layer, width=width, d0=df, is_last=i == len(hidden),
+                                                 cfg=cf, rng=rng, rel_tol=rel_tol, warnings=warnings, full=expansive,
+                                                 points=new_pts, executor=stages.executor,
+                                                 signed_only=hidden[i - 2] == control, hints=hf)
+                        lf2, reports, out = walk(qf, lf, reports)
                         grew = lf2[-1][0].shape[0] > lf[-1][0].shape[0]
                         if out is None and grew and not free_last:
                             # the walks found a neuron of layer i-1 no kink had shown: this layer's
                             # rows are walked again behind the completed layer (its signs now checked)
-                            lf2, reports, out = _walked_layer(qf, lf2, reports, width, df, i == len(hidden), cf,
-                                                              rng, rel_tol, warnings, full=expansive,
-                                                              points=new_pts, executor=stages.executor,
-                                                              signed_only=hidden[i - 2] == control, hints=hf)
+                            lf2, reports, out = walk(qf, lf2, reports)
                         if out is None and free_last and grew:
                             # the walks found the neuron of layer i-1 that kept the witness groups from
                             # settling: they get another go behind the completed layer

@@ -199,8 +199,17 @@ def estimated_boundary_points(
     m = min(pos.shape[0], neg.shape[0])
     if m == 0:
         return np.zeros((0, d0))
-    lo, hi = np.zeros(m), np.ones(m)
-    P, D = pos[:m], neg[:m] - pos[:m]
+    return bisect_to_boundary(layers, w, b, pos[:m], neg[:m])
+
+
+def bisect_to_boundary(layers: Sequence[pfx.Layer], w: FloatArray, b: float, P: FloatArray, Q: FloatArray
+                       ) -> FloatArray:
+    """For each pair of inputs ``P[i]`` (where ``w·h + b > 0``) and ``Q[i]`` (where it is not), the point
+    of the segment between them where the estimated pre-activation vanishes: 60 halvings, prefix
+    arithmetic only (the pre-activation is continuous along a segment). The points returned lie on
+    the ``P`` side, within 2^-60 of the segment from the boundary."""
+    lo, hi = np.zeros(P.shape[0]), np.ones(P.shape[0])
+    D = Q - P
     for _ in range(60):
         mid = 0.5 * (lo + hi)
         _, Hm = pfx.forward(layers, P + mid[:, None] * D) if layers else (None, P + mid[:, None] * D)

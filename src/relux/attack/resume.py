@@ -21,6 +21,7 @@ import numpy as np
 
 from relux.attack import prefix as pfx
 from relux.attack.config import ExtractionConfig
+from relux.attack.polish import bisect_to_boundary
 from relux.attack.result import LayerReport, SelfCheck
 from relux.errors import ExtractionFailed
 from relux.model import MLP
@@ -85,24 +86,15 @@ def resume_point(model: MLP, reports: Sequence[LayerReport], points: Sequence[Fl
 def boundary_points(layers: Sequence[pfx.Layer], w: FloatArray, b: float, X: FloatArray, n: int,
                     rng: np.random.Generator) -> FloatArray:
     """Up to ``n`` points where the row ``(w, b)`` behind the known ``layers`` vanishes, found without a
-    query: bisection (60 halvings) between sample inputs of ``X`` on either side of its boundary. The
-    pre-activation is continuous along a segment, so each bisection ends on the boundary."""
+    query: bisection (:func:`relux.attack.polish.bisect_to_boundary`) between sample inputs of ``X`` on
+    either side of its boundary, drawn with replacement (a rarely active row is on at few of them)."""
     _, H = pfx.forward(layers, X)
     z = H @ w + b
     pos, neg = np.flatnonzero(z > 0), np.flatnonzero(z < 0)
     if not pos.size or not neg.size:
         return np.zeros((0, X.shape[1]))
     m = min(n, max(pos.size, neg.size))
-    A, B = X[rng.choice(pos, size=m)], X[rng.choice(neg, size=m)]
-    lo, hi = np.zeros(m), np.ones(m)  # z > 0 at lo, z < 0 at hi
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        _, Hm = pfx.forward(layers, A + mid[:, None] * (B - A))
-        up = Hm @ w + b > 0
-        lo, hi = np.where(up, mid, lo), np.where(up, hi, mid)
-    t = 0.5 * (lo + hi)
-    out: FloatArray = A + t[:, None] * (B - A)
-    return out
+    return bisect_to_boundary(layers, w, b, X[rng.choice(pos, size=m)], X[rng.choice(neg, size=m)])
 
 
 def resumed_layer(
@@ -184,13 +176,13 @@ def last_rows_at_hints(
     """Rows of the last hidden layer, behind its signed prefix, that ``(W, b)`` lacks: witnesses on
     lines through ``hints`` (one random direction each), grouped by the direction of their output jump
     (every kink of one last-layer neuron moves the output along its column, :mod:`relux.attack.free_last`),
-    each group of two or more unified into one row, kept when its witnesses determine it (residual
-    1e-8, gap 1e3, as for :mod:`relux.attack.more_rows`' seeds) and it is new. A rarely active neuron's
+    each group of two or more unified into one row, kept when its witnesses determine it and it is new
+    (the tests of :mod:`relux.attack.more_rows`' seeds). A rarely active neuron's
     pairs of witnesses see too few coordinates to determine its row; its group of thirty does (digits
     64-40x4-10, layer-4 neurons on at 3e-5 and 3e-4 of inputs: rows to 1e-9). Returns the rows with the
     new ones appended, their coverage, residuals and boundary points."""
     from relux.attack.free_last import group_by_output
-    from relux.attack.hyperplanes import hyperplane_distance
+    from relux.attack.more_rows import _determined, _known
     from relux.attack.unify import robust_unify
     from relux.attack.witnesses import collect_witnesses
 
@@ -207,11 +199,9 @@ def last_rows_at_hints(
         if g.size < 2 or W.shape[0] >= width:
             continue
         r = robust_unify(wits, [int(i) for i in g])
+        if not _determined(r) or (keys.shape[0] and _known(r, keys)):
+            continue
         key = np.append(r.w, r.b)
-        if r.residual > 1e-8 or r.gap < 1e3:
-            continue
-        if keys.shape[0] and float(np.min(hyperplane_distance(key, keys))) < 1e-4:
-            continue
         W, b = np.concatenate([W, r.w[None, :]]), np.append(b, r.b)
         cov, res = np.concatenate([cov, r.coverage[None, :]]), np.append(res, r.residual)
         pts.append(np.stack([wits[i].x for i in r.members]))
