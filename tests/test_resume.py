@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -117,6 +118,12 @@ def _without_rarest(model: MLP) -> MLP:
     return MLP([*model.layers[:-2], (W[keep], b[keep]), (Wo[:, keep], bo)])
 
 
+def _last_one_short(reports: tuple[LayerReport, ...]) -> tuple[LayerReport, ...]:
+    """The reports with the last hidden layer one row short (as if a line had missed a neuron)."""
+    last = reports[-1]
+    return (*reports[:-1], dataclasses.replace(last, recovered=last.width - 1))
+
+
 def test_a_failed_attempt_resumes_at_its_first_incomplete_layer(monkeypatch: pytest.MonkeyPatch,
                                                                  caplog: pytest.LogCaptureFixture) -> None:
     """The first attempt is made to miss a last-hidden neuron on at 0.5% of inputs (its model lacks it,
@@ -133,8 +140,7 @@ def test_a_failed_attempt_resumes_at_its_first_incomplete_layer(monkeypatch: pyt
         if len(calls) > 1:
             return out
         model, reports, *rest = out
-        short = (*reports[:-1], reports[-1].__class__(**{**reports[-1].__dict__, "recovered": reports[-1].width - 1}))
-        return (_without_rarest(model), short, *rest)
+        return (_without_rarest(model), _last_one_short(reports), *rest)
 
     monkeypatch.setattr(pipeline, "_extract_deep", fake)
     with caplog.at_level("INFO", logger="relux.attack"):
@@ -179,8 +185,7 @@ def test_no_resume_when_resumes_is_zero(monkeypatch: pytest.MonkeyPatch) -> None
 
     def fake(*args: Any, **kwargs: Any) -> Any:
         model, reports, *rest = real(*args, **kwargs)
-        short = (*reports[:-1], reports[-1].__class__(**{**reports[-1].__dict__, "recovered": reports[-1].width - 1}))
-        return (_without_rarest(model), short, *rest)
+        return (_without_rarest(model), _last_one_short(reports), *rest)
 
     monkeypatch.setattr(pipeline, "_extract_deep", fake)
     victim = _rare_victim(0.005)
@@ -202,9 +207,7 @@ def test_a_resumed_attempt_that_fails_otherwise_resumes_from_the_same_point(monk
         calls.append(resume)
         model, reports, *rest = real(*args, **kwargs)
         if len(calls) == 1:
-            short = (*reports[:-1],
-                     reports[-1].__class__(**{**reports[-1].__dict__, "recovered": reports[-1].width - 1}))
-            return (_without_rarest(model), short, *rest)
+            return (_without_rarest(model), _last_one_short(reports), *rest)
         if len(calls) == 2:
             (Wo, bo) = model.layers[-1]
             return (MLP([*model.layers[:-1], (-Wo, bo)]), reports, *rest)  # wrong at nearly every input
