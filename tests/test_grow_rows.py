@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from witness_helpers import exact_witness, positive_neuron
 
-from relux.attack.unify import consistent_witnesses, grow_row, trimmed_unify, unify
+from relux.attack.unify import NeuronRow, consistent_witnesses, grow_row, jumping_members, trimmed_unify, unify
 
 
 def _err(row_w: np.ndarray, row_b: float, w: np.ndarray, b: float) -> float:
@@ -80,3 +80,26 @@ def test_consistency_needs_more_constraints_than_free_weights() -> None:
     wo, bo = positive_neuron(rng, d)
     loose = exact_witness(wo, bo, np.ones(d, dtype=bool), rng, 2)  # 3 constraints, 4 unseen weights free
     assert consistent_witnesses([loose], [0], row) == []
+
+
+def test_a_row_that_does_not_jump_at_a_witness_is_not_its_neuron() -> None:
+    """The boundary of a neuron of the layer before, ``w = e_k, b = 0`` in this layer's coordinates,
+    meets every constraint of a witness where coordinate ``k`` is off (its control image is zero, which
+    is parallel to any jump, and ``h_k = 0``). Such witnesses do not join it, and a row they alone
+    would carry has no member that sees it jump."""
+    rng = np.random.default_rng(0)
+    d = 6
+    w, b = positive_neuron(rng, d)
+    off_k = np.arange(d) != 5
+    ws = [exact_witness(w, b, off_k, rng) for _ in range(4)]
+    e_k = np.zeros(d)
+    e_k[5] = 1.0
+    # the witnesses see coordinate 5: a row with unseen weight 5 and nothing else would be free there
+    fake = NeuronRow(w=e_k, b=0.0, members=(0, 1), coverage=np.ones(d, dtype=bool), residual=0.0, gap=np.inf)
+    for wt in ws:
+        # every constraint row is met exactly: only the jump tells
+        assert np.max(np.abs(wt.constraint_rows @ np.append(e_k, 0.0))) == 0.0
+    assert consistent_witnesses(ws, range(4), fake) == []
+    assert jumping_members(ws, fake) == 0
+    real = unify(ws, [0, 1, 2, 3])
+    assert jumping_members(ws, real) == 4

@@ -69,3 +69,36 @@ def test_when_its_centre_program_fails_the_centre_of_the_all_on_region_stands_in
     assert ws.controllable_points > 0
     assert ws.decided.all()
     np.testing.assert_array_equal(ws.signs, s)
+
+
+@pytest.mark.parametrize("seed", [0, 2, 5, 7])
+def test_a_missing_row_s_leak_is_projected_out(seed: int) -> None:
+    # 10-8-6-4 networks whose layer 2 lacks its most active neuron: wherever that neuron is on, every
+    # probe moves the output through it, on both sides of the probed hyperplane. Without the
+    # projection the wiggle then gives wrong verdicts at full confidence on these seeds (measured:
+    # 1-2 each); with it, every verdict it gives is right.
+    net = random_mlp((10, 8, 6, 4), np.random.default_rng(seed))
+    W2, b2 = net.layers[1]
+    X = np.random.default_rng(5).normal(size=(4000, 10))
+    act = ((np.maximum(X @ net.layers[0][0].T + net.layers[0][1], 0) @ W2.T + b2) > 0).mean(0)
+    keep = np.arange(6) != int(np.argmax(act))
+    s = np.where(np.random.default_rng(seed + 1).random(6) < 0.5, -1.0, 1.0)[keep]
+    n = np.linalg.norm(np.concatenate([W2, b2[:, None]], axis=1), axis=1)[keep]
+    W, b = W2[keep] / n[:, None] * s[:, None], b2[keep] / n * s
+    query = CountingOracle(MLPOracle(net)).query
+    plain = wiggle_signs(query, [net.layers[0]], W, b, 10, 1.0, np.random.default_rng(0))
+    ws = wiggle_signs(query, [net.layers[0]], W, b, 10, 1.0, np.random.default_rng(0), missing=1)
+    assert (plain.signs[plain.decided] != s[plain.decided]).any()
+    assert ws.projected_points == ws.points > 0
+    assert ws.decided.any()
+    np.testing.assert_array_equal(ws.signs[ws.decided], s[ws.decided])
+
+
+def test_in_a_short_layer_a_verdict_needs_both_sides_probed() -> None:
+    # the same network with nothing missing but declared short: the clean verdicts all came from
+    # probes on both sides, and they are right
+    net, prefix, W, b, s = _layer_two(0)
+    ws = wiggle_signs(CountingOracle(MLPOracle(net)).query, prefix, W, b, 10, 1.0, np.random.default_rng(0),
+                      missing=1)
+    np.testing.assert_array_equal(ws.signs[ws.decided], s[ws.decided])
+    assert (ws.confidence == 1.0).sum() > 0

@@ -25,7 +25,7 @@ from relux.attack.critical import LineKinks
 from relux.attack.hyperplanes import hyperplane_distance
 from relux.attack.linalg import lstsq
 from relux.attack.missing import unexplained_lines
-from relux.attack.polish import Polished, estimated_boundary_points, polish_unit
+from relux.attack.polish import Polished, estimated_boundary_points, polish_unit, suspect_coordinates
 from relux.attack.rarely_off import locate_rarely_off
 from relux.attack.seeding import rows_from_seeds, rows_from_unexplained
 from relux.attack.signcheck import SignCheck, check_and_repair
@@ -292,7 +292,7 @@ def extract_layer(
         )
     W = np.stack([r.w for r in final])
     b = np.array([r.b for r in final])
-    sgn, conf, sign_method, on = _layer_signs(query, layers, W, b, d0, is_last, len(final) < width, cfg, rng,
+    sgn, conf, sign_method, on = _layer_signs(query, layers, W, b, d0, is_last, width - len(final), cfg, rng,
                                               np.stack([wt.x for wt in witnesses]),
                                               np.stack([r.coverage for r in final]))
     W = W * sgn[:, None]
@@ -375,7 +375,7 @@ def outcome_from_rows(
             if got is not None:
                 W[j], b[j], row_residual[j] = got.w, got.b, got.residual
                 break
-    sgn, conf, sign_method, on = _layer_signs(query, layers, W, b, d0, is_last, W.shape[0] < width, cfg, rng,
+    sgn, conf, sign_method, on = _layer_signs(query, layers, W, b, d0, is_last, width - W.shape[0], cfg, rng,
                                               np.concatenate(list(row_points)), cov)
     sgn, conf = np.where(done, 1.0, sgn), np.where(done, 1.0, conf)
     W = W * sgn[:, None]
@@ -399,7 +399,7 @@ def _layer_signs(
     b: FloatArray,
     d0: int,
     is_last: bool,
-    short: bool,
+    missing: int,
     cfg: ExtractionConfig,
     rng: np.random.Generator,
     witness_x: FloatArray,
@@ -407,16 +407,19 @@ def _layer_signs(
 ) -> tuple[FloatArray, FloatArray, str, AlwaysOn | None]:
     """Signs of a layer's rows: the CM24 last-layer solve for the last hidden layer, the wiggle for an
     inner one (checked later by the next layer's walks). Returns ``(±1 per row, confidence, method,
-    always-on row)``; the last is set when a short last layer's affine part is an always-on neuron."""
+    always-on row)``; the last is set when a short last layer's affine part is an always-on neuron.
+    ``missing``: how many rows the layer lacks."""
+    short = missing > 0
     if is_last:
         method, flips, conf, on = _last_layer_signs(query, layers, W, b, d0, cfg, rng, witness_x, short, coverage)
         return np.where(flips, -1.0, 1.0), conf, method, on
-    ws = wiggle_signs(query, layers, W, b, d0, cfg.input_scale, rng, fallback=witness_x)
+    ws = wiggle_signs(query, layers, W, b, d0, cfg.input_scale, rng, fallback=witness_x, missing=missing)
     conf = ws.confidence
     if short:
         # a missing row moves with every probe and can make even a clean-looking verdict wrong
         conf = np.minimum(conf, 0.5)
-    return ws.signs, conf, (f"wiggle ({ws.controllable_points}/{ws.points} controllable points, "
+    leak = f", missing rows' leak projected out at {ws.projected_points}" if short else ""
+    return ws.signs, conf, (f"wiggle ({ws.controllable_points}/{ws.points} controllable points{leak}, "
                             f"{int(ws.decided.sum())} decided)"), None
 
 
@@ -838,12 +841,47 @@ def refine_row(
     if not pol.ok and fresh.shape[0]:
         log.debug("polish kept the row (%s); again from %d spread anchors only", pol.reason, fresh.shape[0])
         pol = polish_unit(query, layers, w, b, anchors[:0], d0, spread, rng, fresh, untrusted)
+    if layers and untrusted is None and pol.on_share is not None:
+        # One weight far off (its coordinate rarely on where the row was measured) predicts every kink
+        # where that coordinate is on outside its bracket, so the points found avoid it: the polish then
+        # fails for too few points, or passes with that weight as it was (no point saw it).
+        w0, b0 = (pol.w, pol.b) if pol.ok else (w, b)
+        sus = suspect_coordinates(layers, w0, b0, d0, cfg.input_scale, pol.on_share, rng)
+        if sus.any():
+            log.debug("polish %s; again with coordinates %s free",
+                      "passed" if pol.ok else f"kept the row ({pol.reason})", np.flatnonzero(sus).tolist())
+            again = _refit_free(query, layers, w0, b0, anchors, d0, cfg, rng, sus)
+            pol = again if again.ok or not pol.ok else pol
     if not pol.ok:
         log.debug("polish kept the row: %s", pol.reason)
         return None
     log.debug("polish: %d points, %d dropped, residual %.1e, change %.1e", pol.points, pol.dropped, pol.residual,
               pol.change)
     return pol
+
+
+def _refit_free(
+    query: QueryFn,
+    layers: Sequence[pfx.Layer],
+    w: FloatArray,
+    b: float,
+    anchors: FloatArray,
+    d0: int,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    free: np.ndarray,
+) -> Polished:
+    """The polish with the weights of ``free`` allowed any change (their kinks searched in wide brackets),
+    then again from its fit with every weight held to it (the fit may be off in ``free`` only where its
+    points were few); a row passes only the second."""
+    spread = cfg.input_scale * float(np.sqrt(d0))
+    fresh = estimated_boundary_points(layers, w, b, d0, cfg.input_scale, rng)
+    pol = polish_unit(query, layers, w, b, anchors, d0, spread, rng, fresh, free)
+    w_fit, b_fit = (pol.w, pol.b) if pol.ok else pol.fit if pol.fit is not None and pol.change <= 1e-3 else (w, b)
+    if w_fit is w:
+        return pol
+    return polish_unit(query, layers, w_fit, b_fit, anchors, d0, spread, rng,
+                       estimated_boundary_points(layers, w_fit, b_fit, d0, cfg.input_scale, rng))
 
 
 def _on_row(H: FloatArray, w: FloatArray, b: float, points: FloatArray) -> FloatArray:

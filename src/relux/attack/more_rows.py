@@ -31,10 +31,11 @@ import numpy as np
 from relux.attack import prefix as pfx
 from relux.attack.complete import complete_row
 from relux.attack.config import ExtractionConfig
+from relux.attack.confirm import crossing_hits
 from relux.attack.critical import LineKinks
 from relux.attack.hyperplanes import hyperplane_distance
 from relux.attack.screen import prescreen
-from relux.attack.unify import ConstraintStack, Grouping, NeuronRow, grow_row, unify
+from relux.attack.unify import ConstraintStack, Grouping, NeuronRow, grow_row, jumping_members, unify
 from relux.attack.witnesses import Witness, find_candidates, measure_candidates
 from relux.oracle.base import FloatArray, QueryFn
 from relux.parallel import Executor
@@ -135,8 +136,9 @@ def more_rows(
             found.append(r)
             keys = np.concatenate([keys, np.append(r.w, r.b)[None, :]])
             last_new = used
-            log.info("more rows: a new row from %d witnesses after %d lines (%d/%d)", len(r.members), used,
-                     len(found), need)
+            hits, misses = crossing_hits(r.w[None, :], np.array([r.b]), lines, layers)
+            log.info("more rows: a new row from %d witnesses after %d lines (%d/%d; its crossings on the lines: "
+                     "%d found, %d missed)", len(r.members), used, len(found), need, int(hits[0]), int(misses[0]))
             if len(found) >= need:
                 break
     W = np.stack([r.w for r in found]) if found else np.zeros((0, kW.shape[1]))
@@ -229,6 +231,7 @@ class _Seeds:
                         continue
                 n = float(np.linalg.norm(np.append(c.w, c.b)))
                 g = dataclasses.replace(g, w=c.w / n, b=c.b / n, coverage=c.coverage)
-            if int(_score_rows([g], lines, layers)[0][0]) >= 3:
+            # three witnesses must see the row jump: one with a zero jump fits it whatever it measured
+            if int(_score_rows([g], lines, layers)[0][0]) >= 3 and jumping_members(witnesses, g) >= 3:
                 out.append(g)
         return out

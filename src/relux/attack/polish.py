@@ -44,6 +44,27 @@ class Polished:
     #: when not ``ok`` after a fit: the fitted row ``(w, b)``, a better start than the given one when the
     #: fit failed only because some points came from a neighbouring boundary
     fit: tuple[FloatArray, float] | None = None
+    #: the share of the boundary points found where each layer-input coordinate is on (None without a
+    #: prefix or a point): a weight far off predicts the boundary far from where it is wherever its
+    #: coordinate is on, so few points are found there (:func:`suspect_coordinates`)
+    on_share: FloatArray | None = None
+
+
+def suspect_coordinates(
+    layers: Sequence[pfx.Layer], w: FloatArray, b: float, d0: int, input_scale: float, on_share: FloatArray,
+    rng: np.random.Generator, n: int = 64,
+) -> np.ndarray:
+    """The layer-input coordinates that a failed polish found boundary points for far less often than
+    the estimated boundary has them on (prefix arithmetic only, no query): at most a quarter of the
+    estimated share, where that share is at least a quarter. Such a coordinate's weight is likely far
+    off (a kink predicted from it misses its bracket), so the polish may move it any distance."""
+    P = estimated_boundary_points(layers, w, b, d0, input_scale, rng, n=n)
+    if P.shape[0] < 8:
+        return np.zeros(w.size, dtype=bool)
+    _, H = pfx.forward(layers, P)
+    expected = (H > 0).mean(axis=0)
+    out: np.ndarray = (expected >= 0.25) & (on_share <= 0.25 * expected)
+    return out
 
 
 def root_on_line(layers: Sequence[pfx.Layer], w: FloatArray, b: float, p: FloatArray, n: FloatArray) -> float | None:
@@ -477,6 +498,7 @@ def polish_row(
     rng: np.random.Generator,
     spread_anchors: FloatArray | None = None,
     untrusted: np.ndarray | None = None,
+    bracket: float | None = None,
 ) -> tuple[Polished, int]:
     """Refine ``(w, b)`` (a row behind ``layers``) from exact boundary points; returns it and the queries.
     ``anchors`` are exact points of the boundary (they join the fit); ``spread_anchors``, points of the
@@ -489,7 +511,7 @@ def polish_row(
     seeds = anchors if spread_anchors is None or not spread_anchors.size else np.concatenate([anchors, spread_anchors])
     if seeds.shape[0] == 0:
         return Polished(w, b, 0, 0, np.inf, 0.0, False, "no anchor on the boundary"), 0
-    pts, q = boundary_points(query, layers, w, b, seeds, need, scale, rng)
+    pts, q = boundary_points(query, layers, w, b, seeds, need, scale, rng, bracket=bracket)
     base = np.concatenate([anchors, pts]) if pts.size else anchors
     _, H = pfx.forward(layers, base)
     if layers:
@@ -507,8 +529,10 @@ def polish_row(
                 _, H = pfx.forward(layers, base)
     # behind a prefix only the coordinates some point sees on carry information; the raw input always does
     active = np.asarray((H > 0).any(axis=0)) if layers else np.ones(H.shape[1], dtype=bool)
+    on_share = (H > 0).mean(axis=0) if layers and base.shape[0] else None
     if base.shape[0] < int(active.sum()) + 3:
-        return Polished(w, b, base.shape[0], 0, np.inf, 0.0, False, "too few boundary points"), q
+        return Polished(w, b, base.shape[0], 0, np.inf, 0.0, False, "too few boundary points",
+                        on_share=on_share), q
     w2, b2, res, dropped = fit_row(H, w, b, active, rng)
     trusted = np.ones(w.size + 1, dtype=bool)
     if untrusted is not None:
@@ -523,8 +547,8 @@ def polish_row(
     if not (res <= 1e-9 and change <= 1e-3):  # a NaN fails too
         return Polished(w, b, base.shape[0], dropped, res, change, False,
                         f"boundary points do not fit one row (residual {res:.1e}, change {change:.1e})", active,
-                        (w2, b2)), q
-    return Polished(w2, b2, base.shape[0], dropped, res, change, True, "", active), q
+                        (w2, b2), on_share), q
+    return Polished(w2, b2, base.shape[0], dropped, res, change, True, "", active, on_share=on_share), q
 
 
 def polish_unit(

@@ -305,16 +305,18 @@ def ransac_rows(
 @dataclass
 class ConstraintStack:
     """Every witness's constraint rows, zero-padded into one array (``R``: witnesses x rows x
-    (d_in + 1)), with each one's row count and active coordinates; :meth:`extend` appends witnesses."""
+    (d_in + 1)), with each one's row count, active coordinates and jump row (``J``: witnesses x
+    (d_in + 1), see :func:`jump_row`); :meth:`extend` appends witnesses."""
 
     R: FloatArray
     n_rows: np.ndarray
     active: np.ndarray
+    J: FloatArray
 
     @classmethod
     def of(cls, witnesses: Sequence[Witness]) -> ConstraintStack:
         d = witnesses[0].A_ctrl.shape[1] if witnesses else 0
-        out = cls(np.zeros((0, 1, d + 1)), np.zeros(0, dtype=int), np.zeros((0, d), dtype=bool))
+        out = cls(np.zeros((0, 1, d + 1)), np.zeros(0, dtype=int), np.zeros((0, d), dtype=bool), np.zeros((0, d + 1)))
         out.extend(witnesses)
         return out
 
@@ -332,6 +334,32 @@ class ConstraintStack:
         self.R = np.concatenate([old, new])
         self.n_rows = np.append(self.n_rows, [R.shape[0] for R in Rs])
         self.active = np.concatenate([self.active, np.stack([wt.active for wt in witnesses])])
+        self.J = np.concatenate([self.J, np.stack([jump_row(wt) for wt in witnesses])])
+
+
+#: A member's jump (:func:`jump_row`) below this share of the row, in units of the witnesses'
+#: normalised measurement, is none: the row's pre-activation does not move there, so the witness
+#: satisfies its constraints whatever it measured.
+JUMP_FLOOR = 1e-4
+
+
+def jump_row(wt: Witness) -> FloatArray:
+    """The row ``(v^T A, 0)`` (``A`` and ``v`` the witness's control map and jump, normalised as in its
+    constraint rows): its product with a row ``(w, b)`` is the jump that row predicts at the witness.
+    The constraint rows hold ``w`` to ``A w ∥ v``, which ``A w = 0`` satisfies as well: a row whose
+    weights all sit on coordinates off at the witness (the boundary of a neuron of the layer before,
+    ``w = e_k``, ``b = 0``, wherever neuron ``k`` is off) fits every such witness, and only its zero
+    jump tells it apart."""
+    A = wt.A_ctrl / (float(np.linalg.norm(wt.A_ctrl)) or 1.0)
+    v = wt.v_ctrl / (float(np.linalg.norm(wt.v_ctrl)) or 1.0)
+    out: FloatArray = np.append(v @ A, 0.0)
+    return out
+
+
+def jumping_members(witnesses: Sequence[Witness], row: NeuronRow) -> int:
+    """How many of ``row``'s witnesses see it jump (:data:`JUMP_FLOOR`)."""
+    theta = np.append(row.w, row.b) / (float(np.linalg.norm(np.append(row.w, row.b))) or 1.0)
+    return sum(abs(float(jump_row(witnesses[i]) @ theta)) > JUMP_FLOOR for i in row.members)
 
 
 def consistent_witnesses(
@@ -363,6 +391,7 @@ def consistent_witnesses(
     idx = np.flatnonzero(ok)
     R = st.R[sel[idx]]
     rhs = R @ theta  # (n, rows): the constraints with the unseen weights at zero
+    jump = st.J[sel[idx]] @ theta  # (n,): the jump the row predicts there
     if unseen.size:
         F = free[idx]
         A = R[:, :, unseen] * F[:, None, :]  # only the unseen coordinates on at the witness move
@@ -372,8 +401,11 @@ def consistent_witnesses(
                                                   [:, None], 1.0)[:, :, None]
         x = np.linalg.solve(G, -np.einsum("nri,nr->ni", A, rhs)[..., None])[..., 0]
         rhs = rhs + np.einsum("nri,ni->nr", A, x)
+        jump = jump + np.einsum("ni,ni->n", st.J[sel[idx]][:, unseen] * F, x)
     res = np.linalg.norm(rhs, axis=1)
-    return [int(ids[i]) for i in idx[res <= tol]]
+    # a witness where the row does not jump satisfies its constraints whatever it measured (jump_row)
+    moved = np.abs(jump) > JUMP_FLOOR * float(np.linalg.norm(theta))
+    return [int(ids[i]) for i in idx[(res <= tol) & moved]]
 
 
 def grow_row(

@@ -7,6 +7,13 @@ reaches the output), so one query per neuron tells on which side of its hyperpla
 side where ``ẑ_j`` has the sign ``s_j``. Points are built inside the region where the whole prefix is
 active (an LP), where controllability is most likely. Without controllability the least-squares
 direction still moves the other neurons a little (the CM24 wiggle), and the confidence drops.
+
+A layer short of rows (CM24 §4 assumes it complete): ``δ_j`` also moves the missing neurons, and where
+one of them is on, the output moves on both sides of ``ẑ_j``'s hyperplane. The missing neurons move
+the output only along their own output gradients, which directions in the null space of ``Ŵ_i M_x``
+(moving no known neuron of the layer) show: a few such probes per point span those gradients, and
+each ``δ_j``'s response is measured after that span is projected out (:func:`_leak_basis`). This needs
+more outputs than active missing neurons; elsewhere the point is probed as before.
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ class WiggleSigns:
     points: int
     controllable_points: int
     queries: int
+    #: points whose responses had the missing rows' leak projected out (or showed none): every probed
+    #: point when every verdict is free of it. Zero unless the layer was declared short.
+    projected_points: int = 0
 
 
 def _active_forms(layers: Sequence[pfx.Layer], d0: int) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
@@ -110,6 +120,51 @@ def _candidates(
     return np.concatenate(pts)
 
 
+def _leak_basis(
+    query: QueryFn,
+    layers: Sequence[pfx.Layer],
+    x: FloatArray,
+    y0: FloatArray,
+    R: FloatArray,
+    missing: int,
+    step: float,
+    rng: np.random.Generator,
+) -> tuple[FloatArray | None, int]:
+    """Orthonormal output directions (``k x s``) along which the layer's missing neurons move the
+    output at ``x``, from ``missing + 1`` probes in the null space of ``R`` (they move no known row of
+    the layer, nor any prefix neuron). ``(k x 0)`` when none moves it (every missing neuron off at
+    ``x``); None when they span every output (no direction left to read the known rows in) or the
+    null space is empty. Returns the basis and the queries spent."""
+    _, sv, Vt = np.linalg.svd(R, full_matrices=True)
+    rank = int(np.sum(sv > 1e-8 * sv[0])) if sv.size and sv[0] > 0 else 0
+    null = Vt[rank:]
+    if null.shape[0] == 0:
+        return None, 0
+    n = min(null.shape[0], missing + 1)
+    V = rng.normal(size=(n, null.shape[0])) @ null
+    V /= np.linalg.norm(V, axis=1, keepdims=True)
+    t = np.full(n, step)
+    if layers:
+        Zs, _ = pfx.forward(layers, x[None, :])
+        _, pre_jacs = pfx.jacobian(layers, x)
+        for Z, J in zip(Zs, pre_jacs, strict=True):
+            rate = np.abs(J @ V.T)  # (d_l, n): change of each prefix neuron per unit move
+            with np.errstate(divide="ignore"):
+                t = np.minimum(t, 0.5 * np.min(np.abs(Z[0])[:, None] / rate, axis=0))
+    if not np.all(t > 0):
+        return None, 0
+    Y = query(x[None, :] + t[:, None] * V)
+    D = (Y - y0[None, :]) / t[:, None]  # (n, k): output change per unit step
+    eps_m = float(np.finfo(float).eps)
+    noise = 64.0 * eps_m * (float(np.max(np.abs(Y))) + float(np.max(np.abs(y0))) + 1.0) / float(np.min(t))
+    _, dsv, dVt = np.linalg.svd(D, full_matrices=False)
+    s = int(np.sum(dsv > 1e2 * noise))
+    if s >= y0.shape[0]:
+        return None, n
+    basis: FloatArray = dVt[:s].T
+    return basis, n
+
+
 def wiggle_signs(
     query: QueryFn,
     layers: Sequence[pfx.Layer],
@@ -120,10 +175,13 @@ def wiggle_signs(
     rng: np.random.Generator,
     max_points: int = 24,
     fallback: FloatArray | None = None,
+    missing: int = 0,
 ) -> WiggleSigns:
     """Decide the sign of every row of ``(W_hat, b_hat)`` (the layer after ``layers``). ``fallback``:
     more points to probe from (rows), looked at only when none of the usual ones is controllable
-    (points where the rows were found, such as all-on kinks, often are)."""
+    (points where the rows were found, such as all-on kinks, often are). ``missing``: how many rows
+    the layer lacks; their leak into the responses is then measured and projected out where the
+    outputs allow it (module docstring)."""
     m = W_hat.shape[0]
     C = _candidates(layers, W_hat, b_hat, d0, scale, max_points, rng)
 
@@ -150,7 +208,7 @@ def wiggle_signs(
     neg_min = np.full(m, np.inf)  # silent side only where that neuron is on: somewhere it is off)
     pos_q = np.zeros(m, dtype=int)  # probes with ẑ_j > 0 and a usable step
     neg_q = np.zeros(m, dtype=int)
-    n_pts = n_ctrl = queries = 0
+    n_pts = n_ctrl = queries = n_proj = 0
     eps_m = float(np.finfo(float).eps)
     for x, R, ctrl in chosen:
         _, H = pfx.forward(layers, x[None, :])
@@ -172,8 +230,16 @@ def wiggle_signs(
         D = (P * (np.sign(zhat) * eps)[None, :]).T  # (m, d0): move away from the boundary
         Y = query(np.concatenate([x[None, :], x[None, :] + D[usable]]))
         queries += int(usable.sum()) + 1
+        diff = Y[1:] - Y[0]
+        if missing > 0:
+            step = float(np.median(step_len[usable]))
+            basis, spent = _leak_basis(query, layers, x, Y[0], R, missing, step, rng)
+            queries += spent
+            if basis is not None:
+                diff = diff - (diff @ basis) @ basis.T
+                n_proj += 1
         moved = np.zeros(m)
-        moved[usable] = np.max(np.abs(Y[1:] - Y[0]), axis=1)
+        moved[usable] = np.max(np.abs(diff), axis=1)
         # Rounding alone moves f by a few ulps of |f|; a real response is far above that.
         noise = 64.0 * eps_m * (float(np.max(np.abs(Y))) + 1.0)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -188,7 +254,9 @@ def wiggle_signs(
         neg_q += usable & (zhat < 0)
         n_pts += 1
         n_ctrl += int(ctrl)
-        if n_pts >= max_points and np.all(np.maximum(pos, neg) > 1e4 * floor):
+        # A complete layer's response is real only on a neuron's side where it is on; a short one
+        # leaks on both sides, so every point is probed
+        if missing == 0 and n_pts >= max_points and np.all(np.maximum(pos, neg) > 1e4 * floor):
             break
     # The output moves only on the side where the neuron is on: the side with the response decides
     # the sign. On the other side only the estimation error of the rows leaks through (about 1e-9 of
@@ -196,7 +264,8 @@ def wiggle_signs(
     real = np.maximum(pos, neg) > 1e4 * np.maximum(floor, np.finfo(float).tiny)
     with np.errstate(over="ignore"):  # a silent side gives an infinite ratio, which is the point
         ratio = np.maximum(pos, neg) / np.maximum(np.minimum(pos, neg), np.finfo(float).tiny)
-    clean = real & (ratio >= 1e3)
+    # In a short layer a response on one side alone may be the leak: both sides must be probed.
+    clean = real & (ratio >= 1e3) & ((pos_q > 0) & (neg_q > 0) | (missing == 0))
     neg_b = clean & (neg > pos)
     silent = ~real
     weak_neg = silent & (pos_q >= 2) & (neg_q == 0)
@@ -211,4 +280,4 @@ def wiggle_signs(
     decided = clean | weak_neg | weak_pos | min_neg | min_pos
     confidence = np.where(clean, 1.0, np.where(weak_neg | weak_pos | min_neg | min_pos, 0.5, 0.0))
     return WiggleSigns(signs=signs, confidence=confidence, decided=decided, points=n_pts,
-                       controllable_points=n_ctrl, queries=queries)
+                       controllable_points=n_ctrl, queries=queries, projected_points=n_proj)
