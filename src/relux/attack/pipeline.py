@@ -426,6 +426,12 @@ def _walked_layer(
     # sign-free walks give every row instead.
     wo = walk_layer(q, layers, width, d0, cfg, rng, rel_tol, rows_wanted=min(3, width), max_rounds=3,
                     missing=short, executor=executor, max_walks=cfg.check_walks)
+    if short and (wo.solution is None or not wo.solution.ok):
+        # With a neuron of layer i-1 missing the solve fails now and then on walks that succeed
+        # otherwise (digits 64-40x4-10's layer 3: 1 time in 6); walks anew before the layer is lost.
+        log.info("layer %d: the walks' sign solve failed (%s); walking again", len(layers) + 1, wo.reason)
+        wo = walk_layer(q, layers, width, d0, cfg, rng, rel_tol, rows_wanted=min(3, width), max_rounds=3,
+                        missing=short, executor=executor, max_walks=cfg.check_walks)
     # a sign is known when the walks decided it, or the wiggle's verdict was clean and no walk flipped it
     clean = np.array([float(nr.get("sign_confidence", 0.0)) >= 1.0 for nr in prev.neurons])
     known_sign = wo.decided | (clean & ~wo.flips) if clean.size == wo.decided.size else wo.decided
@@ -510,8 +516,14 @@ def _walked_layer(
             # rarely switched neurons: their walks seldom complete, their witnesses still see every weight
             from relux.attack.more_rows import more_rows
 
+            # An inner layer one row short searches half as long: the next layer's walks recover a neuron
+            # of the layer before, and one rarer still shows in the self-check, whose disagreements a
+            # resumed attempt aims at (digits 64-40x4-10: 192 lines, 357k queries, for a layer-3 neuron
+            # on at 2e-5 of inputs)
+            one_short = not is_last and width - wr.W.shape[0] == 1
             more = more_rows(q, layers, wr.W, wr.b, width, d0, cfg, rng, rel_tol, executor=executor,
-                             partial_ok=is_last, hints=hints)
+                             partial_ok=is_last, hints=hints,
+                             stall_lines=4 * cfg.max_search_lines if one_short else None)
             log.info("layer %d: %d more row(s) from %d witnesses on %d lines%s", i, more.W.shape[0], more.witnesses,
                      more.lines, f"; {more.reason}" if more.reason else "")
             if more.W.shape[0]:
