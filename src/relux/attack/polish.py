@@ -54,10 +54,11 @@ def suspect_coordinates(
     layers: Sequence[pfx.Layer], w: FloatArray, b: float, d0: int, input_scale: float, on_share: FloatArray,
     rng: np.random.Generator, n: int = 64,
 ) -> np.ndarray:
-    """The layer-input coordinates that a failed polish found boundary points for far less often than
-    the estimated boundary has them on (prefix arithmetic only, no query): at most a quarter of the
-    estimated share, where that share is at least a quarter. Such a coordinate's weight is likely far
-    off (a kink predicted from it misses its bracket), so the polish may move it any distance."""
+    """The layer-input coordinates that a polish (``on_share``: :attr:`Polished.on_share`) found
+    boundary points for far less often than the estimated boundary has them on (prefix arithmetic
+    only, no query): at most a quarter of the estimated share, where that share is at least a quarter.
+    Such a coordinate's weight may be far off (a kink predicted from it misses its bracket), whether the
+    polish failed for too few points or passed with that weight unseen."""
     P = estimated_boundary_points(layers, w, b, d0, input_scale, rng, n=n)
     if P.shape[0] < 8:
         return np.zeros(w.size, dtype=bool)
@@ -498,7 +499,6 @@ def polish_row(
     rng: np.random.Generator,
     spread_anchors: FloatArray | None = None,
     untrusted: np.ndarray | None = None,
-    bracket: float | None = None,
 ) -> tuple[Polished, int]:
     """Refine ``(w, b)`` (a row behind ``layers``) from exact boundary points; returns it and the queries.
     ``anchors`` are exact points of the boundary (they join the fit); ``spread_anchors``, points of the
@@ -511,7 +511,7 @@ def polish_row(
     seeds = anchors if spread_anchors is None or not spread_anchors.size else np.concatenate([anchors, spread_anchors])
     if seeds.shape[0] == 0:
         return Polished(w, b, 0, 0, np.inf, 0.0, False, "no anchor on the boundary"), 0
-    pts, q = boundary_points(query, layers, w, b, seeds, need, scale, rng, bracket=bracket)
+    pts, q = boundary_points(query, layers, w, b, seeds, need, scale, rng)
     base = np.concatenate([anchors, pts]) if pts.size else anchors
     _, H = pfx.forward(layers, base)
     if layers:
