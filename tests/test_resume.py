@@ -12,7 +12,7 @@ import relux
 from relux.attack import pipeline
 from relux.attack.checks import self_check
 from relux.attack.result import LayerReport, SelfCheck
-from relux.attack.resume import boundary_points, resume_point
+from relux.attack.resume import Resume, boundary_points, recovered_rows, resume_point
 from relux.errors import InputError
 from relux.model import MLP
 from relux.oracle import MLPOracle
@@ -81,6 +81,30 @@ def _resume_point_case(recovered: list[int], disagreeing: int, resumed_at: int, 
     np.testing.assert_array_equal(got.rows[1], model.layers[kept][1])
     # the inputs where the model disagreed, where the resumed attempt aims
     assert got.hints.shape == (min(disagreeing, 16), 6) and got.hints[1, 0] == 1.0
+
+
+def _resume_at(layer: int, rows: int, recovered: list[int]) -> Resume:
+    """A resume point at hidden ``layer`` holding ``rows`` rows there, behind layers whose reports
+    say ``recovered``."""
+    reps = tuple(_reports(recovered)[: layer - 1])
+    return Resume(layers=tuple((np.zeros((8, 6)), np.zeros(8)) for _ in reps), reports=reps,
+                  points=tuple(np.zeros((1, 6)) for _ in reps), rows=(np.zeros((rows, 8)), np.zeros(rows)),
+                  hints=np.zeros((1, 6)))
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "progress"),
+    [
+        ((3, 6, [8, 8]), (3, 7, [8, 8]), True),  # layer 3 again, one row more
+        ((3, 6, [8, 8]), (3, 6, [8, 8]), False),  # layer 3 again, nothing gained
+        ((3, 6, [8, 8]), (4, 5, [8, 8, 7]), True),  # on to layer 4, layer 3 ended with 7 of the 6 kept
+        ((3, 6, [8, 8]), (4, 5, [8, 8, 6]), False),  # on to layer 4, layer 3 as it was kept
+        ((3, 6, [8, 8]), (2, 7, [8]), False),  # an earlier layer: no progress where it resumed
+    ],
+)
+def test_a_resume_that_recovered_rows_is_progress(before: tuple[int, int, list[int]],
+                                                  after: tuple[int, int, list[int]], progress: bool) -> None:
+    assert recovered_rows(_resume_at(*before), _resume_at(*after)) is progress
 
 
 def test_a_passed_check_is_never_resumed() -> None:

@@ -24,7 +24,7 @@ from relux.attack.hyperplanes import stack_signatures
 from relux.attack.linalg import lstsq
 from relux.attack.refine_net import refine_network
 from relux.attack.result import ExtractionResult, LayerReport, PartialResult, StageStats
-from relux.attack.resume import Resume, resume_point, resumed_layer
+from relux.attack.resume import Resume, recovered_rows, resume_point, resumed_layer
 from relux.attack.signs import fit_affine_plus_relu, solve_flips
 from relux.errors import ExtractionFailed, InputError
 from relux.model import MLP, parse_arch
@@ -102,6 +102,7 @@ def extract(
     # incomplete layer when its model was wrong on a few inputs only. One hidden layer needs neither.
     deep = len(a) > 3
     fresh, resumes = (cfg.restarts + 1, cfg.resumes) if deep else (1, 0)
+    bonus = resumes  # resumes after one that recovered rows, which do not count against ``resumes``
     failed: list[StageStats] = []
     notes: list[str] = []
     # inputs where a failed attempt's model disagreed with f: the next attempt aims search lines there
@@ -145,8 +146,11 @@ def extract(
                 # a resumed attempt that failed otherwise tells nothing new about the layers it kept,
                 # which the attempt before it showed right nearly everywhere: the same point again
                 nxt = resume
-            if nxt is not None and resumes > 0:
-                resumes -= 1
+            # a resumed attempt that recovered rows of the layer it resumed at made progress: the next
+            # resume is free (up to another ``cfg.resumes``), a restart would give that progress away
+            free = resume is not None and nxt is not None and bonus > 0 and recovered_rows(resume, nxt)
+            if nxt is not None and (free or resumes > 0):
+                bonus, resumes = (bonus - 1, resumes) if free else (bonus, resumes - 1)
                 resume = nxt
                 log.warning("attempt %d failed (%s); resuming at layer %d, keeping the %d layer(s) before it "
                             "and its rows", attempt, exc, nxt.layer, len(nxt.layers))

@@ -59,6 +59,17 @@ class Resume:
         return len(self.layers) + 1
 
 
+def recovered_rows(before: Resume, after: Resume) -> bool:
+    """Whether the attempt resumed at ``before`` ended with more rows in the layer it resumed at than it
+    kept (``after``: where its own failure resumes)."""
+    kept = int(before.rows[0].shape[0])
+    if after.layer == before.layer:
+        return int(after.rows[0].shape[0]) > kept
+    if after.layer > before.layer:
+        return after.reports[before.layer - 1].recovered > kept
+    return False
+
+
 def resume_point(model: MLP, reports: Sequence[LayerReport], points: Sequence[FloatArray], check: SelfCheck,
                  resumed_at: int = 0, gained: bool = False) -> Resume | None:
     """Where the next attempt may resume a failed deep attempt: at its first incomplete hidden layer
