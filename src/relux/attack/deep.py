@@ -863,14 +863,11 @@ def refine_row(
         if sus.any():
             log.debug("polish %s; again with coordinates %s free",
                       "passed" if pol.ok else f"kept the row ({pol.reason})", np.flatnonzero(sus).tolist())
+            # a refit counts only where its points saw those coordinates on: points that avoid them fit
+            # any weights there (a first polish that passed can be right, its anchors merely bunched
+            # where they are off)
             again = _refit_free(query, layers, w0, b0, anchors, d0, cfg, rng, sus)
-            # The refit counts only where its points saw those coordinates on as often as the boundary
-            # has them on: points that avoid them fit any weights there (a first polish that passed can
-            # be right, its anchors merely bunched where they are off).
-            seen = (again.ok and again.on_share is not None
-                    and not (sus & suspect_coordinates(layers, again.w, again.b, d0, cfg.input_scale,
-                                                       again.on_share, rng)).any())
-            pol = again if seen else pol
+            pol = again if again is not None else pol
     if not pol.ok:
         log.debug("polish kept the row: %s", pol.reason)
         return None
@@ -889,35 +886,42 @@ def _refit_free(
     cfg: ExtractionConfig,
     rng: np.random.Generator,
     free: np.ndarray,
-) -> Polished:
-    """The weights of ``free`` read again, as if no witness had seen them: completed from kinks where
-    each coordinate switches on along the boundary (:func:`relux.attack.complete.complete_row`, from
-    points where every one of them is off), then polished with every weight held; where completion
-    fails, the polish with those weights allowed any change (their kinks searched in wide brackets),
-    then again from its fit with every weight held. A row passes only the last polish."""
+) -> Polished | None:
+    """The weights of ``free`` read again: the polish with them allowed any change (their kinks searched
+    in wide brackets), then again from its fit with every weight held; where that fails, completed
+    from kinks where each coordinate switches on along the boundary, as if no witness had seen them
+    (:func:`relux.attack.complete.complete_row`, from points where every one of them is off), then
+    polished with every weight held. A result counts only when the last polish passed and saw every
+    one of those coordinates on at three exact points or more (else None)."""
     spread = cfg.input_scale * float(np.sqrt(d0))
+
+    def seen(pol: Polished) -> bool:
+        return bool(pol.ok and pol.on_share is not None and np.all(pol.on_share[free] * pol.points >= 3))
+
     fresh = estimated_boundary_points(layers, w, b, d0, cfg.input_scale, rng)
+    pol = polish_unit(query, layers, w, b, anchors, d0, spread, rng, fresh, free)
+    fit = (pol.w, pol.b) if pol.ok else pol.fit if pol.fit is not None and pol.change <= 1e-3 else None
+    if fit is not None:
+        pol = polish_unit(query, layers, fit[0], fit[1], anchors, d0, spread, rng,
+                          estimated_boundary_points(layers, fit[0], fit[1], d0, cfg.input_scale, rng))
+        if seen(pol):
+            return pol
     P = np.concatenate([anchors, estimated_boundary_points(layers, w, b, d0, cfg.input_scale, rng, n=64)])
     _, H = pfx.forward(layers, P)
     off = P[~(H[:, free] > 0).any(axis=1)]
-    if off.shape[0]:
-        n_grid = int(cfg.grid_per_neuron * sum(W.shape[0] for W, _ in layers)) + 16
-        rel_tol = cfg.kink_rel_tol if cfg.kink_rel_tol is not None else 2.0**-36
-        c = complete_row(query, layers, np.where(free, 0.0, w), b, ~free, off, d0, spread, n_grid, rel_tol,
-                         max_anchors=8)
-        if c.coverage.all():
-            # from points spread over the completed boundary, which see those coordinates on as often
-            # as it has them on
-            done = polish_unit(query, layers, c.w, c.b, off[:0], d0, spread, rng,
-                               estimated_boundary_points(layers, c.w, c.b, d0, cfg.input_scale, rng, n=16))
-            if done.ok:
-                return done
-    pol = polish_unit(query, layers, w, b, anchors, d0, spread, rng, fresh, free)
-    w_fit, b_fit = (pol.w, pol.b) if pol.ok else pol.fit if pol.fit is not None and pol.change <= 1e-3 else (w, b)
-    if w_fit is w:
-        return pol
-    return polish_unit(query, layers, w_fit, b_fit, anchors, d0, spread, rng,
-                       estimated_boundary_points(layers, w_fit, b_fit, d0, cfg.input_scale, rng))
+    if not off.shape[0]:
+        return None
+    n_grid = int(cfg.grid_per_neuron * sum(W.shape[0] for W, _ in layers)) + 16
+    rel_tol = cfg.kink_rel_tol if cfg.kink_rel_tol is not None else 2.0**-36
+    c = complete_row(query, layers, np.where(free, 0.0, w), b, ~free, off, d0, spread, n_grid, rel_tol,
+                     max_anchors=8)
+    if not c.coverage.all():
+        return None
+    # from points spread over the completed boundary, which see those coordinates on as often as it
+    # has them on
+    pol = polish_unit(query, layers, c.w, c.b, off[:0], d0, spread, rng,
+                      estimated_boundary_points(layers, c.w, c.b, d0, cfg.input_scale, rng, n=16))
+    return pol if seen(pol) else None
 
 
 def _on_row(H: FloatArray, w: FloatArray, b: float, points: FloatArray) -> FloatArray:
