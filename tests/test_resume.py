@@ -42,6 +42,7 @@ def _check(disagreeing: int, points: int = 1000) -> SelfCheck:
         ([8, 8, 7], 10, 0, 2),  # exactly 1%: still resumed
         ([8, 7, 7], 5, 2, 2),  # layer 2 had its aimed search: the next resume goes on at layer 3
         ([8, 7, 7], 5, 3, None),  # nothing incomplete after the layer this attempt resumed at
+        ([8, 7, 8], 5, 3, 1),  # layer 3, resumed at, complete now: layer 2's missing neuron is left
     ],
 )
 def test_resume_point(recovered: list[int], disagreeing: int, resumed_at: int, kept: int | None) -> None:
@@ -52,7 +53,8 @@ def test_resume_point(recovered: list[int], disagreeing: int, resumed_at: int, k
     ("recovered", "resumed_at", "kept"),
     [
         ([8, 7, 7], 3, 2),  # its search found rows in layer 3, still short: layer 3 again
-        ([8, 7, 8], 3, None),  # layer 3 complete now: nothing to resume
+        ([8, 7, 8], 3, 1),  # layer 3 complete now: back to layer 2, the only one short
+        ([8, 8, 8], 3, None),  # every layer complete: a wrong row, not a missing one
         ([8, 7, 7], 2, 2),  # a later incomplete layer comes first
     ],
 )
@@ -292,3 +294,29 @@ def test_later_self_checks_query_earlier_disagreements_again(monkeypatch: pytest
         suspects = checks[k][0]
         assert suspects is not None and earlier.size
         assert all(np.any(np.all(suspects == x, axis=1)) for x in earlier)
+
+
+def test_a_neuron_dropped_as_dead_makes_the_self_check_larger(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose last hidden layer lacks a neuron on at 1e-4 of inputs, reported dead: its
+    self-check uses selfcheck_dead_points random points (here 30,000, against about 2,000 otherwise),
+    enough to see that neuron on (e^-3 to miss it), so the model is not returned."""
+    victim = _rare_victim(1e-4)
+    real_deep, real_check = pipeline._extract_deep, pipeline.self_check
+    sizes: list[int] = []
+
+    def fake(*args: Any, **kwargs: Any) -> Any:
+        model, reports, *rest = real_deep(*args, **kwargs)
+        short = _last_one_short(reports)
+        short = (*short[:-1], dataclasses.replace(short[-1], dead=1))
+        return (_without_rarest(model), short, *rest)
+
+    def spy(*args: Any, **kwargs: Any) -> SelfCheck:
+        sizes.append(int(args[5]))
+        return real_check(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_extract_deep", fake)
+    monkeypatch.setattr(pipeline, "self_check", spy)
+    cfg = relux.ExtractionConfig(seed=0, restarts=0, resumes=0, selfcheck_dead_points=30_000)
+    with pytest.raises(relux.ExtractionFailed):
+        relux.extract(MLPOracle(victim), victim.arch, cfg)
+    assert sizes == [30_000]

@@ -43,6 +43,11 @@ class ExtractionConfig:
             more chance for a wrong model to pass.
         selfcheck_max_points: cap on the random points that ``selfcheck_fraction`` asks for (never
             fewer than ``selfcheck_points``).
+        selfcheck_dead_points: random points of the self-check, at least (at most
+            ``selfcheck_max_points``), when some layer reports neurons not identified (dropped as
+            dead): such a neuron may be on in a region the search lines missed, and at 50,000 points
+            one on at 1e-4 of inputs shows with probability 1 - e^-5 (random 30-20-20-12-4 victim 8
+            passed a check of 5,437 points without its layer-3 neuron on at 1e-4).
         max_enum_bits: largest number of free sign bits enumerated exhaustively when a layer is wider
             than its input (attack-notes §4).
         restarts: extra attempts of a deep extraction that failed (each from new random lines, seed
@@ -103,6 +108,7 @@ class ExtractionConfig:
     selfcheck_points: int = 2000
     selfcheck_fraction: float = 0.05
     selfcheck_max_points: int = 100_000
+    selfcheck_dead_points: int = 50_000
     max_enum_bits: int = 22
     restarts: int = 2
     resumes: int = 3
@@ -130,6 +136,7 @@ class ExtractionConfig:
         need(self.max_search_lines >= 1, "max_search_lines", "an integer >= 1")
         need(self.witness_memory_mb >= 1, "witness_memory_mb", "an integer >= 1 (megabytes)")
         need(self.check_walks >= 1, "check_walks", "an integer >= 1")
+        need(self.selfcheck_dead_points >= 0, "selfcheck_dead_points", "an integer >= 0")
         need(self.kink_rel_tol is None or 0 < self.kink_rel_tol < 1, "kink_rel_tol", "None or in (0, 1)")
         need(0 < self.fd_rel_step < 0.5, "fd_rel_step", "a number in (0, 0.5)")
         need(self.refine_passes >= 0, "refine_passes", "an integer >= 0")

@@ -205,6 +205,9 @@ def _extract(
         n_check = max(cfg.selfcheck_points,
                       min(int(np.ceil(cfg.selfcheck_fraction * counter.queries * (len(prior) + 1))),
                           cfg.selfcheck_max_points))
+        if any(r.dead > 0 for r in layer_reports):
+            # a neuron dropped as dead may be on where no search line went
+            n_check = max(n_check, min(cfg.selfcheck_dead_points, cfg.selfcheck_max_points))
         if wrong_before is not None and wrong_before.size:
             suspects = wrong_before if suspects is None else np.concatenate([suspects, wrong_before])
         check = self_check(counter.query, model, witnesses, normals, radii, n_check,

@@ -76,7 +76,8 @@ def resume_point(model: MLP, reports: Sequence[LayerReport], points: Sequence[Fl
     after ``resumed_at`` (the layer this attempt itself resumed at, which had its aimed search already;
     0 for a fresh attempt); when there is none, at ``resumed_at`` again if its aimed search ``gained``
     rows there and it is still incomplete (another rare neuron of that layer, on where this attempt's
-    model is wrong). None when the check passed or disagreed on more than
+    model is wrong); when that layer and the later ones are complete, at the first incomplete layer
+    before it. None when the check passed or disagreed on more than
     :data:`RESUME_MAX_SHARE` of its random points (the others, near witnesses and suspects, are
     where a model is likeliest wrong), when no such layer exists, or when it is the first layer
     (nothing to keep)."""
@@ -85,6 +86,10 @@ def resume_point(model: MLP, reports: Sequence[LayerReport], points: Sequence[Fl
     short = [r.index for r in reports if r.recovered < r.width and r.index > resumed_at]
     if not short and gained:
         short = [r.index for r in reports if r.recovered < r.width and r.index == resumed_at]
+    if not short and resumed_at > 0 and all(r.recovered >= r.width for r in reports if r.index >= resumed_at):
+        # the layers from the one it resumed at on are complete now: the model can only be wrong where a
+        # neuron of an earlier incomplete layer is on, and its disagreements show where
+        short = [r.index for r in reports if r.recovered < r.width and r.index < resumed_at]
     if not short or short[0] <= 1:
         return None
     keep = short[0] - 1
