@@ -94,7 +94,7 @@ def test_a_row_that_does_not_jump_at_a_witness_is_not_its_neuron() -> None:
     ws = [exact_witness(w, b, off_k, rng) for _ in range(4)]
     e_k = np.zeros(d)
     e_k[5] = 1.0
-    # the witnesses see coordinate 5: a row with unseen weight 5 and nothing else would be free there
+    # coordinate 5 is off at every witness; the row claims it seen, so no weight of it is left free
     fake = NeuronRow(w=e_k, b=0.0, members=(0, 1), coverage=np.ones(d, dtype=bool), residual=0.0, gap=np.inf)
     for wt in ws:
         # every constraint row is met exactly: only the jump tells

@@ -89,7 +89,8 @@ def test_a_missing_row_s_leak_is_projected_out(seed: int) -> None:
     plain = wiggle_signs(query, [net.layers[0]], W, b, 10, 1.0, np.random.default_rng(0))
     ws = wiggle_signs(query, [net.layers[0]], W, b, 10, 1.0, np.random.default_rng(0), missing=1)
     assert (plain.signs[plain.decided] != s[plain.decided]).any()
-    assert ws.projected_points == ws.points > 0
+    # where the layer's input has no direction the known rows leave alone, no probe can show the leak
+    assert 0 < ws.projected_points <= ws.points
     assert ws.decided.any()
     np.testing.assert_array_equal(ws.signs[ws.decided], s[ws.decided])
 

@@ -384,7 +384,7 @@ def outcome_from_rows(
         # wrong signs at full confidence).
         for _ in range(3):
             anchors = P[rng.choice(P.shape[0], size=min(8, P.shape[0]), replace=False)]
-            got = refine_row(query, layers, W[j], float(b[j]), anchors, d0, cfg, rng)
+            got = refine_row(query, layers, W[j], float(b[j]), anchors, d0, cfg, rng, rel_tol=rel_tol)
             if got is not None:
                 W[j], b[j], row_residual[j] = got.w, got.b, got.residual
                 break
@@ -832,10 +832,12 @@ def refine_row(
     cfg: ExtractionConfig,
     rng: np.random.Generator,
     untrusted: np.ndarray | None = None,
+    rel_tol: float | None = None,
 ) -> Polished | None:
     """A row refined on exact boundary points near ``anchors`` (attack-notes §3), unit-norm (None when
     the refinement kept it as given). ``untrusted``: weights known to be imprecise
-    (:func:`relux.attack.polish.polish_row`)."""
+    (:func:`relux.attack.polish.polish_row`). ``rel_tol``: the run's kink tolerance (for the
+    completion of a suspect weight; the configured or float64 one when None)."""
     # A row's own points may be few or bunched (one walk's): a fit to points near them alone can leave a
     # weight that few of them see on fixed by a point or two, which then fit it exactly whatever its
     # error. Anchors spread over the inputs beside them (prefix bisection, no query) see more.
@@ -866,7 +868,7 @@ def refine_row(
             # a refit counts only where its points saw those coordinates on: points that avoid them fit
             # any weights there (a first polish that passed can be right, its anchors merely bunched
             # where they are off)
-            again = _refit_free(query, layers, w0, b0, anchors, d0, cfg, rng, sus)
+            again = _refit_free(query, layers, w0, b0, anchors, d0, cfg, rng, sus, rel_tol)
             pol = again if again is not None else pol
     if not pol.ok:
         log.debug("polish kept the row: %s", pol.reason)
@@ -886,6 +888,7 @@ def _refit_free(
     cfg: ExtractionConfig,
     rng: np.random.Generator,
     free: np.ndarray,
+    rel_tol: float | None = None,
 ) -> Polished | None:
     """The weights of ``free`` read again: the polish with them allowed any change (their kinks searched
     in wide brackets), then again from its fit with every weight held; where that fails, completed
@@ -896,7 +899,7 @@ def _refit_free(
     spread = cfg.input_scale * float(np.sqrt(d0))
 
     def seen(pol: Polished) -> bool:
-        return bool(pol.ok and pol.on_share is not None and np.all(pol.on_share[free] * pol.points >= 3))
+        return bool(pol.ok and pol.on_share is not None and np.all(np.rint(pol.on_share[free] * pol.points) >= 3))
 
     fresh = estimated_boundary_points(layers, w, b, d0, cfg.input_scale, rng)
     pol = polish_unit(query, layers, w, b, anchors, d0, spread, rng, fresh, free)
@@ -912,7 +915,8 @@ def _refit_free(
     if not off.shape[0]:
         return None
     n_grid = int(cfg.grid_per_neuron * sum(W.shape[0] for W, _ in layers)) + 16
-    rel_tol = cfg.kink_rel_tol if cfg.kink_rel_tol is not None else 2.0**-36
+    if rel_tol is None:
+        rel_tol = cfg.kink_rel_tol if cfg.kink_rel_tol is not None else 2.0**-36
     c = complete_row(query, layers, np.where(free, 0.0, w), b, ~free, off, d0, spread, n_grid, rel_tol,
                      max_anchors=8)
     if not c.coverage.all():

@@ -136,7 +136,7 @@ def more_rows(
             found.append(r)
             keys = np.concatenate([keys, np.append(r.w, r.b)[None, :]])
             last_new = used
-            hits, misses = crossing_hits(r.w[None, :], np.array([r.b]), lines, layers)
+            hits, misses = crossing_hits(r.w[None, :], np.array([r.b]), lines, layers, coverage=r.coverage[None, :])
             log.info("more rows: a new row from %d witnesses after %d lines (%d/%d; its crossings on the lines: "
                      "%d found, %d missed)", len(r.members), used, len(found), need, int(hits[0]), int(misses[0]))
             if len(found) >= need:

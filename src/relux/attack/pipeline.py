@@ -487,7 +487,7 @@ def _walked_layer(
             from relux.attack.deep import refine_row
 
             w_new, b_new = mr.w, mr.b
-            got = refine_row(q, layers[:-1], mr.w, float(mr.b), mr.points[:8], d0, cfg, rng)
+            got = refine_row(q, layers[:-1], mr.w, float(mr.b), mr.points[:8], d0, cfg, rng, rel_tol=rel_tol)
             if got is not None:
                 nrm = float(np.linalg.norm(np.append(mr.w, mr.b)))
                 w_new, b_new = got.w * nrm, got.b * nrm

@@ -157,13 +157,6 @@ def _margin_ok(
     return ok
 
 
-#: A misfit is localised (a missing neuron's, see :func:`refine_network`) when it is above
-#: ``LOCALISED_MIN * accept_misfit`` and the median held-out point misses by at most ``LOCALISED_SHARE``
-#: of it.
-LOCALISED_MIN = 1e3
-LOCALISED_SHARE = 1e-6
-
-
 def refine_network(
     query: QueryFn,
     layers: Sequence[Layer],
@@ -216,20 +209,11 @@ def refine_network(
     best = before
     steps = 0
     reason = ""
-    per_point = np.max(np.abs(_forward(layers, Xv)[2] - Yv), axis=1) / yscale
-    typical = float(np.median(per_point))
     if before > max_misfit:
         reason = f"misfit {before:.1e} above {max_misfit:.0e}: a structural error, not imprecision"
         max_steps = 0
     elif before <= min_misfit:
         reason = f"misfit {before:.1e}: float64 rounding already"
-        max_steps = 0
-    elif before > LOCALISED_MIN * accept_misfit and typical <= LOCALISED_SHARE * before:
-        # Imprecise weights miss f a little everywhere; a missing neuron misses it only where that
-        # neuron is on, and at the other points the model is exact. Steps cannot add the neuron, and
-        # they cost a minute at 4,000 parameters (digits 64-40x4-10, every failed attempt).
-        reason = (f"misfit {before:.1e} at a few points, {typical:.1e} at the median one: a neuron missing where "
-                  "it is on, not imprecision")
         max_steps = 0
     Y = query(X) if max_steps > 0 else np.zeros((0, k))
     for _ in range(max_steps):

@@ -125,19 +125,26 @@ def _leak_basis(
     layers: Sequence[pfx.Layer],
     x: FloatArray,
     y0: FloatArray,
+    M: FloatArray,
     R: FloatArray,
     missing: int,
     step: float,
     rng: np.random.Generator,
 ) -> tuple[FloatArray | None, int]:
     """Orthonormal output directions (``k x s``) along which the layer's missing neurons move the
-    output at ``x``, from ``missing + 1`` probes in the null space of ``R`` (they move no known row of
-    the layer, nor any prefix neuron). ``(k x 0)`` when none moves it (every missing neuron off at
-    ``x``); None when they span every output (no direction left to read the known rows in) or the
-    null space is empty. Returns the basis and the queries spent."""
-    _, sv, Vt = np.linalg.svd(R, full_matrices=True)
+    output at ``x``, from ``missing + 1`` probes that move the layer's input (``M``, its local
+    Jacobian) but no known row of the layer (``R = Ŵ M``), and take no prefix neuron across its
+    boundary. ``(k x 0)`` when none moves it (every missing neuron off at ``x``); None when they span
+    every output (no direction left to read the known rows in) or no such probe exists. Returns the
+    basis and the queries spent."""
+    # directions that change the layer's input: the row space of M; within it, those R leaves alone
+    _, sm, Mt = np.linalg.svd(M, full_matrices=False)
+    rank_m = int(np.sum(sm > 1e-8 * sm[0])) if sm.size and sm[0] > 0 else 0
+    Q = Mt[:rank_m].T  # (d0, rank_m)
+    RQ = R @ Q
+    _, sv, Vt = np.linalg.svd(RQ, full_matrices=True)
     rank = int(np.sum(sv > 1e-8 * sv[0])) if sv.size and sv[0] > 0 else 0
-    null = Vt[rank:]
+    null = (Q @ Vt[rank:].T).T  # unit rows: Q has orthonormal columns
     if null.shape[0] == 0:
         return None, 0
     n = min(null.shape[0], missing + 1)
@@ -233,7 +240,8 @@ def wiggle_signs(
         diff = Y[1:] - Y[0]
         if missing > 0:
             step = float(np.median(step_len[usable]))
-            basis, spent = _leak_basis(query, layers, x, Y[0], R, missing, step, rng)
+            M_x, _ = pfx.jacobian(layers, x)
+            basis, spent = _leak_basis(query, layers, x, Y[0], M_x, R, missing, step, rng)
             queries += spent
             if basis is not None:
                 diff = diff - (diff @ basis) @ basis.T
