@@ -101,7 +101,7 @@ def _resume_at(layer: int, rows: int, recovered: list[int]) -> Resume:
         ((3, 6, [8, 8]), (3, 6, [8, 8]), False),  # layer 3 again, nothing gained
         ((3, 6, [8, 8]), (4, 5, [8, 8, 7]), True),  # on to layer 4, layer 3 ended with 7 of the 6 kept
         ((3, 6, [8, 8]), (4, 5, [8, 8, 6]), False),  # on to layer 4, layer 3 as it was kept
-        ((3, 6, [8, 8]), (2, 7, [8]), False),  # an earlier layer: no progress where it resumed
+        ((3, 6, [8, 8]), (2, 7, [8]), True),  # back to an earlier layer: layer 3 is complete now
     ],
 )
 def test_a_resume_that_recovered_rows_is_progress(before: tuple[int, int, list[int]],

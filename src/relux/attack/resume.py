@@ -61,13 +61,14 @@ class Resume:
 
 def recovered_rows(before: Resume, after: Resume) -> bool:
     """Whether the attempt resumed at ``before`` ended with more rows in the layer it resumed at than it
-    kept (``after``: where its own failure resumes)."""
+    kept (``after``: where its own failure resumes; an earlier layer only once that layer is complete)."""
     kept = int(before.rows[0].shape[0])
     if after.layer == before.layer:
         return int(after.rows[0].shape[0]) > kept
     if after.layer > before.layer:
         return after.reports[before.layer - 1].recovered > kept
-    return False
+    # back at an earlier layer: :func:`resume_point` goes back only once the layer resumed at is complete
+    return True
 
 
 def resume_point(model: MLP, reports: Sequence[LayerReport], points: Sequence[FloatArray], check: SelfCheck,
