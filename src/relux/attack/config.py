@@ -63,8 +63,9 @@ class ExtractionConfig:
             neuron is on), and extracts the layers after it again (:mod:`relux.attack.resume`). A
             resumed attempt that fails without such a point of its own is resumed from the same point.
             A later resume starts after the layer the one before resumed at, or at that layer again
-            when its search there found rows and it is still short. A resume after one that recovered
-            rows in the layer it resumed at does not count, up to ``resumes`` such resumes more.
+            when its search there found rows and it is still short, or back at an earlier incomplete
+            layer once the later ones are complete. A resume after one that recovered rows in the
+            layer it resumed at (or completed it) does not count, up to ``resumes`` such resumes more.
         refine_network_max_params: a deep extraction ends with a Gauss-Newton refinement of the
             weights on fresh outputs (:mod:`relux.attack.refine_net`): of the longest tail of layers
             with at most this many parameters (the output layer always; the Jacobian holds about
