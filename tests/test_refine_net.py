@@ -66,20 +66,29 @@ def test_an_exact_model_is_not_stepped() -> None:
     assert info.steps == 0 and "rounding" in info.reason
 
 
-def test_a_rarely_active_missing_neuron_bends_no_weight() -> None:
-    """A layer-1 neuron on at about 5% of inputs, left out of the model: the misfit it leaves is under
-    the structural cut (1e-2), so steps are tried, but they cannot bring it near rounding (they only
-    bend the other weights around the missing neuron), so they are undone."""
+Layer = tuple[np.ndarray, np.ndarray]
+
+
+def _missing_neuron(share: float, out_scale: float) -> tuple[np.ndarray, np.ndarray, MLP, list[Layer]]:
+    """Random 8-10-6-3 whose layer-1 neuron 3 is on at about ``share`` of N(0, I) inputs, its output
+    weights scaled by ``out_scale``: its first layer's neuron 3 (``W1``, ``b1``), the network, and the
+    model without that neuron."""
     m = random_mlp("8-10-6-3", np.random.default_rng(0))
     (W1, b1), (W2, b2), out = m.layers
     X = np.random.default_rng(5).normal(size=(100000, 8))
     b1 = b1.copy()
-    b1[3] -= np.quantile(X @ W1[3] + b1[3], 0.95)
+    b1[3] -= np.quantile(X @ W1[3] + b1[3], 1.0 - share)
     W2 = W2.copy()
-    W2[:, 3] *= 0.1  # its misfit under the structural cut
-    truth = MLP([(W1, b1), (W2, b2), out])
+    W2[:, 3] *= out_scale
     keep = np.arange(10) != 3
-    model = [(W1[keep], b1[keep]), (W2[:, keep], b2), out]
+    return W1, b1, MLP([(W1, b1), (W2, b2), out]), [(W1[keep], b1[keep]), (W2[:, keep], b2), out]
+
+
+def test_a_rarely_active_missing_neuron_bends_no_weight() -> None:
+    """A layer-1 neuron on at about 5% of inputs, left out of the model: the misfit it leaves is under
+    the structural cut (1e-2), so steps are tried, but they cannot bring it near rounding (they only
+    bend the other weights around the missing neuron), so they are undone."""
+    W1, b1, truth, model = _missing_neuron(0.05, 0.1)  # its misfit under the structural cut
     layers, info = refine_network(MLPOracle(truth).query, model, 8, 1.0, np.random.default_rng(2))
     assert 1e-12 < info.misfit_before <= 1e-2, info
     assert info.steps == 0 and "undone" in info.reason and info.misfit_after == info.misfit_before
@@ -91,18 +100,9 @@ def test_a_rarely_active_missing_neuron_bends_no_weight() -> None:
 
 
 def test_steps_that_cannot_reach_rounding_are_undone() -> None:
-    """A missing neuron on at about 60% of inputs: its misfit is everywhere (not localised), under the
-    structural cut, so steps are tried; they end far above rounding and are undone."""
-    m = random_mlp("8-10-6-3", np.random.default_rng(0))
-    (W1, b1), (W2, b2), out = m.layers
-    X = np.random.default_rng(5).normal(size=(100000, 8))
-    b1 = b1.copy()
-    b1[3] -= np.quantile(X @ W1[3] + b1[3], 0.4)
-    W2 = W2.copy()
-    W2[:, 3] *= 1e-3  # its misfit under the structural cut
-    truth = MLP([(W1, b1), (W2, b2), out])
-    keep = np.arange(10) != 3
-    model = [(W1[keep], b1[keep]), (W2[:, keep], b2), out]
+    """A missing neuron on at about 60% of inputs, its misfit at most points and under the structural
+    cut: steps are tried, they end far above rounding and are undone."""
+    _, _, truth, model = _missing_neuron(0.6, 1e-3)  # its misfit under the structural cut
     layers, info = refine_network(MLPOracle(truth).query, model, 8, 1.0, np.random.default_rng(2))
     assert 1e-12 < info.misfit_before <= 1e-2, info
     assert info.steps == 0 and "undone" in info.reason and info.misfit_after == info.misfit_before

@@ -849,10 +849,7 @@ def refine_row(
         # boundary points a little off, and a few of those found are a neighbour's: the fit, though it
         # does not pass, is closer, and its predictions find the right ones.
         log.debug("polish kept the row (%s); again from its fit", pol.reason)
-        w_fit, b_fit = pol.fit
-        pol = polish_unit(query, layers, w_fit, b_fit, anchors, d0, spread, rng,
-                          estimated_boundary_points(layers, w_fit, b_fit, d0, cfg.input_scale, rng) if layers
-                          else None, untrusted)
+        pol = _polish_spread(query, layers, *pol.fit, anchors, d0, cfg, rng, untrusted)
     if not pol.ok and fresh.shape[0]:
         log.debug("polish kept the row (%s); again from %d spread anchors only", pol.reason, fresh.shape[0])
         pol = polish_unit(query, layers, w, b, anchors[:0], d0, spread, rng, fresh, untrusted)
@@ -896,17 +893,13 @@ def _refit_free(
     (:func:`relux.attack.complete.complete_row`, from points where every one of them is off), then
     polished with every weight held. A result counts only when the last polish passed and saw every
     one of those coordinates on at three exact points or more (else None)."""
-    spread = cfg.input_scale * float(np.sqrt(d0))
-
     def seen(pol: Polished) -> bool:
         return bool(pol.ok and pol.on_share is not None and np.all(np.rint(pol.on_share[free] * pol.points) >= 3))
 
-    fresh = estimated_boundary_points(layers, w, b, d0, cfg.input_scale, rng)
-    pol = polish_unit(query, layers, w, b, anchors, d0, spread, rng, fresh, free)
+    pol = _polish_spread(query, layers, w, b, anchors, d0, cfg, rng, free)
     fit = (pol.w, pol.b) if pol.ok else pol.fit if pol.fit is not None and pol.change <= 1e-3 else None
     if fit is not None:
-        pol = polish_unit(query, layers, fit[0], fit[1], anchors, d0, spread, rng,
-                          estimated_boundary_points(layers, fit[0], fit[1], d0, cfg.input_scale, rng))
+        pol = _polish_spread(query, layers, *fit, anchors, d0, cfg, rng)
         if seen(pol):
             return pol
     P = np.concatenate([anchors, estimated_boundary_points(layers, w, b, d0, cfg.input_scale, rng, n=64)])
@@ -917,15 +910,33 @@ def _refit_free(
     n_grid = int(cfg.grid_per_neuron * sum(W.shape[0] for W, _ in layers)) + 16
     if rel_tol is None:
         rel_tol = cfg.kink_rel_tol if cfg.kink_rel_tol is not None else 2.0**-36
-    c = complete_row(query, layers, np.where(free, 0.0, w), b, ~free, off, d0, spread, n_grid, rel_tol,
-                     max_anchors=8)
+    c = complete_row(query, layers, np.where(free, 0.0, w), b, ~free, off, d0, cfg.input_scale * float(np.sqrt(d0)),
+                     n_grid, rel_tol, max_anchors=8)
     if not c.coverage.all():
         return None
     # from points spread over the completed boundary, which see those coordinates on as often as it
     # has them on
-    pol = polish_unit(query, layers, c.w, c.b, off[:0], d0, spread, rng,
-                      estimated_boundary_points(layers, c.w, c.b, d0, cfg.input_scale, rng, n=16))
+    pol = _polish_spread(query, layers, c.w, c.b, off[:0], d0, cfg, rng, n=16)
     return pol if seen(pol) else None
+
+
+def _polish_spread(
+    query: QueryFn,
+    layers: Sequence[pfx.Layer],
+    w: FloatArray,
+    b: float,
+    anchors: FloatArray,
+    d0: int,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    untrusted: np.ndarray | None = None,
+    n: int = 8,
+) -> Polished:
+    """:func:`relux.attack.polish.polish_unit` from ``anchors`` and ``n`` points spread over the row's
+    estimated boundary (:func:`relux.attack.polish.estimated_boundary_points`; none without a prefix)."""
+    spread_anchors = estimated_boundary_points(layers, w, b, d0, cfg.input_scale, rng, n=n) if layers else None
+    return polish_unit(query, layers, w, b, anchors, d0, cfg.input_scale * float(np.sqrt(d0)), rng, spread_anchors,
+                       untrusted)
 
 
 def _on_row(H: FloatArray, w: FloatArray, b: float, points: FloatArray) -> FloatArray:

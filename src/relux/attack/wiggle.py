@@ -120,12 +120,30 @@ def _candidates(
     return np.concatenate(pts)
 
 
+def _rank(sv: np.ndarray) -> int:
+    """Numerical rank from singular values (largest first): those above 1e-8 of the largest."""
+    return int(np.sum(sv > 1e-8 * sv[0])) if sv.size and sv[0] > 0 else 0
+
+
+def _prefix_limit(Zs: Sequence[FloatArray], pre_jacs: Sequence[FloatArray], dirs: np.ndarray) -> FloatArray:
+    """Per column of ``dirs`` (input directions), the move along it at which the first prefix neuron
+    reaches its boundary (``inf`` without a prefix): the smallest ``|z| / |J dir|`` over the known
+    layers, ``Zs`` their pre-activations at the point and ``pre_jacs`` their Jacobians there."""
+    lim = np.full(dirs.shape[1], np.inf)
+    for Z, J in zip(Zs, pre_jacs, strict=True):
+        rate = np.abs(J @ dirs)  # (d_l, n): change of each prefix neuron per unit move
+        with np.errstate(divide="ignore"):
+            lim = np.minimum(lim, np.min(np.abs(Z[0])[:, None] / rate, axis=0))
+    return lim
+
+
 def _leak_basis(
     query: QueryFn,
-    layers: Sequence[pfx.Layer],
     x: FloatArray,
     y0: FloatArray,
     M: FloatArray,
+    Zs: Sequence[FloatArray],
+    pre_jacs: Sequence[FloatArray],
     R: FloatArray,
     missing: int,
     step: float,
@@ -135,29 +153,20 @@ def _leak_basis(
     output at ``x``, from ``missing + 1`` probes that move the layer's input (``M``, its local
     Jacobian) but no known row of the layer (``R = Ŵ M``), and take no prefix neuron across its
     boundary. ``(k x 0)`` when none moves it (every missing neuron off at ``x``); None when they span
-    every output (no direction left to read the known rows in) or no such probe exists. Returns the
-    basis and the queries spent."""
+    every output (no direction left to read the known rows in) or no such probe exists. ``Zs`` and
+    ``pre_jacs``: the prefix's pre-activations and Jacobians at ``x`` (:func:`_prefix_limit`).
+    Returns the basis and the queries spent."""
     # directions that change the layer's input: the row space of M; within it, those R leaves alone
     _, sm, Mt = np.linalg.svd(M, full_matrices=False)
-    rank_m = int(np.sum(sm > 1e-8 * sm[0])) if sm.size and sm[0] > 0 else 0
-    Q = Mt[:rank_m].T  # (d0, rank_m)
-    RQ = R @ Q
-    _, sv, Vt = np.linalg.svd(RQ, full_matrices=True)
-    rank = int(np.sum(sv > 1e-8 * sv[0])) if sv.size and sv[0] > 0 else 0
-    null = (Q @ Vt[rank:].T).T  # unit rows: Q has orthonormal columns
+    Q = Mt[: _rank(sm)].T  # (d0, rank of M)
+    _, sv, Vt = np.linalg.svd(R @ Q, full_matrices=True)
+    null = (Q @ Vt[_rank(sv):].T).T  # unit rows: Q has orthonormal columns
     if null.shape[0] == 0:
         return None, 0
     n = min(null.shape[0], missing + 1)
     V = rng.normal(size=(n, null.shape[0])) @ null
     V /= np.linalg.norm(V, axis=1, keepdims=True)
-    t = np.full(n, step)
-    if layers:
-        Zs, _ = pfx.forward(layers, x[None, :])
-        _, pre_jacs = pfx.jacobian(layers, x)
-        for Z, J in zip(Zs, pre_jacs, strict=True):
-            rate = np.abs(J @ V.T)  # (d_l, n): change of each prefix neuron per unit move
-            with np.errstate(divide="ignore"):
-                t = np.minimum(t, 0.5 * np.min(np.abs(Z[0])[:, None] / rate, axis=0))
+    t = np.minimum(step, 0.5 * _prefix_limit(Zs, pre_jacs, V.T))
     if not np.all(t > 0):
         return None, 0
     Y = query(x[None, :] + t[:, None] * V)
@@ -198,7 +207,7 @@ def wiggle_signs(
             M, _ = pfx.jacobian(layers, x)
             R = W_hat @ M
             sv = np.linalg.svd(R, compute_uv=False)
-            out.append((x, R, bool(sv.size == m and sv[-1] > 1e-8 * sv[0])))
+            out.append((x, R, _rank(sv) == m))
         return out
 
     chosen = assess(C)
@@ -218,18 +227,12 @@ def wiggle_signs(
     n_pts = n_ctrl = queries = n_proj = 0
     eps_m = float(np.finfo(float).eps)
     for x, R, ctrl in chosen:
-        _, H = pfx.forward(layers, x[None, :])
+        Zs, H = pfx.forward(layers, x[None, :])
+        # without a prefix the map is the identity: not formed unless the leak probes need it
+        M_x, pre_jacs = pfx.jacobian(layers, x) if layers else (None, [])
         zhat = W_hat @ H[0] + b_hat
         P = np.linalg.pinv(R)  # (d0, m): column j moves ẑ_j by one unit
-        eps = 0.5 * np.abs(zhat)
-        if layers:
-            Zs, _ = pfx.forward(layers, x[None, :])
-            _, pre_jacs = pfx.jacobian(layers, x)
-            for Z, J in zip(Zs, pre_jacs, strict=True):
-                rate = np.abs(J @ P)  # (d_l, m): change of each prefix neuron per unit move
-                with np.errstate(divide="ignore"):
-                    lim = np.min(np.abs(Z[0])[:, None] / rate, axis=0)
-                eps = np.minimum(eps, 0.5 * lim)
+        eps = np.minimum(0.5 * np.abs(zhat), 0.5 * _prefix_limit(Zs, pre_jacs, P))
         step_len = eps * np.linalg.norm(P, axis=0)
         usable = step_len > 1e-9 * scale * np.sqrt(d0)
         if not usable.any():
@@ -240,8 +243,8 @@ def wiggle_signs(
         diff = Y[1:] - Y[0]
         if missing > 0:
             step = float(np.median(step_len[usable]))
-            M_x, _ = pfx.jacobian(layers, x)
-            basis, spent = _leak_basis(query, layers, x, Y[0], M_x, R, missing, step, rng)
+            basis, spent = _leak_basis(query, x, Y[0], M_x if M_x is not None else np.eye(d0), Zs, pre_jacs, R,
+                                       missing, step, rng)
             queries += spent
             if basis is not None:
                 diff = diff - (diff @ basis) @ basis.T
