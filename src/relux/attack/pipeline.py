@@ -638,6 +638,7 @@ def _extract_deep(
     extracted again, every search aimed through ``hints`` first (else only the last hidden layer's is).
     Returns the model, the layer reports, every exact point found, warnings, the refinement's misses
     and the exact points found per hidden layer."""
+    from relux.attack.carry import carried_outcome
     from relux.attack.deep import (
         check_last_layer,
         complete_last_layer,
@@ -648,6 +649,7 @@ def _extract_deep(
         straddle_points,
     )
     from relux.attack.deep_first import first_layer_outcome
+    from relux.attack.unseen_columns import read_unseen_columns
 
     q = counter.query
     d0, k = a[0], a[-1]
@@ -672,13 +674,18 @@ def _extract_deep(
         with stages.stage("layer", layer=i):
             try:
                 out: LayerOutcome | None = None
-                if i == 1:
+                if resume is not None and resume.carried is not None and i == start + 1 and i == len(hidden):
+                    # the failed attempt's complete last hidden layer, its columns relabelled
+                    kept = carried_outcome(resume.carried, resume.rows, layers, rng, cfg.input_scale)
+                    if kept is not None:
+                        layers, out = kept
+                if out is None and i == 1:
                     # Three hidden layers or more: each layer's precision bounds the next one's, so
                     # every first-layer row is fitted to exact points of its hyperplane (while that
                     # takes at most deep_first.POLISH_ALL_POINTS points in all).
                     out = first_layer_outcome(q, d0, width, sum(hidden), cfg, rng, rel_tol,
                                               executor=stages.executor, polish_all=len(hidden) >= 3)
-                else:
+                elif out is None:
                     # Behind a complete first layer narrower than the input, everything runs in the
                     # coordinates of its row space (relux.attack.frame): the same network, fewer inputs.
                     frame = input_frame(layers, hidden[0])
@@ -777,7 +784,13 @@ def _extract_deep(
         with stages.stage("unseen_weights"):
             # first from exact kinks where a row's boundary enters the region its unseen coordinate is on
             layers, cov = complete_unseen(q, layers, last_cov, wpts, d0, sum(hidden), cfg, rel_tol)
+            from_kinks = int((cov & ~last_cov).sum())
             filled = polished = 0
+            if not cov.all():
+                # then from the output just inside each unseen coordinate's on-region
+                layers, cov, read = read_unseen_columns(q, layers, cov, wpts, d0, cfg, rng)
+                if read.reasons:
+                    log.info("unseen weights from the output: %d read; left: %s", read.filled, read.reasons)
             if not cov.all():
                 n_fit = 4 * (sum(W.shape[0] + W.shape[1] for W, _ in layers[-1:]) + 1) + 64
                 Xc = np.concatenate([rng.normal(0.0, cfg.input_scale, size=(n_fit, d0)), wpts])
@@ -785,7 +798,8 @@ def _extract_deep(
                 # then refined on exact boundary points where those coordinates are on
                 layers, polished = polish_filled(q, layers, ~cov, wpts, d0, cfg, rng)
         warnings.append(f"last hidden layer: {int((~last_cov).sum())} weight(s) no witness saw: "
-                        f"{int((cov & ~last_cov).sum())} read from kinks where their coordinates are on, "
+                        f"{from_kinks} read from kinks where their coordinates are on, "
+                        f"{int((cov & ~last_cov).sum()) - from_kinks} from the output just inside that region, "
                         f"{filled} fitted from the output ({polished} of their rows then refined on exact "
                         "boundary points)")
     # Both sides of every last-layer boundary: a rarely active neuron may be on at no random point.

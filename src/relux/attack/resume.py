@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from relux.attack import prefix as pfx
+from relux.attack.carry import CarriedLayer
 from relux.attack.config import ExtractionConfig
 from relux.attack.polish import bisect_to_boundary
 from relux.attack.result import LayerReport, SelfCheck
@@ -45,13 +46,17 @@ class Resume:
     them (for the refinement's and the self-check's samples), and the rows the failed attempt found in
     the incomplete layer (over the kept layers' outputs), and the inputs where the failed attempt's
     model disagreed with ``f`` (worst first), where the resumed attempt aims its search lines; a resumed
-    attempt that fails otherwise is resumed again from the same point, with the same inputs."""
+    attempt that fails otherwise is resumed again from the same point, with the same inputs. When the layer
+    after the one it resumes at is the last hidden layer and was complete, that layer is kept too
+    (``carried``)."""
 
     layers: tuple[tuple[FloatArray, FloatArray], ...]
     reports: tuple[LayerReport, ...]
     points: tuple[FloatArray, ...]
     rows: tuple[FloatArray, FloatArray]
     hints: FloatArray
+    #: the failed attempt's last hidden layer, when it is the next one and was complete (:mod:`relux.attack.carry`)
+    carried: CarriedLayer | None = None
 
     @property
     def layer(self) -> int:
@@ -95,9 +100,14 @@ def resume_point(model: MLP, reports: Sequence[LayerReport], points: Sequence[Fl
         return None
     keep = short[0] - 1
     W, b = model.layers[keep]
+    carried = None
+    if short[0] + 1 == len(reports) and reports[-1].recovered >= reports[-1].width and len(points) == len(reports):
+        # the next layer is the last hidden one and complete: kept, its rows relabelled (relux.attack.carry)
+        Wc, bc = model.layers[short[0]]
+        carried = CarriedLayer(Wc.copy(), bc.copy(), reports[-1], np.array(points[-1], dtype=float))
     return Resume(tuple((W_.copy(), b_.copy()) for W_, b_ in model.layers[:keep]), tuple(reports[:keep]),
                   tuple(points[:keep]), (W.copy(), b.copy()),
-                  np.array(check.disagreements, dtype=float).reshape(-1, model.input_dim))
+                  np.array(check.disagreements, dtype=float).reshape(-1, model.input_dim), carried)
 
 
 def boundary_points(layers: Sequence[pfx.Layer], w: FloatArray, b: float, X: FloatArray, n: int,

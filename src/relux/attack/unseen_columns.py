@@ -1,0 +1,217 @@
+"""Weights of the last hidden layer on an input coordinate that none of its witnesses saw on, read from
+the output just inside that coordinate's on-region (attack-notes §3 on rarely active neurons, §5 on the
+output layer).
+
+Coordinate ``m`` of the last hidden layer's input is neuron ``m`` of the layer before. Where it is off, the
+weights ``W[:, m]`` do nothing, so a rarely active neuron (one a resumed attempt found late) leaves them
+unseen by every witness, and often by the kinks that :func:`relux.attack.complete.complete_row` reads
+weights from. At an exact point ``p`` of neuron ``m``'s own boundary, a short step along its normal into
+its on-side makes ``h_m`` grow linearly from zero while every other known neuron keeps its state. There the
+output moves by ``A[:, S] W[S, m] h_m``, with ``A`` the output layer and ``S`` the last-layer neurons on at
+``p``: the slope of ``f - f̂`` against ``h_m`` (two queries) gives ``k`` linear equations in the unknown column.
+Points of the boundary with different ``S`` determine it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from relux.attack import prefix as pfx
+from relux.attack.config import ExtractionConfig
+from relux.attack.linalg import lstsq
+from relux.attack.polish import bisect_to_boundary
+from relux.oracle.base import FloatArray, QueryFn
+
+log = logging.getLogger(__name__)
+
+#: the steps into a coordinate's on-side, as shares of the distance to the nearest other known boundary, tried
+#: in turn: the longer step reads the slope with less rounding, the shorter one stays linear when an unknown
+#: weight of order one switches a last-layer neuron on the way
+STEP_SHARES = (0.1, 1e-3)
+
+
+@dataclass(frozen=True)
+class ColumnRead:
+    """What :func:`read_unseen_columns` did: the weights it read, per coordinate the points it used, and
+    why each coordinate left unread was (``reasons``)."""
+
+    filled: int
+    points: dict[int, int] = field(default_factory=dict)
+    reasons: dict[int, str] = field(default_factory=dict)
+
+
+def _output_layer(query: QueryFn, layers: Sequence[pfx.Layer], cols: np.ndarray, d0: int, cfg: ExtractionConfig,
+                  rng: np.random.Generator) -> tuple[FloatArray, FloatArray, str, bool]:
+    """The output layer, fitted at random inputs where every coordinate in ``cols`` is off (so the unseen
+    weights play no part); a reason instead when those inputs are too few (then the last item is true: no
+    query was made) or the fit is not exact there."""
+    prefix, (W, b) = list(layers[:-1]), layers[-1]
+    need = 2 * (W.shape[0] + 1) + 32
+    X = rng.normal(0.0, cfg.input_scale, size=(4 * need, d0))
+    _, Hp = pfx.forward(prefix, X)
+    X, Hp = X[np.all(Hp[:, cols] <= 0.0, axis=1)], Hp[np.all(Hp[:, cols] <= 0.0, axis=1)]
+    none = np.zeros((0, 0)), np.zeros(0)
+    if X.shape[0] < need:
+        return *none, f"the coordinates are off together at only {X.shape[0]} of {4 * need} random inputs", True
+    X, Hp = X[:need], Hp[:need]
+    Y = query(X)
+    D = np.concatenate([np.maximum(Hp @ W.T + b, 0.0), np.ones((need, 1))], axis=1)
+    coef = lstsq(D, Y)
+    miss = float(np.max(np.abs(D @ coef - Y))) / (float(np.max(np.abs(Y))) + 1e-300)
+    # exact rows leave a misfit at float64 rounding of the design's condition; a wrong row leaves one of order one
+    if miss > 1e-6:
+        return (*none, f"the output fit where the coordinates are off misses by {miss:.1e} (relative): a known row is "
+                "wrong", False)
+    return coef[:-1].T, coef[-1], "", False
+
+
+def spread_boundary_points(before: Sequence[pfx.Layer], w: FloatArray, b: float, P: FloatArray, n: int, reach: float,
+                           rng: np.random.Generator) -> FloatArray:
+    """Up to ``n`` more points of the boundary ``w·h + b = 0`` behind the known layers ``before``, spread
+    around its known points ``P`` (no query): bisection between random inputs on either side of it, drawn
+    at distances up to ``reach`` from those points (a rarely active neuron's on-side is small: random
+    inputs seldom reach it)."""
+    sig = reach * rng.choice([0.01, 0.1, 0.5], size=8 * n)
+    X = P[rng.integers(P.shape[0], size=8 * n)] + sig[:, None] * rng.normal(size=(8 * n, P.shape[1])) / np.sqrt(
+        P.shape[1])
+    z = (pfx.forward(before, X)[1] if before else X) @ w + b
+    pos, neg = X[z > 0], X[z <= 0]
+    m = min(n, pos.shape[0], neg.shape[0])
+    if m == 0:
+        return np.zeros((0, P.shape[1]))
+    return bisect_to_boundary(before, w, b, pos[:m], neg[rng.integers(neg.shape[0], size=m)])
+
+
+def _slope(query: QueryFn, prefix: Sequence[pfx.Layer], W: FloatArray, b: FloatArray, A: FloatArray, a0: FloatArray,
+           p: FloatArray, g: FloatArray, t: float, m: int) -> FloatArray | None:
+    """The slope of ``f - f̂`` against coordinate ``m`` along ``g`` from its boundary point ``p`` (steps ``t``
+    and ``2t``, two queries); None when the two steps do not agree on a line through zero (a neuron switched)."""
+    X = np.stack([p + t * g, p + 2.0 * t * g])
+    _, Hx = pfx.forward(prefix, X)
+    h = Hx[:, m]
+    if not (h[1] > h[0] > 0.0):
+        return None
+    r = query(X) - (np.maximum(Hx @ W.T + b, 0.0) @ A.T + a0)
+    slope: FloatArray = (r[1] - r[0]) / (h[1] - h[0])
+    if float(np.max(np.abs(r[0] - slope * h[0]))) > 1e-6 * (float(np.max(np.abs(r[1]))) + 1e-300):
+        return None
+    return slope
+
+
+def read_unseen_columns(
+    query: QueryFn,
+    layers: Sequence[pfx.Layer],
+    coverage: np.ndarray,
+    points: FloatArray,
+    d0: int,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    max_points: int = 64,
+) -> tuple[list[pfx.Layer], np.ndarray, ColumnRead]:
+    """The weights of the last hidden layer ``layers[-1]`` marked unseen in ``coverage`` (rows x its inputs),
+    read column by column from exact points of the coordinate's own boundary among ``points`` (input
+    coordinates). Returns the layers, the coverage after (read weights marked seen) and a diagnostics record.
+    Section: attack-notes §3 (rarely active neurons), the output fit of §5."""
+    prefix, (W0, b0) = list(layers[:-1]), layers[-1]
+    W, b = np.array(W0, dtype=float), np.array(b0, dtype=float)
+    cov = np.array(coverage, dtype=bool)
+    cols = np.flatnonzero(~cov.all(axis=0))
+    if cols.size == 0 or not prefix:
+        return [*prefix, (W, b)], cov, ColumnRead(0)
+    # one output fit where every unseen coordinate is off; else one per coordinate (where it alone is off:
+    # exact only if the other unseen weights do not matter there, which the fit's own check tells)
+    shared = _output_layer(query, layers, cols, d0, cfg, rng)
+    before, (Wm, bm) = prefix[:-1], prefix[-1]
+    Zs, _ = pfx.forward(prefix, points)
+    H_before = pfx.forward(before, points)[1] if before else points
+    filled = 0
+    used: dict[int, int] = {}
+    reasons: dict[int, str] = {}
+    for m in (int(c) for c in cols):
+        A, a0, why, _ = shared if not shared[3] else _output_layer(query, layers, np.array([m]), d0, cfg, rng)
+        if why:
+            reasons[m] = why
+            continue
+        unknown = np.flatnonzero(~cov[:, m])
+        size = float(np.linalg.norm(Wm[m])) * np.linalg.norm(H_before, axis=1) + abs(float(bm[m]))
+        # exact points of neuron m's boundary: |z_m| at float64 rounding of its terms
+        on_m = np.flatnonzero(np.abs(Zs[-1][:, m]) <= 1e-9 * size)
+        if on_m.size == 0:
+            reasons[m] = "no exact point of the coordinate's own boundary"
+            continue
+        want = max(max_points, 4 * unknown.size)
+        P = points[rng.permutation(on_m)[:want]]
+        if P.shape[0] < want:
+            # more of its boundary, where other last-layer neurons are on: each adds equations
+            more = spread_boundary_points(before, Wm[m], float(bm[m]), P, want - P.shape[0],
+                                          cfg.input_scale * float(np.sqrt(d0)), rng)
+            P = np.concatenate([P, more])
+        eqs: list[FloatArray] = []
+        rhs: list[FloatArray] = []
+        for p in P:
+            g = pfx.unit_normal(before, Wm[m], p)
+            if g is None:
+                continue
+            full = [*prefix, (W, b)]
+            Zp, _ = pfx.forward(full, p[None, :])
+            _, jacs = pfx.jacobian(full, p)
+            dist = np.inf
+            for li, (Z, J) in enumerate(zip(Zp, jacs, strict=True)):
+                d = np.abs(Z[0]) / np.maximum(np.linalg.norm(J, axis=1), 1e-300)
+                if li == len(prefix) - 1:
+                    d[m] = np.inf  # its own boundary, where p lies
+                dist = min(dist, float(np.min(d)))
+            if not np.isfinite(dist) or dist <= 0.0:
+                continue
+            got = None
+            for share in STEP_SHARES:
+                got = _slope(query, prefix, W, b, A, a0, p, g, share * dist, m)
+                if got is not None:
+                    break
+            if got is None:
+                continue
+            slope = got
+            S = Zp[-1][0] > 0.0
+            row = np.zeros((A.shape[0], unknown.size))
+            row[:, S[unknown]] = A[:, unknown[S[unknown]]]
+            eqs.append(row)
+            rhs.append(slope)
+        used[m] = len(eqs)
+        if not eqs:
+            reasons[m] = f"no step into the coordinate's on-side stayed linear ({P.shape[0]} boundary points)"
+            continue
+        M, s = np.concatenate(eqs), np.concatenate(rhs)
+        seen = np.linalg.norm(M, axis=0) > 0.0
+        if not seen.any():
+            reasons[m] = "no row with an unseen weight is on at the coordinate's boundary points"
+            continue
+        _, sv, Vt = np.linalg.svd(M[:, seen], full_matrices=False)
+        rank = int(np.sum(sv > 1e-9 * sv[0]))
+        # a weight is determined when no direction the points cannot see moves it
+        null = Vt[rank:]
+        fixed = np.ones(int(seen.sum()), dtype=bool) if rank == null.shape[1] else (
+            np.linalg.norm(null, axis=0) <= 1e-6)
+        if not fixed.any():
+            reasons[m] = (f"{int(seen.sum())} unseen weights on at its boundary points, but the {len(eqs)} points "
+                          f"determine only {rank} combinations of them and none alone")
+            continue
+        delta = lstsq(M[:, seen], s)
+        miss = float(np.max(np.abs(M[:, seen] @ delta - s))) / (float(np.max(np.abs(s))) + 1e-300)
+        if miss > 1e-6:
+            reasons[m] = f"the points' slopes disagree by {miss:.1e} (relative)"
+            continue
+        # every row seen takes the least-squares values (right on the region sampled, for the output); only the
+        # rows the points determine alone count as seen
+        W[unknown[seen], m] += delta
+        rows = unknown[seen][fixed]
+        cov[rows, m] = True
+        filled += rows.size
+        if rows.size < unknown.size:
+            reasons[m] = (f"{unknown.size - rows.size} of {unknown.size} unseen weight(s) left: off at every "
+                          f"boundary point used, or seen only in combinations ({rank} of {int(seen.sum())})")
+        log.debug("unseen column %d: %d weight(s) read from %d boundary points", m, rows.size, len(eqs))
+    return [*prefix, (W, b)], cov, ColumnRead(filled, used, reasons)
