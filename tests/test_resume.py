@@ -35,13 +35,15 @@ def _check(disagreeing: int, points: int = 1000) -> SelfCheck:
     ("recovered", "disagreeing", "resumed_at", "kept"),
     [
         ([8, 8, 7], 5, 0, 2),  # the last hidden layer short: the two before it are kept
-        ([8, 7, 7], 5, 0, 1),  # the first incomplete layer decides
+        ([8, 7, 7], 5, 0, 2),  # the last hidden layer, incomplete, goes first
+        ([8, 7, 7, 8], 5, 0, 1),  # else the first incomplete layer decides
         ([7, 8, 8], 5, 0, None),  # the first layer short: nothing to keep
         ([8, 8, 8], 5, 0, None),  # every layer complete: a wrong row, not a missing one
         ([8, 8, 7], 11, 0, None),  # wrong on more than 1% of the points: not a rare neuron
         ([8, 8, 7], 10, 0, 2),  # exactly 1%: still resumed
         ([8, 7, 7], 5, 2, 2),  # layer 2 had its aimed search: the next resume goes on at layer 3
-        ([8, 7, 7], 5, 3, None),  # nothing incomplete after the layer this attempt resumed at
+        ([8, 7, 7], 5, 3, 1),  # the last hidden layer, resumed at, gained nothing: back to layer 2
+        ([8, 8, 7], 5, 3, None),  # the same, with no earlier layer short
         ([8, 7, 8], 5, 3, 1),  # layer 3, resumed at, complete now: layer 2's missing neuron is left
     ],
 )
@@ -320,3 +322,23 @@ def test_a_neuron_dropped_as_dead_makes_the_self_check_larger(monkeypatch: pytes
     with pytest.raises(relux.ExtractionFailed):
         relux.extract(MLPOracle(victim), victim.arch, cfg)
     assert sizes == [30_000]
+
+
+def test_a_complete_last_hidden_layer_is_carried() -> None:
+    """Resumed at layer 2 with layer 3 (the last hidden one) after it: layer 3's rows, report and points go
+    with the resume point (relux.attack.carry); resumed at layer 3 itself, nothing is carried."""
+    model = random_mlp((6, 8, 8, 8, 2), np.random.default_rng(0))
+    points = [np.full((2, 6), float(i)) for i in range(3)]
+    got = resume_point(model, _reports([8, 7, 8]), points, _check(5))
+    assert got is not None and got.layer == 2 and got.carried is not None
+    np.testing.assert_array_equal(got.carried.W, model.layers[2][0])
+    np.testing.assert_array_equal(got.carried.b, model.layers[2][1])
+    assert got.carried.report.index == 3 and got.carried.points[0, 0] == 2.0
+    got = resume_point(model, _reports([8, 7, 8]), points, _check(5), resumed_at=3)
+    assert got is not None and got.layer == 2 and got.carried is not None  # back from layer 3, complete now
+    got = resume_point(model, _reports([8, 7, 7]), points, _check(5), resumed_at=3, gained=True)
+    assert got is not None and got.layer == 3 and got.carried is None
+    # the last hidden layer stuck short: back to layer 2, carried along short (not progress: no free resume)
+    back = resume_point(model, _reports([8, 7, 7]), points, _check(5), resumed_at=3)
+    assert back is not None and back.layer == 2 and back.carried is not None and back.carried.report.recovered == 7
+    assert not recovered_rows(got, back)

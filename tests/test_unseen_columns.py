@@ -76,3 +76,15 @@ def test_spread_boundary_points_lie_on_the_boundary() -> None:
     # 60 halvings leave each point within 2^-60 of a segment's length from the boundary: rounding level
     assert np.max(np.abs(H @ w + b)) <= 1e-12 * (np.abs(w) @ np.abs(H).max(axis=0) + abs(b))
     assert np.unique(np.round(S, 6), axis=0).shape[0] == 20
+
+
+def test_a_column_already_right_is_confirmed() -> None:
+    """Unseen weights that happen to be right already: the output moves by rounding only along every step, and
+    the read keeps them (the checks' floors scale with f and the layer, not with that tiny move)."""
+    true, layers, cov, P, m = _setup(1)
+    right = [*layers[:-1], true.layers[2]]
+    got, cov2, info = read_unseen_columns(MLPOracle(true).query, right, cov, P, 8, ExtractionConfig(),
+                                          np.random.default_rng(0))
+    assert info.filled >= 1 and cov2[:, m].sum() == info.filled
+    # the least-squares update of rounding-level slopes: a few hundred ulps of the weights at most
+    np.testing.assert_allclose(got[-1][0], true.layers[2][0], rtol=0, atol=1e-12)

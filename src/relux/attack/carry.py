@@ -2,14 +2,15 @@
 (:mod:`relux.attack.resume`; attack-notes §3 on rarely active neurons).
 
 A resumed attempt looks again for the rows of layer ``r`` that the failed one lacked. When layer
-``r + 1`` is the last hidden layer and was complete, its rows stay right: the failed model agreed with
-``f`` wherever the missing neurons were off, which is almost everywhere. Extracting it again costs as much as
-the first time (digits 64-40x4-10: about a million queries for layer 4) and may come out worse. Kept, each row
-needs only the relabelling of its inputs, since the layer-``r`` rows of the resumed attempt are the old ones
-(matched by direction, each rescaled by its own positive factor) plus the new ones. The weights on a new
-neuron no witness of the kept layer saw on: they are left unseen, and the pipeline reads them from exact
-kinks where each row's boundary enters the new neuron's on-region
-(:func:`relux.attack.deep.complete_unseen`).
+``r + 1`` is the last hidden layer, its rows stay right: the failed model agreed with ``f`` wherever the
+missing neurons were off, which is almost everywhere. Extracting it again costs as much as the first time
+(digits 64-40x4-10: about a million queries for layer 4) and may come out worse. Kept, each row needs only
+the relabelling of its inputs, since the layer-``r`` rows of the resumed attempt are the old ones (matched by
+direction, each rescaled by its own positive factor) plus the new ones. The weights on a new neuron no
+witness of the kept layer saw on are left unseen, and the pipeline reads them where the new neuron is on
+(:func:`relux.attack.deep.complete_unseen`, :mod:`relux.attack.unseen_columns`). A kept layer still short
+of rows stays short: the next resume looks for them there, now behind the completed layer ``r`` (a neuron
+on only where a missing layer-``r`` neuron is cannot be found before).
 
 A neuron found only now was off wherever the failed model agreed with ``f``, so it is oriented to be off on
 most inputs (the other orientation, on almost everywhere, would have made that model wrong almost
@@ -42,7 +43,7 @@ MATCH_COS = 1.0 - 1e-6
 
 @dataclass(frozen=True)
 class CarriedLayer:
-    """A failed attempt's complete last hidden layer: its rows ``(W, b)`` over the failed attempt's rows of the
+    """A failed attempt's last hidden layer: its rows ``(W, b)`` over the failed attempt's rows of the
     layer before (:attr:`relux.attack.resume.Resume.rows`), its report and its exact points (input coordinates)."""
 
     W: FloatArray

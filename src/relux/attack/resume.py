@@ -47,7 +47,7 @@ class Resume:
     the incomplete layer (over the kept layers' outputs), and the inputs where the failed attempt's
     model disagreed with ``f`` (worst first), where the resumed attempt aims its search lines; a resumed
     attempt that fails otherwise is resumed again from the same point, with the same inputs. When the layer
-    after the one it resumes at is the last hidden layer and was complete, that layer is kept too
+    after the one it resumes at is the last hidden layer, that layer is kept too
     (``carried``)."""
 
     layers: tuple[tuple[FloatArray, FloatArray], ...]
@@ -55,7 +55,7 @@ class Resume:
     points: tuple[FloatArray, ...]
     rows: tuple[FloatArray, FloatArray]
     hints: FloatArray
-    #: the failed attempt's last hidden layer, when it is the next one and was complete (:mod:`relux.attack.carry`)
+    #: the failed attempt's last hidden layer, when it is the next one (:mod:`relux.attack.carry`)
     carried: CarriedLayer | None = None
 
     @property
@@ -72,7 +72,10 @@ def recovered_rows(before: Resume, after: Resume) -> bool:
         return int(after.rows[0].shape[0]) > kept
     if after.layer > before.layer:
         return after.reports[before.layer - 1].recovered > kept
-    # back at an earlier layer: :func:`resume_point` goes back only once the layer resumed at is complete
+    # back at an earlier layer: progress when the layer resumed at is complete now (:func:`resume_point` also
+    # goes back from a last hidden layer stuck short, which it carries along)
+    if after.carried is not None:
+        return after.carried.report.recovered >= after.carried.report.width
     return True
 
 
@@ -80,29 +83,40 @@ def resume_point(model: MLP, reports: Sequence[LayerReport], points: Sequence[Fl
                  resumed_at: int = 0, gained: bool = False) -> Resume | None:
     """Where the next attempt may resume a failed deep attempt: at its first incomplete hidden layer
     after ``resumed_at`` (the layer this attempt itself resumed at, which had its aimed search already;
-    0 for a fresh attempt); when there is none, at ``resumed_at`` again if its aimed search ``gained``
-    rows there and it is still incomplete (another rare neuron of that layer, on where this attempt's
-    model is wrong); when that layer and the later ones are complete, at the first incomplete layer
-    before it. None when the check passed or disagreed on more than
-    :data:`RESUME_MAX_SHARE` of its random points (the others, near witnesses and suspects, are
-    where a model is likeliest wrong), when no such layer exists, or when it is the first layer
-    (nothing to keep)."""
+    0 for a fresh attempt), or at the last hidden layer when it is one of those incomplete; when there
+    is none, at ``resumed_at`` again if its aimed search ``gained`` rows there and it is still
+    incomplete (another rare neuron of that layer, on where this attempt's model is wrong); when that
+    layer and the later ones are complete, or it is the last hidden layer and gained nothing, at the
+    first incomplete layer before it (with the last hidden layer carried along). None when the
+    check passed or disagreed on more than :data:`RESUME_MAX_SHARE` of its random points (the others,
+    near witnesses and suspects, are where a model is likeliest wrong), when no such layer exists, or
+    when it is the first layer (nothing to keep)."""
     if check.passed or check.disagreeing > RESUME_MAX_SHARE * check.random_points:
         return None
     short = [r.index for r in reports if r.recovered < r.width and r.index > resumed_at]
-    if not short and gained:
-        short = [r.index for r in reports if r.recovered < r.width and r.index == resumed_at]
-    if not short and resumed_at > 0 and all(r.recovered >= r.width for r in reports if r.index >= resumed_at):
-        # the layers from the one it resumed at on are complete now: the model can only be wrong where a
-        # neuron of an earlier incomplete layer is on, and its disagreements show where
-        short = [r.index for r in reports if r.recovered < r.width and r.index < resumed_at]
+    if not short and resumed_at > 0:
+        here = reports[resumed_at - 1]
+        if here.recovered < here.width and gained:
+            short = [resumed_at]
+        elif here.recovered >= here.width or resumed_at == len(reports):
+            # The layers from the one it resumed at on are complete now: the model can only be wrong where
+            # a neuron of an earlier incomplete layer is on, and its disagreements show where. Or the last
+            # hidden layer's aimed search found nothing: its missing neurons may be on only where a missing
+            # neuron of an earlier layer is (digits 64-40x4-10), which goes first, the last layer carried.
+            short = [r.index for r in reports if r.recovered < r.width and r.index < resumed_at]
+    if len(short) > 1 and short[-1] == len(reports):
+        # the last hidden layer incomplete too: it goes first. Its rows are right wherever the model is (all
+        # but a few inputs), its missing ones show at the disagreements (witness groups by output direction),
+        # and once it is complete the next resume comes back here with it kept (relux.attack.carry)
+        short = short[-1:]
     if not short or short[0] <= 1:
         return None
     keep = short[0] - 1
     W, b = model.layers[keep]
     carried = None
-    if short[0] + 1 == len(reports) and reports[-1].recovered >= reports[-1].width and len(points) == len(reports):
-        # the next layer is the last hidden one and complete: kept, its rows relabelled (relux.attack.carry)
+    if short[0] + 1 == len(reports) and len(points) == len(reports):
+        # the next layer is the last hidden one: kept, its rows relabelled (relux.attack.carry); when it is
+        # short, the next resume looks for its missing rows
         Wc, bc = model.layers[short[0]]
         carried = CarriedLayer(Wc.copy(), bc.copy(), reports[-1], np.array(points[-1], dtype=float))
     return Resume(tuple((W_.copy(), b_.copy()) for W_, b_ in model.layers[:keep]), tuple(reports[:keep]),

@@ -95,9 +95,13 @@ def _slope(query: QueryFn, prefix: Sequence[pfx.Layer], W: FloatArray, b: FloatA
     h = Hx[:, m]
     if not (h[1] > h[0] > 0.0):
         return None
-    r = query(X) - (np.maximum(Hx @ W.T + b, 0.0) @ A.T + a0)
+    Y = query(X)
+    r = Y - (np.maximum(Hx @ W.T + b, 0.0) @ A.T + a0)
     slope: FloatArray = (r[1] - r[0]) / (h[1] - h[0])
-    if float(np.max(np.abs(r[0] - slope * h[0]))) > 1e-6 * (float(np.max(np.abs(r[1]))) + 1e-300):
+    # off the line by more than its own rounding: a millionth of the move, or ~1e4 ulps of f where the weights
+    # guessed already move f by almost nothing
+    tol = 1e-6 * float(np.max(np.abs(r[1]))) + 1e-12 * float(np.max(np.abs(Y)))
+    if float(np.max(np.abs(r[0] - slope * h[0]))) > tol:
         return None
     return slope
 
@@ -200,7 +204,9 @@ def read_unseen_columns(
                           f"determine only {rank} combinations of them and none alone")
             continue
         delta = lstsq(M[:, seen], s)
-        miss = float(np.max(np.abs(M[:, seen] @ delta - s))) / (float(np.max(np.abs(s))) + 1e-300)
+        # the slopes' own scale, or what a weight error of a billionth of the layer's largest would move them by
+        ref = max(float(np.max(np.abs(s))), 1e-3 * float(np.max(np.abs(A))) * float(np.max(np.abs(W))))
+        miss = float(np.max(np.abs(M[:, seen] @ delta - s))) / (ref + 1e-300)
         if miss > 1e-6:
             reasons[m] = f"the points' slopes disagree by {miss:.1e} (relative)"
             continue
