@@ -86,24 +86,32 @@ def spread_boundary_points(before: Sequence[pfx.Layer], w: FloatArray, b: float,
     return bisect_to_boundary(before, w, b, pos[:m], neg[rng.integers(neg.shape[0], size=m)])
 
 
-def _slope(query: QueryFn, prefix: Sequence[pfx.Layer], W: FloatArray, b: FloatArray, A: FloatArray, a0: FloatArray,
-           p: FloatArray, g: FloatArray, t: float, m: int) -> FloatArray | None:
-    """The slope of ``f - f̂`` against coordinate ``m`` along ``g`` from its boundary point ``p`` (steps ``t``
-    and ``2t``, two queries); None when the two steps do not agree on a line through zero (a neuron switched)."""
-    X = np.stack([p + t * g, p + 2.0 * t * g])
+def _slopes(query: QueryFn, prefix: Sequence[pfx.Layer], W: FloatArray, b: FloatArray, A: FloatArray, a0: FloatArray,
+            P: FloatArray, G: FloatArray, t: FloatArray, m: int) -> tuple[FloatArray, np.ndarray]:
+    """Per boundary point ``P[i]`` of coordinate ``m``, the slope of ``f - f̂`` against it along ``G[i]`` (steps
+    ``t[i]`` and ``2 t[i]``, one batch of queries), and whether the two steps agree on a line through zero
+    (where not, a neuron switched on the way)."""
+    X = np.concatenate([P + t[:, None] * G, P + 2.0 * t[:, None] * G])
     _, Hx = pfx.forward(prefix, X)
-    h = Hx[:, m]
-    if not (h[1] > h[0] > 0.0):
-        return None
-    Y = query(X)
-    r = Y - (np.maximum(Hx @ W.T + b, 0.0) @ A.T + a0)
-    slope: FloatArray = (r[1] - r[0]) / (h[1] - h[0])
+    h1, h2 = Hx[: P.shape[0], m], Hx[P.shape[0]:, m]
+    ok = (h2 > h1) & (h1 > 0.0)
+    slopes = np.zeros((P.shape[0], A.shape[0]))
+    if not ok.any():
+        return slopes, ok
+    sel = np.concatenate([ok, ok])
+    Y = query(X[sel])
+    r = Y - (np.maximum(Hx[sel] @ W.T + b, 0.0) @ A.T + a0)
+    n = int(ok.sum())
+    r1, r2 = r[:n], r[n:]
+    sl = (r2 - r1) / (h2[ok] - h1[ok])[:, None]
     # off the line by more than its own rounding: a millionth of the move, or ~1e4 ulps of f where the weights
     # guessed already move f by almost nothing
-    tol = 1e-6 * float(np.max(np.abs(r[1]))) + 1e-12 * float(np.max(np.abs(Y)))
-    if float(np.max(np.abs(r[0] - slope * h[0]))) > tol:
-        return None
-    return slope
+    tol = 1e-6 * np.max(np.abs(r2), axis=1) + 1e-12 * np.max(np.abs(Y), axis=1).reshape(2, n).max(axis=0)
+    line = np.max(np.abs(r1 - sl * h1[ok][:, None]), axis=1) <= tol
+    idx = np.flatnonzero(ok)
+    ok[idx[~line]] = False
+    slopes[idx] = sl
+    return slopes, ok
 
 
 def read_unseen_columns(
@@ -154,36 +162,38 @@ def read_unseen_columns(
             more = spread_boundary_points(before, Wm[m], float(bm[m]), P, want - P.shape[0],
                                           cfg.input_scale * float(np.sqrt(d0)), rng)
             P = np.concatenate([P, more])
-        eqs: list[FloatArray] = []
-        rhs: list[FloatArray] = []
-        for p in P:
-            g = pfx.unit_normal(before, Wm[m], p)
-            if g is None:
-                continue
-            full = [*prefix, (W, b)]
+        full = [*prefix, (W, b)]
+        G = pfx.unit_normals(before, Wm[m], P) if before else np.tile(Wm[m] / np.linalg.norm(Wm[m]), (P.shape[0], 1))
+        dist = np.full(P.shape[0], np.inf)
+        for i, p in enumerate(P):
             Zp, _ = pfx.forward(full, p[None, :])
             _, jacs = pfx.jacobian(full, p)
-            dist = np.inf
             for li, (Z, J) in enumerate(zip(Zp, jacs, strict=True)):
                 d = np.abs(Z[0]) / np.maximum(np.linalg.norm(J, axis=1), 1e-300)
                 if li == len(prefix) - 1:
                     d[m] = np.inf  # its own boundary, where p lies
-                dist = min(dist, float(np.min(d)))
-            if not np.isfinite(dist) or dist <= 0.0:
-                continue
-            got = None
-            for share in STEP_SHARES:
-                got = _slope(query, prefix, W, b, A, a0, p, g, share * dist, m)
-                if got is not None:
-                    break
-            if got is None:
-                continue
-            slope = got
-            S = Zp[-1][0] > 0.0
+                dist[i] = min(dist[i], float(np.min(d)))
+        good = np.isfinite(dist) & (dist > 0.0) & (np.linalg.norm(G, axis=1) > 0.0)
+        P, G, dist = P[good], G[good], dist[good]
+        slope = np.zeros((P.shape[0], A.shape[0]))
+        done = np.zeros(P.shape[0], dtype=bool)
+        for share in STEP_SHARES:
+            todo = np.flatnonzero(~done)
+            if not todo.size:
+                break
+            sl, ok = _slopes(query, prefix, W, b, A, a0, P[todo], G[todo], share * dist[todo], m)
+            slope[todo[ok]] = sl[ok]
+            done[todo[ok]] = True
+        _, Hp = pfx.forward(prefix, P)
+        on_last = (Hp @ W.T + b) > 0.0  # the last-layer neurons on at each point (h_m = 0 there)
+        eqs: list[FloatArray] = []
+        rhs: list[FloatArray] = []
+        for k in np.flatnonzero(done):
+            S = on_last[k]
             row = np.zeros((A.shape[0], unknown.size))
             row[:, S[unknown]] = A[:, unknown[S[unknown]]]
             eqs.append(row)
-            rhs.append(slope)
+            rhs.append(slope[k])
         used[m] = len(eqs)
         if not eqs:
             reasons[m] = f"no step into the coordinate's on-side stayed linear ({P.shape[0]} boundary points)"
