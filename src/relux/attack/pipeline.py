@@ -581,11 +581,13 @@ def _free_last_layer(
     # the witnesses where it is on (dropped by the groups' robust fits). One that is often on leaves no
     # sign vector that explains the groups: with layer i-1 far short, the walks (which look for missing
     # neurons) take over sooner. A few missing are usually rarely on neurons that no line showed (the
-    # walks do not find them either: digits 64-40x4-10, layer 3 two short): the groups get their time.
+    # walks do not find them either: digits 64-40x4-10, layer 3 two short): the groups get their time,
+    # 96 lines (that layer 3 one short, six replays: settled after 12 to 92 lines; a failure here costs the
+    # walks and a witness extraction behind the short layer, 1.7M queries, and the attempt).
     n_rows = layers[-1][0].shape[0]
     few = prev.width - n_rows <= max(1, prev.width // 10)
     fl = free_last_layer(q, layers, width, d0, total_hidden, cfg, rng, rel_tol, executor=executor,
-                         max_settle_lines=48 if few else 16, hints=hints)
+                         max_settle_lines=96 if few else 16, hints=hints)
     log.info("layer %d: %d/%d rows from %d witness groups (%d witnesses, %d lines); layer-%d signs %s%s", i,
              fl.W.shape[0], width, fl.groups, fl.witnesses, fl.lines, i - 1,
              "settled" if fl.ok else "open", f"; {fl.reason}" if fl.reason else "")
