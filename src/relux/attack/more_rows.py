@@ -42,6 +42,9 @@ from relux.parallel import Executor
 
 log = logging.getLogger(__name__)
 
+#: how much shorter (and so finer-gridded) the second round of lines through the hints is than a search line
+HINT_ZOOM = 64.0
+
 
 @dataclass(frozen=True)
 class MoreRows:
@@ -73,6 +76,7 @@ def more_rows(
     executor: Executor | None = None,
     partial_ok: bool = False,
     hints: FloatArray | None = None,
+    max_unseen: float = 0.1,
 ) -> MoreRows:
     """Up to ``width - len(W_known)`` rows of the layer behind ``layers`` that the known rows
     ``(W_known, b_known)`` lack, from witnesses on new search lines (see the module docstring). Stops
@@ -82,13 +86,20 @@ def more_rows(
     its row. ``partial_ok`` (the last hidden layer, whose unseen weights the output fit can give):
     a confirmed row that completion leaves short of a few weights is kept, with its coverage.
     ``hints``: inputs where an earlier attempt's model was wrong (a neuron it lacked is likely on
-    there); the first lines go through them, in random directions."""
+    there); the first lines go through them, in random directions. ``max_unseen``: the largest share of a
+    row's weights its witnesses may leave unseen for completion to be tried (a resumed search, whose rows'
+    witnesses lie about a few hints, takes more)."""
     from relux.attack.deep import _build_rows
 
     need = width - W_known.shape[0]
     max_lines = 12 * cfg.max_search_lines if max_lines is None else max_lines
     stall_lines = 8 * cfg.max_search_lines if stall_lines is None else stall_lines
     x_hint = hints.reshape(-1, d0)[:16] if hints is not None and hints.size else None
+    if x_hint is not None:
+        # sixteen lines through them whatever their number (a check may see a rare neuron on at one input only):
+        # each line through a point of a small on-region crosses its boundary
+        x_hint = x_hint[np.arange(16) % x_hint.shape[0]]
+    hint_rounds = [cfg.line_range, cfg.line_range / HINT_ZOOM] if x_hint is not None else []
     # grid points for the kinks of this layer and the one before (later ones are found by bisection)
     n_grid = int(cfg.grid_per_neuron * (layers[-1][0].shape[0] + width)) + 16
     nrm = np.linalg.norm(np.concatenate([W_known, b_known[:, None]], axis=1), axis=1)
@@ -110,11 +121,14 @@ def more_rows(
             reason = f"no new row in {used - last_new} lines"
             break
         known = (np.concatenate([kW, *[r.w[None, :] for r in found]]), np.append(kb, [r.b for r in found]))
-        given = None
-        if used == 0 and x_hint is not None:
-            given = (x_hint, rng.normal(size=x_hint.shape))
+        given: tuple[FloatArray, FloatArray] | None = None
+        t_range: float | None = None
+        if hint_rounds and x_hint is not None:
+            # through the hints: full lines, then short ones around them (HINT_ZOOM times finer a grid: a
+            # neuron on only in a small region about a hint switches between two grid points of a full line)
+            given, t_range = (x_hint, rng.normal(size=x_hint.shape)), hint_rounds.pop(0)
         cands, info = find_candidates(query, layers, d0, per_round, n_grid, cfg, rng, rel_tol, lines_given=given,
-                                      known=known)
+                                      known=known, t_range=t_range)
         # kinks of deeper neurons set aside before their partial signatures are measured
         verdict = prescreen(query, layers, [(w, float(c), w[:0], 0.0) for w, c in zip(*known, strict=True)], cands,
                             spread, rel_tol)
@@ -130,7 +144,8 @@ def more_rows(
         # groups seed rows too (random triples would add little to the pairs on one line)
         rows, _ = _build_rows(witnesses, [], lines, layers, rng, width, triples=False, grouping=grouping)
         seeds.add(witnesses, rows, first_new, keys)
-        for r in seeds.ready(query, layers, witnesses, lines, keys, d0, n_grid, cfg, rel_tol, partial_ok):
+        for r in seeds.ready(query, layers, witnesses, lines, keys, d0, n_grid, cfg, rel_tol, partial_ok,
+                             max_unseen):
             if _known(r, keys):  # another seed of a row found in this round
                 continue
             found.append(r)
@@ -201,6 +216,7 @@ class _Seeds:
         cfg: ExtractionConfig,
         rel_tol: float,
         partial_ok: bool = False,
+        max_unseen: float = 0.1,
     ) -> list[NeuronRow]:
         """Grown rows of three witnesses or more, not judged with these members before, that are
         complete (or completed along their boundary; with ``partial_ok``, as far as it went) and
@@ -218,7 +234,7 @@ class _Seeds:
                 # Completion costs queries: only for rows that lack a few weights (a deeper neuron's
                 # witnesses, fitted in one region, leave many unseen) and that their crossings confirm
                 # already; confirmed again once completed.
-                if int((~g.coverage).sum()) > max(2, g.coverage.size // 10):
+                if int((~g.coverage).sum()) > max(2, int(max_unseen * g.coverage.size)):
                     continue
                 if int(_score_rows([g], lines, layers)[0][0]) < 3:
                     continue

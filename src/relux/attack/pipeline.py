@@ -793,6 +793,14 @@ def _extract_deep(
                 layers, cov, read = read_unseen_columns(q, layers, cov, wpts, d0, cfg, rng)
                 if read.reasons:
                     log.info("unseen weights from the output: %d read; left: %s", read.filled, read.reasons)
+                if read.undetermined:
+                    # nothing the output shows moves them: kept as read, not fitted where they do nothing
+                    rows_u, cols_u = zip(*read.undetermined, strict=True)
+                    cov[list(rows_u), list(cols_u)] = True
+                    warnings.append(f"last hidden layer: {len(read.undetermined)} weight(s) on coordinate(s) "
+                                    f"{sorted(set(cols_u))} that the output does not determine where those "
+                                    "coordinates are on (their rows off there, or seen only in combinations): "
+                                    "kept at least-squares values")
             if not cov.all():
                 n_fit = 4 * (sum(W.shape[0] + W.shape[1] for W, _ in layers[-1:]) + 1) + 64
                 Xc = np.concatenate([rng.normal(0.0, cfg.input_scale, size=(n_fit, d0)), wpts])

@@ -178,8 +178,11 @@ def resumed_layer(
                                                       rel_tol, hints, executor)
     # The rows that matter are on at the hints and show on the first lines; random lines after them
     # are no likelier to cross a rare neuron than the failed attempt's, which spent the full stall.
+    # Their witnesses lie about a few inputs, in few activation patterns of the layer before: completion is
+    # tried with up to a quarter of a row's weights unseen (digits 64-40x4-10: layer-3 neuron 18, on at 5e-6
+    # of inputs, seen on 34 of 40 coordinates by the lines through the one input where the check saw it).
     more = more_rows(q, layers, W0, b0, width, d0, cfg, rng, rel_tol, stall_lines=2 * cfg.max_search_lines,
-                     executor=executor, partial_ok=is_last, hints=hints)
+                     executor=executor, partial_ok=is_last, hints=hints, max_unseen=0.25)
     log.info("layer %d: %d row(s) kept from the attempt resumed, %d from witness groups at its disagreements, "
              "%d more from %d witnesses on %d lines%s", len(layers) + 1, n_kept, W0.shape[0] - n_kept,
              more.W.shape[0], more.witnesses, more.lines, f"; {more.reason}" if more.reason else "")

@@ -42,6 +42,10 @@ class ColumnRead:
     filled: int
     points: dict[int, int] = field(default_factory=dict)
     reasons: dict[int, str] = field(default_factory=dict)
+    #: (row, coordinate) of the weights of the coordinates read that the output does not determine there: rows
+    #: off at every boundary point used (nothing the weight does shows), or seen only in combinations with
+    #: others (they keep the least-squares values, which give the right output where the coordinate was seen)
+    undetermined: tuple[tuple[int, int], ...] = ()
 
 
 def _output_layer(query: QueryFn, layers: Sequence[pfx.Layer], cols: np.ndarray, d0: int, cfg: ExtractionConfig,
@@ -143,6 +147,7 @@ def read_unseen_columns(
     filled = 0
     used: dict[int, int] = {}
     reasons: dict[int, str] = {}
+    undetermined: list[tuple[int, int]] = []
     for m in (int(c) for c in cols):
         A, a0, why, _ = shared if not shared[3] else _output_layer(query, layers, np.array([m]), d0, cfg, rng)
         if why:
@@ -201,7 +206,9 @@ def read_unseen_columns(
         M, s = np.concatenate(eqs), np.concatenate(rhs)
         seen = np.linalg.norm(M, axis=0) > 0.0
         if not seen.any():
-            reasons[m] = "no row with an unseen weight is on at the coordinate's boundary points"
+            reasons[m] = (f"{unknown.size} unseen weight(s) undetermined: no row with one is on at the coordinate's "
+                          "boundary points")
+            undetermined += [(int(j), m) for j in unknown]
             continue
         _, sv, Vt = np.linalg.svd(M[:, seen], full_matrices=False)
         rank = int(np.sum(sv > 1e-9 * sv[0]))
@@ -209,10 +216,6 @@ def read_unseen_columns(
         null = Vt[rank:]
         fixed = np.ones(int(seen.sum()), dtype=bool) if rank == null.shape[1] else (
             np.linalg.norm(null, axis=0) <= 1e-6)
-        if not fixed.any():
-            reasons[m] = (f"{int(seen.sum())} unseen weights on at its boundary points, but the {len(eqs)} points "
-                          f"determine only {rank} combinations of them and none alone")
-            continue
         delta = lstsq(M[:, seen], s)
         # the slopes' own scale, or what a weight error of a billionth of the layer's largest would move them by
         ref = max(float(np.max(np.abs(s))), 1e-3 * float(np.max(np.abs(A))) * float(np.max(np.abs(W))))
@@ -226,8 +229,10 @@ def read_unseen_columns(
         rows = unknown[seen][fixed]
         cov[rows, m] = True
         filled += rows.size
-        if rows.size < unknown.size:
-            reasons[m] = (f"{unknown.size - rows.size} of {unknown.size} unseen weight(s) left: off at every "
-                          f"boundary point used, or seen only in combinations ({rank} of {int(seen.sum())})")
+        left = np.setdiff1d(unknown, rows)
+        undetermined += [(int(j), m) for j in left]
+        if left.size:
+            reasons[m] = (f"{left.size} of {unknown.size} unseen weight(s) undetermined: off at every boundary point "
+                          f"used, or seen only in combinations ({rank} of {int(seen.sum())})")
         log.debug("unseen column %d: %d weight(s) read from %d boundary points", m, rows.size, len(eqs))
-    return [*prefix, (W, b)], cov, ColumnRead(filled, used, reasons)
+    return [*prefix, (W, b)], cov, ColumnRead(filled, used, reasons, tuple(undetermined))
