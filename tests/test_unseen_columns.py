@@ -48,8 +48,9 @@ def test_a_zeroed_column_is_read_again(seed: int) -> None:
     np.testing.assert_array_equal(np.delete(got[-1][0], m, axis=1), np.delete(W3, m, axis=1))
     if not read.all():
         assert m in info.reasons
-    # one output fit and two queries per boundary point used (and possibly a shorter retry)
-    assert oracle.queries <= 2 * (4 + 1) + 32 + 4 * 64
+    # one output fit, two queries per boundary point used (and possibly a shorter retry), and one per point
+    # at each of the four depths inside
+    assert oracle.queries <= 2 * (4 + 1) + 32 + 4 * 64 + 4 * 64
 
 
 def test_no_boundary_point_and_a_wrong_row_are_named() -> None:

@@ -47,12 +47,20 @@ the weights leaving a dead neuron are arbitrary and unrecoverable, and a missing
 reported as unmatched (its effect on the outputs shows in the functional error of
 :mod:`relux.verify`). A zero-norm reference row (or an all-zero output matrix) is compared in absolute
 terms (norm taken as 1).
+
+Weights the function does not determine. A weight leaving a rarely active neuron acts only where that
+neuron is on; when the next layer's neuron is off throughout that region, or on there only together with
+others in a way the outputs cannot separate, no query can recover it (:mod:`relux.identifiability`). It is
+as arbitrary as a weight leaving a dead neuron, and is left out the same way when the caller passes the
+masks (``undetermined``; :func:`relux.verify.verify` does): its column is left out of the matching and the
+norms of that layer, and the weight itself out of its row's error. Each layer reports how many it left out.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,6 +192,9 @@ class LayerAlignment:
     max_norm_weight_error: float
     max_direction_error: float
     rejected: tuple[tuple[int, int, float], ...]
+    #: reference weights left out of the distances and errors: ones the network's function does not
+    #: determine (:mod:`relux.identifiability`), when the caller passed them
+    undetermined: int = 0
 
     @property
     def sign_errors(self) -> int:
@@ -222,6 +233,7 @@ class LayerAlignment:
             "max_direction_error": json_float(self.max_direction_error),
             "neuron_errors": [json_float(e) for e in self.neuron_errors],
             "rejected": [{"reference": r, c: k, "distance": json_float(d)} for r, k, d in self.rejected],
+            "undetermined_weights": self.undetermined,
         }
 
     def __repr__(self) -> str:
@@ -338,17 +350,22 @@ def _align_hidden(
     mask: BoolArray,
     threshold: float,
     always_on: BoolArray | None = None,
+    skip: BoolArray | None = None,
 ) -> tuple[LayerAlignment, FloatArray, FloatArray, IntArray, FloatArray, FloatArray]:
     """Align one hidden layer whose candidate columns ``Wc`` are already in the reference's input order.
 
     ``always_on``: reference rows that are on at every input; their bias is a gauge (module docstring).
+    ``skip``: reference weights the function does not determine (module docstring): their columns are
+    left out of the matching and the norms, and each row's own ones out of its error.
     Also returns the shift of each reference bias into the candidate's gauge (0 for other rows), which
     the caller moves into the reference's next layer."""
     n_r, n_c = Wr.shape[0], Wc.shape[0]
-    norm_r = _guarded_norms(Wr[:, mask])
-    norm_c = _guarded_norms(Wc[:, mask])
-    R = np.concatenate([Wr[:, mask], br[:, None]], axis=1) / norm_r[:, None]
-    C = np.concatenate([Wc[:, mask], bc[:, None]], axis=1) / norm_c[:, None]
+    skip = np.zeros(Wr.shape, dtype=bool) if skip is None else skip & mask[None, :]
+    keep = mask & ~skip.any(axis=0)
+    norm_r = _guarded_norms(Wr[:, keep])
+    norm_c = _guarded_norms(Wc[:, keep])
+    R = np.concatenate([Wr[:, keep], br[:, None]], axis=1) / norm_r[:, None]
+    C = np.concatenate([Wc[:, keep], bc[:, None]], axis=1) / norm_c[:, None]
     plus, minus = pairwise_maxabs(R, C)
     gauge = np.zeros((n_r, n_c), dtype=bool)
     tie = np.zeros((n_r, n_c))
@@ -385,7 +402,7 @@ def _align_hidden(
 
     errors = np.full(n_r, np.nan)
     if rows.size:
-        dw = np.abs(Wa[rows][:, mask] - Wr[rows][:, mask])
+        dw = np.where(skip[rows][:, mask], 0.0, np.abs(Wa[rows][:, mask] - Wr[rows][:, mask]))
         dmax = dw.max(axis=1) if dw.shape[1] else np.zeros(rows.size)
         errors[rows] = np.maximum(dmax, np.abs(ba[rows] - br[rows])) / norm_r[rows]
     sign_rows = rows[plus[rows, cols] > minus[rows, cols]]
@@ -404,6 +421,7 @@ def _align_hidden(
         max_norm_weight_error=float(errors[rows].max()) if rows.size else math.inf,
         max_direction_error=float(distance[rows, cols].max()) if rows.size else math.inf,
         rejected=tuple(rej),
+        undetermined=int(skip.sum()),
     )
     return layer, Wa, ba, perm, scale, shift
 
@@ -415,12 +433,14 @@ def always_on_rows(W: FloatArray, b: FloatArray) -> BoolArray:
 
 
 def _align_output(
-    index: int, Wr: FloatArray, br: FloatArray, Wc: FloatArray, bc: FloatArray, mask: BoolArray
+    index: int, Wr: FloatArray, br: FloatArray, Wc: FloatArray, bc: FloatArray, mask: BoolArray,
+    skip: BoolArray | None = None,
 ) -> LayerAlignment:
     k = Wr.shape[0]
+    skip = np.zeros(Wr.shape, dtype=bool) if skip is None else skip & mask[None, :]
     denom = float(np.abs(Wr[:, mask]).max()) if mask.any() else 0.0
     denom = denom if denom > 0.0 else 1.0
-    dw = np.abs(Wc[:, mask] - Wr[:, mask])
+    dw = np.where(skip[:, mask], 0.0, np.abs(Wc[:, mask] - Wr[:, mask]))
     dmax = dw.max(axis=1) if dw.shape[1] else np.zeros(k)
     errors = np.maximum(dmax, np.abs(bc - br)) / denom
     worst = float(errors.max())
@@ -438,16 +458,23 @@ def _align_output(
         max_norm_weight_error=worst,
         max_direction_error=worst,
         rejected=(),
+        undetermined=int(skip.sum()),
     )
 
 
-def align(reference: MLP, candidate: MLP, *, match_threshold: float = DEFAULT_MATCH_THRESHOLD) -> Alignment:
+def align(reference: MLP, candidate: MLP, *, match_threshold: float = DEFAULT_MATCH_THRESHOLD,
+          undetermined: Sequence[BoolArray] | None = None) -> Alignment:
     """Align ``candidate`` to ``reference`` layer by layer (permutation + positive scale per neuron).
 
     ``match_threshold`` is the largest sign-agnostic normalised distance at which a candidate neuron
     still counts as a reference neuron (``math.inf``: every pair the assignment proposes counts).
+    ``undetermined``: per layer, a mask (the layer's shape) of reference weights the function does not
+    determine (:func:`relux.identifiability.undetermined_weights`), left out of the distances and errors.
     Raises :class:`InputError` if the networks differ in input size, output size or depth.
     """
+    if undetermined is not None and [m.shape for m in undetermined] != [W.shape for W, _ in reference.layers]:
+        raise InputError(f"undetermined must hold one mask per layer with the layer's shape "
+                         f"{[W.shape for W, _ in reference.layers]}, found {[np.shape(m) for m in undetermined]}")
     check_comparable(reference, candidate)
     threshold = check_match_threshold(match_threshold)
     d0 = reference.input_dim
@@ -464,11 +491,12 @@ def align(reference: MLP, candidate: MLP, *, match_threshold: float = DEFAULT_MA
             br = br - Wr @ shift
         if i < last:
             on = always_on_rows(Wr, br) if i > 0 else None
-            layer, Wa, ba, source, scale, shift = _align_hidden(i, Wr, br, Wc, bc, mask, threshold, on)
+            layer, Wa, ba, source, scale, shift = _align_hidden(
+                i, Wr, br, Wc, bc, mask, threshold, on, None if undetermined is None else undetermined[i])
             mask = source >= 0
             aligned.append((Wa, ba))
         else:
-            layer = _align_output(i, Wr, br, Wc, bc, mask)
+            layer = _align_output(i, Wr, br, Wc, bc, mask, None if undetermined is None else undetermined[i])
             aligned.append((Wc, bc.copy()))
         logger.debug("%r", layer)
         layers.append(layer)

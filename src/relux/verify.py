@@ -3,7 +3,10 @@
 :func:`verify` reports; it does not judge. It returns a :class:`VerificationReport` with
 
 - the alignment of :mod:`relux.align` (permutation + positive scale per hidden neuron): normalised
-  weight error per layer and overall (also as ``log2``), sign errors, unmatched neurons;
+  weight error per layer and overall (also as ``log2``), sign errors, unmatched neurons. Weights the
+  reference's function does not determine (leaving a rarely active neuron toward neurons that are off
+  wherever it is on, or that the outputs see only in combination: :mod:`relux.identifiability`) are left
+  out of the weight errors, as the weights leaving a dead neuron are; ``undetermined_weights`` counts them;
 - the functional error ``max |f - f̂| / max |f|`` (both maxima over the same inputs and all outputs)
   on three sources of inputs:
 
@@ -51,6 +54,7 @@ from relux.align import (
     safe_log2,
 )
 from relux.errors import InputError
+from relux.identifiability import undetermined_weights
 from relux.model import MLP, FloatArray, format_arch
 
 logger = logging.getLogger(__name__)
@@ -68,6 +72,9 @@ class VerifyConfig:
     first-layer crossings each line spans. ``batch_size``: rows per forward pass.
     ``activity_points``: ``N(0, I)`` inputs (reference only, no extracted model) on which the
     fraction of inputs each unmatched reference neuron is on is measured (0: not measured).
+    ``undetermined_neurons``: per layer, how many of the reference's rarely active neurons are examined
+    for outgoing weights its function does not determine, which the weight errors then leave out
+    (:mod:`relux.identifiability`; 0: none examined, every weight counts).
     """
 
     match_threshold: float = DEFAULT_MATCH_THRESHOLD
@@ -75,6 +82,7 @@ class VerifyConfig:
     line_coverage: float = 0.9
     batch_size: int = 4096
     activity_points: int = 20_000
+    undetermined_neurons: int = 64
 
     def __post_init__(self) -> None:
         check_match_threshold(self.match_threshold)
@@ -86,6 +94,10 @@ class VerifyConfig:
             raise InputError(f"batch_size must be a positive integer, found {self.batch_size!r}")
         if not isinstance(self.activity_points, int) or self.activity_points < 0:
             raise InputError(f"activity_points must be a non-negative integer, found {self.activity_points!r}")
+        if (isinstance(self.undetermined_neurons, bool) or not isinstance(self.undetermined_neurons, int)
+                or self.undetermined_neurons < 0):
+            raise InputError("undetermined_neurons must be a non-negative integer, found "
+                             f"{self.undetermined_neurons!r}")
 
 
 # --------------------------------------------------------------------------- input sources
@@ -296,6 +308,7 @@ class VerificationReport:
             "unmatched_extracted": self.unmatched_extracted,
             "complete": self.complete,
             "match_threshold": json_float(self.alignment.match_threshold),
+            "undetermined_weights": sum(layer.undetermined for layer in self.layers),
             "layers": [layer.to_json("extracted") for layer in self.layers],
             "functional": {s.name: s.to_json() for s in self.functional},
             "unmatched_activity": [{"layer": li, "neuron": j, "on_fraction": json_float(f), "inputs": n}
@@ -396,7 +409,8 @@ class VerificationReport:
         return (
             f"VerificationReport({format_arch(self.reference_arch)} vs {format_arch(self.extracted_arch)}:\n"
             f"  weights: max norm error 2^{self.log2_max_norm_weight_error:.1f}, "
-            f"sign errors {self.sign_errors}, unmatched {self.unmatched}  {per_layer}\n"
+            f"sign errors {self.sign_errors}, unmatched {self.unmatched}, "
+            f"undetermined {sum(L.undetermined for L in self.layers)}  {per_layer}\n"
             f"  outputs: max rel error 2^{self.log2_max_rel_output_error:.1f} ({funcs}), "
             f"{self.agreement_kind} agreement {self.argmax_agreement:.4f})"
         )
@@ -471,7 +485,10 @@ def verify(
         raise InputError("n_random and n_lines are both 0: no inputs to compare the outputs on")
     gen = rng if rng is not None else np.random.default_rng(0)
 
-    alignment = align(reference, extracted, match_threshold=cfg.match_threshold)
+    # its own generator: the input streams below stay those of earlier versions
+    skip = (undetermined_weights(reference, np.random.default_rng(0), max_neurons=cfg.undetermined_neurons)
+            if cfg.undetermined_neurons else None)
+    alignment = align(reference, extracted, match_threshold=cfg.match_threshold, undetermined=skip)
     d = reference.input_dim
     functional: list[SourceError] = []
     if n_random:

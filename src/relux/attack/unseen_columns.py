@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 #: weight of order one switches a last-layer neuron on the way
 STEP_SHARES = (0.1, 1e-3)
 
+#: depths past a coordinate's boundary (in units of the typical input norm) where its column is then fitted
+INSIDE_DEPTHS = (0.01, 0.03, 0.1, 0.3)
+
 
 @dataclass(frozen=True)
 class ColumnRead:
@@ -90,6 +93,32 @@ def spread_boundary_points(before: Sequence[pfx.Layer], w: FloatArray, b: float,
     return bisect_to_boundary(before, w, b, pos[:m], neg[rng.integers(neg.shape[0], size=m)])
 
 
+def pushed_boundary_points(before: Sequence[pfx.Layer], w: FloatArray, b: float, X0: FloatArray, steps: int = 30
+                           ) -> FloatArray:
+    """Points of the boundary ``w·h + b = 0`` behind the known layers ``before`` reached from the inputs ``X0``
+    (no query): Newton steps on the piecewise linear pre-activation along its own gradient, 1.5 times as far as
+    its local zero so as to cross it, then bisection between the last two iterates. Starts anywhere in the
+    input space reach parts of the boundary where other neurons are in other states."""
+    out = []
+    for x in X0:
+        z = float(((pfx.forward(before, x[None, :])[1] if before else x[None, :]) @ w)[0] + b)
+        for _ in range(steps):
+            g = pfx.unit_normal(before, w, x)
+            if g is None:
+                break
+            gz = float(g @ (pfx.jacobian(before, x)[0].T @ w)) if before else float(g @ w)
+            if gz == 0.0:
+                break
+            y = x - 1.5 * z / gz * g
+            zy = float(((pfx.forward(before, y[None, :])[1] if before else y[None, :]) @ w)[0] + b)
+            if (zy > 0) != (z > 0):
+                P, Q = (y, x) if zy > 0 else (x, y)
+                out.append(bisect_to_boundary(before, w, b, P[None, :], Q[None, :])[0])
+                break
+            x, z = y, zy
+    return np.asarray(out) if out else np.zeros((0, X0.shape[1]))
+
+
 def _slopes(query: QueryFn, prefix: Sequence[pfx.Layer], W: FloatArray, b: FloatArray, A: FloatArray, a0: FloatArray,
             P: FloatArray, G: FloatArray, t: FloatArray, m: int) -> tuple[FloatArray, np.ndarray]:
     """Per boundary point ``P[i]`` of coordinate ``m``, the slope of ``f - f̂`` against it along ``G[i]`` (steps
@@ -116,6 +145,74 @@ def _slopes(query: QueryFn, prefix: Sequence[pfx.Layer], W: FloatArray, b: Float
     ok[idx[~line]] = False
     slopes[idx] = sl
     return slopes, ok
+
+
+#: singular values below this share of the largest count as directions the points do not see: slopes read
+#: from float64 outputs carry relative errors of 1e-10 or so, which smaller ones would blow up into weights
+RCOND = 1e-6
+
+
+def _tsvd_solve(M: FloatArray, s: FloatArray) -> tuple[FloatArray, int, np.ndarray]:
+    """The least-squares solution of ``M x = s`` within the directions ``M`` sees (singular values above
+    :data:`RCOND` of the largest; none along the others), that rank, and which unknowns those others leave
+    alone (the ones ``M`` determines)."""
+    U, sv, Vt = np.linalg.svd(M, full_matrices=False)
+    rank = int(np.sum(sv > RCOND * sv[0])) if sv.size else 0
+    x: FloatArray = Vt[:rank].T @ ((U[:, :rank].T @ s) / sv[:rank])
+    null = Vt[rank:]
+    fixed = np.linalg.norm(null, axis=0) <= 1e-6 if null.shape[0] else np.ones(M.shape[1], dtype=bool)
+    return x, rank, fixed
+
+
+def _misfit(Y: FloatArray, H: FloatArray, W: FloatArray, b: FloatArray, A: FloatArray, a0: FloatArray) -> float:
+    return float(np.max(np.abs(Y - (np.maximum(H @ W.T + b, 0.0) @ A.T + a0)), initial=0.0))
+
+
+def _fit_column(Y: FloatArray, H: FloatArray, W: FloatArray, b: FloatArray, A: FloatArray, a0: FloatArray, m: int,
+                rows: np.ndarray, Mb: FloatArray, sb: FloatArray, steps: int = 30
+                ) -> tuple[FloatArray, FloatArray] | None:
+    """Gauss-Newton on the weights ``c = W[rows, m]`` so that ``A ReLU(W h + b) + a0`` meets the outputs ``Y`` at
+    the layer inputs ``H`` (activation patterns from the current weights at each step) and the boundary slopes
+    ``Mb c = sb`` hold (weighted by the typical ``h_m`` of ``H``, so both speak in units of ``f``); a step that
+    raises the misfit is halved. Returns the layer's weights and the final Jacobian of the points' outputs, or
+    None when the misfit stays above float64 rounding."""
+    W = W.copy()
+    scale = float(np.max(np.abs(Y))) + 1e-300
+    h = H[:, m]
+    wb = float(np.median(h))
+
+    def resid(Wc: FloatArray) -> FloatArray:
+        r = Y - (np.maximum(H @ Wc.T + b, 0.0) @ A.T + a0)
+        out: FloatArray = np.concatenate([r.ravel(), wb * (sb - Mb @ Wc[rows, m])])
+        return out
+
+    def jac(Wc: FloatArray) -> FloatArray:
+        on = (H @ Wc.T + b) > 0.0
+        out: FloatArray = (A[None, :, :][:, :, rows] * on[:, None, rows] * h[:, None, None]).reshape(-1, rows.size)
+        return out
+
+    r = resid(W)
+    cur = float(np.max(np.abs(r)))
+    for _ in range(steps):
+        delta = _tsvd_solve(np.concatenate([jac(W), wb * Mb]), r)[0]
+        t = 1.0
+        while t > 1e-3:
+            Wt = W.copy()
+            Wt[rows, m] += t * delta
+            rt = resid(Wt)
+            new = float(np.max(np.abs(rt)))
+            if new < cur:
+                break
+            t *= 0.5
+        else:
+            break
+        W, r, cur = Wt, rt, new
+        if cur <= 1e-13 * scale:
+            break
+    # exact weights leave rounding (1e-15 of f); 1e-9 is far below a wrong pattern's or weight's misfit
+    if cur > 1e-9 * scale:
+        return None
+    return W, jac(W)
 
 
 def read_unseen_columns(
@@ -163,10 +260,13 @@ def read_unseen_columns(
         want = max(max_points, 4 * unknown.size)
         P = points[rng.permutation(on_m)[:want]]
         if P.shape[0] < want:
-            # more of its boundary, where other last-layer neurons are on: each adds equations
-            more = spread_boundary_points(before, Wm[m], float(bm[m]), P, want - P.shape[0],
+            # more of its boundary, where other last-layer neurons are on: each adds equations; half about the
+            # points known, half from random inputs pushed onto it (other parts of the input space)
+            far = pushed_boundary_points(before, Wm[m], float(bm[m]),
+                                         rng.normal(0.0, cfg.input_scale, size=((want - P.shape[0]) // 2, d0)))
+            more = spread_boundary_points(before, Wm[m], float(bm[m]), P, want - P.shape[0] - far.shape[0],
                                           cfg.input_scale * float(np.sqrt(d0)), rng)
-            P = np.concatenate([P, more])
+            P = np.concatenate([P, far, more])
         full = [*prefix, (W, b)]
         G = pfx.unit_normals(before, Wm[m], P) if before else np.tile(Wm[m] / np.linalg.norm(Wm[m]), (P.shape[0], 1))
         dist = np.full(P.shape[0], np.inf)
@@ -205,34 +305,53 @@ def read_unseen_columns(
             continue
         M, s = np.concatenate(eqs), np.concatenate(rhs)
         seen = np.linalg.norm(M, axis=0) > 0.0
-        if not seen.any():
-            reasons[m] = (f"{unknown.size} unseen weight(s) undetermined: no row with one is on at the coordinate's "
-                          "boundary points")
-            undetermined += [(int(j), m) for j in unknown]
-            continue
-        _, sv, Vt = np.linalg.svd(M[:, seen], full_matrices=False)
-        rank = int(np.sum(sv > 1e-9 * sv[0]))
-        # a weight is determined when no direction the points cannot see moves it
-        null = Vt[rank:]
-        fixed = np.ones(int(seen.sum()), dtype=bool) if rank == null.shape[1] else (
-            np.linalg.norm(null, axis=0) <= 1e-6)
-        delta = lstsq(M[:, seen], s)
         # the slopes' own scale, or what a weight error of a billionth of the layer's largest would move them by
         ref = max(float(np.max(np.abs(s))), 1e-3 * float(np.max(np.abs(A))) * float(np.max(np.abs(W))))
-        miss = float(np.max(np.abs(M[:, seen] @ delta - s))) / (ref + 1e-300)
-        if miss > 1e-6:
-            reasons[m] = f"the points' slopes disagree by {miss:.1e} (relative)"
+        s_abs = s + M @ W[unknown, m]  # the slopes as equations in the column itself
+        if seen.any():
+            delta = _tsvd_solve(M[:, seen], s)[0]
+            miss = float(np.max(np.abs(M[:, seen] @ delta - s))) / (ref + 1e-300)
+            if miss > 1e-6:
+                reasons[m] = f"the points' slopes disagree by {miss:.1e} (relative)"
+                continue
+            W[unknown[seen], m] += delta
+        # Deeper in, the last layer's pattern changes with the weights read (each row's boundary enters the
+        # on-region where its weight says): a Gauss-Newton fit of the column to f there, from the slopes' values.
+        # deeper by steps, each fit starting from the one before (continuation: at a depth the patterns the
+        # weights fitted so far predict are mostly right)
+        reach = cfg.input_scale * float(np.sqrt(d0))
+        J = M
+        Ds: list[FloatArray] = []
+        Ys: list[FloatArray] = []
+        for depth in INSIDE_DEPTHS:
+            D = P[done] + depth * reach * G[done]
+            D = D[pfx.forward(prefix, D)[0][-1][:, m] > 0.0]
+            if not D.shape[0]:
+                continue
+            Ds.append(D)
+            Ys.append(query(D))
+            Dall = np.concatenate(Ds)
+            fit = _fit_column(np.concatenate(Ys), pfx.forward(prefix, Dall)[1], W, b, A, a0, m, unknown, M, s_abs)
+            if fit is None:
+                log.debug("unseen column %d: the fit %.2g deep in its on-region did not converge", m, depth)
+                break
+            W, Jd = fit
+            J = np.concatenate([M, Jd])
+        seen = np.linalg.norm(J, axis=0) > 0.0
+        if not seen.any():
+            reasons[m] = (f"{unknown.size} unseen weight(s) undetermined: no row with one is on where the "
+                          "coordinate is")
+            undetermined += [(int(j), m) for j in unknown]
             continue
-        # every row seen takes the least-squares values (right on the region sampled, for the output); only the
-        # rows the points determine alone count as seen
-        W[unknown[seen], m] += delta
+        rank, fixed = _tsvd_solve(J[:, seen], np.zeros(J.shape[0]))[1:]
         rows = unknown[seen][fixed]
         cov[rows, m] = True
         filled += rows.size
         left = np.setdiff1d(unknown, rows)
         undetermined += [(int(j), m) for j in left]
         if left.size:
-            reasons[m] = (f"{left.size} of {unknown.size} unseen weight(s) undetermined: off at every boundary point "
-                          f"used, or seen only in combinations ({rank} of {int(seen.sum())})")
-        log.debug("unseen column %d: %d weight(s) read from %d boundary points", m, rows.size, len(eqs))
+            reasons[m] = (f"{left.size} of {unknown.size} unseen weight(s) undetermined: off wherever the "
+                          f"coordinate was seen on, or seen only in combinations ({rank} of {int(seen.sum())})")
+        log.debug("unseen column %d: %d weight(s) read from %d boundary points and %d inside", m, rows.size,
+                  len(eqs), sum(D_.shape[0] for D_ in Ds))
     return [*prefix, (W, b)], cov, ColumnRead(filled, used, reasons, tuple(undetermined))
