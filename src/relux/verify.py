@@ -82,7 +82,7 @@ class VerifyConfig:
     line_coverage: float = 0.9
     batch_size: int = 4096
     activity_points: int = 20_000
-    undetermined_neurons: int = 64
+    undetermined_neurons: int = 16
 
     def __post_init__(self) -> None:
         check_match_threshold(self.match_threshold)
