@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 #: weight of order one switches a last-layer neuron on the way
 STEP_SHARES = (0.1, 1e-3)
 
+#: coordinates on at fewer than this share of random inputs may have weights the output does not determine
+#: (:attr:`ColumnRead.undetermined`); for the others the points read are too local to tell
+RARE_SHARE = 1e-2
+
 #: depths past a coordinate's boundary (in units of the typical input norm) where its column is then fitted
 INSIDE_DEPTHS = (0.01, 0.03, 0.1, 0.3)
 
@@ -45,9 +49,9 @@ class ColumnRead:
     filled: int
     points: dict[int, int] = field(default_factory=dict)
     reasons: dict[int, str] = field(default_factory=dict)
-    #: (row, coordinate) of the weights of the coordinates read that the output does not determine there: rows
-    #: off at every boundary point used (nothing the weight does shows), or seen only in combinations with
-    #: others (they keep the least-squares values, which give the right output where the coordinate was seen)
+    #: (row, coordinate) of the weights of rarely on coordinates (:data:`RARE_SHARE`) that the output does not
+    #: determine where the coordinate is on: rows off at every point used (nothing the weight does shows), or
+    #: seen only in combinations with others (they keep the least-squares values, right where it was seen)
     undetermined: tuple[tuple[int, int], ...] = ()
 
 
@@ -245,6 +249,9 @@ def read_unseen_columns(
     used: dict[int, int] = {}
     reasons: dict[int, str] = {}
     undetermined: list[tuple[int, int]] = []
+    # how often each coordinate is on at random inputs (prefix only): the points read near a common
+    # coordinate's boundary see too little of where a rarely active row is on to call its weight undetermined
+    on_share = np.mean(pfx.forward(prefix, rng.normal(0.0, cfg.input_scale, size=(4096, d0)))[1] > 0.0, axis=0)
     for m in (int(c) for c in cols):
         A, a0, why, _ = shared if not shared[3] else _output_layer(query, layers, np.array([m]), d0, cfg, rng)
         if why:
@@ -341,14 +348,14 @@ def read_unseen_columns(
         if not seen.any():
             reasons[m] = (f"{unknown.size} unseen weight(s) undetermined: no row with one is on where the "
                           "coordinate is")
-            undetermined += [(int(j), m) for j in unknown]
+            undetermined += [(int(j), m) for j in unknown] if on_share[m] < RARE_SHARE else []
             continue
         rank, fixed = _tsvd_solve(J[:, seen], np.zeros(J.shape[0]))[1:]
         rows = unknown[seen][fixed]
         cov[rows, m] = True
         filled += rows.size
         left = np.setdiff1d(unknown, rows)
-        undetermined += [(int(j), m) for j in left]
+        undetermined += [(int(j), m) for j in left] if on_share[m] < RARE_SHARE else []
         if left.size:
             reasons[m] = (f"{left.size} of {unknown.size} unseen weight(s) undetermined: off wherever the "
                           f"coordinate was seen on, or seen only in combinations ({rank} of {int(seen.sum())})")
