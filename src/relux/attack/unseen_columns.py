@@ -315,6 +315,7 @@ def read_unseen_columns(
         # the slopes' own scale, or what a weight error of a billionth of the layer's largest would move them by
         ref = max(float(np.max(np.abs(s))), 1e-3 * float(np.max(np.abs(A))) * float(np.max(np.abs(W))))
         s_abs = s + M @ W[unknown, m]  # the slopes as equations in the column itself
+        before_read = W[unknown, m].copy()
         if seen.any():
             delta = _tsvd_solve(M[:, seen], s)[0]
             miss = float(np.max(np.abs(M[:, seen] @ delta - s))) / (ref + 1e-300)
@@ -346,19 +347,27 @@ def read_unseen_columns(
             J = np.concatenate([M, Jd])
         seen = np.linalg.norm(J, axis=0) > 0.0
         if not seen.any():
-            reasons[m] = (f"{unknown.size} unseen weight(s) undetermined: no row with one is on where the "
-                          "coordinate is")
-            undetermined += [(int(j), m) for j in unknown] if on_share[m] < RARE_SHARE else []
+            reasons[m] = f"{unknown.size} unseen weight(s) left: no row with one is on where the coordinate was seen"
+            if on_share[m] < RARE_SHARE:
+                undetermined += [(int(j), m) for j in unknown]
+            else:
+                W[unknown, m] = before_read
             continue
         rank, fixed = _tsvd_solve(J[:, seen], np.zeros(J.shape[0]))[1:]
         rows = unknown[seen][fixed]
         cov[rows, m] = True
         filled += rows.size
         left = np.setdiff1d(unknown, rows)
-        undetermined += [(int(j), m) for j in left] if on_share[m] < RARE_SHARE else []
+        if on_share[m] < RARE_SHARE:
+            # the rest keep the least-squares values: right wherever the coordinate was seen on
+            undetermined += [(int(j), m) for j in left]
+        else:
+            # the rest go back to what they were, for the output fit and polish after this
+            back = np.isin(unknown, left)
+            W[unknown[back], m] = before_read[back]
         if left.size:
-            reasons[m] = (f"{left.size} of {unknown.size} unseen weight(s) undetermined: off wherever the "
-                          f"coordinate was seen on, or seen only in combinations ({rank} of {int(seen.sum())})")
+            reasons[m] = (f"{left.size} of {unknown.size} unseen weight(s) left: off wherever the coordinate was "
+                          f"seen on, or seen only in combinations ({rank} of {int(seen.sum())})")
         log.debug("unseen column %d: %d weight(s) read from %d boundary points and %d inside", m, rows.size,
                   len(eqs), sum(D_.shape[0] for D_ in Ds))
     return [*prefix, (W, b)], cov, ColumnRead(filled, used, reasons, tuple(undetermined))
