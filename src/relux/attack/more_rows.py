@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 #: how much shorter (and so finer-gridded) the second round of lines through the hints is than a search line
 HINT_ZOOM = 64.0
 
+#: lines through the hints per round, and how many of the hints (worst first) they go through
+HINT_LINES = 32
+HINT_POINTS = 8
+
 
 @dataclass(frozen=True)
 class MoreRows:
@@ -86,19 +90,20 @@ def more_rows(
     its row. ``partial_ok`` (the last hidden layer, whose unseen weights the output fit can give):
     a confirmed row that completion leaves short of a few weights is kept, with its coverage.
     ``hints``: inputs where an earlier attempt's model was wrong (a neuron it lacked is likely on
-    there); the first lines go through them, in random directions. ``max_unseen``: the largest share of a
-    row's weights its witnesses may leave unseen for completion to be tried (a resumed search, whose rows'
-    witnesses lie about a few hints, takes more)."""
+    there); the first lines go through them, in random directions (:data:`HINT_LINES`). ``max_unseen``:
+    the largest share of a row's weights its witnesses may leave unseen for completion to be tried (a
+    resumed search, whose rows' witnesses lie about a few hints, takes more)."""
     from relux.attack.deep import _build_rows
 
     need = width - W_known.shape[0]
     max_lines = 12 * cfg.max_search_lines if max_lines is None else max_lines
     stall_lines = 8 * cfg.max_search_lines if stall_lines is None else stall_lines
-    x_hint = hints.reshape(-1, d0)[:16] if hints is not None and hints.size else None
+    x_hint = hints.reshape(-1, d0)[:HINT_POINTS] if hints is not None and hints.size else None
     if x_hint is not None:
-        # sixteen lines through them whatever their number (a check may see a rare neuron on at one input only):
-        # each line through a point of a small on-region crosses its boundary
-        x_hint = x_hint[np.arange(16) % x_hint.shape[0]]
+        # HINT_LINES lines through the first HINT_POINTS of them, at least four each (a check may see a rare
+        # neuron on at one input only, among inputs where the model is wrong for other reasons): each line
+        # through a point of a small on-region crosses its boundary
+        x_hint = x_hint[np.arange(HINT_LINES) % x_hint.shape[0]]
     hint_rounds = [cfg.line_range, cfg.line_range / HINT_ZOOM] if x_hint is not None else []
     # grid points for the kinks of this layer and the one before (later ones are found by bisection)
     n_grid = int(cfg.grid_per_neuron * (layers[-1][0].shape[0] + width)) + 16
