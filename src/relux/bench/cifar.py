@@ -289,6 +289,7 @@ def add_verification(record: dict[str, Any], reference: MLP, extracted: MLP, *, 
         agreement_points=points,
         sign_errors=report.sign_errors,
         unmatched=report.unmatched,
+        undetermined_weights=sum(la.undetermined for la in report.layers),
         verify_seconds=round(time.perf_counter() - t0, 3),
     )
     for la in report.layers:

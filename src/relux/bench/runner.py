@@ -311,6 +311,8 @@ def _add_verification(
         agreement_kind=report.agreement_kind,
         sign_errors=report.sign_errors,
         unmatched=report.unmatched,
+        # reference weights its function does not determine, left out of the weight error (relux.identifiability)
+        undetermined_weights=sum(la.undetermined for la in report.layers),
         # how often each unmatched reference neuron is on (hidden layers from 1, as in "layers"): a
         # neuron on at 1e-5 of inputs is out of reach of random search lines
         unmatched_activity=[{"layer": li + 1, "neuron": j, "on_fraction": f, "inputs": n}
