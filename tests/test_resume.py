@@ -342,3 +342,11 @@ def test_a_complete_last_hidden_layer_is_carried() -> None:
     back = resume_point(model, _reports([8, 7, 7]), points, _check(5), resumed_at=3)
     assert back is not None and back.layer == 2 and back.carried is not None and back.carried.report.recovered == 7
     assert not recovered_rows(got, back)
+
+
+def test_no_free_resume_back_past_a_complete_layer() -> None:
+    """Resumed at the last hidden layer (4), still short and nothing gained, with layer 3 complete and layer 2
+    short: the next resume does not jump back to layer 2 (layer 4 could not be carried from there)."""
+    model = random_mlp((6, 8, 8, 8, 8, 2), np.random.default_rng(0))
+    points = [np.full((2, 6), float(i)) for i in range(4)]
+    assert resume_point(model, _reports([8, 7, 8, 7]), points, _check(5), resumed_at=4) is None

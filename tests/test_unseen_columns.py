@@ -89,3 +89,18 @@ def test_a_column_already_right_is_confirmed() -> None:
     assert info.filled >= 1 and cov2[:, m].sum() == info.filled
     # the least-squares update of rounding-level slopes: a few hundred ulps of the weights at most
     np.testing.assert_allclose(got[-1][0], true.layers[2][0], rtol=0, atol=1e-12)
+
+
+def test_a_row_off_at_every_fit_input_is_not_judged() -> None:
+    """A last-layer row that is never on gives the output fit nothing to read its output weights from: its
+    weight on the column is left as it was, not called undetermined."""
+    true, layers, cov, P, m = _setup(2)
+    (W3, b3) = layers[-1]
+    dead = b3.copy()
+    dead[0] = -1e6
+    off = [*layers[:-1], (W3, dead)]
+    got, cov2, info = read_unseen_columns(MLPOracle(MLP([*true.layers[:2], (true.layers[2][0], dead),
+                                                        true.layers[3]])).query, off, cov, P, 8, ExtractionConfig(),
+                                          np.random.default_rng(0))
+    assert (0, m) not in info.undetermined and not cov2[0, m]
+    assert got[-1][0][0, m] == W3[0, m]

@@ -438,7 +438,7 @@ def _align_output(
 ) -> LayerAlignment:
     k = Wr.shape[0]
     skip = np.zeros(Wr.shape, dtype=bool) if skip is None else skip & mask[None, :]
-    denom = float(np.abs(Wr[:, mask]).max()) if mask.any() else 0.0
+    denom = float(np.abs(np.where(skip, 0.0, Wr)[:, mask]).max()) if mask.any() else 0.0
     denom = denom if denom > 0.0 else 1.0
     dw = np.where(skip[:, mask], 0.0, np.abs(Wc[:, mask] - Wr[:, mask]))
     dmax = dw.max(axis=1) if dw.shape[1] else np.zeros(k)

@@ -119,7 +119,7 @@ def undetermined_weights(model: MLP, rng: np.random.Generator | None = None, sam
                          points: int = 96, max_neurons: int = 64) -> list[BoolArray]:
     """Per layer of ``model`` (over ``model.layers``), a mask of its weights that ``f`` does not determine:
     weights leaving a hidden neuron on at fewer than :data:`RARE_SHARE` of ``samples`` N(0, I) and
-    ``samples`` U[0, 1]^d inputs (fewer for wide inputs: at most 64 MB of them) that the sensitivities on
+    ``samples`` U[0, 1]^d inputs (fewer for wide inputs: at most 128 MB of them) that the sensitivities on
     its on-region (``points`` boundary points, each stepped four depths into it) leave free (the module
     docstring). At most ``max_neurons`` per layer are examined, the rarest first; the weights leaving the
     others count as determined. The first layer's mask is all false."""

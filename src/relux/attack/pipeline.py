@@ -787,10 +787,11 @@ def _extract_deep(
             # first from exact kinks where a row's boundary enters the region its unseen coordinate is on
             layers, cov = complete_unseen(q, layers, last_cov, wpts, d0, sum(hidden), cfg, rel_tol)
             from_kinks = int((cov & ~last_cov).sum())
-            filled = polished = 0
+            filled = polished = from_output = 0
             if not cov.all():
                 # then from the output just inside each unseen coordinate's on-region
                 layers, cov, read = read_unseen_columns(q, layers, cov, wpts, d0, cfg, rng)
+                from_output = read.filled
                 if read.reasons:
                     log.info("unseen weights from the output: %d read; left: %s", read.filled, read.reasons)
                 if read.undetermined:
@@ -809,7 +810,7 @@ def _extract_deep(
                 layers, polished = polish_filled(q, layers, ~cov, wpts, d0, cfg, rng)
         warnings.append(f"last hidden layer: {int((~last_cov).sum())} weight(s) no witness saw: "
                         f"{from_kinks} read from kinks where their coordinates are on, "
-                        f"{int((cov & ~last_cov).sum()) - from_kinks} from the output just inside that region, "
+                        f"{from_output} from the output just inside that region, "
                         f"{filled} fitted from the output ({polished} of their rows then refined on exact "
                         "boundary points)")
     # Both sides of every last-layer boundary: a rarely active neuron may be on at no random point.

@@ -86,8 +86,9 @@ def resume_point(model: MLP, reports: Sequence[LayerReport], points: Sequence[Fl
     0 for a fresh attempt), or at the last hidden layer when it is one of those incomplete; when there
     is none, at ``resumed_at`` again if its aimed search ``gained`` rows there and it is still
     incomplete (another rare neuron of that layer, on where this attempt's model is wrong); when that
-    layer and the later ones are complete, or it is the last hidden layer and gained nothing, at the
-    first incomplete layer before it (with the last hidden layer carried along). None when the
+    layer and the later ones are complete, at the first incomplete layer before it; when it is the last
+    hidden layer, gained nothing and the layer before is short, at that one (the last hidden layer
+    carried along). None when the
     check passed or disagreed on more than :data:`RESUME_MAX_SHARE` of its random points (the others,
     near witnesses and suspects, are where a model is likeliest wrong), when no such layer exists, or
     when it is the first layer (nothing to keep)."""
@@ -98,12 +99,15 @@ def resume_point(model: MLP, reports: Sequence[LayerReport], points: Sequence[Fl
         here = reports[resumed_at - 1]
         if here.recovered < here.width and gained:
             short = [resumed_at]
-        elif here.recovered >= here.width or resumed_at == len(reports):
+        elif here.recovered >= here.width:
             # The layers from the one it resumed at on are complete now: the model can only be wrong where
-            # a neuron of an earlier incomplete layer is on, and its disagreements show where. Or the last
-            # hidden layer's aimed search found nothing: its missing neurons may be on only where a missing
-            # neuron of an earlier layer is (digits 64-40x4-10), which goes first, the last layer carried.
+            # a neuron of an earlier incomplete layer is on, and its disagreements show where.
             short = [r.index for r in reports if r.recovered < r.width and r.index < resumed_at]
+        elif resumed_at == len(reports) and reports[resumed_at - 2].recovered < reports[resumed_at - 2].width:
+            # The last hidden layer's aimed search found nothing: its missing neurons may be on only where a
+            # missing neuron of the layer before is (digits 64-40x4-10), which goes first, the last layer
+            # carried along (not progress: such a resume counts against ``resumes``).
+            short = [resumed_at - 1]
     if len(short) > 1 and short[-1] == len(reports):
         # the last hidden layer incomplete too: it goes first. Its rows are right wherever the model is (all
         # but a few inputs), its missing ones show at the disagreements (witness groups by output direction),

@@ -178,8 +178,8 @@ def _fit_column(Y: FloatArray, H: FloatArray, W: FloatArray, b: FloatArray, A: F
     """Gauss-Newton on the weights ``c = W[rows, m]`` so that ``A ReLU(W h + b) + a0`` meets the outputs ``Y`` at
     the layer inputs ``H`` (activation patterns from the current weights at each step) and the boundary slopes
     ``Mb c = sb`` hold (weighted by the typical ``h_m`` of ``H``, so both speak in units of ``f``); a step that
-    raises the misfit is halved. Returns the layer's weights and the final Jacobian of the points' outputs, or
-    None when the misfit stays above float64 rounding."""
+    raises the misfit is halved. Returns the layer's weights and the final Jacobian (the points' outputs, then
+    the weighted slopes), or None when the misfit stays above float64 rounding."""
     W = W.copy()
     scale = float(np.max(np.abs(Y))) + 1e-300
     h = H[:, m]
@@ -216,7 +216,7 @@ def _fit_column(Y: FloatArray, H: FloatArray, W: FloatArray, b: FloatArray, A: F
     # exact weights leave rounding (1e-15 of f); 1e-9 is far below a wrong pattern's or weight's misfit
     if cur > 1e-9 * scale:
         return None
-    return W, jac(W)
+    return W, np.concatenate([jac(W), wb * Mb])
 
 
 def read_unseen_columns(
@@ -257,7 +257,13 @@ def read_unseen_columns(
         if why:
             reasons[m] = why
             continue
-        unknown = np.flatnonzero(~cov[:, m])
+        # a row off at every output-fit input has no output weights to read (its column of A is zero): its
+        # weights on m are left as they are, neither read nor judged
+        unknown = np.flatnonzero(~cov[:, m] & (np.abs(A).max(axis=0) > 0.0))
+        if unknown.size < int((~cov[:, m]).sum()):
+            reasons[m] = "a row with an unseen weight is off at every output-fit input"
+        if not unknown.size:
+            continue
         size = float(np.linalg.norm(Wm[m])) * np.linalg.norm(H_before, axis=1) + abs(float(bm[m]))
         # exact points of neuron m's boundary: |z_m| at float64 rounding of its terms
         on_m = np.flatnonzero(np.abs(Zs[-1][:, m]) <= 1e-9 * size)
@@ -329,6 +335,7 @@ def read_unseen_columns(
         # weights fitted so far predict are mostly right)
         reach = cfg.input_scale * float(np.sqrt(d0))
         J = M
+        fitted_inside = False
         Ds: list[FloatArray] = []
         Ys: list[FloatArray] = []
         for depth in INSIDE_DEPTHS:
@@ -343,12 +350,12 @@ def read_unseen_columns(
             if fit is None:
                 log.debug("unseen column %d: the fit %.2g deep in its on-region did not converge", m, depth)
                 break
-            W, Jd = fit
-            J = np.concatenate([M, Jd])
+            W, J = fit
+            fitted_inside = True
         seen = np.linalg.norm(J, axis=0) > 0.0
         if not seen.any():
             reasons[m] = f"{unknown.size} unseen weight(s) left: no row with one is on where the coordinate was seen"
-            if on_share[m] < RARE_SHARE:
+            if on_share[m] < RARE_SHARE and fitted_inside:
                 undetermined += [(int(j), m) for j in unknown]
             else:
                 W[unknown, m] = before_read
@@ -358,8 +365,9 @@ def read_unseen_columns(
         cov[rows, m] = True
         filled += rows.size
         left = np.setdiff1d(unknown, rows)
-        if on_share[m] < RARE_SHARE:
-            # the rest keep the least-squares values: right wherever the coordinate was seen on
+        if on_share[m] < RARE_SHARE and fitted_inside:
+            # the rest keep the least-squares values: right wherever the coordinate was seen on (a fit inside
+            # its on-region that failed says some of them matter there: then they are not judged)
             undetermined += [(int(j), m) for j in left]
         else:
             # the rest go back to what they were, for the output fit and polish after this
