@@ -204,8 +204,13 @@ def test_boundary_points_lie_on_the_row() -> None:
     # 60 halvings of a unit segment leave the point within 2^-60 of the boundary: |z| at rounding
     # level of the inputs' scale
     assert np.max(np.abs(H @ w + b)) <= 1e-12 * (np.abs(w) @ np.abs(H).max(axis=0) + abs(b))
-    # a row on nowhere among the samples has none
-    assert boundary_points(model.layers[:1], w, b + 1e6, rng.normal(size=(50, 6)), 8, rng).shape == (0, 6)
+    # a row on nowhere among the samples: points pushed onto its boundary from the samples nearest it
+    far = boundary_points(model.layers[:1], w, b - 20.0, rng.normal(size=(50, 6)), 8, rng)
+    assert 1 <= far.shape[0] <= 8
+    Hf = np.maximum(far @ model.layers[0][0].T + model.layers[0][1], 0.0)
+    assert np.max(np.abs(Hf @ w + b - 20.0)) <= 1e-12 * (np.abs(w) @ np.abs(Hf).max(axis=0) + abs(b - 20.0))
+    # a row that no input switches (w = 0, b > 0) has none
+    assert boundary_points(model.layers[:1], 0.0 * w, 1.0, rng.normal(size=(50, 6)), 8, rng).shape == (0, 6)
 
 
 def test_no_resume_when_resumes_is_zero(monkeypatch: pytest.MonkeyPatch) -> None:

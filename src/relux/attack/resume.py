@@ -132,12 +132,18 @@ def boundary_points(layers: Sequence[pfx.Layer], w: FloatArray, b: float, X: Flo
                     rng: np.random.Generator) -> FloatArray:
     """Up to ``n`` points where the row ``(w, b)`` behind the known ``layers`` vanishes, found without a
     query: bisection (:func:`relux.attack.polish.bisect_to_boundary`) between sample inputs of ``X`` on
-    either side of its boundary, drawn with replacement (a rarely active row is on at few of them)."""
+    either side of its boundary, drawn with replacement (a rarely active row is on at few of them). A row
+    on (or off) at every sample gets points from the samples nearest its boundary, pushed onto it by Newton
+    steps with the known prefix (:func:`relux.attack.unseen_columns.pushed_boundary_points`)."""
+    from relux.attack.unseen_columns import pushed_boundary_points
+
     _, H = pfx.forward(layers, X)
     z = H @ w + b
     pos, neg = np.flatnonzero(z > 0), np.flatnonzero(z < 0)
     if not pos.size or not neg.size:
-        return np.zeros((0, X.shape[1]))
+        near = np.argsort(np.abs(z))[: 2 * n]
+        P = pushed_boundary_points(layers, w, b, X[near])
+        return P[:n]
     m = min(n, max(pos.size, neg.size))
     return bisect_to_boundary(layers, w, b, X[rng.choice(pos, size=m)], X[rng.choice(neg, size=m)])
 
