@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from resume_helpers import spoil_first_attempt
 
 import relux
-from relux.attack import pipeline
 from relux.attack.carry import CarriedLayer, carried_outcome, orient_new, relabel
 from relux.attack.result import LayerReport
 from relux.model import MLP
@@ -130,20 +130,12 @@ def test_a_resume_keeps_the_complete_last_hidden_layer(monkeypatch: pytest.Monke
     finds the neuron on lines through the first model's disagreements, keeps layer 3's rows, reads their
     weights on the new neuron from kinks, and passes with every weight exact."""
     victim = _rare_inner_victim(0.005)
-    real = pipeline._extract_deep
-    calls: list[Any] = []
 
-    def fake(*args: Any, **kwargs: Any) -> Any:
-        resume = args[7] if len(args) > 7 else kwargs.get("resume")
-        calls.append(resume)
-        out = real(*args, **kwargs)
-        if len(calls) > 1:
-            return out
-        model, reports, *rest = out
+    def spoil(model: MLP, reports: Any) -> tuple[MLP, Any]:
         r2 = dataclasses.replace(reports[1], recovered=reports[1].width - 1)
-        return (_without_rarest_inner(model), (reports[0], r2, *reports[2:]), *rest)
+        return _without_rarest_inner(model), (reports[0], r2, *reports[2:])
 
-    monkeypatch.setattr(pipeline, "_extract_deep", fake)
+    calls = spoil_first_attempt(monkeypatch, spoil)
     with caplog.at_level("INFO", logger="relux.attack"):
         result = relux.extract(MLPOracle(victim), victim.arch, relux.ExtractionConfig(seed=0, restarts=0))
     assert result.selfcheck.passed

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from resume_helpers import spoil_first_attempt
 
 import relux
 from relux.attack import pipeline
@@ -158,19 +159,8 @@ def test_a_failed_attempt_resumes_at_its_first_incomplete_layer(monkeypatch: pyt
     its report is one row short). The second attempt keeps the first hidden layer and the seven rows
     found, finds the eighth on lines through the inputs where the first model was wrong, and passes."""
     victim = _rare_victim(0.005)
-    real = pipeline._extract_deep
-    calls: list[Any] = []
-
-    def fake(*args: Any, **kwargs: Any) -> Any:
-        resume = args[7] if len(args) > 7 else kwargs.get("resume")
-        calls.append(resume)
-        out = real(*args, **kwargs)
-        if len(calls) > 1:
-            return out
-        model, reports, *rest = out
-        return (_without_rarest(model), _last_one_short(reports), *rest)
-
-    monkeypatch.setattr(pipeline, "_extract_deep", fake)
+    calls = spoil_first_attempt(monkeypatch, lambda model, reports: (_without_rarest(model),
+                                                                     _last_one_short(reports)))
     with caplog.at_level("INFO", logger="relux.attack"):
         result = relux.extract(MLPOracle(victim), victim.arch, relux.ExtractionConfig(seed=0, restarts=0))
     assert result.selfcheck.passed

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import NDArray
 
+from relux.attack import prefix as pfx
+from relux.attack.polish import bisect_to_boundary
 from relux.model import MLP, FloatArray
 
 BoolArray = NDArray[np.bool_]
@@ -32,22 +34,13 @@ RARE_SHARE = 1e-3
 
 
 def _pre(layers: Sequence[tuple[FloatArray, FloatArray]], X: FloatArray) -> list[FloatArray]:
-    H, out = X, []
-    for W, b in layers:
-        Z = H @ W.T + b
-        out.append(Z)
-        H = np.maximum(Z, 0.0)
-    return out
+    """Pre-activations of every one of ``layers`` at the rows of ``X``."""
+    return pfx.forward(layers, X)[0]
 
 
 def _grads(layers: Sequence[tuple[FloatArray, FloatArray]], X: FloatArray, m: int) -> FloatArray:
-    """Input gradients of the pre-activation of neuron ``m`` of the last of ``layers`` at the rows of ``X``
-    (reverse mode through each row's activation pattern)."""
-    G: FloatArray = np.broadcast_to(np.asarray(layers[-1][0][m], dtype=float), (X.shape[0], layers[-1][0].shape[1]))
-    Zs = _pre(layers[:-1], X)
-    for (W, _), Z in zip(reversed(layers[:-1]), reversed(Zs), strict=True):
-        G = (G * (Z > 0)) @ W
-    return np.array(G, dtype=float)
+    """Input gradients of the pre-activation of neuron ``m`` of the last of ``layers`` at the rows of ``X``."""
+    return np.array(pfx.gradients(layers[:-1], layers[-1][0][m], X), dtype=float)
 
 
 def _on_points(layers: Sequence[tuple[FloatArray, FloatArray]], m: int, X: FloatArray, z: FloatArray,
@@ -73,26 +66,16 @@ def _on_points(layers: Sequence[tuple[FloatArray, FloatArray]], m: int, X: Float
     off = X[z <= 0]
     w = layers[-1][0][m]
     b = float(layers[-1][1][m])
-
-    def bisect(P: FloatArray, Q: FloatArray) -> FloatArray:
-        lo, hi = np.zeros(P.shape[0]), np.ones(P.shape[0])
-        for _ in range(50):
-            mid = 0.5 * (lo + hi)
-            Hm = _pre(layers[:-1], P + mid[:, None] * (Q - P))
-            hm = np.maximum(Hm[-1], 0.0) if layers[:-1] else P + mid[:, None] * (Q - P)
-            up = hm @ w + b > 0
-            lo, hi = np.where(up, mid, lo), np.where(up, hi, mid)
-        out: FloatArray = P + lo[:, None] * (Q - P)
-        return out
-
-    B = bisect(on[rng.integers(on.shape[0], size=n)], off[rng.integers(off.shape[0], size=n)])
+    prefix = layers[:-1]
+    B = bisect_to_boundary(prefix, w, b, on[rng.integers(on.shape[0], size=n)], off[rng.integers(off.shape[0], size=n)])
     # spread about the boundary found: clouds of three sizes, bisected again
     sig = reach * rng.choice([0.01, 0.1, 0.5], size=4 * n)
     C = B[rng.integers(n, size=4 * n)] + sig[:, None] * rng.normal(size=(4 * n, X.shape[1])) / np.sqrt(X.shape[1])
     zc = _pre(layers, C)[-1][:, m]
     if (zc > 0).any() and (zc <= 0).any():
-        B = np.concatenate([B, bisect(C[zc > 0][rng.integers(int((zc > 0).sum()), size=n)],
-                                      C[zc <= 0][rng.integers(int((zc <= 0).sum()), size=n)])])
+        P, Q = C[zc > 0], C[zc <= 0]
+        B = np.concatenate([B, bisect_to_boundary(prefix, w, b, P[rng.integers(P.shape[0], size=n)],
+                                                  Q[rng.integers(Q.shape[0], size=n)])])
     G = _grads(layers, B, m)
     ng = np.linalg.norm(G, axis=1)
     B, G = B[ng > 0], G[ng > 0] / ng[ng > 0][:, None]

@@ -90,13 +90,20 @@ def unit_normal(layers: Sequence[Layer], w: FloatArray, x: FloatArray) -> FloatA
     return out
 
 
-def unit_normals(layers: Sequence[Layer], w: FloatArray, X: FloatArray) -> FloatArray:
-    """:func:`unit_normal` at every row of ``X`` at once (reverse mode through the activation patterns);
-    a row is all zero where the gradient vanishes."""
+def gradients(layers: Sequence[Layer], w: FloatArray, X: FloatArray) -> FloatArray:
+    """Input gradients of the pre-activation ``w·h(x) + b`` of a row behind the prefix at every row of
+    ``X`` (reverse mode through each row's activation pattern)."""
     Zs, _ = forward(layers, X)
-    G = np.broadcast_to(np.asarray(w, dtype=float), (X.shape[0], w.size))
+    G: FloatArray = np.broadcast_to(np.asarray(w, dtype=float), (X.shape[0], w.size))
     for (W, _), Z in zip(reversed(layers), reversed(Zs), strict=True):
         G = (G * (Z > 0)) @ W
+    return G
+
+
+def unit_normals(layers: Sequence[Layer], w: FloatArray, X: FloatArray) -> FloatArray:
+    """:func:`unit_normal` at every row of ``X`` at once (:func:`gradients`, normalised); a row is all
+    zero where the gradient vanishes."""
+    G = gradients(layers, w, X)
     nn = np.linalg.norm(G, axis=1, keepdims=True)
     out: FloatArray = np.divide(G, nn, out=np.zeros_like(G), where=nn > 0)
     return out
