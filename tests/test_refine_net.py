@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relux.align import align
-from relux.attack.refine_net import refine_network
+from relux.attack.refine_net import _covering_points, _forward, _pair_points, _rare_clouds, refine_network
 from relux.model import MLP
 from relux.oracle import MLPOracle
 from relux.zoo import random_mlp
@@ -106,3 +108,75 @@ def test_steps_that_cannot_reach_rounding_are_undone() -> None:
     layers, info = refine_network(MLPOracle(truth).query, model, 8, 1.0, np.random.default_rng(2))
     assert 1e-12 < info.misfit_before <= 1e-2, info
     assert info.steps == 0 and "undone" in info.reason and info.misfit_after == info.misfit_before
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), target=st.integers(1, 400), first=st.integers(0, 2))
+def test_covering_points_cover_every_neuron_state(seed: int, target: int, first: int) -> None:
+    # The Gauss-Newton rows are a subset of the pool: every refined neuron (and every neuron feeding the
+    # first refined layer) on, and off, at min(2 (fan-in + 1), what the pool has) of them, then others up to
+    # the target; a pool no larger than the target is kept whole.
+    m = random_mlp("5-6-4-2", np.random.default_rng(seed))
+    rng = np.random.default_rng(seed + 1)
+    X = rng.normal(size=(600, 5))
+    S = _covering_points(list(m.layers), X, first, target, rng)
+    assert S.shape[0] >= min(target, X.shape[0])
+    assert {tuple(r) for r in S} <= {tuple(r) for r in X}
+    _, pool, _ = _forward(list(m.layers), X)
+    _, got, _ = _forward(list(m.layers), S)
+    for i in range(max(first - 1, 0), len(m.layers) - 1):
+        need = 2 * (m.layers[i][0].shape[1] + 1)
+        for on in (True, False):
+            have = np.sum((got[i] > 0) == on, axis=0)
+            avail = np.sum((pool[i] > 0) == on, axis=0)
+            assert np.all(have >= np.minimum(need, avail))
+    small = X[:10]
+    assert _covering_points(list(m.layers), small, first, 10, rng) is small
+
+
+def test_rare_clouds_fill_a_rarely_active_neurons_on_region() -> None:
+    # A layer-2 neuron on at about 1% of inputs: the pool has few points where it is on, and fewer where
+    # it is on together with each layer-1 coordinate. The clouds are moved copies of those few points,
+    # kept where it is still on: it gets its 2 (fan-in + 1) points, and more of its weights are seen.
+    m = random_mlp("6-8-5-2", np.random.default_rng(11))
+    (W1, b1), (W2, b2), out = m.layers
+    X = np.random.default_rng(12).normal(size=(3000, 6))
+    z = np.maximum(X @ W1.T + b1, 0.0) @ W2[0]
+    b2 = b2.copy()
+    b2[0] = -float(np.quantile(z, 0.99))
+    layers = [(W1, b1), (W2, b2), out]
+    pool = X[:400]
+    ins, pres, _ = _forward(layers, pool)
+    on0 = pres[1][:, 0] > 0
+    assert 0 < on0.sum() < 2 * 9  # rare in the pool
+    C = _rare_clouds(layers, pool, 1, float(np.sqrt(6)), np.random.default_rng(13))
+    ci, cp, _ = _forward(layers, C)
+    rare = cp[1][:, 0] > 0
+    assert rare.sum() >= 2 * 9 - on0.sum()
+    seen_before = ((ins[1][on0] > 0).sum(axis=0) >= 2).sum()
+    seen_after = ((np.concatenate([ins[1][on0], ci[1][rare]]) > 0).sum(axis=0) >= 2).sum()
+    assert seen_after >= seen_before
+    # every point taken has some rarely active neuron on
+    _, pp, _ = _forward(layers, pool)
+    counts = [(pp[i] > 0).sum(axis=0) for i in (0, 1)]
+    short = [(c > 0) & (c < 2 * (layers[i][0].shape[1] + 1)) for i, c in enumerate(counts)]
+    assert np.all(np.any(np.concatenate([(cp[i] > 0) & short[i] for i in (0, 1)], axis=1), axis=1))
+
+
+def test_pair_points_switch_on_a_neuron_with_each_coordinate() -> None:
+    # Every point returned has the neuron and one of the asked coordinates on together, and a coordinate
+    # off at the seeds gets some: a step along its gradient that does not lower the neuron.
+    m = random_mlp("6-8-5-2", np.random.default_rng(21))
+    layers = list(m.layers)
+    X = np.random.default_rng(22).normal(size=(500, 6))
+    ins, pres, _ = _forward(layers, X)
+    j = 1  # on at about half the inputs
+    seeds = X[pres[1][:, j] > 0][:4]
+    cols = np.flatnonzero(np.all(ins[1][pres[1][:, j] > 0][:4] <= 0, axis=0))  # off at all four seeds
+    assert cols.size
+    P = _pair_points(layers, 1, j, seeds, cols, np.random.default_rng(23))
+    assert P.shape[0] >= 1
+    pi, pp, _ = _forward(layers, P)
+    assert np.all(pp[1][:, j] > 0)
+    assert np.all((pi[1][:, cols] > 0).any(axis=1))
+    assert P.shape[0] <= 2 * cols.size  # at most two per coordinate

@@ -11,9 +11,19 @@ from resume_helpers import spoil_first_attempt
 
 import relux
 from relux.attack import pipeline
+from relux.attack import prefix as pfx
 from relux.attack.checks import self_check
 from relux.attack.result import LayerReport, SelfCheck
-from relux.attack.resume import Resume, boundary_points, recovered_rows, resume_point
+from relux.attack.resume import (
+    Resume,
+    _seen_before,
+    boundary_points,
+    rare_rows,
+    recovered_rows,
+    resume_point,
+    suspect_rows,
+)
+from relux.attack.unify import NeuronRow
 from relux.errors import InputError
 from relux.model import MLP
 from relux.oracle import MLPOracle
@@ -345,3 +355,79 @@ def test_no_free_resume_back_past_a_complete_layer() -> None:
     model = random_mlp((6, 8, 8, 8, 8, 2), np.random.default_rng(0))
     points = [np.full((2, 6), float(i)) for i in range(4)]
     assert resume_point(model, _reports([8, 7, 8, 7]), points, _check(5), resumed_at=4) is None
+
+
+def test_rare_rows_tells_a_missing_neuron_from_a_false_row() -> None:
+    # A resumed attempt adds rows for neurons its failed model lacked; that model agreed with f at all but
+    # a few inputs, so a real missing neuron is on (or off) at few of them. A row on at about half of them
+    # (witnesses of an unknown earlier-layer neuron unified into one, digits 64-40x4-10) is no such neuron.
+    model = random_mlp((6, 8, 3), np.random.default_rng(5))
+    X = np.random.default_rng(6).normal(size=(4000, 6))
+    H = np.maximum(X @ model.layers[0][0].T + model.layers[0][1], 0.0)
+    w = np.random.default_rng(7).normal(size=8)
+    z = H @ w
+    rare_b = -float(np.quantile(z, 0.995))  # on at 0.5% of the sample
+    often_b = -float(np.quantile(z, 0.5))  # on at half
+    W = np.stack([w, w, -w])
+    b = np.array([rare_b, often_b, -rare_b])  # the third: off at 0.5% (the first, oriented the other way)
+    assert rare_rows(model.layers[:1], W, b, X).tolist() == [True, False, True]
+    assert rare_rows(model.layers[:1], np.zeros((0, 8)), np.zeros(0), X).shape == (0,)
+
+
+def test_a_partly_seen_row_is_known_by_the_weights_it_saw() -> None:
+    # A rarely active neuron's witnesses see some of its weights; the unified row's other weights are
+    # arbitrary. It is the known row when the two agree on what it saw, and a new one otherwise.
+    rng = np.random.default_rng(8)
+    W, b = rng.normal(size=(3, 10)), rng.normal(size=3)
+    cov = np.ones(W.shape, dtype=bool)
+    seen = np.arange(10) < 6
+    w = np.where(seen, 2.0 * W[1], rng.normal(size=10))  # row 1 at twice the scale, 4 weights unseen
+    r = NeuronRow(w=w, b=2.0 * float(b[1]), members=(0, 1), coverage=seen, residual=0.0, gap=1e6)
+    assert _seen_before(r, W, b, cov)
+    other = NeuronRow(w=rng.normal(size=10), b=0.3, members=(0, 1), coverage=seen, residual=0.0, gap=1e6)
+    assert not _seen_before(other, W, b, cov)
+    # three coordinates seen are too few to tell
+    few = NeuronRow(w=w, b=2.0 * float(b[1]), members=(0, 1), coverage=np.arange(10) < 3, residual=0.0, gap=1e6)
+    assert not _seen_before(few, W, b, cov)
+
+
+def test_a_complete_model_resumes_without_the_rare_rows_on_where_it_is_wrong() -> None:
+    # Every layer complete, yet wrong at a few inputs: a rarely active row is wrong. The resume goes to the
+    # last hidden layer without the rare rows on at those inputs (found again there); a common row on
+    # there is kept (a wrong common row would disagree almost everywhere).
+    model = random_mlp((6, 8, 8, 8, 2), np.random.default_rng(0))
+    W, b = model.layers[2]
+    sample = np.random.default_rng(1).normal(size=(4000, 6))
+    H = pfx.forward(model.layers[:2], sample)[1]
+    z = H @ W[3]
+    b = b.copy()
+    b[3] = -float(np.quantile(z, 0.995))  # row 3 on at 0.5% of inputs
+    model = MLP([*model.layers[:2], (W, b), model.layers[3]])
+    Z = pfx.forward(model.layers[:3], sample)[0][-1]
+    at = sample[Z[:, 3] > 0][:3]
+    check = dataclasses.replace(_check(2), disagreements=tuple(tuple(float(v) for v in x) for x in at))
+    assert suspect_rows(model, 3, sample, at).tolist() == [3]
+    points = [np.full((2, 6), float(i)) for i in range(3)]
+    got = resume_point(model, _reports([8, 8, 8]), points, check, 0, False, sample)
+    assert got is not None and got.layer == 3 and got.carried is None
+    np.testing.assert_array_equal(got.rows[0], np.delete(W, 3, axis=0))
+    # without a sample (or with no rare row), no such resume
+    assert resume_point(model, _reports([8, 8, 8]), points, check) is None
+    assert suspect_rows(model, 3, sample, np.zeros((0, 6))).size == 0
+
+
+def test_a_last_layer_row_with_no_effect_on_the_output_is_dropped() -> None:
+    model = random_mlp((6, 8, 5, 3), np.random.default_rng(2))
+    (W1, b1), (W2, b2), (Wo, bo) = model.layers
+    Wo = Wo.copy()
+    Wo[:, 1] *= 1e-12
+    reports = _reports([8, 5], width=8)
+    reports[1] = dataclasses.replace(reports[1], width=5, dead=0, neurons=tuple({"row": i} for i in range(5)))
+    full, reps, dropped = pipeline._drop_idle_rows([(W1, b1), (W2, b2), (Wo, bo)], reports)
+    assert dropped == [1]
+    assert full[1][0].shape == (4, 8) and full[2][0].shape == (3, 4)
+    assert reps[1].recovered == 4 and reps[1].dead == 1
+    assert [n["row"] for n in reps[1].neurons] == [0, 2, 3, 4]
+    # a model whose rows all act is left as it is
+    same, reps2, none = pipeline._drop_idle_rows(list(model.layers), reports)
+    assert none == [] and same[1][0] is model.layers[1][0] and reps2 is reports

@@ -23,8 +23,9 @@ from relux.attack.frame import input_frame
 from relux.attack.hyperplanes import stack_signatures
 from relux.attack.linalg import lstsq
 from relux.attack.refine_net import refine_network
+from relux.attack.reread import reread_rare_rows
 from relux.attack.result import ExtractionResult, LayerReport, PartialResult, StageStats
-from relux.attack.resume import Resume, recovered_rows, resume_point, resumed_layer
+from relux.attack.resume import WORSE, WORSE_MIN, Resume, recovered_rows, resume_point, resumed_layer
 from relux.attack.signs import fit_affine_plus_relu, solve_flips
 from relux.errors import ExtractionFailed, InputError
 from relux.model import MLP, parse_arch
@@ -146,6 +147,13 @@ def extract(
                 # a resumed attempt that failed otherwise tells nothing new about the layers it kept,
                 # which the attempt before it showed right nearly everywhere: the same point again
                 nxt = resume
+            if (resume is not None and resume.fallback is not None and isinstance(exc.partial, ExtractionResult)
+                    and exc.partial.selfcheck.disagreeing > max(WORSE * resume.disagreeing, WORSE_MIN)):
+                # it left the model worse: what it added is wrong; the layer before goes first instead
+                log.warning("attempt %d left the model worse (%d random points wrong, %d before); resuming the "
+                            "attempt before it at layer %d instead", attempt, exc.partial.selfcheck.disagreeing,
+                            resume.disagreeing, resume.fallback.layer)
+                nxt = resume.fallback
             # a resumed attempt that recovered rows of the layer it resumed at made progress: the next
             # resume is free (up to another ``cfg.resumes``), a restart would give that progress away
             free = resume is not None and nxt is not None and bonus > 0 and recovered_rows(resume, nxt)
@@ -228,7 +236,10 @@ def _extract(
     resumed_at = resume.layer if resume is not None else 0
     # rows the resumed layer gained over those kept (its aimed search found some)
     gained = resume is not None and layer_reports[resumed_at - 1].recovered > resume.rows[0].shape[0]
-    nxt = resume_point(model, layer_reports, layer_points, check, resumed_at, gained) if len(a) > 3 else None
+    # random inputs for resume_point to tell rarely active rows, when every layer is complete
+    sample = (rng.normal(0.0, scale, size=(8192, d0)) if not check.passed and all(
+        r.recovered >= r.width for r in layer_reports) else None)
+    nxt = resume_point(model, layer_reports, layer_points, check, resumed_at, gained, sample) if len(a) > 3 else None
     return result, nxt
 
 
@@ -826,6 +837,14 @@ def _extract_deep(
     with stages.stage("output_layer"):
         W_out, b_out = fit_output_layer(q, layers, d0, cfg, rng, fit_pts)
     full = [*layers, (W_out, b_out)]
+    with stages.stage("rare_rows"):
+        # rows of rarely active last-layer neurons, read again from the output over their whole on-region
+        pool = np.concatenate([fit_pts, rng.normal(0.0, cfg.input_scale, size=(4096, d0))])
+        full, reread = reread_rare_rows(q, full, pool, cfg.input_scale * float(np.sqrt(d0)), rng,
+                                        max(1e-2 * cfg.selfcheck_tol, 1e3 * stages.noise_floor), hints)
+    if reread.replaced or reread.reasons:
+        log.info("rarely active last-layer rows read again from the output: %s replaced (%d queries)%s",
+                 list(reread.replaced), reread.queries, f"; left: {reread.reasons}" if reread.reasons else "")
     suspects: FloatArray | None = None
     if cfg.refine_network_max_params > 0:
         with stages.stage("refine_network"):
@@ -837,8 +856,35 @@ def _extract_deep(
                                        accept_misfit=max(cfg.selfcheck_tol, 100.0 * stages.noise_floor))
         # held-out points where the refined model still misses f: the self-check queries them again
         suspects = ref.misses
-        log.info("network refinement (layers %d-%d): output misfit %.1e -> %.1e (%d Gauss-Newton steps%s)",
-                 ref.fixed_layers + 1, len(full), ref.misfit_before, ref.misfit_after, ref.steps,
-                 f"; {ref.reason}" if ref.reason else "")
+        log.info("network refinement (layers %d-%d): output misfit %.1e -> %.1e, in rare neurons' regions %.1e -> "
+                 "%.1e (%d Gauss-Newton steps%s)", ref.fixed_layers + 1, len(full), ref.misfit_before, ref.misfit_after,
+                 ref.rare_before, ref.rare_after, ref.steps, f"; {ref.reason}" if ref.reason else "")
+    full, reports, dropped = _drop_idle_rows(full, reports)
+    if dropped:
+        warnings.append(f"last hidden layer: row(s) {dropped} dropped: the output fit left them no effect (below "
+                        f"{IDLE_ROW:.0e} of the largest), a row that is no neuron's (the layer is short by as many)")
     model = MLP(full)
     return model, tuple(reports), wpts, warnings, suspects, layer_points
+
+
+#: a last-layer row whose output column times its own norm is below this share of the largest one's
+IDLE_ROW = 1e-9
+
+
+def _drop_idle_rows(full: list[tuple[FloatArray, FloatArray]], reports: list[LayerReport]
+                    ) -> tuple[list[tuple[FloatArray, FloatArray]], list[LayerReport], list[int]]:
+    """The last hidden layer without the rows the output fit gave no effect, its report short by as many.
+    Such a row is no neuron's: rows found behind an earlier layer that lacked a neuron can be (digits
+    64-40x4-10: a row on at 3% of inputs standing for a last-layer neuron on at about 1e-6, its output
+    column 2e-13 of the others), and it would fill the place of the neuron it stands for."""
+    (W, b), (Wo, bo) = full[-2], full[-1]
+    eff = np.linalg.norm(Wo, axis=0) * np.linalg.norm(np.concatenate([W, b[:, None]], axis=1), axis=1)
+    idle = np.flatnonzero(eff <= IDLE_ROW * float(np.max(eff, initial=0.0)))
+    if not idle.size or idle.size == W.shape[0]:
+        return full, reports, []
+    keep = np.setdiff1d(np.arange(W.shape[0]), idle)
+    rep = reports[-1]
+    neurons = tuple(rep.neurons[i] for i in keep) if len(rep.neurons) == W.shape[0] else rep.neurons
+    reports = [*reports[:-1], dataclasses.replace(rep, recovered=rep.recovered - idle.size, dead=rep.dead + idle.size,
+                                                  neurons=neurons)]
+    return [*full[:-2], (W[keep], b[keep]), (Wo[:, keep], bo)], reports, idle.tolist()

@@ -24,6 +24,7 @@ from relux.attack.carry import CarriedLayer
 from relux.attack.config import ExtractionConfig
 from relux.attack.polish import bisect_to_boundary
 from relux.attack.result import LayerReport, SelfCheck
+from relux.attack.unify import parallel_on
 from relux.errors import ExtractionFailed
 from relux.model import MLP
 from relux.oracle.base import FloatArray, QueryFn
@@ -31,11 +32,20 @@ from relux.parallel import Executor
 
 if TYPE_CHECKING:
     from relux.attack.deep import LayerOutcome
+    from relux.attack.unify import NeuronRow
 
 log = logging.getLogger(__name__)
 
 #: a self-check that disagreed on at most this share of its random points may be resumed
 RESUME_MAX_SHARE = 0.01
+#: a resumed attempt whose self-check disagrees on more than this many times as many random points as the one
+#: it resumed (and more than :data:`WORSE_MIN`) left the model worse: its additions are not kept
+WORSE = 4
+WORSE_MIN = 16
+#: a row a resumed attempt adds is on (or off) at most at this share of random inputs: the failed model,
+#: which lacked it, agreed with ``f`` at all but :data:`RESUME_MAX_SHARE` of them (a missing neuron shows
+#: wherever it is on, or, absorbed into the linear part around it, wherever it is off)
+NEW_ROW_MAX_SHARE = 4 * RESUME_MAX_SHARE
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,12 @@ class Resume:
     hints: FloatArray
     #: the failed attempt's last hidden layer, when it is the next one (:mod:`relux.attack.carry`)
     carried: CarriedLayer | None = None
+    #: random self-check points on which the failed attempt disagreed with ``f``
+    disagreeing: int = 0
+    #: for a resume at the last hidden layer while the layer before is short too: the resume at that one
+    #: instead (the last hidden layer carried along), for when this one leaves the model worse (rows found
+    #: behind a layer that lacks a neuron on near them can be wrong)
+    fallback: Resume | None = None
 
     @property
     def layer(self) -> int:
@@ -80,7 +96,7 @@ def recovered_rows(before: Resume, after: Resume) -> bool:
 
 
 def resume_point(model: MLP, reports: Sequence[LayerReport], points: Sequence[FloatArray], check: SelfCheck,
-                 resumed_at: int = 0, gained: bool = False) -> Resume | None:
+                 resumed_at: int = 0, gained: bool = False, sample: FloatArray | None = None) -> Resume | None:
     """Where the next attempt may resume a failed deep attempt: at its first incomplete hidden layer
     after ``resumed_at`` (the layer this attempt itself resumed at, which had its aimed search already;
     0 for a fresh attempt), or at the last hidden layer when it is one of those incomplete; when there
@@ -91,7 +107,9 @@ def resume_point(model: MLP, reports: Sequence[LayerReport], points: Sequence[Fl
     carried along). None when the
     check passed or disagreed on more than :data:`RESUME_MAX_SHARE` of its random points (the others,
     near witnesses and suspects, are where a model is likeliest wrong), when no such layer exists, or
-    when it is the first layer (nothing to keep)."""
+    when it is the first layer (nothing to keep). When every layer is complete, the model has a wrong
+    row, not a missing one: with random inputs ``sample``, at the last hidden layer without the rows
+    :func:`suspect_rows` blames for the disagreements (they are found again at them)."""
     if check.passed or check.disagreeing > RESUME_MAX_SHARE * check.random_points:
         return None
     short = [r.index for r in reports if r.recovered < r.width and r.index > resumed_at]
@@ -108,6 +126,11 @@ def resume_point(model: MLP, reports: Sequence[LayerReport], points: Sequence[Fl
             # missing neuron of the layer before is (digits 64-40x4-10), which goes first, the last layer
             # carried along (not progress: such a resume counts against ``resumes``).
             short = [resumed_at - 1]
+    drop = np.zeros(0, dtype=int)
+    if not short and all(r.recovered >= r.width for r in reports) and sample is not None and len(reports) > 1:
+        drop = suspect_rows(model, len(reports), sample, np.array(check.disagreements, dtype=float))
+        if drop.size:
+            short = [len(reports)]
     if len(short) > 1 and short[-1] == len(reports):
         # the last hidden layer incomplete too: it goes first. Its rows are right wherever the model is (all
         # but a few inputs), its missing ones show at the disagreements (witness groups by output direction),
@@ -117,15 +140,23 @@ def resume_point(model: MLP, reports: Sequence[LayerReport], points: Sequence[Fl
         return None
     keep = short[0] - 1
     W, b = model.layers[keep]
+    if drop.size:
+        log.info("layer %d: row(s) %s, rarely on, blamed for the disagreements: looked for again there",
+                 short[0], drop.tolist())
+        W, b = np.delete(W, drop, axis=0), np.delete(b, drop)
     carried = None
     if short[0] + 1 == len(reports) and len(points) == len(reports):
         # the next layer is the last hidden one: kept, its rows relabelled (relux.attack.carry); when it is
         # short, the next resume looks for its missing rows
         Wc, bc = model.layers[short[0]]
         carried = CarriedLayer(Wc.copy(), bc.copy(), reports[-1], np.array(points[-1], dtype=float))
+    fallback = None
+    if short[0] == len(reports) and reports[-2].recovered < reports[-2].width:
+        fallback = resume_point(model, reports, points, check, len(reports), False)
     return Resume(tuple((W_.copy(), b_.copy()) for W_, b_ in model.layers[:keep]), tuple(reports[:keep]),
                   tuple(points[:keep]), (W.copy(), b.copy()),
-                  np.array(check.disagreements, dtype=float).reshape(-1, model.input_dim), carried)
+                  np.array(check.disagreements, dtype=float).reshape(-1, model.input_dim), carried,
+                  check.disagreeing, fallback)
 
 
 def boundary_points(layers: Sequence[pfx.Layer], w: FloatArray, b: float, X: FloatArray, n: int,
@@ -196,7 +227,16 @@ def resumed_layer(
     log.info("layer %d: %d row(s) kept from the attempt resumed, %d from witness groups at its disagreements, "
              "%d more from %d witnesses on %d lines%s", len(layers) + 1, n_kept, W0.shape[0] - n_kept,
              more.W.shape[0], more.witnesses, more.lines, f"; {more.reason}" if more.reason else "")
-    n_new = W0.shape[0] - n_kept + more.W.shape[0]
+    Wn, bn = np.concatenate([W0[n_kept:], more.W]), np.append(b0[n_kept:], more.b)
+    pts_n, res_n = [*pts[n_kept:], *more.points], np.append(res0[n_kept:], more.residual)
+    cov_n = np.concatenate([cov0[n_kept:], more.coverage])
+    rare = rare_rows(layers, Wn, bn, X[X.shape[0] - 8192:])
+    if not rare.all():
+        log.warning("layer %d: %d new row(s) dropped: on (and off) at more than %.0f%% of random inputs, where the "
+                    "failed model agreed with f (not a missing neuron)", len(layers) + 1, int(np.sum(~rare)),
+                    100 * NEW_ROW_MAX_SHARE)
+    keep_n = np.flatnonzero(rare)
+    n_new = int(keep_n.size)
     if n_kept < rows[0].shape[0]:
         log.warning("layer %d: %d kept row(s) dropped: no sample input on either side of their boundary",
                     len(layers) + 1, rows[0].shape[0] - n_kept)
@@ -204,11 +244,52 @@ def resumed_layer(
         raise ExtractionFailed(f"layer {len(layers) + 1}: the resumed attempt has no row (expected {width}, found "
                                "none kept and none new); a fresh attempt follows if any is left")
     return outcome_from_rows(
-        q, layers, np.concatenate([W0, more.W]), np.append(b0, more.b), [*pts, *more.points],
-        np.append(res0, more.residual), width, d0, is_last, cfg, rng,
-        "kept from the attempt resumed, or from witnesses at its disagreements",
-        coverage=np.concatenate([cov0, more.coverage]), rel_tol=rel_tol,
+        q, layers, np.concatenate([W0[:n_kept], Wn[keep_n]]), np.append(b0[:n_kept], bn[keep_n]),
+        [*pts[:n_kept], *(pts_n[i] for i in keep_n)], np.append(res0[:n_kept], res_n[keep_n]), width, d0, is_last,
+        cfg, rng, "kept from the attempt resumed, or from witnesses at its disagreements",
+        coverage=np.concatenate([cov0[:n_kept], cov_n[keep_n]]), rel_tol=rel_tol,
         settled=np.concatenate([np.ones(n_kept, dtype=bool), np.zeros(n_new, dtype=bool)]))
+
+
+def _seen_before(r: NeuronRow, W: FloatArray, b: FloatArray, cov: np.ndarray) -> bool:
+    """Is ``r`` one of the rows ``(W, b)`` on the coordinates both have seen? A rarely active neuron's
+    witnesses leave some of its weights unseen, and the unification's values there differ from the known
+    row's (digits 64-40x4-10: layer-4 neuron 18 added twice, the second copy off by half on unseen weights).
+    Within 1e-4 in cosine over at least four coordinates and the bias: witnesses determine what they see to
+    1e-8, and two different neurons agreeing that closely on four weights is a coincidence of measure zero."""
+    return any(parallel_on(r.coverage & cov[j], r.w, r.b, W[j], float(b[j]), 1e-4, 4) for j in range(W.shape[0]))
+
+
+def suspect_rows(model: MLP, layer: int, sample: FloatArray, D: FloatArray) -> np.ndarray:
+    """Rows of hidden ``layer`` (1-based) of a model whose every layer is complete but which disagrees
+    with ``f`` at the few inputs ``D``: the rarely active ones (on at most at :data:`NEW_ROW_MAX_SHARE` of
+    ``sample``; a wrong common row disagrees almost everywhere) that are on at some input of ``D`` or, at
+    one where none is, the one nearest its boundary (pre-activation over its spread on ``sample``).
+    digits 64-40x4-10: rows of last-layer neurons on at 2e-3 and below, each found behind an earlier
+    layer that lacked a neuron on near them, right on all but 1e-5 of inputs."""
+    D = D.reshape(-1, model.input_dim)
+    if not D.shape[0]:
+        return np.zeros(0, dtype=int)
+    Zs = pfx.forward(model.layers[:layer], sample)[0][-1]
+    share = np.mean(Zs > 0, axis=0)
+    rare = np.flatnonzero(share <= NEW_ROW_MAX_SHARE)
+    if not rare.size:
+        return np.zeros(0, dtype=int)
+    spread = np.std(Zs[:, rare], axis=0) + np.finfo(float).tiny
+    Zd = pfx.forward(model.layers[:layer], D)[0][-1][:, rare] / spread
+    blamed = set(rare[np.flatnonzero((Zd > 0).any(axis=0))].tolist())
+    blamed |= {int(rare[np.argmax(z)]) for z in Zd if not (z > 0).any()}
+    return np.array(sorted(blamed), dtype=int)
+
+
+def rare_rows(layers: Sequence[pfx.Layer], W: FloatArray, b: FloatArray, X: FloatArray) -> np.ndarray:
+    """Which rows ``(W, b)`` behind the known ``layers`` are on, or off, at no more than
+    :data:`NEW_ROW_MAX_SHARE` of the sample inputs ``X`` (no query)."""
+    if not W.shape[0]:
+        return np.zeros(0, dtype=bool)
+    _, H = pfx.forward(layers, X)
+    share = np.mean(H @ W.T + b > 0, axis=0)
+    return np.asarray(np.minimum(share, 1.0 - share) <= NEW_ROW_MAX_SHARE)
 
 
 def last_rows_at_hints(
@@ -253,7 +334,7 @@ def last_rows_at_hints(
         if g.size < 2 or W.shape[0] >= width:
             continue
         r = robust_unify(wits, [int(i) for i in g])
-        if not _determined(r) or (keys.shape[0] and _known(r, keys)):
+        if not _determined(r) or (keys.shape[0] and _known(r, keys)) or _seen_before(r, W, b, cov):
             continue
         key = np.append(r.w, r.b)
         W, b = np.concatenate([W, r.w[None, :]]), np.append(b, r.b)

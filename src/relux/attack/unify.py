@@ -207,15 +207,15 @@ def agrees_on_overlap(wt: Witness, row: NeuronRow, tol: float = 1e-5, min_overla
     """
     if not wt.full_rank:
         return False
-    return _parallel_on(wt.active & row.coverage, wt.w, wt.b, row.w, row.b, tol, min_overlap)
+    return parallel_on(wt.active & row.coverage, wt.w, wt.b, row.w, row.b, tol, min_overlap)
 
 
 def rows_agree(r1: NeuronRow, r2: NeuronRow, tol: float = 1e-6, min_overlap: int = 2) -> bool:
     """Do two rows agree up to scale on the layer-input coordinates both have seen (and the bias)?"""
-    return _parallel_on(r1.coverage & r2.coverage, r1.w, r1.b, r2.w, r2.b, tol, min_overlap)
+    return parallel_on(r1.coverage & r2.coverage, r1.w, r1.b, r2.w, r2.b, tol, min_overlap)
 
 
-def _parallel_on(
+def parallel_on(
     C: np.ndarray, w1: FloatArray, b1: float, w2: FloatArray, b2: float, tol: float, min_overlap: int
 ) -> bool:
     """Are ``(w1[C], b1)`` and ``(w2[C], b2)`` parallel (either sign) within ``tol`` in cosine?"""
