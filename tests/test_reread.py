@@ -52,7 +52,7 @@ def test_common_and_right_rows_are_left_alone() -> None:
     for (W, b), (Wt, bt) in zip(got, true.layers, strict=True):
         np.testing.assert_allclose(W, Wt, rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(b, bt, rtol=1e-9, atol=1e-12)
-    # with no rare row (max_share 0): nothing is queried
+    # with no rare row (max_share 0): nothing is queried, not even at the hints
     same, none = reread_rare_rows(MLPOracle(true).query, list(true.layers), pool, np.sqrt(8),
-                                  np.random.default_rng(6), 1e-10, max_share=0.0)
+                                  np.random.default_rng(6), 1e-10, hints=pool[:5], max_share=0.0)
     assert none.replaced == () and none.queries == 0

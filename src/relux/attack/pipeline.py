@@ -147,12 +147,13 @@ def extract(
                 # a resumed attempt that failed otherwise tells nothing new about the layers it kept,
                 # which the attempt before it showed right nearly everywhere: the same point again
                 nxt = resume
-            if (resume is not None and resume.fallback is not None and isinstance(exc.partial, ExtractionResult)
-                    and exc.partial.selfcheck.disagreeing > max(WORSE * resume.disagreeing, WORSE_MIN)):
+            sc = exc.partial.selfcheck if isinstance(exc.partial, ExtractionResult) else None
+            if (resume is not None and resume.fallback is not None and sc is not None and sc.disagreeing > WORSE_MIN
+                    and sc.disagreeing > WORSE * resume.disagreeing * sc.random_points):
                 # it left the model worse: what it added is wrong; the layer before goes first instead
-                log.warning("attempt %d left the model worse (%d random points wrong, %d before); resuming the "
-                            "attempt before it at layer %d instead", attempt, exc.partial.selfcheck.disagreeing,
-                            resume.disagreeing, resume.fallback.layer)
+                log.warning("attempt %d left the model worse (%.1e of random points wrong, %.1e before); resuming "
+                            "the attempt before it at layer %d instead", attempt,
+                            sc.disagreeing / max(sc.random_points, 1), resume.disagreeing, resume.fallback.layer)
                 nxt = resume.fallback
             # a resumed attempt that recovered rows of the layer it resumed at made progress: the next
             # resume is free (up to another ``cfg.resumes``), a restart would give that progress away

@@ -307,19 +307,20 @@ def refine_network(
 ) -> tuple[list[Layer], NetRefinement]:
     """Gauss-Newton on the parameters of ``layers`` (hidden layers and output layer) against fresh
     outputs; see the module docstring. Only the longest tail of layers with at most ``max_params``
-    parameters moves (the output layer always; its Jacobian holds about ``3 P^2`` numbers). Spends
-    ``3 P / k + 128`` queries (``P`` refined parameters, ``k`` outputs), a quarter more held out, and
-    the ``extra`` points (where rarely active neurons are on). A misfit above ``max_misfit`` (relative
-    to ``max |f|``) is left alone: it comes from a missing neuron or a wrong sign, which steps at fixed
-    activation patterns cannot repair, and the steps would cost minutes at 5,000 parameters. One at or
-    below ``min_misfit`` is float64 rounding already: nothing to gain either (a misfit of 1e-14 is
-    not: steps from there still took 30-20-20-12-4 from 2^-43 to 2^-49). Steps that end above
-    ``accept_misfit`` are undone: they bent every weight around a structural error (a rarely active
-    neuron missing took random 20-10-10-10-2 seed 2's first layer from 2^-43 to 2^-12), while a model
-    that is only imprecise, even by 7e-3, ends near rounding. A fifth of the points in rarely active
-    neurons' on-regions (:func:`_rare_clouds`) is held out too: a step is taken when it lowers the sum of
-    the largest miss at the random held-out points and the root mean square one at those, without raising
-    the former above where it was (or ``accept_misfit``)."""
+    parameters moves (the output layer always; its Jacobian holds about ``3 P^2`` numbers). Its points
+    are random ones, the ``extra`` points (where rarely active neurons are on) and clouds in rarely active
+    neurons' on-regions, of which :func:`_covering_points` keeps ``3 P / k + 128`` or more (``P`` refined
+    parameters, ``k`` outputs); a quarter as many random ones and a fifth of the clouds are held out. A
+    misfit above ``max_misfit`` (relative to ``max |f|``) is left alone: it comes from a missing neuron or a
+    wrong sign, which steps at fixed activation patterns cannot repair, and the steps would cost minutes at
+    5,000 parameters. One at or below ``min_misfit`` is float64 rounding already: nothing to gain either (a
+    misfit of 1e-14 is not: steps from there still took 30-20-20-12-4 from 2^-43 to 2^-49). Steps that end above
+    ``accept_misfit`` are undone: they bent every weight around a structural error (a rarely active neuron
+    missing took random 20-10-10-10-2 seed 2's first layer from 2^-43 to 2^-12), while a model that is only
+    imprecise, even by 7e-3, ends near rounding. A fifth of the points in rarely active neurons' on-regions
+    (:func:`_rare_clouds`) is held out too: a step is taken when it lowers the sum of the largest miss at the
+    random held-out points and the root mean square one at those, without raising the former above where it
+    was (or ``accept_misfit``)."""
     start = list(layers)
     layers = [(np.array(W, dtype=float), np.array(b, dtype=float)) for W, b in layers]
     k = layers[-1][0].shape[0]
@@ -348,8 +349,9 @@ def refine_network(
     yscale = max(float(np.max(np.abs(Yv))), np.finfo(float).tiny)
 
     def misfit(ls: Sequence[Layer]) -> tuple[float, float]:
-        """The largest miss at the random held-out points, and the root mean square one at the others (rare
-        regions and earlier disagreements: some may stay wrong, a missing neuron's, while the rest improve)."""
+        """The largest miss at the random held-out points, and the root mean square one at the others (in
+        rarely active neurons' on-regions: some may stay wrong, where a row's pattern is, while the rest
+        improve)."""
         e = np.max(np.abs(_forward(ls, Xv)[2] - Yv), axis=1) / yscale
         e = np.where(np.isfinite(e), e, np.inf)
         return float(np.max(e[:n_g])), float(np.sqrt(np.mean(e[n_g:] ** 2))) if e.size > n_g else 0.0

@@ -32,6 +32,8 @@ Layer = tuple[FloatArray, FloatArray]
 
 #: last-layer neurons on at most at this share of the pool are read again
 MAX_SHARE = 0.05
+#: multiply-adds spent drawing random inputs where rare rows are on (no query): 2^32 is about a second
+DRAW_FLOPS = 2**32
 #: an input counts as explained by one neuron when its difference leaves that direction by at most this
 #: relative share (others right to rounding: 1e-13 on the victims of the deep suite)
 RANK_ONE_TOL = 1e-6
@@ -49,12 +51,12 @@ class Reread:
 def _drawn_on(prefix: Sequence[Layer], W: FloatArray, b: FloatArray, rows: np.ndarray, n: int, d0: int, scale: float,
               rng: np.random.Generator, max_draw: int) -> dict[int, FloatArray]:
     """Per row of ``rows``, up to ``n`` random inputs (N(0, scale^2)) where the model's row ``(W, b)`` behind
-    ``prefix`` is on, from at most ``max_draw`` draws (capped at 2^28 multiply-adds of the prefix)."""
+    ``prefix`` is on, from at most ``max_draw`` draws (and :data:`DRAW_FLOPS` multiply-adds of the prefix)."""
     cost = d0 * (prefix[0][0].shape[0] if prefix else 1) + sum(W_.size for W_, _ in prefix[1:]) + W.size
-    total = min(max_draw, max(2**28 // max(cost, 1), 4096))
+    total = min(max_draw, max(DRAW_FLOPS // max(cost, 1), 1024))
     got: dict[int, list[FloatArray]] = {int(j): [] for j in rows}
     have = {int(j): 0 for j in rows}
-    batch = 32768
+    batch = min(32768, total)
     for _ in range(max(total // batch, 1)):
         if all(v >= n for v in have.values()):
             break
@@ -77,13 +79,15 @@ def reread_rare_rows(
     tol: float,
     hints: FloatArray | None = None,
     max_share: float = MAX_SHARE,
-    max_draw: int = 2**21,
+    max_draw: int = 2**22,
 ) -> tuple[list[Layer], Reread]:
     """``layers`` (hidden layers then the output layer) with the rows of last-layer neurons on at most at
     ``max_share`` of the inputs ``pool`` (but at some) read again from the output (module docstring). A row
     is replaced only where the inputs determine it (its coordinates on at enough of them), the fit explains
     ``z_j`` to ``tol`` (relative) and the new row misses ``f`` less at those inputs. ``reach``: the inputs'
-    typical norm; spends about ``4 (fan-in + 1)`` queries per such neuron. ``hints``: inputs where an
+    typical norm. Spends per such neuron ``4 (fan-in + 1)`` queries at random inputs where the model has it
+    on and as many near them, up to two per input coordinate (steps switching it on with the neuron), and
+    40 per bisection (at most 16); and nine per hint, once. ``hints``: inputs where an
     earlier model disagreed with ``f`` (where a wrong row shows), used with moved copies of them as well.
     Up to ``max_draw`` random inputs (fewer when the prefix is wide) are drawn to find where each such row is
     on without a query."""
@@ -98,6 +102,8 @@ def reread_rare_rows(
     replaced: list[int] = []
     reasons: dict[int, str] = {}
     spent = 0
+    if not rare.size:
+        return out, Reread((), 0)
     Yn = np.zeros((0, Wo.shape[0]))
     need = 4 * (W.shape[1] + 1)
     near = np.zeros((0, pool.shape[1]))
@@ -143,8 +149,9 @@ def reread_rare_rows(
         # that moved it.
         wrong = np.flatnonzero(~on & (H @ W[j] + b[j] > 0))[:16]
         if wrong.size and on.any():
-            ins = C[on]
-            near_on = ins[np.argmin(((C[wrong][:, None, :] - ins[None, :, :]) ** 2).sum(axis=2), axis=1)]
+            ins = C[on][:2048]
+            dist = (C[wrong] ** 2).sum(axis=1)[:, None] - 2.0 * C[wrong] @ ins.T + (ins ** 2).sum(axis=1)[None, :]
+            near_on = ins[np.argmin(dist, axis=1)]
             lo, hi = near_on, C[wrong]
             for _ in range(40):
                 mid = 0.5 * (lo + hi)
@@ -186,8 +193,10 @@ def reread_rare_rows(
         w_new = W[j].copy()
         w_new[seen] = sol[:-1] / a
         b_new = float(sol[-1]) / a
-        before = np.max(np.abs(R[on] - np.outer(np.maximum(H[on] @ W[j] + b[j], 0.0), Wo[:, j])))
-        after = np.max(np.abs(R[on] - np.outer(np.maximum(H[on] @ w_new + b_new, 0.0), a * c)))
+        # judged where it alone explains f's difference (elsewhere another row's miss would dominate)
+        Ro, Ho = R[on][one], H[on][one]
+        before = np.max(np.abs(Ro - np.outer(np.maximum(Ho @ W[j] + b[j], 0.0), Wo[:, j])))
+        after = np.max(np.abs(Ro - np.outer(np.maximum(Ho @ w_new + b_new, 0.0), a * c)))
         # and it must not be on where f shows it off more often than before
         stray = int(np.sum(~on & (H @ w_new + b_new > 0)))
         stray0 = int(np.sum(~on & (H @ W[j] + b[j] > 0)))

@@ -38,8 +38,9 @@ log = logging.getLogger(__name__)
 
 #: a self-check that disagreed on at most this share of its random points may be resumed
 RESUME_MAX_SHARE = 0.01
-#: a resumed attempt whose self-check disagrees on more than this many times as many random points as the one
-#: it resumed (and more than :data:`WORSE_MIN`) left the model worse: its additions are not kept
+#: a resumed attempt whose self-check disagrees on more than this many times the share of random points the
+#: one it resumed did (and on more than :data:`WORSE_MIN` points) left the model worse: its additions are not
+#: kept
 WORSE = 4
 WORSE_MIN = 16
 #: a row a resumed attempt adds is on (or off) at most at this share of random inputs: the failed model,
@@ -67,8 +68,8 @@ class Resume:
     hints: FloatArray
     #: the failed attempt's last hidden layer, when it is the next one (:mod:`relux.attack.carry`)
     carried: CarriedLayer | None = None
-    #: random self-check points on which the failed attempt disagreed with ``f``
-    disagreeing: int = 0
+    #: share of its random self-check points on which the failed attempt disagreed with ``f``
+    disagreeing: float = 0.0
     #: for a resume at the last hidden layer while the layer before is short too: the resume at that one
     #: instead (the last hidden layer carried along), for when this one leaves the model worse (rows found
     #: behind a layer that lacks a neuron on near them can be wrong)
@@ -156,7 +157,7 @@ def resume_point(model: MLP, reports: Sequence[LayerReport], points: Sequence[Fl
     return Resume(tuple((W_.copy(), b_.copy()) for W_, b_ in model.layers[:keep]), tuple(reports[:keep]),
                   tuple(points[:keep]), (W.copy(), b.copy()),
                   np.array(check.disagreements, dtype=float).reshape(-1, model.input_dim), carried,
-                  check.disagreeing, fallback)
+                  check.disagreeing / max(check.random_points, 1), fallback)
 
 
 def boundary_points(layers: Sequence[pfx.Layer], w: FloatArray, b: float, X: FloatArray, n: int,
