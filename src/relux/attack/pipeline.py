@@ -25,7 +25,15 @@ from relux.attack.linalg import lstsq
 from relux.attack.refine_net import refine_network
 from relux.attack.reread import reread_rare_rows
 from relux.attack.result import ExtractionResult, LayerReport, PartialResult, StageStats
-from relux.attack.resume import WORSE, WORSE_MIN, Resume, recovered_rows, resume_point, resumed_layer
+from relux.attack.resume import (
+    RESUME_MAX_SHARE,
+    WORSE,
+    WORSE_MIN,
+    Resume,
+    recovered_rows,
+    resume_point,
+    resumed_layer,
+)
 from relux.attack.signs import fit_affine_plus_relu, solve_flips
 from relux.errors import ExtractionFailed, InputError
 from relux.model import MLP, parse_arch
@@ -137,8 +145,12 @@ def extract(
                 exc = err
             if isinstance(exc.partial, ExtractionResult) and exc.partial.selfcheck.disagreements:
                 worst = np.array(exc.partial.selfcheck.disagreements)
-                hints = np.concatenate([worst, hints])[:32]
                 wrong_before = np.concatenate([wrong_before, worst])
+                sc0 = exc.partial.selfcheck
+                if sc0.disagreeing <= RESUME_MAX_SHARE * sc0.random_points:
+                    # where a model right nearly everywhere is wrong, a rare neuron it lacks is on; a model
+                    # wrong on more (a wrong sign) is wrong anywhere: its worst inputs point nowhere
+                    hints = np.concatenate([worst, hints])[:32]
             failed.append(StageStats(f"failed_attempt_{attempt}", counter.queries - q0,
                                      time.perf_counter() - t0, None))
             how = f"seed {seed}" + (f", resumed at layer {resume.layer}" if resume is not None else "")

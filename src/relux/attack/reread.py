@@ -1,5 +1,6 @@
 """Rows of rarely active last-layer neurons read again from the output (attack-notes §3 on rarely active
-neurons; the output-side reading of CJM20 §4.3, one neuron at a time).
+neurons and §5 on the final layer: the last hidden layer's pre-activations are read off the logits, one
+neuron at a time).
 
 A last-layer neuron on at a small share of inputs is extracted from few witnesses, and its weights on
 coordinates that are seldom on with it are completed or fitted where few points show them; they can be
