@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from relux.attack.result import SelfCheck
+from relux.lines import kink_parameters, line_parameters
 from relux.model import MLP
 from relux.oracle.base import FloatArray, QueryFn
 
@@ -55,11 +56,18 @@ def self_check(
     noise_floor: float,
     rng: np.random.Generator,
     suspects: FloatArray | None = None,
+    n_lines: int = 0,
+    line_points: int = 128,
 ) -> SelfCheck:
     """Compare ``model`` with the oracle on fresh points: random ones, points along lines through
     every witness (random points miss neurons whose active region is small), and ``suspects``, inputs
     where an earlier stage saw the model miss (queried again here, so that the verdict rests on this
     check's own answers).
+
+    ``n_lines`` random lines too, through ``N(0, scale^2 I)`` and ``U[0, scale]^d`` points in turn, each over
+    the central 90% of its crossings with the model's first-layer hyperplanes, at those crossings and
+    ``line_points`` grid points (:mod:`relux.lines`, as :func:`relux.verify.verify` does): a row wrong only in
+    weights that inputs far from the random points' region show passes every random point.
 
     Passes when ``max |f - f_hat| <= max(tol, 100 * noise_floor) * max |f|``. The inputs that fail it
     are kept in ``disagreements`` (the 16 worst), and those among the random points counted in
@@ -75,6 +83,13 @@ def self_check(
         V *= (radii / np.linalg.norm(V, axis=1))[:, None]
         pts.append(witnesses + V)
         pts.append(witnesses - V)
+    W1, b1 = model.layers[0]
+    for line in range(n_lines):
+        x0 = rng.normal(0.0, scale, size=d) if line % 2 == 0 else scale * rng.random(d)
+        u = rng.normal(size=d)
+        u /= np.linalg.norm(u)
+        t = line_parameters(kink_parameters(W1, b1, x0, u), np.zeros(0), line_points, 0.9)
+        pts.append(x0[None, :] + t[:, None] * u[None, :])
     # the random points a chunk at a time (a check of 10^5 points at 3,072 inputs is 2.4 GB at once)
     chunk = max(1, min(n_random, 2**22 // max(d, 1)))
     sizes = [min(chunk, n_random - i) for i in range(0, n_random, chunk)]

@@ -232,7 +232,7 @@ def _extract(
         if wrong_before is not None and wrong_before.size:
             suspects = wrong_before if suspects is None else np.concatenate([suspects, wrong_before])
         check = self_check(counter.query, model, witnesses, normals, radii, n_check,
-                           scale, cfg.selfcheck_tol, floor, rng, suspects)
+                           scale, cfg.selfcheck_tol, floor, rng, suspects, cfg.selfcheck_lines)
     result = ExtractionResult(
         model=model,
         arch=a,
