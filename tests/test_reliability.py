@@ -271,3 +271,26 @@ def test_self_check_counts_a_nan_answer_as_a_disagreement() -> None:
     empty = np.empty((0, ARCH[0]))
     check = self_check(oracle, model, empty, empty, np.empty(0), 64, 1.0, 1e-8, 0.0, np.random.default_rng(3))
     assert not check.passed and len(check.disagreements) == 1
+
+
+def test_self_check_lines_see_a_neuron_that_random_points_miss() -> None:
+    """A model whose only error is the output weight of a neuron on at about 3e-6 of N(0, I) inputs (its
+    hyperplane 4.5 from the origin): 2,000 random points miss it; lines across the first-layer
+    hyperplanes cross that one too, and the check fails there."""
+    rng = np.random.default_rng(0)
+    W1 = rng.normal(size=(8, 2))
+    W1 /= np.linalg.norm(W1, axis=1, keepdims=True)
+    b1 = rng.normal(size=8)
+    b1[0] = -4.5
+    W2, b2 = rng.normal(size=(1, 8)), np.zeros(1)
+    true = MLP([(W1, b1), (W2, b2)])
+    W2m = W2.copy()
+    W2m[0, 0] += 0.5
+    model = MLP([(W1, b1), (W2m, b2)])
+    empty = np.zeros((0, 2))
+    plain = self_check(MLPOracle(true).query, model, empty, empty, np.zeros(0), 2000, 1.0, 1e-8, 0.0,
+                       np.random.default_rng(1))
+    assert plain.passed
+    lined = self_check(MLPOracle(true).query, model, empty, empty, np.zeros(0), 2000, 1.0, 1e-8, 0.0,
+                       np.random.default_rng(1), n_lines=32)
+    assert not lined.passed and lined.disagreeing == 0 and lined.disagreements

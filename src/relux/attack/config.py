@@ -75,6 +75,8 @@ class ExtractionConfig:
             weights on fresh outputs (:mod:`relux.attack.refine_net`): of the longest tail of layers
             with at most this many parameters (the output layer always; the Jacobian holds about
             ``3 P^2`` numbers); 0 turns it off.
+        reread_rare_rows: read the rows of last-layer neurons on at under 5% of inputs again from the
+            output, over their whole on-region (:mod:`relux.attack.reread`), before the refinement.
         batch_rows: rows per oracle call.
         witness_memory_mb: memory for one layer's stored witness measurements (each holds its
             ``r x d_in`` control image twice). A layer whose witnesses outgrow it stops searching new
@@ -120,6 +122,7 @@ class ExtractionConfig:
     restarts: int = 2
     resumes: int = 3
     refine_network_max_params: int = 5000
+    reread_rare_rows: bool = True
     batch_rows: int = 65536
     witness_memory_mb: int = 4096
     check_walks: int = 64
@@ -157,6 +160,7 @@ class ExtractionConfig:
              "an integer >= 1")
         need(0 <= self.max_enum_bits <= 30, "max_enum_bits", "an integer in [0, 30]")
         need(self.batch_rows >= 1, "batch_rows", "an integer >= 1")
+        need(isinstance(self.reread_rare_rows, bool), "reread_rare_rows", "True or False")
         need(isinstance(self.refine_network_max_params, int) and self.refine_network_max_params >= 0,
              "refine_network_max_params", "an integer >= 0")
         need(isinstance(self.restarts, int) and 0 <= self.restarts <= 10, "restarts", "an integer in [0, 10]")

@@ -850,12 +850,13 @@ def _extract_deep(
     with stages.stage("output_layer"):
         W_out, b_out = fit_output_layer(q, layers, d0, cfg, rng, fit_pts)
     full = [*layers, (W_out, b_out)]
-    with stages.stage("rare_rows"):
-        # rows of rarely active last-layer neurons, read again from the output over their whole on-region
-        pool = np.concatenate([fit_pts, rng.normal(0.0, cfg.input_scale, size=(4096, d0))])
-        full, reread = reread_rare_rows(q, full, pool, cfg.input_scale * float(np.sqrt(d0)), rng,
-                                        max(1e-2 * cfg.selfcheck_tol, 1e3 * stages.noise_floor), hints)
-    if reread.replaced or reread.reasons:
+    if cfg.reread_rare_rows:
+        with stages.stage("rare_rows"):
+            # rows of rarely active last-layer neurons, read again from the output over their whole on-region
+            pool = np.concatenate([fit_pts, rng.normal(0.0, cfg.input_scale, size=(4096, d0))])
+            full, reread = reread_rare_rows(q, full, pool, cfg.input_scale * float(np.sqrt(d0)), rng,
+                                            max(1e-2 * cfg.selfcheck_tol, 1e3 * stages.noise_floor), hints)
+    if cfg.reread_rare_rows and (reread.replaced or reread.reasons):
         log.info("rarely active last-layer rows read again from the output: %s replaced (%d queries)%s",
                  list(reread.replaced), reread.queries, f"; left: {reread.reasons}" if reread.reasons else "")
     suspects: FloatArray | None = None
