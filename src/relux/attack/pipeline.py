@@ -27,8 +27,6 @@ from relux.attack.reread import reread_rare_rows
 from relux.attack.result import ExtractionResult, LayerReport, PartialResult, StageStats
 from relux.attack.resume import (
     RESUME_MAX_SHARE,
-    WORSE,
-    WORSE_MIN,
     Resume,
     recovered_rows,
     resume_point,
@@ -160,13 +158,15 @@ def extract(
                 # which the attempt before it showed right nearly everywhere: the same point again
                 nxt = resume
             sc = exc.partial.selfcheck if isinstance(exc.partial, ExtractionResult) else None
-            if (resume is not None and resume.fallback is not None and sc is not None and sc.disagreeing > WORSE_MIN
-                    and sc.disagreeing > WORSE * resume.disagreeing * sc.random_points):
-                # it left the model worse: what it added is wrong; the layer before goes first instead
-                log.warning("attempt %d left the model worse (%.1e of random points wrong, %.1e before); resuming "
-                            "the attempt before it at layer %d instead", attempt,
-                            sc.disagreeing / max(sc.random_points, 1), resume.disagreeing, resume.fallback.layer)
-                nxt = resume.fallback
+            if resume is not None and sc is not None and resume.made_worse(sc):
+                # it left the model worse: what it added is wrong and is not built on; the attempt before it is
+                # resumed again, at the short layer before when this was the last hidden layer's resume
+                back = resume.fallback if resume.fallback is not None else resume
+                log.warning("attempt %d left the model worse (%.1e of random points wrong and at most %.1e, against "
+                            "%.1e and %.1e); resuming the attempt before it at layer %d instead", attempt,
+                            sc.disagreeing / max(sc.random_points, 1), sc.max_rel_error, resume.disagreeing,
+                            resume.max_rel_error, back.layer)
+                nxt = back
             # a resumed attempt that recovered rows of the layer it resumed at made progress: the next
             # resume is free (up to another ``cfg.resumes``), a restart would give that progress away
             free = resume is not None and nxt is not None and bonus > 0 and recovered_rows(resume, nxt)

@@ -43,6 +43,10 @@ RESUME_MAX_SHARE = 0.01
 #: kept
 WORSE = 4
 WORSE_MIN = 16
+#: ... or whose largest disagreement is this many times the one it resumed's, and above :data:`WORSE_FLOOR`
+#: (a neuron found late whose weights came out wrong: 1.8e-3 to 0.47 at inputs of its small on-region)
+WORSE_ERROR = 10.0
+WORSE_FLOOR = 1e-2
 #: a row a resumed attempt adds is on (or off) at most at this share of random inputs: the failed model,
 #: which lacked it, agreed with ``f`` at all but :data:`RESUME_MAX_SHARE` of them (a missing neuron shows
 #: wherever it is on, or, absorbed into the linear part around it, wherever it is off)
@@ -70,10 +74,19 @@ class Resume:
     carried: CarriedLayer | None = None
     #: share of its random self-check points on which the failed attempt disagreed with ``f``
     disagreeing: float = 0.0
+    #: the failed attempt's largest relative disagreement with ``f``
+    max_rel_error: float = 0.0
     #: for a resume at the last hidden layer while the layer before is short too: the resume at that one
     #: instead (the last hidden layer carried along), for when this one leaves the model worse (rows found
     #: behind a layer that lacks a neuron on near them can be wrong)
     fallback: Resume | None = None
+
+    def made_worse(self, check: SelfCheck) -> bool:
+        """Did the attempt resumed here leave the model worse than the one it resumed (:data:`WORSE`,
+        :data:`WORSE_ERROR`)? What it added is then wrong, and is not built on."""
+        share = check.disagreeing > WORSE_MIN and check.disagreeing > WORSE * self.disagreeing * check.random_points
+        error = check.max_rel_error > max(WORSE_ERROR * self.max_rel_error, WORSE_FLOOR)
+        return bool(share or error)
 
     @property
     def layer(self) -> int:
@@ -157,7 +170,7 @@ def resume_point(model: MLP, reports: Sequence[LayerReport], points: Sequence[Fl
     return Resume(tuple((W_.copy(), b_.copy()) for W_, b_ in model.layers[:keep]), tuple(reports[:keep]),
                   tuple(points[:keep]), (W.copy(), b.copy()),
                   np.array(check.disagreements, dtype=float).reshape(-1, model.input_dim), carried,
-                  check.disagreeing / max(check.random_points, 1), fallback)
+                  check.disagreeing / max(check.random_points, 1), check.max_rel_error, fallback)
 
 
 def boundary_points(layers: Sequence[pfx.Layer], w: FloatArray, b: float, X: FloatArray, n: int,
