@@ -294,3 +294,20 @@ def test_self_check_lines_see_a_neuron_that_random_points_miss() -> None:
     lined = self_check(MLPOracle(true).query, model, empty, empty, np.zeros(0), 2000, 1.0, 1e-8, 0.0,
                        np.random.default_rng(1), n_lines=32)
     assert not lined.passed and lined.disagreeing == 0 and lined.disagreements
+
+
+def test_a_nan_answer_on_a_self_check_line_is_a_disagreement() -> None:
+    """An oracle that answers NaN (or inf) on some line points: the check fails there, never passes."""
+    m = random_mlp("4-6-2", np.random.default_rng(3))
+    empty = np.zeros((0, 4))
+    for bad in (np.nan, np.inf):
+        def query(X: np.ndarray, bad: float = bad) -> np.ndarray:
+            Y = MLPOracle(m).query(X)
+            far = np.linalg.norm(X, axis=1) > 4.0  # these random points stay nearer; some line points do not
+            Y[far] = bad
+            return Y
+        plain = self_check(query, m, empty, empty, np.zeros(0), 50, 1.0, 1e-8, 0.0, np.random.default_rng(4))
+        assert plain.passed
+        check = self_check(query, m, empty, empty, np.zeros(0), 50, 1.0, 1e-8, 0.0, np.random.default_rng(4),
+                           n_lines=16)
+        assert not check.passed and check.max_rel_error == np.inf and check.disagreements

@@ -431,3 +431,24 @@ def test_a_last_layer_row_with_no_effect_on_the_output_is_dropped() -> None:
     # a model whose rows all act is left as it is
     same, reps2, none = pipeline._drop_idle_rows(list(model.layers), reports)
     assert none == [] and same[1][0] is model.layers[1][0] and reps2 is reports
+
+
+def test_made_worse_compares_shares_and_the_largest_miss() -> None:
+    model = random_mlp((6, 8, 8, 8, 2), np.random.default_rng(0))
+    points = [np.full((2, 6), float(i)) for i in range(3)]
+    before = resume_point(model, _reports([8, 8, 7]), points, _check(5))  # 5 of 1000 random points, 1e-3
+    assert before is not None and before.disagreeing == 0.005 and before.max_rel_error == 1e-3
+    # four times the share (and more than 16 points): worse; as many on a check ten times larger: not
+    assert before.made_worse(dataclasses.replace(_check(0), disagreeing=21, random_points=1000))
+    assert not before.made_worse(dataclasses.replace(_check(0), disagreeing=50, random_points=10000))
+    # a largest miss ten times larger and above 1e-2: worse; ten times larger below it: not
+    assert before.made_worse(dataclasses.replace(_check(0), max_rel_error=0.2))
+    assert not before.made_worse(dataclasses.replace(_check(0), max_rel_error=9e-3))
+
+
+def test_extraction_config_validates_the_new_switches() -> None:
+    with pytest.raises(InputError):
+        relux.ExtractionConfig(selfcheck_lines=-1)
+    with pytest.raises(InputError):
+        relux.ExtractionConfig(reread_rare_rows=1)  # type: ignore[arg-type]
+    assert relux.ExtractionConfig(selfcheck_lines=0, reread_rare_rows=False).to_json()["selfcheck_lines"] == 0

@@ -55,7 +55,8 @@ from relux.align import (
 )
 from relux.errors import InputError
 from relux.identifiability import undetermined_weights
-from relux.lines import kink_parameters, line_parameters
+from relux.lines import kink_parameters as kink_parameters
+from relux.lines import line_parameters as line_parameters
 from relux.model import MLP, FloatArray, format_arch
 
 logger = logging.getLogger(__name__)

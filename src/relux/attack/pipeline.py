@@ -158,12 +158,13 @@ def extract(
                 # which the attempt before it showed right nearly everywhere: the same point again
                 nxt = resume
             sc = exc.partial.selfcheck if isinstance(exc.partial, ExtractionResult) else None
-            if resume is not None and sc is not None and resume.made_worse(sc):
+            if resume is not None and sc is not None and exc.restartable and resume.made_worse(sc):
                 # it left the model worse: what it added is wrong and is not built on; the attempt before it is
                 # resumed again, at the short layer before when this was the last hidden layer's resume
                 back = resume.fallback if resume.fallback is not None else resume
                 log.warning("attempt %d left the model worse (%.1e of random points wrong and at most %.1e, against "
-                            "%.1e and %.1e); resuming the attempt before it at layer %d instead", attempt,
+                            "%.1e and %.1e): not built on; the next resume, if any, starts from the attempt before "
+                            "it at layer %d", attempt,
                             sc.disagreeing / max(sc.random_points, 1), sc.max_rel_error, resume.disagreeing,
                             resume.max_rel_error, back.layer)
                 nxt = back

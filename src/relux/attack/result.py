@@ -28,17 +28,20 @@ class SelfCheck:
 
     points: int
     max_abs_error: float
-    max_rel_error: float  # max |f - f_hat| / max |f| over the check points
+    #: max |f - f_hat| / max |f| over the check points; on the random lines, each against its own max |f|
+    max_rel_error: float
     tolerance: float
     noise_floor: float
     passed: bool
-    #: the fresh random points among ``points`` (the others lie on lines through witnesses)
+    #: the fresh random points among ``points`` (the others lie on lines through witnesses, are earlier
+    #: disagreements queried again, or lie on random lines across the first-layer hyperplanes)
     random_points: int = 0
     #: how many of the ``random_points`` disagreed beyond the tolerance (a model wrong on a small share
     #: of the inputs lacks a rarely active neuron; a wrong layer disagrees almost everywhere)
     disagreeing: int = 0
-    #: inputs where the model disagreed with the oracle beyond the tolerance, worst first (at most 16):
-    #: a restarted attempt aims search lines there (not in ``to_json``)
+    #: inputs where the model disagreed with the oracle beyond the tolerance (at most 16): those of the
+    #: random points, witness lines and earlier disagreements worst first, then the random lines' worst
+    #: two each; a restarted attempt aims search lines there (not in ``to_json``)
     disagreements: tuple[tuple[float, ...], ...] = field(default=(), repr=False, compare=False)
 
     @property

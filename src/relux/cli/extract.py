@@ -267,7 +267,7 @@ def format_summary(result: ExtractionResult) -> str:
         f"seconds        {result.seconds:.2f}",
         f"noise floor    {result.noise_floor:.3g} (relative to max|f|; the self-check tolerance is never below "
         f"100x it)",
-        f"self-check     {verdict}: max|f - f'| / max|f| = {check.max_rel_error:.3g} "
+        f"self-check     {verdict}: max|f - f'| / max|f| = {check.max_rel_error:.3g} (random lines: per line) "
         f"(tolerance {check.tolerance:.3g}) on {check.points} fresh points; noise floor {result.noise_floor:.2g}",
         "",
     ]
