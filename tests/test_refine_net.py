@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relux.align import align
-from relux.attack.refine_net import _covering_points, _forward, _pair_points, _rare_clouds, refine_network
+from relux.attack.clouds import pair_points
+from relux.attack.refine_net import _covering_points, _forward, _rare_clouds, refine_network
 from relux.model import MLP
 from relux.oracle import MLPOracle
 from relux.zoo import random_mlp
@@ -174,7 +175,7 @@ def test_pair_points_switch_on_a_neuron_with_each_coordinate() -> None:
     seeds = X[pres[1][:, j] > 0][:4]
     cols = np.flatnonzero(np.all(ins[1][pres[1][:, j] > 0][:4] <= 0, axis=0))  # off at all four seeds
     assert cols.size
-    P = _pair_points(layers, 1, j, seeds, cols, np.random.default_rng(23))
+    P = pair_points(layers, 1, j, seeds, cols, np.random.default_rng(23))
     assert P.shape[0] >= 1
     pi, pp, _ = _forward(layers, P)
     assert np.all(pp[1][:, j] > 0)

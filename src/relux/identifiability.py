@@ -23,6 +23,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from relux.attack import prefix as pfx
+from relux.attack.clouds import moved_copies
 from relux.attack.polish import bisect_to_boundary
 from relux.model import MLP, FloatArray
 
@@ -69,8 +70,7 @@ def _on_points(layers: Sequence[tuple[FloatArray, FloatArray]], m: int, X: Float
     prefix = layers[:-1]
     B = bisect_to_boundary(prefix, w, b, on[rng.integers(on.shape[0], size=n)], off[rng.integers(off.shape[0], size=n)])
     # spread about the boundary found: clouds of three sizes, bisected again
-    sig = reach * rng.choice([0.01, 0.1, 0.5], size=4 * n)
-    C = B[rng.integers(n, size=4 * n)] + sig[:, None] * rng.normal(size=(4 * n, X.shape[1])) / np.sqrt(X.shape[1])
+    C = moved_copies(B, 4 * n, reach, (0.01, 0.1, 0.5), rng)
     zc = _pre(layers, C)[-1][:, m]
     if (zc > 0).any() and (zc <= 0).any():
         P, Q = C[zc > 0], C[zc <= 0]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.linalg
 
+from relux.attack.clouds import moved_copies, pair_points
 from relux.oracle.base import FloatArray, QueryFn
 
 log = logging.getLogger(__name__)
@@ -209,9 +210,7 @@ def _rare_clouds(
             seen = ((ins[i][on[:, j]] > 0).sum(axis=0) if i else np.full(X.shape[1], need)).astype(int)
             got = int(on[:, j].sum())
             for _ in range(rounds):
-                sig = reach * rng.choice([0.01, 0.03, 0.1, 0.3], size=batch)
-                C = seeds[rng.integers(seeds.shape[0], size=batch)]
-                C = C + sig[:, None] * rng.normal(size=C.shape) / np.sqrt(C.shape[1])
+                C = moved_copies(seeds, batch, reach, (0.01, 0.03, 0.1, 0.3), rng)
                 ci, cp, _ = _forward(layers, C)
                 hit = cp[i][:, j] > 0
                 if not hit.any():
@@ -228,46 +227,9 @@ def _rare_clouds(
                 if got >= need and (not i or np.all(seen >= 2)):
                     break
             if i and np.any(seen < 2):
-                P = _pair_points(layers, i, int(j), seeds, np.flatnonzero(seen < 2), rng)
+                P = pair_points(layers, i, int(j), seeds, np.flatnonzero(seen < 2), rng)
                 out.append(P)
     return np.concatenate(out) if out else np.zeros((0, X.shape[1]))
-
-
-def _pair_points(
-    layers: Sequence[Layer], i: int, j: int, seeds: FloatArray, cols: np.ndarray, rng: np.random.Generator,
-    tries: int = 4,
-) -> FloatArray:
-    """Inputs where neuron ``j`` of hidden layer ``i`` and each input coordinate in ``cols`` (neurons of layer
-    ``i - 1``) are on together, reached from points ``seeds`` where ``j`` is on (no queries): from up to
-    ``tries`` seeds, a step along the coordinate's gradient (less any part that lowers ``j``) to 1.05 to 3
-    times its linear zero crossing; up to two points per coordinate where both are on."""
-    from relux.attack import prefix as pfx
-
-    out: list[FloatArray] = []
-    have = np.zeros(cols.size, dtype=int)
-    for x in seeds[rng.permutation(seeds.shape[0])[:tries]]:
-        _, pj = pfx.jacobian(layers[: i + 1], x)
-        zs, _ = pfx.forward(layers[: i + 1], x[None, :])
-        zc, gj = zs[i - 1][0, cols], pj[i][j]
-        G = pj[i - 1][cols]
-        # less the part of the step that lowers neuron j (in this linear region)
-        dots = G @ gj
-        U = G - np.minimum(dots, 0.0)[:, None] * gj[None, :] / max(float(gj @ gj), 1e-300)
-        rate = np.einsum("cd,cd->c", G, U)
-        ok = (rate > 0) & (zc < 0) & (have < 2)
-        if not ok.any():
-            continue
-        idx = np.flatnonzero(ok)
-        t = np.multiply.outer(-zc[idx] / rate[idx], np.array([1.05, 1.3, 2.0, 3.0]))
-        C3 = x[None, None, :] + t[:, :, None] * U[idx][:, None, :]
-        zz, _ = pfx.forward(layers[: i + 1], C3.reshape(-1, x.shape[0]))
-        both = ((zz[i][:, j] > 0) & (zz[i - 1][np.arange(4 * idx.size), np.repeat(cols[idx], 4)] > 0)).reshape(-1, 4)
-        for r, k in enumerate(idx):
-            take = np.flatnonzero(both[r])[: 2 - have[k]]
-            if take.size:
-                out.append(C3[r, take])
-                have[k] += take.size
-    return np.concatenate(out) if out else np.zeros((0, seeds.shape[1]))
 
 
 def _unpack(layers: Sequence[Layer], theta: FloatArray) -> list[Layer]:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from relux.attack import prefix as pfx
+from relux.attack.clouds import moved_copies, pair_points
 from relux.oracle.base import FloatArray, QueryFn
 
 log = logging.getLogger(__name__)
@@ -92,8 +93,6 @@ def reread_rare_rows(
     earlier model disagreed with ``f`` (where a wrong row shows), used with moved copies of them as well.
     Up to ``max_draw`` random inputs (fewer when the prefix is wide) are drawn to find where each such row is
     on without a query."""
-    from relux.attack.refine_net import _pair_points
-
     out = [(np.array(W, dtype=float), np.array(b, dtype=float)) for W, b in layers]
     prefix, (W, b), (Wo, bo) = out[:-2], out[-2], out[-1]
     Hp = pfx.forward(prefix, pool)[1] if prefix else pool
@@ -118,14 +117,12 @@ def reread_rare_rows(
     drawn = _drawn_on(prefix, W, b, rare, need, pool.shape[1], reach / np.sqrt(pool.shape[1]), rng, max_draw)
     for j in rare:
         seeds = pool[Zp[:, j] > 0]
-        sig = reach * rng.choice([0.003, 0.01, 0.03, 0.1], size=need)
-        C = seeds[rng.integers(seeds.shape[0], size=need)]
-        C = C + sig[:, None] * rng.normal(size=C.shape) / np.sqrt(C.shape[1])
+        C = moved_copies(seeds, need, reach, (0.003, 0.01, 0.03, 0.1), rng)
         # random inputs where the model has it on, wherever in its on-region (a wrong weight shows far from
         # the witnesses the row came from)
         C = np.concatenate([drawn[int(j)], C])
         if prefix:
-            C = np.concatenate([C, _pair_points([*prefix, (W, b), (Wo, bo)], len(prefix), int(j), seeds,
+            C = np.concatenate([C, pair_points([*prefix, (W, b), (Wo, bo)], len(prefix), int(j), seeds,
                                                 np.arange(W.shape[1]), rng)])
         Y = np.concatenate([query(C), Yn]) if near.shape[0] else query(C)
         spent += C.shape[0]

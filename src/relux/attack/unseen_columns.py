@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from relux.attack import prefix as pfx
+from relux.attack.clouds import moved_copies
 from relux.attack.config import ExtractionConfig
 from relux.attack.linalg import lstsq
 from relux.attack.polish import bisect_to_boundary
@@ -86,9 +87,7 @@ def spread_boundary_points(before: Sequence[pfx.Layer], w: FloatArray, b: float,
     around its known points ``P`` (no query): bisection between random inputs on either side of it, drawn
     at distances up to ``reach`` from those points (a rarely active neuron's on-side is small: random
     inputs seldom reach it)."""
-    sig = reach * rng.choice([0.01, 0.1, 0.5], size=8 * n)
-    X = P[rng.integers(P.shape[0], size=8 * n)] + sig[:, None] * rng.normal(size=(8 * n, P.shape[1])) / np.sqrt(
-        P.shape[1])
+    X = moved_copies(P, 8 * n, reach, (0.01, 0.1, 0.5), rng)
     z = (pfx.forward(before, X)[1] if before else X) @ w + b
     pos, neg = X[z > 0], X[z <= 0]
     m = min(n, pos.shape[0], neg.shape[0])
