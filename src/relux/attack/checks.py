@@ -118,13 +118,19 @@ def self_check(
     # resumed attempt aims at those first: near where the model was built, where its rows were found).
     worst = [x for x in worst_x[bad]]
     W1, b1 = model.layers[0]
+    lines: list[FloatArray] = []
     for line in range(n_lines):
         x0 = rng.normal(0.0, scale, size=d) if line % 2 == 0 else scale * rng.random(d)
         u = rng.normal(size=d)
         u /= np.linalg.norm(u)
         t = line_parameters(kink_parameters(W1, b1, x0, u), np.zeros(0), line_points, 0.9)
-        X = x0[None, :] + t[:, None] * u[None, :]
-        Y = query(X)
+        lines.append(x0[None, :] + t[:, None] * u[None, :])
+    # the lines together, in as few oracle calls as the chunk size of the random points allows
+    P_lines = np.concatenate(lines) if lines else np.zeros((0, d))
+    Y_lines = (np.concatenate([query(P_lines[i:i + chunk]) for i in range(0, P_lines.shape[0], chunk)])
+               if P_lines.shape[0] else np.zeros((0, model.output_dim)))
+    ends = np.cumsum([X.shape[0] for X in lines])
+    for X, Y in zip(lines, np.split(Y_lines, ends[:-1]) if lines else [], strict=True):
         e = np.max(np.abs(Y - model.forward(X)), axis=1)
         e = np.where(np.isfinite(e), e, np.inf)
         # the line's scale from its finite answers; a NaN or infinite answer is a disagreement, never a pass
