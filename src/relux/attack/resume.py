@@ -214,7 +214,7 @@ def resumed_layer(
     from relux.attack.more_rows import more_rows
 
     W0, b0 = rows
-    X = rng.normal(0.0, cfg.input_scale, size=(8192, d0))
+    X_random = X = rng.normal(0.0, cfg.input_scale, size=(8192, d0))
     if hints is not None and hints.size:
         X = np.concatenate([hints.reshape(-1, d0), X])  # a rarely active row is on there
     pts, kept = [], []
@@ -244,7 +244,7 @@ def resumed_layer(
     Wn, bn = np.concatenate([W0[n_kept:], more.W]), np.append(b0[n_kept:], more.b)
     pts_n, res_n = [*pts[n_kept:], *more.points], np.append(res0[n_kept:], more.residual)
     cov_n = np.concatenate([cov0[n_kept:], more.coverage])
-    rare = rare_rows(layers, Wn, bn, X[X.shape[0] - 8192:])
+    rare = rare_rows(layers, Wn, bn, X_random)
     if not rare.all():
         log.warning("layer %d: %d new row(s) dropped: on (and off) at more than %.0f%% of random inputs, where the "
                     "failed model agreed with f (not a missing neuron)", len(layers) + 1, int(np.sum(~rare)),
