@@ -56,3 +56,23 @@ def test_common_and_right_rows_are_left_alone() -> None:
     same, none = reread_rare_rows(MLPOracle(true).query, list(true.layers), pool, np.sqrt(8),
                                   np.random.default_rng(6), 1e-10, hints=pool[:5], max_share=0.0)
     assert none.replaced == () and none.queries == 0
+
+
+def test_draws_cover_every_coordinate_where_it_is_on() -> None:
+    # The first n draws, then up to `per` more for each input coordinate of the layer that is on at fewer
+    # than `per` of those: a weight on a coordinate rarely on with the neuron is seen only there.
+    from relux.attack.reread import _covering
+
+    m = random_mlp("5-6-2", np.random.default_rng(0))
+    prefix = [m.layers[0]]
+    D = np.random.default_rng(1).normal(size=(3000, 5))
+    H = pfx.forward(prefix, D)[1]
+    got = _covering(D, prefix, 10, 4)
+    np.testing.assert_array_equal(got[:10], D[:10])
+    Hg = pfx.forward(prefix, got)[1]
+    for c in range(H.shape[1]):
+        assert int(np.sum(Hg[:, c] > 0)) >= min(4, int(np.sum(H[:, c] > 0)))
+    # each added input is one of D's, and none twice
+    assert got.shape[0] <= 10 + 4 * H.shape[1]
+    assert np.unique(got, axis=0).shape[0] == got.shape[0]
+    assert _covering(D[:8], prefix, 10, 4).shape[0] == 8

@@ -172,6 +172,10 @@ def recover_missing(
         log.debug("missing row: refinement failed (%s); %d agreeing kinks", pol.reason, group.size)
         nb = float(np.linalg.norm(np.append(v, b)))
         return MissingRow(v / nb, b / nb, anchors, agree, ok, "" if ok else f"refinement: {pol.reason}", len(x0s))
+    if pol.seen is not None and not pol.seen.all():
+        return MissingRow(v, b, anchors, pol.residual, False,
+                          f"{int((~pol.seen).sum())} of its {pol.seen.size} weights on coordinates no boundary point "
+                          "sees on", len(x0s))
     w, b = _on_side(pol.w, pol.b, Hon)
     log.debug("missing row: %d kinks agree (of %d unexplained), residual %.1e", group.size, len(pts), pol.residual)
     return MissingRow(w, b, anchors, pol.residual, True, "", len(x0s))

@@ -543,7 +543,7 @@ def _walked_layer(
         # missing neuron. The last hidden layer still short, or a layer far short, is extracted from
         # witnesses instead.
         cov = None
-        few = width - wr.W.shape[0] <= max(1, width // 10)
+        few = width - wr.W.shape[0] <= max(2, width // 10)
         if few and wr.W.shape[0] < width:
             # rarely switched neurons: their walks seldom complete, their witnesses still see every weight
             from relux.attack.more_rows import more_rows
@@ -849,7 +849,8 @@ def _extract_deep(
     if not check.passed:
         warnings.append(f"sign check failed: output-layer residual {check.residual_after:.1e} on fresh queries")
     with stages.stage("output_layer"):
-        W_out, b_out = fit_output_layer(q, layers, d0, cfg, rng, fit_pts)
+        W_out, b_out = fit_output_layer(q, layers, d0, cfg, rng, fit_pts,
+                                         max(1e-9, 1e3 * stages.noise_floor))
     full = [*layers, (W_out, b_out)]
     if cfg.reread_rare_rows:
         with stages.stage("rare_rows"):

@@ -1,0 +1,59 @@
+"""Least squares that sets aside the rows from outside the model (relux.attack.linalg)."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relux.attack.linalg import lstsq, lstsq_dropping_misfits
+
+
+def _design(seed: int, n: int, k: int, outputs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    A = np.concatenate([np.maximum(rng.normal(size=(n, k)), 0.0), np.ones((n, 1))], axis=1)
+    X = rng.normal(size=(k + 1, outputs))
+    return A, X, A @ X
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), k=st.integers(2, 12), outputs=st.integers(1, 4),
+       share=st.floats(0.005, 0.05))
+def test_a_few_rows_from_outside_the_model_are_set_aside(seed: int, k: int, outputs: int, share: float) -> None:
+    # Exact data from one linear map, except at a few rows where a feature the design lacks is on (as where
+    # a rarely active neuron the layers miss is on): the plain fit is bent at every row, the fit that drops
+    # its misfits is the true map again.
+    n = 40 * (k + 1)
+    A, X, B = _design(seed, n, k, outputs)
+    rng = np.random.default_rng(seed + 1)
+    bad = rng.choice(n, size=max(1, int(share * n)), replace=False)
+    B = B.copy()
+    B[bad] += np.abs(rng.normal(size=(bad.size, 1))) * rng.normal(size=(1, outputs))
+    got = lstsq_dropping_misfits(A, B, 1e-9)
+    # the rows kept are exact equations of a well-conditioned design: rounding only (1e-9 leaves a wide
+    # margin for the condition number of a random ReLU design)
+    np.testing.assert_allclose(got, X, atol=1e-9 * max(1.0, float(np.abs(X).max())))
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), noise=st.sampled_from([0.0, 1e-12, 1e-7]))
+def test_clean_or_uniformly_noisy_data_is_the_plain_fit(seed: int, noise: float) -> None:
+    # Every row misses by rounding or by the oracle's noise alike: nothing is dropped when the floor is
+    # above that noise, so the result is the plain least-squares fit, bit for bit.
+    A, _, B = _design(seed, 200, 6, 2)
+    B = B + noise * np.random.default_rng(seed + 2).normal(size=B.shape)
+    np.testing.assert_array_equal(lstsq_dropping_misfits(A, B, max(1e-9, 1e3 * noise)), lstsq(A, B))
+
+
+def test_rows_that_alone_see_a_column_are_kept() -> None:
+    # A column on at two rows only (a neuron rarely on): dropping those rows would lose the column's
+    # coefficient, so the fit stops before the rank falls, even when those rows miss most.
+    A, X, B = _design(3, 200, 5, 1)
+    A[:, 0] = 0.0
+    A[:2, 0] = [1.0, 2.0]
+    B = A @ X
+    B[10:14] += 1.0  # misfits elsewhere
+    got = lstsq_dropping_misfits(A, B, 1e-9)
+    assert np.linalg.matrix_rank(A) == A.shape[1]
+    # the two rows that see column 0 stay, so its coefficient is determined too (exact rows: rounding)
+    np.testing.assert_allclose(got, X, atol=1e-9)
