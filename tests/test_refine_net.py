@@ -181,3 +181,33 @@ def test_pair_points_switch_on_a_neuron_with_each_coordinate() -> None:
     assert np.all(pp[1][:, j] > 0)
     assert np.all((pi[1][:, cols] > 0).any(axis=1))
     assert P.shape[0] <= 2 * cols.size  # at most two per coordinate
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**16))
+def test_longer_paths_give_every_point_one_step_gives(seed: int) -> None:
+    # Paths of several steps start with the one-step ones, so each coordinate gets at least as many points,
+    # and every point still has the neuron and an asked coordinate on together.
+    m = random_mlp("8-12-10-6-2", np.random.default_rng(seed))
+    layers = list(m.layers)
+    X = np.random.default_rng(seed + 1).normal(size=(2000, 8))
+    _, pres, _ = _forward(layers, X)
+    i = 1 + seed % 2
+    j = int(np.argmin(np.where((pres[i] > 0).any(axis=0), (pres[i] > 0).mean(axis=0), 2.0)))
+    seeds = X[pres[i][:, j] > 0]
+    if not seeds.shape[0]:
+        return
+    cols = np.arange(layers[i][0].shape[1])
+
+    def reached(P: np.ndarray) -> None:
+        if P.size:
+            pi, pp, _ = _forward(layers, P)
+            assert np.all(pp[i][:, j] > 0)
+            assert np.all((pi[i][:, cols] > 0).any(axis=1))
+
+    one = pair_points(layers, i, j, seeds, cols, np.random.default_rng(seed + 2))
+    many = pair_points(layers, i, j, seeds, cols, np.random.default_rng(seed + 2), steps=8)
+    reached(one)
+    reached(many)
+    # the same seeds and first steps: per coordinate at least as many points (at most two each)
+    assert one.shape[0] <= many.shape[0] <= 2 * cols.size

@@ -311,3 +311,33 @@ def test_a_nan_answer_on_a_self_check_line_is_a_disagreement() -> None:
         check = self_check(query, m, empty, empty, np.zeros(0), 50, 1.0, 1e-8, 0.0, np.random.default_rng(4),
                            n_lines=16)
         assert not check.passed and check.max_rel_error == np.inf and check.disagreements
+
+
+def test_a_self_check_that_has_failed_stops_early() -> None:
+    """``stop_early``: a model wrong on 2.3% of inputs fails on the first quarter of the random points and
+    asks no more (nor its lines); a right model is asked every point, the same ones as without it."""
+    model = victim()
+
+    def oracle(X: np.ndarray) -> np.ndarray:
+        return np.asarray(model.forward(X) + (X[:, :1] > 2.0))
+
+    empty = np.empty((0, ARCH[0]))
+    asked: list[int] = []
+
+    def counted(X: np.ndarray) -> np.ndarray:
+        asked.append(X.shape[0])
+        return oracle(X)
+
+    check = self_check(counted, model, empty, empty, np.empty(0), 4000, 1.0, 1e-8, 0.0, np.random.default_rng(3),
+                       n_lines=8, stop_early=True)
+    # 2.3% of 1,000 points: some fail in the first quarter (chance of none about 1e-10)
+    assert not check.passed and asked == [1000] and check.random_points == check.points == 1000
+    assert 1 <= check.disagreeing <= 1000 and check.disagreements
+    full = self_check(oracle, model, empty, empty, np.empty(0), 4000, 1.0, 1e-8, 0.0, np.random.default_rng(3),
+                      n_lines=8)
+    assert not full.passed and full.random_points == 4000 and full.points > 4000
+    ok = self_check(model.forward, model, empty, empty, np.empty(0), 4000, 1.0, 1e-8, 0.0, np.random.default_rng(3),
+                    n_lines=8, stop_early=True)
+    same = self_check(model.forward, model, empty, empty, np.empty(0), 4000, 1.0, 1e-8, 0.0,
+                      np.random.default_rng(3), n_lines=8)
+    assert ok.passed and same.passed and ok.points == same.points and ok.random_points == 4000

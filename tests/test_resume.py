@@ -451,4 +451,7 @@ def test_extraction_config_validates_the_new_switches() -> None:
         relux.ExtractionConfig(selfcheck_lines=-1)
     with pytest.raises(InputError):
         relux.ExtractionConfig(reread_rare_rows=1)  # type: ignore[arg-type]
+    with pytest.raises(InputError):
+        relux.ExtractionConfig(selfcheck_stop_early=0)  # type: ignore[arg-type]
+    assert relux.ExtractionConfig().selfcheck_stop_early is True
     assert relux.ExtractionConfig(selfcheck_lines=0, reread_rare_rows=False).to_json()["selfcheck_lines"] == 0

@@ -176,3 +176,4 @@ def test_a_missing_row_with_weights_no_boundary_point_sees_is_not_added(monkeypa
     mr = recover_from_walks(q, known, wo, 10, cfg, np.random.default_rng(1), 2.0**-36)
     assert mr is not None and not mr.ok
     assert "no boundary point sees on" in mr.reason
+

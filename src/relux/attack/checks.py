@@ -58,6 +58,7 @@ def self_check(
     suspects: FloatArray | None = None,
     n_lines: int = 0,
     line_points: int = 128,
+    stop_early: bool = False,
 ) -> SelfCheck:
     """Compare ``model`` with the oracle on fresh points: random ones, points along lines through
     every witness (random points miss neurons whose active region is small), and ``suspects``, inputs
@@ -74,6 +75,10 @@ def self_check(
     Passes when ``max |f - f_hat| <= max(tol, 100 * noise_floor) * max |f|``. The inputs that fail it
     are kept in ``disagreements`` (the 16 worst), and those among the random points counted in
     ``disagreeing``.
+
+    ``stop_early``: the random points go in quarters, and a check that has failed after one (on them or on
+    the points before them) stops there, without the rest or the lines: a failed attempt's verdict needs
+    no more queries (``random_points`` then counts those asked).
     """
     d = model.input_dim
     pts: list[FloatArray] = [suspects] if suspects is not None and suspects.size else []
@@ -87,6 +92,8 @@ def self_check(
         pts.append(witnesses - V)
     # the random points a chunk at a time (a check of 10^5 points at 3,072 inputs is 2.4 GB at once)
     chunk = max(1, min(n_random, 2**22 // max(d, 1)))
+    if stop_early:
+        chunk = max(1, min(chunk, -(-n_random // 4)))
     sizes = [min(chunk, n_random - i) for i in range(0, n_random, chunk)]
     n_total = n_random + sum(P.shape[0] for P in pts)
     err = ref = 0.0
@@ -94,7 +101,14 @@ def self_check(
     worst_e = np.zeros(0)
     errors: list[FloatArray] = []
     fixed = [np.concatenate(pts)] if pts else []
+    thr = max(tol, 100.0 * noise_floor)
+    stopped = False
     for i in range(len(fixed) + len(sizes)):
+        if stop_early and i > len(fixed) and err > thr * max(ref, np.finfo(float).tiny):
+            stopped = True  # failed already, on a quarter of the random points at least
+            n_total -= sum(sizes[i - len(fixed):])
+            n_random -= sum(sizes[i - len(fixed):])
+            break
         X = fixed[i] if i < len(fixed) else rng.normal(0.0, scale, size=(sizes[i - len(fixed)], d))
         Y = query(X)
         e = np.max(np.abs(Y - model.forward(X)), axis=1)
@@ -109,7 +123,6 @@ def self_check(
         keep = np.argsort(worst_e)[::-1][:16]
         worst_x, worst_e = worst_x[keep], worst_e[keep]
     ref = max(ref, np.finfo(float).tiny)
-    thr = max(tol, 100.0 * noise_floor)
     rel = err / ref
     bad = worst_e > thr * ref
     n_bad = sum(int(np.count_nonzero(e > thr * ref)) for e in errors)
@@ -119,7 +132,7 @@ def self_check(
     worst = [x for x in worst_x[bad]]
     W1, b1 = model.layers[0]
     lines: list[FloatArray] = []
-    for line in range(n_lines):
+    for line in range(0 if stopped else n_lines):
         x0 = rng.normal(0.0, scale, size=d) if line % 2 == 0 else scale * rng.random(d)
         u = rng.normal(size=d)
         u /= np.linalg.norm(u)

@@ -48,6 +48,10 @@ class ExtractionConfig:
             more chance for a wrong model to pass.
         selfcheck_max_points: cap on the random points that ``selfcheck_fraction`` asks for (never
             fewer than ``selfcheck_points``).
+        selfcheck_stop_early: a self-check already failed after a quarter of its random points stops there
+            (nor are its lines asked): a failed attempt's verdict needs no more queries, and the points that
+            failed are enough for the next attempt to aim at (digits 64-40x4-10: four failed checks of
+            100,000 points each). False asks every point of every check.
         selfcheck_dead_points: random points of the self-check, at least (at most
             ``selfcheck_max_points``), when some layer reports neurons not identified (dropped as
             dead): such a neuron may be on in a region the search lines missed, and at 50,000 points
@@ -118,6 +122,7 @@ class ExtractionConfig:
     selfcheck_fraction: float = 0.05
     selfcheck_max_points: int = 100_000
     selfcheck_dead_points: int = 50_000
+    selfcheck_stop_early: bool = True
     max_enum_bits: int = 22
     restarts: int = 2
     resumes: int = 3
@@ -147,6 +152,7 @@ class ExtractionConfig:
         need(self.witness_memory_mb >= 1, "witness_memory_mb", "an integer >= 1 (megabytes)")
         need(self.check_walks >= 1, "check_walks", "an integer >= 1")
         need(self.selfcheck_dead_points >= 0, "selfcheck_dead_points", "an integer >= 0")
+        need(isinstance(self.selfcheck_stop_early, bool), "selfcheck_stop_early", "True or False")
         need(self.kink_rel_tol is None or 0 < self.kink_rel_tol < 1, "kink_rel_tol", "None or in (0, 1)")
         need(0 < self.fd_rel_step < 0.5, "fd_rel_step", "a number in (0, 0.5)")
         need(self.refine_passes >= 0, "refine_passes", "an integer >= 0")

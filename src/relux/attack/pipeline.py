@@ -233,7 +233,8 @@ def _extract(
         if wrong_before is not None and wrong_before.size:
             suspects = wrong_before if suspects is None else np.concatenate([suspects, wrong_before])
         check = self_check(counter.query, model, witnesses, normals, radii, n_check,
-                           scale, cfg.selfcheck_tol, floor, rng, suspects, cfg.selfcheck_lines)
+                           scale, cfg.selfcheck_tol, floor, rng, suspects, cfg.selfcheck_lines,
+                           stop_early=cfg.selfcheck_stop_early)
     result = ExtractionResult(
         model=model,
         arch=a,
@@ -436,6 +437,7 @@ def _walked_layer(
     executor: Executor | None = None,
     signed_only: bool = False,
     hints: FloatArray | None = None,
+    spare: list[tuple[int, Callable[[], LayerOutcome]]] | None = None,
 ) -> tuple[list[tuple[FloatArray, FloatArray]], list[LayerReport], LayerOutcome | None]:
     """Walks along layer-``i`` boundaries (:mod:`relux.attack.walk`): the signs of layer ``i - 1``,
     checked and repaired in place (with its report) by at most ``cfg.check_walks`` sign-free walks
@@ -445,7 +447,10 @@ def _walked_layer(
     and never from sign-free walks (a layer as wide as its space of control: witnesses still see most of
     a row, so when the signs are open the witnesses' unification is cheaper). ``executor`` runs the
     per-witness work of the walks' starts. ``hints``: inputs where an earlier attempt's model was wrong,
-    where the search for rows the walks missed (:func:`relux.attack.more_rows.more_rows`) starts."""
+    where the search for rows the walks missed (:func:`relux.attack.more_rows.more_rows`) starts.
+    ``spare``: when the last hidden layer is left a few rows short (its witnesses then extract it), the
+    rows the walks did find are appended there (their number, and the call that makes their outcome: no
+    query made yet), for the caller to use if the witnesses give fewer."""
     from relux.attack.deep import outcome_from_rows
     from relux.attack.missing import recover_from_walks
     from relux.attack.walk import walk_layer
@@ -548,14 +553,13 @@ def _walked_layer(
             # rarely switched neurons: their walks seldom complete, their witnesses still see every weight
             from relux.attack.more_rows import more_rows
 
-            # An inner layer one row short searches half as long: the next layer's walks recover a neuron
-            # of the layer before, and one rarer still shows in the self-check, whose disagreements a
-            # resumed attempt aims at (digits 64-40x4-10: 192 lines, 357k queries, for a layer-3 neuron
-            # on at 2e-5 of inputs)
-            one_short = not is_last and width - wr.W.shape[0] == 1
+            # An inner layer stops searching half as soon without a new row: the next layer's walks
+            # recover a neuron of the layer before, and one rarer still shows in the self-check, whose
+            # disagreements a resumed attempt aims at (digits 64-40x4-10: 192 lines, 357k queries, for a
+            # layer-3 neuron on at 2e-5 of inputs, which a resume then found after 32 lines)
             more = more_rows(q, layers, wr.W, wr.b, width, d0, cfg, rng, rel_tol, executor=executor,
                              partial_ok=is_last, hints=hints,
-                             stall_lines=4 * cfg.max_search_lines if one_short else None)
+                             stall_lines=None if is_last else 4 * cfg.max_search_lines)
             log.info("layer %d: %d more row(s) from %d witnesses on %d lines%s", i, more.W.shape[0], more.witnesses,
                      more.lines, f"; {more.reason}" if more.reason else "")
             if more.W.shape[0]:
@@ -564,6 +568,10 @@ def _walked_layer(
                                          points=(*wr.points, *more.points),
                                          residual=np.append(wr.residual, more.residual))
         if wr.W.shape[0] < width and (is_last or not few):
+            if is_last and few and spare is not None and wr.W.shape[0]:
+                spare.append((wr.W.shape[0], functools.partial(
+                    outcome_from_rows, q, layers, wr.W, wr.b, wr.points, wr.residual, width, d0, True, cfg, rng,
+                    "signed walks", coverage=cov, rel_tol=rel_tol)))
             return layers, reports, None
         if wr.W.shape[0] < width:
             warnings.append(f"layer {i}: {width - wr.W.shape[0]} row(s) found neither by signed walks ({wr.reason}) "
@@ -756,11 +764,12 @@ def _extract_deep(
                     # Walks along this layer's boundaries check (and repair) the signs of the layer
                     # before. After a layer wider than its space of control (signs undecidable by the
                     # wiggle) they also give this layer's rows; otherwise a few walks are the check.
+                    walked: list[tuple[int, Callable[[], LayerOutcome]]] = []
                     if out is None:
                         walk = functools.partial(_walked_layer, width=width, d0=df, is_last=i == len(hidden),
                                                  cfg=cf, rng=rng, rel_tol=rel_tol, warnings=warnings, full=expansive,
                                                  points=new_pts, executor=stages.executor,
-                                                 signed_only=hidden[i - 2] == control, hints=hf)
+                                                 signed_only=hidden[i - 2] == control, hints=hf, spare=walked)
                         lf2, reports, out = walk(qf, lf, reports)
                         grew = lf2[-1][0].shape[0] > lf[-1][0].shape[0]
                         if out is None and grew and not free_last:
@@ -779,6 +788,12 @@ def _extract_deep(
                     if out is None:
                         out = extract_layer(qf, lf2, width, df, sum(hidden), i == len(hidden), k, cf, rng,
                                             rel_tol, executor=stages.executor, hints=hf)
+                        n_walked = walked[-1][0] if walked else 0
+                        if n_walked > out.W.shape[0]:
+                            # the signed walks' rows, short by a few: more than the witnesses gave
+                            warnings.append(f"layer {i}: {out.W.shape[0]} rows from witnesses, fewer than the "
+                                            f"{n_walked} of the signed walks: those kept")
+                            out = walked[-1][1]()
                     if frame is not None:
                         layers = frame.up(layers, lf, lf2)
                         new_pts = [frame.lift(P) for P in new_pts]

@@ -43,6 +43,10 @@ RANK_ONE_TOL = 1e-6
 #: coordinate :data:`PER_COORD` inputs where it is on too
 DRAW_SPARE = 16
 PER_COORD = 4
+#: steps of the paths that switch each input coordinate on together with a rare row (clouds.pair_points)
+PAIR_STEPS = 8
+#: starting points of those paths
+PAIR_TRIES = 32
 
 
 @dataclass(frozen=True)
@@ -144,8 +148,10 @@ def reread_rare_rows(
         # the witnesses the row came from), with every input coordinate on at some of them
         C = np.concatenate([_covering(drawn[int(j)], prefix, need, PER_COORD), C])
         if prefix:
-            C = np.concatenate([C, pair_points([*prefix, (W, b), (Wo, bo)], len(prefix), int(j), seeds,
-                                                np.arange(W.shape[1]), rng)])
+            # from the pool's points and the draws where it is on (the draws reach further into its region)
+            starts = np.concatenate([seeds, drawn[int(j)]])
+            C = np.concatenate([C, pair_points([*prefix, (W, b), (Wo, bo)], len(prefix), int(j), starts,
+                                                np.arange(W.shape[1]), rng, tries=PAIR_TRIES, steps=PAIR_STEPS)])
         Y = np.concatenate([query(C), Yn]) if near.shape[0] else query(C)
         spent += C.shape[0]
         C = np.concatenate([C, near])
