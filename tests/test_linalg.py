@@ -57,3 +57,22 @@ def test_rows_that_alone_see_a_column_are_kept() -> None:
     assert np.linalg.matrix_rank(A) == A.shape[1]
     # the two rows that see column 0 stay, so its coefficient is determined too (exact rows: rounding)
     np.testing.assert_allclose(got, X, atol=1e-9)
+
+
+def test_a_rare_column_keeps_the_row_of_it_that_fits() -> None:
+    # A column on at two rows only, one of them from outside the model too (two rare neurons on together),
+    # and misfits elsewhere: one of those two rows stays for the column (which one the data cannot tell:
+    # each alone fits it exactly), and every other coefficient is exact.
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        A, X, _ = _design(seed, 200, 6, 1)
+        A[:, 0] = 0.0
+        A[:2, 0] = rng.uniform(0.5, 2.0, size=2)
+        B = A @ X
+        bad = rng.choice(np.arange(2, 200), size=8, replace=False)
+        B[bad] += rng.normal(size=(8, 1))
+        B[1] += 1.0 + abs(rng.normal())
+        got = lstsq_dropping_misfits(A, B, 1e-9)
+        # exact rows left: rounding only
+        np.testing.assert_allclose(got[1:], X[1:], atol=1e-9)
+        assert np.isfinite(got[0]).all() and abs(float(got[0, 0])) > 0

@@ -76,9 +76,10 @@ def self_check(
     are kept in ``disagreements`` (the 16 worst), and those among the random points counted in
     ``disagreeing``.
 
-    ``stop_early``: the random points go in quarters, and a check that has failed after one (on them or on
-    the points before them) stops there, without the rest or the lines: a failed attempt's verdict needs
-    no more queries (``random_points`` then counts those asked).
+    ``stop_early``: the random points go in quarters (or smaller chunks when the input is wide), and a check
+    that has failed by twice its tolerance once a quarter of them were asked (on them or on the points
+    before them) stops there, without the rest or the lines: a failed attempt's verdict needs no more
+    queries (``random_points`` then counts those asked).
     """
     d = model.input_dim
     pts: list[FloatArray] = [suspects] if suspects is not None and suspects.size else []
@@ -91,10 +92,10 @@ def self_check(
         pts.append(witnesses + V)
         pts.append(witnesses - V)
     # the random points a chunk at a time (a check of 10^5 points at 3,072 inputs is 2.4 GB at once)
-    chunk = max(1, min(n_random, 2**22 // max(d, 1)))
-    if stop_early:
-        chunk = max(1, min(chunk, -(-n_random // 4)))
+    memory_chunk = max(1, min(n_random, 2**22 // max(d, 1)))
+    chunk = max(1, min(memory_chunk, -(-n_random // 4))) if stop_early else memory_chunk
     sizes = [min(chunk, n_random - i) for i in range(0, n_random, chunk)]
+    quarter = -(-n_random // 4)
     n_total = n_random + sum(P.shape[0] for P in pts)
     err = ref = 0.0
     worst_x = np.zeros((0, d))
@@ -104,10 +105,13 @@ def self_check(
     thr = max(tol, 100.0 * noise_floor)
     stopped = False
     for i in range(len(fixed) + len(sizes)):
-        if stop_early and i > len(fixed) and err > thr * max(ref, np.finfo(float).tiny):
-            stopped = True  # failed already, on a quarter of the random points at least
-            n_total -= sum(sizes[i - len(fixed):])
-            n_random -= sum(sizes[i - len(fixed):])
+        asked = sum(sizes[: max(i - len(fixed), 0)])
+        # failed already, by twice the tolerance (the largest |f| of the points not asked could only loosen
+        # the verdict), after a quarter of the random points at least
+        if stop_early and asked >= quarter and err > 2.0 * thr * max(ref, np.finfo(float).tiny):
+            stopped = True
+            n_total -= n_random - asked
+            n_random = asked
             break
         X = fixed[i] if i < len(fixed) else rng.normal(0.0, scale, size=(sizes[i - len(fixed)], d))
         Y = query(X)
@@ -140,7 +144,8 @@ def self_check(
         lines.append(x0[None, :] + t[:, None] * u[None, :])
     # the lines together, in as few oracle calls as the chunk size of the random points allows
     P_lines = np.concatenate(lines) if lines else np.zeros((0, d))
-    Y_lines = (np.concatenate([query(P_lines[i:i + chunk]) for i in range(0, P_lines.shape[0], chunk)])
+    Y_lines = (np.concatenate([query(P_lines[i:i + memory_chunk])
+                               for i in range(0, P_lines.shape[0], memory_chunk)])
                if P_lines.shape[0] else np.zeros((0, model.output_dim)))
     ends = np.cumsum([X.shape[0] for X in lines])
     for X, Y in zip(lines, np.split(Y_lines, ends[:-1]) if lines else [], strict=True):

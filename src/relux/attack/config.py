@@ -48,8 +48,9 @@ class ExtractionConfig:
             more chance for a wrong model to pass.
         selfcheck_max_points: cap on the random points that ``selfcheck_fraction`` asks for (never
             fewer than ``selfcheck_points``).
-        selfcheck_stop_early: a self-check already failed after a quarter of its random points stops there
-            (nor are its lines asked): a failed attempt's verdict needs no more queries, and the points that
+        selfcheck_stop_early: a self-check already failed (by twice its tolerance) after a quarter of its
+            random points stops there (nor are its lines asked): a failed attempt's verdict needs no more
+            queries, and the points that
             failed are enough for the next attempt to aim at (digits 64-40x4-10: four failed checks of
             100,000 points each). False asks every point of every check.
         selfcheck_dead_points: random points of the self-check, at least (at most

@@ -19,8 +19,6 @@ def lstsq(A: FloatArray, B: FloatArray) -> FloatArray:
     return out
 
 
-
-
 def lstsq_dropping_misfits(A: FloatArray, B: FloatArray, floor: float, rounds: int = 12,
                            share: float = 0.1) -> FloatArray:
     """:func:`lstsq` refitted without the rows it misses most: a few rows from outside the model (where a
@@ -28,9 +26,10 @@ def lstsq_dropping_misfits(A: FloatArray, B: FloatArray, floor: float, rounds: i
     largest over the columns of ``B``, relative to ``max |B|``. Each round drops the rows that miss by more
     than a thousandth of the largest miss and more than ``floor`` (what rounding or oracle noise leaves:
     nothing below it is dropped, so a clean fit is the plain one), at most the worst ``share`` of the rows
-    left (a bent fit misses everywhere, so the worst go first), and refits; it stops after ``rounds``, when
-    nothing is dropped, or before the rows left lose rank or number fewer than the columns plus two.
-    Returns the fit, of all rounds, with the smallest median miss over every row."""
+    left (a bent fit misses everywhere, so the worst go first), but never every row that sees some column
+    (the one of them that misses least stays: without any, its coefficient is lost), and refits. It stops
+    after ``rounds``, when nothing is dropped, or before the rows left lose rank or number fewer than the
+    columns plus two. Returns the fit, of all rounds, with the smallest median miss over every row."""
     B2 = B.reshape(B.shape[0], -1)
     scale = float(np.max(np.abs(B2))) if B2.size else 0.0
     scale = scale if scale > 0 else 1.0
@@ -44,12 +43,19 @@ def lstsq_dropping_misfits(A: FloatArray, B: FloatArray, floor: float, rounds: i
     r = misses(X)
     best, best_median = X, float(np.median(r))
     rank = int(np.linalg.matrix_rank(A))
+    nonzero = A != 0
     for _ in range(rounds):
         idx = np.flatnonzero(keep & (r > max(1e-3 * float(np.max(r[keep])), floor)))
         idx = idx[np.argsort(r[idx])[::-1][: max(1, int(share * keep.sum()))]]
         new_keep = keep.copy()
         new_keep[idx] = False
-        if (not idx.size or new_keep.sum() < A.shape[1] + 2
+        # a column no row left would see keeps the one of its rows that misses least: without any, its
+        # coefficient is lost
+        for c in np.flatnonzero(~nonzero[new_keep].any(axis=0) & nonzero[keep].any(axis=0)):
+            if not nonzero[new_keep, c].any():
+                see = idx[nonzero[idx, c]]
+                new_keep[see[np.argmin(r[see])]] = True
+        if (new_keep.sum() == keep.sum() or new_keep.sum() < A.shape[1] + 2
                 or int(np.linalg.matrix_rank(A[new_keep])) < rank):
             break
         keep = new_keep

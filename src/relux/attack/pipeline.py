@@ -548,7 +548,7 @@ def _walked_layer(
         # missing neuron. The last hidden layer still short, or a layer far short, is extracted from
         # witnesses instead.
         cov = None
-        few = width - wr.W.shape[0] <= max(2, width // 10)
+        few = width - wr.W.shape[0] <= max(2 if is_last else 1, width // 10)
         if few and wr.W.shape[0] < width:
             # rarely switched neurons: their walks seldom complete, their witnesses still see every weight
             from relux.attack.more_rows import more_rows
@@ -786,14 +786,21 @@ def _extract_deep(
                                 out = extract_layer(qf, lf2, width, df, sum(hidden), True, k, cf, rng, rel_tol,
                                                     executor=stages.executor, hints=hf)
                     if out is None:
-                        out = extract_layer(qf, lf2, width, df, sum(hidden), i == len(hidden), k, cf, rng,
-                                            rel_tol, executor=stages.executor, hints=hf)
                         n_walked = walked[-1][0] if walked else 0
-                        if n_walked > out.W.shape[0]:
+                        try:
+                            out = extract_layer(qf, lf2, width, df, sum(hidden), i == len(hidden), k, cf, rng,
+                                                rel_tol, executor=stages.executor, hints=hf)
+                            n_witness = out.W.shape[0]
+                        except ExtractionFailed:
+                            if not n_walked:
+                                raise
+                            n_witness = 0
+                        if n_walked > n_witness:
                             # the signed walks' rows, short by a few: more than the witnesses gave
-                            warnings.append(f"layer {i}: {out.W.shape[0]} rows from witnesses, fewer than the "
+                            warnings.append(f"layer {i}: {n_witness} rows from witnesses, fewer than the "
                                             f"{n_walked} of the signed walks: those kept")
                             out = walked[-1][1]()
+                        assert out is not None  # from the witnesses, or (when they failed) the walks
                     if frame is not None:
                         layers = frame.up(layers, lf, lf2)
                         new_pts = [frame.lift(P) for P in new_pts]

@@ -113,11 +113,13 @@ def reread_rare_rows(
     is replaced only where the inputs determine it (its coordinates on at enough of them), the fit explains
     ``z_j`` to ``tol`` (relative) and the new row misses ``f`` less at those inputs. ``reach``: the inputs'
     typical norm. Spends per such neuron ``4 (fan-in + 1)`` queries at random inputs where the model has it
-    on and as many near them, up to two per input coordinate (steps switching it on with the neuron), and
-    40 per bisection (at most 16); and nine per hint, once. ``hints``: inputs where an
-    earlier model disagreed with ``f`` (where a wrong row shows), used with moved copies of them as well.
-    Up to ``max_draw`` random inputs (fewer when the prefix is wide) are drawn to find where each such row is
-    on without a query."""
+    on, up to :data:`PER_COORD` more per input coordinate (drawn where that coordinate is on too), as many
+    near the pool's points where it is on, up to two per input coordinate (paths of up to
+    :data:`PAIR_STEPS` steps switching it on with the neuron, from :data:`PAIR_TRIES` starts: no query, but
+    a Jacobian of the prefix per step), and 40 per bisection (at most 16); and nine per hint, once.
+    ``hints``: inputs where an earlier model disagreed with ``f`` (where a wrong row shows), used with moved
+    copies of them as well. Up to ``max_draw`` random inputs (fewer when the prefix is wide) are drawn to
+    find where each such row is on without a query."""
     out = [(np.array(W, dtype=float), np.array(b, dtype=float)) for W, b in layers]
     prefix, (W, b), (Wo, bo) = out[:-2], out[-2], out[-1]
     Hp = pfx.forward(prefix, pool)[1] if prefix else pool
