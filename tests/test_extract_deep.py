@@ -71,6 +71,15 @@ def test_expansive_last_hidden_layer() -> None:
     assert [layer.recovered for layer in result.layers] == [6, 10]
 
 
+def test_a_row_fitted_to_a_deeper_boundary_is_found_out_by_more_lines() -> None:
+    # Random 10-10-10-10-1 victim 2: a signed walk fitted a layer-3 neuron's boundary within one pattern of
+    # layer 2 exactly (0.37 off the layer-2 row it stood for), and the only two search lines gave it one
+    # hit and two misses. More lines drop it and the walks find the real row: every layer exact.
+    victim = random_mlp("10-10-10-10-1", np.random.default_rng(2))
+    result = relux.extract(MLPOracle(victim), victim.arch, relux.ExtractionConfig(seed=0))
+    _check(victim, result)
+
+
 def test_layer_failure_reports_partial_progress() -> None:
     # An affine oracle has no kink: layer 1 cannot be found, and the partial result says where it stopped.
     from relux.attack.result import PartialResult

@@ -210,3 +210,26 @@ def test_rows_the_search_lines_contradict_are_dropped(expansive: MLP) -> None:
     assert len(kept) == 6
     assert all(any(r is k for k in kept) for r in rows[:6])  # every real row kept, the bogus one dropped
     assert len(_confirmed([layer], rows[:6], lines, 4)) == 4  # never more than the layer's width
+
+
+def test_a_row_its_lines_contradict_as_often_as_they_confirm_is_weak(expansive: MLP) -> None:
+    # On one line, the real rows' crossings are kinks (hits only); a row one hit and two misses would pass
+    # the confirmation rule on so little evidence, but counts as weak: the signed walks search more lines.
+    from relux.attack.critical import find_kinks
+    from relux.attack.walk_rows import _weak
+
+    W1, b1 = expansive.layers[0]
+    n1 = np.linalg.norm(np.concatenate([W1, b1[:, None]], axis=1), axis=1)
+    layer = (W1 / n1[:, None], b1 / n1)
+    T = _unit(expansive.layers[1][0] * n1[None, :], expansive.layers[1][1])
+    rng = np.random.default_rng(4)
+    x0 = rng.normal(size=(2, 8))
+    U = rng.normal(size=(2, 8))
+    U *= (4.0 * np.sqrt(8) / np.linalg.norm(U, axis=1))[:, None]
+    lines, _ = find_kinks(MLPOracle(expansive).query, x0, U, -1.0, 1.0, 512, 1e-9)
+    real = [(t[:-1], float(t[-1]), np.zeros((0, 8)), 0.0) for t in T]
+    assert not _weak([layer], real, lines)
+    bogus = T[0] + 0.05 * rng.normal(size=T.shape[1])
+    bogus /= np.linalg.norm(bogus)
+    assert _weak([layer], [*real, (bogus[:-1], float(bogus[-1]), np.zeros((0, 8)), 0.0)], lines)
+    assert not _weak([layer], [], lines) and not _weak([layer], real, [])
