@@ -142,7 +142,7 @@ def self_check(
         u /= np.linalg.norm(u)
         t = line_parameters(kink_parameters(W1, b1, x0, u), np.zeros(0), line_points, 0.9)
         lines.append(x0[None, :] + t[:, None] * u[None, :])
-    # the lines together, in as few oracle calls as the chunk size of the random points allows
+    # the lines together, in as few oracle calls as the memory chunk of the random points allows
     P_lines = np.concatenate(lines) if lines else np.zeros((0, d))
     Y_lines = (np.concatenate([query(P_lines[i:i + memory_chunk])
                                for i in range(0, P_lines.shape[0], memory_chunk)])
