@@ -16,6 +16,7 @@ from relux.attack.checks import self_check
 from relux.attack.result import LayerReport, SelfCheck
 from relux.attack.resume import (
     Resume,
+    _distinct_new,
     _seen_before,
     boundary_points,
     rare_rows,
@@ -455,3 +456,20 @@ def test_extraction_config_validates_the_new_switches() -> None:
         relux.ExtractionConfig(selfcheck_stop_early=0)  # type: ignore[arg-type]
     assert relux.ExtractionConfig().selfcheck_stop_early is True
     assert relux.ExtractionConfig(selfcheck_lines=0, reread_rare_rows=False).to_json()["selfcheck_lines"] == 0
+
+
+def test_a_neuron_found_twice_by_a_resume_is_kept_once() -> None:
+    # Two new rows of one neuron, the second off on a weight its witnesses did not see, and a third neuron:
+    # the copy goes (the row that saw more coordinates stays), the other neuron stays.
+    rng = np.random.default_rng(0)
+    w, other = rng.normal(size=6), rng.normal(size=6)
+    bent = w.copy()
+    bent[5] += 0.5
+    W = np.stack([bent, w, other])
+    b = np.array([0.3, 0.3, -0.2])
+    cov = np.ones((3, 6), dtype=bool)
+    cov[0, 5] = False  # the bent copy never saw coordinate 5
+    keep = _distinct_new(W, b, cov, np.zeros(3), np.arange(3), 3)
+    assert keep.tolist() == [1, 2]
+    # distinct neurons all stay, and only the indices asked are considered
+    assert _distinct_new(W, b, cov, np.zeros(3), np.array([0, 2]), 3).tolist() == [0, 2]
