@@ -136,6 +136,7 @@ def walk_rows(
         rows = _confirmed(layers, rows, lines, width)
         if len(rows) > before:
             last_new = rnd
+            extra = 0  # a row that filled the layer again has the confirmation rounds afresh
             log.info("signed walks: %d/%d rows after %d walks (%d complete; %d starts set aside as deeper)",
                      len(rows), width, walks, complete, screened)
     W_out = np.stack([r[0] for r in rows]) if rows else np.zeros((0, n_i))
