@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from relux.attack.config import ExtractionConfig
+from relux.attack.critical import LineKinks
 from relux.attack.walk_rows import walk_rows
 from relux.attack.walk_system import WalkSystem
 from relux.model import MLP
@@ -190,19 +191,28 @@ def test_relocation_lands_exactly_on_the_row_boundary_without_a_query() -> None:
     assert moved >= 10
 
 
-def test_rows_the_search_lines_contradict_are_dropped(expansive: MLP) -> None:
+def _layer_rows_and_lines(expansive: MLP, n_lines: int) -> tuple[
+        tuple[np.ndarray, np.ndarray], np.ndarray, list[LineKinks], np.random.Generator]:
+    """The victim's first layer (unit rows), its second layer's unit rows over them, ``n_lines`` search lines
+    with their kinks, and the generator that drew them (for what the test draws next)."""
     from relux.attack.critical import find_kinks
-    from relux.attack.walk_rows import _confirmed
 
     W1, b1 = expansive.layers[0]
     n1 = np.linalg.norm(np.concatenate([W1, b1[:, None]], axis=1), axis=1)
     layer = (W1 / n1[:, None], b1 / n1)
     T = _unit(expansive.layers[1][0] * n1[None, :], expansive.layers[1][1])
     rng = np.random.default_rng(4)
-    x0 = rng.normal(size=(12, 8))
-    U = rng.normal(size=(12, 8))
+    x0 = rng.normal(size=(n_lines, 8))
+    U = rng.normal(size=(n_lines, 8))
     U *= (4.0 * np.sqrt(8) / np.linalg.norm(U, axis=1))[:, None]
     lines, _ = find_kinks(MLPOracle(expansive).query, x0, U, -1.0, 1.0, 512, 1e-9)
+    return layer, T, lines, rng
+
+
+def test_rows_the_search_lines_contradict_are_dropped(expansive: MLP) -> None:
+    from relux.attack.walk_rows import _confirmed
+
+    layer, T, lines, rng = _layer_rows_and_lines(expansive, 12)
     bogus = T[0] + 0.05 * rng.normal(size=T.shape[1])  # a row near a real one: its crossings are elsewhere
     bogus /= np.linalg.norm(bogus)
     rows = [(t[:-1], float(t[-1]), np.zeros((0, 8)), 0.0) for t in (*T, bogus)]
@@ -215,18 +225,9 @@ def test_rows_the_search_lines_contradict_are_dropped(expansive: MLP) -> None:
 def test_a_row_its_lines_contradict_as_often_as_they_confirm_is_weak(expansive: MLP) -> None:
     # On one line, the real rows' crossings are kinks (hits only); a row one hit and two misses would pass
     # the confirmation rule on so little evidence, but counts as weak: the signed walks search more lines.
-    from relux.attack.critical import find_kinks
     from relux.attack.walk_rows import _weak
 
-    W1, b1 = expansive.layers[0]
-    n1 = np.linalg.norm(np.concatenate([W1, b1[:, None]], axis=1), axis=1)
-    layer = (W1 / n1[:, None], b1 / n1)
-    T = _unit(expansive.layers[1][0] * n1[None, :], expansive.layers[1][1])
-    rng = np.random.default_rng(4)
-    x0 = rng.normal(size=(2, 8))
-    U = rng.normal(size=(2, 8))
-    U *= (4.0 * np.sqrt(8) / np.linalg.norm(U, axis=1))[:, None]
-    lines, _ = find_kinks(MLPOracle(expansive).query, x0, U, -1.0, 1.0, 512, 1e-9)
+    layer, T, lines, rng = _layer_rows_and_lines(expansive, 2)
     real = [(t[:-1], float(t[-1]), np.zeros((0, 8)), 0.0) for t in T]
     assert not _weak([layer], real, lines)
     bogus = T[0] + 0.05 * rng.normal(size=T.shape[1])

@@ -61,6 +61,7 @@ def lstsq_dropping_misfits(A: FloatArray, B: FloatArray, floor: float, rounds: i
         keep = new_keep
         X = lstsq(A[keep], B[keep])
         r = misses(X)
-        if float(np.median(r)) < best_median:
-            best, best_median = X, float(np.median(r))
+        median = float(np.median(r))
+        if median < best_median:
+            best, best_median = X, median
     return best

@@ -268,14 +268,14 @@ def resumed_layer(
 def _distinct_new(W: FloatArray, b: FloatArray, cov: np.ndarray, res: FloatArray, idx: np.ndarray, layer: int
                   ) -> np.ndarray:
     """The new rows ``idx`` of a resumed layer without repeats: two that agree on the coordinates both have
-    seen (as :func:`_seen_before` judges) are one neuron, and the one that saw more coordinates stays (the
+    seen (:func:`_same_on_seen`) are one neuron, and the one that saw more coordinates stays (the
     lower residual on a tie). Random 30-15-15-15-1 victim 6: the lines through the disagreements gave one
     rare neuron twice, once exactly and once 0.17 off on weights its witnesses did not see, and the
     neuron it took the place of stayed missing."""
     order = sorted((int(i) for i in idx), key=lambda i: (-int(cov[i].sum()), float(res[i])))
     out: list[int] = []
     for i in order:
-        if not any(parallel_on(cov[i] & cov[j], W[i], float(b[i]), W[j], float(b[j]), 1e-4, 4) for j in out):
+        if not any(_same_on_seen(cov[i] & cov[j], W[i], float(b[i]), W[j], float(b[j])) for j in out):
             out.append(i)
     if len(out) < idx.size:
         log.info("layer %d: %d new row(s) dropped: the same neuron as another new row on the weights both saw",
@@ -283,13 +283,19 @@ def _distinct_new(W: FloatArray, b: FloatArray, cov: np.ndarray, res: FloatArray
     return np.array(sorted(out), dtype=int)
 
 
+def _same_on_seen(seen: np.ndarray, w1: FloatArray, b1: float, w2: FloatArray, b2: float) -> bool:
+    """Are ``(w1, b1)`` and ``(w2, b2)`` one neuron on the coordinates ``seen`` (both rows saw them)? Within
+    1e-4 in cosine over at least four coordinates and the bias: witnesses determine what they see to 1e-8,
+    and two different neurons agreeing that closely on four weights is a coincidence of measure zero."""
+    return parallel_on(seen, w1, b1, w2, b2, 1e-4, 4)
+
+
 def _seen_before(r: NeuronRow, W: FloatArray, b: FloatArray, cov: np.ndarray) -> bool:
-    """Is ``r`` one of the rows ``(W, b)`` on the coordinates both have seen? A rarely active neuron's
-    witnesses leave some of its weights unseen, and the unification's values there differ from the known
-    row's (digits 64-40x4-10: layer-4 neuron 18 added twice, the second copy off by half on unseen weights).
-    Within 1e-4 in cosine over at least four coordinates and the bias: witnesses determine what they see to
-    1e-8, and two different neurons agreeing that closely on four weights is a coincidence of measure zero."""
-    return any(parallel_on(r.coverage & cov[j], r.w, r.b, W[j], float(b[j]), 1e-4, 4) for j in range(W.shape[0]))
+    """Is ``r`` one of the rows ``(W, b)`` on the coordinates both have seen (:func:`_same_on_seen`)? A rarely
+    active neuron's witnesses leave some of its weights unseen, and the unification's values there differ
+    from the known row's (digits 64-40x4-10: layer-4 neuron 18 added twice, the second copy off by half on
+    unseen weights)."""
+    return any(_same_on_seen(r.coverage & cov[j], r.w, r.b, W[j], float(b[j])) for j in range(W.shape[0]))
 
 
 def suspect_rows(model: MLP, layer: int, sample: FloatArray, D: FloatArray) -> np.ndarray:
