@@ -350,6 +350,25 @@ def test_a_complete_last_hidden_layer_is_carried() -> None:
     assert not recovered_rows(got, back)
 
 
+def test_a_gain_that_left_the_aimed_inputs_wrong_goes_back_a_layer() -> None:
+    """The last hidden layer, resumed at, gained rows, and the layer before is short: when its check is
+    still wrong only at the inputs its search was aimed at, what is missing there is the layer before's
+    (digits 64-40x4-10: a rare layer-4 row found at one hint, layer-3 neuron 18 on at the other); a new
+    disagreement keeps the resume at the last hidden layer."""
+    model = random_mlp((6, 8, 8, 8, 2), np.random.default_rng(0))
+    points = [np.full((2, 6), float(i)) for i in range(3)]
+    check = _check(2)
+    aimed = np.concatenate([np.array(check.disagreements), np.full((1, 6), 9.0)])
+    got = resume_point(model, _reports([8, 7, 7]), points, check, resumed_at=3, gained=True, aimed=aimed)
+    assert got is not None and got.layer == 2 and got.carried is not None
+    # one input it was not aimed at: another rare last-layer row may be on there
+    got = resume_point(model, _reports([8, 7, 7]), points, check, resumed_at=3, gained=True, aimed=aimed[1:])
+    assert got is not None and got.layer == 3
+    # the layer before complete: nowhere else to look
+    got = resume_point(model, _reports([8, 8, 7]), points, check, resumed_at=3, gained=True, aimed=aimed)
+    assert got is not None and got.layer == 3
+
+
 def test_no_free_resume_back_past_a_complete_layer() -> None:
     """Resumed at the last hidden layer (4), still short and nothing gained, with layer 3 complete and layer 2
     short: the next resume does not jump back to layer 2 (layer 4 could not be carried from there)."""

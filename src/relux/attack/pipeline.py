@@ -254,7 +254,9 @@ def _extract(
     # random inputs for resume_point to tell rarely active rows, when every layer is complete
     sample = (rng.normal(0.0, scale, size=(8192, d0)) if not check.passed and all(
         r.recovered >= r.width for r in layer_reports) else None)
-    nxt = resume_point(model, layer_reports, layer_points, check, resumed_at, gained, sample) if len(a) > 3 else None
+    aimed = resume.hints if resume is not None else None
+    nxt = (resume_point(model, layer_reports, layer_points, check, resumed_at, gained, sample, aimed)
+           if len(a) > 3 else None)
     return result, nxt
 
 
@@ -438,6 +440,8 @@ def _walked_layer(
     signed_only: bool = False,
     hints: FloatArray | None = None,
     spare: list[tuple[int, Callable[[], LayerOutcome]]] | None = None,
+    again: bool = True,
+    checked: bool = False,
 ) -> tuple[list[tuple[FloatArray, FloatArray]], list[LayerReport], LayerOutcome | None]:
     """Walks along layer-``i`` boundaries (:mod:`relux.attack.walk`): the signs of layer ``i - 1``,
     checked and repaired in place (with its report) by at most ``cfg.check_walks`` sign-free walks
@@ -450,13 +454,24 @@ def _walked_layer(
     where the search for rows the walks missed (:func:`relux.attack.more_rows.more_rows`) starts.
     ``spare``: when the last hidden layer is left a few rows short (its witnesses then extract it), the
     rows the walks did find are appended there (their number, and the call that makes their outcome: no
-    query made yet), for the caller to use if the witnesses give fewer."""
+    query made yet), for the caller to use if the witnesses give fewer. When the walks recover a neuron of
+    layer ``i - 1`` that no kink showed, layer ``i`` is walked again behind the completed layer if ``again``
+    (else the caller takes it from there); that second time (``checked``) walks no sign-free walks first
+    when the first walks decided every sign (the recovered neuron's comes with its boundary)."""
     from relux.attack.deep import outcome_from_rows
     from relux.attack.missing import recover_from_walks
     from relux.attack.walk import walk_layer
 
     prev = reports[-1]
     short = prev.width - layers[-1][0].shape[0]
+    if checked and not short:
+        # the walks that recovered layer i-1's missing neuron decided every sign: its rows, behind the
+        # completed layer, from signed walks alone (the check walks cost as much again: digits 64-40x4-10's
+        # layer 3, 21 walks and 94k queries, which flipped nothing)
+        if not (full or signed_only):
+            return layers, reports, None
+        return _signed_rows(q, layers, reports, width, d0, is_last, cfg, rng, rel_tol, warnings, [], executor,
+                            hints, spare)
     # A few sign-free walks first: they decide layer i-1's signs; then, for an expansive layer,
     # one signed walk per row (its row has no term for the signs, so the start's normal fixes it
     # early and crossings already made are predicted). When the few walks leave a sign undecided,
@@ -472,8 +487,8 @@ def _walked_layer(
     # a sign is known when the walks decided it, or the wiggle's verdict was clean and no walk flipped it
     clean = np.array([float(nr.get("sign_confidence", 0.0)) >= 1.0 for nr in prev.neurons])
     known_sign = wo.decided | (clean & ~wo.flips) if clean.size == wo.decided.size else wo.decided
-    signed = ((full or signed_only) and wo.solution is not None and wo.solution.ok and bool(known_sign.all())
-              and not short)
+    settled = wo.solution is not None and wo.solution.ok and bool(known_sign.all())
+    signed = (full or signed_only) and settled and not short
     if full and not signed:
         wo = walk_layer(q, layers, width, d0, cfg, rng, rel_tol, rows_wanted=width, missing=short,
                         executor=executor)
@@ -535,54 +550,82 @@ def _walked_layer(
     reports = [*reports[:-1], dataclasses.replace(prev, sign_method=method, neurons=neurons,
                                                   recovered=prev.recovered + found, dead=prev.dead - found)]
     if found:
-        return layers, reports, None  # layer i is then extracted behind the completed layer i-1
-    if signed:
-        from relux.attack.walk_rows import walk_rows
-
-        known = list(zip(wo.W_next, wo.b_next, wo.points, wo.row_residual, strict=True))
-        wr = walk_rows(q, layers, width, d0, cfg, rng, rel_tol, known=known, executor=executor)
-        log.info("layer %d: %d/%d rows from %d signed walks (%d complete)%s", i, wr.W.shape[0], width, wr.walks,
-                 wr.complete, f"; {wr.reason}" if wr.reason else "")
-        # A layer a few rows short (rarely switched neurons whose kinks the lines did not show) looks for
-        # them on more lines. An inner layer still short is kept: the next layer's walks look for a
-        # missing neuron. The last hidden layer still short, or a layer far short, is extracted from
-        # witnesses instead.
-        cov = None
-        few = width - wr.W.shape[0] <= max(2 if is_last else 1, width // 10)
-        if few and wr.W.shape[0] < width:
-            # rarely switched neurons: their walks seldom complete, their witnesses still see every weight
-            from relux.attack.more_rows import more_rows
-
-            # An inner layer stops searching half as soon without a new row: the next layer's walks
-            # recover a neuron of the layer before, and one rarer still shows in the self-check, whose
-            # disagreements a resumed attempt aims at (digits 64-40x4-10: 192 lines, 357k queries, for a
-            # layer-3 neuron on at 2e-5 of inputs, which a resume then found after 32 lines)
-            more = more_rows(q, layers, wr.W, wr.b, width, d0, cfg, rng, rel_tol, executor=executor,
-                             partial_ok=is_last, hints=hints,
-                             stall_lines=None if is_last else 4 * cfg.max_search_lines)
-            log.info("layer %d: %d more row(s) from %d witnesses on %d lines%s", i, more.W.shape[0], more.witnesses,
-                     more.lines, f"; {more.reason}" if more.reason else "")
-            if more.W.shape[0]:
-                cov = np.concatenate([np.ones(wr.W.shape, dtype=bool), more.coverage])
-                wr = dataclasses.replace(wr, W=np.concatenate([wr.W, more.W]), b=np.append(wr.b, more.b),
-                                         points=(*wr.points, *more.points),
-                                         residual=np.append(wr.residual, more.residual))
-        if wr.W.shape[0] < width and (is_last or not few):
-            if is_last and few and spare is not None and wr.W.shape[0]:
-                spare.append((wr.W.shape[0], functools.partial(
-                    outcome_from_rows, q, layers, wr.W, wr.b, wr.points, wr.residual, width, d0, True, cfg, rng,
-                    "signed walks", coverage=cov, rel_tol=rel_tol)))
+        # layer i is then extracted behind the completed layer i-1
+        if not again:
             return layers, reports, None
-        if wr.W.shape[0] < width:
-            warnings.append(f"layer {i}: {width - wr.W.shape[0]} row(s) found neither by signed walks ({wr.reason}) "
-                            "nor from witnesses on more search lines")
-        out = outcome_from_rows(q, layers, wr.W, wr.b, wr.points, wr.residual, width, d0, is_last, cfg, rng,
-                                "signed walks", coverage=cov, rel_tol=rel_tol)
-        return layers, reports, out
+        return _walked_layer(q, layers, reports, width, d0, is_last, cfg, rng, rel_tol, warnings, full, points,
+                             executor, signed_only, hints, spare, again=False, checked=settled)
+    if signed:
+        known = list(zip(wo.W_next, wo.b_next, wo.points, wo.row_residual, strict=True))
+        return _signed_rows(q, layers, reports, width, d0, is_last, cfg, rng, rel_tol, warnings, known, executor,
+                            hints, spare)
     if not full or wo.W_next.shape[0] < width:
         return layers, reports, None
     out = outcome_from_rows(q, layers, wo.W_next, wo.b_next, wo.points, wo.row_residual, width, d0, is_last, cfg,
                             rng, "walks")
+    return layers, reports, out
+
+
+def _signed_rows(
+    q: Callable[[FloatArray], FloatArray],
+    layers: list[tuple[FloatArray, FloatArray]],
+    reports: list[LayerReport],
+    width: int,
+    d0: int,
+    is_last: bool,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    rel_tol: float,
+    warnings: list[str],
+    known: list[tuple[FloatArray, float, FloatArray, float]],
+    executor: Executor | None,
+    hints: FloatArray | None,
+    spare: list[tuple[int, Callable[[], LayerOutcome]]] | None,
+) -> tuple[list[tuple[FloatArray, FloatArray]], list[LayerReport], LayerOutcome | None]:
+    """Layer ``i``'s rows from signed walks (every sign of layer ``i - 1`` decided), from the rows
+    ``known`` of the check walks on (see :func:`_walked_layer`)."""
+    from relux.attack.deep import outcome_from_rows
+    from relux.attack.walk_rows import walk_rows
+
+    i = len(layers) + 1
+    wr = walk_rows(q, layers, width, d0, cfg, rng, rel_tol, known=known, executor=executor)
+    log.info("layer %d: %d/%d rows from %d signed walks (%d complete)%s", i, wr.W.shape[0], width, wr.walks,
+             wr.complete, f"; {wr.reason}" if wr.reason else "")
+    # A layer a few rows short (rarely switched neurons whose kinks the lines did not show) looks for
+    # them on more lines. An inner layer still short is kept: the next layer's walks look for a
+    # missing neuron. The last hidden layer still short, or a layer far short, is extracted from
+    # witnesses instead.
+    cov = None
+    few = width - wr.W.shape[0] <= max(2 if is_last else 1, width // 10)
+    if few and wr.W.shape[0] < width:
+        # rarely switched neurons: their walks seldom complete, their witnesses still see every weight
+        from relux.attack.more_rows import more_rows
+
+        # An inner layer stops searching half as soon without a new row: the next layer's walks
+        # recover a neuron of the layer before, and one rarer still shows in the self-check, whose
+        # disagreements a resumed attempt aims at (digits 64-40x4-10: 192 lines, 357k queries, for a
+        # layer-3 neuron on at 2e-5 of inputs, which a resume then found after 32 lines)
+        more = more_rows(q, layers, wr.W, wr.b, width, d0, cfg, rng, rel_tol, executor=executor,
+                         partial_ok=is_last, hints=hints,
+                         stall_lines=None if is_last else 4 * cfg.max_search_lines)
+        log.info("layer %d: %d more row(s) from %d witnesses on %d lines%s", i, more.W.shape[0], more.witnesses,
+                 more.lines, f"; {more.reason}" if more.reason else "")
+        if more.W.shape[0]:
+            cov = np.concatenate([np.ones(wr.W.shape, dtype=bool), more.coverage])
+            wr = dataclasses.replace(wr, W=np.concatenate([wr.W, more.W]), b=np.append(wr.b, more.b),
+                                     points=(*wr.points, *more.points),
+                                     residual=np.append(wr.residual, more.residual))
+    if wr.W.shape[0] < width and (is_last or not few):
+        if is_last and few and spare is not None and wr.W.shape[0]:
+            spare.append((wr.W.shape[0], functools.partial(
+                outcome_from_rows, q, layers, wr.W, wr.b, wr.points, wr.residual, width, d0, True, cfg, rng,
+                "signed walks", coverage=cov, rel_tol=rel_tol)))
+        return layers, reports, None
+    if wr.W.shape[0] < width:
+        warnings.append(f"layer {i}: {width - wr.W.shape[0]} row(s) found neither by signed walks ({wr.reason}) "
+                        "nor from witnesses on more search lines")
+    out = outcome_from_rows(q, layers, wr.W, wr.b, wr.points, wr.residual, width, d0, is_last, cfg, rng,
+                            "signed walks", coverage=cov, rel_tol=rel_tol)
     return layers, reports, out
 
 
@@ -769,13 +812,12 @@ def _extract_deep(
                         walk = functools.partial(_walked_layer, width=width, d0=df, is_last=i == len(hidden),
                                                  cfg=cf, rng=rng, rel_tol=rel_tol, warnings=warnings, full=expansive,
                                                  points=new_pts, executor=stages.executor,
-                                                 signed_only=hidden[i - 2] == control, hints=hf, spare=walked)
+                                                 signed_only=hidden[i - 2] == control, hints=hf, spare=walked,
+                                                 again=not free_last)
+                        # a neuron of layer i-1 no kink had shown, found by the walks: they walk this layer
+                        # again behind the completed layer, or (free_last) the witness groups do
                         lf2, reports, out = walk(qf, lf, reports)
                         grew = lf2[-1][0].shape[0] > lf[-1][0].shape[0]
-                        if out is None and grew and not free_last:
-                            # the walks found a neuron of layer i-1 no kink had shown: this layer's
-                            # rows are walked again behind the completed layer (its signs now checked)
-                            lf2, reports, out = walk(qf, lf2, reports)
                         if out is None and free_last and grew:
                             # the walks found the neuron of layer i-1 that kept the witness groups from
                             # settling: they get another go behind the completed layer

@@ -110,15 +110,17 @@ def recovered_rows(before: Resume, after: Resume) -> bool:
 
 
 def resume_point(model: MLP, reports: Sequence[LayerReport], points: Sequence[FloatArray], check: SelfCheck,
-                 resumed_at: int = 0, gained: bool = False, sample: FloatArray | None = None) -> Resume | None:
+                 resumed_at: int = 0, gained: bool = False, sample: FloatArray | None = None,
+                 aimed: FloatArray | None = None) -> Resume | None:
     """Where the next attempt may resume a failed deep attempt: at its first incomplete hidden layer
     after ``resumed_at`` (the layer this attempt itself resumed at, which had its aimed search already;
     0 for a fresh attempt), or at the last hidden layer when it is one of those incomplete; when there
     is none, at ``resumed_at`` again if its aimed search ``gained`` rows there and it is still
     incomplete (another rare neuron of that layer, on where this attempt's model is wrong); when that
     layer and the later ones are complete, at the first incomplete layer before it; when it is the last
-    hidden layer, gained nothing and the layer before is short, at that one (the last hidden layer
-    carried along). None when the
+    hidden layer, gained nothing (or gained rows, but is still wrong only at inputs ``aimed``, where its
+    search was aimed already) and the layer before is short, at that one (the last hidden layer carried
+    along). None when the
     check passed or disagreed on more than :data:`RESUME_MAX_SHARE` of its random points (the others,
     near witnesses and suspects, are where a model is likeliest wrong), when no such layer exists, or
     when it is the first layer (nothing to keep). When every layer is complete, the model has a wrong
@@ -129,16 +131,18 @@ def resume_point(model: MLP, reports: Sequence[LayerReport], points: Sequence[Fl
     short = [r.index for r in reports if r.recovered < r.width and r.index > resumed_at]
     if not short and resumed_at > 0:
         here = reports[resumed_at - 1]
-        if here.recovered < here.width and gained:
+        before_short = resumed_at == len(reports) and reports[resumed_at - 2].recovered < reports[resumed_at - 2].width
+        if here.recovered < here.width and gained and not (before_short and _only_at(check, aimed)):
             short = [resumed_at]
         elif here.recovered >= here.width:
             # The layers from the one it resumed at on are complete now: the model can only be wrong where
             # a neuron of an earlier incomplete layer is on, and its disagreements show where.
             short = [r.index for r in reports if r.recovered < r.width and r.index < resumed_at]
-        elif resumed_at == len(reports) and reports[resumed_at - 2].recovered < reports[resumed_at - 2].width:
-            # The last hidden layer's aimed search found nothing: its missing neurons may be on only where a
-            # missing neuron of the layer before is (digits 64-40x4-10), which goes first, the last layer
-            # carried along (not progress: such a resume counts against ``resumes``).
+        elif before_short:
+            # The last hidden layer's aimed search found nothing, or nothing that made the model right where it
+            # aimed: what is missing there may be a neuron of the layer before, on only there (digits
+            # 64-40x4-10: its rows gained at one of two such inputs, the other was layer-3 neuron 18's), which
+            # goes first, the last layer carried along (not progress: such a resume counts against ``resumes``).
             short = [resumed_at - 1]
     drop = np.zeros(0, dtype=int)
     if not short and all(r.recovered >= r.width for r in reports) and sample is not None and len(reports) > 1:
@@ -171,6 +175,18 @@ def resume_point(model: MLP, reports: Sequence[LayerReport], points: Sequence[Fl
                   tuple(points[:keep]), (W.copy(), b.copy()),
                   np.array(check.disagreements, dtype=float).reshape(-1, model.input_dim), carried,
                   check.disagreeing / max(check.random_points, 1), check.max_rel_error, fallback)
+
+
+def _only_at(check: SelfCheck, aimed: FloatArray | None) -> bool:
+    """Are all of ``check``'s disagreements among the inputs ``aimed`` (re-queried exactly: the self-check
+    queries an earlier attempt's disagreements again)?"""
+    D = np.array(check.disagreements, dtype=float)
+    if aimed is None or not aimed.size or not D.size:
+        return False
+    D = D.reshape(-1, aimed.shape[-1])
+    A = aimed.reshape(-1, D.shape[1])
+    gap = np.min(np.linalg.norm(D[:, None, :] - A[None, :, :], axis=2), axis=1)
+    return bool(np.all(gap <= 1e-12 * (1.0 + np.linalg.norm(D, axis=1))))
 
 
 def boundary_points(layers: Sequence[pfx.Layer], w: FloatArray, b: float, X: FloatArray, n: int,

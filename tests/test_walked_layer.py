@@ -1,0 +1,69 @@
+"""The pipeline's walked layer: after its walks recover a neuron of the layer before, the layer is walked
+again behind the completed layer, with no second round of sign-checking walks when the first decided every
+sign (the stages are replaced by fakes: what is tested is which of them run, and on what)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+import relux.attack.deep as deep
+import relux.attack.missing as missing
+import relux.attack.walk as walk
+import relux.attack.walk_rows as walk_rows
+from relux.attack import pipeline
+from relux.attack.config import ExtractionConfig
+from relux.attack.missing import MissingRow
+from relux.attack.result import LayerReport
+from relux.attack.signs import SignSolution
+from relux.attack.walk import WalkOutcome
+from relux.attack.walk_rows import WalkedRows
+
+
+def _outcome(n_prev: int, decided: bool) -> WalkOutcome:
+    sol = SignSolution(flips=np.zeros(n_prev, dtype=bool), relevant=np.ones(n_prev, dtype=bool), residual=0.0,
+                       free_bits=0, solutions=1, method="fake", ok=True, reason="", confidence=np.ones(n_prev))
+    return WalkOutcome(flips=np.zeros(n_prev, dtype=bool), confidence=np.ones(n_prev) * decided,
+                       decided=np.full(n_prev, decided), W_next=np.zeros((0, n_prev)), b_next=np.zeros(0), points=(),
+                       row_residual=np.zeros(0), walks=3, complete_walks=0, solution=sol, reason="",
+                       missing=np.zeros((n_prev, 1)))
+
+
+@pytest.mark.parametrize("decided", [True, False])
+def test_a_recovered_neuron_is_followed_by_signed_walks(monkeypatch: pytest.MonkeyPatch, decided: bool) -> None:
+    rng = np.random.default_rng(0)
+    d0, n_prev, width = 6, 5, 4
+    layers = [(rng.normal(size=(n_prev - 1, d0)), rng.normal(size=n_prev - 1))]
+    report = LayerReport(index=1, width=n_prev, recovered=n_prev - 1, dead=1, witnesses=0, queries=0, seconds=0.0,
+                         sign_method="wiggle", neurons=tuple({"index": j, "sign_confidence": 0.5}
+                                                             for j in range(n_prev - 1)))
+    walked: list[int] = []  # rows of the layer before, at each sign-checking walk
+    signed: list[tuple[int, int]] = []  # (rows of the layer before, rows given as known) at each signed walk
+
+    def fake_walk_layer(q: Any, lay: Any, *a: Any, **k: Any) -> WalkOutcome:
+        walked.append(lay[-1][0].shape[0])
+        return _outcome(lay[-1][0].shape[0], decided)
+
+    def fake_walk_rows(q: Any, lay: Any, width: int, *a: Any, known: Any = (), **k: Any) -> WalkedRows:
+        signed.append((lay[-1][0].shape[0], len(known)))
+        return WalkedRows(W=rng.normal(size=(width, lay[-1][0].shape[0])), b=rng.normal(size=width),
+                          points=tuple(np.zeros((3, d0)) for _ in range(width)), residual=np.zeros(width), walks=width,
+                          complete=width, reason="")
+
+    new = MissingRow(w=rng.normal(size=d0), b=0.3, points=np.zeros((8, d0)), residual=0.0, ok=True, reason="",
+                     lines=1)
+    monkeypatch.setattr(walk, "walk_layer", fake_walk_layer)
+    monkeypatch.setattr(walk_rows, "walk_rows", fake_walk_rows)
+    monkeypatch.setattr(missing, "recover_from_walks", lambda *a, **k: new)
+    monkeypatch.setattr(deep, "refine_row", lambda *a, **k: None)
+    monkeypatch.setattr(deep, "outcome_from_rows", lambda q, lay, W, *a, **k: ("outcome", W.shape[0]))
+    lay, reps, out = pipeline._walked_layer(lambda X: X[:, :1], layers, [report], width, d0, False,
+                                            ExtractionConfig(), rng, 1e-9, [], False, signed_only=True)
+    assert lay[-1][0].shape[0] == n_prev and reps[-1].recovered == n_prev
+    # the layer behind the completed one is walked by signed walks; the signs are walked again only when
+    # the first walks left one open (here, with the wiggle's verdicts unclean too)
+    assert walked == ([n_prev - 1] if decided else [n_prev - 1, n_prev])
+    assert signed == [(n_prev, 0)] if decided else signed == []
+    assert out == ("outcome", width) if decided else out is None
