@@ -15,6 +15,12 @@ from numpy.typing import NDArray
 
 from relux.oracle.base import FloatArray, QueryFn
 
+#: how close (a share of the line's span) the affine neighbours' intersection must come to a predicted
+#: kink for it to be taken as that kink (:func:`find_kinks`): a predicted kink sits within about 1e-14 of
+#: the span of the kink located by queries; a second kink in the interval, of a tenth of its slope change
+#: and farther than 1e-10 of the span, moves the intersection beyond this
+PREDICTED_TOL = 1e-11
+
 
 @dataclass(frozen=True)
 class LineKinks:
@@ -94,12 +100,19 @@ def find_kinks(
     n_grid: int,
     rel_tol: float,
     max_rounds: int = 80,
+    predicted: list[FloatArray] | None = None,
 ) -> tuple[list[LineKinks], KinkSearchInfo]:
     """Find the kinks of ``f`` on each line ``x0[i] + t u[i]``, ``t in [t_lo, t_hi]``.
 
     ``rel_tol`` is the collinearity tolerance relative to the line's scale (``max |f|`` on its
     grid). Kinks in the two outermost grid intervals may be missed (they have no affine neighbour
     on one side); callers use lines whose ends lie beyond the region of interest.
+
+    ``predicted``: per line, the sorted positions of kinks already known (the known prefix's, from
+    :func:`relux.attack.prefix.line_crossings`). An interval whose affine neighbours meet within
+    :data:`PREDICTED_TOL` of the line's span of the only predicted kink in it is that kink: it is
+    located there without the three confirming queries (another kink in the interval would move the
+    intersection off it).
 
     Returns the kinks of every line and a diagnostics record.
     """
@@ -118,6 +131,7 @@ def find_kinks(
         states.append(_LineState(grid.copy(), Y[i].copy(), max(scale, np.finfo(float).tiny)))
     unresolved: dict[str, int] = {}
     min_len = (t_hi - t_lo) * 1e-14
+    p_tol = PREDICTED_TOL * (t_hi - t_lo)
     rounds = 0
     while rounds < max_rounds:
         rounds += 1
@@ -125,6 +139,10 @@ def find_kinks(
         # affine neighbours when both are known, else the midpoint.
         plan_line: list[int] = []
         plan_t: list[float] = []
+        # predicted kinks met where the affine neighbours intersect: (line, t, f there), no query
+        known_line: list[int] = []
+        known_t: list[float] = []
+        known_f: list[FloatArray] = []
         for li, st in enumerate(states):
             t, F = st.t, st.F
             n = t.size
@@ -148,6 +166,14 @@ def find_kinks(
                     den = float(dsl @ dsl)
                     if den > 0:
                         tau = -float(e @ dsl) / den
+                        if 0.0 < tau < L and predicted is not None:
+                            pk = predicted[li]
+                            inside = pk[np.searchsorted(pk, a, side="right"):np.searchsorted(pk, b, side="left")]
+                            if inside.size == 1 and abs(float(inside[0]) - (a + tau)) <= p_tol:
+                                known_line.append(li)
+                                known_t.append(a + tau)
+                                known_f.append(F[i] + sl * tau)
+                                continue
                         if 0.0 < tau < L:
                             # The intersection lies on both affine pieces by construction, so it is
                             # confirmed by two close points that must each sit on its own piece.
@@ -158,17 +184,18 @@ def find_kinks(
                 for tq in tqs:
                     plan_line.append(li)
                     plan_t.append(tq)
-        if not plan_line:
+        if not plan_line and not known_line:
             break
         if len(plan_line) > 8 * grid.size * n_lines:
             # Everything looks bent: the oracle is noisier than rel_tol assumes. Stop rather than
             # subdivide without end.
             unresolved["too_many_open_intervals"] = unresolved.get("too_many_open_intervals", 0) + len(plan_line)
             break
-        lines_idx = np.asarray(plan_line)
-        tq_arr = np.asarray(plan_t)
-        Xq = x0[lines_idx] + tq_arr[:, None] * u[lines_idx]
-        Yq = query(Xq)
+        lines_idx = np.asarray(plan_line + known_line, dtype=int)
+        tq_arr = np.asarray(plan_t + known_t, dtype=float)
+        Xq = x0[lines_idx[: len(plan_line)]] + tq_arr[: len(plan_line), None] * u[lines_idx[: len(plan_line)]]
+        Yq = np.concatenate([query(Xq).reshape(len(plan_line), k) if plan_line else np.zeros((0, k)),
+                             np.asarray(known_f, dtype=float).reshape(len(known_line), k)])
         queries += Xq.shape[0]
         for li in np.unique(lines_idx):
             st = states[int(li)]

@@ -213,3 +213,41 @@ def region_radius(z: FloatArray, G: FloatArray, v: FloatArray) -> float:
     rate = np.abs(G @ v)
     with np.errstate(divide="ignore"):
         return float(np.min(np.where(rate > 0, np.abs(z) / rate, np.inf)))
+
+
+def line_crossings(layers: Sequence[Layer], x0: FloatArray, u: FloatArray, t_lo: float, t_hi: float,
+                   rows: Layer | None = None) -> list[FloatArray]:
+    """Where the prefix's neurons (and the rows ``rows = (W, b)`` behind it) switch on the lines
+    ``x0[i] + t u[i]``, ``t_lo < t < t_hi``: the kinks these known neurons put on each line, computed
+    without a query. Along a line every pre-activation is affine between two switches, so the next
+    switch is the nearest zero of the current affine pieces; each step starts just past the last one
+    (two switches closer than ``1e-12`` of the span count as one)."""
+    chain = [*layers, *([rows] if rows is not None else [])]
+    x0 = np.atleast_2d(np.asarray(x0, dtype=float))
+    u = np.atleast_2d(np.asarray(u, dtype=float))
+    n = x0.shape[0]
+    eps = 1e-12 * (t_hi - t_lo)
+    t = np.full(n, float(t_lo))
+    out: list[list[float]] = [[] for _ in range(n)]
+    live = np.arange(n)
+    while live.size:
+        ts = t[live] + eps
+        H, dH = x0[live] + ts[:, None] * u[live], u[live]
+        zs: list[FloatArray] = []
+        dzs: list[FloatArray] = []
+        for W, b in chain:
+            Z, dZ = H @ W.T + b, dH @ W.T
+            zs.append(Z)
+            dzs.append(dZ)
+            on = Z > 0
+            H, dH = np.where(on, Z, 0.0), np.where(on, dZ, 0.0)
+        Z, dZ = np.concatenate(zs, axis=1), np.concatenate(dzs, axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            s = np.where(Z * dZ < 0, -Z / dZ, np.inf)
+        tn = ts + np.min(s, axis=1)
+        inside = tn < t_hi
+        for j in np.flatnonzero(inside):
+            out[int(live[j])].append(float(tn[j]))
+        t[live] = tn
+        live = live[inside]
+    return [np.array(o) for o in out]

@@ -140,7 +140,10 @@ def find_candidates(
         x0 = rng.normal(0.0, cfg.input_scale, size=(n_lines, d0))
         u = rng.normal(size=(n_lines, d0))
     u = u * (scale / np.linalg.norm(u, axis=1, keepdims=True))
-    lines, kinfo = find_kinks(query, x0, u, -t_range, t_range, n_grid, rel_tol)
+    # the kinks of the known neurons are located without confirming queries (critical.find_kinks)
+    predicted = (pfx.line_crossings(layers, x0, u, -t_range, t_range,
+                                    known if known is not None and known[0].size else None) if layers else None)
+    lines, kinfo = find_kinks(query, x0, u, -t_range, t_range, n_grid, rel_tol, predicted=predicted)
     n_kinks = n_prefix = n_known = 0
     red = pfx.input_space(layers)
     first = red[1] if red is not None else None
