@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relux.attack import ExtractionConfig, ExtractionResult, extract
-from relux.attack.checks import measure_noise_floor, self_check
+from relux.attack.checks import STOP_MIN_POINTS, measure_noise_floor, self_check
 from relux.attack.result import SelfCheck
 from relux.cli import main
 from relux.errors import BudgetExhausted, ExtractionFailed
@@ -314,7 +314,7 @@ def test_a_nan_answer_on_a_self_check_line_is_a_disagreement() -> None:
 
 
 def test_a_self_check_that_has_failed_stops_early() -> None:
-    """``stop_early``: a model wrong on 2.3% of inputs fails on the first quarter of the random points and
+    """``stop_early``: a model wrong on 2.3% of inputs fails on the first eighth of the random points and
     asks no more (nor its lines); a right model is asked every point, the same ones as without it."""
     model = victim()
 
@@ -328,16 +328,20 @@ def test_a_self_check_that_has_failed_stops_early() -> None:
         asked.append(X.shape[0])
         return oracle(X)
 
-    check = self_check(counted, model, empty, empty, np.empty(0), 4000, 1.0, 1e-8, 0.0, np.random.default_rng(3),
+    check = self_check(counted, model, empty, empty, np.empty(0), 40_000, 1.0, 1e-8, 0.0, np.random.default_rng(3),
                        n_lines=8, stop_early=True)
-    # 2.3% of 1,000 points: some fail in the first quarter (chance of none about 1e-10)
-    assert not check.passed and asked == [1000] and check.random_points == check.points == 1000
-    assert 1 <= check.disagreeing <= 1000 and check.disagreements
-    full = self_check(oracle, model, empty, empty, np.empty(0), 4000, 1.0, 1e-8, 0.0, np.random.default_rng(3),
+    # 2.3% of 5,000 points: some fail in the first eighth (chance of none about 1e-50)
+    assert not check.passed and asked == [5000] and check.random_points == check.points == 5000
+    assert 1 <= check.disagreeing <= 5000 and check.disagreements
+    full = self_check(oracle, model, empty, empty, np.empty(0), 40_000, 1.0, 1e-8, 0.0, np.random.default_rng(3),
                       n_lines=8)
-    assert not full.passed and full.random_points == 4000 and full.points > 4000
-    ok = self_check(model.forward, model, empty, empty, np.empty(0), 4000, 1.0, 1e-8, 0.0, np.random.default_rng(3),
+    assert not full.passed and full.random_points == 40_000 and full.points > 40_000
+    ok = self_check(model.forward, model, empty, empty, np.empty(0), 40_000, 1.0, 1e-8, 0.0, np.random.default_rng(3),
                     n_lines=8, stop_early=True)
-    same = self_check(model.forward, model, empty, empty, np.empty(0), 4000, 1.0, 1e-8, 0.0,
+    same = self_check(model.forward, model, empty, empty, np.empty(0), 40_000, 1.0, 1e-8, 0.0,
                       np.random.default_rng(3), n_lines=8)
-    assert ok.passed and same.passed and ok.points == same.points and ok.random_points == 4000
+    assert ok.passed and same.passed and ok.points == same.points and ok.random_points == 40_000
+    # a small check stops after STOP_MIN_POINTS at the earliest: here, not at all
+    small = self_check(oracle, model, empty, empty, np.empty(0), STOP_MIN_POINTS, 1.0, 1e-8, 0.0,
+                       np.random.default_rng(3), n_lines=8, stop_early=True)
+    assert not small.passed and small.random_points == STOP_MIN_POINTS and small.points > STOP_MIN_POINTS

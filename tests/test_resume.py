@@ -254,6 +254,29 @@ def test_a_resumed_attempt_that_fails_otherwise_resumes_from_the_same_point(monk
     assert any("attempt 2 (seed 1, resumed at layer 2) failed" in w for w in result.warnings)
 
 
+def test_resumes_go_on_while_they_cost_less_than_a_restart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With one counted resume and no restart, three attempts in a row miss the rarest neuron: the third is
+    resumed too, and the fourth, since the resumes spent less than the fresh attempt (a restart would cost
+    about as much again); with ``resumes=0``, none is."""
+    victim = _rare_victim(0.005)
+    real = pipeline._extract_deep
+    calls: list[Any] = []
+
+    def fake(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[7] if len(args) > 7 else kwargs.get("resume"))
+        model, reports, *rest = real(*args, **kwargs)
+        if len(calls) <= 3:
+            return (_without_rarest(model), _last_one_short(reports), *rest)
+        return (model, reports, *rest)
+
+    monkeypatch.setattr(pipeline, "_extract_deep", fake)
+    result = relux.extract(MLPOracle(victim), victim.arch, relux.ExtractionConfig(seed=0, restarts=0, resumes=1))
+    assert result.selfcheck.passed and len(calls) == 4
+    assert calls[0] is None and all(c is not None for c in calls[1:])
+    fresh, *resumed = [s.queries for s in result.stages if s.name.startswith("failed_attempt")]
+    assert sum(resumed[:-1]) < fresh
+
+
 def test_self_check_counts_the_random_points_that_disagree() -> None:
     """``disagreeing`` counts the random points beyond the tolerance (what the resume rule reads); the
     points near witnesses and the suspects are checked but not counted."""

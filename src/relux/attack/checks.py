@@ -44,6 +44,14 @@ def measure_noise_floor(query: QueryFn, d: int, scale: float, rng: np.random.Gen
     return max(repeat, linear) / ref
 
 
+#: a failed self-check (``stop_early``) stops after this share of its random points at least, and at least
+#: :data:`STOP_MIN_POINTS`: enough to tell a model wrong at many inputs (a wrong row, a resume that made it
+#: worse: :data:`relux.attack.resume.WORSE_MIN` disagreements) from one wrong at a few (a missing rare
+#: neuron), which the rest would not change; a failed attempt of digits 64-40x4-10 costs 12.5k points, not 25k
+STOP_SHARE = 0.125
+STOP_MIN_POINTS = 4000
+
+
 def self_check(
     query: QueryFn,
     model: MLP,
@@ -76,10 +84,11 @@ def self_check(
     are kept in ``disagreements`` (the 16 worst), and those among the random points counted in
     ``disagreeing``.
 
-    ``stop_early``: the random points go in quarters (or smaller chunks when the input is wide), and a check
-    that has failed by twice its tolerance once a quarter of them were asked (on them or on the points
-    before them) stops there, without the rest or the lines: a failed attempt's verdict needs no more
-    queries (``random_points`` then counts those asked).
+    ``stop_early``: the random points go in chunks of :data:`STOP_SHARE` (or smaller when the input is
+    wide), and a check that has failed by twice its tolerance once that share of them, and at least
+    :data:`STOP_MIN_POINTS`, were asked (on them or on the points before them) stops there, without the
+    rest or the lines: a failed attempt's verdict needs no more queries (``random_points`` then counts
+    those asked).
     """
     d = model.input_dim
     pts: list[FloatArray] = [suspects] if suspects is not None and suspects.size else []
@@ -93,9 +102,9 @@ def self_check(
         pts.append(witnesses - V)
     # the random points a chunk at a time (a check of 10^5 points at 3,072 inputs is 2.4 GB at once)
     memory_chunk = max(1, min(n_random, 2**22 // max(d, 1)))
-    chunk = max(1, min(memory_chunk, -(-n_random // 4))) if stop_early else memory_chunk
+    first = min(n_random, max(int(np.ceil(STOP_SHARE * n_random)), STOP_MIN_POINTS))
+    chunk = max(1, min(memory_chunk, int(np.ceil(STOP_SHARE * n_random)))) if stop_early else memory_chunk
     sizes = [min(chunk, n_random - i) for i in range(0, n_random, chunk)]
-    quarter = -(-n_random // 4)
     n_total = n_random + sum(P.shape[0] for P in pts)
     err = ref = 0.0
     worst_x = np.zeros((0, d))
@@ -107,8 +116,8 @@ def self_check(
     for i in range(len(fixed) + len(sizes)):
         asked = sum(sizes[: max(i - len(fixed), 0)])
         # failed already, by twice the tolerance (the largest |f| of the points not asked could only loosen
-        # the verdict), after a quarter of the random points at least
-        if stop_early and asked >= quarter and err > 2.0 * thr * max(ref, np.finfo(float).tiny):
+        # the verdict), after STOP_SHARE of the random points at least
+        if stop_early and asked >= first and err > 2.0 * thr * max(ref, np.finfo(float).tiny):
             stopped = True
             n_total -= n_random - asked
             n_random = asked

@@ -48,11 +48,11 @@ class ExtractionConfig:
             more chance for a wrong model to pass.
         selfcheck_max_points: cap on the random points that ``selfcheck_fraction`` asks for (never
             fewer than ``selfcheck_points``).
-        selfcheck_stop_early: a self-check already failed (by twice its tolerance) after a quarter of its
-            random points stops there (nor are its lines asked): a failed attempt's verdict needs no more
-            queries, and the points that
-            failed are enough for the next attempt to aim at (digits 64-40x4-10: four failed checks of
-            100,000 points each). False asks every point of every check.
+        selfcheck_stop_early: a self-check already failed (by twice its tolerance) after an eighth of its
+            random points (and at least 4,000) stops there (nor are its lines asked): a failed attempt's
+            verdict needs no more queries, and the points that failed are enough for the next attempt to
+            aim at (digits 64-40x4-10: four failed checks of 100,000 points each). False asks every point
+            of every check.
         selfcheck_dead_points: random points of the self-check, at least (at most
             ``selfcheck_max_points``), when some layer reports neurons not identified (dropped as
             dead): such a neuron may be on in a region the search lines missed, and at 50,000 points
@@ -76,6 +76,10 @@ class ExtractionConfig:
             when its search there found rows and it is still short, or back at an earlier incomplete
             layer once the later ones are complete. A resume after one that recovered rows in the
             layer it resumed at (or completed it) does not count, up to ``resumes`` such resumes more.
+            Beyond these, resumes go on while the queries that the resumes of a fresh attempt spent
+            stay below what that attempt spent itself: a restart would cost about as much again (digits
+            64-40x4-10: four rarely active neurons, each found by the resume aimed where the check saw it,
+            while a restart cost 1.1M queries and lacked them too).
         refine_network_max_params: a deep extraction ends with a Gauss-Newton refinement of the
             weights on fresh outputs (:mod:`relux.attack.refine_net`): of the longest tail of layers
             with at most this many parameters (the output layer always; the Jacobian holds about

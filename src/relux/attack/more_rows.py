@@ -45,9 +45,19 @@ log = logging.getLogger(__name__)
 #: how much shorter (and so finer-gridded) the second round of lines through the hints is than a search line
 HINT_ZOOM = 64.0
 
-#: lines through the hints per round, and how many of the hints (worst first) they go through
+#: lines through the hints per round (at most), how many of the hints (worst first) they go through, and how
+#: many lines each hint gets when there are few: every line through a point of a small on-region crosses its
+#: boundary twice there, and the rows found at one hint came from the first 8 lines (digits 64-40x4-10: 10 to
+#: 64 witnesses on 32 lines through one or two hints, each neuron's from every line)
 HINT_LINES = 32
 HINT_POINTS = 8
+HINT_LINES_EACH = 8
+
+
+def hint_lines(hints: FloatArray | None, d0: int) -> int:
+    """Lines per round through ``hints`` (:data:`HINT_LINES`, fewer for fewer hints); 0 without any."""
+    n = 0 if hints is None or not hints.size else min(hints.reshape(-1, d0).shape[0], HINT_POINTS)
+    return min(HINT_LINES, max(4 * n, HINT_LINES_EACH * n))
 
 
 @dataclass(frozen=True)
@@ -100,10 +110,10 @@ def more_rows(
     stall_lines = 8 * cfg.max_search_lines if stall_lines is None else stall_lines
     x_hint = hints.reshape(-1, d0)[:HINT_POINTS] if hints is not None and hints.size else None
     if x_hint is not None:
-        # HINT_LINES lines through the first HINT_POINTS of them, at least four each (a check may see a rare
+        # hint_lines() lines through the first HINT_POINTS of them, at least four each (a check may see a rare
         # neuron on at one input only, among inputs where the model is wrong for other reasons): each line
         # through a point of a small on-region crosses its boundary
-        x_hint = x_hint[np.arange(HINT_LINES) % x_hint.shape[0]]
+        x_hint = x_hint[np.arange(hint_lines(hints, d0)) % x_hint.shape[0]]
     hint_rounds = [cfg.line_range, cfg.line_range / HINT_ZOOM] if x_hint is not None else []
     # grid points for the kinks of this layer and the one before (later ones are found by bisection)
     n_grid = int(cfg.grid_per_neuron * (layers[-1][0].shape[0] + width)) + 16

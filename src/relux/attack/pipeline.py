@@ -120,6 +120,9 @@ def extract(
     wrong_before = np.zeros((0, a[0]))
     resume: Resume | None = None
     attempt = fresh_used = 0
+    # queries of the last fresh attempt, and of the resumes since: a resume past the counted ones goes on
+    # while the second stays below the first (a restart would cost about as much as that attempt again)
+    fresh_cost = chain_cost = 0
     with make_executor(cfg.backend, cfg.jobs, cfg.ray_address) as executor:
         while True:
             q0, t0 = counter.queries, time.perf_counter()
@@ -151,6 +154,10 @@ def extract(
                     hints = np.concatenate([worst, hints])[:32]
             failed.append(StageStats(f"failed_attempt_{attempt}", counter.queries - q0,
                                      time.perf_counter() - t0, None))
+            if resume is None:
+                fresh_cost, chain_cost = counter.queries - q0, 0
+            else:
+                chain_cost += counter.queries - q0
             how = f"seed {seed}" + (f", resumed at layer {resume.layer}" if resume is not None else "")
             notes.append(f"attempt {attempt} ({how}) failed: {exc}")
             if nxt is None and resume is not None and exc.restartable:
@@ -171,8 +178,12 @@ def extract(
             # a resumed attempt that recovered rows of the layer it resumed at made progress: the next
             # resume is free (up to another ``cfg.resumes``), a restart would give that progress away
             free = resume is not None and nxt is not None and bonus > 0 and recovered_rows(resume, nxt)
-            if nxt is not None and (free or resumes > 0):
-                bonus, resumes = (bonus - 1, resumes) if free else (bonus, resumes - 1)
+            afford = cfg.resumes > 0 and chain_cost < fresh_cost
+            if nxt is not None and (free or resumes > 0 or afford):
+                if free:
+                    bonus -= 1
+                elif resumes > 0:
+                    resumes -= 1
                 resume = nxt
                 log.warning("attempt %d failed (%s); resuming at layer %d, keeping the %d layer(s) before it "
                             "and its rows", attempt, exc, nxt.layer, len(nxt.layers))

@@ -227,7 +227,7 @@ def resumed_layer(
     from witnesses on search lines through ``hints`` first (:func:`relux.attack.more_rows.more_rows`);
     the new rows are refined and signed as any layer's."""
     from relux.attack.deep import outcome_from_rows
-    from relux.attack.more_rows import more_rows
+    from relux.attack.more_rows import hint_lines, more_rows
 
     W0, b0 = rows
     X_random = X = rng.normal(0.0, cfg.input_scale, size=(8192, d0))
@@ -252,7 +252,10 @@ def resumed_layer(
     # Their witnesses lie about a few inputs, in few activation patterns of the layer before: completion is
     # tried with up to a quarter of a row's weights unseen (digits 64-40x4-10: layer-3 neuron 18, on at 5e-6
     # of inputs, seen on 34 of 40 coordinates by the lines through the one input where the check saw it).
-    more = more_rows(q, layers, W0, b0, width, d0, cfg, rng, rel_tol, stall_lines=2 * cfg.max_search_lines,
+    # The search stops after the two rounds through the hints (full lines, then short ones) when they found
+    # nothing, as it did when those were 32 lines each.
+    stall = 2 * hint_lines(hints, d0) if hints is not None and hints.size else 2 * cfg.max_search_lines
+    more = more_rows(q, layers, W0, b0, width, d0, cfg, rng, rel_tol, stall_lines=stall,
                      executor=executor, partial_ok=is_last, hints=hints, max_unseen=0.25)
     log.info("layer %d: %d row(s) kept from the attempt resumed, %d from witness groups at its disagreements, "
              "%d more from %d witnesses on %d lines%s", len(layers) + 1, n_kept, W0.shape[0] - n_kept,
