@@ -375,20 +375,36 @@ def test_a_complete_last_hidden_layer_is_carried() -> None:
 
 def test_a_gain_that_left_the_aimed_inputs_wrong_goes_back_a_layer() -> None:
     """The last hidden layer, resumed at, gained rows, and the layer before is short: when its check is
-    still wrong only at the inputs its search was aimed at, what is missing there is the layer before's
-    (digits 64-40x4-10: a rare layer-4 row found at one hint, layer-3 neuron 18 on at the other); a new
-    disagreement keeps the resume at the last hidden layer."""
+    still wrong only at the inputs its search was aimed at, and none of the rows it added is on there, what
+    is missing there is the layer before's (digits 64-40x4-10: a rare layer-4 row found at one hint, layer-3
+    neuron 18 on at the other); a new disagreement, or a new row on at one, keeps the resume at the last
+    hidden layer."""
     model = random_mlp((6, 8, 8, 8, 2), np.random.default_rng(0))
     points = [np.full((2, 6), float(i)) for i in range(3)]
     check = _check(2)
-    aimed = np.concatenate([np.array(check.disagreements), np.full((1, 6), 9.0)])
-    got = resume_point(model, _reports([8, 7, 7]), points, check, resumed_at=3, gained=True, aimed=aimed)
+    D = np.array(check.disagreements)
+    aimed = np.concatenate([D, np.full((1, 6), 9.0)])
+    W3, b3 = model.layers[2]
+    _, H = pfx.forward(model.layers[:2], D)
+    on = np.flatnonzero(np.any(H @ W3.T + b3 > 0, axis=0))
+    assert on.size and on.size < W3.shape[0]  # some rows on at the disagreements, some not
+    off = np.setdiff1d(np.arange(W3.shape[0]), on)
+    layers = tuple(model.layers[:2])
+
+    def before(hints: np.ndarray, kept: np.ndarray) -> Resume:
+        return Resume(layers, tuple(_reports([8, 7])), tuple(points[:2]), (W3[kept], b3[kept]), hints)
+
+    # the rows added (those not kept) are all off at the disagreements: back to layer 2
+    got = resume_point(model, _reports([8, 7, 7]), points, check, 3, True, None, before(aimed, on))
     assert got is not None and got.layer == 2 and got.carried is not None
+    # a row added is on at one of them: found there, but wrong there; layer 3 again
+    got = resume_point(model, _reports([8, 7, 7]), points, check, 3, True, None, before(aimed, off))
+    assert got is not None and got.layer == 3
     # one input it was not aimed at: another rare last-layer row may be on there
-    got = resume_point(model, _reports([8, 7, 7]), points, check, resumed_at=3, gained=True, aimed=aimed[1:])
+    got = resume_point(model, _reports([8, 7, 7]), points, check, 3, True, None, before(aimed[1:], on))
     assert got is not None and got.layer == 3
     # the layer before complete: nowhere else to look
-    got = resume_point(model, _reports([8, 8, 7]), points, check, resumed_at=3, gained=True, aimed=aimed)
+    got = resume_point(model, _reports([8, 8, 7]), points, check, 3, True, None, before(aimed, on))
     assert got is not None and got.layer == 3
 
 

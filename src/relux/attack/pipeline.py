@@ -265,8 +265,7 @@ def _extract(
     # random inputs for resume_point to tell rarely active rows, when every layer is complete
     sample = (rng.normal(0.0, scale, size=(8192, d0)) if not check.passed and all(
         r.recovered >= r.width for r in layer_reports) else None)
-    aimed = resume.hints if resume is not None else None
-    nxt = (resume_point(model, layer_reports, layer_points, check, resumed_at, gained, sample, aimed)
+    nxt = (resume_point(model, layer_reports, layer_points, check, resumed_at, gained, sample, resume)
            if len(a) > 3 else None)
     return result, nxt
 

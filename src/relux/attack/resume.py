@@ -111,16 +111,16 @@ def recovered_rows(before: Resume, after: Resume) -> bool:
 
 def resume_point(model: MLP, reports: Sequence[LayerReport], points: Sequence[FloatArray], check: SelfCheck,
                  resumed_at: int = 0, gained: bool = False, sample: FloatArray | None = None,
-                 aimed: FloatArray | None = None) -> Resume | None:
+                 before: Resume | None = None) -> Resume | None:
     """Where the next attempt may resume a failed deep attempt: at its first incomplete hidden layer
     after ``resumed_at`` (the layer this attempt itself resumed at, which had its aimed search already;
     0 for a fresh attempt), or at the last hidden layer when it is one of those incomplete; when there
     is none, at ``resumed_at`` again if its aimed search ``gained`` rows there and it is still
     incomplete (another rare neuron of that layer, on where this attempt's model is wrong); when that
     layer and the later ones are complete, at the first incomplete layer before it; when it is the last
-    hidden layer, gained nothing (or gained rows, but is still wrong only at inputs ``aimed``, where its
-    search was aimed already) and the layer before is short, at that one (the last hidden layer carried
-    along). None when the
+    hidden layer, gained nothing (or gained rows, none of them on where it is still wrong, and that only at
+    inputs its search was aimed at already: the hints of ``before``, the resume it started from) and the
+    layer before is short, at that one (the last hidden layer carried along). None when the
     check passed or disagreed on more than :data:`RESUME_MAX_SHARE` of its random points (the others,
     near witnesses and suspects, are where a model is likeliest wrong), when no such layer exists, or
     when it is the first layer (nothing to keep). When every layer is complete, the model has a wrong
@@ -132,7 +132,7 @@ def resume_point(model: MLP, reports: Sequence[LayerReport], points: Sequence[Fl
     if not short and resumed_at > 0:
         here = reports[resumed_at - 1]
         before_short = resumed_at == len(reports) and reports[resumed_at - 2].recovered < reports[resumed_at - 2].width
-        if here.recovered < here.width and gained and not (before_short and _only_at(check, aimed)):
+        if here.recovered < here.width and gained and not (before_short and _stale(model, check, resumed_at, before)):
             short = [resumed_at]
         elif here.recovered >= here.width:
             # The layers from the one it resumed at on are complete now: the model can only be wrong where
@@ -177,16 +177,31 @@ def resume_point(model: MLP, reports: Sequence[LayerReport], points: Sequence[Fl
                   check.disagreeing / max(check.random_points, 1), check.max_rel_error, fallback)
 
 
-def _only_at(check: SelfCheck, aimed: FloatArray | None) -> bool:
-    """Are all of ``check``'s disagreements among the inputs ``aimed`` (re-queried exactly: the self-check
-    queries an earlier attempt's disagreements again)?"""
+def _stale(model: MLP, check: SelfCheck, layer: int, before: Resume | None) -> bool:
+    """Is the model resumed at ``layer`` from ``before`` still wrong only at inputs its search was aimed
+    at (``before.hints``, re-queried exactly: the self-check queries an earlier attempt's disagreements
+    again), with none of the rows it added there on at them? The neuron missing there is then not one of
+    this layer's (a row found at one of them but wrong there is: that layer is searched again)."""
     D = np.array(check.disagreements, dtype=float)
-    if aimed is None or not aimed.size or not D.size:
+    if before is None or not before.hints.size or not D.size:
         return False
-    D = D.reshape(-1, aimed.shape[-1])
-    A = aimed.reshape(-1, D.shape[1])
+    A = before.hints.reshape(-1, model.input_dim)
+    D = D.reshape(-1, A.shape[1])
     gap = np.min(np.linalg.norm(D[:, None, :] - A[None, :, :], axis=2), axis=1)
-    return bool(np.all(gap <= 1e-12 * (1.0 + np.linalg.norm(D, axis=1))))
+    if not np.all(gap <= 1e-12 * (1.0 + np.linalg.norm(D, axis=1))):
+        return False
+    W, b = model.layers[layer - 1]
+    W0, b0 = before.rows
+    if W0.shape[0]:
+        keys = np.concatenate([W, b[:, None]], axis=1)
+        keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+        kept = np.concatenate([W0, b0[:, None]], axis=1)
+        kept /= np.linalg.norm(kept, axis=1, keepdims=True)
+        new = np.min(np.linalg.norm(keys[:, None, :] - kept[None, :, :], axis=2), axis=1) > 1e-4
+    else:
+        new = np.ones(W.shape[0], dtype=bool)
+    _, H = pfx.forward(model.layers[: layer - 1], D)
+    return not bool(np.any(H @ W[new].T + b[new] > 0))
 
 
 def boundary_points(layers: Sequence[pfx.Layer], w: FloatArray, b: float, X: FloatArray, n: int,
