@@ -57,7 +57,7 @@ HINT_LINES_EACH = 8
 def hint_lines(hints: FloatArray | None, d0: int) -> int:
     """Lines per round through ``hints`` (:data:`HINT_LINES`, fewer for fewer hints); 0 without any."""
     n = 0 if hints is None or not hints.size else min(hints.reshape(-1, d0).shape[0], HINT_POINTS)
-    return min(HINT_LINES, max(4 * n, HINT_LINES_EACH * n))
+    return min(HINT_LINES, HINT_LINES_EACH * n)
 
 
 @dataclass(frozen=True)

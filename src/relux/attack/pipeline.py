@@ -165,7 +165,9 @@ def extract(
                 # which the attempt before it showed right nearly everywhere: the same point again
                 nxt = resume
             sc = exc.partial.selfcheck if isinstance(exc.partial, ExtractionResult) else None
-            if resume is not None and sc is not None and exc.restartable and resume.made_worse(sc):
+            worse = resume is not None and sc is not None and exc.restartable and resume.made_worse(sc)
+            if worse:
+                assert resume is not None and sc is not None
                 # it left the model worse: what it added is wrong and is not built on; the attempt before it is
                 # resumed again, at the short layer before when this was the last hidden layer's resume
                 back = resume.fallback if resume.fallback is not None else resume
@@ -178,7 +180,10 @@ def extract(
             # a resumed attempt that recovered rows of the layer it resumed at made progress: the next
             # resume is free (up to another ``cfg.resumes``), a restart would give that progress away
             free = resume is not None and nxt is not None and bonus > 0 and recovered_rows(resume, nxt)
-            afford = cfg.resumes > 0 and chain_cost < fresh_cost
+            # past the counted resumes: while they cost less than the fresh attempt, but not after one that left
+            # the model worse (its point may lead nowhere: random 30-15-15-15-1 victim 5 went back four times to
+            # one whose resumes each gave a wrong row)
+            afford = cfg.resumes > 0 and chain_cost < fresh_cost and not worse
             if nxt is not None and (free or resumes > 0 or afford):
                 if free:
                     bonus -= 1

@@ -216,12 +216,13 @@ def region_radius(z: FloatArray, G: FloatArray, v: FloatArray) -> float:
 
 
 def line_crossings(layers: Sequence[Layer], x0: FloatArray, u: FloatArray, t_lo: float, t_hi: float,
-                   rows: Layer | None = None) -> list[FloatArray]:
+                   rows: Layer | None = None, max_steps: int = 100_000) -> list[FloatArray]:
     """Where the prefix's neurons (and the rows ``rows = (W, b)`` behind it) switch on the lines
     ``x0[i] + t u[i]``, ``t_lo < t < t_hi``: the kinks these known neurons put on each line, computed
     without a query. Along a line every pre-activation is affine between two switches, so the next
     switch is the nearest zero of the current affine pieces; each step starts just past the last one
-    (two switches closer than ``1e-12`` of the span count as one)."""
+    (two switches closer than ``1e-12`` of the span count as one). After ``max_steps`` steps the lines not
+    done yet keep the switches found so far (a kink left out is only searched for as any other)."""
     chain = [*layers, *([rows] if rows is not None else [])]
     x0 = np.atleast_2d(np.asarray(x0, dtype=float))
     u = np.atleast_2d(np.asarray(u, dtype=float))
@@ -230,7 +231,9 @@ def line_crossings(layers: Sequence[Layer], x0: FloatArray, u: FloatArray, t_lo:
     t = np.full(n, float(t_lo))
     out: list[list[float]] = [[] for _ in range(n)]
     live = np.arange(n)
-    while live.size:
+    for _ in range(max_steps):
+        if not live.size:
+            break
         ts = t[live] + eps
         H, dH = x0[live] + ts[:, None] * u[live], u[live]
         zs: list[FloatArray] = []
