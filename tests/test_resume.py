@@ -274,7 +274,11 @@ def test_resumes_go_on_while_they_cost_less_than_a_restart(monkeypatch: pytest.M
     assert result.selfcheck.passed and len(calls) == 4
     assert calls[0] is None and all(c is not None for c in calls[1:])
     fresh, *resumed = [s.queries for s in result.stages if s.name.startswith("failed_attempt")]
-    assert sum(resumed[:-1]) < fresh
+    assert len(resumed) == 2 and sum(resumed) < fresh  # what let the fourth attempt resume too
+    calls.clear()
+    with pytest.raises(relux.ExtractionFailed):
+        relux.extract(MLPOracle(victim), victim.arch, relux.ExtractionConfig(seed=0, restarts=0, resumes=0))
+    assert calls == [None]
 
 
 def test_self_check_counts_the_random_points_that_disagree() -> None:
@@ -381,7 +385,7 @@ def test_a_gain_that_left_the_aimed_inputs_wrong_goes_back_a_layer() -> None:
     hidden layer."""
     model = random_mlp((6, 8, 8, 8, 2), np.random.default_rng(0))
     points = [np.full((2, 6), float(i)) for i in range(3)]
-    check = _check(2)
+    check = dataclasses.replace(_check(2), disagreeing=0)  # wrong at two earlier inputs, at no random one
     D = np.array(check.disagreements)
     aimed = np.concatenate([D, np.full((1, 6), 9.0)])
     W3, b3 = model.layers[2]
@@ -405,6 +409,9 @@ def test_a_gain_that_left_the_aimed_inputs_wrong_goes_back_a_layer() -> None:
     assert got is not None and got.layer == 3
     # the layer before complete: nowhere else to look
     got = resume_point(model, _reports([8, 8, 7]), points, check, 3, True, None, before(aimed, on))
+    assert got is not None and got.layer == 3
+    # a random point disagrees too (among the sixteen worst or not): it was not aimed at
+    got = resume_point(model, _reports([8, 7, 7]), points, _check(2), 3, True, None, before(aimed, on))
     assert got is not None and got.layer == 3
 
 

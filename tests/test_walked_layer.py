@@ -31,6 +31,42 @@ def _outcome(n_prev: int, decided: bool) -> WalkOutcome:
                        missing=np.zeros((n_prev, 1)))
 
 
+def test_the_signs_applied_are_the_ones_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An expansive layer: the few check walks decide every sign, but the full sign-free walks after them
+    (whose flips are the ones applied) leave them open; behind the recovered neuron the signs are then
+    walked again, not taken as checked."""
+    rng = np.random.default_rng(0)
+    d0, n_prev, width = 6, 5, 8
+    layers = [(rng.normal(size=(n_prev - 1, d0)), rng.normal(size=n_prev - 1))]
+    report = LayerReport(index=1, width=n_prev, recovered=n_prev - 1, dead=1, witnesses=0, queries=0, seconds=0.0,
+                         sign_method="wiggle", neurons=tuple({"index": j, "sign_confidence": 0.5}
+                                                             for j in range(n_prev - 1)))
+    walked: list[tuple[int, int]] = []  # (rows of the layer before, rows wanted) at each sign-free walk
+
+    def fake_walk_layer(q: Any, lay: Any, width: int, *a: Any, rows_wanted: int = 0, **k: Any) -> WalkOutcome:
+        walked.append((lay[-1][0].shape[0], rows_wanted))
+        return _outcome(lay[-1][0].shape[0], rows_wanted == 3)
+
+    new = MissingRow(w=rng.normal(size=d0), b=0.3, points=np.zeros((8, d0)), residual=0.0, ok=True, reason="",
+                     lines=1)
+    monkeypatch.setattr(walk, "walk_layer", fake_walk_layer)
+    def fake_walk_rows(q: Any, lay: Any, width: int, *a: Any, **k: Any) -> WalkedRows:
+        walked.append((lay[-1][0].shape[0], -1))  # -1: signed walks
+        return WalkedRows(W=rng.normal(size=(width, lay[-1][0].shape[0])), b=rng.normal(size=width),
+                          points=tuple(np.zeros((3, d0)) for _ in range(width)), residual=np.zeros(width), walks=width,
+                          complete=width, reason="")
+
+    monkeypatch.setattr(walk_rows, "walk_rows", fake_walk_rows)
+    monkeypatch.setattr(deep, "outcome_from_rows", lambda q, lay, W, *a, **k: ("outcome", W.shape[0]))
+    monkeypatch.setattr(missing, "recover_from_walks", lambda *a, **k: new)
+    monkeypatch.setattr(deep, "refine_row", lambda *a, **k: None)
+    pipeline._walked_layer(lambda X: X[:, :1], layers, [report], width, d0, False, ExtractionConfig(), rng, 1e-9, [],
+                           True)
+    # the check walks, the full walks (their flips applied), then the check walks again behind the completed
+    # layer (which decide here), and only then the signed walks
+    assert walked == [(n_prev - 1, 3), (n_prev - 1, width), (n_prev, 3), (n_prev, -1)]
+
+
 @pytest.mark.parametrize("decided", [True, False])
 def test_a_recovered_neuron_is_followed_by_signed_walks(monkeypatch: pytest.MonkeyPatch, decided: bool) -> None:
     rng = np.random.default_rng(0)

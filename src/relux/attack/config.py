@@ -76,8 +76,9 @@ class ExtractionConfig:
             when its search there found rows and it is still short, or back at an earlier incomplete
             layer once the later ones are complete. A resume after one that recovered rows in the
             layer it resumed at (or completed it) does not count, up to ``resumes`` such resumes more.
-            Beyond these, resumes go on while the queries that the resumes of a fresh attempt spent
-            stay below what that attempt spent itself: a restart would cost about as much again (digits
+            Beyond these (with ``resumes`` > 0), resumes go on while the queries that the resumes of a
+            fresh attempt spent stay below what that attempt spent itself, and the last did not leave the
+            model worse: a restart would cost about as much again (digits
             64-40x4-10: four rarely active neurons, each found by the resume aimed where the check saw it,
             while a restart cost 1.1M queries and lacked them too).
         refine_network_max_params: a deep extraction ends with a Gauss-Newton refinement of the

@@ -18,7 +18,7 @@ from relux.oracle.base import FloatArray, QueryFn
 #: how close (a share of the line's span) the affine neighbours' intersection must come to a predicted
 #: kink for it to be taken as that kink (:func:`find_kinks`): a predicted kink sits within about 1e-14 of
 #: the span of the kink located by queries; a second kink in the interval, of a tenth of its slope change
-#: and farther than 1e-11 of the span, moves the intersection beyond this. An intersection that far off
+#: and farther than about 1.1e-11 of the span, moves the intersection beyond this. An intersection that far off
 #: would fail the confirming queries too (it misses the pieces by about the collinearity tolerance)
 PREDICTED_TOL = 1e-12
 

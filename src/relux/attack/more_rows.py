@@ -100,7 +100,8 @@ def more_rows(
     its row. ``partial_ok`` (the last hidden layer, whose unseen weights the output fit can give):
     a confirmed row that completion leaves short of a few weights is kept, with its coverage.
     ``hints``: inputs where an earlier attempt's model was wrong (a neuron it lacked is likely on
-    there); the first lines go through them, in random directions (:data:`HINT_LINES`). ``max_unseen``:
+    there); the first lines go through them, in random directions (:func:`hint_lines` per round, two
+    rounds). ``max_unseen``:
     the largest share of a row's weights its witnesses may leave unseen for completion to be tried (a
     resumed search, whose rows' witnesses lie about a few hints, takes more)."""
     from relux.attack.deep import _build_rows

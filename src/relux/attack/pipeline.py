@@ -507,6 +507,9 @@ def _walked_layer(
     if full and not signed:
         wo = walk_layer(q, layers, width, d0, cfg, rng, rel_tol, rows_wanted=width, missing=short,
                         executor=executor)
+        # these walks' signs are the ones applied below: whether they settled every sign is theirs to say
+        known_sign = wo.decided | (clean & ~wo.flips) if clean.size == wo.decided.size else wo.decided
+        settled = wo.solution is not None and wo.solution.ok and bool(known_sign.all())
     i = len(layers) + 1
     log.info("layer %d: %d/%d rows from %d walks (%d complete, %d fitted)%s", i, wo.W_next.shape[0], width,
              wo.walks, wo.complete_walks, wo.partial_walks, f"; {wo.reason}" if wo.reason else "")
