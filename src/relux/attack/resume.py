@@ -181,8 +181,8 @@ def _stale(model: MLP, check: SelfCheck, layer: int, before: Resume | None) -> b
     """Is the model resumed at ``layer`` from ``before`` still wrong only at inputs its search was aimed
     at (``before.hints``, re-queried exactly: the self-check queries an earlier attempt's disagreements
     again; no random point disagrees, and the check kept every disagreement), with none of the rows it
-    added there on at them? The neuron missing there is then not one of
-    this layer's (a row found at one of them but wrong there is: that layer is searched again)."""
+    added there on at them? The neuron missing there is then not one of this layer's (a row found at one
+    of them but wrong there is: that layer is searched again)."""
     D = np.array(check.disagreements, dtype=float)
     # a random point that disagrees was not aimed at; sixteen disagreements may leave others out
     if before is None or not before.hints.size or not D.size or check.disagreeing or D.shape[0] >= 16:
