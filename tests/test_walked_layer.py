@@ -22,13 +22,13 @@ from relux.attack.walk import WalkOutcome
 from relux.attack.walk_rows import WalkedRows
 
 
-def _outcome(n_prev: int, decided: bool) -> WalkOutcome:
+def _outcome(n_prev: int, decided: bool, missing: int = 1) -> WalkOutcome:
     sol = SignSolution(flips=np.zeros(n_prev, dtype=bool), relevant=np.ones(n_prev, dtype=bool), residual=0.0,
                        free_bits=0, solutions=1, method="fake", ok=True, reason="", confidence=np.ones(n_prev))
     return WalkOutcome(flips=np.zeros(n_prev, dtype=bool), confidence=np.ones(n_prev) * decided,
                        decided=np.full(n_prev, decided), W_next=np.zeros((0, n_prev)), b_next=np.zeros(0), points=(),
                        row_residual=np.zeros(0), walks=3, complete_walks=0, solution=sol, reason="",
-                       missing=np.zeros((n_prev, 1)))
+                       missing=np.zeros((n_prev, missing)))
 
 
 def test_the_signs_applied_are_the_ones_checked(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -103,3 +103,47 @@ def test_a_recovered_neuron_is_followed_by_signed_walks(monkeypatch: pytest.Monk
     assert walked == ([n_prev - 1] if decided else [n_prev - 1, n_prev])
     assert signed == [(n_prev, 0)] if decided else signed == []
     assert out == ("outcome", width) if decided else out is None
+
+
+def test_missing_neurons_the_walks_cannot_separate_are_searched_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two neurons of the layer before missing, seen by the walks as one leftover space: that layer's row
+    search goes on (more_rows), the rows it finds are added, and the signs are walked again (the new rows'
+    are open) before the signed walks."""
+    import relux.attack.more_rows as more_rows_mod
+    from relux.attack.more_rows import MoreRows
+
+    rng = np.random.default_rng(0)
+    d0, n_prev, width = 6, 6, 4
+    layers = [(rng.normal(size=(n_prev - 2, d0)), rng.normal(size=n_prev - 2))]
+    report = LayerReport(index=1, width=n_prev, recovered=n_prev - 2, dead=2, witnesses=0, queries=0, seconds=0.0,
+                         sign_method="wiggle", neurons=tuple({"index": j, "sign_confidence": 1.0}
+                                                             for j in range(n_prev - 2)))
+    events: list[tuple[str, int]] = []
+
+    def fake_walk_layer(q: Any, lay: Any, *a: Any, **k: Any) -> WalkOutcome:
+        n = lay[-1][0].shape[0]
+        events.append(("walks", n))
+        return _outcome(n, True, missing=2 if n < n_prev else 0)
+
+    def fake_more_rows(q: Any, lay: Any, W: Any, b: Any, width_: int, *a: Any, **k: Any) -> MoreRows:
+        events.append(("more rows", width_ - W.shape[0]))
+        return MoreRows(W=rng.normal(size=(2, d0)), b=rng.normal(size=2), points=(np.zeros((3, d0)),) * 2,
+                        residual=np.zeros(2), coverage=np.ones((2, d0), dtype=bool), lines=8, witnesses=6, reason="")
+
+    def fake_walk_rows(q: Any, lay: Any, width_: int, *a: Any, **k: Any) -> WalkedRows:
+        events.append(("signed walks", lay[-1][0].shape[0]))
+        return WalkedRows(W=rng.normal(size=(width_, lay[-1][0].shape[0])), b=rng.normal(size=width_),
+                          points=tuple(np.zeros((3, d0)) for _ in range(width_)), residual=np.zeros(width_),
+                          walks=width_, complete=width_, reason="")
+
+    monkeypatch.setattr(walk, "walk_layer", fake_walk_layer)
+    monkeypatch.setattr(more_rows_mod, "more_rows", fake_more_rows)
+    monkeypatch.setattr(walk_rows, "walk_rows", fake_walk_rows)
+    monkeypatch.setattr(missing, "recover_from_walks", lambda *a, **k: None)
+    monkeypatch.setattr(deep, "outcome_from_rows", lambda q, lay, W, *a, **k: ("outcome", W.shape[0]))
+    points: list[np.ndarray] = []
+    lay, reps, out = pipeline._walked_layer(lambda X: X[:, :1], layers, [report], width, d0, False,
+                                            ExtractionConfig(), rng, 1e-9, [], False, points, signed_only=True)
+    assert events == [("walks", n_prev - 2), ("more rows", 2), ("walks", n_prev), ("signed walks", n_prev)]
+    assert lay[-1][0].shape[0] == n_prev and reps[-1].recovered == n_prev and reps[-1].dead == 0
+    assert len(points) == 2 and out == ("outcome", width)
