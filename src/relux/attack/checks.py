@@ -102,8 +102,9 @@ def self_check(
         pts.append(witnesses - V)
     # the random points a chunk at a time (a check of 10^5 points at 3,072 inputs is 2.4 GB at once)
     memory_chunk = max(1, min(n_random, 2**22 // max(d, 1)))
-    first = min(n_random, max(int(np.ceil(STOP_SHARE * n_random)), STOP_MIN_POINTS))
-    chunk = max(1, min(memory_chunk, int(np.ceil(STOP_SHARE * n_random)))) if stop_early else memory_chunk
+    share = int(np.ceil(STOP_SHARE * n_random))
+    first = min(n_random, max(share, STOP_MIN_POINTS))
+    chunk = max(1, min(memory_chunk, share)) if stop_early else memory_chunk
     sizes = [min(chunk, n_random - i) for i in range(0, n_random, chunk)]
     n_total = n_random + sum(P.shape[0] for P in pts)
     err = ref = 0.0

@@ -192,12 +192,13 @@ def find_kinks(
             # subdivide without end.
             unresolved["too_many_open_intervals"] = unresolved.get("too_many_open_intervals", 0) + len(plan_line)
             break
-        lines_idx = np.asarray(plan_line + known_line, dtype=int)
-        tq_arr = np.asarray(plan_t + known_t, dtype=float)
-        Xq = x0[lines_idx[: len(plan_line)]] + tq_arr[: len(plan_line), None] * u[lines_idx[: len(plan_line)]]
-        Yq = np.concatenate([query(Xq).reshape(len(plan_line), k) if plan_line else np.zeros((0, k)),
-                             np.asarray(known_f, dtype=float).reshape(len(known_line), k)])
-        queries += Xq.shape[0]
+        # the planned points are queried; the predicted kinks join them with their values on the left piece
+        p_idx, p_t = np.asarray(plan_line, dtype=int), np.asarray(plan_t, dtype=float)
+        Yp = query(x0[p_idx] + p_t[:, None] * u[p_idx]).reshape(p_idx.size, k) if p_idx.size else np.zeros((0, k))
+        queries += p_idx.size
+        lines_idx = np.concatenate([p_idx, np.asarray(known_line, dtype=int)])
+        tq_arr = np.concatenate([p_t, np.asarray(known_t, dtype=float)])
+        Yq = np.concatenate([Yp, np.asarray(known_f, dtype=float).reshape(len(known_line), k)])
         for li in np.unique(lines_idx):
             st = states[int(li)]
             sel = lines_idx == li

@@ -165,9 +165,9 @@ def extract(
                 # which the attempt before it showed right nearly everywhere: the same point again
                 nxt = resume
             sc = exc.partial.selfcheck if isinstance(exc.partial, ExtractionResult) else None
-            worse = resume is not None and sc is not None and exc.restartable and resume.made_worse(sc)
-            if worse:
-                assert resume is not None and sc is not None
+            worse = False
+            if resume is not None and sc is not None and exc.restartable and resume.made_worse(sc):
+                worse = True
                 # it left the model worse: what it added is wrong and is not built on; the attempt before it is
                 # resumed again, at the short layer before when this was the last hidden layer's resume
                 back = resume.fallback if resume.fallback is not None else resume
@@ -478,7 +478,7 @@ def _walked_layer(
     cannot separate are looked for on more lines (:func:`relux.attack.more_rows.more_rows`)."""
     from relux.attack.deep import outcome_from_rows
     from relux.attack.missing import recover_from_walks
-    from relux.attack.walk import walk_layer
+    from relux.attack.walk import WalkOutcome, walk_layer
 
     prev = reports[-1]
     short = prev.width - layers[-1][0].shape[0]
@@ -502,17 +502,20 @@ def _walked_layer(
         log.info("layer %d: the walks' sign solve failed (%s); walking again", len(layers) + 1, wo.reason)
         wo = walk_layer(q, layers, width, d0, cfg, rng, rel_tol, rows_wanted=min(3, width), max_rounds=3,
                         missing=short, executor=executor, max_walks=cfg.check_walks)
-    # a sign is known when the walks decided it, or the wiggle's verdict was clean and no walk flipped it
     clean = np.array([float(nr.get("sign_confidence", 0.0)) >= 1.0 for nr in prev.neurons])
-    known_sign = wo.decided | (clean & ~wo.flips) if clean.size == wo.decided.size else wo.decided
-    settled = wo.solution is not None and wo.solution.ok and bool(known_sign.all())
+
+    def settles(walks: WalkOutcome) -> bool:
+        """Every sign known: the walks decided it, or the wiggle's verdict was clean and no walk flipped it."""
+        known = walks.decided | (clean & ~walks.flips) if clean.size == walks.decided.size else walks.decided
+        return walks.solution is not None and walks.solution.ok and bool(known.all())
+
+    settled = settles(wo)
     signed = (full or signed_only) and settled and not short
     if full and not signed:
         wo = walk_layer(q, layers, width, d0, cfg, rng, rel_tol, rows_wanted=width, missing=short,
                         executor=executor)
         # these walks' signs are the ones applied below: whether they settled every sign is theirs to say
-        known_sign = wo.decided | (clean & ~wo.flips) if clean.size == wo.decided.size else wo.decided
-        settled = wo.solution is not None and wo.solution.ok and bool(known_sign.all())
+        settled = settles(wo)
     i = len(layers) + 1
     log.info("layer %d: %d/%d rows from %d walks (%d complete, %d fitted)%s", i, wo.W_next.shape[0], width,
              wo.walks, wo.complete_walks, wo.partial_walks, f"; {wo.reason}" if wo.reason else "")
