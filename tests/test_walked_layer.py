@@ -31,30 +31,49 @@ def _outcome(n_prev: int, decided: bool, missing: int = 1) -> WalkOutcome:
                        missing=np.zeros((n_prev, missing)))
 
 
+def _short_layer(rng: np.random.Generator, d0: int, n_prev: int, short: int,
+                 confidence: float) -> tuple[list[tuple[np.ndarray, np.ndarray]], LayerReport]:
+    """A layer of ``n_prev`` neurons with ``short`` of them missing, and its report (every wiggle verdict
+    at ``confidence``)."""
+    n = n_prev - short
+    report = LayerReport(index=1, width=n_prev, recovered=n, dead=short, witnesses=0, queries=0, seconds=0.0,
+                         sign_method="wiggle", neurons=tuple({"index": j, "sign_confidence": confidence}
+                                                             for j in range(n)))
+    return [(rng.normal(size=(n, d0)), rng.normal(size=n))], report
+
+
+def _walked_rows(rng: np.random.Generator, width: int, n_in: int, d0: int) -> WalkedRows:
+    """What fake signed walks return: ``width`` complete rows over ``n_in`` inputs."""
+    return WalkedRows(W=rng.normal(size=(width, n_in)), b=rng.normal(size=width),
+                      points=tuple(np.zeros((3, d0)) for _ in range(width)), residual=np.zeros(width), walks=width,
+                      complete=width, reason="")
+
+
+def _missing_row(rng: np.random.Generator, d0: int) -> MissingRow:
+    """A neuron of the layer before, recovered by the walks."""
+    return MissingRow(w=rng.normal(size=d0), b=0.3, points=np.zeros((8, d0)), residual=0.0, ok=True, reason="",
+                      lines=1)
+
+
 def test_the_signs_applied_are_the_ones_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     """An expansive layer: the few check walks decide every sign, but the full sign-free walks after them
     (whose flips are the ones applied) leave them open; behind the recovered neuron the signs are then
     walked again, not taken as checked."""
     rng = np.random.default_rng(0)
     d0, n_prev, width = 6, 5, 8
-    layers = [(rng.normal(size=(n_prev - 1, d0)), rng.normal(size=n_prev - 1))]
-    report = LayerReport(index=1, width=n_prev, recovered=n_prev - 1, dead=1, witnesses=0, queries=0, seconds=0.0,
-                         sign_method="wiggle", neurons=tuple({"index": j, "sign_confidence": 0.5}
-                                                             for j in range(n_prev - 1)))
+    layers, report = _short_layer(rng, d0, n_prev, 1, 0.5)
     walked: list[tuple[int, int]] = []  # (rows of the layer before, rows wanted) at each sign-free walk
 
     def fake_walk_layer(q: Any, lay: Any, width: int, *a: Any, rows_wanted: int = 0, **k: Any) -> WalkOutcome:
         walked.append((lay[-1][0].shape[0], rows_wanted))
         return _outcome(lay[-1][0].shape[0], rows_wanted == 3)
 
-    new = MissingRow(w=rng.normal(size=d0), b=0.3, points=np.zeros((8, d0)), residual=0.0, ok=True, reason="",
-                     lines=1)
+    new = _missing_row(rng, d0)
     monkeypatch.setattr(walk, "walk_layer", fake_walk_layer)
+
     def fake_walk_rows(q: Any, lay: Any, width: int, *a: Any, **k: Any) -> WalkedRows:
         walked.append((lay[-1][0].shape[0], -1))  # -1: signed walks
-        return WalkedRows(W=rng.normal(size=(width, lay[-1][0].shape[0])), b=rng.normal(size=width),
-                          points=tuple(np.zeros((3, d0)) for _ in range(width)), residual=np.zeros(width), walks=width,
-                          complete=width, reason="")
+        return _walked_rows(rng, width, lay[-1][0].shape[0], d0)
 
     monkeypatch.setattr(walk_rows, "walk_rows", fake_walk_rows)
     monkeypatch.setattr(deep, "outcome_from_rows", lambda q, lay, W, *a, **k: ("outcome", W.shape[0]))
@@ -71,10 +90,7 @@ def test_the_signs_applied_are_the_ones_checked(monkeypatch: pytest.MonkeyPatch)
 def test_a_recovered_neuron_is_followed_by_signed_walks(monkeypatch: pytest.MonkeyPatch, decided: bool) -> None:
     rng = np.random.default_rng(0)
     d0, n_prev, width = 6, 5, 4
-    layers = [(rng.normal(size=(n_prev - 1, d0)), rng.normal(size=n_prev - 1))]
-    report = LayerReport(index=1, width=n_prev, recovered=n_prev - 1, dead=1, witnesses=0, queries=0, seconds=0.0,
-                         sign_method="wiggle", neurons=tuple({"index": j, "sign_confidence": 0.5}
-                                                             for j in range(n_prev - 1)))
+    layers, report = _short_layer(rng, d0, n_prev, 1, 0.5)
     walked: list[int] = []  # rows of the layer before, at each sign-checking walk
     signed: list[tuple[int, int]] = []  # (rows of the layer before, rows given as known) at each signed walk
 
@@ -84,12 +100,9 @@ def test_a_recovered_neuron_is_followed_by_signed_walks(monkeypatch: pytest.Monk
 
     def fake_walk_rows(q: Any, lay: Any, width: int, *a: Any, known: Any = (), **k: Any) -> WalkedRows:
         signed.append((lay[-1][0].shape[0], len(known)))
-        return WalkedRows(W=rng.normal(size=(width, lay[-1][0].shape[0])), b=rng.normal(size=width),
-                          points=tuple(np.zeros((3, d0)) for _ in range(width)), residual=np.zeros(width), walks=width,
-                          complete=width, reason="")
+        return _walked_rows(rng, width, lay[-1][0].shape[0], d0)
 
-    new = MissingRow(w=rng.normal(size=d0), b=0.3, points=np.zeros((8, d0)), residual=0.0, ok=True, reason="",
-                     lines=1)
+    new = _missing_row(rng, d0)
     monkeypatch.setattr(walk, "walk_layer", fake_walk_layer)
     monkeypatch.setattr(walk_rows, "walk_rows", fake_walk_rows)
     monkeypatch.setattr(missing, "recover_from_walks", lambda *a, **k: new)
@@ -114,10 +127,7 @@ def test_missing_neurons_the_walks_cannot_separate_are_searched_for(monkeypatch:
 
     rng = np.random.default_rng(0)
     d0, n_prev, width = 6, 6, 4
-    layers = [(rng.normal(size=(n_prev - 2, d0)), rng.normal(size=n_prev - 2))]
-    report = LayerReport(index=1, width=n_prev, recovered=n_prev - 2, dead=2, witnesses=0, queries=0, seconds=0.0,
-                         sign_method="wiggle", neurons=tuple({"index": j, "sign_confidence": 1.0}
-                                                             for j in range(n_prev - 2)))
+    layers, report = _short_layer(rng, d0, n_prev, 2, 1.0)
     events: list[tuple[str, int]] = []
 
     def fake_walk_layer(q: Any, lay: Any, *a: Any, **k: Any) -> WalkOutcome:
@@ -132,9 +142,7 @@ def test_missing_neurons_the_walks_cannot_separate_are_searched_for(monkeypatch:
 
     def fake_walk_rows(q: Any, lay: Any, width_: int, *a: Any, **k: Any) -> WalkedRows:
         events.append(("signed walks", lay[-1][0].shape[0]))
-        return WalkedRows(W=rng.normal(size=(width_, lay[-1][0].shape[0])), b=rng.normal(size=width_),
-                          points=tuple(np.zeros((3, d0)) for _ in range(width_)), residual=np.zeros(width_),
-                          walks=width_, complete=width_, reason="")
+        return _walked_rows(rng, width_, lay[-1][0].shape[0], d0)
 
     monkeypatch.setattr(walk, "walk_layer", fake_walk_layer)
     monkeypatch.setattr(more_rows_mod, "more_rows", fake_more_rows)
