@@ -19,6 +19,7 @@ from relux.attack.resume import (
     _distinct_new,
     _seen_before,
     boundary_points,
+    last_rows_at_hints,
     rare_rows,
     recovered_rows,
     resume_point,
@@ -538,3 +539,28 @@ def test_a_neuron_found_twice_by_a_resume_is_kept_once() -> None:
     assert keep.tolist() == [1, 2]
     # distinct neurons all stay, and only the indices asked are considered
     assert _distinct_new(W, b, cov, np.zeros(3), np.array([0, 2]), 3).tolist() == [0, 2]
+
+
+@pytest.mark.parametrize(("n_hints", "n_lines"), [(1, 8), (3, 8), (8, 8), (12, 12), (20, 16)])
+def test_last_layer_rows_at_few_hints_take_several_lines_through_each(
+        monkeypatch: pytest.MonkeyPatch, n_hints: int, n_lines: int) -> None:
+    """A rarely active last-layer neuron seen at one input needs lines in several directions through it
+    (one line crosses its small on-region in one or two activation patterns): at least eight lines in
+    all, cycling over the hints; sixteen hints or more keep one line each, as before."""
+    import relux.attack.witnesses as witnesses
+
+    seen: list[np.ndarray] = []
+
+    def collect(*args: Any, lines_given: tuple[np.ndarray, np.ndarray], **kwargs: Any) -> tuple[list[Any], Any]:
+        seen.append(lines_given[0])
+        return [], None
+
+    monkeypatch.setattr(witnesses, "collect_witnesses", collect)
+    d0 = 5
+    hints = np.random.default_rng(0).normal(size=(n_hints, d0))
+    W, b = np.eye(4, d0), np.zeros(4)
+    last_rows_at_hints(lambda X: X[:, :1], [(W, b)], np.zeros((0, 4)), np.zeros(0), np.zeros((0, 4), dtype=bool),
+                       np.zeros(0), [], 2, d0, relux.ExtractionConfig(), np.random.default_rng(0), 1e-9, hints)
+    (x0,) = seen
+    assert x0.shape == (n_lines, d0)
+    assert {tuple(x) for x in x0} == {tuple(x) for x in hints[:16]}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from relux.attack.probes import probe_points
 from relux.attack.result import SelfCheck
 from relux.lines import kink_parameters, line_parameters
 from relux.model import MLP
@@ -67,6 +68,7 @@ def self_check(
     n_lines: int = 0,
     line_points: int = 128,
     stop_early: bool = False,
+    probe_share: float = 0.0,
 ) -> SelfCheck:
     """Compare ``model`` with the oracle on fresh points: random ones, points along lines through
     every witness (random points miss neurons whose active region is small), and ``suspects``, inputs
@@ -89,6 +91,14 @@ def self_check(
     :data:`STOP_MIN_POINTS`, were asked (on them or on the points before them) stops there, without the
     rest or the lines: a failed attempt's verdict needs no more queries (``random_points`` then counts
     those asked).
+
+    ``probe_share``: this share of each chunk of random points are probes instead
+    (:func:`relux.attack.probes.probe_points`: inputs where a random functional of one of the model's hidden
+    layers is largest, or where a row and one of its input coordinates are on together), which turn rarely
+    active neurons on, and show weights that act rarely, far more often than Gaussian points do (fewer
+    for a wide model).
+    They count in ``probe_points``, not in ``random_points`` nor ``disagreeing`` (whose ratio estimates
+    the share of inputs where the model is wrong), and their worst inputs are among ``disagreements``.
     """
     d = model.input_dim
     pts: list[FloatArray] = [suspects] if suspects is not None and suspects.size else []
@@ -114,6 +124,10 @@ def self_check(
     fixed = [np.concatenate(pts)] if pts else []
     thr = max(tol, 100.0 * noise_floor)
     stopped = False
+    # the probes, made at once (the pairs least often on together are chosen over all of them) and asked a
+    # share of each chunk
+    probes = probe_points(model.layers, int(round(probe_share * n_random)), scale, rng).points
+    n_probes = n_probe = 0
     for i in range(len(fixed) + len(sizes)):
         asked = sum(sizes[: max(i - len(fixed), 0)])
         # failed already, by twice the tolerance (the largest |f| of the points not asked could only loosen
@@ -123,12 +137,19 @@ def self_check(
             n_total -= n_random - asked
             n_random = asked
             break
-        X = fixed[i] if i < len(fixed) else rng.normal(0.0, scale, size=(sizes[i - len(fixed)], d))
+        n_probe = 0
+        if i < len(fixed):
+            X = fixed[i]
+        else:
+            size = sizes[i - len(fixed)]
+            n_probe = min(int(round(probe_share * size)), probes.shape[0] - n_probes)
+            X = np.concatenate([probes[n_probes:n_probes + n_probe], rng.normal(0.0, scale, size=(size - n_probe, d))])
+            n_probes += n_probe
         Y = query(X)
         e = np.max(np.abs(Y - model.forward(X)), axis=1)
         e = np.where(np.isfinite(e), e, np.inf)  # a NaN answer is a disagreement, never a pass
         if i >= len(fixed):
-            errors.append(e)
+            errors.append(e[n_probe:])  # the Gaussian points' (the probes are not a sample of inputs)
         err = max(err, float(e.max(initial=0.0)))
         ref = max(ref, float(np.max(np.abs(Y), initial=0.0)))
         top = np.argsort(e)[::-1][:16]
@@ -170,5 +191,6 @@ def self_check(
         rel = max(rel, float(r.max(initial=0.0)))
         worst += [X[k] for k in np.argsort(r)[::-1][:2] if r[k] > thr]
     return SelfCheck(points=n_total, max_abs_error=err, max_rel_error=rel, tolerance=thr,
-                     noise_floor=noise_floor, passed=bool(rel <= thr), random_points=n_random,
-                     disagreeing=n_bad, disagreements=tuple(tuple(float(v) for v in x) for x in worst[:16]))
+                     noise_floor=noise_floor, passed=bool(rel <= thr), random_points=n_random - n_probes,
+                     disagreeing=n_bad, probe_points=n_probes,
+                     disagreements=tuple(tuple(float(v) for v in x) for x in worst[:16]))

@@ -250,7 +250,7 @@ def _extract(
             suspects = wrong_before if suspects is None else np.concatenate([suspects, wrong_before])
         check = self_check(counter.query, model, witnesses, normals, radii, n_check,
                            scale, cfg.selfcheck_tol, floor, rng, suspects, cfg.selfcheck_lines,
-                           stop_early=cfg.selfcheck_stop_early)
+                           stop_early=cfg.selfcheck_stop_early, probe_share=cfg.selfcheck_probe_share)
     result = ExtractionResult(
         model=model,
         arch=a,

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.linalg
 
-from relux.attack.clouds import moved_copies, pair_points
+from relux.attack.clouds import moved_copies
+from relux.attack.clouds import pair_points as cloud_pair_points
+from relux.attack.probes import pair_points
 from relux.oracle.base import FloatArray, QueryFn
 
 log = logging.getLogger(__name__)
@@ -227,7 +229,7 @@ def _rare_clouds(
                 if got >= need and (not i or np.all(seen >= 2)):
                     break
             if i and np.any(seen < 2):
-                P = pair_points(layers, i, int(j), seeds, np.flatnonzero(seen < 2), rng)
+                P = cloud_pair_points(layers, i, int(j), seeds, np.flatnonzero(seen < 2), rng)
                 out.append(P)
     return np.concatenate(out) if out else np.zeros((0, X.shape[1]))
 
@@ -300,10 +302,16 @@ def refine_network(
     # rarely active neurons' on-regions: four fifths for the fit, a fifth held out (random held-out points
     # would not see a step that bends their weights)
     cloud = rng.permutation(_rare_clouds(layers, X, first, input_scale * float(np.sqrt(d0)), rng))
-    held = cloud[: cloud.shape[0] // 5]
-    X = np.concatenate([X, cloud[held.shape[0]:]])
+    # and where a refined row and an input coordinate seldom on together are on together (the only inputs
+    # where its weight on that coordinate shows): four fifths for the fit, kept whatever the covering takes
+    pairs = pair_points(layers, 1 << 30, input_scale, rng, first=first).points
+    held = np.concatenate([cloud[: cloud.shape[0] // 5], pairs[: pairs.shape[0] // 5]])
+    X = np.concatenate([X, cloud[cloud.shape[0] // 5:]])
     ins, pres, _ = _forward(layers, X)
     X = _covering_points(layers, X[_margin_ok(layers, pres, ins, margin)], first, n, rng)
+    pairs = pairs[pairs.shape[0] // 5:]
+    ins, pres, _ = _forward(layers, pairs)
+    X = np.concatenate([X, pairs[_margin_ok(layers, pres, ins, margin)]])
     n_g = n // 4 + 32
     Xv = np.concatenate([rng.normal(0.0, input_scale, size=(n_g, d0)), held])
     Yv = query(Xv)

@@ -39,6 +39,9 @@ class SelfCheck:
     #: how many of the ``random_points`` disagreed beyond the tolerance (a model wrong on a small share
     #: of the inputs lacks a rarely active neuron; a wrong layer disagrees almost everywhere)
     disagreeing: int = 0
+    #: fresh probes among ``points`` besides the random ones (:mod:`relux.attack.probes`: inputs where a
+    #: hidden layer's output is extreme, not a sample of the input distribution)
+    probe_points: int = 0
     #: inputs where the model disagreed with the oracle beyond the tolerance (at most 16): those of the
     #: random points, witness lines and earlier disagreements worst first, then the random lines' worst
     #: two each; a restarted attempt aims search lines there (not in ``to_json``)

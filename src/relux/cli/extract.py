@@ -272,8 +272,10 @@ def format_summary(result: ExtractionResult) -> str:
         "",
     ]
     if check.passed and check.random_points:
-        lines.insert(-1, f"               {check.random_points} of them random: inputs where the model is wrong "
-                         f"have probability < {check.disagreement_bound:.1e} (95% confidence)")
+        probes = f" ({check.probe_points} more are probes)" if check.probe_points else ""
+        lines.insert(-1, f"               {check.random_points} of them random{probes}: inputs "
+                         f"where the model is wrong have probability < {check.disagreement_bound:.1e} "
+                         "(95% confidence)")
     ex = result.execution
     if ex:
         startup = f", after {ex['startup_seconds']:.2f} s starting workers" if ex.get("startup_seconds") else ""
