@@ -123,7 +123,7 @@ def test_a_check_with_probes_sees_a_weight_that_acts_only_where_two_rare_neurons
     assert (dis[:, 1] > 0).all() and (rare_on(true, dis) | rare_on([(W1, b1), (W2m, b2)], dis)).all()
 
 
-@pytest.mark.parametrize("share", [-0.1, 1.5])
+@pytest.mark.parametrize("share", [-0.1, 1.0, 1.5])
 def test_the_probe_share_is_a_share(share: float) -> None:
     with pytest.raises(InputError, match="selfcheck_probe_share"):
         ExtractionConfig(selfcheck_probe_share=share)
@@ -143,3 +143,50 @@ def test_a_wide_model_gets_fewer_probes(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(probes_module, "WORK", 100.0 * probes_module.PAIR_ITERATIONS * weights)
     assert probe_points(layers, 1000, 1.0, np.random.default_rng(0)).points.shape == (100, D)
     assert probe_points(layers, 50, 1.0, np.random.default_rng(0)).points.shape == (50, D)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_the_pair_climb_steps_along_the_sphere_gradient_of_the_lesser_term(k: int) -> None:
+    """One step of the climb moves each point by STEP (plus the floor) of its radius along the normalised
+    gradient of ``min(z_j / s_j, z_m / s_m)`` projected on the sphere, which central differences give
+    (h = 1e-6 on a piecewise linear function: exact up to ~1e-9 away from kinks, which points whose two
+    step sizes disagree are taken to be near)."""
+    rng = np.random.default_rng(k)
+    sizes = [5, 6, 7, 8, 2]
+    layers = [(rng.normal(size=(sizes[i + 1], sizes[i])), rng.normal(size=sizes[i + 1])) for i in range(4)]
+    prefix = layers[: k + 1]
+    n = 200
+    X = 2.0 * rng.normal(size=(n, 5))
+    J, M = rng.integers(0, sizes[k + 1], n), rng.integers(0, sizes[k], n)
+    sj, sm = rng.uniform(0.5, 2.0, n), rng.uniform(0.5, 2.0, n)
+    step = probes_module.STEP + probes_module.STEP / 32
+    r = np.linalg.norm(X, axis=1, keepdims=True)
+    moved = probes_module._climb_pairs(prefix, X, J, M, sj, sm, 1)
+    # x' = (x + s r u) / sqrt(1 + s^2) with u the unit tangent direction
+    u = (moved * np.sqrt(1.0 + step**2) - X) / (step * r)
+
+    def lesser(P: np.ndarray) -> np.ndarray:
+        Z = probes_module._pre_activations(prefix, P)
+        return np.asarray(np.minimum(Z[k][np.arange(n), J] / sj, Z[k - 1][np.arange(n), M] / sm))
+
+    def tangent(h: float) -> np.ndarray:
+        G = np.stack([(lesser(X + h * e) - lesser(X - h * e)) / (2 * h) for e in np.eye(5)], axis=1)
+        return np.asarray(G - (np.sum(G * X, axis=1, keepdims=True) / r**2) * X)
+
+    G, G2 = tangent(1e-6), tangent(1e-4)
+    smooth = np.linalg.norm(G2 - G, axis=1) < 1e-6 * np.linalg.norm(G, axis=1)
+    assert smooth.sum() > n // 2
+    unit = G[smooth] / np.linalg.norm(G[smooth], axis=1, keepdims=True)
+    np.testing.assert_allclose(u[smooth], unit, atol=1e-6)
+
+
+def test_an_early_stop_counts_the_probes_it_asked() -> None:
+    """A failed check that stops after its first chunk counts that chunk's probes and Gaussian points."""
+    true = rare_layers(-1.0)  # on at about 4% of inputs: the first chunk sees it
+    (W1, b1), (W2, b2), (W3, b3) = true
+    model = MLP([(W1, b1), (W2[1:], b2[1:]), (W3[:, 1:], b3)])
+    empty = np.empty((0, D))
+    check = self_check(MLP(true).forward, model, empty, empty, np.empty(0), 40_000, 1.0, 1e-8, 0.0,
+                       np.random.default_rng(0), stop_early=True, probe_share=0.5)
+    assert not check.passed and check.points == check.random_points + check.probe_points
+    assert check.random_points == check.probe_points == 2500  # 40,000 / 8 asked, half of them probes

@@ -87,8 +87,8 @@ def self_check(
     ``disagreeing``.
 
     ``stop_early``: the random points go in chunks of :data:`STOP_SHARE` (or smaller when the input is
-    wide), and a check that has failed by twice its tolerance once that share of them, and at least
-    :data:`STOP_MIN_POINTS`, were asked (on them or on the points before them) stops there, without the
+    wide), and a check that has failed by twice its tolerance once that share of them (probes included), and
+    at least :data:`STOP_MIN_POINTS`, were asked (on them or on the points before them) stops there, without the
     rest or the lines: a failed attempt's verdict needs no more queries (``random_points`` then counts
     those asked).
 

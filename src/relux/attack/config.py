@@ -40,10 +40,10 @@ class ExtractionConfig:
             points' region show passes them all (random 20-10-10-10-2 victim 2, session 24: right on
             2 million random inputs, wrong by 3e-5 on lines). 0 leaves them out.
         selfcheck_fraction: the self-check's random points are at least this fraction of the queries
-            the extraction spent (at most ``selfcheck_max_points``): with ``N`` points and no
-            disagreement, the inputs where the model is wrong have probability below ``3 / N`` (95%
-            confidence), so a longer run, which could have missed rarer neurons, is checked harder.
-            At 0.05 the check costs a twentieth of the run. The fraction is multiplied by the
+            the extraction spent (at most ``selfcheck_max_points``): with ``N`` Gaussian points among
+            them (all but ``selfcheck_probe_share``) and no disagreement, the inputs where the model is
+            wrong have probability below ``3 / N`` (95% confidence), so a longer run, which could have
+            missed rarer neurons, is checked harder. At 0.05 the check costs a twentieth of the run. The fraction is multiplied by the
             attempt's number (an attempt after one failed checks twice as many): each attempt is one
             more chance for a wrong model to pass.
         selfcheck_max_points: cap on the random points that ``selfcheck_fraction`` asks for (never
@@ -58,12 +58,17 @@ class ExtractionConfig:
             hidden layers is largest on the sphere of a random point's radius, computed without queries.
             A neuron rarely on is on at the far edge of the previous layer's image, which the probes
             reach 3 to 15 times as often as Gaussian points (digits 64-40x4-10's three rarest neurons,
-            on at 2.5e-6 to 7e-5 of Gaussian inputs). The Gaussian rest keeps the check's bound on
-            the probability of a wrong input (``3 / N`` for ``N`` of them). 0 asks Gaussian points only.
+            on at 2.5e-6 to 7e-5 of Gaussian inputs), and inputs where a row and one of its input
+            coordinates seldom on together are on together (where that weight acts: a weight no Gaussian
+            input showed, left wrong, is seen there). The bound on the probability of a wrong input
+            (``3 / N``) counts the ``N`` Gaussian points only: at 0.5, half of those asked. Below 1 (some
+            Gaussian points are needed for that bound and for the share of inputs that disagree, which the
+            resumes read); 0 asks Gaussian points only.
         selfcheck_dead_points: random points of the self-check, at least (at most
             ``selfcheck_max_points``), when some layer reports neurons not identified (dropped as
             dead): such a neuron may be on in a region the search lines missed, and at 50,000 points
-            one on at 1e-4 of inputs shows with probability 1 - e^-5 (random 30-20-20-12-4 victim 8
+            (half of them Gaussian with the default ``selfcheck_probe_share``) one on at 1e-4 of inputs
+            shows with probability 1 - e^-2.5 at least (random 30-20-20-12-4 victim 8
             passed a check of 5,437 points without its layer-3 neuron on at 1e-4).
         max_enum_bits: largest number of free sign bits enumerated exhaustively when a layer is wider
             than its input (attack-notes §4).
@@ -167,7 +172,7 @@ class ExtractionConfig:
         need(self.check_walks >= 1, "check_walks", "an integer >= 1")
         need(self.selfcheck_dead_points >= 0, "selfcheck_dead_points", "an integer >= 0")
         need(isinstance(self.selfcheck_stop_early, bool), "selfcheck_stop_early", "True or False")
-        need(0 <= self.selfcheck_probe_share <= 1, "selfcheck_probe_share", "a number in [0, 1]")
+        need(0 <= self.selfcheck_probe_share < 1, "selfcheck_probe_share", "a number in [0, 1)")
         need(self.kink_rel_tol is None or 0 < self.kink_rel_tol < 1, "kink_rel_tol", "None or in (0, 1)")
         need(0 < self.fd_rel_step < 0.5, "fd_rel_step", "a number in (0, 0.5)")
         need(self.refine_passes >= 0, "refine_passes", "an integer >= 0")

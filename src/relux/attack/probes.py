@@ -39,7 +39,7 @@ PAIR_SAMPLE = 4096
 #: 2,000 see them 20 times)
 RARE_PAIR = 0.01
 
-#: probes per rare pair at most (each from its own start)
+#: probes per rare pair at most (each from the pair's best sample input, moved at random)
 PAIR_REPEATS = 4
 
 #: a cap on the probes' arithmetic: probes x ascent steps x the model's weights (about ten seconds of numpy);
@@ -68,7 +68,8 @@ def extreme_points(
     rng: np.random.Generator,
     iterations: int = ITERATIONS,
 ) -> Probes:
-    """``n`` inputs, each a local maximiser of ``c . h_k(x)`` over the sphere ``|x| = r``: ``k`` uniform
+    """``n`` inputs, each :data:`ITERATIONS` steps of ascent towards a local maximiser of ``c . h_k(x)`` over
+    the sphere ``|x| = r``: ``k`` uniform
     over the hidden layers, ``c ~ N(0, I)``, and ``r`` and the starting point those of an ``N(0, scale^2 I)``
     draw (so the radii are the random points' radii). Projected gradient ascent with normalised steps.
 
@@ -136,14 +137,16 @@ def pair_points(
         return Probes(np.zeros((0, d)), np.zeros(0, dtype=int))
     X = rng.normal(0.0, scale, size=(PAIR_SAMPLE, d))
     Z = _pre_activations(hidden, X)
-    spread = [np.std(z, axis=0) + np.finfo(float).tiny for z in Z]
+    spread = [np.std(z, axis=0) for z in Z]
     keys, co = [np.zeros((0, 3), dtype=int)], [np.zeros(0)]
     for k in range(max(first, 1), len(hidden)):
         on_k, on_m = (Z[k] > 0).astype(float), (Z[k - 1] > 0).astype(float)
         share = (on_k.T @ on_m).ravel() / X.shape[0]
         j, m = np.divmod(np.arange(share.size), Z[k - 1].shape[1])
-        keys.append(np.stack([np.full(share.size, k), j, m], axis=1))
-        co.append(share)
+        # a pre-activation constant on the sample (a zero row) has no direction to climb: no probe
+        live = (spread[k][j] > 0) & (spread[k - 1][m] > 0)
+        keys.append(np.stack([np.full(int(live.sum()), k), j[live], m[live]], axis=1))
+        co.append(share[live])
     key = np.concatenate(keys)
     share = np.concatenate(co)
     shuffled = rng.permutation(key.shape[0])
@@ -170,9 +173,10 @@ def probe_points(
     scale: float,
     rng: np.random.Generator,
 ) -> Probes:
-    """The self-check's probes: half :func:`pair_points` (all of them :func:`extreme_points` for a model of
-    one hidden layer), and at most as many as :data:`WORK` allows for the model's size (each probe is
-    :data:`PAIR_ITERATIONS` forward and backward passes)."""
+    """The self-check's probes, in random order: :func:`pair_points` for half of them at most (fewer when the
+    model has few rare pairs; none for a model of one hidden layer), :func:`extreme_points` for the rest, and
+    at most as many as :data:`WORK` allows for the model's size (each probe is :data:`PAIR_ITERATIONS` forward
+    and backward passes)."""
     d = layers[0][0].shape[1]
     weights = sum(W.size for W, _ in layers)
     n = min(n, int(WORK / (PAIR_ITERATIONS * max(weights, 1))))

@@ -282,7 +282,10 @@ def refine_network(
     ``accept_misfit`` are undone: they bent every weight around a structural error (a rarely active neuron
     missing took random 20-10-10-10-2 seed 2's first layer from 2^-43 to 2^-12), while a model that is only
     imprecise, even by 7e-3, ends near rounding. A fifth of the points in rarely active neurons' on-regions
-    (:func:`_rare_clouds`) is held out too: a step is taken when it lowers the sum of the largest miss at the
+    (:func:`_rare_clouds`) is held out too, as is a fifth of the points where a refined row and an input
+    coordinate seldom on together are on together (:func:`relux.attack.probes.pair_points`, at most ``2 n``
+    for ``n`` random ones: the first probe of the rarest pairs; the rest join the fit whatever the covering
+    keeps): a step is taken when it lowers the sum of the largest miss at the
     random held-out points and the root mean square one at those, without raising the former above where it
     was (or ``accept_misfit``)."""
     start = list(layers)
@@ -304,7 +307,7 @@ def refine_network(
     cloud = rng.permutation(_rare_clouds(layers, X, first, input_scale * float(np.sqrt(d0)), rng))
     # and where a refined row and an input coordinate seldom on together are on together (the only inputs
     # where its weight on that coordinate shows): four fifths for the fit, kept whatever the covering takes
-    pairs = pair_points(layers, 1 << 30, input_scale, rng, first=first).points
+    pairs = pair_points(layers, 2 * n, input_scale, rng, first=first).points
     held = np.concatenate([cloud[: cloud.shape[0] // 5], pairs[: pairs.shape[0] // 5]])
     X = np.concatenate([X, cloud[cloud.shape[0] // 5:]])
     ins, pres, _ = _forward(layers, X)

@@ -51,6 +51,8 @@ WORSE_FLOOR = 1e-2
 #: which lacked it, agreed with ``f`` at all but :data:`RESUME_MAX_SHARE` of them (a missing neuron shows
 #: wherever it is on, or, absorbed into the linear part around it, wherever it is off)
 NEW_ROW_MAX_SHARE = 4 * RESUME_MAX_SHARE
+#: lines through the hints of a last-hidden-layer resume, at least (:func:`last_rows_at_hints`)
+MIN_HINT_LINES = 8
 
 
 @dataclass(frozen=True)
@@ -383,7 +385,8 @@ def last_rows_at_hints(
     executor: Executor | None = None,
 ) -> tuple[FloatArray, FloatArray, np.ndarray, FloatArray, list[FloatArray]]:
     """Rows of the last hidden layer, behind its signed prefix, that ``(W, b)`` lacks: witnesses on
-    lines through ``hints`` (one random direction each), grouped by the direction of their output jump
+    lines through ``hints`` (the first 16, one random direction each, cycled to :data:`MIN_HINT_LINES` lines
+    at least), grouped by the direction of their output jump
     (every kink of one last-layer neuron moves the output along its column, :mod:`relux.attack.free_last`),
     each group of two or more unified into one row, kept when its witnesses determine it and it is new
     (the tests of :mod:`relux.attack.more_rows`' seeds). A rarely active neuron's
@@ -391,17 +394,17 @@ def last_rows_at_hints(
     64-40x4-10, layer-4 neurons on at 3e-5 and 3e-4 of inputs: rows to 1e-9). Returns the rows with the
     new ones appended, their coverage, residuals and boundary points."""
     from relux.attack.free_last import group_by_output
-    from relux.attack.more_rows import HINT_LINES_EACH, _determined, _known
+    from relux.attack.more_rows import _determined, _known
     from relux.attack.unify import robust_unify
     from relux.attack.witnesses import collect_witnesses
 
-    # at least HINT_LINES_EACH lines, in random directions, through few hints: a rarely active neuron's
+    # at least MIN_HINT_LINES lines in all, in random directions, through few hints: a rarely active neuron's
     # on-region is small, and one line through it crosses its boundary twice, in one or two activation
     # patterns, too few to determine its row (digits 64-40x4-10 seed 1: layer-4 neuron 32 seen at one hint,
     # missed by six resumes of one line each); many hints keep one line each (more lines there found rows of
     # the short layer before as rows of this one)
     x0 = hints.reshape(-1, d0)[:16]
-    x0 = x0[np.arange(max(x0.shape[0], HINT_LINES_EACH)) % x0.shape[0]]
+    x0 = x0[np.arange(max(x0.shape[0], MIN_HINT_LINES)) % x0.shape[0]]
     n_grid = int(cfg.grid_per_neuron * (sum(W_.shape[0] for W_, _ in layers) + width)) + 16
     nrm = np.linalg.norm(np.concatenate([W, b[:, None]], axis=1), axis=1)
     known = (W / nrm[:, None], b / nrm) if W.shape[0] else None
