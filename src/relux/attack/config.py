@@ -43,9 +43,9 @@ class ExtractionConfig:
             the extraction spent (at most ``selfcheck_max_points``): with ``N`` Gaussian points among
             them (all but ``selfcheck_probe_share``) and no disagreement, the inputs where the model is
             wrong have probability below ``3 / N`` (95% confidence), so a longer run, which could have
-            missed rarer neurons, is checked harder. At 0.05 the check costs a twentieth of the run. The fraction is multiplied by the
-            attempt's number (an attempt after one failed checks twice as many): each attempt is one
-            more chance for a wrong model to pass.
+            missed rarer neurons, is checked harder. At 0.05 the check costs a twentieth of the run.
+            The fraction is multiplied by the attempt's number (an attempt after one failed checks twice
+            as many): each attempt is one more chance for a wrong model to pass.
         selfcheck_max_points: cap on the random points that ``selfcheck_fraction`` asks for (never
             fewer than ``selfcheck_points``).
         selfcheck_stop_early: a self-check already failed (by twice its tolerance) after an eighth of its
