@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relux.align import align
+from relux.attack import refine_net
 from relux.attack.clouds import pair_points
+from relux.attack.probes import Probes
 from relux.attack.refine_net import _covering_points, _forward, _rare_clouds, refine_network
 from relux.model import MLP
 from relux.oracle import MLPOracle
@@ -211,3 +214,33 @@ def test_longer_paths_give_every_point_one_step_gives(seed: int) -> None:
     reached(many)
     # the same seeds and first steps: per coordinate at least as many points (at most two each)
     assert one.shape[0] <= many.shape[0] <= 2 * cols.size
+
+
+def test_refinement_fits_a_weight_where_its_row_and_coordinate_are_on_together(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layer-2 neuron 0 of a random 8-10-6-3 network, its bias lowered, is on at 2e-3 of Gaussian inputs,
+    and on together with layer-1 neuron 3 at 3e-5. That weight, off by 1e-4 relative, acts nowhere the
+    refinement's random points and clouds reach: without pair points it takes no step and the weight stays
+    off (2.5e-5 after the per-neuron scale). With them (``probes.pair_points``: inputs where the two are on
+    together) the held-out miss there shows, and the steps bring the weight to within 1e-7 (measured 2.6e-9,
+    the rounding of a step from 1e-4 off through three layers)."""
+    L = [(np.array(W), np.array(b)) for W, b in random_mlp("8-10-6-3", np.random.default_rng(1)).layers]
+    X = np.random.default_rng(9).normal(size=(200_000, 8))
+    z2 = np.maximum(X @ L[0][0].T + L[0][1], 0.0) @ L[1][0].T + L[1][1]
+    L[1][1][0] -= np.quantile(z2[:, 0], 0.998)
+    victim = MLP(L)
+    spoilt = [(W.copy(), b.copy()) for W, b in L]
+    spoilt[1][0][0, 3] *= 1 + 1e-4
+    ref = int(np.argmax(np.abs(L[1][0][0])))  # the row's largest weight, for the per-neuron scale
+
+    def error(layers: list[tuple[np.ndarray, np.ndarray]]) -> float:
+        W = layers[1][0]
+        return abs(float(W[0, 3] / W[0, ref] - L[1][0][0, 3] / L[1][0][0, ref]))
+
+    layers, info = refine_network(MLPOracle(victim).query, spoilt, 8, 1.0, np.random.default_rng(2))
+    assert info.steps >= 1 and info.rare_before > 1e-8 and info.rare_after < 1e-14
+    assert error(layers) < 1e-7
+    monkeypatch.setattr(refine_net, "pair_points",
+                        lambda *args, **kwargs: Probes(np.zeros((0, 8)), np.zeros(0, dtype=int)))
+    layers, info = refine_network(MLPOracle(victim).query, spoilt, 8, 1.0, np.random.default_rng(2))
+    assert info.steps == 0 and error(layers) > 1e-5
