@@ -546,7 +546,7 @@ def test_last_layer_rows_at_few_hints_take_several_lines_through_each(
         monkeypatch: pytest.MonkeyPatch, n_hints: int, n_lines: int) -> None:
     """A rarely active last-layer neuron seen at one input needs lines in several directions through it
     (one line crosses its small on-region in one or two activation patterns): at least eight lines in
-    all, cycling over the hints; sixteen hints or more keep one line each, as before."""
+    all, cycling over the hints; eight hints or more keep one line each (the first 16), as before."""
     import relux.attack.witnesses as witnesses
 
     seen: list[np.ndarray] = []

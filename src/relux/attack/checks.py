@@ -89,8 +89,8 @@ def self_check(
     ``stop_early``: the random points go in chunks of :data:`STOP_SHARE` (or smaller when the input is
     wide), and a check that has failed by twice its tolerance once that share of them (probes included), and
     at least :data:`STOP_MIN_POINTS`, were asked (on them or on the points before them) stops there, without the
-    rest or the lines: a failed attempt's verdict needs no more queries (``random_points`` then counts
-    those asked).
+    rest or the lines: a failed attempt's verdict needs no more queries (``random_points`` and
+    ``probe_points`` then count the Gaussian points and the probes asked).
 
     ``probe_share``: this share of each chunk of random points are probes instead
     (:func:`relux.attack.probes.probe_points`: inputs where a random functional of one of the model's hidden
@@ -127,7 +127,7 @@ def self_check(
     # the probes, made at once (the pairs least often on together are chosen over all of them) and asked a
     # share of each chunk
     probes = probe_points(model.layers, int(round(probe_share * n_random)), scale, rng).points
-    n_probes = n_probe = 0
+    n_probes = 0
     for i in range(len(fixed) + len(sizes)):
         asked = sum(sizes[: max(i - len(fixed), 0)])
         # failed already, by twice the tolerance (the largest |f| of the points not asked could only loosen

@@ -54,7 +54,8 @@ class ExtractionConfig:
             aim at (digits 64-40x4-10: four failed checks of 100,000 points each). False asks every point
             of every check.
         selfcheck_probe_share: this share of the self-check's random points are probes instead
-            (:mod:`relux.attack.probes`): inputs where a random linear functional of one of the model's
+            (:mod:`relux.attack.probes`; fewer for a wide model, whose probes' arithmetic
+            :data:`relux.attack.probes.WORK` caps): inputs where a random linear functional of one of the model's
             hidden layers is largest on the sphere of a random point's radius, computed without queries.
             A neuron rarely on is on at the far edge of the previous layer's image, which the probes
             reach 3 to 15 times as often as Gaussian points (digits 64-40x4-10's three rarest neurons,

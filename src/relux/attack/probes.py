@@ -8,7 +8,8 @@ and land in the cap whenever ``c`` falls in the normal cone of its vertices, a s
 does not shrink with the cap's volume (attack-notes §3: a deep neuron is found only where it is on).
 On digits 64-40x4-10 (session 27) such maximisers turn the three rarest neurons (on at 2.5e-6 to 7e-5 of
 Gaussian inputs) on 3 to 15 times as often as Gaussian inputs. They cost no query: the ascent runs on
-the model's own layers, so a neuron the model lacks changes nothing here, only the oracle's answer there.
+the model's own layers, so a neuron the model lacks changes nothing here, only the oracle's answer there
+(attack-notes §5 on the self-check).
 
 A weight ``W[j, m]`` of layer ``k`` acts only where row ``j`` is near its boundary or on and coordinate ``m``
 (neuron ``m`` of layer ``k - 1``) is on. A row found where ``m`` was always off has that weight unseen, and
@@ -29,26 +30,29 @@ import numpy as np
 
 from relux.oracle.base import FloatArray
 
-#: ascent steps of :func:`pair_points` (step sizes falling linearly from :data:`STEP`)
+#: ascent steps of :func:`pair_points` (step sizes falling linearly from 33/32 :data:`STEP` to about STEP/32)
 PAIR_ITERATIONS = 100
 
 #: Gaussian inputs on which the pairs' co-activation is measured
 PAIR_SAMPLE = 4096
 
-#: pairs on together at more than this share of the sample get no probe (the Gaussian points of a check of
-#: 2,000 see them 20 times)
+#: pairs on together at more than this share of the sample get no probe (the 1,000 Gaussian points of a check
+#: of 2,000 at a probe share of 0.5 see them 10 times)
 RARE_PAIR = 0.01
 
 #: probes per rare pair at most (each from the pair's best sample input, moved at random)
 PAIR_REPEATS = 4
 
-#: a cap on the probes' arithmetic: probes x ascent steps x the model's weights (about ten seconds of numpy);
-#: fewer probes are made for a wide model (CIFAR 3072-256x8-10: about 1,600)
+#: a cap on the probes' arithmetic: probes x :data:`PAIR_ITERATIONS` x the model's weights (about ten seconds of
+#: numpy at most; extreme probes take fewer steps); fewer probes are made for a wide model (CM24 100-200x3-10:
+#: 19,607; CIFAR 3072-256x8-10: about 1,600)
 WORK = 2e11
 
-#: gradient-ascent steps, each moving a point by :data:`STEP` of its radius along the sphere; 20 steps
-#: reach the rates of 150 on digits 64-40x4-10 (session 27)
+#: gradient-ascent steps of :func:`extreme_points`; 20 steps reach the rates of 150 on digits 64-40x4-10
+#: (session 27)
 ITERATIONS = 20
+
+#: the ascents' step, as a share of the point's radius along the sphere (about 3.6 degrees)
 STEP = 0.0625
 
 
@@ -128,7 +132,8 @@ def pair_points(
     closest.
 
     ``layers``: the model's ``(W, b)`` pairs, the output layer last (it is not used). Fewer than two hidden
-    layers have no pairs: no probe. ``first``: rows of hidden layers ``first + 1`` on only (0-based ``k >=
+    layers have no pairs: no probe. Attack-notes §3: a row's weights show only on the coordinates active
+    where it is measured. ``first``: rows of hidden layers ``first + 1`` on only (0-based ``k >=
     first``).
     """
     hidden = list(layers[:-1])
@@ -182,9 +187,9 @@ def probe_points(
     n = min(n, int(WORK / (PAIR_ITERATIONS * max(weights, 1))))
     if n <= 0:
         return Probes(np.zeros((0, d)), np.zeros(0, dtype=int))
-    pairs = pair_points(layers, n // 2 if len(layers) > 2 else 0, scale, rng)
+    pairs = pair_points(layers, n // 2, scale, rng)
     rest = extreme_points(layers, n - pairs.points.shape[0], scale, rng)
-    mixed = rng.permutation(n)  # the kinds mixed, so that any share of them holds both
+    mixed = rng.permutation(pairs.points.shape[0] + rest.points.shape[0])  # the kinds mixed, any share holds both
     return Probes(np.concatenate([pairs.points, rest.points])[mixed], np.concatenate([pairs.layer, rest.layer])[mixed])
 
 

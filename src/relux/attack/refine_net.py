@@ -45,8 +45,8 @@ class NetRefinement:
     #: held-out inputs where the returned layers miss ``f`` by more than ``accept_misfit`` (relative),
     #: the 16 worst: queried answers that contradict the model, for the self-check to look at again
     misses: FloatArray = field(default_factory=lambda: np.zeros((0, 0)))
-    #: root mean square misses at the held-out points in rarely active neurons' on-regions (0 without
-    #: them); ``misfit_*`` are the largest at the random held-out points
+    #: root mean square misses at the held-out points in rarely active neurons' on-regions and at held-out
+    #: pair points (0 without them); ``misfit_*`` are the largest at the random held-out points
     rare_before: float = 0.0
     rare_after: float = 0.0
 
@@ -284,8 +284,8 @@ def refine_network(
     imprecise, even by 7e-3, ends near rounding. A fifth of the points in rarely active neurons' on-regions
     (:func:`_rare_clouds`) is held out too, as is a fifth of the points where a refined row and an input
     coordinate seldom on together are on together (:func:`relux.attack.probes.pair_points`, at most ``2 n``
-    for ``n`` random ones: the first probe of the rarest pairs; the rest join the fit whatever the covering
-    keeps): a step is taken when it lowers the sum of the largest miss at the
+    for ``n`` random ones: the first probe of the rarest pairs; the rest with an unambiguous pattern join the
+    fit whatever the covering keeps): a step is taken when it lowers the sum of the largest miss at the
     random held-out points and the root mean square one at those, without raising the former above where it
     was (or ``accept_misfit``)."""
     start = list(layers)
@@ -306,7 +306,8 @@ def refine_network(
     # would not see a step that bends their weights)
     cloud = rng.permutation(_rare_clouds(layers, X, first, input_scale * float(np.sqrt(d0)), rng))
     # and where a refined row and an input coordinate seldom on together are on together (the only inputs
-    # where its weight on that coordinate shows): four fifths for the fit, kept whatever the covering takes
+    # where its weight on that coordinate shows): four fifths for the fit, those with an unambiguous pattern
+    # kept whatever the covering takes
     pairs = pair_points(layers, 2 * n, input_scale, rng, first=first).points
     held = np.concatenate([cloud[: cloud.shape[0] // 5], pairs[: pairs.shape[0] // 5]])
     X = np.concatenate([X, cloud[cloud.shape[0] // 5:]])
@@ -323,8 +324,8 @@ def refine_network(
 
     def misfit(ls: Sequence[Layer]) -> tuple[float, float]:
         """The largest miss at the random held-out points, and the root mean square one at the others (in
-        rarely active neurons' on-regions: some may stay wrong, where a row's pattern is, while the rest
-        improve)."""
+        rarely active neurons' on-regions, and pair points: some may stay wrong, where a row's pattern is,
+        while the rest improve)."""
         e = np.max(np.abs(_forward(ls, Xv)[2] - Yv), axis=1) / yscale
         e = np.where(np.isfinite(e), e, np.inf)
         return float(np.max(e[:n_g])), float(np.sqrt(np.mean(e[n_g:] ** 2))) if e.size > n_g else 0.0

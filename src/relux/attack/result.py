@@ -33,14 +33,15 @@ class SelfCheck:
     tolerance: float
     noise_floor: float
     passed: bool
-    #: the fresh random points among ``points`` (the others lie on lines through witnesses, are earlier
-    #: disagreements queried again, or lie on random lines across the first-layer hyperplanes)
+    #: the fresh Gaussian points among ``points`` (the others are probes, lie on lines through witnesses, are
+    #: earlier disagreements queried again, or lie on random lines across the first-layer hyperplanes)
     random_points: int = 0
     #: how many of the ``random_points`` disagreed beyond the tolerance (a model wrong on a small share
     #: of the inputs lacks a rarely active neuron; a wrong layer disagrees almost everywhere)
     disagreeing: int = 0
     #: fresh probes among ``points`` besides the random ones (:mod:`relux.attack.probes`: inputs where a
-    #: hidden layer's output is extreme, not a sample of the input distribution)
+    #: hidden layer's output is extreme, or where a row and an input coordinate seldom on together are both
+    #: on; not a sample of the input distribution)
     probe_points: int = 0
     #: inputs where the model disagreed with the oracle beyond the tolerance (at most 16): those of the
     #: random points, witness lines and earlier disagreements worst first, then the random lines' worst

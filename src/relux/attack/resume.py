@@ -401,9 +401,11 @@ def last_rows_at_hints(
     # at least MIN_HINT_LINES lines in all, in random directions, through few hints: a rarely active neuron's
     # on-region is small, and one line through it crosses its boundary twice, in one or two activation
     # patterns, too few to determine its row (digits 64-40x4-10 seed 1: layer-4 neuron 32 seen at one hint,
-    # missed by six resumes of one line each); many hints keep one line each (more lines there found rows of
-    # the short layer before as rows of this one)
+    # missed by six resumes of one line each); eight hints or more keep one line each, the first 16 (more
+    # lines there found rows of the short layer before as rows of this one)
     x0 = hints.reshape(-1, d0)[:16]
+    if not x0.shape[0]:
+        return W, b, cov, res, list(pts)
     x0 = x0[np.arange(max(x0.shape[0], MIN_HINT_LINES)) % x0.shape[0]]
     n_grid = int(cfg.grid_per_neuron * (sum(W_.shape[0] for W_, _ in layers) + width)) + 16
     nrm = np.linalg.norm(np.concatenate([W, b[:, None]], axis=1), axis=1)
