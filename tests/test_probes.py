@@ -14,6 +14,7 @@ import relux
 from relux.attack import probes as probes_module
 from relux.attack.checks import self_check
 from relux.attack.config import ExtractionConfig
+from relux.attack.prefix import forward
 from relux.attack.probes import PAIR_REPEATS, extreme_points, pair_points, probe_points
 from relux.attack.result import SelfCheck
 from relux.errors import InputError
@@ -174,7 +175,7 @@ def test_the_pair_climb_steps_along_the_sphere_gradient_of_the_lesser_term(k: in
     u = (moved * np.sqrt(1.0 + step**2) - X) / (step * r)
 
     def lesser(P: np.ndarray) -> np.ndarray:
-        Z = probes_module._pre_activations(prefix, P)
+        Z = forward(prefix, P)[0]
         return np.asarray(np.minimum(Z[k][np.arange(n), J] / sj, Z[k - 1][np.arange(n), M] / sm))
 
     def tangent(h: float) -> np.ndarray:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from relux.attack.prefix import forward
 from relux.oracle.base import FloatArray
 
 #: ascent steps of :func:`pair_points` (step sizes falling linearly from 33/32 :data:`STEP` to about STEP/32)
@@ -82,7 +83,7 @@ def extreme_points(
     hidden = list(layers[:-1])
     d = layers[0][0].shape[1]
     if n <= 0 or not hidden:
-        return Probes(np.zeros((0, d)), np.zeros(0, dtype=int))
+        return _none(d)
     X = rng.normal(0.0, scale, size=(n, d))
     which = rng.integers(1, len(hidden) + 1, size=n)
     for k in range(1, len(hidden) + 1):
@@ -98,19 +99,11 @@ def _ascend(prefix: Sequence[tuple[FloatArray, FloatArray]], X: FloatArray, rng:
     r = np.linalg.norm(X, axis=1, keepdims=True)
     r = np.where(r > 0, r, 1.0)
     for _ in range(iterations):
-        masks = []
-        h = X
-        for W, b in prefix:
-            z = h @ W.T + b
-            masks.append(z > 0)
-            h = np.maximum(z, 0.0)
+        masks = [z > 0 for z in forward(prefix, X)[0]]
         g = C
         for (W, _b), on in zip(prefix[::-1], masks[::-1], strict=True):
             g = (g * on) @ W
-        g = g - (np.sum(g * X, axis=1, keepdims=True) / r**2) * X  # along the sphere
-        norm = np.linalg.norm(g, axis=1, keepdims=True)
-        X = X + STEP * r * np.where(norm > 0, g / np.where(norm > 0, norm, 1.0), 0.0)
-        X = X * (r / np.linalg.norm(X, axis=1, keepdims=True))
+        X = _sphere_step(X, g, r, STEP)
     return X
 
 
@@ -139,9 +132,9 @@ def pair_points(
     hidden = list(layers[:-1])
     d = layers[0][0].shape[1]
     if n <= 0 or len(hidden) < 2:
-        return Probes(np.zeros((0, d)), np.zeros(0, dtype=int))
+        return _none(d)
     X = rng.normal(0.0, scale, size=(PAIR_SAMPLE, d))
-    Z = _pre_activations(hidden, X)
+    Z = forward(hidden, X)[0]
     spread = [np.std(z, axis=0) for z in Z]
     keys, co = [np.zeros((0, 3), dtype=int)], [np.zeros(0)]
     for k in range(max(first, 1), len(hidden)):
@@ -159,7 +152,7 @@ def pair_points(
     order = order[share[order] <= RARE_PAIR]
     n = min(n, PAIR_REPEATS * order.size)
     if n == 0:
-        return Probes(np.zeros((0, d)), np.zeros(0, dtype=int))
+        return _none(d)
     chosen = key[order[np.arange(n) % order.size]]
     out = np.zeros((n, d))
     for k in np.unique(chosen[:, 0]):
@@ -186,21 +179,15 @@ def probe_points(
     weights = sum(W.size for W, _ in layers)
     n = min(n, int(WORK / (PAIR_ITERATIONS * max(weights, 1))))
     if n <= 0:
-        return Probes(np.zeros((0, d)), np.zeros(0, dtype=int))
+        return _none(d)
     pairs = pair_points(layers, n // 2, scale, rng)
     rest = extreme_points(layers, n - pairs.points.shape[0], scale, rng)
     mixed = rng.permutation(pairs.points.shape[0] + rest.points.shape[0])  # the kinds mixed, any share holds both
     return Probes(np.concatenate([pairs.points, rest.points])[mixed], np.concatenate([pairs.layer, rest.layer])[mixed])
 
 
-def _pre_activations(layers: Sequence[tuple[FloatArray, FloatArray]], X: FloatArray) -> list[FloatArray]:
-    out = []
-    h = X
-    for W, b in layers:
-        z = h @ W.T + b
-        out.append(z)
-        h = np.maximum(z, 0.0)
-    return out
+def _none(d: int) -> Probes:
+    return Probes(np.zeros((0, d)), np.zeros(0, dtype=int))
 
 
 def _climb_pairs(prefix: Sequence[tuple[FloatArray, FloatArray]], X: FloatArray, J: np.ndarray, M: np.ndarray,
@@ -212,23 +199,23 @@ def _climb_pairs(prefix: Sequence[tuple[FloatArray, FloatArray]], X: FloatArray,
     r = np.linalg.norm(X, axis=1, keepdims=True)
     r = np.where(r > 0, r, 1.0)
     for t in range(iterations):
-        masks = []
-        h = X
-        Z = []
-        for W, b in prefix:
-            z = h @ W.T + b
-            Z.append(z)
-            masks.append(z > 0)
-            h = np.maximum(z, 0.0)
+        Z = forward(prefix, X)[0]
+        masks = [z > 0 for z in Z]
         low_j = Z[k][rows, J] / sj < Z[k - 1][rows, M] / sm
         # the lesser term's gradient: row j of layer k, or row m of layer k - 1, back through the masks
         g = np.where(low_j[:, None], prefix[k][0][J] / sj[:, None] * masks[k - 1], 0.0)
         g = g @ prefix[k - 1][0] + np.where(low_j[:, None], 0.0, prefix[k - 1][0][M] / sm[:, None])
         for layer in range(k - 2, -1, -1):
             g = (g * masks[layer]) @ prefix[layer][0]
-        g = g - (np.sum(g * X, axis=1, keepdims=True) / r**2) * X
-        norm = np.linalg.norm(g, axis=1, keepdims=True)
-        step = STEP * (1.0 - t / iterations) + STEP / 32
-        X = X + step * r * np.where(norm > 0, g / np.where(norm > 0, norm, 1.0), 0.0)
-        X = X * (r / np.linalg.norm(X, axis=1, keepdims=True))
+        X = _sphere_step(X, g, r, STEP * (1.0 - t / iterations) + STEP / 32)
     return X
+
+
+def _sphere_step(X: FloatArray, g: FloatArray, r: FloatArray, step: float) -> FloatArray:
+    """Each row of ``X`` moved by ``step`` of its radius ``r`` along the part of ``g`` tangent to its sphere
+    (normalised; a zero tangent leaves it), then put back on that sphere."""
+    g = g - (np.sum(g * X, axis=1, keepdims=True) / r**2) * X
+    norm = np.linalg.norm(g, axis=1, keepdims=True)
+    X = X + step * r * np.where(norm > 0, g / np.where(norm > 0, norm, 1.0), 0.0)
+    out: FloatArray = X * (r / np.linalg.norm(X, axis=1, keepdims=True))
+    return out
