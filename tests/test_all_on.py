@@ -18,9 +18,9 @@ from relux.attack.active_lines import (
     facet_vertices,
     tip_lines,
 )
-from relux.attack.all_on_layer import MIN_SWITCHED, _apart, all_on_outcome, all_on_rows
+from relux.attack.all_on_layer import MIN_SWITCHED, AllOnRows, _apart, all_on_outcome, all_on_rows, corner_allowance
 from relux.attack.config import ExtractionConfig
-from relux.attack.pipeline import _all_on_layer
+from relux.attack.pipeline import _all_on_layer, _ready_for_chords
 from relux.attack.result import LayerReport
 from relux.attack.witnesses import Candidate
 from relux.oracle import CountingOracle, MLPOracle
@@ -225,6 +225,56 @@ def test_the_pipeline_flips_it_back_and_takes_the_layer() -> None:
     assert sorted(cos.argmax(axis=1).tolist()) == list(range(8))
     # rows polished on exact boundary points: far below the 1e-5 of a single measurement
     assert np.all(1.0 - cos.max(axis=1) <= 1e-9)
+
+
+def _short_by(n: int) -> object:
+    """all_on_rows that loses its last ``n`` rows, as when neurons switched only in corners of the region
+    are never confirmed."""
+
+    def rows(*args: object, **kwargs: object) -> AllOnRows:
+        out = all_on_rows(*args, **kwargs)  # type: ignore[arg-type]
+        keep = out.W.shape[0] - n
+        return AllOnRows(out.W[:keep], out.b[:keep], out.points[:keep], out.residual[:keep], out.lines, out.kinks,
+                         out.measured, "short", out.tips)
+
+    return rows
+
+
+def test_a_layer_a_few_rows_short_goes_on_without_them(monkeypatch: object) -> None:
+    import relux.attack.all_on_layer as aol
+
+    net, prefix, true = _victim()
+    assert corner_allowance(8) == 1 and corner_allowance(256) == 2 and corner_allowance(200) == 2
+    monkeypatch.setattr(aol, "all_on_rows", _short_by(1))  # type: ignore[attr-defined]
+    out, why, zero = all_on_outcome(CountingOracle(MLPOracle(net)).query, prefix, 8, 14, False,
+                                    ExtractionConfig(seed=0), np.random.default_rng(0), 1e-9)
+    assert out is not None and why == "" and zero.size == 0
+    assert out.W.shape == (7, 10) and out.dead == 1
+    cos = np.abs(_unit(out.W, out.b) @ true.T)
+    assert len(set(cos.argmax(axis=1).tolist())) == 7
+    # more rows missing than the allowance: the walks and witness groups take the layer
+    monkeypatch.setattr(aol, "all_on_rows", _short_by(2))  # type: ignore[attr-defined]
+    out, why, _ = all_on_outcome(CountingOracle(MLPOracle(net)).query, prefix, 8, 14, False,
+                                 ExtractionConfig(seed=0), np.random.default_rng(0), 1e-9)
+    assert out is None and why == "short"
+
+
+def test_the_next_layer_takes_chords_behind_a_layer_short_of_corner_neurons() -> None:
+    def report(width: int, how: str, conf: float = 0.5) -> LayerReport:
+        neurons = tuple({"index": j, "sign": 1, "sign_confidence": conf, "rows_from": how} for j in range(width - 2))
+        return LayerReport(index=3, width=width, recovered=width - 2, dead=2, witnesses=0, queries=0, seconds=0.0,
+                           sign_method="wiggle", neurons=neurons)
+
+    # complete: every sign settled; short by corner neurons: every sign decided (the wiggle caps a
+    # short layer's verdicts at 0.5)
+    assert _ready_for_chords(report(256, "all-on lines", 1.0), 256)
+    assert not _ready_for_chords(report(256, "all-on lines", 0.5), 256)
+    assert _ready_for_chords(report(256, "all-on lines"), 254)
+    assert not _ready_for_chords(report(256, "all-on lines", 0.0), 254)
+    assert not _ready_for_chords(report(256, "all-on lines"), 253)
+    # a short layer from walks may lack a neuron that is on in the region: not read through it
+    assert not _ready_for_chords(report(256, "signed walks"), 255)
+    assert _ready_for_chords(report(256, "signed walks", 1.0), 256)
 
 
 def test_the_switch_is_validated() -> None:

@@ -8,6 +8,7 @@ import pytest
 from relux.attack import wiggle
 from relux.attack.active_lines import all_on_region
 from relux.attack.wiggle import wiggle_signs
+from relux.model import MLP
 from relux.oracle import CountingOracle, MLPOracle
 from relux.zoo import random_mlp
 
@@ -103,3 +104,34 @@ def test_in_a_short_layer_a_verdict_needs_both_sides_probed() -> None:
                       missing=1)
     np.testing.assert_array_equal(ws.signs[ws.decided], s[ws.decided])
     assert (ws.confidence == 1.0).sum() > 0
+
+
+def test_the_rows_error_leaking_into_a_silent_side_is_not_a_response(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Layer-2 neuron 3 is off at the first 24 controllable points and its row has the wrong sign, so
+    # there it is believed on. Rows off by 1e-6 (as measured rows are) move the output on its silent
+    # side by about that share of a real response: far above rounding, which once passed for a
+    # response and gave a clean wrong verdict (112 of 256 signs behind the trained CIFAR layer 1).
+    net = random_mlp((10, 10, 10, 3), np.random.default_rng(4))
+    W1, b1 = net.layers[0]
+    W2, b2 = (np.array(a, dtype=float) for a in net.layers[1])
+    region = all_on_region([(W1, b1)], 4.0)
+    assert region is not None
+    rng = np.random.default_rng(0)
+    X = region.centre + 0.5 * region.depth * rng.standard_normal((200, 10)) / np.sqrt(10)
+    H = np.maximum(X @ W1.T + b1, 0)
+    b2[3] = -float(np.median(H @ W2[3]))  # on at half of the points
+    net = MLP([(W1, b1), (W2, b2), net.layers[2]])
+    z = H @ W2[3] + b2[3]
+    X = np.concatenate([X[z < 0][:24], X[z > 0][:24]])  # off first
+    monkeypatch.setattr(wiggle, "_candidates", lambda *a: X)
+    n = np.linalg.norm(np.concatenate([W2, b2[:, None]], axis=1), axis=1)
+    s = np.where(np.arange(10) == 3, -1.0, 1.0)
+    noise = 1e-6 * np.random.default_rng(1).standard_normal((10, 11))
+    W = (W2 / n[:, None] + noise[:, :-1]) * s[:, None]
+    b = (b2 / n + noise[:, -1]) * s
+    ws = wiggle_signs(CountingOracle(MLPOracle(net)).query, [(W1, b1)], W, b, 10, 1.0, np.random.default_rng(0))
+    assert ws.controllable_points == ws.points
+    # neuron 3 is found off where it was believed on: its sign flips, with a clean verdict from the
+    # points where it is on; no verdict is wrong
+    assert ws.signs[3] == -1.0 and ws.confidence[3] == 1.0
+    np.testing.assert_array_equal(ws.signs[ws.decided], s[ws.decided])

@@ -357,6 +357,13 @@ def all_on_rows(
                      np.array([rows[j].residual for j in keep]), len(lines), n_kinks, measured, reason, n_tips)
 
 
+def corner_allowance(width: int) -> int:
+    """How many rows an all-on layer of ``width`` may lack and still be kept (:func:`all_on_outcome`):
+    one in a hundred. The walks that would take the layer instead found no row behind 256-wide CIFAR
+    layers, and a layer kept short is read on by the next layer's chords, which need the region."""
+    return max(1, width // 100)
+
+
 def all_on_outcome(
     query: QueryFn,
     layers: Sequence[pfx.Layer],
@@ -370,8 +377,9 @@ def all_on_outcome(
 ) -> tuple[LayerOutcome | None, str, np.ndarray]:
     """The layer behind ``layers`` from :func:`all_on_rows`, refined, with its signs
     (:func:`relux.attack.deep.outcome_from_rows`); None, with the reason, when the region is missing,
-    some row is missing (a neuron the chords seldom cross: the witness groups and walks, which look
-    everywhere, then extract the layer), or a layer-input coordinate has no weight in any row. That
+    more rows are missing than :func:`corner_allowance` (neurons the chords seldom cross: the witness
+    groups and walks, which look everywhere, then extract the layer; fewer are reported dead), or a
+    layer-input coordinate has no weight in any row. That
     last case is the check of the layer before: where a neuron of it whose sign is wrong is believed
     on, it is off, so every measured row gets exactly zero weight on it. The third value lists those
     neurons (empty otherwise)."""
@@ -395,8 +403,15 @@ def all_on_outcome(
     if zero.size:
         return None, (f"layer {len(layers)} neuron(s) {zero.tolist()} have no weight in any row: wrong signs, "
                       "or neurons off where they were believed on"), zero
-    if n != width:
+    if width - n > corner_allowance(width):
         return None, ao.reason or f"{n} rows for a layer of {width}", none
+    if n < width:
+        # Neurons switched only in small corners of the region (CIFAR unitary layer 3 neuron 193: off at
+        # the centre and at all 512 facet vertices, on at 2% of inputs elsewhere). They act little where
+        # the next layer is read (the same region, with this layer on), so the layer goes on without them,
+        # reported dead; the self-check sees them where they act.
+        log.info("layer %d: %d neuron(s) switched only in corners of the all-on region were not found: the layer "
+                 "goes on without them", len(layers) + 1, width - n)
     out = outcome_from_rows(query, layers, ao.W, ao.b, ao.points, ao.residual, width, d0, is_last, cfg, rng,
                             "all-on lines", rel_tol=rel_tol)
     return dataclasses.replace(out, witnesses=ao.kinks, lines=ao.lines), "", none

@@ -413,6 +413,24 @@ def _with_flips(
     return [*layers[:-1], (W * sgn[:, None], b * sgn)], neurons, [int(j) for j in np.flatnonzero(flips)]
 
 
+def _ready_for_chords(prev: LayerReport, rows: int) -> bool:
+    """Whether the layer before (its report, and the ``rows`` it has) is ready for the chords of its
+    all-on region. Either it is complete and every sign settled (a clean wiggle verdict, or a check by
+    walks), or it came from all-on lines a few rows short
+    (:func:`relux.attack.all_on_layer.corner_allowance`; the missing neurons are off in most of the
+    region) and every sign is decided: the wiggle caps a short layer's verdicts at confidence 0.5
+    even where the missing rows' leak was projected out, and the chords check the signs anyway (a
+    neuron believed on where it is off has no weight in any row; :func:`_all_on_layer`). Otherwise
+    the walks check the signs first."""
+    from relux.attack.all_on_layer import corner_allowance
+
+    conf = [float(nr.get("sign_confidence", 0.0)) for nr in prev.neurons]
+    if rows == prev.width:
+        return all(c >= 1.0 for c in conf)
+    chords = all(nr.get("rows_from") == "all-on lines" for nr in prev.neurons)
+    return chords and rows >= prev.width - corner_allowance(prev.width) and all(c >= 0.5 for c in conf)
+
+
 def _all_on_layer(
     q: Callable[[FloatArray], FloatArray],
     layers: list[tuple[FloatArray, FloatArray]],
@@ -442,9 +460,9 @@ def _all_on_layer(
     out, why, zero = all_on_outcome(q, layers, width, d0, is_last, cfg, rng, rel_tol, executor=executor)
     flipped: list[int] = []
     if out is None and 0 < zero.size <= max(1, prev.width // 2):
-        flips = np.zeros(prev.width, dtype=bool)
+        flips = np.zeros(layers[-1][0].shape[0], dtype=bool)  # a layer short of corner neurons has fewer rows
         flips[zero] = True
-        trial, neurons, flipped = _with_flips(layers, prev, flips, np.ones(prev.width), flips)
+        trial, neurons, flipped = _with_flips(layers, prev, flips, np.ones(flips.size), flips)
         log.info("layer %d: neuron(s) %s of layer %d weighted by no row: flipped, and the chords again", i, flipped,
                  i - 1)
         out, why, zero = all_on_outcome(q, trial, width, d0, is_last, cfg, rng, rel_tol, executor=executor)
@@ -869,9 +887,8 @@ def _extract_deep(
                     # whole row (relux.attack.all_on_layer). The region is where the layer before is on
                     # with the signs it has, so every one of them must be settled (a clean wiggle
                     # verdict, or a check by walks); otherwise the walks below check them first.
-                    settled_signs = all(float(nr.get("sign_confidence", 0.0)) >= 1.0 for nr in reports[-1].neurons)
-                    if (out is None and reports[-1].width >= cf.all_on_min_width and settled_signs
-                            and lf2[-1][0].shape[0] == reports[-1].width):
+                    if (out is None and reports[-1].width >= cf.all_on_min_width
+                            and _ready_for_chords(reports[-1], lf2[-1][0].shape[0])):
                         lf2, reports, out = _all_on_layer(qf, lf2, reports, width, df, i == len(hidden), cf,
                                                           rng.spawn(1)[0], rel_tol, stages.executor, warnings)
                     # Walks along this layer's boundaries check (and repair) the signs of the layer

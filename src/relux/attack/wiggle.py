@@ -181,6 +181,23 @@ def _leak_basis(
     return basis, n
 
 
+#: A response counts as real only above this share of the layer's typical response (the 90th
+#: percentile over its neurons of the larger side's), besides the rounding level. The silent side
+#: still moves by the rows' estimation error times the pre-activations' scale: behind the trained
+#: CIFAR-scale layer 1 (pre-activations of hundreds), 1e-7 to 1e-5 of a real response, far above
+#: rounding, which made 112 of 256 layer-2 neurons that were off at every probed point look on, with
+#: full confidence.
+LEAK = 1e-3
+
+
+def _real_level(pos: FloatArray, neg: FloatArray, floor: FloatArray) -> FloatArray:
+    """Per neuron, the response above which a side counts as moving the output (:data:`LEAK`)."""
+    top = np.maximum(pos, neg)
+    typical = float(np.quantile(top, 0.9)) if top.size else 0.0
+    out: FloatArray = np.maximum(1e4 * np.maximum(floor, np.finfo(float).tiny), LEAK * typical)
+    return out
+
+
 def wiggle_signs(
     query: QueryFn,
     layers: Sequence[pfx.Layer],
@@ -267,12 +284,13 @@ def wiggle_signs(
         n_ctrl += int(ctrl)
         # A complete layer's response is real only on a neuron's side where it is on; a short one
         # leaks on both sides, so every point is probed
-        if missing == 0 and n_pts >= max_points and np.all(np.maximum(pos, neg) > 1e4 * floor):
+        if missing == 0 and n_pts >= max_points and np.all(np.maximum(pos, neg) > _real_level(pos, neg, floor)):
             break
     # The output moves only on the side where the neuron is on: the side with the response decides
-    # the sign. On the other side only the estimation error of the rows leaks through (about 1e-9 of
-    # a real response), so a clean verdict needs a real response and a large ratio between sides.
-    real = np.maximum(pos, neg) > 1e4 * np.maximum(floor, np.finfo(float).tiny)
+    # the sign. On the other side only the estimation error of the rows leaks through, so a clean
+    # verdict needs a real response and a large ratio between sides.
+    thr = _real_level(pos, neg, floor)
+    real = np.maximum(pos, neg) > thr
     with np.errstate(over="ignore"):  # a silent side gives an infinite ratio, which is the point
         ratio = np.maximum(pos, neg) / np.maximum(np.minimum(pos, neg), np.finfo(float).tiny)
     # In a short layer a response on one side alone may be the leak: both sides must be probed.
@@ -283,7 +301,6 @@ def wiggle_signs(
     weak_pos = silent & (neg_q >= 2) & (pos_q == 0)
     # Not clean (a row of the layer is missing, so both sides respond somewhere): the silent side is
     # the one where some probe saw no response at all while every probe of the other side did.
-    thr = 1e4 * np.maximum(floor, np.finfo(float).tiny)
     two_sided = ~clean & ~silent & (pos_q >= 2) & (neg_q >= 2)
     min_neg = two_sided & (pos_min <= thr) & (neg_min > thr)  # silent while ẑ_j > 0: the sign is -
     min_pos = two_sided & (neg_min <= thr) & (pos_min > thr)
