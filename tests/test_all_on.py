@@ -3,7 +3,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,6 +28,7 @@ from relux.attack.config import ExtractionConfig
 from relux.attack.pipeline import _all_on_layer, _ready_for_chords
 from relux.attack.result import LayerReport
 from relux.attack.witnesses import Candidate
+from relux.model import MLP
 from relux.oracle import CountingOracle, MLPOracle
 from relux.zoo import random_mlp
 
@@ -227,58 +233,90 @@ def test_the_pipeline_flips_it_back_and_takes_the_layer() -> None:
     assert np.all(1.0 - cos.max(axis=1) <= 1e-9)
 
 
-def _short_by(n: int) -> object:
+def _short_by(n: int) -> Callable[..., AllOnRows]:
     """all_on_rows that loses its last ``n`` rows, as when neurons switched only in corners of the region
     are never confirmed."""
 
-    def rows(*args: object, **kwargs: object) -> AllOnRows:
-        out = all_on_rows(*args, **kwargs)  # type: ignore[arg-type]
+    def rows(*args: Any, **kwargs: Any) -> AllOnRows:
+        out = all_on_rows(*args, **kwargs)
         keep = out.W.shape[0] - n
-        return AllOnRows(out.W[:keep], out.b[:keep], out.points[:keep], out.residual[:keep], out.lines, out.kinks,
-                         out.measured, "short", out.tips)
+        return dataclasses.replace(out, W=out.W[:keep], b=out.b[:keep], points=out.points[:keep],
+                                   residual=out.residual[:keep], reason="short")
 
     return rows
 
 
-def test_a_layer_a_few_rows_short_goes_on_without_them(monkeypatch: object) -> None:
+def test_the_allowance_is_one_row_in_a_hundred() -> None:
+    assert [corner_allowance(w) for w in (8, 64, 99, 100, 200, 256)] == [0, 0, 0, 1, 2, 2]
+
+
+def test_an_inner_layer_a_few_rows_short_goes_on_without_them(monkeypatch: pytest.MonkeyPatch) -> None:
     import relux.attack.all_on_layer as aol
 
     net, prefix, true = _victim()
-    assert corner_allowance(8) == 1 and corner_allowance(256) == 2 and corner_allowance(200) == 2
-    monkeypatch.setattr(aol, "all_on_rows", _short_by(1))  # type: ignore[attr-defined]
-    out, why, zero = all_on_outcome(CountingOracle(MLPOracle(net)).query, prefix, 8, 14, False,
-                                    ExtractionConfig(seed=0), np.random.default_rng(0), 1e-9)
-    assert out is not None and why == "" and zero.size == 0
+    # the victim's layer is 8 wide, below the hundred that allows a row: allowed one here
+    monkeypatch.setattr(aol, "corner_allowance", lambda width: 1)
+    monkeypatch.setattr(aol, "all_on_rows", _short_by(1))
+
+    def outcome(is_last: bool) -> tuple[Any, str]:
+        out, why, zero = all_on_outcome(CountingOracle(MLPOracle(net)).query, prefix, 8, 14, is_last,
+                                        ExtractionConfig(seed=0), np.random.default_rng(0), 1e-9)
+        assert zero.size == 0
+        return out, why
+
+    out, why = outcome(False)
+    assert out is not None and why == ""
     assert out.W.shape == (7, 10) and out.dead == 1
     cos = np.abs(_unit(out.W, out.b) @ true.T)
     assert len(set(cos.argmax(axis=1).tolist())) == 7
-    # more rows missing than the allowance: the walks and witness groups take the layer
-    monkeypatch.setattr(aol, "all_on_rows", _short_by(2))  # type: ignore[attr-defined]
-    out, why, _ = all_on_outcome(CountingOracle(MLPOracle(net)).query, prefix, 8, 14, False,
-                                 ExtractionConfig(seed=0), np.random.default_rng(0), 1e-9)
+    # the last hidden layer is never kept short: the witness groups and walks take it
+    out, why = outcome(True)
+    assert out is None and why == "short"
+    # more rows missing than the allowance: the same
+    monkeypatch.setattr(aol, "all_on_rows", _short_by(2))
+    out, why = outcome(False)
     assert out is None and why == "short"
 
 
-def test_the_next_layer_takes_chords_behind_a_layer_short_of_corner_neurons() -> None:
-    def report(width: int, how: str, conf: float = 0.5) -> LayerReport:
-        neurons = tuple({"index": j, "sign": 1, "sign_confidence": conf, "rows_from": how} for j in range(width - 2))
-        return LayerReport(index=3, width=width, recovered=width - 2, dead=2, witnesses=0, queries=0, seconds=0.0,
-                           sign_method="wiggle", neurons=neurons)
+def _report(width: int, rows: int, how: str, conf: float) -> LayerReport:
+    neurons = tuple({"index": j, "sign": 1, "sign_confidence": conf, "rows_from": how} for j in range(rows))
+    return LayerReport(index=3, width=width, recovered=rows, dead=width - rows, witnesses=0, queries=0,
+                       seconds=0.0, sign_method="wiggle", neurons=neurons)
 
-    # complete: every sign settled; short by corner neurons: every sign decided (the wiggle caps a
-    # short layer's verdicts at 0.5)
-    assert _ready_for_chords(report(256, "all-on lines", 1.0), 256)
-    assert not _ready_for_chords(report(256, "all-on lines", 0.5), 256)
-    assert _ready_for_chords(report(256, "all-on lines"), 254)
-    assert not _ready_for_chords(report(256, "all-on lines", 0.0), 254)
-    assert not _ready_for_chords(report(256, "all-on lines"), 253)
+
+def test_the_next_layer_takes_chords_behind_a_layer_short_of_corner_neurons() -> None:
+    def ready(rows: int, how: str = "all-on lines", conf: float = 0.5) -> bool:
+        return _ready_for_chords(_report(256, rows, how, conf), rows)
+
+    # complete: every sign settled; short by corner neurons: every sign decided (deep._layer_signs caps
+    # a short layer's verdicts at 0.5)
+    assert ready(256, conf=1.0) and not ready(256, conf=0.5)
+    assert ready(254) and not ready(254, conf=0.0)
+    assert not ready(253)
     # a short layer from walks may lack a neuron that is on in the region: not read through it
-    assert not _ready_for_chords(report(256, "signed walks"), 255)
-    assert _ready_for_chords(report(256, "signed walks", 1.0), 256)
+    assert not ready(255, "signed walks") and ready(256, "signed walks", 1.0)
+
+
+def test_a_short_layer_s_wrong_sign_is_flipped_back() -> None:
+    # Layer 1 lacks neuron 9 (off everywhere near the region, so harmless) and neuron 4's sign is
+    # wrong: the flip vector follows the 9 rows, not the layer's width of 10
+    net, _, true = _victim()
+    W1, b1 = (np.array(a, dtype=float) for a in net.layers[0])
+    b1[9] = -1e3
+    net = MLP([(W1, b1), net.layers[1], net.layers[2]])
+    n1 = np.linalg.norm(np.concatenate([W1, b1[:, None]], axis=1), axis=1)
+    prefix = [((W1 / n1[:, None])[:9], (b1 / n1)[:9])]
+    report = _report(10, 9, "all-on lines", 0.5)
+    warnings: list[str] = []
+    layers, reports, out = _all_on_layer(CountingOracle(MLPOracle(net)).query, _flip(prefix, 4), [report], 8, 14,
+                                         False, ExtractionConfig(seed=0), np.random.default_rng(0), 1e-9, None,
+                                         warnings)
+    assert out is not None and out.W.shape[0] == 8
+    np.testing.assert_array_equal(layers[0][0], prefix[0][0])
+    assert reports[0].neurons[4]["sign"] == -1 and len(warnings) == 1 and "[4]" in warnings[0]
 
 
 def test_the_switch_is_validated() -> None:
-    import pytest
 
     from relux.errors import InputError
 

@@ -255,7 +255,7 @@ def all_on_rows(
     facets = np.zeros(0, dtype=int)
     n_kinks = measured = 0
     stall = gained = n_tips = tips_idle = 0
-    few = max(1, width // 100)  # rows a round of chords adds before tips take over
+    few = max(1, corner_allowance(width))  # rows a round of chords adds before tips take over
     max_lines = cfg.max_search_lines * 8
     reason = ""
     A_last = all_on_map(layers)[0][-d_in:]
@@ -358,10 +358,11 @@ def all_on_rows(
 
 
 def corner_allowance(width: int) -> int:
-    """How many rows an all-on layer of ``width`` may lack and still be kept (:func:`all_on_outcome`):
-    one in a hundred. The walks that would take the layer instead found no row behind 256-wide CIFAR
-    layers, and a layer kept short is read on by the next layer's chords, which need the region."""
-    return max(1, width // 100)
+    """How many rows an inner all-on layer of ``width`` may lack and still be kept
+    (:func:`all_on_outcome`; attack-notes §3): one in a hundred, none below a hundred. The walks
+    that would take the layer instead found no row behind 256-wide CIFAR layers, and a layer kept
+    short is read on by the next layer's chords, which need the region."""
+    return width // 100
 
 
 def all_on_outcome(
@@ -403,15 +404,17 @@ def all_on_outcome(
     if zero.size:
         return None, (f"layer {len(layers)} neuron(s) {zero.tolist()} have no weight in any row: wrong signs, "
                       "or neurons off where they were believed on"), zero
-    if width - n > corner_allowance(width):
+    # The last hidden layer is never kept short: no chords come after it, and the witness groups and
+    # walks that take it look everywhere.
+    if width - n > (0 if is_last else corner_allowance(width)):
         return None, ao.reason or f"{n} rows for a layer of {width}", none
     if n < width:
-        # Neurons switched only in small corners of the region (CIFAR unitary layer 3 neuron 193: off at
-        # the centre and at all 512 facet vertices, on at 2% of inputs elsewhere). They act little where
-        # the next layer is read (the same region, with this layer on), so the layer goes on without them,
-        # reported dead; the self-check sees them where they act.
-        log.info("layer %d: %d neuron(s) switched only in corners of the all-on region were not found: the layer "
-                 "goes on without them", len(layers) + 1, width - n)
+        # Likely neurons switched only in corners of the region that no chord or tip reaches (CIFAR
+        # unitary layer 3 neuron 193: off at the centre and at all 512 facet vertices, on at 2% of
+        # inputs elsewhere), off in most of the region where the next layer's chords run. The layer goes
+        # on without them, reported dead; the self-check sees them where they act.
+        log.info("layer %d: %d row(s) not confirmed on the all-on lines: the layer goes on without them",
+                 len(layers) + 1, width - n)
     out = outcome_from_rows(query, layers, ao.W, ao.b, ao.points, ao.residual, width, d0, is_last, cfg, rng,
                             "all-on lines", rel_tol=rel_tol)
     return dataclasses.replace(out, witnesses=ao.kinks, lines=ao.lines), "", none

@@ -415,13 +415,14 @@ def _with_flips(
 
 def _ready_for_chords(prev: LayerReport, rows: int) -> bool:
     """Whether the layer before (its report, and the ``rows`` it has) is ready for the chords of its
-    all-on region. Either it is complete and every sign settled (a clean wiggle verdict, or a check by
-    walks), or it came from all-on lines a few rows short
-    (:func:`relux.attack.all_on_layer.corner_allowance`; the missing neurons are off in most of the
-    region) and every sign is decided: the wiggle caps a short layer's verdicts at confidence 0.5
-    even where the missing rows' leak was projected out, and the chords check the signs anyway (a
-    neuron believed on where it is off has no weight in any row; :func:`_all_on_layer`). Otherwise
-    the walks check the signs first."""
+    all-on region (attack-notes §3). Either it is complete and every sign settled (a clean wiggle
+    verdict, or a check by walks), or it came from all-on lines a few rows short
+    (:func:`relux.attack.all_on_layer.corner_allowance`; the missing neurons are likely off in most of
+    the region) and every sign is decided. ``deep._layer_signs`` caps a short layer's verdicts at
+    confidence 0.5, even the clean ones, and the walks that would check them found no row behind
+    256-wide CIFAR layers; the chords check the signs too (a neuron believed on where it is off has no
+    weight in any row; :func:`_all_on_layer`). A complete layer keeps the walks' check of its
+    unsettled signs, as the deep suite was measured with. Otherwise the walks check the signs first."""
     from relux.attack.all_on_layer import corner_allowance
 
     conf = [float(nr.get("sign_confidence", 0.0)) for nr in prev.neurons]
@@ -885,8 +886,9 @@ def _extract_deep(
                                                 executor=stages.executor, hints=hf)
                     # Chords of the region where every known neuron is on: one witness there shows a
                     # whole row (relux.attack.all_on_layer). The region is where the layer before is on
-                    # with the signs it has, so every one of them must be settled (a clean wiggle
-                    # verdict, or a check by walks); otherwise the walks below check them first.
+                    # with the signs it has, so its signs must be settled (a clean wiggle verdict, or a
+                    # check by walks), or decided for a layer short of a few corner neurons
+                    # (_ready_for_chords); otherwise the walks below check them first.
                     if (out is None and reports[-1].width >= cf.all_on_min_width
                             and _ready_for_chords(reports[-1], lf2[-1][0].shape[0])):
                         lf2, reports, out = _all_on_layer(qf, lf2, reports, width, df, i == len(hidden), cf,

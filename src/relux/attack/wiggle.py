@@ -14,6 +14,10 @@ the output only along their own output gradients, which directions in the null s
 (moving no known neuron of the layer) show: a few such probes per point span those gradients, and
 each ``δ_j``'s response is measured after that span is projected out (:func:`_leak_basis`). This needs
 more outputs than active missing neurons; elsewhere the point is probed as before.
+
+The silent side of a neuron still moves the output by the rows' estimation error, which large
+pre-activations make far larger than rounding; a side counts as responding only above a share of
+the layer's typical response (:data:`LEAK`).
 """
 
 from __future__ import annotations
@@ -182,7 +186,8 @@ def _leak_basis(
 
 
 #: A response counts as real only above this share of the layer's typical response (the 90th
-#: percentile over its neurons of the larger side's), besides the rounding level. The silent side
+#: percentile over its neurons of the larger side's), besides the rounding level (CM24 §4 decides by
+#: which side moves the output; attack-notes §4 asks for thresholds scaled to the data). The silent side
 #: still moves by the rows' estimation error times the pre-activations' scale. Behind the trained
 #: CIFAR-scale layer 1 (pre-activations of hundreds; 24 probed points): the silent sides moved by
 #: 7e-7 of the typical response at the median and 7e-6 at most, the real responses by 0.1 of it at
@@ -301,10 +306,14 @@ def wiggle_signs(
     weak_neg = silent & (pos_q >= 2) & (neg_q == 0)
     weak_pos = silent & (neg_q >= 2) & (pos_q == 0)
     # Not clean (a row of the layer is missing, so both sides respond somewhere): the silent side is
-    # the one where some probe saw no response at all while every probe of the other side did.
+    # the one where some probe saw no response beyond rounding while every probe of the other side saw
+    # a real one. (One probe's real response can be far below the layer's typical one, so silence is
+    # judged at the rounding level here: against the LEAK level, weak probes of the on side read as
+    # silent and gave wrong verdicts on random layers with exact rows.)
+    rounding = 1e4 * np.maximum(floor, np.finfo(float).tiny)
     two_sided = ~clean & ~silent & (pos_q >= 2) & (neg_q >= 2)
-    min_neg = two_sided & (pos_min <= thr) & (neg_min > thr)  # silent while ẑ_j > 0: the sign is -
-    min_pos = two_sided & (neg_min <= thr) & (pos_min > thr)
+    min_neg = two_sided & (pos_min <= rounding) & (neg_min > thr)  # silent while ẑ_j > 0: the sign is -
+    min_pos = two_sided & (neg_min <= rounding) & (pos_min > thr)
     signs = np.where(neg_b | weak_neg | min_neg, -1.0, 1.0)
     decided = clean | weak_neg | weak_pos | min_neg | min_pos
     confidence = np.where(clean, 1.0, np.where(weak_neg | weak_pos | min_neg | min_pos, 0.5, 0.0))
