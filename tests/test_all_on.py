@@ -235,11 +235,15 @@ def test_the_pipeline_flips_it_back_and_takes_the_layer() -> None:
 
 def _short_by(n: int) -> Callable[..., AllOnRows]:
     """all_on_rows that loses its last ``n`` rows, as when neurons switched only in corners of the region
-    are never confirmed."""
+    are never confirmed (or, for ``n = -1``, has its first row twice)."""
 
     def rows(*args: Any, **kwargs: Any) -> AllOnRows:
         out = all_on_rows(*args, **kwargs)
         keep = out.W.shape[0] - n
+        if n < 0:  # one row too many: the first again
+            return dataclasses.replace(out, W=np.concatenate([out.W, out.W[:1]]), b=np.append(out.b, out.b[0]),
+                                       points=(*out.points, out.points[0]),
+                                       residual=np.append(out.residual, out.residual[0]), reason="long")
         return dataclasses.replace(out, W=out.W[:keep], b=out.b[:keep], points=out.points[:keep],
                                    residual=out.residual[:keep], reason="short")
 
@@ -276,6 +280,10 @@ def test_an_inner_layer_a_few_rows_short_goes_on_without_them(monkeypatch: pytes
     monkeypatch.setattr(aol, "all_on_rows", _short_by(2))
     out, why = outcome(False)
     assert out is None and why == "short"
+    # more rows than the layer has (deeper neurons' rows kept): not the layer either
+    monkeypatch.setattr(aol, "all_on_rows", _short_by(-1))
+    out, why = outcome(False)
+    assert out is None and "9 rows for a layer of 8" in why
 
 
 def _report(width: int, rows: int, how: str, conf: float) -> LayerReport:

@@ -404,6 +404,9 @@ def all_on_outcome(
     if zero.size:
         return None, (f"layer {len(layers)} neuron(s) {zero.tolist()} have no weight in any row: wrong signs, "
                       "or neurons off where they were believed on"), zero
+    if n > width:
+        # rows of deeper neurons kept (two of their kinks agreed in key and plane): which ones is not known
+        return None, f"{n} rows for a layer of {width}: some are not the layer's", none
     # The last hidden layer is never kept short: no chords come after it, and the witness groups and
     # walks that take it look everywhere.
     if width - n > (0 if is_last else corner_allowance(width)):
