@@ -277,3 +277,58 @@ def test_cli_plots_without_matplotlib_or_with(tmp_path: Path, capsys: pytest.Cap
 def test_cli_bad_input_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli(argv) == 2
     assert capsys.readouterr().err.startswith("relux: error:")
+
+
+_ORPHAN_SCRIPT = """
+import os, sys, time
+from relux.bench import run_isolated
+
+def record_and_sleep(path):
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(120)
+    return {}
+
+if __name__ == "__main__":
+    run_isolated(record_and_sleep, (sys.argv[1],), timeout=300.0)
+"""
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (Linux ``/proc``)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_the_worker_ends_with_a_parent_killed_by_a_signal(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "parent.py"
+    script.write_text(_ORPHAN_SCRIPT)
+    pid_file = tmp_path / "worker.pid"
+    parent = subprocess.Popen([sys.executable, str(script), str(pid_file)])
+    try:
+        t0 = time.monotonic()
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() - t0 < 60.0:
+            time.sleep(0.1)
+        worker = int(pid_file.read_text())
+        assert _running(worker)
+        parent.send_signal(signal.SIGTERM)  # no clean-up runs in the parent
+        parent.wait(10.0)
+        t0 = time.monotonic()
+        # the worker checks its parent once a second (runner.PARENT_POLL)
+        while _running(worker) and time.monotonic() - t0 < 20.0:
+            time.sleep(0.1)
+        assert not _running(worker)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        if pid_file.exists() and pid_file.read_text() and _running(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)

@@ -17,7 +17,9 @@ import functools
 import logging
 import math
 import multiprocessing
+import os
 import re
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -404,8 +406,22 @@ class _Forward(logging.Handler):
             pass
 
 
+#: How often (seconds) a worker checks that the process that started it is still there.
+PARENT_POLL = 1.0
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this worker process as soon as ``parent`` is gone (it was re-parented): a parent killed by a
+    signal runs no clean-up, and its worker would otherwise go on using a core until its own end."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL)
+    os._exit(1)
+
+
 def _worker(conn: Connection, func: Callable[..., dict[str, Any]], args: tuple[Any, ...]) -> None:
-    """Body of the worker process: forward logs, run ``func(*args)``, send its result or its error."""
+    """Body of the worker process: forward logs, run ``func(*args)``, send its result or its error. The
+    worker ends with the process that started it (:func:`_exit_with_parent`)."""
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     handler = _Forward(conn)
     relux_log = logging.getLogger("relux")
     relux_log.addHandler(handler)
