@@ -298,7 +298,7 @@ def _running(pid: int) -> bool:
     """Whether process ``pid`` exists and is not a zombie (Linux ``/proc``)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
+    except (OSError, IndexError):
         return False
     return state != "Z"
 
@@ -314,21 +314,25 @@ def test_the_worker_ends_with_a_parent_killed_by_a_signal(tmp_path: Path) -> Non
     script.write_text(_ORPHAN_SCRIPT)
     pid_file = tmp_path / "worker.pid"
     parent = subprocess.Popen([sys.executable, str(script), str(pid_file)])
+    worker = None
+    ended = False
     try:
         t0 = time.monotonic()
         while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() - t0 < 60.0:
+            assert parent.poll() is None, f"the parent exited with {parent.returncode} before its worker ran"
             time.sleep(0.1)
         worker = int(pid_file.read_text())
         assert _running(worker)
         parent.send_signal(signal.SIGTERM)  # no clean-up runs in the parent
         parent.wait(10.0)
         t0 = time.monotonic()
-        # the worker checks its parent once a second (runner.PARENT_POLL)
+        # the worker waits on its parent's sentinel (runner._exit_with_parent)
         while _running(worker) and time.monotonic() - t0 < 20.0:
             time.sleep(0.1)
-        assert not _running(worker)
+        ended = not _running(worker)
+        assert ended
     finally:
         if parent.poll() is None:
             parent.kill()
-        if pid_file.exists() and pid_file.read_text() and _running(int(pid_file.read_text())):
-            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        if worker is not None and not ended and _running(worker):
+            os.kill(worker, signal.SIGKILL)

@@ -17,6 +17,7 @@ import functools
 import logging
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import re
 import threading
@@ -406,22 +407,22 @@ class _Forward(logging.Handler):
             pass
 
 
-#: How often (seconds) a worker checks that the process that started it is still there.
-PARENT_POLL = 1.0
-
-
-def _exit_with_parent(parent: int) -> None:
-    """End this worker process as soon as ``parent`` is gone (it was re-parented): a parent killed by a
-    signal runs no clean-up, and its worker would otherwise go on using a core until its own end."""
-    while os.getppid() == parent:
-        time.sleep(PARENT_POLL)
+def _exit_with_parent() -> None:
+    """End this worker process as soon as the process that started it is gone: a parent killed by a
+    signal runs no clean-up, and its worker would otherwise go on using a core until its own end. The
+    worker waits on the parent's sentinel, a pipe that closes when the parent dies, held from the
+    worker's start (a parent that forks without exec would hold it open too; the bench does not)."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+    multiprocessing.connection.wait([parent.sentinel])
     os._exit(1)
 
 
 def _worker(conn: Connection, func: Callable[..., dict[str, Any]], args: tuple[Any, ...]) -> None:
     """Body of the worker process: forward logs, run ``func(*args)``, send its result or its error. The
     worker ends with the process that started it (:func:`_exit_with_parent`)."""
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
     handler = _Forward(conn)
     relux_log = logging.getLogger("relux")
     relux_log.addHandler(handler)
