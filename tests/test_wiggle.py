@@ -72,20 +72,27 @@ def test_when_its_centre_program_fails_the_centre_of_the_all_on_region_stands_in
     np.testing.assert_array_equal(ws.signs, s)
 
 
+def _without_most_active(arch: tuple[int, ...], seed: int) -> tuple[MLP, np.ndarray, np.ndarray, np.ndarray]:
+    """A random network, its second layer's rows without the most active neuron (on 4,000 Gaussian
+    inputs), normalised with random signs, and those signs (the ones to find)."""
+    net = random_mlp(arch, np.random.default_rng(seed))
+    W2, b2 = net.layers[1]
+    X = np.random.default_rng(5).normal(size=(4000, arch[0]))
+    act = ((np.maximum(X @ net.layers[0][0].T + net.layers[0][1], 0) @ W2.T + b2) > 0).mean(0)
+    m = arch[2]
+    keep = np.arange(m) != int(np.argmax(act))
+    s = np.where(np.random.default_rng(seed + 1).random(m) < 0.5, -1.0, 1.0)[keep]
+    n = np.linalg.norm(np.concatenate([W2, b2[:, None]], axis=1), axis=1)[keep]
+    return net, W2[keep] / n[:, None] * s[:, None], b2[keep] / n * s, s
+
+
 @pytest.mark.parametrize("seed", [0, 2, 5, 7])
 def test_a_missing_row_s_leak_is_projected_out(seed: int) -> None:
     # 10-8-6-4 networks whose layer 2 lacks its most active neuron: wherever that neuron is on, every
     # probe moves the output through it, on both sides of the probed hyperplane. Without the
     # projection the wiggle then gives wrong verdicts at full confidence on these seeds (measured:
     # 1-2 each); with it, every verdict it gives is right.
-    net = random_mlp((10, 8, 6, 4), np.random.default_rng(seed))
-    W2, b2 = net.layers[1]
-    X = np.random.default_rng(5).normal(size=(4000, 10))
-    act = ((np.maximum(X @ net.layers[0][0].T + net.layers[0][1], 0) @ W2.T + b2) > 0).mean(0)
-    keep = np.arange(6) != int(np.argmax(act))
-    s = np.where(np.random.default_rng(seed + 1).random(6) < 0.5, -1.0, 1.0)[keep]
-    n = np.linalg.norm(np.concatenate([W2, b2[:, None]], axis=1), axis=1)[keep]
-    W, b = W2[keep] / n[:, None] * s[:, None], b2[keep] / n * s
+    net, W, b, s = _without_most_active((10, 8, 6, 4), seed)
     query = CountingOracle(MLPOracle(net)).query
     plain = wiggle_signs(query, [net.layers[0]], W, b, 10, 1.0, np.random.default_rng(0))
     ws = wiggle_signs(query, [net.layers[0]], W, b, 10, 1.0, np.random.default_rng(0), missing=1)
@@ -143,14 +150,7 @@ def test_a_weak_real_probe_is_not_read_as_the_silent_side(seed: int) -> None:
     # response can be far below the layer's typical one; judged against LEAK of it, such a probe read
     # as silent and the two-sided rule gave one wrong verdict on each of these seeds (measured).
     # Silence is judged at the rounding level there: every verdict given is right.
-    net = random_mlp((40, 20, 10, 10, 1), np.random.default_rng(seed))
-    W2, b2 = net.layers[1]
-    X = np.random.default_rng(5).normal(size=(4000, 40))
-    act = ((np.maximum(X @ net.layers[0][0].T + net.layers[0][1], 0) @ W2.T + b2) > 0).mean(0)
-    keep = np.arange(10) != int(np.argmax(act))
-    s = np.where(np.random.default_rng(seed + 1).random(10) < 0.5, -1.0, 1.0)[keep]
-    n = np.linalg.norm(np.concatenate([W2, b2[:, None]], axis=1), axis=1)[keep]
-    W, b = W2[keep] / n[:, None] * s[:, None], b2[keep] / n * s
+    net, W, b, s = _without_most_active((40, 20, 10, 10, 1), seed)
     ws = wiggle_signs(CountingOracle(MLPOracle(net)).query, [net.layers[0]], W, b, 40, 1.0,
                       np.random.default_rng(0), missing=1)
     np.testing.assert_array_equal(ws.signs[ws.decided], s[ws.decided])

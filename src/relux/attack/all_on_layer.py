@@ -255,7 +255,7 @@ def all_on_rows(
     facets = np.zeros(0, dtype=int)
     n_kinks = measured = 0
     stall = gained = n_tips = tips_idle = 0
-    few = max(1, corner_allowance(width))  # rows a round of chords adds before tips take over
+    few = max(1, width // 100)  # rows a round of chords adds before tips take over
     max_lines = cfg.max_search_lines * 8
     reason = ""
     A_last = all_on_map(layers)[0][-d_in:]

@@ -196,11 +196,17 @@ def _leak_basis(
 LEAK = 1e-3
 
 
+def _rounding_level(floor: FloatArray) -> FloatArray:
+    """Per neuron, the response that rounding alone cannot reach: far above the largest rounding level."""
+    out: FloatArray = 1e4 * np.maximum(floor, np.finfo(float).tiny)
+    return out
+
+
 def _real_level(pos: FloatArray, neg: FloatArray, floor: FloatArray) -> FloatArray:
     """Per neuron, the response above which a side counts as moving the output (:data:`LEAK`)."""
     top = np.maximum(pos, neg)
     typical = float(np.quantile(top, 0.9)) if top.size else 0.0
-    out: FloatArray = np.maximum(1e4 * np.maximum(floor, np.finfo(float).tiny), LEAK * typical)
+    out: FloatArray = np.maximum(_rounding_level(floor), LEAK * typical)
     return out
 
 
@@ -310,7 +316,7 @@ def wiggle_signs(
     # a real one. (One probe's real response can be far below the layer's typical one, so silence is
     # judged at the rounding level here: against the LEAK level, weak probes of the on side read as
     # silent and gave wrong verdicts on random layers with exact rows.)
-    rounding = 1e4 * np.maximum(floor, np.finfo(float).tiny)
+    rounding = _rounding_level(floor)
     two_sided = ~clean & ~silent & (pos_q >= 2) & (neg_q >= 2)
     min_neg = two_sided & (pos_min <= rounding) & (neg_min > thr)  # silent while ẑ_j > 0: the sign is -
     min_pos = two_sided & (neg_min <= rounding) & (pos_min > thr)
