@@ -80,8 +80,9 @@ def vertex(A: FloatArray, c: FloatArray, box: float, margin: FloatArray, objecti
 
 @dataclass
 class AllOnRegion:
-    """The region where every known neuron is on, inside ``[-box, box]^d``: ``A x + c ≥ margin``, a
-    point deep inside it (``centre``, the centre of the largest ball in it)."""
+    """The region where every known neuron is on (or the last layer's follow a pattern,
+    :func:`pattern_region`), inside ``[-box, box]^d``: ``A x + c ≥ margin``, a point deep inside it
+    (``centre``, the centre of the largest ball in it)."""
 
     A: FloatArray
     c: FloatArray
@@ -94,7 +95,21 @@ class AllOnRegion:
 def all_on_region(layers: Sequence[pfx.Layer], box: float) -> AllOnRegion | None:
     """The all-on region of ``layers`` inside the box, or None when it is empty (the largest ball in it
     has no radius)."""
+    return pattern_region(layers, box, None)
+
+
+def pattern_region(layers: Sequence[pfx.Layer], box: float, on: np.ndarray | None) -> AllOnRegion | None:
+    """The region inside the box where every neuron of the layers before the last is on and the last
+    layer's neurons are on where ``on`` is true and off elsewhere (all on when ``on`` is None), or None
+    when it is empty. The prefix is one affine map there too: an off neuron's output is zero. Its
+    constraints are kept as ``A x + c ≥ margin`` with an off neuron's row negated, so that the chords
+    and tips (:func:`active_lines`, :func:`tip_lines`) run in it unchanged."""
     A, c = all_on_map(layers)
+    if on is not None:
+        n_last = layers[-1][0].shape[0]
+        s = np.ones(A.shape[0])
+        s[-n_last:] = np.where(np.asarray(on, dtype=bool), 1.0, -1.0)
+        A, c = A * s[:, None], c * s
     d = A.shape[1]
     margin = region_margin(A, c, box)
     nrm = np.linalg.norm(A, axis=1)

@@ -28,6 +28,7 @@ from scipy.spatial.distance import cdist
 
 from relux.attack import prefix as pfx
 from relux.attack.active_lines import (
+    AllOnRegion,
     active_lines,
     all_on_map,
     all_on_region,
@@ -67,6 +68,8 @@ MIN_APART = 0.1
 #: is 6e-2) gave a false layer-3 row. A weight that small is about one in a hundred, so four in a row
 #: one in 1e8.
 MIN_SWITCHED = 4
+#: Why :func:`all_on_rows` found no row when no input has every known neuron on.
+NO_REGION = "no point where every known neuron is on"
 
 
 @dataclass(frozen=True)
@@ -230,6 +233,9 @@ def all_on_rows(
     executor: Executor | None = None,
     n_keys: int = 8,
     per_round: int = 8,
+    region: AllOnRegion | None = None,
+    on: np.ndarray | None = None,
+    use_tips: bool = True,
 ) -> AllOnRows:
     """Rows of the layer behind ``layers`` from kinks on all-on lines (module docstring), in rounds of
     ``per_round`` lines until ``width`` rows are confirmed. Chords first, until a round adds at most
@@ -240,7 +246,12 @@ def all_on_rows(
     of the layer before is wrong, costs no more than that).
     Behind the true first two layers of the CIFAR-scale unitary network: 245 rows after 24 chords,
     the last 11 from tips (256/256 after 32 chords and 192 tips, 1.49M queries); session 18's chords
-    alone stopped at 255 after 144."""
+    alone stopped at 255 after 144.
+
+    ``region`` and ``on``: lines in a region where the layer before follows the pattern ``on``
+    (:func:`relux.attack.active_lines.pattern_region`) instead; a row then has weights only on the
+    neurons on there (:mod:`relux.attack.pattern_layer` pieces rows together). ``use_tips``: whether tips
+    follow the chords."""
     d_in = layers[-1][0].shape[0]
     scale = cfg.input_scale * float(np.sqrt(d0))
     empty = AllOnRows(np.zeros((0, d_in)), np.zeros(0), (), np.zeros(0), 0, 0, 0)
@@ -258,19 +269,24 @@ def all_on_rows(
     few = max(1, width // 100)  # rows a round of chords adds before tips take over
     max_lines = cfg.max_search_lines * 8
     reason = ""
-    A_last = all_on_map(layers)[0][-d_in:]
-    if np.linalg.matrix_rank(A_last) < d_in:
-        return dataclasses.replace(
-            empty, reason=f"layer {len(layers)} has {d_in} neurons but controls fewer directions where all are on")
-    region = all_on_region(layers, 3.0 * cfg.input_scale)
     if region is None:
-        return dataclasses.replace(empty, reason="no point where every known neuron is on")
+        region = all_on_region(layers, 3.0 * cfg.input_scale)
+    if region is None:
+        return dataclasses.replace(empty, reason=NO_REGION)
+    A_last = all_on_map(layers)[0][-d_in:]
+    if on is not None:
+        A_last = A_last[np.asarray(on, dtype=bool)]
+    if np.linalg.matrix_rank(A_last) < A_last.shape[0]:
+        return dataclasses.replace(
+            empty, reason=f"layer {len(layers)} has {A_last.shape[0]} neurons on but controls fewer directions there")
     corners: FloatArray | None = None  # the facet vertices, once tips begin
     Hc = np.zeros((0, d_in))  # the layer's inputs there
     todo = np.zeros(0, dtype=bool)  # those no tip has started from yet
     while len(rows) < width:
         if corners is None and (len(lines) >= max_lines or stall >= 3 or (len(lines) > per_round and gained <= few)):
             # chords now add rows slowly: the rest are switched only in small corners (tip_lines)
+            if not use_tips:
+                break
             corners = facet_vertices(region, d_in)
             _, Hc = pfx.forward(layers, corners)
             todo = np.ones(corners.shape[0], dtype=bool)

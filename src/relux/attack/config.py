@@ -114,6 +114,13 @@ class ExtractionConfig:
             and random 40-20-10-10-1 failed; behind 256-wide CIFAR layers the witnesses leave 100 of
             256 weights unseen and no row is completed, while the chords give every layer-2 row).
             0 uses the chords at every width.
+        pattern_min_width: when that region is empty (no input has every known neuron on), a hidden
+            layer behind a layer at least this wide is looked for next on chords of regions where the
+            layer before follows a fixed pattern, its rows pieced together across regions
+            (:mod:`relux.attack.pattern_layer`). Behind the trained CIFAR-scale victim's 256-wide
+            layer 2, the walks that would take the layer instead found no row in 286 s; behind
+            layers of up to 64 (every deep-suite victim) the walks were measured and kept. 0 uses
+            the pattern regions at every width.
         check_walks: walks along a layer's boundaries spent checking the signs of the layer before
             it when that layer's rows come from witnesses (:mod:`relux.attack.walk`); a walk that
             cannot switch every neuron still adds a partial fit, and on trained networks few complete.
@@ -152,6 +159,7 @@ class ExtractionConfig:
     witness_memory_mb: int = 4096
     check_walks: int = 64
     all_on_min_width: int = 64
+    pattern_min_width: int = 128
     progress: bool = False
     jobs: int = 1
     backend: str = "loky"
@@ -195,6 +203,8 @@ class ExtractionConfig:
              "resumes", "an integer in [0, 10]")
         need(isinstance(self.all_on_min_width, int) and not isinstance(self.all_on_min_width, bool)
              and self.all_on_min_width >= 0, "all_on_min_width", "an integer >= 0")
+        need(isinstance(self.pattern_min_width, int) and not isinstance(self.pattern_min_width, bool)
+             and self.pattern_min_width >= 0, "pattern_min_width", "an integer >= 0")
         need(isinstance(self.jobs, int) and not isinstance(self.jobs, bool) and self.jobs >= 1, "jobs",
              "an integer >= 1")
         need(self.backend in ("loky", "ray"), "backend", "'loky' or 'ray'")

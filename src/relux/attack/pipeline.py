@@ -446,7 +446,9 @@ def _all_on_layer(
     warnings: list[str],
 ) -> tuple[list[tuple[FloatArray, FloatArray]], list[LayerReport], LayerOutcome | None]:
     """Layer ``i`` from chords of the region where every known neuron is on
-    (:func:`relux.attack.all_on_layer.all_on_outcome`), which also checks layer ``i - 1``'s signs: a
+    (:func:`relux.attack.all_on_layer.all_on_outcome`), or, when no input has them all on and the layer
+    before is at least ``cfg.pattern_min_width`` wide, of regions where it follows fixed patterns
+    (:func:`relux.attack.pattern_layer.pattern_outcome`). Either also checks layer ``i - 1``'s signs: a
     neuron of it that no row weights is off where it was believed on. Such neurons (half the layer at
     most) are flipped and the chords tried once more; the flips are kept only when every row then
     weights every neuron. (The wiggle can be wrong at full confidence when a few rows of the layer
@@ -454,11 +456,18 @@ def _all_on_layer(
     Returns the layers (layer ``i - 1`` possibly flipped), the reports and the outcome, or the given
     layers and reports with None (the walks and witness groups then take the layer). ``rng``: a
     stream of its own, so that after a failure what follows draws as before."""
-    from relux.attack.all_on_layer import all_on_outcome
+    from relux.attack.all_on_layer import NO_REGION, all_on_outcome
+    from relux.attack.pattern_layer import pattern_outcome
 
     i = len(layers) + 1
     prev = reports[-1]
-    out, why, zero = all_on_outcome(q, layers, width, d0, is_last, cfg, rng, rel_tol, executor=executor)
+    read = all_on_outcome
+    out, why, zero = read(q, layers, width, d0, is_last, cfg, rng, rel_tol, executor=executor)
+    if out is None and why == NO_REGION and prev.width >= cfg.pattern_min_width:
+        # no input has every known neuron on: regions where the layer before follows a pattern
+        log.info("layer %d: %s; regions of fixed pattern instead", i, why)
+        read = pattern_outcome
+        out, why, zero = read(q, layers, width, d0, is_last, cfg, rng, rel_tol, executor=executor)
     flipped: list[int] = []
     if out is None and 0 < zero.size <= max(1, prev.width // 2):
         flips = np.zeros(layers[-1][0].shape[0], dtype=bool)  # a layer short of corner neurons has fewer rows
@@ -466,7 +475,7 @@ def _all_on_layer(
         trial, neurons, flipped = _with_flips(layers, prev, flips, np.ones(flips.size), flips)
         log.info("layer %d: neuron(s) %s of layer %d weighted by no row: flipped, and the chords again", i, flipped,
                  i - 1)
-        out, why, zero = all_on_outcome(q, trial, width, d0, is_last, cfg, rng, rel_tol, executor=executor)
+        out, why, zero = read(q, trial, width, d0, is_last, cfg, rng, rel_tol, executor=executor)
         if out is not None:
             layers = trial
             prev = dataclasses.replace(prev, neurons=neurons)
@@ -476,7 +485,8 @@ def _all_on_layer(
     if flipped:
         warnings.append(f"layer {i - 1}: neuron(s) {flipped} flipped against the wiggle's verdict: no layer-{i} row "
                         "weighted them until they were")
-    check = f"checked by layer-{i} all-on rows (every neuron weighted by some row; flipped {len(flipped)})"
+    how = "all-on" if read is all_on_outcome else "pattern-region"
+    check = f"checked by layer-{i} {how} rows (every neuron weighted by some row; flipped {len(flipped)})"
     reports = [*reports[:-1], dataclasses.replace(prev, sign_method=f"{prev.sign_method}; {check}")]
     return layers, reports, out
 

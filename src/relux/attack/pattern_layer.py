@@ -1,0 +1,302 @@
+"""A hidden layer read in regions where the layer before follows a fixed pattern (attack-notes §3,
+"space of control"; CM24 §3.2 on pieced-together signatures).
+
+Behind some layers no input has every known neuron on: behind the trained CIFAR-scale victim's first
+two layers, at most about 200 of the 256 layer-2 neurons are on together, and 50 to 90 at random
+points where layer 1 is on. Then no single witness shows a whole row. But where the earlier layers
+are all on and the last known layer follows one pattern, the prefix is still one affine map, and a
+witness there shows the row on the neurons that are on. Such a region is convex too, so chords and
+keys work in it as in the all-on region (:func:`relux.attack.all_on_layer.all_on_rows`).
+
+A region is chosen by linear programs (no queries): the neurons of the layer before that the rows
+seen so far lack the weights of most often come first, and are asked to be on, block by block, while
+a ball of ``depth_frac`` of the depth of the earlier layers' all-on region still fits where they are
+all on. Deep regions are crossed by more next-layer neurons; regions with more neurons on show more
+of each row. The rows of each region are matched with those of earlier regions on the weights both
+saw (and the bias, which every region sees), scaled to agree there, and merged. Weights no region
+showed are filled along the row's boundary (:func:`relux.attack.complete.complete_row`, through
+:func:`relux.attack.deep.outcome_from_rows`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from scipy.optimize import linprog
+
+from relux.attack import prefix as pfx
+from relux.attack.active_lines import all_on_map, pattern_region, region_margin, vertex
+from relux.attack.all_on_layer import PLANE_TOL, all_on_rows, corner_allowance
+from relux.attack.config import ExtractionConfig
+from relux.oracle.base import FloatArray, QueryFn
+from relux.parallel import Executor
+
+if TYPE_CHECKING:
+    from relux.attack.deep import LayerOutcome
+
+log = logging.getLogger(__name__)
+
+#: Two partial rows are one neuron's when they agree to this (``1 - |cos|`` of the weights both saw,
+#: with the bias) on at least ``MIN_SHARED`` shared weights. Rows from one finite-difference gradient
+#: are good to about 1e-6 relative (``all_on_layer.PLANE_TOL``'s note); two random directions in five
+#: dimensions come within an angle of ``sqrt(2 MATCH_TOL)`` about once in 1e8 (``(1.4e-2)^4``).
+MATCH_TOL = PLANE_TOL
+MIN_SHARED = 4
+#: Neurons asked to be on together per linear program; a block that does not fit is split in two.
+BLOCK = 32
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A pattern of the last known layer (``on``), the region where it holds and the earlier layers are
+    all on, and the depth of the point that chose it (the radius of a ball where ``wanted`` are on)."""
+
+    on: np.ndarray
+    depth: float
+    wanted: int
+
+
+def _depth(A: FloatArray, c: FloatArray, margin: FloatArray, box: float) -> tuple[float, FloatArray | None]:
+    """The radius of the largest ball in ``{x : A x + c ≥ margin, |x_i| ≤ box}`` and its centre (0 and
+    None when the set is empty)."""
+    d = A.shape[1]
+    nrm = np.linalg.norm(A, axis=1)
+    A_ub = np.block([[-A, nrm[:, None]], [np.eye(d), np.ones((d, 1))], [-np.eye(d), np.ones((d, 1))]])
+    b_ub = np.concatenate([c - margin, np.full(2 * d, box)])
+    res = linprog(np.append(np.zeros(d), -1.0), A_ub=A_ub, b_ub=b_ub, bounds=[(None, None)] * d + [(0.0, box)],
+                  method="highs")
+    if res.status != 0:
+        return 0.0, None
+    return float(res.x[d]), np.asarray(res.x[:d], dtype=float)
+
+
+def choose_pattern(
+    layers: Sequence[pfx.Layer], box: float, order: Sequence[int], depth_frac: float = 0.1,
+) -> Pattern | None:
+    """A pattern of the last known layer with the neurons ``order`` asked to be on, in that order,
+    block by block (``BLOCK``, halved where a block does not fit), while a ball of ``depth_frac`` times
+    the depth of the region where the earlier layers are all on still fits where they are all on
+    (linear programs; module docstring). The pattern is the one at that ball's centre. None when the
+    earlier layers' region is empty."""
+    A, c = all_on_map(layers)
+    margin = region_margin(A, c, box)
+    n_last = layers[-1][0].shape[0]
+    early = slice(0, A.shape[0] - n_last)
+    last = A.shape[0] - n_last
+    r0, x = _depth(A[early], c[early], margin[early], box)
+    if x is None or r0 <= 0.0:
+        return None
+    need = depth_frac * r0
+    wanted: list[int] = []
+
+    def fits(extra: Sequence[int]) -> FloatArray | None:
+        rows = np.concatenate([np.arange(last), last + np.array([*wanted, *extra], dtype=int)])
+        r, xc = _depth(A[rows], c[rows], margin[rows], box)
+        return xc if r >= need else None
+
+    def add(block: list[int]) -> None:
+        nonlocal x
+        xc = fits(block)
+        if xc is not None:
+            wanted.extend(block)
+            x = xc
+        elif len(block) > 1:
+            add(block[: len(block) // 2])
+            add(block[len(block) // 2:])
+
+    todo = [int(j) for j in order]
+    for k in range(0, len(todo), BLOCK):
+        add(todo[k : k + BLOCK])
+    on = (A[last:] @ x + c[last:]) > 0
+    return Pattern(on, need, len(wanted))
+
+
+def random_pattern(layers: Sequence[pfx.Layer], box: float, rng: np.random.Generator) -> Pattern | None:
+    """The pattern of the last known layer at a random point of the region where the earlier layers
+    are all on: between its centre and a vertex of a random objective, 30% to 90% of the way out (a
+    linear program, no queries). None when that region is empty."""
+    A, c = all_on_map(layers)
+    margin = region_margin(A, c, box)
+    last = A.shape[0] - layers[-1][0].shape[0]
+    r0, centre = _depth(A[:last], c[:last], margin[:last], box)
+    if centre is None or r0 <= 0.0:
+        return None
+    v = vertex(A[:last], c[:last], box, margin[:last], np.asarray(rng.standard_normal(size=A.shape[1])))
+    if v is None:
+        return None
+    x = centre + rng.uniform(0.3, 0.9) * (v - centre)
+    on = (A[last:] @ x + c[last:]) > 0
+    return Pattern(on, 0.0, 0)
+
+
+@dataclass
+class _Entry:
+    w: FloatArray
+    b: float
+    seen: np.ndarray  # the layer-input coordinates whose weights are known
+    points: list[FloatArray]
+    residual: float
+
+
+def _scale(e: _Entry, f: _Entry) -> float | None:
+    """The factor that scales the partial row ``f`` onto ``e`` when the two are pieces of one neuron:
+    they agree to ``MATCH_TOL`` on at least ``MIN_SHARED`` weights both saw, with the bias; else None."""
+    both = e.seen & f.seen
+    if both.sum() < MIN_SHARED:
+        return None
+    u = np.append(f.w[both], f.b)
+    v = np.append(e.w[both], e.b)
+    nu, nv = float(np.linalg.norm(u)), float(np.linalg.norm(v))
+    if nu == 0.0 or nv == 0.0:
+        return None
+    cos = float(u @ v) / (nu * nv)
+    return float(u @ v) / nu**2 if 1.0 - abs(cos) <= MATCH_TOL else None
+
+
+def _add(entries: list[_Entry], f: _Entry) -> None:
+    """Merge the partial row ``f`` into the first entry it is a piece of (scaled onto it, its weights
+    filling those the entry lacks), or append it."""
+    for e in entries:
+        s = _scale(e, f)
+        if s is None:
+            continue
+        fresh = f.seen & ~e.seen
+        e.w[fresh] = s * f.w[fresh]
+        e.seen |= fresh
+        e.points += f.points
+        e.residual = max(e.residual, f.residual)
+        return
+    entries.append(f)
+
+
+def _merged(entries: Sequence[_Entry]) -> list[_Entry]:
+    """The entries with those that are pieces of one neuron merged (two pieces that shared too few
+    weights may each share enough with a third that grew since)."""
+    out: list[_Entry] = []
+    for e in entries:
+        _add(out, e)
+    return out if len(out) == len(entries) else _merged(out)
+
+
+@dataclass(frozen=True)
+class PatternRows:
+    """Rows pieced together from pattern regions: weights (zero where unseen), biases, which weights
+    were seen, the kinks each row was seen at, the largest relative misfit of those, and the cost."""
+
+    W: FloatArray
+    b: FloatArray
+    seen: np.ndarray
+    points: tuple[FloatArray, ...]
+    residual: FloatArray
+    regions: int
+    lines: int
+    kinks: int
+    measured: int
+
+
+def pattern_rows(
+    query: QueryFn,
+    layers: Sequence[pfx.Layer],
+    width: int,
+    d0: int,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    rel_tol: float,
+    executor: Executor | None = None,
+    max_regions: int = 8,
+) -> PatternRows:
+    """Rows of the layer behind ``layers`` from chords of up to ``max_regions`` pattern regions (module
+    docstring): until ``width`` rows have every weight seen, or a region adds no row and no weight."""
+    d_in = layers[-1][0].shape[0]
+    box = 3.0 * cfg.input_scale
+    entries: list[_Entry] = []
+    lines = kinks = measured = regions = 0
+    idle = 0
+    for _ in range(max_regions):
+        if idle:
+            # the last region added nothing: the neurons missing may switch only where fewer of the
+            # layer before are on
+            pat = random_pattern(layers, box, rng)
+        else:
+            # the weights the rows known so far lack, the most lacked first, ties at random
+            lack = np.zeros(d_in) if not entries else np.stack([~e.seen for e in entries]).sum(axis=0).astype(float)
+            pat = choose_pattern(layers, box, np.lexsort((np.asarray(rng.random(size=d_in)), -lack)).tolist())
+        region = None if pat is None else pattern_region(layers, box, pat.on)
+        if pat is None or region is None:
+            log.info("pattern regions: no region for the next pattern")
+            break
+        ao = all_on_rows(query, layers, width, d0, cfg, rng, rel_tol, executor=executor, region=region, on=pat.on,
+                         use_tips=False)
+        regions += 1
+        lines, kinks, measured = lines + ao.lines, kinks + ao.kinks, measured + ao.measured
+        n_before = len(entries)
+        seen_before = sum(int(e.seen.sum()) for e in entries)
+        for w, b, P, res in zip(ao.W, ao.b, ao.points, ao.residual, strict=True):
+            _add(entries, _Entry(w.copy(), float(b), pat.on.copy(), [P], float(res)))
+        entries = _merged(entries)
+        full = sum(bool(e.seen.all()) for e in entries)
+        gained = len(entries) > n_before or sum(int(e.seen.sum()) for e in entries) > seen_before
+        idle = 0 if gained else idle + 1
+        log.info("pattern region %d: %d on, depth %.3g; %d rows there; %d rows in all, %d complete", regions,
+                 int(pat.on.sum()), pat.depth, ao.W.shape[0], len(entries), full)
+        if (len(entries) >= width and full == len(entries)) or idle >= 3:
+            break
+    if not entries:
+        return PatternRows(np.zeros((0, d_in)), np.zeros(0), np.zeros((0, d_in), dtype=bool), (), np.zeros(0),
+                           regions, lines, kinks, measured)
+    return PatternRows(np.stack([e.w for e in entries]), np.array([e.b for e in entries]),
+                       np.stack([e.seen for e in entries]), tuple(np.concatenate(e.points) for e in entries),
+                       np.array([e.residual for e in entries]), regions, lines, kinks, measured)
+
+
+def pattern_outcome(
+    query: QueryFn,
+    layers: Sequence[pfx.Layer],
+    width: int,
+    d0: int,
+    is_last: bool,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    rel_tol: float,
+    executor: Executor | None = None,
+) -> tuple[LayerOutcome | None, str, np.ndarray]:
+    """The layer behind ``layers`` from :func:`pattern_rows`, completed, refined and signed
+    (:func:`relux.attack.deep.outcome_from_rows`), as
+    :func:`relux.attack.all_on_layer.all_on_outcome` gives it from the all-on region: None, with the
+    reason, when more rows than the layer's width were pieced together (pieces of one neuron that
+    never met), more are missing than :func:`relux.attack.all_on_layer.corner_allowance` allows (none
+    for the last hidden layer), or a neuron of the layer before has no weight in any of the (at least
+    ``MIN_SHARED``) rows that saw it on. That neuron's sign is likely wrong: where it is believed on,
+    it is off. The third value lists those neurons (empty otherwise)."""
+    from relux.attack.deep import outcome_from_rows
+
+    none = np.zeros(0, dtype=int)
+    pr = pattern_rows(query, layers, width, d0, cfg, rng, rel_tol, executor=executor)
+    n = pr.W.shape[0]
+    log.info("layer %d: %d/%d rows from %d pattern regions (%d lines, %d kinks, %d measured; %d weights unseen)",
+             len(layers) + 1, n, width, pr.regions, pr.lines, pr.kinks, pr.measured, int((~pr.seen).sum()))
+    if n == 0:
+        return None, f"no row from {pr.regions} pattern regions", none
+    # the root mean square of each column over the rows that saw it, against the upper tenth (as in
+    # all_on_outcome: a wrong sign's column is zero up to the rows' error)
+    U = pr.W / np.linalg.norm(np.concatenate([pr.W, pr.b[:, None]], axis=1), axis=1, keepdims=True)
+    k = pr.seen.sum(axis=0)
+    judged = k >= MIN_SHARED
+    if judged.any():
+        rms = np.sqrt((U**2).sum(axis=0) / np.maximum(k, 1))
+        zero = np.flatnonzero(judged & (rms <= 1e-3 * float(np.quantile(rms[judged], 0.9))))
+        if zero.size:
+            return None, (f"layer {len(layers)} neuron(s) {zero.tolist()} have no weight in any row that saw them "
+                          "on: wrong signs, or neurons off where they were believed on"), zero
+    if n > width:
+        return None, f"{n} rows pieced together for a layer of {width}", none
+    if width - n > (0 if is_last else corner_allowance(width)):
+        return None, f"{n} rows for a layer of {width} from {pr.regions} pattern regions", none
+    out = outcome_from_rows(query, layers, pr.W, pr.b, pr.points, pr.residual, width, d0, is_last, cfg, rng,
+                            "pattern regions", coverage=pr.seen, rel_tol=rel_tol)
+    return dataclasses.replace(out, witnesses=pr.kinks, lines=pr.lines), "", none

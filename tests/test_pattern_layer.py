@@ -1,0 +1,178 @@
+"""Rows of a hidden layer pieced together from regions where the layer before follows a fixed pattern
+(relux.attack.active_lines.pattern_region, relux.attack.pattern_layer)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relux.attack.active_lines import active_lines, all_on_region, pattern_region
+from relux.attack.config import ExtractionConfig
+from relux.attack.pattern_layer import (
+    MIN_SHARED,
+    _Entry,
+    _merged,
+    choose_pattern,
+    pattern_outcome,
+    pattern_rows,
+    random_pattern,
+)
+from relux.attack.pipeline import _all_on_layer
+from relux.attack.result import LayerReport
+from relux.errors import InputError
+from relux.model import MLP
+from relux.oracle import CountingOracle, MLPOracle
+from relux.zoo import random_mlp
+
+
+def _unit(W: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    n = np.linalg.norm(np.concatenate([W, b[:, None]], axis=1), axis=1)
+    return W / n[:, None], b / n, n
+
+
+def _victim(seed: int) -> tuple[MLP, list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
+    """A 20-16-16-8-1 network whose layer-2 neurons 0-5 come in pairs of opposite rows with negative
+    biases: no input has both of a pair on, so no input has every layer-1 and layer-2 neuron on.
+    Returns it, its first two layers as the attack knows them (unit rows) and the layer-3 rows in
+    those coordinates (unit rows with their biases)."""
+    rng = np.random.default_rng(seed)
+    net = random_mlp((20, 16, 16, 8, 1), rng)
+    L = [(W.copy(), b.copy()) for W, b in net.layers]
+    W2, b2 = L[1]
+    for k in range(0, 6, 2):
+        W2[k + 1] = -W2[k] * rng.uniform(0.5, 2.0)
+        b2[k], b2[k + 1] = -abs(b2[k]) - 0.3, -abs(b2[k + 1]) - 0.3
+    net = MLP(L)
+    W1u, b1u, n1 = _unit(*L[0])
+    W2u, b2u, n2 = _unit(L[1][0] * n1[None, :], L[1][1])
+    W3u, b3u, _ = _unit(L[2][0] * n2[None, :], L[2][1])
+    return net, [(W1u, b1u), (W2u, b2u)], np.concatenate([W3u, b3u[:, None]], axis=1)
+
+
+def test_the_victim_has_no_all_on_region() -> None:
+    _, prefix, _ = _victim(0)
+    assert all_on_region(prefix, 3.0) is None
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_every_point_of_every_chord_follows_the_pattern(seed: int) -> None:
+    _, prefix, _ = _victim(seed)
+    pat = choose_pattern(prefix, 3.0, np.random.default_rng(seed).permutation(16).tolist())
+    assert pat is not None
+    region = pattern_region(prefix, 3.0, pat.on)
+    assert region is not None
+    al = active_lines(region, 6, 1.0, np.random.default_rng(seed), d_last=16)
+    assert al.x0.shape[0] == 6
+    t = np.linspace(-1.0, 1.0, 41)
+    for x0, u, half in zip(al.x0, al.u, al.half, strict=True):
+        X = x0[None, :] + (half * t)[:, None] * u[None, :]
+        H1 = X @ prefix[0][0].T + prefix[0][1]
+        Z2 = np.maximum(H1, 0.0) @ prefix[1][0].T + prefix[1][1]
+        assert np.all(H1 > 0.0)
+        assert np.all((Z2 > 0.0) == pat.on[None, :])
+
+
+def test_the_chosen_pattern_has_its_wanted_neurons_on_and_a_pair_never_both() -> None:
+    _, prefix, _ = _victim(0)
+    pat = choose_pattern(prefix, 3.0, list(range(16)))
+    assert pat is not None and pat.depth > 0.0
+    # of each opposite pair at most one; the first in the order is asked first and fits
+    assert pat.on[0] and not pat.on[1]
+    assert not (pat.on[2] and pat.on[3]) and not (pat.on[4] and pat.on[5])
+    assert pat.wanted >= 8
+    rnd = random_pattern(prefix, 3.0, np.random.default_rng(0))
+    assert rnd is not None and rnd.on.shape == (16,)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(6, 30), st.floats(0.05, 20.0), st.floats(-20.0, 20.0))
+def test_pieces_of_one_row_merge_into_it(seed: int, d: int, s1: float, s2: float) -> None:
+    rng = np.random.default_rng(seed)
+    w, b = rng.standard_normal(d), float(rng.standard_normal())
+    if abs(s2) < 0.05:
+        s2 = 1.0
+    # two pieces sharing MIN_SHARED weights, each scaled (and signed) anyhow, and a third row
+    perm = rng.permutation(d)
+    cut = (d + MIN_SHARED) // 2
+    a = np.zeros(d, dtype=bool)
+    a[perm[:cut]] = True
+    c = np.zeros(d, dtype=bool)
+    c[perm[cut - MIN_SHARED:]] = True
+    other = rng.standard_normal(d)
+    entries = [_Entry(np.where(a, s1 * w, 0.0), s1 * b, a, [np.zeros((1, 2))], 0.0),
+               _Entry(other, 0.3, np.ones(d, dtype=bool), [np.zeros((1, 2))], 0.0),
+               _Entry(np.where(c, s2 * w, 0.0), s2 * b, c, [np.zeros((1, 2))], 0.0)]
+    out = _merged(entries)
+    assert len(out) == 2
+    assert out[0].seen.all() and len(out[0].points) == 2
+    # scaled onto the first piece: exact up to rounding in the factor (a few ulps of the weights)
+    np.testing.assert_allclose(out[0].w, s1 * w, rtol=1e-10, atol=1e-12 * abs(s1) * float(np.abs(w).max()))
+    assert out[1].w is other
+
+
+def test_pieces_sharing_too_few_weights_stay_apart() -> None:
+    w = np.arange(1.0, 11.0)
+    a = np.zeros(10, dtype=bool)
+    a[: 5 + MIN_SHARED - 1] = True
+    c = ~a
+    c[5 : 5 + MIN_SHARED - 1] = True  # MIN_SHARED - 1 weights in common
+    out = _merged([_Entry(np.where(a, w, 0.0), 1.0, a, [], 0.0), _Entry(np.where(c, w, 0.0), 1.0, c, [], 0.0)])
+    assert len(out) == 2
+
+
+def test_the_rows_of_layer_three_are_pieced_together() -> None:
+    net, prefix, true = _victim(0)
+    oracle = CountingOracle(MLPOracle(net))
+    pr = pattern_rows(oracle.query, prefix, 8, 20, ExtractionConfig(seed=0), np.random.default_rng(0), 1e-9)
+    assert pr.W.shape == (8, 16) and pr.regions >= 2
+    for w, b, seen in zip(pr.W, pr.b, pr.seen, strict=True):
+        u = np.append(w[seen], b)
+        T = np.concatenate([true[:, :-1][:, seen], true[:, -1:]], axis=1)
+        cos = np.abs(T @ u) / (np.linalg.norm(T, axis=1) * np.linalg.norm(u))
+        # one finite-difference gradient per piece, good to about 1e-8 here (test_all_on's note);
+        # 1e-5 is far above that and far below a wrong row
+        assert 1.0 - cos.max() <= 1e-5
+    assert sorted(np.argmax(np.abs(pr.W @ true[:, :-1].T + np.outer(pr.b, true[:, -1])), axis=1).tolist()) == list(
+        range(8))
+
+
+def test_the_layer_is_completed_and_signed() -> None:
+    net, prefix, true = _victim(0)
+    oracle = CountingOracle(MLPOracle(net))
+    out, why, zero = pattern_outcome(oracle.query, prefix, 8, 20, False, ExtractionConfig(seed=0),
+                                     np.random.default_rng(0), 1e-9)
+    assert out is not None, why
+    assert zero.size == 0
+    U, ub, _ = _unit(out.W, out.b)
+    C = np.concatenate([U, ub[:, None]], axis=1) @ (true / np.linalg.norm(true, axis=1, keepdims=True)).T
+    assert sorted(np.abs(C).argmax(axis=1).tolist()) == list(range(8))
+    # refined on boundary points after completion: exact to rounding here; signs right
+    assert np.all(C.max(axis=1) >= 1.0 - 1e-9)
+
+
+def _report(width: int) -> LayerReport:
+    return LayerReport(index=2, width=width, recovered=width, dead=0, witnesses=0, queries=0, seconds=0.0,
+                       sign_method="wiggle", neurons=tuple({"index": j, "sign": 1, "sign_confidence": 1.0}
+                                                           for j in range(width)), residual=0.0)
+
+
+def test_the_pipeline_reads_the_layer_in_pattern_regions_when_none_has_all_on() -> None:
+    net, prefix, true = _victim(0)
+    reports = [_report(16), _report(16)]
+    q = CountingOracle(MLPOracle(net)).query
+    # behind a layer narrower than pattern_min_width: the walks take it
+    _, _, out = _all_on_layer(q, list(prefix), reports, 8, 20, False, ExtractionConfig(seed=0),
+                              np.random.default_rng(0), 1e-9, None, [])
+    assert out is None
+    _, reps, out = _all_on_layer(q, list(prefix), reports, 8, 20, False, ExtractionConfig(seed=0, pattern_min_width=16),
+                                 np.random.default_rng(0), 1e-9, None, [])
+    assert out is not None and out.W.shape == (8, 16)
+    assert "pattern-region rows" in reps[-1].sign_method
+    assert all(nr["rows_from"] == "pattern regions" for nr in out.neurons)
+
+
+def test_the_width_is_validated() -> None:
+    with pytest.raises(InputError, match="pattern_min_width"):
+        ExtractionConfig(pattern_min_width=-1)
