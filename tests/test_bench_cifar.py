@@ -21,6 +21,7 @@ from relux.bench.cifar import (
     RESULT_KEYS,
     CifarOptions,
     StageTimeline,
+    add_attempts,
     add_partial,
     cpu_info,
     execute_cifar_case,
@@ -127,6 +128,18 @@ def test_layer_entries_mark_done_failed_and_unreached() -> None:
     assert entries[0]["witnesses"] == 40 and entries[0]["queries"] == 1000 and entries[0]["recovered"] == 8
     assert entries[1]["queries"] == 700 and entries[1]["recovered"] is None
     assert entries[2]["queries"] is None
+
+
+def test_the_failed_layer_keeps_the_attack_s_tries_at_its_rows() -> None:
+    record = {"layers": layer_entries((12, 8, 8, 8, 3), fabricated_partial().layers, failed_layer=2)}
+    lines = ["layer 1: 8/8 rows from 4 all-on lines (0 of them tips; 9 kinks, 8 measured)",
+             "layer 2: 0/8 rows from 0 all-on lines (0 of them tips; 0 kinks, 0 measured); no point",
+             "layer 2: regions of fixed pattern instead",
+             "layer 2: 6/8 rows from 3 pattern regions (30 lines, 80 kinks, 9 measured; 4 weights unseen)"]
+    add_attempts(record, lines)
+    assert record["layers"][1]["attempts"] == [lines[1], lines[3]]
+    assert "attempts" not in record["layers"][0]
+    add_attempts({"layers": []}, lines)  # nothing failed: nothing to add
 
 
 # --------------------------------------------------------------------------- result files

@@ -33,8 +33,9 @@ def _unit(W: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 
 def _victim(seed: int) -> tuple[MLP, list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
-    """A 20-16-16-8-1 network whose layer-2 neurons 0-5 come in pairs of opposite rows with negative
-    biases: no input has both of a pair on, so no input has every layer-1 and layer-2 neuron on.
+    """A 20-16-16-8-1 network whose layer-2 neurons 0-5 come in pairs of nearly opposite rows with
+    negative biases: no input has both of a pair on, so no input has every layer-1 and layer-2 neuron
+    on (the rows differ by a little noise, so layer 2 still controls 16 directions).
     Returns it, its first two layers as the attack knows them (unit rows) and the layer-3 rows in
     those coordinates (unit rows with their biases)."""
     rng = np.random.default_rng(seed)
@@ -42,7 +43,7 @@ def _victim(seed: int) -> tuple[MLP, list[tuple[np.ndarray, np.ndarray]], np.nda
     L = [(W.copy(), b.copy()) for W, b in net.layers]
     W2, b2 = L[1]
     for k in range(0, 6, 2):
-        W2[k + 1] = -W2[k] * rng.uniform(0.5, 2.0)
+        W2[k + 1] = -W2[k] * rng.uniform(0.5, 2.0) + 1e-3 * rng.standard_normal(16)
         b2[k], b2[k + 1] = -abs(b2[k]) - 0.3, -abs(b2[k + 1]) - 0.3
     net = MLP(L)
     W1u, b1u, n1 = _unit(*L[0])
@@ -74,14 +75,13 @@ def test_every_point_of_every_chord_follows_the_pattern(seed: int) -> None:
         assert np.all((Z2 > 0.0) == pat.on[None, :])
 
 
-def test_the_chosen_pattern_has_its_wanted_neurons_on_and_a_pair_never_both() -> None:
+def test_the_chosen_pattern_has_most_of_its_neurons_on_and_a_pair_never_both() -> None:
     _, prefix, _ = _victim(0)
     pat = choose_pattern(prefix, 3.0, list(range(16)))
     assert pat is not None and pat.depth > 0.0
-    # of each opposite pair at most one; the first in the order is asked first and fits
-    assert pat.on[0] and not pat.on[1]
-    assert not (pat.on[2] and pat.on[3]) and not (pat.on[4] and pat.on[5])
-    assert pat.wanted >= 8
+    # of each opposite pair at most one is on; the other ten can all be
+    assert not (pat.on[0] and pat.on[1]) and not (pat.on[2] and pat.on[3]) and not (pat.on[4] and pat.on[5])
+    assert pat.wanted >= 8 and pat.on.sum() >= pat.wanted
     rnd = random_pattern(prefix, 3.0, np.random.default_rng(0))
     assert rnd is not None and rnd.on.shape == (16,)
 

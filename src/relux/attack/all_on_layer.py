@@ -269,16 +269,16 @@ def all_on_rows(
     few = max(1, width // 100)  # rows a round of chords adds before tips take over
     max_lines = cfg.max_search_lines * 8
     reason = ""
-    if region is None:
-        region = all_on_region(layers, 3.0 * cfg.input_scale)
-    if region is None:
-        return dataclasses.replace(empty, reason=NO_REGION)
     A_last = all_on_map(layers)[0][-d_in:]
     if on is not None:
         A_last = A_last[np.asarray(on, dtype=bool)]
     if np.linalg.matrix_rank(A_last) < A_last.shape[0]:
         return dataclasses.replace(
             empty, reason=f"layer {len(layers)} has {A_last.shape[0]} neurons on but controls fewer directions there")
+    if region is None:
+        region = all_on_region(layers, 3.0 * cfg.input_scale)
+    if region is None:
+        return dataclasses.replace(empty, reason=NO_REGION)
     corners: FloatArray | None = None  # the facet vertices, once tips begin
     Hc = np.zeros((0, d_in))  # the layer's inputs there
     todo = np.zeros(0, dtype=bool)  # those no tip has started from yet

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 #: dimensions come within an angle of ``sqrt(2 MATCH_TOL)`` about once in 1e8 (``(1.4e-2)^4``).
 MATCH_TOL = PLANE_TOL
 MIN_SHARED = 4
-#: Neurons asked to be on together per linear program; a block that does not fit is split in two.
+#: Neurons asked to be on per linear program (:func:`choose_pattern`).
 BLOCK = 32
 
 
@@ -75,45 +75,64 @@ def _depth(A: FloatArray, c: FloatArray, margin: FloatArray, box: float) -> tupl
     return float(res.x[d]), np.asarray(res.x[:d], dtype=float)
 
 
+def _most_on(
+    A: FloatArray, c: FloatArray, margin: FloatArray, box: float, need: float, hard: np.ndarray, soft: np.ndarray,
+) -> tuple[np.ndarray, FloatArray] | None:
+    """One linear program: a point where every row ``hard`` of ``A x + c ≥ margin`` holds with a ball of
+    radius ``need`` around it (inside the box), and as many rows ``soft`` as it can, softly: it
+    maximises the sum over them of ``min(need, distance to the row's boundary)`` (signed). Returns which
+    ``soft`` rows hold with that ball, and the point; None when the hard rows leave no such ball."""
+    d = A.shape[1]
+    nrm = np.maximum(np.linalg.norm(A, axis=1), np.finfo(float).tiny)
+    Ah, As = A[hard], A[soft]
+    k = As.shape[0]
+    # variables: x (d), t (k); t_j <= (A_j x + c_j - m_j) / |A_j|, t_j <= need
+    A_ub = np.block([
+        [-Ah, np.zeros((Ah.shape[0], k))],
+        [-As / nrm[soft][:, None], np.eye(k)],
+        [np.eye(d), np.zeros((d, k))],
+        [-np.eye(d), np.zeros((d, k))],
+    ])
+    b_ub = np.concatenate([c[hard] - margin[hard] - need * nrm[hard], (c[soft] - margin[soft]) / nrm[soft],
+                           np.full(2 * d, box - need)])
+    res = linprog(np.concatenate([np.zeros(d), -np.ones(k)]), A_ub=A_ub, b_ub=b_ub,
+                  bounds=[(None, None)] * d + [(None, need)] * k, method="highs")
+    if res.status != 0:
+        return None
+    x = np.asarray(res.x[:d], dtype=float)
+    held = (A[soft] @ x + c[soft] - margin[soft]) >= need * (1.0 - 1e-9) * nrm[soft]
+    return held, x
+
+
 def choose_pattern(
     layers: Sequence[pfx.Layer], box: float, order: Sequence[int], depth_frac: float = 0.1,
 ) -> Pattern | None:
-    """A pattern of the last known layer with the neurons ``order`` asked to be on, in that order,
-    block by block (``BLOCK``, halved where a block does not fit), while a ball of ``depth_frac`` times
-    the depth of the region where the earlier layers are all on still fits where they are all on
-    (linear programs; module docstring). The pattern is the one at that ball's centre. None when the
-    earlier layers' region is empty."""
+    """A pattern of the last known layer with the neurons ``order`` asked to be on, block by block of
+    ``BLOCK`` in that order (one linear program each, :func:`_most_on`): as many of a block as fit
+    join those already on, where a ball of ``depth_frac`` times the depth of the region where the
+    earlier layers are all on still fits with all of them and the earlier layers on (module
+    docstring). The pattern is the one at that ball's centre. None when the earlier layers' region is
+    empty."""
     A, c = all_on_map(layers)
     margin = region_margin(A, c, box)
-    n_last = layers[-1][0].shape[0]
-    early = slice(0, A.shape[0] - n_last)
-    last = A.shape[0] - n_last
-    r0, x = _depth(A[early], c[early], margin[early], box)
+    last = A.shape[0] - layers[-1][0].shape[0]
+    r0, x = _depth(A[:last], c[:last], margin[:last], box)
     if x is None or r0 <= 0.0:
         return None
     need = depth_frac * r0
-    wanted: list[int] = []
-
-    def fits(extra: Sequence[int]) -> FloatArray | None:
-        rows = np.concatenate([np.arange(last), last + np.array([*wanted, *extra], dtype=int)])
-        r, xc = _depth(A[rows], c[rows], margin[rows], box)
-        return xc if r >= need else None
-
-    def add(block: list[int]) -> None:
-        nonlocal x
-        xc = fits(block)
-        if xc is not None:
-            wanted.extend(block)
-            x = xc
-        elif len(block) > 1:
-            add(block[: len(block) // 2])
-            add(block[len(block) // 2:])
-
+    hard = np.zeros(A.shape[0], dtype=bool)
+    hard[:last] = True
     todo = [int(j) for j in order]
     for k in range(0, len(todo), BLOCK):
-        add(todo[k : k + BLOCK])
+        soft = np.zeros(A.shape[0], dtype=bool)
+        soft[[last + j for j in todo[k : k + BLOCK]]] = True
+        got = _most_on(A, c, margin, box, need, hard, soft)
+        if got is None:
+            break
+        held, x = got
+        hard[np.flatnonzero(soft)[held]] = True
     on = (A[last:] @ x + c[last:]) > 0
-    return Pattern(on, need, len(wanted))
+    return Pattern(on, need, int(hard[last:].sum()))
 
 
 def random_pattern(layers: Sequence[pfx.Layer], box: float, rng: np.random.Generator) -> Pattern | None:
@@ -217,15 +236,21 @@ def pattern_rows(
     entries: list[_Entry] = []
     lines = kinks = measured = regions = 0
     idle = 0
+    explore = False
+    tried: set[bytes] = set()
     for _ in range(max_regions):
-        if idle:
-            # the last region added nothing: the neurons missing may switch only where fewer of the
+        if explore:
+            # the last region added no row: the neurons missing may switch only where fewer of the
             # layer before are on
             pat = random_pattern(layers, box, rng)
         else:
             # the weights the rows known so far lack, the most lacked first, ties at random
             lack = np.zeros(d_in) if not entries else np.stack([~e.seen for e in entries]).sum(axis=0).astype(float)
             pat = choose_pattern(layers, box, np.lexsort((np.asarray(rng.random(size=d_in)), -lack)).tolist())
+        for _ in range(4):
+            if pat is None or pat.on.tobytes() not in tried:
+                break
+            pat = random_pattern(layers, box, rng)  # a region read before gives the same rows again
         region = None if pat is None else pattern_region(layers, box, pat.on)
         if pat is None or region is None:
             log.info("pattern regions: no region for the next pattern")
@@ -233,6 +258,7 @@ def pattern_rows(
         ao = all_on_rows(query, layers, width, d0, cfg, rng, rel_tol, executor=executor, region=region, on=pat.on,
                          use_tips=False)
         regions += 1
+        tried.add(pat.on.tobytes())
         lines, kinks, measured = lines + ao.lines, kinks + ao.kinks, measured + ao.measured
         n_before = len(entries)
         seen_before = sum(int(e.seen.sum()) for e in entries)
@@ -242,6 +268,7 @@ def pattern_rows(
         full = sum(bool(e.seen.all()) for e in entries)
         gained = len(entries) > n_before or sum(int(e.seen.sum()) for e in entries) > seen_before
         idle = 0 if gained else idle + 1
+        explore = len(entries) <= n_before and not explore
         log.info("pattern region %d: %d on, depth %.3g; %d rows there; %d rows in all, %d complete", regions,
                  int(pat.on.sum()), pat.depth, ao.W.shape[0], len(entries), full)
         if (len(entries) >= width and full == len(entries)) or idle >= 3:

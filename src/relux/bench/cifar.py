@@ -93,6 +93,8 @@ RESULT_KEYS = (
 _STAGE_LINE = re.compile(r"^stage (\S+)(?: \(layer (\d+)\))?$")
 _BEAT_LINE = re.compile(r"^(\d+) queries so far$")
 _LAST_LAYER_LINE = re.compile(r"^layer (\d+): \d+/\d+ neurons")
+#: The attack's line for each try at a layer's rows (all-on lines, pattern regions).
+_ATTEMPT_LINE = re.compile(r"^layer (\d+): \d+/\d+ rows from ")
 
 
 # --------------------------------------------------------------------------- names and environment
@@ -392,6 +394,7 @@ class _LayerWatch(logging.Handler):
         self.n_hidden = n_hidden
         self.lines: list[str] = []
         self.layer_lines: list[str] = []  # every "layer i: r/w neurons" line, whatever came after
+        self.attempt_lines: list[str] = []  # every "layer i: r/w rows from ..." line
 
     def emit(self, record: logging.LogRecord) -> None:
         text = record.getMessage()
@@ -399,6 +402,8 @@ class _LayerWatch(logging.Handler):
         m = _LAST_LAYER_LINE.match(text)
         if m:
             self.layer_lines.append(text)
+        if _ATTEMPT_LINE.match(text):
+            self.attempt_lines.append(text)
         if m and int(m.group(1)) >= self.n_hidden:
             self.meter.deadline = None
 
@@ -482,6 +487,7 @@ def execute_cifar_case(case: Case, seed: int, options: CifarOptions) -> dict[str
             record["layers"] = _merge_log_layers(arch, [*watch.layer_lines, *watch.lines])
         record["deadline_reached"] = isinstance(exc, DeadlineReached)
         record["progress"] = watch.lines[-2 * KEEP_LOG_LINES:]
+        add_attempts(record, watch.attempt_lines)
     except Exception as exc:  # a bug or an oracle error inside the attack
         record["status"] = f"failed: {type(exc).__name__}: {_one_line(exc)}"
         record["reason"] = record["status"][len("failed: "):]
@@ -502,6 +508,17 @@ def execute_cifar_case(case: Case, seed: int, options: CifarOptions) -> dict[str
     record["wall_seconds"] = round(time.perf_counter() - t_case, 3)
     record.update(options.extra)
     return finish_record(record, case)
+
+
+def add_attempts(record: dict[str, Any], lines: Sequence[str]) -> None:
+    """Put the attack's tries at the failed layer (its ``layer i: r/w rows from ...`` lines: how many
+    rows the all-on lines or pattern regions gave) in that layer's entry as ``attempts``."""
+    failed = next((e for e in record.get("layers") or [] if e.get("status") == "failed"), None)
+    if failed is None:
+        return
+    tries = [ln for ln in lines if (m := _ATTEMPT_LINE.match(ln)) and int(m.group(1)) == failed["index"]]
+    if tries:
+        failed["attempts"] = tries
 
 
 def _merge_log_layers(arch: Sequence[int], lines: Sequence[str]) -> list[dict[str, Any]]:
@@ -633,6 +650,7 @@ def run_cifar_case(
     else:
         record["status"] = f"failed: the worker process died (exit code {out.exitcode})"
         record["reason"] = f"the worker process died (exit code {out.exitcode}){where}"
+    add_attempts(record, out.log)
     failed = next((e for e in record["layers"] if e["status"] == "failed"), None)
     if failed is not None:  # the first layer not reported done: where the run was when it stopped
         record["failed_layer"] = failed["index"]
