@@ -227,7 +227,7 @@ def pattern_rows(
     rng: np.random.Generator,
     rel_tol: float,
     executor: Executor | None = None,
-    max_regions: int = 8,
+    max_regions: int = 12,
 ) -> PatternRows:
     """Rows of the layer behind ``layers`` from chords of up to ``max_regions`` pattern regions (module
     docstring): until ``width`` rows have every weight seen, or a region adds no row and no weight."""
@@ -297,9 +297,10 @@ def pattern_outcome(
     :func:`relux.attack.all_on_layer.all_on_outcome` gives it from the all-on region: None, with the
     reason, when more rows than the layer's width were pieced together (pieces of one neuron that
     never met), more are missing than :func:`relux.attack.all_on_layer.corner_allowance` allows (none
-    for the last hidden layer), or a neuron of the layer before has no weight in any of the (at least
-    ``MIN_SHARED``) rows that saw it on. That neuron's sign is likely wrong: where it is believed on,
-    it is off. The third value lists those neurons (empty otherwise)."""
+    for the last hidden layer), some weight was neither seen nor completed, or a neuron of the layer
+    before has no weight in any of the (at least ``MIN_SHARED``) rows that saw it on. That neuron's
+    sign is likely wrong: where it is believed on, it is off. The third value lists those neurons
+    (empty otherwise)."""
     from relux.attack.deep import outcome_from_rows
 
     none = np.zeros(0, dtype=int)
@@ -326,4 +327,9 @@ def pattern_outcome(
         return None, f"{n} rows for a layer of {width} from {pr.regions} pattern regions", none
     out = outcome_from_rows(query, layers, pr.W, pr.b, pr.points, pr.residual, width, d0, is_last, cfg, rng,
                             "pattern regions", coverage=pr.seen, rel_tol=rel_tol)
+    unseen = int((~out.coverage).sum())
+    if unseen:
+        # an inner layer with a weight left at zero is a wrong layer: the walks take it instead
+        rows = int((~out.coverage).any(axis=1).sum())
+        return None, f"{unseen} weights of {rows} rows neither seen in a pattern region nor completed", none
     return dataclasses.replace(out, witnesses=pr.kinks, lines=pr.lines), "", none
