@@ -112,6 +112,22 @@ def test_pieces_of_one_row_merge_into_it(seed: int, d: int, s1: float, s2: float
     assert out[1].w is other
 
 
+def test_two_pieces_that_share_too_few_weights_meet_through_a_third() -> None:
+    rng = np.random.default_rng(0)
+    w, b = rng.standard_normal(20), 0.7
+    masks = [np.zeros(20, dtype=bool) for _ in range(3)]
+    masks[0][:8] = True  # A and C share no weight; B shares 5 with each
+    masks[2][12:] = True
+    masks[1][3:17] = True
+    pieces = [_Entry(np.where(m, s * w, 0.0), s * b, m, [np.zeros((1, 2))], 0.0)
+              for m, s in zip(masks, (2.0, -0.5, 3.0), strict=True)]
+    # A and C first: apart; B then joins A, and the grown A takes C on the second pass
+    out = _merged([pieces[0], pieces[2], pieces[1]])
+    assert len(out) == 1 and out[0].seen.all()
+    np.testing.assert_allclose(out[0].w, 2.0 * w, rtol=1e-12)
+    assert out[0].b == pytest.approx(2.0 * b)
+
+
 def test_pieces_sharing_too_few_weights_stay_apart() -> None:
     w = np.arange(1.0, 11.0)
     a = np.zeros(10, dtype=bool)

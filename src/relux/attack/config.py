@@ -120,7 +120,8 @@ class ExtractionConfig:
             (:mod:`relux.attack.pattern_layer`). Behind the trained CIFAR-scale victim's 256-wide
             layer 2, the walks that would take the layer instead found no row in 286 s; behind
             layers of up to 64 (every deep-suite victim) the walks were measured and kept. 0 uses
-            the pattern regions at every width.
+            the pattern regions at every width where the all-on chords would be tried
+            (``all_on_min_width``, and the signs of the layer before settled).
         check_walks: walks along a layer's boundaries spent checking the signs of the layer before
             it when that layer's rows come from witnesses (:mod:`relux.attack.walk`); a walk that
             cannot switch every neuron still adds a partial fit, and on trained networks few complete.

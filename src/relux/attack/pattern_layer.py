@@ -31,7 +31,7 @@ from scipy.optimize import linprog
 
 from relux.attack import prefix as pfx
 from relux.attack.active_lines import all_on_map, pattern_region, region_margin, vertex
-from relux.attack.all_on_layer import PLANE_TOL, all_on_rows, corner_allowance
+from relux.attack.all_on_layer import all_on_rows, corner_allowance
 from relux.attack.config import ExtractionConfig
 from relux.oracle.base import FloatArray, QueryFn
 from relux.parallel import Executor
@@ -42,12 +42,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Two partial rows are one neuron's when they agree to this (``1 - |cos|`` of the weights both saw,
-#: with the bias) on at least ``MIN_SHARED`` shared weights. Rows from one finite-difference gradient
-#: are good to about 1e-6 relative (``all_on_layer.PLANE_TOL``'s note); two random directions in five
-#: dimensions come within an angle of ``sqrt(2 MATCH_TOL)`` about once in 1e8 (``(1.4e-2)^4``).
-MATCH_TOL = PLANE_TOL
+#: with the bias) on at least ``MIN_SHARED`` shared weights. Behind the trained CIFAR-scale victim's
+#: layers 1-2, 251 layer-3 pieces were within 2e-9 of their true rows (5e-13 at the median). Two
+#: unrelated rows sharing five dimensions come within an angle of ``sqrt(2 MATCH_TOL)`` = 4.5e-3
+#: about once in 4e9 pairs (``(4.5e-3)^4``); a 16-region run compares about 1e6 pairs.
+MATCH_TOL = 1e-5
 MIN_SHARED = 4
-#: Neurons asked to be on per linear program (:func:`choose_pattern`).
+#: A neuron of the layer before is judged for a wrong sign (:func:`pattern_outcome`) when at least
+#: this many rows saw it on: too few may all have a small weight on it by chance.
+MIN_JUDGED = 8
+#: Neurons asked to be on per linear program (:func:`choose_pattern`), at most an eighth of the layer
+#: (so that the order still matters behind narrow layers).
 BLOCK = 32
 
 
@@ -108,11 +113,12 @@ def choose_pattern(
     layers: Sequence[pfx.Layer], box: float, order: Sequence[int], depth_frac: float = 0.1,
 ) -> Pattern | None:
     """A pattern of the last known layer with the neurons ``order`` asked to be on, block by block of
-    ``BLOCK`` in that order (one linear program each, :func:`_most_on`): as many of a block as fit
-    join those already on, where a ball of ``depth_frac`` times the depth of the region where the
-    earlier layers are all on still fits with all of them and the earlier layers on (module
-    docstring). The pattern is the one at that ball's centre. None when the earlier layers' region is
-    empty."""
+    ``BLOCK`` (an eighth of the layer at most) in that order, one linear program each
+    (:func:`_most_on`, which maximises the sum over the block of each neuron's signed distance into
+    its on side, capped at the ball's radius): those of a block it puts on with that ball join the
+    ones already on, where a ball of ``depth_frac`` times the depth of the region where the earlier
+    layers are all on still fits with all of them and the earlier layers on (module docstring). The
+    pattern is the one at that ball's centre. None when the earlier layers' region is empty."""
     A, c = all_on_map(layers)
     margin = region_margin(A, c, box)
     last = A.shape[0] - layers[-1][0].shape[0]
@@ -123,9 +129,10 @@ def choose_pattern(
     hard = np.zeros(A.shape[0], dtype=bool)
     hard[:last] = True
     todo = [int(j) for j in order]
-    for k in range(0, len(todo), BLOCK):
+    block = max(1, min(BLOCK, len(todo) // 8))
+    for k in range(0, len(todo), block):
         soft = np.zeros(A.shape[0], dtype=bool)
-        soft[[last + j for j in todo[k : k + BLOCK]]] = True
+        soft[[last + j for j in todo[k : k + block]]] = True
         got = _most_on(A, c, margin, box, need, hard, soft)
         if got is None:
             break
@@ -193,6 +200,11 @@ def _add(entries: list[_Entry], f: _Entry) -> None:
     entries.append(f)
 
 
+def _lacking(entries: Sequence[_Entry]) -> int:
+    """How many weights the entries lack in all."""
+    return sum(int((~e.seen).sum()) for e in entries)
+
+
 def _merged(entries: Sequence[_Entry]) -> list[_Entry]:
     """The entries with those that are pieces of one neuron merged (two pieces that shared too few
     weights may each share enough with a third that grew since)."""
@@ -230,7 +242,8 @@ def pattern_rows(
     max_regions: int = 12,
 ) -> PatternRows:
     """Rows of the layer behind ``layers`` from chords of up to ``max_regions`` pattern regions (module
-    docstring): until ``width`` rows have every weight seen, or a region adds no row and no weight."""
+    docstring): until ``width`` rows have every weight seen, or three regions in a row add no row and
+    no weight (a pattern read before, or whose region is empty, counts as one)."""
     d_in = layers[-1][0].shape[0]
     box = 3.0 * cfg.input_scale
     entries: list[_Entry] = []
@@ -251,26 +264,34 @@ def pattern_rows(
             if pat is None or pat.on.tobytes() not in tried:
                 break
             pat = random_pattern(layers, box, rng)  # a region read before gives the same rows again
-        region = None if pat is None else pattern_region(layers, box, pat.on)
-        if pat is None or region is None:
-            log.info("pattern regions: no region for the next pattern")
+        if pat is None:
+            log.info("pattern regions: no region where the earlier layers are all on")
             break
+        region = pattern_region(layers, box, pat.on) if pat.on.tobytes() not in tried else None
+        if region is None:
+            # read before, or empty (a neuron not asked to be on may lie on its boundary at the
+            # chosen point): the next one at a random point
+            idle, explore = idle + 1, True
+            if idle >= 3:
+                break
+            continue
         ao = all_on_rows(query, layers, width, d0, cfg, rng, rel_tol, executor=executor, region=region, on=pat.on,
                          use_tips=False)
         regions += 1
         tried.add(pat.on.tobytes())
         lines, kinks, measured = lines + ao.lines, kinks + ao.kinks, measured + ao.measured
         n_before = len(entries)
-        seen_before = sum(int(e.seen.sum()) for e in entries)
+        lack_before = _lacking(entries)
         for w, b, P, res in zip(ao.W, ao.b, ao.points, ao.residual, strict=True):
             _add(entries, _Entry(w.copy(), float(b), pat.on.copy(), [P], float(res)))
         entries = _merged(entries)
         full = sum(bool(e.seen.all()) for e in entries)
-        gained = len(entries) > n_before or sum(int(e.seen.sum()) for e in entries) > seen_before
+        # a new neuron, or a row that lacks fewer weights (two pieces joined lack fewer than apart)
+        gained = len(entries) > n_before or _lacking(entries) < lack_before
         idle = 0 if gained else idle + 1
         explore = len(entries) <= n_before and not explore
         log.info("pattern region %d: %d on, depth %.3g; %d rows there; %d rows in all, %d complete", regions,
-                 int(pat.on.sum()), pat.depth, ao.W.shape[0], len(entries), full)
+                 int(pat.on.sum()), region.depth, ao.W.shape[0], len(entries), full)
         if (len(entries) >= width and full == len(entries)) or idle >= 3:
             break
     if not entries:
@@ -297,10 +318,10 @@ def pattern_outcome(
     :func:`relux.attack.all_on_layer.all_on_outcome` gives it from the all-on region: None, with the
     reason, when more rows than the layer's width were pieced together (pieces of one neuron that
     never met), more are missing than :func:`relux.attack.all_on_layer.corner_allowance` allows (none
-    for the last hidden layer), some weight was neither seen nor completed, or a neuron of the layer
-    before has no weight in any of the (at least ``MIN_SHARED``) rows that saw it on. That neuron's
-    sign is likely wrong: where it is believed on, it is off. The third value lists those neurons
-    (empty otherwise)."""
+    for the last hidden layer), some weight of an inner layer was neither seen nor completed, or a
+    neuron of the layer before has no weight in any of the (at least ``MIN_JUDGED``) rows that saw
+    it on. That neuron's sign is likely wrong: where it is believed on, it is off. The third value
+    lists those neurons (empty otherwise)."""
     from relux.attack.deep import outcome_from_rows
 
     none = np.zeros(0, dtype=int)
@@ -314,7 +335,7 @@ def pattern_outcome(
     # all_on_outcome: a wrong sign's column is zero up to the rows' error)
     U = pr.W / np.linalg.norm(np.concatenate([pr.W, pr.b[:, None]], axis=1), axis=1, keepdims=True)
     k = pr.seen.sum(axis=0)
-    judged = k >= MIN_SHARED
+    judged = k >= MIN_JUDGED
     if judged.any():
         rms = np.sqrt((U**2).sum(axis=0) / np.maximum(k, 1))
         zero = np.flatnonzero(judged & (rms <= 1e-3 * float(np.quantile(rms[judged], 0.9))))
@@ -328,8 +349,9 @@ def pattern_outcome(
     out = outcome_from_rows(query, layers, pr.W, pr.b, pr.points, pr.residual, width, d0, is_last, cfg, rng,
                             "pattern regions", coverage=pr.seen, rel_tol=rel_tol)
     unseen = int((~out.coverage).sum())
-    if unseen:
-        # an inner layer with a weight left at zero is a wrong layer: the walks take it instead
+    if unseen and not is_last:
+        # an inner layer with a weight left at zero is a wrong layer: the walks take it instead (the
+        # pipeline reads the last hidden layer's unseen weights from the output)
         rows = int((~out.coverage).any(axis=1).sum())
         return None, f"{unseen} weights of {rows} rows neither seen in a pattern region nor completed", none
     return dataclasses.replace(out, witnesses=pr.kinks, lines=pr.lines), "", none

@@ -416,7 +416,7 @@ def _with_flips(
 def _ready_for_chords(prev: LayerReport, rows: int) -> bool:
     """Whether the layer before (its report, and the ``rows`` it has) is ready for the chords of its
     all-on region (attack-notes §3). Either it is complete and every sign settled (a clean wiggle
-    verdict, or a check by walks), or it came from all-on lines a few rows short
+    verdict, or a check by walks), or it came from all-on lines or pattern regions a few rows short
     (:func:`relux.attack.all_on_layer.corner_allowance`; the missing neurons are likely off in most of
     the region) and every sign is decided. ``deep._layer_signs`` caps a short layer's verdicts at
     confidence 0.5, even the clean ones, and the walks that would check them found no row behind
@@ -428,7 +428,7 @@ def _ready_for_chords(prev: LayerReport, rows: int) -> bool:
     conf = [float(nr.get("sign_confidence", 0.0)) for nr in prev.neurons]
     if rows == prev.width:
         return all(c >= 1.0 for c in conf)
-    chords = all(nr.get("rows_from") == "all-on lines" for nr in prev.neurons)
+    chords = all(nr.get("rows_from") in ("all-on lines", "pattern regions") for nr in prev.neurons)
     return chords and rows >= prev.width - corner_allowance(prev.width) and all(c >= 0.5 for c in conf)
 
 

@@ -93,7 +93,8 @@ RESULT_KEYS = (
 _STAGE_LINE = re.compile(r"^stage (\S+)(?: \(layer (\d+)\))?$")
 _BEAT_LINE = re.compile(r"^(\d+) queries so far$")
 _LAST_LAYER_LINE = re.compile(r"^layer (\d+): \d+/\d+ neurons")
-#: The attack's line for each try at a layer's rows (all-on lines, pattern regions).
+#: The attack's line for each try at a layer's rows (all-on lines, pattern regions, walks, witness
+#: groups).
 _ATTEMPT_LINE = re.compile(r"^layer (\d+): \d+/\d+ rows from ")
 
 
@@ -494,6 +495,7 @@ def execute_cifar_case(case: Case, seed: int, options: CifarOptions) -> dict[str
         record["traceback"] = traceback.format_exc(limit=8)
         record["layers"] = _merge_log_layers(arch, [*watch.layer_lines, *watch.lines])
         record["progress"] = watch.lines[-2 * KEEP_LOG_LINES:]
+        add_attempts(record, watch.attempt_lines)
     finally:
         attack_log.removeHandler(watch)
         attack_log.setLevel(attack_level)
