@@ -44,8 +44,8 @@ log = logging.getLogger(__name__)
 #: Two partial rows are one neuron's when they agree to this (``1 - |cos|`` of the weights both saw,
 #: with the bias) on at least ``MIN_SHARED`` shared weights. Behind the trained CIFAR-scale victim's
 #: layers 1-2, 251 layer-3 pieces were within 2e-9 of their true rows (5e-13 at the median). Two
-#: unrelated rows sharing five dimensions come within an angle of ``sqrt(2 MATCH_TOL)`` = 4.5e-3
-#: about once in 4e9 pairs (``(4.5e-3)^4``); a 16-region run compares about 1e6 pairs.
+#: unrelated rows sharing five dimensions come within an angle of ``sqrt(2 MATCH_TOL)`` = 4.5e-3 with
+#: a chance of about ``(4.5e-3)^4`` = 4e-10; a 12-region run compares about 1e6 pairs.
 MATCH_TOL = 1e-5
 MIN_SHARED = 4
 #: A neuron of the layer before is judged for a wrong sign (:func:`pattern_outcome`) when at least
