@@ -14,6 +14,7 @@ from relux.attack.pattern_layer import (
     MIN_SHARED,
     _Entry,
     _merged,
+    _most_on,
     choose_pattern,
     pattern_outcome,
     pattern_rows,
@@ -84,6 +85,28 @@ def test_the_chosen_pattern_has_most_of_its_neurons_on_and_a_pair_never_both() -
     assert pat.wanted >= 8 and pat.on.sum() >= pat.wanted
     rnd = random_pattern(prefix, 3.0, np.random.default_rng(0))
     assert rnd is not None and rnd.on.shape == (16,)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(2, 8), st.integers(4, 20))
+def test_the_block_program_keeps_its_ball_inside_every_row_it_holds(seed: int, d: int, n: int) -> None:
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((n, d))
+    c = rng.standard_normal(n)
+    margin = np.zeros(n)
+    hard = np.zeros(n, dtype=bool)
+    hard[: n // 4] = True
+    soft = ~hard
+    need = 0.05
+    got = _most_on(A, c, margin, 3.0, need, hard, soft)
+    if got is None:
+        return  # the hard rows leave no ball of that radius
+    held, x = got
+    dist = (A @ x + c) / np.linalg.norm(A, axis=1)
+    # HiGHS's feasibility tolerance (1e-7) on constraints of order one
+    assert np.all(dist[hard] >= need - 1e-6)
+    assert np.all(dist[np.flatnonzero(soft)[held]] >= need - 1e-6)
+    assert np.all(np.abs(x) <= 3.0 - need + 1e-6)
 
 
 @settings(max_examples=50, deadline=None)
