@@ -480,7 +480,7 @@ def _all_on_layer(
             layers = trial
             prev = dataclasses.replace(prev, neurons=neurons)
     if out is None:
-        log.info("layer %d: not from all-on lines (%s)", i, why)
+        log.info("layer %d: not from %s (%s)", i, "all-on lines" if read is all_on_outcome else "pattern regions", why)
         return layers, reports, None
     if flipped:
         warnings.append(f"layer {i - 1}: neuron(s) {flipped} flipped against the wiggle's verdict: no layer-{i} row "
