@@ -110,17 +110,26 @@ def pattern_region(layers: Sequence[pfx.Layer], box: float, on: np.ndarray | Non
         s = np.ones(A.shape[0])
         s[-n_last:] = np.where(np.asarray(on, dtype=bool), 1.0, -1.0)
         A, c = A * s[:, None], c * s
-    d = A.shape[1]
     margin = region_margin(A, c, box)
+    depth, centre = largest_ball(A, c, margin, box)
+    if centre is None or depth <= 0.0:
+        return None
+    return AllOnRegion(A, c, margin, box, centre, depth)
+
+
+def largest_ball(A: FloatArray, c: FloatArray, margin: FloatArray, box: float) -> tuple[float, FloatArray | None]:
+    """The radius of the largest ball in ``{x : A x + c ≥ margin, |x_i| ≤ box}`` and its centre (a
+    linear program; 0 and None when the set is empty)."""
+    d = A.shape[1]
     nrm = np.linalg.norm(A, axis=1)
     # max s: A x + c - margin >= s |A_i|, |x_i| <= box - s
     A_ub = np.block([[-A, nrm[:, None]], [np.eye(d), np.ones((d, 1))], [-np.eye(d), np.ones((d, 1))]])
     b_ub = np.concatenate([c - margin, np.full(2 * d, box)])
     res = linprog(np.append(np.zeros(d), -1.0), A_ub=A_ub, b_ub=b_ub, bounds=[(None, None)] * d + [(0.0, box)],
                   method="highs")
-    if res.status != 0 or float(res.x[d]) <= 0.0:
-        return None
-    return AllOnRegion(A, c, margin, box, np.asarray(res.x[:d], dtype=float), float(res.x[d]))
+    if res.status != 0:
+        return 0.0, None
+    return float(res.x[d]), np.asarray(res.x[:d], dtype=float)
 
 
 def _segment(a: FloatArray, b: FloatArray, scale: float) -> tuple[FloatArray, FloatArray, float] | None:

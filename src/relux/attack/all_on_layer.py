@@ -381,6 +381,15 @@ def corner_allowance(width: int) -> int:
     return width // 100
 
 
+def silent_columns(col: FloatArray, judged: np.ndarray | None = None) -> np.ndarray:
+    """The layer-input coordinates (of those ``judged``, all by default) whose column size ``col`` is
+    at most 1e-3 of the upper tenth of the judged ones: no row weights them, up to the rows' error.
+    Against the upper tenth rather than the median: a column stays real when up to nine in ten are
+    zero (the pipeline flips up to half of the layer)."""
+    ok = np.ones(col.shape, dtype=bool) if judged is None else np.asarray(judged, dtype=bool)
+    return np.flatnonzero(ok & (col <= 1e-3 * float(np.quantile(col[ok], 0.9))))
+
+
 def all_on_outcome(
     query: QueryFn,
     layers: Sequence[pfx.Layer],
@@ -413,10 +422,7 @@ def all_on_outcome(
     # about 1e-6 typically); the columns of a random or trained layer are within a factor of ten or
     # so of their median. A genuinely weak column flipped by mistake is then off where it is believed
     # on, its column zero at the retry, and the retry fails, so the flip is not kept.
-    col = np.linalg.norm(ao.W, axis=0)
-    # against the upper tenth rather than the median: it stays a real column when up to nine in ten
-    # are zero (the pipeline flips up to half of the layer)
-    zero = np.flatnonzero(col <= 1e-3 * float(np.quantile(col, 0.9)))
+    zero = silent_columns(np.linalg.norm(ao.W, axis=0))
     if zero.size:
         return None, (f"layer {len(layers)} neuron(s) {zero.tolist()} have no weight in any row: wrong signs, "
                       "or neurons off where they were believed on"), zero

@@ -30,8 +30,8 @@ import numpy as np
 from scipy.optimize import linprog
 
 from relux.attack import prefix as pfx
-from relux.attack.active_lines import all_on_map, pattern_region, region_margin, vertex
-from relux.attack.all_on_layer import all_on_rows, corner_allowance
+from relux.attack.active_lines import all_on_map, largest_ball, pattern_region, region_margin, vertex
+from relux.attack.all_on_layer import all_on_rows, corner_allowance, silent_columns
 from relux.attack.config import ExtractionConfig
 from relux.oracle.base import FloatArray, QueryFn
 from relux.parallel import Executor
@@ -66,18 +66,19 @@ class Pattern:
     wanted: int
 
 
-def _depth(A: FloatArray, c: FloatArray, margin: FloatArray, box: float) -> tuple[float, FloatArray | None]:
-    """The radius of the largest ball in ``{x : A x + c ≥ margin, |x_i| ≤ box}`` and its centre (0 and
-    None when the set is empty)."""
-    d = A.shape[1]
-    nrm = np.linalg.norm(A, axis=1)
-    A_ub = np.block([[-A, nrm[:, None]], [np.eye(d), np.ones((d, 1))], [-np.eye(d), np.ones((d, 1))]])
-    b_ub = np.concatenate([c - margin, np.full(2 * d, box)])
-    res = linprog(np.append(np.zeros(d), -1.0), A_ub=A_ub, b_ub=b_ub, bounds=[(None, None)] * d + [(0.0, box)],
-                  method="highs")
-    if res.status != 0:
-        return 0.0, None
-    return float(res.x[d]), np.asarray(res.x[:d], dtype=float)
+def _earlier_region(
+    layers: Sequence[pfx.Layer], box: float,
+) -> tuple[FloatArray, FloatArray, FloatArray, int, float, FloatArray] | None:
+    """Every known pre-activation as an affine map where all are on (:func:`all_on_map`), with the
+    margins, the number of rows of the layers before the last, and the depth and centre of the region
+    where those are all on; None when that region is empty."""
+    A, c = all_on_map(layers)
+    margin = region_margin(A, c, box)
+    last = A.shape[0] - layers[-1][0].shape[0]
+    r0, centre = largest_ball(A[:last], c[:last], margin[:last], box)
+    if centre is None or r0 <= 0.0:
+        return None
+    return A, c, margin, last, r0, centre
 
 
 def _most_on(
@@ -119,12 +120,10 @@ def choose_pattern(
     ones already on, where a ball of ``depth_frac`` times the depth of the region where the earlier
     layers are all on still fits with all of them and the earlier layers on (module docstring). The
     pattern is the one at that ball's centre. None when the earlier layers' region is empty."""
-    A, c = all_on_map(layers)
-    margin = region_margin(A, c, box)
-    last = A.shape[0] - layers[-1][0].shape[0]
-    r0, x = _depth(A[:last], c[:last], margin[:last], box)
-    if x is None or r0 <= 0.0:
+    early = _earlier_region(layers, box)
+    if early is None:
         return None
+    A, c, margin, last, r0, x = early
     need = depth_frac * r0
     hard = np.zeros(A.shape[0], dtype=bool)
     hard[:last] = True
@@ -146,12 +145,10 @@ def random_pattern(layers: Sequence[pfx.Layer], box: float, rng: np.random.Gener
     """The pattern of the last known layer at a random point of the region where the earlier layers
     are all on: between its centre and a vertex of a random objective, 30% to 90% of the way out (a
     linear program, no queries). None when that region is empty."""
-    A, c = all_on_map(layers)
-    margin = region_margin(A, c, box)
-    last = A.shape[0] - layers[-1][0].shape[0]
-    r0, centre = _depth(A[:last], c[:last], margin[:last], box)
-    if centre is None or r0 <= 0.0:
+    early = _earlier_region(layers, box)
+    if early is None:
         return None
+    A, c, margin, last, _, centre = early
     v = vertex(A[:last], c[:last], box, margin[:last], np.asarray(rng.standard_normal(size=A.shape[1])))
     if v is None:
         return None
@@ -337,8 +334,7 @@ def pattern_outcome(
     k = pr.seen.sum(axis=0)
     judged = k >= MIN_JUDGED
     if judged.any():
-        rms = np.sqrt((U**2).sum(axis=0) / np.maximum(k, 1))
-        zero = np.flatnonzero(judged & (rms <= 1e-3 * float(np.quantile(rms[judged], 0.9))))
+        zero = silent_columns(np.sqrt((U**2).sum(axis=0) / np.maximum(k, 1)), judged)
         if zero.size:
             return None, (f"layer {len(layers)} neuron(s) {zero.tolist()} have no weight in any row that saw them "
                           "on: wrong signs, or neurons off where they were believed on"), zero
