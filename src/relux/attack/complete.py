@@ -7,6 +7,13 @@ off, the estimated boundary is exact. Walking along it until ``m`` switches on a
 again, the true boundary sits where ``ŵ·h + b + w_m h_m = 0``: one exact kink there gives ``w_m``.
 Each candidate is confirmed by a second crossing further along the walk, where the completed row must
 predict a kink that the oracle shows. Every step is exact arithmetic on kinks, no gradients.
+
+The walk goes on past the switch until ``h_m`` is a tenth of the layer input's typical on value
+(the row's own error is divided by ``h_m``), then closer to the switch if no kink there qualifies.
+Behind the CIFAR-scale victims' first two layers (512 known neurons) a walk takes 33 to 225 steps,
+and the boundaries it slides along end where the row's kink would be read just past the switch: a
+kink read there coincides with theirs. Behind a random 60-128-128-32-1 network's first two layers,
+half of each of six rows unseen, these changes fill 359 of 373 weights against 250 before.
 """
 
 from __future__ import annotations
@@ -63,8 +70,35 @@ def _hold_basis(jac: FloatArray, rows: Sequence[int], extra: FloatArray | None =
     return out
 
 
+def _greedy_hold(
+    jac: FloatArray, order: Sequence[int], g: FloatArray, extra: FloatArray | None = None, keep: float = 0.2
+) -> tuple[FloatArray, list[int]]:
+    """Hold the pre-activations ``order``, in turn, while the part of ``g`` outside the span of their
+    gradients (and of ``extra``) keeps at least ``keep`` of its length. Returns an orthonormal basis of
+    that span and the coordinates held (one Gram-Schmidt step per coordinate, twice for stability,
+    rather than a factorisation per coordinate: behind 512 known neurons a walk holds hundreds)."""
+    Q = _hold_basis(jac, [], extra)
+    r = g - Q @ (Q.T @ g)
+    floor = keep * float(np.linalg.norm(g))
+    held: list[int] = []
+    for k in order:
+        v = jac[k] - Q @ (Q.T @ jac[k])
+        v = v - Q @ (Q.T @ v)
+        nv = float(np.linalg.norm(v))
+        if nv <= 1e-12 * float(np.linalg.norm(jac[k])):
+            held.append(k)  # in the span already: held for free
+            continue
+        u = v / nv
+        r2 = r - u * float(u @ r)
+        if float(np.linalg.norm(r2)) >= floor:
+            Q, r = np.column_stack([Q, u]), r2
+            held.append(k)
+    return Q, held
+
+
 def _walk(
-    layers: Sequence[pfx.Layer], x: FloatArray, w: FloatArray, m: int, hold: Sequence[int], scale: float
+    layers: Sequence[pfx.Layer], x: FloatArray, w: FloatArray, m: int, hold: Sequence[int], scale: float,
+    target: float = 0.0, max_steps: int | None = None,
 ) -> tuple[FloatArray, FloatArray] | None:
     """From ``x``, walk (piece by piece of the prefix) in the direction that raises coordinate ``m``
     while holding the row's estimated pre-activation and the coordinates ``hold`` fixed, to just past
@@ -72,23 +106,25 @@ def _walk(
 
     Each step ends at the nearest known boundary ahead, where the prefix's Jacobian changes. Where
     the new piece's direction turns straight back across a boundary the walk has crossed before, the
-    walk slides along that boundary (holds its pre-activation too) rather than zigzag across it."""
+    walk slides along that boundary (holds its pre-activation too) rather than zigzag across it.
+
+    With ``target > 0`` the walk goes on past the switch until ``m``'s pre-activation reaches
+    ``target`` (a weight read where ``h_m`` is larger divides the row's error by more), or stops
+    early, still with ``m`` on, where another coordinate of ``hold`` would switch on. A walk takes
+    at most ``max_steps`` steps: by default one per known neuron, and 64 more."""
     p = x.copy()
     crossed: set[tuple[int, int]] = set()
     slide: list[tuple[int, int]] = []
-    for _ in range(64):
+    held_set = set(hold)
+    steps = 64 + sum(W.shape[0] for W, _ in layers) if max_steps is None else max_steps
+    for _ in range(steps):
         M, jacs = pfx.jacobian(layers, p)
         n = w @ M
         extra = np.vstack([n, *(jacs[li][k] for li, k in slide)])
         Zs, _ = pfx.forward(layers, p[None, :])
         g = jacs[-1][m]
         # Hold the unknown coordinates closest to switching on, as many as the control space allows.
-        held: list[int] = []
-        for k in sorted(hold, key=lambda k: abs(float(Zs[-1][0, k]))):
-            Q = _hold_basis(jacs[-1], [*held, k], extra)
-            if float(np.linalg.norm(g - Q @ (Q.T @ g))) >= 0.2 * float(np.linalg.norm(g)):
-                held.append(k)
-        Q = _hold_basis(jacs[-1], held, extra)
+        Q, _ = _greedy_hold(jacs[-1], sorted(hold, key=lambda k: abs(float(Zs[-1][0, k]))), g, extra)
         d = g - Q @ (Q.T @ g)
         nd = float(np.linalg.norm(d))
         if nd <= 1e-9 * float(np.linalg.norm(g)):
@@ -96,7 +132,7 @@ def _walk(
         d = d / nd
         zm = float(Zs[-1][0, m])
         rate = float(g @ d)  # > 0
-        to_switch = -zm / rate if zm < 0 else 0.0
+        to_switch = (target - zm) / rate if zm < target else 0.0
         # distance along d to the nearest known boundary other than m itself
         lim, hit = np.inf, (-1, -1)
         for li, (Z, J) in enumerate(zip(Zs, jacs, strict=True)):
@@ -112,8 +148,13 @@ def _walk(
             if tt[i] < lim:
                 lim, hit = float(tt[i]), (li, i)
         if to_switch <= lim:
+            if target > 0.0:
+                return p + to_switch * d, d
             # just past the switch, but not past the next boundary (the step is linear)
             return p + (to_switch + min(1e-3 * scale, 0.5 * (lim - to_switch))) * d, d
+        if zm > 0.0 and hit[0] == len(jacs) - 1 and hit[1] in held_set and Zs[-1][0, hit[1]] < 0.0:
+            # past the switch, another unknown coordinate would switch on next: stop short of it
+            return p + 0.5 * lim * d, d
         if not np.isfinite(lim) or lim > 4.0 * scale:
             return None
         if hit in crossed and lim <= 1e-6 * scale:
@@ -160,6 +201,87 @@ def _probe(
     return abs(tk - t2) / delta, H[0]
 
 
+def _cross_normal(layers: Sequence[pfx.Layer], w: FloatArray, p: FloatArray, m: int, hold: Sequence[int]
+                  ) -> FloatArray | None:
+    """The row's normal at ``p`` with the gradients of ``m`` and of as many of ``hold`` as leave it a
+    fifth of its length projected out: a line along it crosses the boundary without moving them."""
+    M, jacs = pfx.jacobian(layers, p)
+    n0 = w @ M
+    Q, _ = _greedy_hold(jacs[-1], [m, *hold], n0)
+    n1 = n0 - Q @ (Q.T @ n0)
+    nn = float(np.linalg.norm(n1))
+    return n1 / nn if nn > 0.0 else None
+
+
+def _candidates(
+    query: QueryFn, layers: Sequence[pfx.Layer], w: FloatArray, b: float, m: int, others: np.ndarray,
+    p1: FloatArray, n1: FloatArray, scale: float, n_grid: int, rel_tol: float, max_candidates: int,
+) -> tuple[list[float], int]:
+    """Weights ``w_m`` read from the kinks nearest ``p1`` on a segment across the boundary along ``n1``
+    that are no known neuron's and where ``m`` is on and every other unknown coordinate off."""
+    t0 = root_on_line(layers, w, b, p1, n1)
+    if t0 is None:
+        return [], 0
+    line, qn = _crossing(query, p1 + t0 * n1, n1, 0.05 * scale, n_grid, rel_tol)
+    cands: list[float] = []
+    for tk in line.t[np.argsort(np.abs(line.t))]:
+        xk = p1 + (t0 + tk) * n1
+        if _prefix_kink(layers, xk):
+            continue
+        _, H = pfx.forward(layers, xk[None, :])
+        h = H[0]
+        if h[m] > 0 and not np.any(h[others] > 0):
+            cands.append(float(-(w @ h + b) / h[m]))
+            if len(cands) >= max_candidates:
+                break
+    return cands, qn
+
+
+def _confirmed(
+    query: QueryFn, layers: Sequence[pfx.Layer], w: FloatArray, b: float, m: int, others: np.ndarray,
+    cands: Sequence[float], probes: Sequence[FloatArray], scale: float,
+) -> tuple[float | None, float, int]:
+    """The candidate whose completed row predicts a kink the oracle shows at a probe point (to 1e-6
+    of the bracket), or one sharpened at a probe's kink and confirmed at a second probe; else None.
+    Also the best relative miss and the queries."""
+    queries = 0
+    best, best_err = None, np.inf
+    for c in cands:
+        # the farthest probe first (largest h_m); a probe whose bracket shows no single kink is skipped
+        for i in range(len(probes) - 1, -1, -1):
+            miss, h_k = _probe(query, layers, w, b, m, c, probes[i], scale)
+            queries += 6
+            if h_k is not None:
+                break
+        if h_k is None or h_k[m] <= 0:
+            continue  # the kink is where the coordinate is off: it cannot tell one weight from another
+        if miss < best_err:
+            best, best_err = c, miss
+        if miss <= 1e-6:
+            return c, miss, queries
+        if i == 0 or np.any(h_k[others] > 0):
+            continue
+        # The first estimate comes from near the switch, where h_m may be small and divide the row's own
+        # error; the probe's kink, further on, gives a sharper one. It must then predict the kink at a
+        # nearer probe point (an independent check).
+        c2 = float(-(w @ h_k + b - w[m] * h_k[m]) / h_k[m])
+        if abs(c2 - c) > 1e-2 * (abs(c) + 1e-12 * float(np.linalg.norm(w))):
+            continue  # a different neuron's kink
+        for k in range(i - 1, -1, -1):
+            miss2, h2 = _probe(query, layers, w, b, m, c2, probes[k], scale)
+            queries += 6
+            if h2 is None or h2[m] <= 0:
+                continue
+            if miss2 <= 1e-4:
+                # two kinks of the oracle, at independent points, agree on c2 (another neuron's kink would
+                # miss by a fraction of the bracket): the polish refines it on boundary points
+                return c2, min(miss2, 1e-6), queries
+            if miss2 < best_err:
+                best, best_err = c2, miss2
+            break
+    return best, best_err, queries
+
+
 def complete_row(
     query: QueryFn,
     layers: Sequence[pfx.Layer],
@@ -172,22 +294,28 @@ def complete_row(
     n_grid: int,
     rel_tol: float,
     max_anchors: int = 3,
+    levels: Sequence[float] = (0.1, 0.01, 0.0),
+    max_candidates: int = 4,
 ) -> Completion:
     """Fill the weights of ``(w, b)`` on the coordinates outside ``coverage`` (see the module text).
 
     ``anchors`` are points on the neuron's boundary (its witnesses); the first ``max_anchors`` are
-    tried in turn. ``scale`` is the input scale
-    times ``sqrt(d0)``. For each missing coordinate ``m``: walk along the boundary (holding the other
-    unknown coordinates fixed) to just past where ``m`` switches on, search a short segment across
-    the boundary for the kink nearest the estimated crossing, read ``w_m`` from it, and confirm with
-    a second probe further on, where the completed row must predict a kink to 1e-6 of the bracket.
-    Coordinates never reached stay zero and are reported in ``reasons``.
+    tried in turn. ``scale`` is the input scale times ``sqrt(d0)``. For each missing coordinate ``m``:
+    walk along the boundary (holding the other unknown coordinates fixed) past where ``m`` switches on,
+    until its pre-activation reaches a share ``level`` of the median of the layer input's on
+    coordinates at the anchor (a weight read where ``h_m`` is larger divides the row's own error by
+    more; the levels are tried in turn, down to just past the switch, because a crossing further
+    from the switch more often meets another unknown coordinate switching on); search a short segment
+    across the boundary for the kinks nearest the walk's end, read ``w_m`` from each (at most
+    ``max_candidates``), and confirm with probes further on, where the completed row must predict a
+    kink to 1e-6 of the bracket. Coordinates never reached stay zero and are reported in ``reasons``.
     """
     w = np.array(w, dtype=float)
     cov = np.array(coverage, dtype=bool)
     filled: list[int] = []
     reasons: dict[int, str] = {}
     queries = 0
+    grid = max(16, n_grid // 8)
     for m in (int(i) for i in np.flatnonzero(~cov)):
         done = False
         reason = "no anchor from which the coordinate could be switched on along the boundary"
@@ -197,87 +325,44 @@ def complete_row(
         for x in anchors[:max_anchors]:
             if pfx.unit_normal(layers, w, x) is None:
                 continue
-            walked = _walk(layers, x, w, m, hold, scale)
-            if walked is None:
-                continue
-            p1, d = walked
-            cands: list[float] = []
-            M1, jacs1 = pfx.jacobian(layers, p1)
-            n0 = w @ M1
-            held1: list[int] = []
-            for k in [m, *hold]:
-                Q1 = _hold_basis(jacs1[-1], [*held1, k])
-                if float(np.linalg.norm(n0 - Q1 @ (Q1.T @ n0))) >= 0.2 * float(np.linalg.norm(n0)):
-                    held1.append(k)
-            Q1 = _hold_basis(jacs1[-1], held1)
-            n1 = n0 - Q1 @ (Q1.T @ n0)  # cross the boundary without moving m (and what else can be held)
-            if not np.any(n1):
-                continue
-            n1 = n1 / float(np.linalg.norm(n1))
-            t0 = root_on_line(layers, w, b, p1, n1)
-            if t0 is None:
-                continue
-            line, qn = _crossing(query, p1 + t0 * n1, n1, 0.05 * scale, max(16, n_grid // 8), rel_tol)
-            queries += qn
-            ts = line.t
-            for tk in ts[np.argsort(np.abs(ts))][:3]:
-                xk = p1 + (t0 + tk) * n1
-                if _prefix_kink(layers, xk):
+            Zx, _ = pfx.forward(layers, x[None, :])
+            on_x = Zx[-1][0][Zx[-1][0] > 0]
+            typical = float(np.median(on_x)) if on_x.size else 0.0
+            for level in levels:
+                walked = _walk(layers, x, w, m, hold, scale, level * typical)
+                if walked is None:
                     continue
-                _, H = pfx.forward(layers, xk[None, :])
-                h = H[0]
-                if h[m] <= 0 or np.any(h[others] > 0):
+                p1, d = walked
+                n1 = _cross_normal(layers, w, p1, m, hold)
+                if n1 is None:
                     continue
-                cands.append(float(-(w @ h + b) / h[m]))
-
-            if not cands:
-                reason = "no kink of an unknown neuron where the coordinate is on"
-                continue
-            # Confirm: further along, the completed row must predict a kink the oracle shows.
-            # points past the switch where, of the unknown coordinates, only m is on
-            probes = []
-            for eps in (3e-3, 1e-2, 3e-2, 1e-1):
-                cand_p = p1 + eps * scale * d
-                _, Hc = pfx.forward(layers, cand_p[None, :])
-                if Hc[0][m] > 0 and not np.any(Hc[0][others] > 0):
-                    probes.append(cand_p)
-            if not probes:
-                reason = "no second point where only the coordinate is on"
-                continue
-            best, best_err = None, np.inf
-            for c in cands:
-                miss, h_k = _probe(query, layers, w, b, m, c, probes[-1], scale)
-                queries += 6
-                if h_k is None or h_k[m] <= 0:
-                    continue  # the kink is where the coordinate is off: it cannot tell one weight from another
-                if miss < best_err:
-                    best, best_err = c, miss
-                if miss <= 1e-6 or len(probes) < 2 or np.any(h_k[others] > 0):
+                cands, qn = _candidates(query, layers, w, b, m, others, p1, n1, scale, grid, rel_tol, max_candidates)
+                queries += qn
+                if not cands:
+                    reason = "no kink of an unknown neuron where the coordinate is on"
                     continue
-                # The first estimate comes from just past the switch, where h_m is small and divides
-                # the row's own error; the probe's kink, further on, gives a sharper one. It must
-                # then predict the kink at another probe point (an independent check).
-                c2 = float(-(w @ h_k + b - w[m] * h_k[m]) / h_k[m])
-                if abs(c2 - c) > 1e-2 * (abs(c) + 1e-12 * float(np.linalg.norm(w))):
-                    continue  # a different neuron's kink
-                miss2, h2 = _probe(query, layers, w, b, m, c2, probes[-2], scale)
-                queries += 6
-                if h2 is None or h2[m] <= 0:
+                # Confirm: further along, the completed row must predict a kink the oracle shows, at
+                # points past the switch where, of the unknown coordinates, only m is on
+                probes = []
+                for eps in (3e-3, 1e-2, 3e-2, 1e-1):
+                    cand_p = p1 + eps * scale * d
+                    _, Hc = pfx.forward(layers, cand_p[None, :])
+                    if Hc[0][m] > 0 and not np.any(Hc[0][others] > 0):
+                        probes.append(cand_p)
+                if not probes:
+                    reason = "no second point where only the coordinate is on"
                     continue
-                if miss2 <= 1e-4:
-                    # two kinks of the oracle, at independent points, agree on c2 (another neuron's kink
-                    # would miss by a fraction of the bracket): the polish refines it on boundary points
-                    best, best_err = c2, min(miss2, 1e-6)
+                best, best_err, qc = _confirmed(query, layers, w, b, m, others, cands, probes, scale)
+                queries += qc
+                if best is not None and best_err <= 1e-6:
+                    w[m] = best
+                    cov[m] = True
+                    filled.append(m)
+                    done = True
                     break
-                if miss2 < best_err:
-                    best, best_err = c2, miss2
-            if best is not None and best_err <= 1e-6:
-                w[m] = best
-                cov[m] = True
-                filled.append(m)
-                done = True
+                reason = f"no candidate weight predicted the confirming kink (best relative miss {best_err:.1e})"
+            if done:
                 break
-            reason = f"no candidate weight predicted the confirming kink (best relative miss {best_err:.1e})"
         if not done:
             reasons[m] = reason
     log.debug("row completion: filled %s, left %s", filled, reasons)
