@@ -9,11 +9,12 @@ Each candidate is confirmed by a second crossing further along the walk, where t
 predict a kink that the oracle shows. Every step is exact arithmetic on kinks, no gradients.
 
 The walk goes on past the switch until ``h_m`` is a tenth of the layer input's typical on value
-(the row's own error is divided by ``h_m``), then closer to the switch if no kink there qualifies.
-Behind the CIFAR-scale victims' first two layers (512 known neurons) a walk takes 33 to 225 steps,
-and the boundaries it slides along end where the row's kink would be read just past the switch: a
-kink read there coincides with theirs. Behind a random 60-128-128-32-1 network's first two layers,
-half of each of six rows unseen, these changes fill 359 of 373 weights against 250 before.
+(the row's own error is divided by ``h_m``), then a hundredth, then just past the switch, when a
+level gives no confirmed weight (a crossing further from the switch more often meets another
+unknown coordinate switching on). Behind the CIFAR-scale victims' first two layers (512 known
+neurons) a walk takes 33 to 225 steps, and one that stops just past the switch stands on the known
+boundaries it slid along, where the row's kink cannot be told from theirs. Measurements:
+BENCHMARKS.md, session 30.
 """
 
 from __future__ import annotations
@@ -55,16 +56,11 @@ def _prefix_kink(layers: Sequence[pfx.Layer], x: FloatArray, rel: float = 1e-7) 
     return False
 
 
-def _hold_basis(jac: FloatArray, rows: Sequence[int], extra: FloatArray | None = None) -> FloatArray:
-    """Orthonormal basis of the gradients of the pre-activations ``rows`` (and the gradient or
-    gradients ``extra``)."""
-    parts = [jac[list(rows)]] if len(rows) else []
-    if extra is not None:
-        parts.append(np.atleast_2d(extra))
-    if not parts:
-        return np.zeros((jac.shape[1], 0))
-    B = np.concatenate(parts)
-    Q, R = np.linalg.qr(B.T)
+def _basis(B: FloatArray | None, d: int) -> FloatArray:
+    """Orthonormal basis (``d x r``) of the span of the rows of ``B`` (none when ``B`` is None)."""
+    if B is None:
+        return np.zeros((d, 0))
+    Q, R = np.linalg.qr(np.atleast_2d(B).T)
     keep = np.abs(np.diag(R)) > 1e-12 * (float(np.max(np.abs(R))) + 1e-300)
     out: FloatArray = Q[:, keep]
     return out
@@ -77,7 +73,7 @@ def _greedy_hold(
     gradients (and of ``extra``) keeps at least ``keep`` of its length. Returns an orthonormal basis of
     that span and the coordinates held (one Gram-Schmidt step per coordinate, twice for stability,
     rather than a factorisation per coordinate: behind 512 known neurons a walk holds hundreds)."""
-    Q = _hold_basis(jac, [], extra)
+    Q = _basis(extra, jac.shape[1])
     r = g - Q @ (Q.T @ g)
     floor = keep * float(np.linalg.norm(g))
     held: list[int] = []
@@ -157,9 +153,10 @@ def _walk(
                 return p + to_switch * step_dir, step_dir
             # just past the switch, but not past the next boundary (the step is linear)
             return p + (to_switch + min(1e-3 * scale, 0.5 * (lim - to_switch))) * step_dir, step_dir
-        if zm > 0.0 and hit[0] == len(jacs) - 1 and hit[1] in held_set and Zs[-1][0, hit[1]] < 0.0:
-            # past the switch, another unknown coordinate would switch on next: stop short of it
-            return p + 0.5 * lim * step_dir, step_dir
+        if zm + lim * rate > 0.0 and hit[0] == len(jacs) - 1 and hit[1] in held_set and Zs[-1][0, hit[1]] < 0.0:
+            # m is on before the next boundary, where another unknown coordinate would switch on: stop
+            # between the two
+            return p + 0.5 * (max(0.0, -zm / rate) + lim) * step_dir, step_dir
         if not np.isfinite(lim) or lim > 4.0 * scale:
             return None
         if hit in crossed and lim <= 1e-6 * scale:
@@ -186,24 +183,25 @@ def _bracket_kink(query: QueryFn, p: FloatArray, n: FloatArray, t0: float, delta
 def _probe(
     query: QueryFn, layers: Sequence[pfx.Layer], w: FloatArray, b: float, m: int, c: float, p: FloatArray,
     scale: float,
-) -> tuple[float, FloatArray | None]:
+) -> tuple[float, FloatArray | None, int]:
     """The kink the row with ``w_m = c`` predicts on the normal through ``p``, looked for with 6 queries:
-    its miss relative to the bracket (inf when no single kink is in it) and the layer input there."""
+    its miss relative to the bracket (inf when no single kink is in it), the layer input there, and the
+    queries asked (0 when the row predicts no kink there)."""
     wc = w.copy()
     wc[m] = c
     n2 = pfx.unit_normal(layers, wc, p)
     if n2 is None:
-        return np.inf, None
+        return np.inf, None, 0
     t2 = root_on_line(layers, wc, b, p, n2)
     if t2 is None:
-        return np.inf, None
+        return np.inf, None, 0
     dist = pfx.boundary_distance(layers, p + t2 * n2)
     delta = min(0.25 * dist, 1e-3 * scale)
     tk = _bracket_kink(query, p, n2, t2, delta)
     if tk is None:
-        return np.inf, None
+        return np.inf, None, 6
     _, H = pfx.forward(layers, (p + tk * n2)[None, :])
-    return abs(tk - t2) / delta, H[0]
+    return abs(tk - t2) / delta, H[0], 6
 
 
 def _cross_normal(layers: Sequence[pfx.Layer], w: FloatArray, p: FloatArray, m: int, hold: Sequence[int],
@@ -225,8 +223,9 @@ def _candidates(
     query: QueryFn, layers: Sequence[pfx.Layer], w: FloatArray, b: float, m: int, others: np.ndarray,
     p1: FloatArray, n1: FloatArray, scale: float, n_grid: int, rel_tol: float, max_candidates: int,
 ) -> tuple[list[float], int]:
-    """Weights ``w_m`` read from the kinks nearest ``p1`` on a segment across the boundary along ``n1``
-    that are no known neuron's and where ``m`` is on and every other unknown coordinate off."""
+    """Weights ``w_m`` read from the kinks nearest the estimated crossing on a segment through ``p1``
+    along ``n1`` that are no known neuron's and where ``m`` is on and every other unknown coordinate
+    off."""
     t0 = root_on_line(layers, w, b, p1, n1)
     if t0 is None:
         return [], 0
@@ -255,11 +254,13 @@ def _confirmed(
     queries = 0
     best, best_err = None, np.inf
     for c in cands:
-        # the farthest probe first (largest h_m); a probe whose bracket shows no single kink is skipped
+        # the farthest probe first (largest h_m); a probe whose bracket shows no single kink, or one where
+        # the coordinate is off, is passed over for the next nearer one
+        miss, h_k, i = np.inf, None, -1
         for i in range(len(probes) - 1, -1, -1):
-            miss, h_k = _probe(query, layers, w, b, m, c, probes[i], scale)
-            queries += 6
-            if h_k is not None:
+            miss, h_k, q = _probe(query, layers, w, b, m, c, probes[i], scale)
+            queries += q
+            if h_k is not None and h_k[m] > 0:
                 break
         if h_k is None or h_k[m] <= 0:
             continue  # the kink is where the coordinate is off: it cannot tell one weight from another
@@ -267,7 +268,7 @@ def _confirmed(
             best, best_err = c, miss
         if miss <= 1e-6:
             return c, miss, queries
-        if i == 0 or np.any(h_k[others] > 0):
+        if i <= 0 or np.any(h_k[others] > 0):
             continue
         # The first estimate comes from near the switch, where h_m may be small and divide the row's own
         # error; the probe's kink, further on, gives a sharper one. It must then predict the kink at a
@@ -276,8 +277,8 @@ def _confirmed(
         if abs(c2 - c) > 1e-2 * (abs(c) + 1e-12 * float(np.linalg.norm(w))):
             continue  # a different neuron's kink
         for k in range(i - 1, -1, -1):
-            miss2, h2 = _probe(query, layers, w, b, m, c2, probes[k], scale)
-            queries += 6
+            miss2, h2, q = _probe(query, layers, w, b, m, c2, probes[k], scale)
+            queries += q
             if h2 is None or h2[m] <= 0:
                 continue
             if miss2 <= 1e-4:
@@ -327,7 +328,7 @@ def complete_row(
     red = pfx.input_space(layers)
     for m in (int(i) for i in np.flatnonzero(~cov)):
         done = False
-        reason = "no anchor from which the coordinate could be switched on along the boundary"
+        why: list[str] = []  # what stopped each level, in the order tried
         others = ~cov  # the unknown coordinates other than m
         others[m] = False
         hold = [int(k) for k in np.flatnonzero(others)]
@@ -337,18 +338,24 @@ def complete_row(
             Zx, _ = pfx.forward(layers, x[None, :])
             on_x = Zx[-1][0][Zx[-1][0] > 0]
             typical = float(np.median(on_x)) if on_x.size else 0.0
-            for level in levels:
-                walked = _walk(layers, x, w, m, hold, scale, level * typical, red=red)
+            ends: list[FloatArray] = []
+            for target in sorted({level * typical for level in levels}, reverse=True):
+                walked = _walk(layers, x, w, m, hold, scale, target, red=red)
                 if walked is None:
+                    why.append("no walk switched the coordinate on along the boundary")
                     continue
                 p1, d = walked
+                if any(np.array_equal(p1, e) for e in ends):
+                    continue  # a walk stopped early ends where a higher target's did
+                ends.append(p1)
                 n1 = _cross_normal(layers, w, p1, m, hold, red)
                 if n1 is None:
+                    why.append("no direction across the boundary")
                     continue
                 cands, qn = _candidates(query, layers, w, b, m, others, p1, n1, scale, grid, rel_tol, max_candidates)
                 queries += qn
                 if not cands:
-                    reason = "no kink of an unknown neuron where the coordinate is on"
+                    why.append("no kink of an unknown neuron where the coordinate is on")
                     continue
                 # Confirm: further along, the completed row must predict a kink the oracle shows, at
                 # points past the switch where, of the unknown coordinates, only m is on
@@ -359,7 +366,7 @@ def complete_row(
                     if Hc[0][m] > 0 and not np.any(Hc[0][others] > 0):
                         probes.append(cand_p)
                 if not probes:
-                    reason = "no second point where only the coordinate is on"
+                    why.append("no second point where only the coordinate is on")
                     continue
                 best, best_err, qc = _confirmed(query, layers, w, b, m, others, cands, probes, scale)
                 queries += qc
@@ -369,10 +376,11 @@ def complete_row(
                     filled.append(m)
                     done = True
                     break
-                reason = f"no candidate weight predicted the confirming kink (best relative miss {best_err:.1e})"
+                why.append(f"no candidate weight predicted the confirming kink (best relative miss {best_err:.1e})")
             if done:
                 break
         if not done:
-            reasons[m] = reason
+            # each distinct reason once, the first (the highest level's) first
+            reasons[m] = "; ".join(dict.fromkeys(why)) or "no anchor where the row has a normal"
     log.debug("row completion: filled %s, left %s", filled, reasons)
     return Completion(w=w, b=float(b), coverage=cov, filled=tuple(filled), reasons=reasons, queries=queries)
