@@ -153,10 +153,11 @@ def _walk(
                 return p + to_switch * step_dir, step_dir
             # just past the switch, but not past the next boundary (the step is linear)
             return p + (to_switch + min(1e-3 * scale, 0.5 * (lim - to_switch))) * step_dir, step_dir
-        if zm + lim * rate > 0.0 and hit[0] == len(jacs) - 1 and hit[1] in held_set and Zs[-1][0, hit[1]] < 0.0:
-            # m is on before the next boundary, where another unknown coordinate would switch on: stop
-            # between the two
-            return p + 0.5 * (max(0.0, -zm / rate) + lim) * step_dir, step_dir
+        if zm > 0.0 and hit[0] == len(jacs) - 1 and hit[1] in held_set and Zs[-1][0, hit[1]] < 0.0:
+            # past the switch, another unknown coordinate would switch on next: stop short of it (a walk
+            # whose coordinate switches on within the step goes on; changing that was measured to turn a
+            # seed-sweep victim wrong, BENCHMARKS.md session 30)
+            return p + 0.5 * lim * step_dir, step_dir
         if not np.isfinite(lim) or lim > 4.0 * scale:
             return None
         if hit in crossed and lim <= 1e-6 * scale:
@@ -254,13 +255,13 @@ def _confirmed(
     queries = 0
     best, best_err = None, np.inf
     for c in cands:
-        # the farthest probe first (largest h_m); a probe whose bracket shows no single kink, or one where
-        # the coordinate is off, is passed over for the next nearer one
+        # the farthest probe first (largest h_m); a probe whose bracket shows no single kink is passed over
+        # for the next nearer one
         miss, h_k, i = np.inf, None, -1
         for i in range(len(probes) - 1, -1, -1):
             miss, h_k, q = _probe(query, layers, w, b, m, c, probes[i], scale)
             queries += q
-            if h_k is not None and h_k[m] > 0:
+            if h_k is not None:
                 break
         if h_k is None or h_k[m] <= 0:
             continue  # the kink is where the coordinate is off: it cannot tell one weight from another
@@ -338,16 +339,12 @@ def complete_row(
             Zx, _ = pfx.forward(layers, x[None, :])
             on_x = Zx[-1][0][Zx[-1][0] > 0]
             typical = float(np.median(on_x)) if on_x.size else 0.0
-            ends: list[FloatArray] = []
-            for target in sorted({level * typical for level in levels}, reverse=True):
-                walked = _walk(layers, x, w, m, hold, scale, target, red=red)
+            for level in levels:
+                walked = _walk(layers, x, w, m, hold, scale, level * typical, red=red)
                 if walked is None:
                     why.append("no walk switched the coordinate on along the boundary")
                     continue
                 p1, d = walked
-                if any(np.array_equal(p1, e) for e in ends):
-                    continue  # a walk stopped early ends where a higher target's did
-                ends.append(p1)
                 n1 = _cross_normal(layers, w, p1, m, hold, red)
                 if n1 is None:
                     why.append("no direction across the boundary")
