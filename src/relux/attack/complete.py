@@ -68,28 +68,25 @@ def _basis(B: FloatArray | None, d: int) -> FloatArray:
 
 def _greedy_hold(
     jac: FloatArray, order: Sequence[int], g: FloatArray, extra: FloatArray | None = None, keep: float = 0.2
-) -> tuple[FloatArray, list[int]]:
+) -> FloatArray:
     """Hold the pre-activations ``order``, in turn, while the part of ``g`` outside the span of their
     gradients (and of ``extra``) keeps at least ``keep`` of its length. Returns an orthonormal basis of
-    that span and the coordinates held (one Gram-Schmidt step per coordinate, twice for stability,
-    rather than a factorisation per coordinate: behind 512 known neurons a walk holds hundreds)."""
+    that span (one Gram-Schmidt step per coordinate, twice for stability, rather than a factorisation
+    per coordinate: behind 512 known neurons a walk holds hundreds)."""
     Q = _basis(extra, jac.shape[1])
     r = g - Q @ (Q.T @ g)
     floor = keep * float(np.linalg.norm(g))
-    held: list[int] = []
     for k in order:
         v = jac[k] - Q @ (Q.T @ jac[k])
         v = v - Q @ (Q.T @ v)
         nv = float(np.linalg.norm(v))
         if nv <= 1e-12 * float(np.linalg.norm(jac[k])):
-            held.append(k)  # in the span already: held for free
-            continue
+            continue  # in the span already: held for free
         u = v / nv
         r2 = r - u * float(u @ r)
         if float(np.linalg.norm(r2)) >= floor:
             Q, r = np.column_stack([Q, u]), r2
-            held.append(k)
-    return Q, held
+    return Q
 
 
 def _walk(
@@ -124,7 +121,7 @@ def _walk(
         Zs, _ = pfx.forward(layers, p[None, :])
         g = jacs[-1][m]
         # Hold the unknown coordinates closest to switching on, as many as the control space allows.
-        Q, _ = _greedy_hold(jacs[-1], sorted(hold, key=lambda k: abs(float(Zs[-1][0, k]))), g, extra)
+        Q = _greedy_hold(jacs[-1], sorted(hold, key=lambda k: abs(float(Zs[-1][0, k]))), g, extra)
         d = g - Q @ (Q.T @ g)
         nd = float(np.linalg.norm(d))
         if nd <= 1e-9 * float(np.linalg.norm(g)):
@@ -212,7 +209,7 @@ def _cross_normal(layers: Sequence[pfx.Layer], w: FloatArray, p: FloatArray, m: 
     ``red`` as for :func:`_walk`."""
     M, jacs = pfx.jacobian(layers, p, None if red is None else red[1])
     n0 = w @ M
-    Q, _ = _greedy_hold(jacs[-1], [m, *hold], n0)
+    Q = _greedy_hold(jacs[-1], [m, *hold], n0)
     n1 = n0 - Q @ (Q.T @ n0)
     if red is not None:
         n1 = n1 @ red[0]
@@ -327,18 +324,18 @@ def complete_row(
     queries = 0
     grid = max(16, n_grid // 8)
     red = pfx.input_space(layers)
+    # each anchor's typical on value of the layer input (the walks' levels are shares of it)
+    Z_anchor = [pfx.forward(layers, x[None, :])[0][-1][0] for x in anchors[:max_anchors]]
+    typicals = [float(np.median(z[z > 0])) if np.any(z > 0) else 0.0 for z in Z_anchor]
     for m in (int(i) for i in np.flatnonzero(~cov)):
         done = False
         why: list[str] = []  # what stopped each level, in the order tried
         others = ~cov  # the unknown coordinates other than m
         others[m] = False
         hold = [int(k) for k in np.flatnonzero(others)]
-        for x in anchors[:max_anchors]:
+        for x, typical in zip(anchors[:max_anchors], typicals, strict=True):
             if pfx.unit_normal(layers, w, x) is None:
                 continue
-            Zx, _ = pfx.forward(layers, x[None, :])
-            on_x = Zx[-1][0][Zx[-1][0] > 0]
-            typical = float(np.median(on_x)) if on_x.size else 0.0
             for level in levels:
                 walked = _walk(layers, x, w, m, hold, scale, level * typical, red=red)
                 if walked is None:
