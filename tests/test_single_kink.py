@@ -1,0 +1,84 @@
+"""The one-query check that a bracket held a single kink (:func:`relux.attack.polish.single_kink`)."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relux.attack.polish import KINK_CHECK, OFFSETS, bracket_kink, kink_checks, single_kink
+
+HALF = 1.0  # the bracket's half-width: the samples sit at HALF * OFFSETS
+
+
+def _f(t: np.ndarray, base: np.ndarray, slope: np.ndarray, kinks: list[tuple[float, np.ndarray]]) -> np.ndarray:
+    """A piecewise-linear function of ``t`` with vector values: ``base + slope t + sum_k j_k relu(t - a_k)``."""
+    t = np.atleast_1d(np.asarray(t, dtype=float))
+    y = base[None, :] + t[:, None] * slope[None, :]
+    for a, j in kinks:
+        y = y + np.maximum(t - a, 0.0)[:, None] * j[None, :]
+    return y
+
+
+def _vec(draw: st.DrawFn, k: int, lo: float, hi: float) -> np.ndarray:
+    """A vector of ``k`` entries of magnitude in ``[lo, hi]`` with random signs."""
+    mags = draw(st.lists(st.floats(lo, hi), min_size=k, max_size=k))
+    signs = draw(st.lists(st.sampled_from([-1.0, 1.0]), min_size=k, max_size=k))
+    return np.array(mags) * np.array(signs)
+
+
+@st.composite
+def _pieces(draw: st.DrawFn, n_kinks: int) -> tuple[np.ndarray, np.ndarray, list[tuple[float, np.ndarray]]]:
+    k = draw(st.integers(1, 4))
+    base, slope = _vec(draw, k, 0.1, 10.0), _vec(draw, k, 0.0, 10.0)
+    # the kinks inside the middle interval (-0.3, 0.3), where the six samples cannot see them
+    kinks = [(draw(st.floats(-0.29, 0.29)), _vec(draw, k, 1e-2, 10.0)) for _ in range(n_kinks)]
+    return base, slope, kinks
+
+
+@settings(max_examples=200, deadline=None)
+@given(_pieces(1))
+def test_one_kink_is_accepted_where_it_is(case: tuple[np.ndarray, np.ndarray, list[tuple[float, np.ndarray]]]) -> None:
+    base, slope, kinks = case
+    T = HALF * np.asarray(OFFSETS)
+    t, why = bracket_kink(T, _f(T, base, slope, kinks))
+    assert why == "kink" and t is not None
+    # the two side lines meet at the kink up to rounding: jumps of at least 1e-2 against values of at
+    # most about 50 place it to well within 1e-9 of the bracket
+    assert abs(t - kinks[0][0]) <= 1e-9 * HALF
+    assert single_kink(T, _f(T, base, slope, kinks), t, _f(kink_checks(T, t), base, slope, kinks))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_pieces(2))
+def test_two_kinks_are_rejected_or_the_point_is_on_one(
+    case: tuple[np.ndarray, np.ndarray, list[tuple[float, np.ndarray]]],
+) -> None:
+    """Accepted only where the point found lies within about ``KINK_CHECK`` of the bracket of one of
+    the two kinks: between them ``f`` is off both lines by the distance to the nearer one (scalar
+    case: between half and all of it) times a slope change; outside them the side away from them is
+    off its line by the gap to the check point times the slope change."""
+    base, slope, kinks = case
+    T = HALF * np.asarray(OFFSETS)
+    Y = _f(T, base, slope, kinks)
+    t, why = bracket_kink(T, Y)
+    if t is None:
+        return
+    rel = 1e-7
+    if single_kink(T, Y, t, _f(kink_checks(T, t), base, slope, kinks), rel=rel):
+        near = min(abs(t - a) for a, _ in kinks)
+        # twice the check points' gap (a kink between the point and a check point is not seen), or 4 rel
+        # (the vector case reads the distance through the jumps' angle); 1e-12: rounding of values up
+        # to about 50
+        assert near <= max(2 * KINK_CHECK, 4 * rel) * HALF + 1e-12
+
+
+def test_two_kinks_apart_are_rejected() -> None:
+    """The case seen behind the CIFAR victim's first layer: two kinks a fifth of the bracket apart."""
+    T = HALF * np.asarray(OFFSETS)
+    base, slope = np.array([1.0, -2.0]), np.array([0.5, 0.25])
+    kinks = [(-0.19, np.array([0.3, -0.1])), (0.02, np.array([-0.2, 0.4]))]
+    Y = _f(T, base, slope, kinks)
+    t, why = bracket_kink(T, Y)
+    assert why == "kink" and t is not None
+    assert not single_kink(T, Y, t, _f(kink_checks(T, t), base, slope, kinks))
