@@ -196,53 +196,71 @@ def boundary_points(
         return np.zeros((0, anchors.shape[1])), 0
     P = bases[0]
     N = np.concatenate(normals)
-    T = np.concatenate(ts)[:, None] + np.concatenate(deltas)[:, None] * np.asarray(OFFSETS)[None, :]  # (n, 6)
+    T = np.concatenate(ts)[:, None] + np.concatenate(deltas)[:, None] * np.asarray(SIDE_OFFSETS)[None, :]  # (n, 4)
     X = P[:, None, :] + T[:, :, None] * N[:, None, :]
-    Y = query(X.reshape(-1, X.shape[2])).reshape(X.shape[0], 6, -1)
-    found = [(i, t) for i in range(X.shape[0]) if (t := kink_in_bracket(T[i], Y[i])) is not None]
+    Y = query(X.reshape(-1, X.shape[2])).reshape(X.shape[0], T.shape[1], -1)
+    found = [(i, t) for i in range(X.shape[0]) if (t := side_kink(T[i], Y[i])) is not None]
     if not found:
-        return np.zeros((0, anchors.shape[1])), int(X.shape[0] * 6)
-    # two more queries at each kink: a second kink inside the bracket's middle would have placed it off
-    # the boundary with both sides still affine (single_kink)
+        return np.zeros((0, anchors.shape[1])), int(X.shape[0] * T.shape[1])
+    # two more queries beside each kink: another kink anywhere in the bracket (single_kink)
     C = np.concatenate([P[i] + kink_checks(T[i], t)[:, None] * N[i] for i, t in found])
     Yc = query(C).reshape(len(found), 2, -1)
     ok = np.array([single_kink(T[i], Y[i], t, Yc[n]) for n, (i, t) in enumerate(found)], dtype=bool)
     K = np.stack([P[i] + t * N[i] for i, t in found])
-    return K[ok], int(X.shape[0] * 6 + C.shape[0])
+    return K[ok], int(X.shape[0] * T.shape[1] + C.shape[0])
 
 
-#: The two points that check a kink found in a bracket (:func:`single_kink`) sit this far on either side
-#: of it, in units of the bracket's half-width.
+#: Where :func:`boundary_points` samples ``f`` across a predicted boundary, in units of the half-width:
+#: two points a side give each side's line (:func:`side_kink`), and two more beside the kink they place
+#: check it (:func:`single_kink`): six queries a point, as :data:`OFFSETS`, and a second kink anywhere
+#: in the bracket is seen.
+SIDE_OFFSETS = (-1.0, -0.3, 0.3, 1.0)
+#: The two points that check a kink sit this far on either side of it, in units of the half-width.
 KINK_CHECK = 1e-6
 
 
+def side_kink(T: FloatArray, Y: FloatArray) -> float | None:
+    """Where the line through the first two samples meets the line through the last two (``T`` at
+    :data:`SIDE_OFFSETS` times the half-width, values ``Y``), when that is between the middle two and
+    the slopes differ (else None: no kink, or another one spoils a side)."""
+    sl = (Y[1] - Y[0]) / (T[1] - T[0])
+    sr = (Y[3] - Y[2]) / (T[3] - T[2])
+    ds = sr - sl
+    den = float(ds @ ds)
+    if den <= (1e-6 * float(np.max(np.abs(np.concatenate([sl, sr])))) + 1e-300) ** 2:
+        return None
+    t = float((Y[0] - Y[2] - sl * T[0] + sr * T[2]) @ ds) / den
+    return t if T[1] < t < T[2] else None
+
+
 def kink_checks(T: FloatArray, t: float) -> FloatArray:
-    """Where to query ``f`` to check the kink at ``t`` found from the six samples at ``T``: just left
-    and just right of it (:data:`KINK_CHECK`)."""
+    """Where to query ``f`` to check the kink at ``t`` found from samples at ``T``: just left and just
+    right of it (:data:`KINK_CHECK`)."""
     gap = KINK_CHECK * 0.5 * float(T[-1] - T[0])
     return np.array([t - gap, t + gap])
 
 
 def single_kink(T: FloatArray, Y: FloatArray, t: float, y_check: FloatArray, rel: float = 1e-7) -> bool:
     """Whether ``f`` at :func:`kink_checks` (``y_check``, two rows) lies on the left side's line just
-    left of ``t`` and on the right side's line just right of it, as it does at a single kink.
+    left of ``t`` and on the right side's line just right of it, as it does at a single kink. Each
+    side's line runs through its outermost and innermost samples (the first and last half of ``T``).
 
-    Two kinks inside the middle interval leave both sides affine, and their lines meet where ``f``
-    follows neither: between the kinks it follows the piece in between (off both lines by about
-    the first kink's slope change times the distance to it); outside them, the nearer side's piece,
-    on one line but with the other line's slope wrong. Accepted when ``f`` is off by at most ``rel``
-    of the bracket's half-width times the slope change (or rounding of ``f``'s size): then ``t`` is
-    within about ``KINK_CHECK`` of the half-width of a kink. Behind the CIFAR-scale trained victim's
-    first layer, 6% of a layer-2 row's boundary points had a second kink within the middle interval,
-    1e-7 to 3e-6 (relative) off the boundary, and the fit through them failed (BENCHMARKS.md,
-    session 31)."""
-    tl, tr = T[:3], T[3:]
-    Yl, Yr = Y[:3], Y[3:]
-    sl = (Yl[2] - Yl[0]) / (tl[2] - tl[0])
-    sr = (Yr[2] - Yr[0]) / (tr[2] - tr[0])
+    With another kink inside the bracket the lines meet where ``f`` follows neither: between the two
+    kinks it follows the piece in between (off both lines by about the first kink's slope change
+    times the distance to it); outside them, the nearer side's piece, on one line but with the other
+    line's slope wrong; with a kink between a side's samples, that side's line is a chord, off the
+    piece next to ``t``. Accepted when ``f`` is off by at most ``rel`` of the bracket's half-width
+    times the slope change (or rounding of ``f``'s size): then ``t`` is within about ``KINK_CHECK``
+    of the half-width of a kink. Behind the CIFAR-scale trained victim's first layer, 6% of a layer-2
+    row's boundary points had a second kink within the middle of a six-point bracket (which sees
+    only kinks beside it), 1e-7 to 3e-6 (relative) off the boundary, and the fit through them failed
+    (BENCHMARKS.md, session 31)."""
+    h = T.size // 2
+    sl = (Y[h - 1] - Y[0]) / (T[h - 1] - T[0])
+    sr = (Y[-1] - Y[h]) / (T[-1] - T[h])
     tc = kink_checks(T, t)
-    off = max(float(np.linalg.norm(y_check[0] - (Yl[0] + sl * (tc[0] - tl[0])))),
-              float(np.linalg.norm(y_check[1] - (Yr[0] + sr * (tc[1] - tr[0])))))
+    off = max(float(np.linalg.norm(y_check[0] - (Y[0] + sl * (tc[0] - T[0])))),
+              float(np.linalg.norm(y_check[1] - (Y[h] + sr * (tc[1] - T[h])))))
     half = 0.5 * float(T[-1] - T[0])
     eps = float(np.finfo(float).eps)
     floor = 64.0 * eps * (float(np.max(np.abs(Y))) + float(np.max(np.abs(y_check)))) + 1e-300
