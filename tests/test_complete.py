@@ -6,7 +6,7 @@ import numpy as np
 from test_boundary_points import _boundary_point
 
 from relux.attack import prefix as pfx
-from relux.attack.complete import _walk, complete_row
+from relux.attack.complete import _prefix_kink, _walk, complete_row
 from relux.model import MLP
 from relux.oracle import MLPOracle
 from relux.zoo import random_mlp
@@ -86,3 +86,24 @@ def test_walks_in_the_first_layers_row_space_end_where_full_ones_do() -> None:
             assert np.max(np.abs(full[0] - reduced[0])) <= 1e-9 * scale
             compared += 1
     assert compared >= 1
+
+
+def test_a_kink_is_a_known_neurons_only_where_one_crosses_the_line_there() -> None:
+    """A line through a point of a known boundary that runs nearly inside it (at an angle of 1e-6):
+    the point itself is that neuron's kink, but a point 1e-2 along is 1e-8 from the boundary across
+    and 1e-2 from where the neuron crosses the line, so a kink there is not that neuron's."""
+    rng = np.random.default_rng(0)
+    W, b = rng.normal(size=(4, 6)), rng.normal(size=4)
+    layers = [(W, b)]
+    x = rng.normal(size=6)
+    x = x - (W[0] @ x + b[0]) / float(W[0] @ W[0]) * W[0]  # on neuron 0's boundary
+    g = W[0] / np.linalg.norm(W[0])
+    t = rng.normal(size=6)
+    t -= (t @ g) * g
+    n = t / np.linalg.norm(t) + 1e-6 * g
+    n /= np.linalg.norm(n)
+    assert _prefix_kink(layers, x, n)
+    y = x + 1e-2 * n
+    assert not _prefix_kink(layers, y, n)
+    # across the boundary the point is within 1e-7 (|y| + 1) of it: the test across would flag it
+    assert abs(W[0] @ y + b[0]) <= 1e-7 * (np.linalg.norm(y) + 1.0) * np.linalg.norm(W[0])
