@@ -107,3 +107,22 @@ def test_a_kink_is_a_known_neurons_only_where_one_crosses_the_line_there() -> No
     assert not _prefix_kink(layers, y, n)
     # across the boundary the point is within 1e-7 (|y| + 1) of it: the test across would flag it
     assert abs(W[0] @ y + b[0]) <= 1e-7 * (np.linalg.norm(y) + 1.0) * np.linalg.norm(W[0])
+
+
+def test_a_kink_of_a_slightly_wrong_known_neuron_is_still_its_own() -> None:
+    """The known row off by 1e-9 (as extracted rows are), the line crossing its boundary at an angle of
+    1e-4: the true kink, on the true boundary, is 1e-5 along the line from the extracted boundary's
+    crossing, yet it is still taken for that neuron's (it lies within the extraction's precision of
+    the extracted boundary, across)."""
+    rng = np.random.default_rng(1)
+    W, b = rng.normal(size=(4, 6)), rng.normal(size=4)
+    x = rng.normal(size=6)
+    x = x - (W[0] @ x + b[0]) / float(W[0] @ W[0]) * W[0]  # on the true boundary of neuron 0
+    g = W[0] / np.linalg.norm(W[0])
+    t = rng.normal(size=6)
+    t -= (t @ g) * g
+    n = t / np.linalg.norm(t) + 1e-4 * g
+    n /= np.linalg.norm(n)
+    W_ext = W.copy()
+    W_ext[0] += 1e-9 * np.linalg.norm(W[0]) * rng.normal(size=6) / np.sqrt(6)
+    assert _prefix_kink([(W_ext, b)], x, n)

@@ -5,9 +5,10 @@ A neuron of layer ``i`` switches where ``w·h(x) + b = 0``, with ``h`` the known
 point found exactly on that boundary is one linear equation on ``(w, b)``. Points are taken near
 known witnesses, spread along the boundary so that the prefix's active pattern varies; each is
 located by intersecting the two affine pieces of ``f`` on a short segment across the estimated
-boundary (three points a side, so that a segment that also crosses another boundary is detected
-and dropped). The row is then the null vector of the stacked ``[h, 1]``, with outlying points
-removed. No gradient is measured, so the precision is that of ``f`` itself.
+boundary (two points a side, then two more just beside the kink they place, so that a segment
+that also crosses another boundary is detected and dropped). The row is then the null vector of
+the stacked ``[h, 1]``, with outlying points removed. No gradient is measured, so the precision is
+that of ``f`` itself.
 """
 
 from __future__ import annotations
@@ -205,26 +206,42 @@ def boundary_points(
     # two more queries beside each kink: another kink anywhere in the bracket (single_kink)
     C = np.concatenate([P[i] + kink_checks(T[i], t)[:, None] * N[i] for i, t in found])
     Yc = query(C).reshape(len(found), 2, -1)
-    ok = np.array([single_kink(T[i], Y[i], t, Yc[n]) for n, (i, t) in enumerate(found)], dtype=bool)
+    # rounding goes with the size of f over all the brackets, not at one where f nearly cancels
+    f_scale = float(np.max(np.abs(Y)))
+    ok = np.array([single_kink(T[i], Y[i], t, Yc[n], f_scale=f_scale) for n, (i, t) in enumerate(found)], dtype=bool)
+    if not ok.all():
+        log.debug("boundary points: %d of %d kinks found had a second kink in their bracket", int((~ok).sum()), ok.size)
     K = np.stack([P[i] + t * N[i] for i, t in found])
     return K[ok], int(X.shape[0] * T.shape[1] + C.shape[0])
 
 
 #: Where :func:`boundary_points` samples ``f`` across a predicted boundary, in units of the half-width:
 #: two points a side give each side's line (:func:`side_kink`), and two more beside the kink they place
-#: check it (:func:`single_kink`): six queries a point, as :data:`OFFSETS`, and a second kink anywhere
-#: in the bracket is seen.
+#: check it (:func:`single_kink`): six queries a point found (four for a bracket with no kink), as
+#: many as :data:`OFFSETS` take, and a second kink anywhere in the bracket is seen unless it is within
+#: about ``KINK_CHECK`` of the half-width of the first, or too weak to rise above rounding.
 SIDE_OFFSETS = (-1.0, -0.3, 0.3, 1.0)
-#: The two points that check a kink sit this far on either side of it, in units of the half-width.
+#: The two points that check a kink sit this far on either side of it, in units of the half-width
+#: (ten times :func:`single_kink`'s default ``rel``: a check point past a second kink is then off its
+#: line by ten times the tolerance).
 KINK_CHECK = 1e-6
+
+
+def _side_slopes(T: FloatArray, Y: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """The slopes of the lines through the first half of the samples ``(T, Y)`` (outermost and
+    innermost) and through the second half."""
+    h = T.size // 2
+    return (Y[h - 1] - Y[0]) / (T[h - 1] - T[0]), (Y[-1] - Y[h]) / (T[-1] - T[h])
 
 
 def side_kink(T: FloatArray, Y: FloatArray) -> float | None:
     """Where the line through the first two samples meets the line through the last two (``T`` at
-    :data:`SIDE_OFFSETS` times the half-width, values ``Y``), when that is between the middle two and
-    the slopes differ (else None: no kink, or another one spoils a side)."""
-    sl = (Y[1] - Y[0]) / (T[1] - T[0])
-    sr = (Y[3] - Y[2]) / (T[3] - T[2])
+    :data:`SIDE_OFFSETS` times the half-width about a centre, values ``Y``), when that is between the
+    middle two and the slopes differ (else None: no kink, another one spoils a side, or a bracket too
+    narrow for float64 to order its samples)."""
+    if not bool(np.all(np.diff(T) > 0)):
+        return None
+    sl, sr = _side_slopes(T, Y)
     ds = sr - sl
     den = float(ds @ ds)
     if den <= (1e-6 * float(np.max(np.abs(np.concatenate([sl, sr])))) + 1e-300) ** 2:
@@ -240,7 +257,9 @@ def kink_checks(T: FloatArray, t: float) -> FloatArray:
     return np.array([t - gap, t + gap])
 
 
-def single_kink(T: FloatArray, Y: FloatArray, t: float, y_check: FloatArray, rel: float = 1e-7) -> bool:
+def single_kink(
+    T: FloatArray, Y: FloatArray, t: float, y_check: FloatArray, rel: float = 1e-7, f_scale: float | None = None,
+) -> bool:
     """Whether ``f`` at :func:`kink_checks` (``y_check``, two rows) lies on the left side's line just
     left of ``t`` and on the right side's line just right of it, as it does at a single kink. Each
     side's line runs through its outermost and innermost samples (the first and last half of ``T``).
@@ -250,20 +269,26 @@ def single_kink(T: FloatArray, Y: FloatArray, t: float, y_check: FloatArray, rel
     times the distance to it); outside them, the nearer side's piece, on one line but with the other
     line's slope wrong; with a kink between a side's samples, that side's line is a chord, off the
     piece next to ``t``. Accepted when ``f`` is off by at most ``rel`` of the bracket's half-width
-    times the slope change (or rounding of ``f``'s size): then ``t`` is within about ``KINK_CHECK``
-    of the half-width of a kink. Behind the CIFAR-scale trained victim's first layer, 6% of a layer-2
-    row's boundary points had a second kink within the middle of a six-point bracket (which sees
-    only kinks beside it), 1e-7 to 3e-6 (relative) off the boundary, and the fit through them failed
-    (BENCHMARKS.md, session 31)."""
+    times the slope change, plus rounding: 64 eps of ``f_scale`` (the size of ``f`` where the
+    network's sums are formed; by default the largest ``|f|`` in these samples, too small where ``f``
+    nearly cancels: :func:`boundary_points` passes the largest over all its brackets) and of the
+    slopes times the position along the line. An accepted ``t`` is then within ``KINK_CHECK + rel``
+    of the half-width of a kink, plus the rounding over the slope change. Behind the CIFAR-scale
+    trained victim's first layer, 6% of a layer-2 row's boundary points had a second kink within the
+    middle of a six-point bracket (which sees only kinks beside it), 1e-7 to 3e-6 (relative) off the
+    boundary, and the fit through them failed (BENCHMARKS.md, session 31)."""
     h = T.size // 2
-    sl = (Y[h - 1] - Y[0]) / (T[h - 1] - T[0])
-    sr = (Y[-1] - Y[h]) / (T[-1] - T[h])
+    sl, sr = _side_slopes(T, Y)
     tc = kink_checks(T, t)
     off = max(float(np.linalg.norm(y_check[0] - (Y[0] + sl * (tc[0] - T[0])))),
               float(np.linalg.norm(y_check[1] - (Y[h] + sr * (tc[1] - T[h])))))
     half = 0.5 * float(T[-1] - T[0])
     eps = float(np.finfo(float).eps)
-    floor = 64.0 * eps * (float(np.max(np.abs(Y))) + float(np.max(np.abs(y_check)))) + 1e-300
+    size = max(float(np.max(np.abs(Y))), float(np.max(np.abs(y_check))))
+    if f_scale is not None:
+        size = max(size, f_scale)
+    along = float(np.max(np.abs(T))) * (float(np.linalg.norm(sl)) + float(np.linalg.norm(sr)))
+    floor = 64.0 * eps * (size + along) + 1e-300
     return off <= rel * half * float(np.linalg.norm(sr - sl)) + floor
 
 
