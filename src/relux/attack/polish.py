@@ -235,19 +235,21 @@ def _side_slopes(T: FloatArray, Y: FloatArray) -> tuple[FloatArray, FloatArray]:
 
 
 def side_kink(T: FloatArray, Y: FloatArray) -> float | None:
-    """Where the line through the first two samples meets the line through the last two (``T`` at
-    :data:`SIDE_OFFSETS` times the half-width about a centre, values ``Y``), when that is between the
-    middle two and the slopes differ (else None: no kink, another one spoils a side, or a bracket too
+    """Where the line through the first half of the samples meets the line through the second half
+    (``T`` at :data:`SIDE_OFFSETS` times the half-width about a centre, values ``Y``), when that is
+    between the middle two and the slopes differ (else None: no kink, another one spoils a side, or a bracket too
     narrow for float64 to order its samples)."""
     if not bool(np.all(np.diff(T) > 0)):
         return None
+    h = T.size // 2
     sl, sr = _side_slopes(T, Y)
     ds = sr - sl
     den = float(ds @ ds)
     if den <= (1e-6 * float(np.max(np.abs(np.concatenate([sl, sr])))) + 1e-300) ** 2:
         return None
-    t = float((Y[0] - Y[2] - sl * T[0] + sr * T[2]) @ ds) / den
-    return t if T[1] < t < T[2] else None
+    # Y[0] + sl (t - T[0]) = Y[h] + sr (t - T[h]), in the least-squares sense over the outputs
+    t = float((Y[0] - Y[h] - sl * T[0] + sr * T[h]) @ ds) / den
+    return t if T[h - 1] < t < T[h] else None
 
 
 def kink_checks(T: FloatArray, t: float) -> FloatArray:
