@@ -123,25 +123,16 @@ def bracket_kink(T: FloatArray, Y: FloatArray) -> tuple[float | None, str]:
     float64), ``"bent"`` (a side not affine: another kink beside), ``"flat"`` (both sides affine with
     the same slope: no kink), ``"outside"`` (the sides' intersection off the middle interval), or
     ``"kink"``."""
-    tl, tr = T[:3], T[3:]
-    Yl, Yr = Y[:3], Y[3:]
-    if not (tl[0] < tl[1] < tl[2] < tr[0] < tr[1] < tr[2]):
+    if not bool(np.all(np.diff(T) > 0)):
         return None, "narrow"
-    sl = (Yl[2] - Yl[0]) / (tl[2] - tl[0])
-    sr = (Yr[2] - Yr[0]) / (tr[2] - tr[0])
+    sl, sr = _side_slopes(T, Y)
     scale_f = float(np.max(np.abs(Y))) + 1e-300
     # each side affine: the middle point on the chord (up to rounding)
-    devl = np.max(np.abs(Yl[1] - (Yl[0] + sl * (tl[1] - tl[0]))))
-    devr = np.max(np.abs(Yr[1] - (Yr[0] + sr * (tr[1] - tr[0]))))
+    devl = np.max(np.abs(Y[1] - (Y[0] + sl * (T[1] - T[0]))))
+    devr = np.max(np.abs(Y[4] - (Y[3] + sr * (T[4] - T[3]))))
     if max(devl, devr) > 1e-9 * scale_f:
         return None, "bent"
-    ds = sr - sl
-    den = float(ds @ ds)
-    if den <= (1e-6 * float(np.max(np.abs(np.concatenate([sl, sr])))) + 1e-300) ** 2:
-        return None, "flat"
-    # Yl0 + sl (t - tl0) = Yr0 + sr (t - tr0)
-    t = float((Yl[0] - Yr[0] - sl * tl[0] + sr * tr[0]) @ ds) / den
-    return (t, "kink") if tl[2] < t < tr[0] else (None, "outside")
+    return _lines_meet(T, Y, sl, sr)
 
 
 def boundary_points(
@@ -237,19 +228,26 @@ def _side_slopes(T: FloatArray, Y: FloatArray) -> tuple[FloatArray, FloatArray]:
 def side_kink(T: FloatArray, Y: FloatArray) -> float | None:
     """Where the line through the first half of the samples meets the line through the second half
     (``T`` at :data:`SIDE_OFFSETS` times the half-width about a centre, values ``Y``), when that is
-    between the middle two and the slopes differ (else None: no kink, another one spoils a side, or a bracket too
-    narrow for float64 to order its samples)."""
+    between the middle two and the slopes differ (else None: no kink, another one spoils a side, or
+    a bracket too narrow for float64 to order its samples; :func:`_lines_meet`)."""
     if not bool(np.all(np.diff(T) > 0)):
         return None
+    return _lines_meet(T, Y, *_side_slopes(T, Y))[0]
+
+
+def _lines_meet(T: FloatArray, Y: FloatArray, sl: FloatArray, sr: FloatArray) -> tuple[float | None, str]:
+    """Where the first half's line (through ``(T[0], Y[0])``, slope ``sl``) meets the second half's
+    (through ``(T[h], Y[h])``, slope ``sr``), in the least-squares sense over the outputs:
+    ``(t, "kink")`` when that is between the middle two samples, else ``(None, "flat")`` (the slopes
+    agree) or ``(None, "outside")``."""
     h = T.size // 2
-    sl, sr = _side_slopes(T, Y)
     ds = sr - sl
     den = float(ds @ ds)
     if den <= (1e-6 * float(np.max(np.abs(np.concatenate([sl, sr])))) + 1e-300) ** 2:
-        return None
-    # Y[0] + sl (t - T[0]) = Y[h] + sr (t - T[h]), in the least-squares sense over the outputs
+        return None, "flat"
+    # Y[0] + sl (t - T[0]) = Y[h] + sr (t - T[h])
     t = float((Y[0] - Y[h] - sl * T[0] + sr * T[h]) @ ds) / den
-    return t if T[h - 1] < t < T[h] else None
+    return (t, "kink") if T[h - 1] < t < T[h] else (None, "outside")
 
 
 def kink_checks(T: FloatArray, t: float) -> FloatArray:
