@@ -30,6 +30,7 @@ from relux.attack.result import LayerReport
 from relux.attack.witnesses import Candidate
 from relux.model import MLP
 from relux.oracle import CountingOracle, MLPOracle
+from relux.parallel import make_executor
 from relux.zoo import random_mlp
 
 
@@ -135,6 +136,23 @@ def test_facet_vertices_are_where_each_neuron_is_lowest_or_highest(seed: int, d:
     vals = inside @ W.T + b
     assert np.all(Z.min(axis=0) <= vals.min(axis=0, initial=np.inf) + 1e-9)
     assert np.all(Z.max(axis=0) >= vals.max(axis=0, initial=-np.inf) - 1e-9)
+
+
+def test_vertices_do_not_depend_on_the_workers() -> None:
+    # the linear programs are pure: split among two loky workers they give the same vertices and
+    # chords, bit for bit
+    for seed in range(40):
+        _, _, _, region = _one_layer_region(seed, 9)
+        if region is not None:
+            break
+    assert region is not None
+    with make_executor("loky", 2) as ex:
+        split = facet_vertices(region, 9, ex)
+        chords = active_lines(region, 6, 2.0, np.random.default_rng(1), d_last=9, facets=[0, 1, 2, 3], executor=ex)
+    np.testing.assert_array_equal(split, facet_vertices(region, 9))
+    alone = active_lines(region, 6, 2.0, np.random.default_rng(1), d_last=9, facets=[0, 1, 2, 3])
+    for a, b in ((chords.x0, alone.x0), (chords.u, alone.u), (chords.half, alone.half)):
+        np.testing.assert_array_equal(a, b)
 
 
 @settings(max_examples=20, deadline=None)

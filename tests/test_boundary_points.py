@@ -248,7 +248,7 @@ def test_suspect_coordinates_are_the_ones_the_points_avoid() -> None:
 @settings(max_examples=20, deadline=None)
 @given(st.integers(0, 2**32 - 1), st.booleans())
 def test_batched_prefix_geometry_matches_the_pointwise_one(seed: int, framed: bool) -> None:
-    """Normals, boundary distances and Newton roots for a batch equal the one-point functions: the
+    """Normals, boundary distances, safe steps and Newton roots for a batch equal the one-point functions: the
     same products in another order, so they agree to rounding (1e-12 relative is a wide margin)."""
     rng = np.random.default_rng(seed)
     victim = random_mlp((6, 9, 7, 4, 1), rng)
@@ -262,11 +262,20 @@ def test_batched_prefix_geometry_matches_the_pointwise_one(seed: int, framed: bo
         n_1 = pfx.unit_normal(layers, w, x)
         # a point where every path to the row is off has no normal: the batch gives zeros there
         assert np.allclose(n_b, 0.0 if n_1 is None else n_1, rtol=0, atol=1e-12)
-    d_b = pfx.boundary_distances(layers, X, chunk=5, first=first)
-    d_1 = np.array([pfx.boundary_distance(layers, x, first) for x in X])
+    # points beside others share their activation pattern, whose gradients are formed once
+    Xd = np.concatenate([X, X[:6] + 1e-7 * rng.normal(size=(6, 6))])
+    d_b = pfx.boundary_distances(layers, Xd, chunk=5, first=first)
+    d_1 = np.array([pfx.boundary_distance(layers, x, first) for x in Xd])
     # a pre-activation carries absolute rounding (a sum of products of order one), so distances agree
     # to rounding relative to the largest, not to each one near a boundary
     assert np.allclose(d_b, d_1, rtol=0, atol=1e-12 * float(np.max(d_1)))
+    B = rng.normal(size=(3, 4 if framed else 6))
+    s_b = pfx.safe_steps_many(layers, Xd, B, first)
+    s_1 = np.stack([pfx.safe_steps(layers, x, B, first) for x in Xd])
+    assert np.array_equal(np.isinf(s_b), np.isinf(s_1))
+    fin = np.isfinite(s_1)
+    # the same rounding of the pre-activations as the distances (a step is one divided by a rate)
+    assert np.allclose(s_b[fin], s_1[fin], rtol=0, atol=1e-12 * float(np.max(s_1[fin], initial=1.0)))
     t_b = _roots_on_lines(layers, w, b, X, N)
     for x, n, tb in zip(X, N, t_b, strict=True):
         t1 = root_on_line(layers, w, b, x, n)
@@ -380,3 +389,27 @@ def test_complete_unseen_reads_last_layer_weights_from_kinks() -> None:
     err = np.abs(Wg - W2) / np.linalg.norm(W2, axis=1, keepdims=True)
     assert float(err[got].max()) < 1e-8
     assert np.array_equal(Wg[cov], W2[cov]) and np.array_equal(bg, b2)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_line_distances_are_where_the_first_known_neuron_switches(seed: int) -> None:
+    """Inside a point's linear piece every pre-activation is affine along a line, so the distance is
+    exact: no known neuron switches strictly within it, and one does just beyond, on one side."""
+    rng = np.random.default_rng(seed)
+    layers = random_mlp((5, 7, 6, 4, 1), rng).layers[:3]
+    X = rng.normal(size=(12, 5))
+    N = rng.normal(size=(12, 5))
+    dist = pfx.line_distances(layers, X, N)
+    assert np.all(np.isfinite(dist)) and np.all(dist > 0)
+
+    def pattern(P: np.ndarray) -> np.ndarray:
+        return np.concatenate([Z > 0 for Z in pfx.forward(layers, P)[0]], axis=1)
+
+    base = pattern(X)
+    # 1e-6 relative either side of the crossing is far above the pre-activations' rounding (1e-15
+    # of terms of order one) unless a neuron is within that of its boundary, which random points are not
+    for s in (1.0, -1.0):
+        assert np.array_equal(pattern(X + s * (1 - 1e-6) * dist[:, None] * N), base)
+    beyond = [pattern(X + s * (1 + 1e-6) * dist[:, None] * N) for s in (1.0, -1.0)]
+    assert np.all(np.any(beyond[0] != base, axis=1) | np.any(beyond[1] != base, axis=1))

@@ -10,6 +10,7 @@ from relux.attack.active_lines import all_on_region
 from relux.attack.wiggle import wiggle_signs
 from relux.model import MLP
 from relux.oracle import CountingOracle, MLPOracle
+from relux.parallel import make_executor
 from relux.zoo import random_mlp
 
 
@@ -32,11 +33,22 @@ def test_the_wiggle_finds_the_signs_of_a_controllable_layer() -> None:
     assert ws.decided.all()
 
 
+def test_the_probe_points_do_not_depend_on_the_workers() -> None:
+    # the points that push each row to either side come from pure linear programs: split among two
+    # loky workers they are the same points, bit for bit
+    _, prefix, W, b, _ = _layer_two(0)
+    alone = wiggle._candidates(prefix, W, b, 10, 1.0, 4, np.random.default_rng(0))
+    with make_executor("loky", 2) as ex:
+        split = wiggle._candidates(prefix, W, b, 10, 1.0, 4, np.random.default_rng(0), ex)
+    assert alone.shape[0] > 4 + 1  # random points, the centre, and pushed points
+    np.testing.assert_array_equal(split, alone)
+
+
 def test_without_controllable_points_it_falls_back_to_the_points_given(monkeypatch: pytest.MonkeyPatch) -> None:
     net, prefix, W, b, s = _layer_two(0)
     W1, b1 = prefix[0]
 
-    def off_points(layers, W_hat, b_hat, d0, scale, n, rng):  # type: ignore[no-untyped-def]
+    def off_points(layers, W_hat, b_hat, d0, scale, n, rng, executor=None):  # type: ignore[no-untyped-def]
         # as when the linear programs fail: random points, each with first-layer neuron 0 off, where
         # the six rows of layer 2 see five directions at most
         X = rng.normal(0.0, scale, size=(n, d0))

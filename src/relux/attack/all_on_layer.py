@@ -145,24 +145,23 @@ def jump_keys(
     k = D.shape[0]
     pieces: dict[bytes, int] = {}
     base: list[FloatArray] = []
-    steps: list[FloatArray] = []
+    reach: list[float] = []
     sides: list[tuple[int, int]] = []
     for c in cands:
         idx = []
         for p, half in ((c.left, c.half_left), (c.right, c.half_right)):
             key = p.tobytes()
             if key not in pieces:
-                st = np.minimum(fd_rel_step / k * half * c.unorm, 0.25 * pfx.safe_steps(layers, p, D))
                 pieces[key] = len(base)
                 base.append(p)
-                steps.append(st)
+                reach.append(fd_rel_step / k * half * c.unorm)
             idx.append(pieces[key])
         sides.append((idx[0], idx[1]))
     n = len(base)
     if n == 0:
         return [], 0
     P = np.stack(base)
-    S = np.stack(steps)
+    S = np.minimum(np.array(reach)[:, None], 0.25 * pfx.safe_steps_many(layers, P, D))
     X = np.concatenate([P[:, None, :], P[:, None, :] + S[:, :, None] * D[None, :, :]], axis=1).reshape(-1, P.shape[1])
     Y = np.concatenate([query(X[i : i + chunk]) for i in range(0, X.shape[0], chunk)])
     Y = Y.reshape(n, k + 1, -1)
@@ -287,7 +286,7 @@ def all_on_rows(
             # chords now add rows slowly: the rest are switched only in small corners (tip_lines)
             if not use_tips:
                 break
-            corners = facet_vertices(region, d_in)
+            corners = facet_vertices(region, d_in, executor)
             _, Hc = pfx.forward(layers, corners)
             todo = np.ones(corners.shape[0], dtype=bool)
         tips = corners is not None
@@ -304,7 +303,8 @@ def all_on_rows(
             n_ends = 2 * (per_round // 2)  # two ends for each facet chord (every other chord)
             if facets.size < n_ends:
                 facets = np.concatenate([facets, rng.permutation(d_in)])
-            al = active_lines(region, per_round, scale, rng, d_last=d_in, facets=facets[:n_ends].tolist())
+            al = active_lines(region, per_round, scale, rng, d_last=d_in, facets=facets[:n_ends].tolist(),
+                              executor=executor)
             facets = facets[n_ends:]
         if al.x0.shape[0] == 0:
             if tips:
@@ -441,5 +441,5 @@ def all_on_outcome(
         log.info("layer %d: %d row(s) not confirmed on the all-on lines: the layer goes on without them",
                  len(layers) + 1, width - n)
     out = outcome_from_rows(query, layers, ao.W, ao.b, ao.points, ao.residual, width, d0, is_last, cfg, rng,
-                            "all-on lines", rel_tol=rel_tol)
+                            "all-on lines", rel_tol=rel_tol, executor=executor)
     return dataclasses.replace(out, witnesses=ao.kinks, lines=ao.lines), "", none

@@ -355,6 +355,7 @@ def outcome_from_rows(
     coverage: np.ndarray | None = None,
     rel_tol: float | None = None,
     settled: np.ndarray | None = None,
+    executor: Executor | None = None,
 ) -> LayerOutcome:
     """A layer whose rows are already known (from walks, :mod:`relux.attack.walk`, or witness groups,
     :mod:`relux.attack.free_last`): signs as for any layer (the last-layer solve, or the wiggle for an
@@ -389,7 +390,7 @@ def outcome_from_rows(
                 W[j], b[j], row_residual[j] = got.w, got.b, got.residual
                 break
     sgn, conf, sign_method, on = _layer_signs(query, layers, W, b, d0, is_last, width - W.shape[0], cfg, rng,
-                                              np.concatenate(list(row_points)), cov)
+                                              np.concatenate(list(row_points)), cov, executor)
     sgn, conf = np.where(done, 1.0, sgn), np.where(done, 1.0, conf)
     W = W * sgn[:, None]
     b = b * sgn
@@ -417,6 +418,7 @@ def _layer_signs(
     rng: np.random.Generator,
     witness_x: FloatArray,
     coverage: np.ndarray | None = None,
+    executor: Executor | None = None,
 ) -> tuple[FloatArray, FloatArray, str, AlwaysOn | None]:
     """Signs of a layer's rows: the CM24 last-layer solve for the last hidden layer, the wiggle for an
     inner one (checked later by the next layer's walks). Returns ``(±1 per row, confidence, method,
@@ -426,7 +428,8 @@ def _layer_signs(
     if is_last:
         method, flips, conf, on = _last_layer_signs(query, layers, W, b, d0, cfg, rng, witness_x, short, coverage)
         return np.where(flips, -1.0, 1.0), conf, method, on
-    ws = wiggle_signs(query, layers, W, b, d0, cfg.input_scale, rng, fallback=witness_x, missing=missing)
+    ws = wiggle_signs(query, layers, W, b, d0, cfg.input_scale, rng, fallback=witness_x, missing=missing,
+                      executor=executor)
     conf = ws.confidence
     if short:
         # a missing row moves with every probe and can make even a clean-looking verdict wrong

@@ -343,7 +343,7 @@ def pattern_outcome(
     if width - n > (0 if is_last else corner_allowance(width)):
         return None, f"{n} rows for a layer of {width} from {pr.regions} pattern regions", none
     out = outcome_from_rows(query, layers, pr.W, pr.b, pr.points, pr.residual, width, d0, is_last, cfg, rng,
-                            "pattern regions", coverage=pr.seen, rel_tol=rel_tol)
+                            "pattern regions", coverage=pr.seen, rel_tol=rel_tol, executor=executor)
     unseen = int((~out.coverage).sum())
     if unseen and not is_last:
         # an inner layer with a weight left at zero is a wrong layer: the walks take it instead (the

@@ -122,39 +122,62 @@ def directional(layers: Sequence[Layer], w: FloatArray, b: float, X: FloatArray,
     return H @ w + b, D @ w
 
 
+def _patterns(Zs: Sequence[FloatArray]) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct activation patterns of the layers before the last (which fix every known neuron's
+    gradient) among the points whose pre-activations are ``Zs``: a representative point of each, and
+    each point's pattern."""
+    n = Zs[0].shape[0]
+    if len(Zs) == 1:  # the first layer's gradients are its rows, wherever the point is
+        return np.zeros(min(n, 1), dtype=int), np.zeros(n, dtype=int)
+    keys = np.packbits(np.concatenate([Z > 0 for Z in Zs[:-1]], axis=1), axis=1)
+    _, rep, inv = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    return np.asarray(rep), np.asarray(inv).reshape(-1)
+
+
 def boundary_distances(
     layers: Sequence[Layer], X: FloatArray, chunk: int | None = None, first: FloatArray | None = None
 ) -> FloatArray:
-    """:func:`boundary_distance` at every row of ``X``, ``chunk`` rows at a time (each holds the
-    gradients of every prefix neuron: by default as many rows as fit in 32 MB); ``first`` as in
-    :func:`jacobian`."""
+    """:func:`boundary_distance` at every row of ``X``. A known neuron's gradient depends only on the
+    activation pattern of the layers before it, so each pattern's gradients are formed once, for
+    ``chunk`` patterns at a time (each holds the gradients of every prefix neuron: by default as many
+    as fit in 32 MB); ``first`` as in :func:`jacobian`. Points of one line share their pattern between
+    the prefix's kinks: on the lines where every known neuron is on, every point has the same one."""
     out = np.full(X.shape[0], np.inf)
-    if not layers:
+    if not layers or X.shape[0] == 0:
         return out
+    Zs, _ = forward(layers, X)
+    rep, inv = _patterns(Zs)
+    norms = _pattern_norms(layers, [Z[rep] for Z in Zs], chunk, first)
+    for Z, N in zip(Zs, norms, strict=True):
+        Np = N[inv]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            dist = np.where(Np > 0, np.abs(Z) / Np, np.inf)
+        out = np.minimum(out, dist.min(axis=1))
+    return out
+
+
+def _pattern_norms(
+    layers: Sequence[Layer], Zs: Sequence[FloatArray], chunk: int | None, first: FloatArray | None
+) -> list[FloatArray]:
+    """Per layer, the norms of its neurons' input gradients (``(patterns, d_l)``) under the activation
+    patterns of the pre-activations ``Zs`` (one row per pattern)."""
+    n = Zs[0].shape[0]
     if chunk is None:
-        d_in = first.shape[1] if first is not None else X.shape[1]
+        d_in = first.shape[1] if first is not None else layers[0][0].shape[1]
         chunk = max(1, 2**22 // (max(W.shape[0] for W, _ in layers) * d_in))
-    for c0 in range(0, X.shape[0], chunk):
-        Xc = X[c0 : c0 + chunk]
-        M: FloatArray | None = None  # (n, d_l, d0): Jacobian of the layer output
-        H = Xc
-        best = np.full(Xc.shape[0], np.inf)
-        for W, bl in layers:
-            Z = H @ W.T + bl
+    out = [np.empty((n, W.shape[0])) for W, _ in layers]
+    for c0 in range(0, n, chunk):
+        M: FloatArray | None = None  # (patterns, d_l, d0): Jacobian of the layer output
+        m = min(chunk, n - c0)
+        for li, ((W, _), Z) in enumerate(zip(layers, Zs, strict=True)):
             if M is None:
                 W0 = W if first is None else first
-                J = np.broadcast_to(W0, (Xc.shape[0], *W0.shape))
+                J = np.broadcast_to(W0, (m, *W0.shape))
             else:
-                n, d_prev, d_in = M.shape  # one product for the whole chunk
-                J = (W @ M.transpose(1, 0, 2).reshape(d_prev, n * d_in)).reshape(W.shape[0], n, d_in).transpose(1, 0, 2)
-            norms = np.linalg.norm(J, axis=2)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                dist = np.where(norms > 0, np.abs(Z) / norms, np.inf)
-            best = np.minimum(best, dist.min(axis=1))
-            on = Z > 0
-            M = J * on[:, :, None]
-            H = np.where(on, Z, 0.0)
-        out[c0 : c0 + chunk] = best
+                _, d_prev, d_in = M.shape  # one product for the whole chunk
+                J = (W @ M.transpose(1, 0, 2).reshape(d_prev, m * d_in)).reshape(W.shape[0], m, d_in).transpose(1, 0, 2)
+            out[li][c0 : c0 + m] = np.linalg.norm(J, axis=2)
+            M = J * (Z[c0 : c0 + m] > 0)[:, :, None]
     return out
 
 
@@ -190,6 +213,53 @@ def safe_steps(
             # a row that does not move along a direction never reaches its boundary that way
             dist = np.where(rate > 0, np.abs(Z[0])[:, None] / rate, np.inf)
         out = np.minimum(out, np.min(dist, axis=0))
+    return out
+
+
+def line_distances(layers: Sequence[Layer], X: FloatArray, N: FloatArray) -> FloatArray:
+    """Per row of ``X``, how far along the matching row of ``N`` (either way, in units of its length)
+    the first known neuron reaches its boundary: exact inside the point's linear piece, where every
+    pre-activation is affine along the line (forward mode, about the cost of two forward passes; the
+    distance to the nearest boundary, :func:`boundary_distances`, forms every neuron's gradient)."""
+    out = np.full(X.shape[0], np.inf)
+    H, D = X, N
+    for W, b in layers:
+        Z = H @ W.T + b
+        Dz = D @ W.T
+        rate = np.abs(Dz)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out = np.minimum(out, np.min(np.where(rate > 0, np.abs(Z) / rate, np.inf), axis=1))
+        on = Z > 0
+        H = np.where(on, Z, 0.0)
+        D = np.where(on, Dz, 0.0)
+    return out
+
+
+def safe_steps_many(
+    layers: Sequence[Layer], X: FloatArray, basis: FloatArray, first: FloatArray | None = None
+) -> FloatArray:
+    """:func:`safe_steps` at every row of ``X``: ``(n, r)``. Each activation pattern's gradients are
+    formed once (:func:`boundary_distances`); the pieces on either side of a line's kinks behind an
+    all-on prefix all share one."""
+    out = np.full((X.shape[0], basis.shape[0]), np.inf)
+    if not layers or X.shape[0] == 0:
+        return out
+    Zs, _ = forward(layers, X)
+    rep, inv = _patterns(Zs)
+    rates: list[list[FloatArray]] = [[] for _ in layers]  # per layer, per pattern: (d_l, r)
+    for k in rep:
+        _, pre_jacs = jacobian(layers, X[k], first)
+        for li, J in enumerate(pre_jacs):
+            rates[li].append(np.abs(J @ basis.T))
+    for Z, R in zip(Zs, rates, strict=True):
+        Rs = np.stack(R)
+        step = max(1, 2**22 // max(1, Rs.shape[1] * Rs.shape[2]))
+        for c0 in range(0, X.shape[0], step):
+            rate = Rs[inv[c0 : c0 + step]]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                # a row that does not move along a direction never reaches its boundary that way
+                dist = np.where(rate > 0, np.abs(Z[c0 : c0 + step])[:, :, None] / rate, np.inf)
+            out[c0 : c0 + step] = np.minimum(out[c0 : c0 + step], np.min(dist, axis=1))
     return out
 
 
