@@ -391,25 +391,19 @@ def test_complete_unseen_reads_last_layer_weights_from_kinks() -> None:
     assert np.array_equal(Wg[cov], W2[cov]) and np.array_equal(bg, b2)
 
 
-@settings(max_examples=30, deadline=None)
-@given(st.integers(0, 2**32 - 1))
-def test_line_distances_are_where_the_first_known_neuron_switches(seed: int) -> None:
-    """Inside a point's linear piece every pre-activation is affine along a line, so the distance is
-    exact: no known neuron switches strictly within it, and one does just beyond, on one side."""
-    rng = np.random.default_rng(seed)
-    layers = random_mlp((5, 7, 6, 4, 1), rng).layers[:3]
-    X = rng.normal(size=(12, 5))
-    N = rng.normal(size=(12, 5))
-    dist = pfx.line_distances(layers, X, N)
-    assert np.all(np.isfinite(dist)) and np.all(dist > 0)
 
-    def pattern(P: np.ndarray) -> np.ndarray:
-        return np.concatenate([Z > 0 for Z in pfx.forward(layers, P)[0]], axis=1)
-
-    base = pattern(X)
-    # 1e-6 relative either side of the crossing is far above the pre-activations' rounding (1e-15
-    # of terms of order one) unless a neuron is within that of its boundary, which random points are not
-    for s in (1.0, -1.0):
-        assert np.array_equal(pattern(X + s * (1 - 1e-6) * dist[:, None] * N), base)
-    beyond = [pattern(X + s * (1 + 1e-6) * dist[:, None] * N) for s in (1.0, -1.0)]
-    assert np.all(np.any(beyond[0] != base, axis=1) | np.any(beyond[1] != base, axis=1))
+@pytest.mark.parametrize("rounds", [0, 1])
+def test_boundary_distances_left_open_by_the_screen_take_every_gradient(
+    monkeypatch: pytest.MonkeyPatch, rounds: int
+) -> None:
+    """With the screen stopped early (one neuron per round), the points it leaves open get the
+    distance from every gradient: the same as the one-point function, to rounding."""
+    monkeypatch.setattr(pfx, "SCREEN_BATCH", 1)
+    monkeypatch.setattr(pfx, "SCREEN_ROUNDS", rounds)
+    rng = np.random.default_rng(3)
+    layers = random_mlp((6, 9, 7, 4, 1), rng).layers[:3]
+    X = rng.normal(size=(40, 6))
+    d_b = pfx.boundary_distances(layers, X, chunk=4)
+    d_1 = np.array([pfx.boundary_distance(layers, x) for x in X])
+    # the same products summed in another order: 1e-12 of the largest is a wide margin
+    assert np.allclose(d_b, d_1, rtol=0, atol=1e-12 * float(np.max(d_1)))

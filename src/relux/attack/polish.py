@@ -173,8 +173,8 @@ def boundary_points(
         t0 = _roots_on_lines(layers, w, b, P, N2)
         ok &= np.isfinite(t0)
         C = P + np.where(ok, t0, 0.0)[:, None] * N2
-        # The segment must stay clear of every known boundary: how far along it the first is reached
-        dist = pfx.line_distances(layers, C, N2)
+        # The segment must stay clear of every known boundary.
+        dist = pfx.boundary_distances(layers, C)
         delta = np.minimum(0.25 * dist, 1e-4 * spread if bracket is None else bracket)
         ok &= np.isfinite(delta) & (delta > 1e-9 * spread)
         keep = np.flatnonzero(ok)[: n_points - got]

@@ -134,25 +134,74 @@ def _patterns(Zs: Sequence[FloatArray]) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(rep), np.asarray(inv).reshape(-1)
 
 
+#: The screen of :func:`boundary_distances`: per round, each point's next ``SCREEN_BATCH`` neurons by
+#: lower bound get their exact gradient norms; after ``SCREEN_ROUNDS`` rounds the points still open
+#: take every gradient (random points of a CIFAR-scale prefix close in one or two rounds).
+SCREEN_BATCH = 8
+SCREEN_ROUNDS = 8
+
+
 def boundary_distances(
     layers: Sequence[Layer], X: FloatArray, chunk: int | None = None, first: FloatArray | None = None
 ) -> FloatArray:
-    """:func:`boundary_distance` at every row of ``X``. A known neuron's gradient depends only on the
-    activation pattern of the layers before it, so each pattern's gradients are formed once, for
-    ``chunk`` patterns at a time (each holds the gradients of every prefix neuron: by default as many
-    as fit in 32 MB); ``first`` as in :func:`jacobian`. Points of one line share their pattern between
-    the prefix's kinks: on the lines where every known neuron is on, every point has the same one."""
-    out = np.full(X.shape[0], np.inf)
-    if not layers or X.shape[0] == 0:
+    """:func:`boundary_distance` at every row of ``X`` (``first`` as in :func:`jacobian`), without
+    forming every neuron's gradient. The gradient of a layer-``l`` neuron is its row, masked by the
+    layer before's pattern, times the Jacobian before it, whose norm is at most the product of the
+    earlier layers' spectral norms; so ``|z| / (|masked row| · product)`` bounds its distance from
+    below. The exact norm (one vector-Jacobian product) is formed only for neurons whose bound is
+    below the best distance found so far, which gives the same minimum as forming them all. Points the
+    screen leaves open after ``SCREEN_ROUNDS`` rounds form every gradient once per activation pattern
+    (``chunk`` patterns at a time; by default as many as fit in 32 MB)."""
+    n = X.shape[0]
+    out = np.full(n, np.inf)
+    if not layers or n == 0:
         return out
     Zs, _ = forward(layers, X)
-    rep, inv = _patterns(Zs)
-    norms = _pattern_norms(layers, [Z[rep] for Z in Zs], chunk, first)
-    for Z, N in zip(Zs, norms, strict=True):
+    mats = [layers[0][0] if first is None else first] + [W for W, _ in layers[1:]]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        n1 = np.linalg.norm(mats[0], axis=1)
+        out[:] = np.min(np.where(n1 > 0, np.abs(Zs[0]) / n1, np.inf), axis=1)
+    if len(layers) == 1:
+        return out
+    ons = [Z > 0 for Z in Zs[:-1]]
+    bounds: list[FloatArray] = []
+    reach = 1.0  # the product of the spectral norms before the layer
+    for li in range(1, len(layers)):
+        reach *= float(np.linalg.norm(mats[li - 1], 2))
+        masked = np.sqrt(ons[li - 1].astype(float) @ (mats[li].T ** 2))  # (n, d_l)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            bounds.append(np.where(masked * reach > 0, np.abs(Zs[li]) / (masked * reach), np.inf))
+    lb = np.concatenate(bounds, axis=1)
+    layer_of = np.concatenate([np.full(B.shape[1], li + 1) for li, B in enumerate(bounds)])
+    neuron = np.concatenate([np.arange(B.shape[1]) for B in bounds])
+    order = np.argsort(lb, axis=1)
+    done = 0
+    while done < lb.shape[1]:
+        cols = order[:, done : done + SCREEN_BATCH]
+        P, K = np.nonzero(np.take_along_axis(lb, cols, axis=1) < out[:, None])
+        if P.size == 0:
+            return out
+        if done >= SCREEN_BATCH * SCREEN_ROUNDS:
+            break
+        c = cols[P, K]
+        for li in np.unique(layer_of[c]):
+            sel = layer_of[c] == li
+            pts, idx = P[sel], neuron[c[sel]]
+            G = mats[li][idx]
+            for k in range(li - 1, -1, -1):
+                G = (G * ons[k][pts]) @ mats[k]
+            nrm = np.linalg.norm(G, axis=1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                np.minimum.at(out, pts, np.where(nrm > 0, np.abs(Zs[li][pts, idx]) / nrm, np.inf))
+        done += SCREEN_BATCH
+    left = np.unique(P)
+    Zl = [Z[left] for Z in Zs]
+    rep, inv = _patterns(Zl)
+    norms = _pattern_norms(layers, [Z[rep] for Z in Zl], chunk, first)
+    for Z, N in zip(Zl[1:], norms[1:], strict=True):
         Np = N[inv]
         with np.errstate(divide="ignore", invalid="ignore"):
-            dist = np.where(Np > 0, np.abs(Z) / Np, np.inf)
-        out = np.minimum(out, dist.min(axis=1))
+            out[left] = np.minimum(out[left], np.min(np.where(Np > 0, np.abs(Z) / Np, np.inf), axis=1))
     return out
 
 
@@ -213,25 +262,6 @@ def safe_steps(
             # a row that does not move along a direction never reaches its boundary that way
             dist = np.where(rate > 0, np.abs(Z[0])[:, None] / rate, np.inf)
         out = np.minimum(out, np.min(dist, axis=0))
-    return out
-
-
-def line_distances(layers: Sequence[Layer], X: FloatArray, N: FloatArray) -> FloatArray:
-    """Per row of ``X``, how far along the matching row of ``N`` (either way, in units of its length)
-    the first known neuron reaches its boundary: exact inside the point's linear piece, where every
-    pre-activation is affine along the line (forward mode, about the cost of two forward passes; the
-    distance to the nearest boundary, :func:`boundary_distances`, forms every neuron's gradient)."""
-    out = np.full(X.shape[0], np.inf)
-    H, D = X, N
-    for W, b in layers:
-        Z = H @ W.T + b
-        Dz = D @ W.T
-        rate = np.abs(Dz)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            out = np.minimum(out, np.min(np.where(rate > 0, np.abs(Z) / rate, np.inf), axis=1))
-        on = Z > 0
-        H = np.where(on, Z, 0.0)
-        D = np.where(on, Dz, 0.0)
     return out
 
 
