@@ -391,7 +391,6 @@ def test_complete_unseen_reads_last_layer_weights_from_kinks() -> None:
     assert np.array_equal(Wg[cov], W2[cov]) and np.array_equal(bg, b2)
 
 
-
 @pytest.mark.parametrize("rounds", [0, 1])
 def test_boundary_distances_left_open_by_the_screen_take_every_gradient(
     monkeypatch: pytest.MonkeyPatch, rounds: int
@@ -400,10 +399,64 @@ def test_boundary_distances_left_open_by_the_screen_take_every_gradient(
     distance from every gradient: the same as the one-point function, to rounding."""
     monkeypatch.setattr(pfx, "SCREEN_BATCH", 1)
     monkeypatch.setattr(pfx, "SCREEN_ROUNDS", rounds)
+    calls: list[int] = []
+    every = pfx._pattern_norms
+
+    def counted(layers: list[pfx.Layer], Zs: list[np.ndarray], chunk: int | None, first: np.ndarray | None
+                ) -> list[np.ndarray]:
+        calls.append(Zs[0].shape[0])
+        return every(layers, Zs, chunk, first)
+
+    monkeypatch.setattr(pfx, "_pattern_norms", counted)
     rng = np.random.default_rng(3)
     layers = random_mlp((6, 9, 7, 4, 1), rng).layers[:3]
     X = rng.normal(size=(40, 6))
     d_b = pfx.boundary_distances(layers, X, chunk=4)
+    assert calls and calls[0] > 0  # some points were left open
     d_1 = np.array([pfx.boundary_distance(layers, x) for x in X])
     # the same products summed in another order: 1e-12 of the largest is a wide margin
     assert np.allclose(d_b, d_1, rtol=0, atol=1e-12 * float(np.max(d_1)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.booleans())
+def test_screened_boundary_distances_match_every_gradient_on_badly_scaled_layers(seed: int, framed: bool) -> None:
+    """The screen's lower bound holds at any scale and conditioning: layers rescaled by 1e-3 to 1e3 and
+    with singular values spread over up to eight orders give the pointwise distances."""
+    rng = np.random.default_rng(seed)
+    sizes = [7, *rng.integers(3, 10, size=int(rng.integers(2, 5))).tolist()]
+    layers = []
+    for a, b in zip(sizes[:-1], sizes[1:], strict=False):
+        U, _, Vt = np.linalg.svd(rng.normal(size=(b, a)), full_matrices=False)
+        s = 10.0 ** rng.uniform(-8.0, 0.0, size=min(a, b))
+        layers.append((10.0 ** rng.uniform(-3.0, 3.0) * (U * s) @ Vt, rng.normal(size=b)))
+    first = layers[0][0][:, :5] if framed else None
+    X = rng.normal(size=(30, 7))
+    d_b = pfx.boundary_distances(layers, X, first=first)
+    d_1 = np.array([pfx.boundary_distance(layers, x, first) for x in X])
+    assert np.array_equal(np.isinf(d_b), np.isinf(d_1))
+    fin = np.isfinite(d_1)
+    # each distance is an exact gradient norm's, formed by another order of the same products:
+    # rounding, relative to the distance itself (a ratio of one pre-activation to one norm)
+    np.testing.assert_allclose(d_b[fin], d_1[fin], rtol=1e-9, atol=0)
+
+
+def test_safe_steps_of_a_pattern_come_from_the_batch_s_own_pattern() -> None:
+    """A point on a known boundary shares its batch pattern with a neighbour: the neighbour's steps are
+    its own, to rounding, whichever way a lone product rounds the point's pre-activation."""
+    rng = np.random.default_rng(0)
+    layers = [(rng.normal(size=(20, 10)), rng.normal(size=20)), (rng.normal(size=(20, 20)), rng.normal(size=20))]
+    W0, b0 = layers[0]
+    D = np.linalg.qr(rng.normal(size=(10, 8)))[0].T
+    # among these, draw 831 is such a point here: its lone product gives exactly 0, the batch 1.1e-16
+    for _ in range(1000):
+        x = rng.normal(size=10)
+        x = x - (W0[0] @ x + b0[0]) / (W0[0] @ W0[0]) * W0[0]  # on neuron 0's boundary, to rounding
+        y = x + 1e-3 * rng.normal(size=10)
+        P = np.stack([x, y])
+        Z = pfx.forward(layers, P)[0]
+        if not all(np.array_equal(z[0] > 0, z[1] > 0) for z in Z[:-1]):
+            continue  # not one pattern in the batch
+        many = pfx.safe_steps_many(layers, P, D)
+        # the same products in another order: 1e-9 relative covers the pre-activations' rounding
+        np.testing.assert_allclose(many[1], pfx.safe_steps(layers, y, D), rtol=1e-9)

@@ -307,7 +307,7 @@ def extract_layer(
     b = np.array([r.b for r in final])
     sgn, conf, sign_method, on = _layer_signs(query, layers, W, b, d0, is_last, width - len(final), cfg, rng,
                                               np.stack([wt.x for wt in witnesses]),
-                                              np.stack([r.coverage for r in final]))
+                                              np.stack([r.coverage for r in final]), executor)
     W = W * sgn[:, None]
     b = b * sgn
     neurons = tuple(

@@ -661,7 +661,7 @@ def _walked_layer(
     if not full or wo.W_next.shape[0] < width:
         return layers, reports, None
     out = outcome_from_rows(q, layers, wo.W_next, wo.b_next, wo.points, wo.row_residual, width, d0, is_last, cfg,
-                            rng, "walks")
+                            rng, "walks", executor=executor)
     return layers, reports, out
 
 

@@ -149,9 +149,10 @@ def boundary_distances(
     layer before's pattern, times the Jacobian before it, whose norm is at most the product of the
     earlier layers' spectral norms; so ``|z| / (|masked row| · product)`` bounds its distance from
     below. The exact norm (one vector-Jacobian product) is formed only for neurons whose bound is
-    below the best distance found so far, which gives the same minimum as forming them all. Points the
-    screen leaves open after ``SCREEN_ROUNDS`` rounds form every gradient once per activation pattern
-    (``chunk`` patterns at a time; by default as many as fit in 32 MB)."""
+    below the best distance found so far, which gives the minimum of forming them all, to rounding.
+    Points the screen leaves open after ``SCREEN_ROUNDS`` rounds form every gradient once per
+    activation pattern (``chunk`` patterns, or products, at a time; by default as many as fit in
+    32 MB)."""
     n = X.shape[0]
     out = np.full(n, np.inf)
     if not layers or n == 0:
@@ -165,17 +166,24 @@ def boundary_distances(
         return out
     ons = [Z > 0 for Z in Zs[:-1]]
     bounds: list[FloatArray] = []
-    reach = 1.0  # the product of the spectral norms before the layer
+    reach = 1.0  # the product of the spectral norms before the layer (no bound past a non-finite one)
     for li in range(1, len(layers)):
-        reach *= float(np.linalg.norm(mats[li - 1], 2))
-        masked = np.sqrt(ons[li - 1].astype(float) @ (mats[li].T ** 2))  # (n, d_l)
-        with np.errstate(divide="ignore", invalid="ignore"):
+        prev = mats[li - 1]
+        reach *= float(np.linalg.norm(prev, 2)) if prev.size and np.all(np.isfinite(prev)) else np.inf
+        # |row masked by the pattern before|, each row scaled by its largest entry so that no square
+        # underflows
+        top = np.max(np.abs(mats[li]), axis=1, initial=0.0)
+        unit = np.divide(mats[li], top[:, None], out=np.zeros_like(mats[li]), where=top[:, None] > 0)
+        masked = np.sqrt(ons[li - 1].astype(float) @ (unit.T ** 2)) * top  # (n, d_l)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             bounds.append(np.where(masked * reach > 0, np.abs(Zs[li]) / (masked * reach), np.inf))
     lb = np.concatenate(bounds, axis=1)
     layer_of = np.concatenate([np.full(B.shape[1], li + 1) for li, B in enumerate(bounds)])
     neuron = np.concatenate([np.arange(B.shape[1]) for B in bounds])
     order = np.argsort(lb, axis=1)
+    step = max(1, 2**22 // max(M.shape[1] for M in mats))  # products formed at a time (32 MB)
     done = 0
+    P = np.zeros(0, dtype=int)
     while done < lb.shape[1]:
         cols = order[:, done : done + SCREEN_BATCH]
         P, K = np.nonzero(np.take_along_axis(lb, cols, axis=1) < out[:, None])
@@ -185,15 +193,18 @@ def boundary_distances(
             break
         c = cols[P, K]
         for li in np.unique(layer_of[c]):
-            sel = layer_of[c] == li
-            pts, idx = P[sel], neuron[c[sel]]
-            G = mats[li][idx]
-            for k in range(li - 1, -1, -1):
-                G = (G * ons[k][pts]) @ mats[k]
-            nrm = np.linalg.norm(G, axis=1)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                np.minimum.at(out, pts, np.where(nrm > 0, np.abs(Zs[li][pts, idx]) / nrm, np.inf))
+            sel = np.flatnonzero(layer_of[c] == li)
+            for s0 in range(0, sel.size, step):
+                pts, idx = P[sel[s0 : s0 + step]], neuron[c[sel[s0 : s0 + step]]]
+                G = mats[li][idx]
+                for k in range(li - 1, -1, -1):
+                    G = (G * ons[k][pts]) @ mats[k]
+                nrm = np.linalg.norm(G, axis=1)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    np.minimum.at(out, pts, np.where(nrm > 0, np.abs(Zs[li][pts, idx]) / nrm, np.inf))
         done += SCREEN_BATCH
+    else:
+        return out  # every neuron screened or formed
     left = np.unique(P)
     Zl = [Z[left] for Z in Zs]
     rep, inv = _patterns(Zl)
@@ -268,9 +279,9 @@ def safe_steps(
 def safe_steps_many(
     layers: Sequence[Layer], X: FloatArray, basis: FloatArray, first: FloatArray | None = None
 ) -> FloatArray:
-    """:func:`safe_steps` at every row of ``X``: ``(n, r)``. Each activation pattern's gradients are
-    formed once (:func:`boundary_distances`); the pieces on either side of a line's kinks behind an
-    all-on prefix all share one."""
+    """:func:`safe_steps` at every row of ``X``: ``(n, r)``, to rounding. Each activation pattern's
+    gradients are formed once; the pieces on either side of a line's kinks behind an all-on prefix all
+    share one."""
     out = np.full((X.shape[0], basis.shape[0]), np.inf)
     if not layers or X.shape[0] == 0:
         return out
@@ -278,9 +289,13 @@ def safe_steps_many(
     rep, inv = _patterns(Zs)
     rates: list[list[FloatArray]] = [[] for _ in layers]  # per layer, per pattern: (d_l, r)
     for k in rep:
-        _, pre_jacs = jacobian(layers, X[k], first)
-        for li, J in enumerate(pre_jacs):
+        # the pattern as the batch saw it (a lone product may round a value at a boundary the other
+        # way, and the whole group would take its gradients)
+        M: FloatArray | None = None
+        for li, ((W, _), Z) in enumerate(zip(layers, Zs, strict=True)):
+            J = np.asarray(W if first is None else first, dtype=float) if M is None else W @ M
             rates[li].append(np.abs(J @ basis.T))
+            M = (Z[k] > 0)[:, None] * J
     for Z, R in zip(Zs, rates, strict=True):
         Rs = np.stack(R)
         step = max(1, 2**22 // max(1, Rs.shape[1] * Rs.shape[2]))
