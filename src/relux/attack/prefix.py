@@ -136,7 +136,7 @@ def _patterns(Zs: Sequence[FloatArray]) -> tuple[np.ndarray, np.ndarray]:
 
 #: The screen of :func:`boundary_distances`: per round, each point's next ``SCREEN_BATCH`` neurons by
 #: lower bound get their exact gradient norms; after ``SCREEN_ROUNDS`` rounds the points still open
-#: take every gradient (random points of a CIFAR-scale prefix close in one or two rounds).
+#: take every gradient.
 SCREEN_BATCH = 8
 SCREEN_ROUNDS = 8
 
