@@ -33,6 +33,7 @@ from relux.parallel import (
     JoblibExecutor,
     SerialExecutor,
     make_executor,
+    map_rows,
     split_evenly,
 )
 from relux.zoo import random_mlp
@@ -132,6 +133,20 @@ def test_split_evenly(n: int, parts: int) -> None:
     if chunks:
         assert max(map(len, chunks)) - min(map(len, chunks)) <= 1
 
+
+
+def _scaled_rows(item: tuple[float, np.ndarray]) -> list[float]:
+    scale, rows = item
+    return [float(scale * r.sum()) for r in rows]
+
+
+def test_map_rows_joins_the_blocks_in_row_order() -> None:
+    rows = np.arange(21.0).reshape(7, 3)
+    alone = map_rows(None, _scaled_rows, rows, 2.0)
+    assert alone == [2.0 * float(r.sum()) for r in rows]
+    with make_executor("loky", 2) as ex:
+        assert map_rows(ex, _scaled_rows, rows, 2.0) == alone
+        assert map_rows(ex, _scaled_rows, rows[:0], 2.0) == []  # no rows: one empty call here
 
 @pytest.mark.parametrize(
     ("changes", "field"),

@@ -378,6 +378,16 @@ def split_evenly(n: int, parts: int) -> list[range]:
     return [range(edges[i], edges[i + 1]) for i in range(parts) if edges[i + 1] > edges[i]]
 
 
+def map_rows(executor: Executor | None, fn: Callable[[Any], list[R]], rows: Any, *shared: Any) -> list[R]:
+    """``fn((*shared, block))`` over consecutive blocks of ``rows`` (:func:`split_evenly`, one per
+    worker), the results joined in row order: one call in this process without an executor or with one
+    job. For pure per-row work whose arrays ``shared`` every block needs."""
+    blocks = split_evenly(len(rows), executor.jobs if executor is not None else 1)
+    if executor is None or len(blocks) < 2:
+        return fn((*shared, rows))
+    return [r for rs in executor.map(fn, [(*shared, rows[b.start : b.stop]) for b in blocks]) for r in rs]
+
+
 __all__ = [
     "BACKENDS",
     "BaseExecutor",
@@ -388,5 +398,6 @@ __all__ = [
     "SerialExecutor",
     "execution_report",
     "make_executor",
+    "map_rows",
     "split_evenly",
 ]

@@ -27,7 +27,7 @@ from scipy.optimize import linprog
 
 from relux.attack import prefix as pfx
 from relux.oracle.base import FloatArray
-from relux.parallel import Executor
+from relux.parallel import Executor, map_rows
 
 log = logging.getLogger(__name__)
 
@@ -234,10 +234,7 @@ def _vertex_pair(
     region: AllOnRegion, g1: FloatArray, g2: FloatArray, executor: Executor | None
 ) -> list[FloatArray | None]:
     """The vertices of ``region`` that maximise ``g1`` and ``g2``, on two workers when there are."""
-    item = (region.A, region.c, region.box, region.margin)
-    if executor is None or executor.jobs < 2:
-        return _vertices((*item, np.stack([g1, g2])))
-    return [v for vs in executor.map(_vertices, [(*item, g[None]) for g in (g1, g2)]) for v in vs]
+    return map_rows(executor, _vertices, np.stack([g1, g2]), region.A, region.c, region.box, region.margin)
 
 
 def facet_vertices(region: AllOnRegion, d_last: int, executor: Executor | None = None) -> FloatArray:
@@ -248,12 +245,7 @@ def facet_vertices(region: AllOnRegion, d_last: int, executor: Executor | None =
     A, c, margin, box = region.A, region.c, region.margin, region.box
     last = A[-d_last:] if d_last > 0 else A
     last = last / np.maximum(np.linalg.norm(last, axis=1, keepdims=True), np.finfo(float).tiny)
-    G = np.concatenate([-last, last])
-    parts = np.array_split(G, max(1, min(executor.jobs if executor is not None else 1, G.shape[0])))
-    if executor is None or len(parts) == 1:
-        solved = _vertices((A, c, box, margin, G))
-    else:
-        solved = [v for vs in executor.map(_vertices, [(A, c, box, margin, P) for P in parts]) for v in vs]
+    solved = map_rows(executor, _vertices, np.concatenate([-last, last]), A, c, box, margin)
     found = [v for v in solved if v is not None]
     if not found:
         return np.zeros((0, A.shape[1]))

@@ -31,7 +31,7 @@ from scipy.optimize import linprog
 from relux.attack import prefix as pfx
 from relux.attack.active_lines import all_on_region
 from relux.oracle.base import FloatArray, QueryFn
-from relux.parallel import Executor
+from relux.parallel import Executor, map_rows
 
 
 @dataclass(frozen=True)
@@ -83,9 +83,9 @@ def _lp(cost: FloatArray, G: FloatArray, g: FloatArray, margin: float | None, bo
     return sol
 
 
-def _lps(item: tuple[FloatArray, FloatArray, FloatArray, float, float]) -> list[FloatArray | None]:
+def _lps(item: tuple[FloatArray, FloatArray, float, float, FloatArray]) -> list[FloatArray | None]:
     """:func:`_lp` with margin for each row of the costs ``C`` (a task of :func:`_candidates`)."""
-    C, G, g, margin, box = item
+    G, g, margin, box, C = item
     return [_lp(cost, G, g, margin, box) for cost in C]
 
 
@@ -123,12 +123,8 @@ def _candidates(
         x_c, t_max = region.centre, region.depth
     # ẑ_j(x) = lin·x + const inside the all-active region; each neuron pushed up, then down
     costs = np.array([-sense * (W_hat[j] @ A) for j in range(W_hat.shape[0]) for sense in (1.0, -1.0)]).reshape(-1, d0)
-    jobs = executor.jobs if executor is not None else 1
-    parts = np.array_split(costs, max(1, min(jobs, costs.shape[0])))
-    if executor is None or len(parts) < 2:
-        solved = _lps((costs, G, g, 0.3 * t_max, box))
-    else:  # pure linear programs: split among the workers, the same points in the same order
-        solved = [x for xs in executor.map(_lps, [(P, G, g, 0.3 * t_max, box) for P in parts]) for x in xs]
+    # pure linear programs: split among the workers, the same points in the same order
+    solved = map_rows(executor, _lps, costs, G, g, 0.3 * t_max, box)
     out = [x_c] + [0.5 * (x + x_c) for x in solved if x is not None]
     pts.append(np.asarray(out))
     return np.concatenate(pts)
