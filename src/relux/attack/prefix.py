@@ -183,7 +183,6 @@ def boundary_distances(
     order = np.argsort(lb, axis=1)
     step = max(1, 2**22 // max(M.shape[1] for M in mats))  # products formed at a time (32 MB)
     done = 0
-    P = np.zeros(0, dtype=int)
     while done < lb.shape[1]:
         cols = order[:, done : done + SCREEN_BATCH]
         P, K = np.nonzero(np.take_along_axis(lb, cols, axis=1) < out[:, None])
