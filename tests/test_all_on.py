@@ -215,6 +215,20 @@ def test_the_rows_of_layer_two_come_from_all_on_chords() -> None:
         assert np.all(np.abs(H @ w + b) <= 1e-4 * (np.linalg.norm(H, axis=1) + 1))
 
 
+def test_seeded_rows_cost_nothing_and_only_the_others_are_sought() -> None:
+    net, prefix, true = _victim()
+    free = CountingOracle(MLPOracle(net))
+    all_on_rows(free.query, prefix, 8, 14, ExtractionConfig(seed=0), np.random.default_rng(0), 1e-9)
+    seeded = CountingOracle(MLPOracle(net))
+    # the exact rows of neurons 0-5 (layer inputs are layer 1's normalised outputs)
+    out = all_on_rows(seeded.query, prefix, 8, 14, ExtractionConfig(seed=0), np.random.default_rng(0), 1e-9,
+                      seed=(true[:6, :-1], true[:6, -1]))
+    cos = np.abs(_unit(out.W, out.b) @ true.T)
+    assert sorted(cos.argmax(axis=1).tolist()) == [6, 7]
+    assert np.all(1.0 - cos.max(axis=1) <= 1e-5)  # one finite-difference gradient each, as above
+    assert out.measured < 8 and seeded.queries < free.queries
+
+
 def _flip(prefix: list[tuple[np.ndarray, np.ndarray]], j: int) -> list[tuple[np.ndarray, np.ndarray]]:
     W1, b1 = prefix[0]
     f = np.where(np.arange(W1.shape[0]) == j, -1.0, 1.0)
@@ -257,6 +271,8 @@ def _short_by(n: int) -> Callable[..., AllOnRows]:
 
     def rows(*args: Any, **kwargs: Any) -> AllOnRows:
         out = all_on_rows(*args, **kwargs)
+        if kwargs.get("seed") is not None:  # a pattern region's search for the rows missing: as it is
+            return out
         keep = out.W.shape[0] - n
         if n < 0:  # one row too many: the first again
             return dataclasses.replace(out, W=np.concatenate([out.W, out.W[:1]]), b=np.append(out.b, out.b[0]),
@@ -291,17 +307,55 @@ def test_an_inner_layer_a_few_rows_short_goes_on_without_them(monkeypatch: pytes
     assert out.W.shape == (7, 10) and out.dead == 1
     cos = np.abs(_unit(out.W, out.b) @ true.T)
     assert len(set(cos.argmax(axis=1).tolist())) == 7
-    # the last hidden layer is never kept short: the witness groups and walks take it
-    out, why = outcome(True)
-    assert out is None and why == "short"
-    # more rows missing than the allowance: the same
-    monkeypatch.setattr(aol, "all_on_rows", _short_by(2))
-    out, why = outcome(False)
-    assert out is None and why == "short"
     # more rows than the layer has (deeper neurons' rows kept): not the layer either
     monkeypatch.setattr(aol, "all_on_rows", _short_by(-1))
     out, why = outcome(False)
     assert out is None and "9 rows for a layer of 8" in why
+
+
+def _whole(out: Any, true: np.ndarray) -> bool:
+    """Whether the layer ``out`` has every row of ``true``, each to 1e-9 in ``1 - |cos|`` (the rows
+    are refined on exact boundary points, good to about 1e-12 on this float64 victim)."""
+    cos = np.abs(_unit(out.W, out.b) @ true.T)
+    return out.W.shape[0] == true.shape[0] and bool(np.all(1.0 - cos.max(axis=1) <= 1e-9)) and \
+        len(set(cos.argmax(axis=1).tolist())) == true.shape[0]
+
+
+@pytest.mark.parametrize(("short", "is_last"), [(1, True), (2, False)])
+def test_rows_the_all_on_lines_miss_come_from_pattern_regions(
+    monkeypatch: pytest.MonkeyPatch, short: int, is_last: bool,
+) -> None:
+    """More rows missing than the allowance (none for the last hidden layer): pattern regions seeded
+    with the rows found (pattern_layer.pattern_rows) find the rest."""
+    import relux.attack.all_on_layer as aol
+    import relux.attack.pattern_layer as pl
+
+    net, prefix, true = _victim()
+    monkeypatch.setattr(aol, "all_on_rows", _short_by(short))
+    monkeypatch.setattr(pl, "all_on_rows", _short_by(short))
+    out, why, zero = all_on_outcome(CountingOracle(MLPOracle(net)).query, prefix, 8, 14, is_last,
+                                    ExtractionConfig(seed=0), np.random.default_rng(0), 1e-9)
+    assert out is not None and why == "" and zero.size == 0
+    assert _whole(out, true) and out.dead == 0
+    assert "pattern regions" in out.neurons[-1]["rows_from"]
+
+
+def test_rows_still_missing_after_the_pattern_regions_give_no_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pattern regions that find nothing more leave the layer to the walks, with the reason."""
+    import relux.attack.all_on_layer as aol
+    import relux.attack.pattern_layer as pl
+
+    net, prefix, _ = _victim()
+    monkeypatch.setattr(aol, "all_on_rows", _short_by(2))
+
+    def nothing(*args: Any, **kwargs: Any) -> AllOnRows:
+        out = all_on_rows(*args, **kwargs)
+        return dataclasses.replace(out, W=np.zeros((0, 10)), b=np.zeros(0), points=(), residual=np.zeros(0))
+
+    monkeypatch.setattr(pl, "all_on_rows", nothing)
+    out, why, _ = all_on_outcome(CountingOracle(MLPOracle(net)).query, prefix, 8, 14, False,
+                                 ExtractionConfig(seed=0), np.random.default_rng(0), 1e-9)
+    assert out is None and why.startswith("short; 6 rows after") and "pattern regions" in why
 
 
 def _report(width: int, rows: int, how: str, conf: float) -> LayerReport:

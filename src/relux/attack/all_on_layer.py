@@ -221,6 +221,16 @@ def _cluster_row(
     return best, n
 
 
+def _known(seed: tuple[FloatArray, FloatArray] | None, rows: Sequence[_Row]) -> tuple[FloatArray, FloatArray] | None:
+    """The rows ``seed`` given and those found so far, as one ``(W, b)``; None when there are none."""
+    W = [seed[0]] if seed is not None else []
+    b = [seed[1]] if seed is not None else []
+    if rows:
+        W.append(np.stack([r.w for r in rows]))
+        b.append(np.array([r.b for r in rows]))
+    return (np.concatenate(W), np.concatenate(b)) if W and sum(w.shape[0] for w in W) else None
+
+
 def all_on_rows(
     query: QueryFn,
     layers: Sequence[pfx.Layer],
@@ -235,6 +245,7 @@ def all_on_rows(
     region: AllOnRegion | None = None,
     on: np.ndarray | None = None,
     use_tips: bool = True,
+    seed: tuple[FloatArray, FloatArray] | None = None,
 ) -> AllOnRows:
     """Rows of the layer behind ``layers`` from kinks on all-on lines (module docstring), in rounds of
     ``per_round`` lines until ``width`` rows are confirmed. Chords first, until a round adds at most
@@ -250,7 +261,9 @@ def all_on_rows(
     ``region`` and ``on``: lines in a region where the layer before follows the pattern ``on``
     (:func:`relux.attack.active_lines.pattern_region`) instead; a row then has weights only on the
     neurons on there (:mod:`relux.attack.pattern_layer` pieces rows together). ``use_tips``: whether tips
-    follow the chords."""
+    follow the chords. ``seed = (W, b)``: rows of the layer already known whole; their kinks cost no
+    query (:func:`relux.attack.witnesses.find_candidates`), only ``width`` less their number are
+    sought, and they are not returned."""
     d_in = layers[-1][0].shape[0]
     scale = cfg.input_scale * float(np.sqrt(d0))
     empty = AllOnRows(np.zeros((0, d_in)), np.zeros(0), (), np.zeros(0), 0, 0, 0)
@@ -281,7 +294,8 @@ def all_on_rows(
     corners: FloatArray | None = None  # the facet vertices, once tips begin
     Hc = np.zeros((0, d_in))  # the layer's inputs there
     todo = np.zeros(0, dtype=bool)  # those no tip has started from yet
-    while len(rows) < width:
+    n_seed = 0 if seed is None else int(seed[0].shape[0])
+    while len(rows) < width - n_seed:
         if corners is None and (len(lines) >= max_lines or stall >= 3 or (len(lines) > per_round and gained <= few)):
             # chords now add rows slowly: the rest are switched only in small corners (tip_lines)
             if not use_tips:
@@ -291,10 +305,11 @@ def all_on_rows(
             todo = np.ones(corners.shape[0], dtype=bool)
         tips = corners is not None
         if corners is not None:
-            if not todo.any() or not rows or tips_idle >= max_lines:
+            kn = _known(seed, rows)
+            if not todo.any() or kn is None or tips_idle >= max_lines:
                 break
             # the likeliest corners first, by the rows known so far (corner_scores)
-            score = corner_scores(Hc @ np.stack([r.w for r in rows]).T + np.array([r.b for r in rows]))
+            score = corner_scores(Hc @ kn[0].T + kn[1])
             pick = np.flatnonzero(todo)[np.argsort(-score[todo], kind="stable")[: max(1, per_round // 2)]]
             todo[pick] = False
             al = tip_lines(region, corners[pick], scale, partners=corners[(pick + 1) % corners.shape[0]])
@@ -311,7 +326,7 @@ def all_on_rows(
                 continue
             reason = al.reason
             break
-        known = (np.stack([r.w for r in rows]), np.array([r.b for r in rows])) if rows else None
+        known = _known(seed, rows)
         cands: list[Candidate] = []
         for x0, u, half in zip(al.x0, al.u, al.half, strict=True):
             got, ci = find_candidates(query, layers, d0, 0, n_grid, cfg, rng, rel_tol, lines_given=(x0[None], u[None]),
@@ -367,8 +382,8 @@ def all_on_rows(
     if not ok.all():
         log.debug("all-on lines: %d row(s) predict kinks the lines do not show: dropped", int((~ok).sum()))
     keep = np.flatnonzero(ok)
-    if len(keep) < width and not reason:
-        reason = f"{len(keep)} of {width} rows confirmed after {len(lines)} lines"
+    if len(keep) < width - n_seed and not reason:
+        reason = f"{len(keep) + n_seed} of {width} rows confirmed after {len(lines)} lines"
     return AllOnRows(W[keep], b[keep], tuple(np.stack(rows[j].points) for j in keep),
                      np.array([rows[j].residual for j in keep]), len(lines), n_kinks, measured, reason, n_tips)
 
@@ -432,7 +447,7 @@ def all_on_outcome(
     # The last hidden layer is never kept short: no chords come after it, and the witness groups and
     # walks that take it look everywhere.
     if width - n > (0 if is_last else corner_allowance(width)):
-        return None, ao.reason or f"{n} rows for a layer of {width}", none
+        return _with_pattern_rows(query, layers, ao, width, d0, is_last, cfg, rng, rel_tol, executor)
     if n < width:
         # Likely neurons switched only in corners of the region that no chord or tip reaches (CIFAR
         # unitary layer 3 neuron 193: off at the centre and at all 512 facet vertices, on at 2% of
@@ -443,3 +458,45 @@ def all_on_outcome(
     out = outcome_from_rows(query, layers, ao.W, ao.b, ao.points, ao.residual, width, d0, is_last, cfg, rng,
                             "all-on lines", rel_tol=rel_tol, executor=executor)
     return dataclasses.replace(out, witnesses=ao.kinks, lines=ao.lines), "", none
+
+
+def _with_pattern_rows(
+    query: QueryFn,
+    layers: Sequence[pfx.Layer],
+    ao: AllOnRows,
+    width: int,
+    d0: int,
+    is_last: bool,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    rel_tol: float,
+    executor: Executor | None = None,
+) -> tuple[LayerOutcome | None, str, np.ndarray]:
+    """The layer from the all-on rows ``ao``, too few, and the rows of pattern regions where about half
+    the layer before is on (:func:`relux.attack.pattern_layer.pattern_rows`, seeded with ``ao``'s rows
+    refined first, so that their kinks there cost nothing). Behind the CIFAR-scale unitary victim's
+    layers 1-3, nine layer-4 neurons cross the all-on region (depth 0.008) only in corners no chord
+    or tip reaches, but cross every random pattern region tried (depth about 0.06). None, with the
+    reason, when the rows are still too few or too many, or an inner layer's weight was neither seen
+    nor completed (the walks then take the layer)."""
+    from relux.attack.deep import outcome_from_rows, refine_rows
+    from relux.attack.pattern_layer import pattern_rows
+
+    none = np.zeros(0, dtype=int)
+    W, b, res = refine_rows(query, layers, ao.W, ao.b, ao.points, ao.residual, d0, cfg, rng, rel_tol)
+    pr = pattern_rows(query, layers, width, d0, cfg, rng, rel_tol, executor=executor, seed=(W, b, ao.points, res))
+    n = pr.W.shape[0]
+    log.info("layer %d: %d/%d rows with %d pattern regions (%d lines, %d kinks, %d measured; %d weights unseen)",
+             len(layers) + 1, n, width, pr.regions, pr.lines, pr.kinks, pr.measured, int((~pr.seen).sum()))
+    if n > width:
+        return None, f"{n} rows for a layer of {width} after {pr.regions} pattern regions", none
+    if width - n > (0 if is_last else corner_allowance(width)):
+        return None, f"{ao.reason}; {n} rows after {pr.regions} pattern regions", none
+    out = outcome_from_rows(query, layers, pr.W, pr.b, pr.points, pr.residual, width, d0, is_last, cfg, rng,
+                            "all-on lines and pattern regions", coverage=pr.seen, rel_tol=rel_tol,
+                            executor=executor, refined=pr.from_seed)
+    unseen = int((~out.coverage).sum())
+    if unseen and not is_last:
+        rows = int((~out.coverage).any(axis=1).sum())
+        return None, f"{unseen} weights of {rows} rows neither seen in a pattern region nor completed", none
+    return dataclasses.replace(out, witnesses=ao.kinks + pr.kinks, lines=ao.lines + pr.lines), "", none

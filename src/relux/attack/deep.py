@@ -356,6 +356,7 @@ def outcome_from_rows(
     rel_tol: float | None = None,
     settled: np.ndarray | None = None,
     executor: Executor | None = None,
+    refined: np.ndarray | None = None,
 ) -> LayerOutcome:
     """A layer whose rows are already known (from walks, :mod:`relux.attack.walk`, or witness groups,
     :mod:`relux.attack.free_last`): signs as for any layer (the last-layer solve, or the wiggle for an
@@ -363,7 +364,8 @@ def outcome_from_rows(
     row's points saw on (all by default); the others are first filled along the row's boundary
     (:func:`relux.attack.complete.complete_row`, with the kink search's ``rel_tol``). ``settled``:
     rows already refined and signed (kept from a failed attempt, :mod:`relux.attack.resume`): not
-    refined again, and their signs stay as given."""
+    refined again, and their signs stay as given. ``refined``: rows already refined
+    (:func:`refine_rows`) but not signed."""
     nrm = np.linalg.norm(np.concatenate([W, b[:, None]], axis=1), axis=1)
     W, b = W / nrm[:, None], b / nrm
     row_residual = np.array(row_residual, dtype=float)
@@ -378,17 +380,8 @@ def outcome_from_rows(
             n = float(np.linalg.norm(np.append(c.w, c.b)))
             W[j], b[j], cov[j] = c.w / n, c.b / n, c.coverage
     done = np.zeros(W.shape[0], dtype=bool) if settled is None else np.asarray(settled, dtype=bool)
-    for j in (int(i) for i in np.flatnonzero(~done)):
-        P = row_points[j]
-        # Up to three tries, boundary points (and anchors, from a row with more than 8) drawn afresh:
-        # the wiggle below leans on every row (behind CIFAR layer 1, one row left 3e-7 off gave 15
-        # wrong signs at full confidence).
-        for _ in range(3):
-            anchors = P[rng.choice(P.shape[0], size=min(8, P.shape[0]), replace=False)]
-            got = refine_row(query, layers, W[j], float(b[j]), anchors, d0, cfg, rng, rel_tol=rel_tol)
-            if got is not None:
-                W[j], b[j], row_residual[j] = got.w, got.b, got.residual
-                break
+    skip = done if refined is None else done | np.asarray(refined, dtype=bool)
+    W, b, row_residual = refine_rows(query, layers, W, b, row_points, row_residual, d0, cfg, rng, rel_tol, skip)
     sgn, conf, sign_method, on = _layer_signs(query, layers, W, b, d0, is_last, width - W.shape[0], cfg, rng,
                                               np.concatenate(list(row_points)), cov, executor)
     sgn, conf = np.where(done, 1.0, sgn), np.where(done, 1.0, conf)
@@ -404,6 +397,37 @@ def outcome_from_rows(
                        width - W.shape[0], pts, np.asarray(conf, dtype=float), cov,
                        float(np.max(row_residual)) if row_residual.size else float("nan"))
     return _with_always_on(out, on)
+
+
+def refine_rows(
+    query: QueryFn,
+    layers: Sequence[pfx.Layer],
+    W: FloatArray,
+    b: FloatArray,
+    row_points: Sequence[FloatArray],
+    row_residual: FloatArray,
+    d0: int,
+    cfg: ExtractionConfig,
+    rng: np.random.Generator,
+    rel_tol: float | None,
+    skip: np.ndarray | None = None,
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """The rows (unit norm) each refined on exact boundary points near its own (:func:`refine_row`),
+    with their residuals; a row the refinement keeps, or one ``skip`` marks, stays as given."""
+    W, b, res = np.array(W, dtype=float), np.array(b, dtype=float), np.array(row_residual, dtype=float)
+    todo = np.ones(W.shape[0], dtype=bool) if skip is None else ~np.asarray(skip, dtype=bool)
+    for j in (int(i) for i in np.flatnonzero(todo)):
+        P = row_points[j]
+        # Up to three tries, boundary points (and anchors, from a row with more than 8) drawn afresh:
+        # the wiggle leans on every row (behind CIFAR layer 1, one row left 3e-7 off gave 15 wrong
+        # signs at full confidence).
+        for _ in range(3):
+            anchors = P[rng.choice(P.shape[0], size=min(8, P.shape[0]), replace=False)]
+            got = refine_row(query, layers, W[j], float(b[j]), anchors, d0, cfg, rng, rel_tol=rel_tol)
+            if got is not None:
+                W[j], b[j], res[j] = got.w, got.b, got.residual
+                break
+    return W, b, res
 
 
 def _layer_signs(

@@ -164,6 +164,7 @@ class _Entry:
     seen: np.ndarray  # the layer-input coordinates whose weights are known
     points: list[FloatArray]
     residual: float
+    seed: bool = False  # given whole (pattern_rows' seed)
 
 
 def _scale(e: _Entry, f: _Entry) -> float | None:
@@ -225,6 +226,7 @@ class PatternRows:
     lines: int
     kinks: int
     measured: int
+    from_seed: np.ndarray  # which rows were given whole
 
 
 def pattern_rows(
@@ -237,13 +239,24 @@ def pattern_rows(
     rel_tol: float,
     executor: Executor | None = None,
     max_regions: int = 12,
+    seed: tuple[FloatArray, FloatArray, Sequence[FloatArray], FloatArray] | None = None,
 ) -> PatternRows:
     """Rows of the layer behind ``layers`` from chords of up to ``max_regions`` pattern regions (module
     docstring): until ``width`` rows have every weight seen, or three regions in a row add no row and
-    no weight (a pattern read before, or whose region is empty, counts as one)."""
+    no weight (a pattern read before, or whose region is empty, counts as one).
+
+    ``seed = (W, b, points, residual)``: whole rows already known, as from the all-on region, which
+    some neurons cross only in small corners (:func:`relux.attack.all_on_layer.all_on_outcome`). They
+    come first in the result. Their kinks cost no query, and the regions are then those of the rows
+    still partial: the first at a random point (where about half the layer before is on, the region
+    is deeper than the all-on region and such neurons cross it), each next one with those rows'
+    unseen weights asked to be on."""
     d_in = layers[-1][0].shape[0]
     box = 3.0 * cfg.input_scale
     entries: list[_Entry] = []
+    if seed is not None:
+        entries = [_Entry(w.copy(), float(b), np.ones(d_in, dtype=bool), [P], float(r), seed=True)
+                   for w, b, P, r in zip(seed[0], seed[1], seed[2], seed[3], strict=True)]
     lines = kinks = measured = regions = 0
     idle = 0
     explore = False
@@ -256,7 +269,13 @@ def pattern_rows(
         else:
             # the weights the rows known so far lack, the most lacked first, ties at random
             lack = np.zeros(d_in) if not entries else np.stack([~e.seen for e in entries]).sum(axis=0).astype(float)
-            pat = choose_pattern(layers, box, np.lexsort((np.asarray(rng.random(size=d_in)), -lack)).tolist())
+            order = np.lexsort((np.asarray(rng.random(size=d_in)), -lack))
+            if seed is None:
+                pat = choose_pattern(layers, box, order.tolist())
+            elif lack.any():
+                pat = choose_pattern(layers, box, order[: int((lack > 0).sum())].tolist())
+            else:
+                pat = random_pattern(layers, box, rng)
         for _ in range(4):
             if pat is None or pat.on.tobytes() not in tried:
                 break
@@ -272,8 +291,10 @@ def pattern_rows(
             if idle >= 3:
                 break
             continue
+        whole = [e for e in entries if e.seen.all()] if seed is not None else []
         ao = all_on_rows(query, layers, width, d0, cfg, rng, rel_tol, executor=executor, region=region, on=pat.on,
-                         use_tips=False)
+                         use_tips=False,
+                         seed=(np.stack([e.w for e in whole]), np.array([e.b for e in whole])) if whole else None)
         regions += 1
         tried.add(pat.on.tobytes())
         lines, kinks, measured = lines + ao.lines, kinks + ao.kinks, measured + ao.measured
@@ -293,10 +314,11 @@ def pattern_rows(
             break
     if not entries:
         return PatternRows(np.zeros((0, d_in)), np.zeros(0), np.zeros((0, d_in), dtype=bool), (), np.zeros(0),
-                           regions, lines, kinks, measured)
+                           regions, lines, kinks, measured, np.zeros(0, dtype=bool))
     return PatternRows(np.stack([e.w for e in entries]), np.array([e.b for e in entries]),
                        np.stack([e.seen for e in entries]), tuple(np.concatenate(e.points) for e in entries),
-                       np.array([e.residual for e in entries]), regions, lines, kinks, measured)
+                       np.array([e.residual for e in entries]), regions, lines, kinks, measured,
+                       np.array([e.seed for e in entries], dtype=bool))
 
 
 def pattern_outcome(
