@@ -50,16 +50,27 @@ class ActiveLines:
 def all_on_map(layers: Sequence[pfx.Layer]) -> tuple[FloatArray, FloatArray]:
     """Every known pre-activation as an affine map of the input where every known neuron is on:
     ``(A, c)`` with one row per neuron, layers stacked in order."""
+    return cell_map(layers, None)
+
+
+def cell_map(layers: Sequence[pfx.Layer], masks: Sequence[np.ndarray] | None) -> tuple[FloatArray, FloatArray]:
+    """Every known pre-activation as an affine map of the input where layer ``j``'s neurons are on
+    where ``masks[j]`` is true and off elsewhere (an off neuron passes zero on; a layer without a mask,
+    or all when ``masks`` is None, is all on): ``(A, c)`` with one row per neuron, layers stacked in
+    order. Inside such a cell the prefix is affine (CJM20 §2, a linear region)."""
     d = layers[0][0].shape[1]
     M = np.eye(d)
     m = np.zeros(d)
     As: list[FloatArray] = []
     cs: list[FloatArray] = []
-    for W, b in layers:
+    for j, (W, b) in enumerate(layers):
         M = W @ M
         m = W @ m + b
         As.append(M)
         cs.append(m)
+        if masks is not None and j < len(masks):
+            on = np.asarray(masks[j], dtype=float)
+            M, m = M * on[:, None], m * on
     return np.concatenate(As), np.concatenate(cs)
 
 
@@ -99,18 +110,21 @@ def all_on_region(layers: Sequence[pfx.Layer], box: float) -> AllOnRegion | None
     return pattern_region(layers, box, None)
 
 
-def pattern_region(layers: Sequence[pfx.Layer], box: float, on: np.ndarray | None) -> AllOnRegion | None:
-    """The region inside the box where every neuron of the layers before the last is on and the last
-    layer's neurons are on where ``on`` is true and off elsewhere (all on when ``on`` is None), or None
-    when it is empty. The prefix is one affine map there too: an off neuron's output is zero. Its
-    constraints are kept as ``A x + c ≥ margin`` with an off neuron's row negated, so that the chords
-    and tips (:func:`active_lines`, :func:`tip_lines`) run in it unchanged."""
-    A, c = all_on_map(layers)
-    if on is not None:
-        n_last = layers[-1][0].shape[0]
-        s = np.ones(A.shape[0])
-        s[-n_last:] = np.where(np.asarray(on, dtype=bool), 1.0, -1.0)
-        A, c = A * s[:, None], c * s
+def pattern_region(
+    layers: Sequence[pfx.Layer], box: float, on: np.ndarray | None, before: Sequence[np.ndarray] | None = None,
+) -> AllOnRegion | None:
+    """The region inside the box where every neuron of the layers before the last is on (or follows
+    ``before``, one mask per layer before the last) and the last layer's neurons are on where ``on`` is
+    true and off elsewhere (all on when ``on`` is None), or None when it is empty. The prefix is one
+    affine map there too (:func:`cell_map`). Its constraints are kept as ``A x + c ≥ margin`` with an
+    off neuron's row negated, so that the chords and tips (:func:`active_lines`, :func:`tip_lines`)
+    run in it unchanged."""
+    masks = [np.ones(W.shape[0], dtype=bool) for W, _ in layers[:-1]] if before is None else \
+        [np.asarray(m, dtype=bool) for m in before]
+    masks.append(np.ones(layers[-1][0].shape[0], dtype=bool) if on is None else np.asarray(on, dtype=bool))
+    A, c = cell_map(layers, masks)
+    s = np.where(np.concatenate(masks), 1.0, -1.0)
+    A, c = A * s[:, None], c * s
     margin = region_margin(A, c, box)
     depth, centre = largest_ball(A, c, margin, box)
     if centre is None or depth <= 0.0:

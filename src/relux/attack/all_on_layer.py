@@ -281,7 +281,8 @@ def all_on_rows(
     few = max(1, width // 100)  # rows a round of chords adds before tips take over
     max_lines = cfg.max_search_lines * 8
     reason = ""
-    A_last = all_on_map(layers)[0][-d_in:]
+    # the layer's map where the region holds (its rows are the cell's, an off neuron's negated)
+    A_last = all_on_map(layers)[0][-d_in:] if region is None else region.A[-d_in:]
     if on is not None:
         A_last = A_last[np.asarray(on, dtype=bool)]
     if np.linalg.matrix_rank(A_last) < A_last.shape[0]:

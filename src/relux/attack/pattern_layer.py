@@ -30,7 +30,7 @@ import numpy as np
 from scipy.optimize import linprog
 
 from relux.attack import prefix as pfx
-from relux.attack.active_lines import all_on_map, largest_ball, pattern_region, region_margin, vertex
+from relux.attack.active_lines import all_on_map, cell_map, largest_ball, pattern_region, region_margin, vertex
 from relux.attack.all_on_layer import all_on_rows, corner_allowance, silent_columns
 from relux.attack.config import ExtractionConfig
 from relux.oracle.base import FloatArray, QueryFn
@@ -64,6 +64,11 @@ class Pattern:
     on: np.ndarray
     depth: float
     wanted: int
+    before: tuple[np.ndarray, ...] | None = None  # the patterns of the layers before the last (None: all on)
+
+    def key(self) -> bytes:
+        """The patterns of every layer, as bytes (a region read before gives the same rows again)."""
+        return b"".join(m.tobytes() for m in (*(self.before or ()), self.on))
 
 
 def _earlier_region(
@@ -142,19 +147,35 @@ def choose_pattern(
 
 
 def random_pattern(layers: Sequence[pfx.Layer], box: float, rng: np.random.Generator) -> Pattern | None:
-    """The pattern of the last known layer at a random point of the region where the earlier layers
+    """The patterns of the known layers at a random point of the region where the first ``k`` layers
     are all on: between its centre and a vertex of a random objective, 30% to 90% of the way out (a
-    linear program, no queries). None when that region is empty."""
-    early = _earlier_region(layers, box)
-    if early is None:
-        return None
-    A, c, margin, last, _, centre = early
-    v = vertex(A[:last], c[:last], box, margin[:last], np.asarray(rng.standard_normal(size=A.shape[1])))
-    if v is None:
-        return None
-    x = centre + rng.uniform(0.3, 0.9) * (v - centre)
-    on = (A[last:] @ x + c[last:]) > 0
-    return Pattern(on, 0.0, 0)
+    linear program each, no queries). ``k`` is the smallest for which the last layer's neurons on
+    there control as many directions as they are (else a row's weights on them are not determined);
+    the layers between follow the point's patterns. Behind the CIFAR-scale unitary victim's layers
+    1-3, such a region with layer 1 on is about 1.0 deep, with layers 1-2 on 0.05, and the region
+    where all three are on 0.008. None when no such region exists."""
+    d = layers[0][0].shape[1]
+    for k in range(min(1, len(layers) - 1), len(layers)):
+        if k:
+            base = pattern_region(layers[:k], box, None)
+            if base is None:
+                break
+            centre = base.centre
+            v = vertex(base.A, base.c, box, base.margin, np.asarray(rng.standard_normal(size=d)))
+        else:  # a single known layer: anywhere in the box
+            centre = np.zeros(d)
+            v = box * np.sign(np.asarray(rng.standard_normal(size=d)))
+        if v is None:
+            break
+        x = centre + rng.uniform(0.3, 0.9) * (v - centre)
+        Z, _ = pfx.forward(layers, x[None])
+        masks = [z[0] > 0 for z in Z]
+        if k == len(layers) - 1:
+            return Pattern(masks[-1], 0.0, 0)
+        A_last = cell_map(layers, masks)[0][-masks[-1].size:][masks[-1]]
+        if np.linalg.matrix_rank(A_last) == A_last.shape[0]:
+            return Pattern(masks[-1], 0.0, 0, tuple(masks[:-1]))
+    return None
 
 
 @dataclass
@@ -247,10 +268,10 @@ def pattern_rows(
 
     ``seed = (W, b, points, residual)``: whole rows already known, as from the all-on region, which
     some neurons cross only in small corners (:func:`relux.attack.all_on_layer.all_on_outcome`). They
-    come first in the result. Their kinks cost no query, and the regions are then those of the rows
-    still partial: the first at a random point (where about half the layer before is on, the region
-    is deeper than the all-on region and such neurons cross it), each next one with those rows'
-    unseen weights asked to be on."""
+    come first in the result. Their kinks cost no query. A region is at a random point
+    (:func:`random_pattern`; where about half of the layers after the first are on, a region is far
+    deeper than the all-on region, and such neurons cross it) while no row is partial, and then has
+    the partial rows' unseen weights asked to be on."""
     d_in = layers[-1][0].shape[0]
     box = 3.0 * cfg.input_scale
     entries: list[_Entry] = []
@@ -273,17 +294,18 @@ def pattern_rows(
             if seed is None:
                 pat = choose_pattern(layers, box, order.tolist())
             elif lack.any():
+                # the partial rows' unseen weights asked to be on (pieces must share weights to join)
                 pat = choose_pattern(layers, box, order[: int((lack > 0).sum())].tolist())
             else:
                 pat = random_pattern(layers, box, rng)
         for _ in range(4):
-            if pat is None or pat.on.tobytes() not in tried:
+            if pat is None or pat.key() not in tried:
                 break
             pat = random_pattern(layers, box, rng)  # a region read before gives the same rows again
         if pat is None:
             log.info("pattern regions: no region where the earlier layers are all on")
             break
-        region = pattern_region(layers, box, pat.on) if pat.on.tobytes() not in tried else None
+        region = pattern_region(layers, box, pat.on, pat.before) if pat.key() not in tried else None
         if region is None:
             # read before, or empty (a neuron not asked to be on may lie on its boundary at the
             # chosen point): the next one at a random point
@@ -296,7 +318,7 @@ def pattern_rows(
                          use_tips=False,
                          seed=(np.stack([e.w for e in whole]), np.array([e.b for e in whole])) if whole else None)
         regions += 1
-        tried.add(pat.on.tobytes())
+        tried.add(pat.key())
         lines, kinks, measured = lines + ao.lines, kinks + ao.kinks, measured + ao.measured
         n_before = len(entries)
         lack_before = _lacking(entries)

@@ -428,7 +428,8 @@ def _ready_for_chords(prev: LayerReport, rows: int) -> bool:
     conf = [float(nr.get("sign_confidence", 0.0)) for nr in prev.neurons]
     if rows == prev.width:
         return all(c >= 1.0 for c in conf)
-    chords = all(nr.get("rows_from") in ("all-on lines", "pattern regions") for nr in prev.neurons)
+    chords = all(nr.get("rows_from") in ("all-on lines", "pattern regions", "all-on lines and pattern regions")
+                 for nr in prev.neurons)
     return chords and rows >= prev.width - corner_allowance(prev.width) and all(c >= 0.5 for c in conf)
 
 
