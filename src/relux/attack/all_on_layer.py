@@ -474,18 +474,22 @@ def _with_pattern_rows(
     executor: Executor | None = None,
 ) -> tuple[LayerOutcome | None, str, np.ndarray]:
     """The layer from the all-on rows ``ao``, too few, and the rows of pattern regions where about half
-    the layer before is on (:func:`relux.attack.pattern_layer.pattern_rows`, seeded with ``ao``'s rows
-    refined first, so that their kinks there cost nothing). Behind the CIFAR-scale unitary victim's
-    layers 1-3, nine layer-4 neurons cross the all-on region (depth 0.008) only in corners no chord
-    or tip reaches, but cross every random pattern region tried (depth about 0.06). None, with the
+    the layer before is on (:func:`relux.attack.pattern_layer.pattern_rows`, seeded with those of
+    ``ao``'s rows that refine, :func:`_precise_seeds`, so that their kinks there cost nothing).
+    Behind the CIFAR-scale unitary victim's layers 1-3, nine layer-4 neurons cross the all-on region
+    (depth 0.008) only in corners no chord or tip reaches, but cross every random pattern region
+    tried (depth about 0.06 with layers 1-2 on, 1.0 with layer 1 on). None, with the
     reason, when the rows are still too few or too many, or an inner layer's weight was neither seen
     nor completed (the walks then take the layer)."""
-    from relux.attack.deep import outcome_from_rows, refine_rows
+    from relux.attack.deep import outcome_from_rows
     from relux.attack.pattern_layer import pattern_rows
 
     none = np.zeros(0, dtype=int)
-    W, b, res = refine_rows(query, layers, ao.W, ao.b, ao.points, ao.residual, d0, cfg, rng, rel_tol)
-    pr = pattern_rows(query, layers, width, d0, cfg, rng, rel_tol, executor=executor, seed=(W, b, ao.points, res))
+    seed = _precise_seeds(query, layers, ao, d0, cfg, rng)
+    log.info("layer %d: %d of %d all-on rows refined as seeds for the pattern regions", len(layers) + 1,
+             seed[0].shape[0], ao.W.shape[0])
+    pr = pattern_rows(query, layers, width, d0, cfg, rng, rel_tol, executor=executor,
+                      seed=seed if seed[0].shape[0] else None)
     n = pr.W.shape[0]
     log.info("layer %d: %d/%d rows with %d pattern regions (%d lines, %d kinks, %d measured; %d weights unseen)",
              len(layers) + 1, n, width, pr.regions, pr.lines, pr.kinks, pr.measured, int((~pr.seen).sum()))
@@ -501,3 +505,35 @@ def _with_pattern_rows(
         rows = int((~out.coverage).any(axis=1).sum())
         return None, f"{unseen} weights of {rows} rows neither seen in a pattern region nor completed", none
     return dataclasses.replace(out, witnesses=ao.kinks + pr.kinks, lines=ao.lines + pr.lines), "", none
+
+
+#: :func:`_precise_seeds` stops after this many rows when fewer than half of them refined.
+SEED_PROBE = 16
+
+
+def _precise_seeds(
+    query: QueryFn, layers: Sequence[pfx.Layer], ao: AllOnRows, d0: int, cfg: ExtractionConfig,
+    rng: np.random.Generator,
+) -> tuple[FloatArray, FloatArray, tuple[FloatArray, ...], FloatArray]:
+    """Those of the all-on rows that one polish on exact boundary points refines
+    (:func:`relux.attack.polish.polish_unit`), unit norm, with their points and residuals. A seed must
+    predict its kinks in the pattern regions to within their brackets, or its neuron is read again
+    there as a new one. In a thin region the rows' finite differences are poor: behind the CIFAR-scale
+    unitary victim's layers 1-3 (all-on depth 0.008) the layer-4 rows were 1e-4 to 1e-2 off in
+    ``1 - |cos|``, and none refined. So after :data:`SEED_PROBE` rows with fewer than half refined,
+    the rest are not tried (the regions read them instead)."""
+    from relux.attack.polish import estimated_boundary_points, polish_unit
+
+    spread = cfg.input_scale * float(np.sqrt(d0))
+    keep: list[int] = []
+    W, b, res = np.array(ao.W, dtype=float), np.array(ao.b, dtype=float), np.array(ao.residual, dtype=float)
+    for j in range(W.shape[0]):
+        if j >= SEED_PROBE and 2 * len(keep) < j:
+            break
+        P = ao.points[j]
+        fresh = estimated_boundary_points(layers, W[j], float(b[j]), d0, cfg.input_scale, rng)
+        pol = polish_unit(query, layers, W[j], float(b[j]), P[:8], d0, spread, rng, fresh)
+        if pol.ok:
+            W[j], b[j], res[j] = pol.w, pol.b, pol.residual
+            keep.append(j)
+    return W[keep], b[keep], tuple(ao.points[j] for j in keep), res[keep]

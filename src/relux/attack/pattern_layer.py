@@ -72,12 +72,19 @@ class Pattern:
 
 
 def _earlier_region(
-    layers: Sequence[pfx.Layer], box: float,
+    layers: Sequence[pfx.Layer], box: float, before: Sequence[np.ndarray] | None = None,
 ) -> tuple[FloatArray, FloatArray, FloatArray, int, float, FloatArray] | None:
-    """Every known pre-activation as an affine map where all are on (:func:`all_on_map`), with the
-    margins, the number of rows of the layers before the last, and the depth and centre of the region
-    where those are all on; None when that region is empty."""
-    A, c = all_on_map(layers)
+    """Every known pre-activation as an affine map where all are on (:func:`all_on_map`), or where the
+    layers before the last follow ``before`` (:func:`relux.attack.active_lines.cell_map`, an off
+    neuron's row negated), with the margins, the number of rows of the layers before the last, and the
+    depth and centre of the region where those hold; None when that region is empty."""
+    if before is None:
+        A, c = all_on_map(layers)
+    else:
+        A, c = cell_map(layers, before)
+        s = np.ones(A.shape[0])
+        s[: A.shape[0] - layers[-1][0].shape[0]] = np.where(np.concatenate(before), 1.0, -1.0)
+        A, c = A * s[:, None], c * s
     margin = region_margin(A, c, box)
     last = A.shape[0] - layers[-1][0].shape[0]
     r0, centre = largest_ball(A[:last], c[:last], margin[:last], box)
@@ -117,6 +124,7 @@ def _most_on(
 
 def choose_pattern(
     layers: Sequence[pfx.Layer], box: float, order: Sequence[int], depth_frac: float = 0.1,
+    before: Sequence[np.ndarray] | None = None,
 ) -> Pattern | None:
     """A pattern of the last known layer with the neurons ``order`` asked to be on, block by block of
     ``BLOCK`` (an eighth of the layer at most) in that order, one linear program each
@@ -124,8 +132,9 @@ def choose_pattern(
     its on side, capped at the ball's radius): those of a block it puts on with that ball join the
     ones already on, where a ball of ``depth_frac`` times the depth of the region where the earlier
     layers are all on still fits with all of them and the earlier layers on (module docstring). The
-    pattern is the one at that ball's centre. None when the earlier layers' region is empty."""
-    early = _earlier_region(layers, box)
+    pattern is the one at that ball's centre. None when the earlier layers' region is empty.
+    ``before``: the earlier layers follow these patterns instead of being all on."""
+    early = _earlier_region(layers, box, before)
     if early is None:
         return None
     A, c, margin, last, r0, x = early
@@ -143,7 +152,14 @@ def choose_pattern(
         held, x = got
         hard[np.flatnonzero(soft)[held]] = True
     on = (A[last:] @ x + c[last:]) > 0
-    return Pattern(on, need, int(hard[last:].sum()))
+    return Pattern(on, need, int(hard[last:].sum()), None if before is None else tuple(before))
+
+
+def _controls(layers: Sequence[pfx.Layer], pat: Pattern) -> bool:
+    """Whether the last layer's neurons on in ``pat`` control as many directions as they are there."""
+    masks = [*(pat.before or [np.ones(W.shape[0], dtype=bool) for W, _ in layers[:-1]]), pat.on]
+    A_last = cell_map(layers, masks)[0][-pat.on.size:][pat.on]
+    return bool(np.linalg.matrix_rank(A_last) == A_last.shape[0])
 
 
 def random_pattern(layers: Sequence[pfx.Layer], box: float, rng: np.random.Generator) -> Pattern | None:
@@ -172,9 +188,9 @@ def random_pattern(layers: Sequence[pfx.Layer], box: float, rng: np.random.Gener
         masks = [z[0] > 0 for z in Z]
         if k == len(layers) - 1:
             return Pattern(masks[-1], 0.0, 0)
-        A_last = cell_map(layers, masks)[0][-masks[-1].size:][masks[-1]]
-        if np.linalg.matrix_rank(A_last) == A_last.shape[0]:
-            return Pattern(masks[-1], 0.0, 0, tuple(masks[:-1]))
+        pat = Pattern(masks[-1], 0.0, 0, tuple(masks[:-1]))
+        if _controls(layers, pat):
+            return pat
     return None
 
 
@@ -231,6 +247,21 @@ def _merged(entries: Sequence[_Entry]) -> list[_Entry]:
     for e in entries:
         _add(out, e)
     return out if len(out) == len(entries) else _merged(out)
+
+
+def _without_fragments(entries: Sequence[_Entry]) -> list[_Entry]:
+    """The entries without pieces that saw fewer than ``MIN_SHARED`` weights (too few to join any
+    other, :func:`_scale`) and agree to ``MATCH_TOL`` with a whole row on those and the bias: a
+    region with few neurons on gives such pieces of rows another region showed whole."""
+    whole = [e for e in entries if e.seen.all()]
+
+    def agrees(f: _Entry, e: _Entry) -> bool:
+        u, v = np.append(f.w[f.seen], f.b), np.append(e.w[f.seen], e.b)
+        nu, nv = float(np.linalg.norm(u)), float(np.linalg.norm(v))
+        return nu > 0 and nv > 0 and 1.0 - abs(float(u @ v)) / (nu * nv) <= MATCH_TOL
+
+    return [f for f in entries
+            if f.seen.all() or f.seen.sum() >= MIN_SHARED or not any(agrees(f, e) for e in whole)]
 
 
 @dataclass(frozen=True)
@@ -291,13 +322,19 @@ def pattern_rows(
             # the weights the rows known so far lack, the most lacked first, ties at random
             lack = np.zeros(d_in) if not entries else np.stack([~e.seen for e in entries]).sum(axis=0).astype(float)
             order = np.lexsort((np.asarray(rng.random(size=d_in)), -lack))
-            if seed is None:
-                pat = choose_pattern(layers, box, order.tolist())
-            elif lack.any():
-                # the partial rows' unseen weights asked to be on (pieces must share weights to join)
-                pat = choose_pattern(layers, box, order[: int((lack > 0).sum())].tolist())
+            lacked = order[: int((lack > 0).sum())].tolist()
+            # Behind two layers or fewer (or unseeded), the first region is chosen as before; behind
+            # more, a random cell is far deeper than where the earlier layers are all on (random_pattern)
+            cell = random_pattern(layers, box, rng) if seed is not None or len(layers) > 2 else None
+            if cell is not None and not lacked:
+                pat = cell
+            elif cell is not None and cell.before is not None:
+                # the partial rows' unseen weights asked to be on, inside that cell's earlier patterns
+                pat = choose_pattern(layers, box, lacked, before=cell.before)
+                pat = pat if pat is not None and _controls(layers, pat) else cell
             else:
-                pat = random_pattern(layers, box, rng)
+                # the weights lacked most first (pieces must share weights to join)
+                pat = choose_pattern(layers, box, order.tolist() if seed is None else lacked)
         for _ in range(4):
             if pat is None or pat.key() not in tried:
                 break
@@ -334,6 +371,7 @@ def pattern_rows(
                  int(pat.on.sum()), region.depth, ao.W.shape[0], len(entries), full)
         if (len(entries) >= width and full == len(entries)) or idle >= 3:
             break
+    entries = _without_fragments(entries)
     if not entries:
         return PatternRows(np.zeros((0, d_in)), np.zeros(0), np.zeros((0, d_in), dtype=bool), (), np.zeros(0),
                            regions, lines, kinks, measured, np.zeros(0, dtype=bool))
