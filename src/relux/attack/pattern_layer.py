@@ -302,7 +302,7 @@ def pattern_rows(
     come first in the result. Their kinks cost no query. A region is at a random point
     (:func:`random_pattern`; where about half of the layers after the first are on, a region is far
     deeper than the all-on region, and such neurons cross it) while no row is partial, and then has
-    the partial rows' unseen weights asked to be on."""
+    the partial rows' unseen weights asked to be on, when that region is at least half as deep."""
     d_in = layers[-1][0].shape[0]
     box = 3.0 * cfg.input_scale
     entries: list[_Entry] = []
@@ -328,13 +328,20 @@ def pattern_rows(
             cell = random_pattern(layers, box, rng) if seed is not None or len(layers) > 2 else None
             if cell is not None and not lacked:
                 pat = cell
-            elif cell is not None and cell.before is not None:
-                # the partial rows' unseen weights asked to be on, inside that cell's earlier patterns
-                pat = choose_pattern(layers, box, lacked, before=cell.before)
-                pat = pat if pat is not None and _controls(layers, pat) else cell
+            elif cell is not None and (seed is not None or cell.before is not None):
+                # the partial rows' unseen weights asked to be on, inside that cell's earlier patterns,
+                # unless that region is less than half as deep as the cell: behind the unitary victim's
+                # layers 1-3 every layer-3 neuron was lacked by some piece, and the linear programs
+                # drove to the all-on region itself (0.008 deep, the cell 0.06), where rows are imprecise
+                pat = cell
+                chosen = choose_pattern(layers, box, lacked, before=cell.before)
+                if chosen is not None and _controls(layers, chosen):
+                    regs = [pattern_region(layers, box, p.on, p.before) for p in (cell, chosen)]
+                    if regs[0] is None or (regs[1] is not None and regs[1].depth >= 0.5 * regs[0].depth):
+                        pat = chosen
             else:
                 # the weights lacked most first (pieces must share weights to join)
-                pat = choose_pattern(layers, box, order.tolist() if seed is None else lacked)
+                pat = choose_pattern(layers, box, order.tolist())
         for _ in range(4):
             if pat is None or pat.key() not in tried:
                 break
