@@ -323,12 +323,13 @@ def pattern_rows(
             lack = np.zeros(d_in) if not entries else np.stack([~e.seen for e in entries]).sum(axis=0).astype(float)
             order = np.lexsort((np.asarray(rng.random(size=d_in)), -lack))
             lacked = order[: int((lack > 0).sum())].tolist()
-            # Behind two layers or fewer (or unseeded), the first region is chosen as before; behind
-            # more, a random cell is far deeper than where the earlier layers are all on (random_pattern)
+            # Unseeded behind two layers or fewer, regions are chosen as for the trained victim's layer
+            # 3 (session 29); seeded, or behind more layers, each starts from a random cell, far deeper
+            # than where the earlier layers are all on (random_pattern)
             cell = random_pattern(layers, box, rng) if seed is not None or len(layers) > 2 else None
             if cell is not None and not lacked:
                 pat = cell
-            elif cell is not None and (seed is not None or cell.before is not None):
+            elif cell is not None:
                 # the partial rows' unseen weights asked to be on, inside that cell's earlier patterns,
                 # unless that region is less than half as deep as the cell: behind the unitary victim's
                 # layers 1-3 every layer-3 neuron was lacked by some piece, and the linear programs
