@@ -8,10 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relux.attack.active_lines import active_lines, all_on_region, pattern_region
+from relux.attack.active_lines import active_lines, all_on_region, cell_map, pattern_region
 from relux.attack.config import ExtractionConfig
 from relux.attack.pattern_layer import (
     MIN_SHARED,
+    _controls,
     _Entry,
     _merged,
     _most_on,
@@ -85,6 +86,58 @@ def test_the_chosen_pattern_has_most_of_its_neurons_on_and_a_pair_never_both() -
     assert pat.wanted >= 8 and pat.on.sum() >= pat.wanted
     rnd = random_pattern(prefix, 3.0, np.random.default_rng(0))
     assert rnd is not None and rnd.on.shape == (16,)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(2, 9), st.integers(1, 4))
+def test_the_cell_map_is_the_prefix_where_its_patterns_hold(seed: int, d: int, depth: int) -> None:
+    rng = np.random.default_rng(seed)
+    widths = [d] + [int(rng.integers(2, 12)) for _ in range(depth)]
+    layers = [(rng.normal(size=(o, i)), rng.normal(scale=0.3, size=o))
+              for i, o in zip(widths[:-1], widths[1:], strict=True)]
+    X = rng.normal(size=(5, d))
+    for x in X:
+        Z, h = [], x
+        for W, b in layers:
+            Z.append(W @ h + b)
+            h = np.maximum(Z[-1], 0.0)
+        A, c = cell_map(layers, [z > 0 for z in Z])
+        # the same products in another order: equal to rounding (1e-12 of the terms' size)
+        scale = np.abs(A) @ np.abs(x) + np.abs(c) + 1.0
+        assert np.all(np.abs(A @ x + c - np.concatenate(Z)) <= 1e-12 * scale)
+    # no masks: every neuron on
+    A0, c0 = cell_map(layers, None)
+    A1, c1 = cell_map(layers, [np.ones(W.shape[0], dtype=bool) for W, _ in layers])
+    np.testing.assert_array_equal(A0, A1)
+    np.testing.assert_array_equal(c0, c1)
+
+
+def test_a_random_cell_behind_three_layers_holds_its_patterns_along_its_chords() -> None:
+    # a 12-12-24-8 prefix (layer 1 square, as in the CIFAR frame): cells where layer 1 is on and
+    # layers 2-3 follow patterns
+    rng = np.random.default_rng(3)
+    layers = [(rng.normal(size=(12, 12)), rng.normal(scale=0.3, size=12)),
+              (rng.normal(size=(24, 12)), rng.normal(scale=0.3, size=24)),
+              (rng.normal(size=(8, 24)), rng.normal(scale=0.3, size=8))]
+    found = 0
+    for _ in range(10):
+        pat = random_pattern(layers, 3.0, rng)
+        assert pat is not None and _controls(layers, pat)
+        region = pattern_region(layers, 3.0, pat.on, pat.before)
+        if pat.before is None or region is None:
+            continue
+        found += 1
+        al = active_lines(region, 3, 1.0, rng)
+        masks = [*pat.before, pat.on]
+        assert masks[0].all()  # the first layer all on
+        for x0, u, half in zip(al.x0, al.u, al.half, strict=True):
+            for t in np.linspace(-1.0, 1.0, 21):
+                h = x0 + t * half * u
+                for (W, b), m in zip(layers, masks, strict=True):
+                    z = W @ h + b
+                    assert np.all((z > 0) == m)
+                    h = np.maximum(z, 0.0)
+    assert found >= 3
 
 
 @settings(max_examples=30, deadline=None)
