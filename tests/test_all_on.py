@@ -333,11 +333,18 @@ def test_rows_the_all_on_lines_miss_come_from_pattern_regions(
     net, prefix, true = _victim()
     monkeypatch.setattr(aol, "all_on_rows", _short_by(short))
     monkeypatch.setattr(pl, "all_on_rows", _short_by(short))
-    out, why, zero = all_on_outcome(CountingOracle(MLPOracle(net)).query, prefix, 8, 14, is_last,
-                                    ExtractionConfig(seed=0), np.random.default_rng(0), 1e-9)
+    # layer 1 is 10 wide: pattern regions allowed at every width here
+    cfg = ExtractionConfig(seed=0, pattern_min_width=0)
+    out, why, zero = all_on_outcome(CountingOracle(MLPOracle(net)).query, prefix, 8, 14, is_last, cfg,
+                                    np.random.default_rng(0), 1e-9)
     assert out is not None and why == "" and zero.size == 0
     assert _whole(out, true) and out.dead == 0
     assert "pattern regions" in out.neurons[-1]["rows_from"]
+    # behind a layer narrower than pattern_min_width (the default 128) the walks take the layer
+    oracle = CountingOracle(MLPOracle(net))
+    out, why, _ = all_on_outcome(oracle.query, prefix, 8, 14, is_last, ExtractionConfig(seed=0),
+                                 np.random.default_rng(0), 1e-9)
+    assert out is None and why == "short"
 
 
 def test_rows_still_missing_after_the_pattern_regions_give_no_layer(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -354,7 +361,7 @@ def test_rows_still_missing_after_the_pattern_regions_give_no_layer(monkeypatch:
 
     monkeypatch.setattr(pl, "all_on_rows", nothing)
     out, why, _ = all_on_outcome(CountingOracle(MLPOracle(net)).query, prefix, 8, 14, False,
-                                 ExtractionConfig(seed=0), np.random.default_rng(0), 1e-9)
+                                 ExtractionConfig(seed=0, pattern_min_width=0), np.random.default_rng(0), 1e-9)
     assert out is None and why.startswith("short; 6 rows after") and "pattern regions" in why
 
 

@@ -16,6 +16,7 @@ from relux.attack.pattern_layer import (
     _Entry,
     _merged,
     _most_on,
+    _without_fragments,
     choose_pattern,
     pattern_outcome,
     pattern_rows,
@@ -186,6 +187,47 @@ def test_pieces_of_one_row_merge_into_it(seed: int, d: int, s1: float, s2: float
     # scaled onto the first piece: exact up to rounding in the factor (a few ulps of the weights)
     np.testing.assert_allclose(out[0].w, s1 * w, rtol=1e-10, atol=1e-12 * abs(s1) * float(np.abs(w).max()))
     assert out[1].w is other
+
+
+def _on_plane(w: np.ndarray, b: float, rng: np.random.Generator, n: int = 3) -> np.ndarray:
+    """``n`` points of the plane ``w·x + b = 0`` (behind no layer the layer input is the input)."""
+    X = rng.standard_normal((n, w.size))
+    return X - ((X @ w + b) / (w @ w))[:, None] * w[None, :]
+
+
+def test_a_small_piece_of_a_whole_row_is_dropped_and_only_that() -> None:
+    rng = np.random.default_rng(1)
+    d = 12
+    w, b = rng.standard_normal(d), 0.4
+    whole = _Entry(w.copy(), b, np.ones(d, dtype=bool), [_on_plane(w, b, rng)], 0.0)
+    two = np.zeros(d, dtype=bool)
+    two[[3, 7]] = True
+    # a two-weight piece of it (scaled), its kinks on its boundary: dropped
+    piece = _Entry(np.where(two, -2.0 * w, 0.0), -2.0 * b, two, [_on_plane(w, b, rng)], 0.0)
+    assert _without_fragments([], [whole, piece]) == [whole]
+    # the same weights, but its kinks are another neuron's: kept
+    v = rng.standard_normal(d)
+    stray = _Entry(np.where(two, -2.0 * w, 0.0), -2.0 * b, two, [_on_plane(v, -0.2, rng)], 0.0)
+    assert _without_fragments([], [whole, stray]) == [whole, stray]
+    # one weight and the bias say too little to tell: kept
+    one = np.zeros(d, dtype=bool)
+    one[5] = True
+    single = _Entry(np.where(one, w, 0.0), b, one, [_on_plane(w, b, rng)], 0.0)
+    assert _without_fragments([], [whole, single]) == [whole, single]
+
+
+def test_a_seed_stays_first_and_unchanged_when_pieces_join_it() -> None:
+    rng = np.random.default_rng(2)
+    d = 16
+    w, b = rng.standard_normal(d), -0.3
+    seed = _Entry(w.copy(), b, np.ones(d, dtype=bool), [np.zeros((1, d))], 1e-15, seed=True)
+    half = np.arange(d) < 9
+    piece = _Entry(np.where(half, 4.0 * w, 0.0), 4.0 * b, half, [np.zeros((1, d))], 1e-9)
+    other = _Entry(rng.standard_normal(d), 0.1, half, [np.zeros((1, d))], 0.0)
+    out = _merged([seed, other, piece])
+    assert len(out) == 2 and out[0] is seed and out[0].seed and not out[1].seed
+    np.testing.assert_array_equal(out[0].w, w)  # a whole row gains no weight from a piece
+    assert out[0].residual == 1e-15 and len(out[0].points) == 2
 
 
 def test_two_pieces_that_share_too_few_weights_meet_through_a_third() -> None:

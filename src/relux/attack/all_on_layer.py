@@ -263,7 +263,8 @@ def all_on_rows(
     neurons on there (:mod:`relux.attack.pattern_layer` pieces rows together). ``use_tips``: whether tips
     follow the chords. ``seed = (W, b)``: rows of the layer already known whole; their kinks cost no
     query (:func:`relux.attack.witnesses.find_candidates`), only ``width`` less their number are
-    sought, and they are not returned."""
+    sought, and they are not returned (a seed too far off for its kinks to be recognised is found
+    again as a new row)."""
     d_in = layers[-1][0].shape[0]
     scale = cfg.input_scale * float(np.sqrt(d0))
     empty = AllOnRows(np.zeros((0, d_in)), np.zeros(0), (), np.zeros(0), 0, 0, 0)
@@ -448,6 +449,9 @@ def all_on_outcome(
     # The last hidden layer is never kept short: no chords come after it, and the witness groups and
     # walks that take it look everywhere.
     if width - n > (0 if is_last else corner_allowance(width)):
+        if layers[-1][0].shape[0] < cfg.pattern_min_width:
+            # behind narrow layers pieces share too few weights to join (the walks take the layer)
+            return None, ao.reason or f"{n} rows for a layer of {width}", none
         return _with_pattern_rows(query, layers, ao, width, d0, is_last, cfg, rng, rel_tol, executor)
     if n < width:
         # Likely neurons switched only in corners of the region that no chord or tip reaches (CIFAR
@@ -478,7 +482,8 @@ def _with_pattern_rows(
     ``ao``'s rows that refine, :func:`_precise_seeds`, so that their kinks there cost nothing).
     Behind the CIFAR-scale unitary victim's layers 1-3, nine layer-4 neurons cross the all-on region
     (depth 0.008) only in corners no chord or tip reaches, but cross every random pattern region
-    tried (depth about 0.06 with layers 1-2 on, 1.0 with layer 1 on). None, with the
+    tried (depth about 0.05 with layers 1-2 on, 1.0 with layer 1 on). Only behind a layer at least
+    ``cfg.pattern_min_width`` wide (the caller returns the layer to the walks otherwise). None, with the
     reason, when the rows are still too few or too many, or an inner layer's weight was neither seen
     nor completed (the walks then take the layer)."""
     from relux.attack.deep import outcome_from_rows

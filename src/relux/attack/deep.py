@@ -364,8 +364,9 @@ def outcome_from_rows(
     row's points saw on (all by default); the others are first filled along the row's boundary
     (:func:`relux.attack.complete.complete_row`, with the kink search's ``rel_tol``). ``settled``:
     rows already refined and signed (kept from a failed attempt, :mod:`relux.attack.resume`): not
-    refined again, and their signs stay as given. ``refined``: rows already refined
-    (:func:`refine_rows`) but not signed."""
+    refined again, and their signs stay as given. ``refined``: rows already refined on exact
+    boundary points (by a polish that passed, as :func:`relux.attack.all_on_layer._with_pattern_rows`
+    keeps its seeds) but not signed."""
     nrm = np.linalg.norm(np.concatenate([W, b[:, None]], axis=1), axis=1)
     W, b = W / nrm[:, None], b / nrm
     row_residual = np.array(row_residual, dtype=float)

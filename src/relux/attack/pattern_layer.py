@@ -51,6 +51,10 @@ MIN_SHARED = 4
 #: A neuron of the layer before is judged for a wrong sign (:func:`pattern_outcome`) when at least
 #: this many rows saw it on: too few may all have a small weight on it by chance.
 MIN_JUDGED = 8
+#: A piece too small to join (:func:`_without_fragments`) is a whole row's when its kinks lie this close
+#: (relative) to that row's boundary: pieced rows are within about 1e-8 of their true rows (session 29),
+#: another neuron's kinks are O(1) off.
+FRAGMENT_TOL = 1e-6
 #: Neurons asked to be on per linear program (:func:`choose_pattern`), at most an eighth of the layer
 #: (so that the order still matters behind narrow layers).
 BLOCK = 32
@@ -166,8 +170,9 @@ def random_pattern(layers: Sequence[pfx.Layer], box: float, rng: np.random.Gener
     """The patterns of the known layers at a random point of the region where the first ``k`` layers
     are all on: between its centre and a vertex of a random objective, 30% to 90% of the way out (a
     linear program each, no queries). ``k`` is the smallest for which the last layer's neurons on
-    there control as many directions as they are (else a row's weights on them are not determined);
-    the layers between follow the point's patterns. Behind the CIFAR-scale unitary victim's layers
+    there control as many directions as they are (else a row's weights on them are not determined),
+    or else every layer but the last (whose rank :func:`relux.attack.all_on_layer.all_on_rows`
+    checks); the layers between follow the point's patterns. Behind the CIFAR-scale unitary victim's layers
     1-3, such a region with layer 1 on is about 1.0 deep, with layers 1-2 on 0.05, and the region
     where all three are on 0.008. None when no such region exists."""
     d = layers[0][0].shape[1]
@@ -230,7 +235,8 @@ def _add(entries: list[_Entry], f: _Entry) -> None:
         e.w[fresh] = s * f.w[fresh]
         e.seen |= fresh
         e.points += f.points
-        e.residual = max(e.residual, f.residual)
+        if not e.seed:  # a seed's row, refined, is kept as it was
+            e.residual = max(e.residual, f.residual)
         return
     entries.append(f)
 
@@ -249,19 +255,24 @@ def _merged(entries: Sequence[_Entry]) -> list[_Entry]:
     return out if len(out) == len(entries) else _merged(out)
 
 
-def _without_fragments(entries: Sequence[_Entry]) -> list[_Entry]:
+def _without_fragments(layers: Sequence[pfx.Layer], entries: Sequence[_Entry]) -> list[_Entry]:
     """The entries without pieces that saw fewer than ``MIN_SHARED`` weights (too few to join any
-    other, :func:`_scale`) and agree to ``MATCH_TOL`` with a whole row on those and the bias: a
-    region with few neurons on gives such pieces of rows another region showed whole."""
+    other, :func:`_scale`) but at least two, that agree to ``MATCH_TOL`` with a whole row on those and
+    the bias, and whose kinks lie on that row's boundary (to ``FRAGMENT_TOL``): a region with few
+    neurons on gives such pieces of rows another region showed whole."""
     whole = [e for e in entries if e.seen.all()]
 
     def agrees(f: _Entry, e: _Entry) -> bool:
         u, v = np.append(f.w[f.seen], f.b), np.append(e.w[f.seen], e.b)
         nu, nv = float(np.linalg.norm(u)), float(np.linalg.norm(v))
-        return nu > 0 and nv > 0 and 1.0 - abs(float(u @ v)) / (nu * nv) <= MATCH_TOL
+        if not (nu > 0 and nv > 0 and 1.0 - abs(float(u @ v)) / (nu * nv) <= MATCH_TOL):
+            return False
+        _, H = pfx.forward(layers, np.concatenate(f.points))
+        z = np.abs(H @ e.w + e.b) / (np.linalg.norm(H, axis=1) * float(np.linalg.norm(e.w)) + abs(e.b))
+        return bool(np.all(z <= FRAGMENT_TOL))
 
-    return [f for f in entries
-            if f.seen.all() or f.seen.sum() >= MIN_SHARED or not any(agrees(f, e) for e in whole)]
+    return [f for f in entries if f.seen.all() or not 2 <= f.seen.sum() < MIN_SHARED
+            or not any(agrees(f, e) for e in whole)]
 
 
 @dataclass(frozen=True)
@@ -296,6 +307,9 @@ def pattern_rows(
     """Rows of the layer behind ``layers`` from chords of up to ``max_regions`` pattern regions (module
     docstring): until ``width`` rows have every weight seen, or three regions in a row add no row and
     no weight (a pattern read before, or whose region is empty, counts as one).
+
+    Unseeded behind more than two layers, each region also starts from such a random cell (see
+    below), as the region where the earlier layers are all on is thin there.
 
     ``seed = (W, b, points, residual)``: whole rows already known, as from the all-on region, which
     some neurons cross only in small corners (:func:`relux.attack.all_on_layer.all_on_outcome`). They
@@ -333,7 +347,7 @@ def pattern_rows(
                 # the partial rows' unseen weights asked to be on, inside that cell's earlier patterns,
                 # unless that region is less than half as deep as the cell: behind the unitary victim's
                 # layers 1-3 every layer-3 neuron was lacked by some piece, and the linear programs
-                # drove to the all-on region itself (0.008 deep, the cell 0.06), where rows are imprecise
+                # drove to the all-on region itself (0.008 deep, the cell 0.05), where rows are imprecise
                 pat = cell
                 chosen = choose_pattern(layers, box, lacked, before=cell.before)
                 if chosen is not None and _controls(layers, chosen):
@@ -379,7 +393,7 @@ def pattern_rows(
                  int(pat.on.sum()), region.depth, ao.W.shape[0], len(entries), full)
         if (len(entries) >= width and full == len(entries)) or idle >= 3:
             break
-    entries = _without_fragments(entries)
+    entries = _without_fragments(layers, entries)
     if not entries:
         return PatternRows(np.zeros((0, d_in)), np.zeros(0), np.zeros((0, d_in), dtype=bool), (), np.zeros(0),
                            regions, lines, kinks, measured, np.zeros(0, dtype=bool))

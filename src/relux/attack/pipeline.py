@@ -486,7 +486,8 @@ def _all_on_layer(
     if flipped:
         warnings.append(f"layer {i - 1}: neuron(s) {flipped} flipped against the wiggle's verdict: no layer-{i} row "
                         "weighted them until they were")
-    how = "all-on" if read is all_on_outcome else "pattern-region"
+    how = "pattern-region" if read is not all_on_outcome else \
+        "all-on and pattern-region" if any("pattern" in str(nr.get("rows_from")) for nr in out.neurons) else "all-on"
     check = f"checked by layer-{i} {how} rows (every neuron weighted by some row; flipped {len(flipped)})"
     reports = [*reports[:-1], dataclasses.replace(prev, sign_method=f"{prev.sign_method}; {check}")]
     return layers, reports, out
