@@ -255,6 +255,31 @@ def _merged(entries: Sequence[_Entry]) -> list[_Entry]:
     return out if len(out) == len(entries) else _merged(out)
 
 
+def _lacked_on(
+    layers: Sequence[pfx.Layer], box: float, cell: Pattern, lacked: Sequence[int], tries: int = 4,
+) -> Pattern:
+    """A pattern with the weights the partial rows lack most (``lacked``, most lacked first) asked to be
+    on (:func:`choose_pattern`) inside ``cell``'s earlier patterns, when its region is at least half
+    as deep as the cell's; else with half as many asked, up to ``tries`` times; else ``cell`` itself.
+    Behind the unitary victim's layers 1-3, after eight cells 200 layer-3 neurons were lacked by some
+    row: asking all of them on gives the all-on region (0.008 deep), the top 16 to 128 regions 0.026
+    to 0.033 deep, against 0.05 for a random cell."""
+    base = pattern_region(layers, box, cell.on, cell.before)
+    if base is None:
+        return cell
+    m = len(lacked)
+    for _ in range(tries):
+        chosen = choose_pattern(layers, box, lacked[:m], before=cell.before)
+        if chosen is not None and _controls(layers, chosen):
+            reg = pattern_region(layers, box, chosen.on, chosen.before)
+            if reg is not None and reg.depth >= 0.5 * base.depth:
+                return chosen
+        if m <= 1:
+            break
+        m = (m + 1) // 2
+    return cell
+
+
 def _without_fragments(layers: Sequence[pfx.Layer], entries: Sequence[_Entry]) -> list[_Entry]:
     """The entries without pieces that saw fewer than ``MIN_SHARED`` weights (too few to join any
     other, :func:`_scale`) but at least two, that agree to ``MATCH_TOL`` with a whole row on those and
@@ -316,7 +341,8 @@ def pattern_rows(
     come first in the result. Their kinks cost no query. A region is at a random point
     (:func:`random_pattern`; where about half of the layers after the first are on, a region is far
     deeper than the all-on region, and such neurons cross it) while no row is partial, and then has
-    the partial rows' unseen weights asked to be on, when that region is at least half as deep."""
+    the weights the partial rows lack most asked to be on, as many as keep that region at least half
+    as deep (:func:`_lacked_on`)."""
     d_in = layers[-1][0].shape[0]
     box = 3.0 * cfg.input_scale
     entries: list[_Entry] = []
@@ -344,16 +370,9 @@ def pattern_rows(
             if cell is not None and not lacked:
                 pat = cell
             elif cell is not None:
-                # the partial rows' unseen weights asked to be on, inside that cell's earlier patterns,
-                # unless that region is less than half as deep as the cell: behind the unitary victim's
-                # layers 1-3 every layer-3 neuron was lacked by some piece, and the linear programs
-                # drove to the all-on region itself (0.008 deep, the cell 0.05), where rows are imprecise
-                pat = cell
-                chosen = choose_pattern(layers, box, lacked, before=cell.before)
-                if chosen is not None and _controls(layers, chosen):
-                    regs = [pattern_region(layers, box, p.on, p.before) for p in (cell, chosen)]
-                    if regs[0] is None or (regs[1] is not None and regs[1].depth >= 0.5 * regs[0].depth):
-                        pat = chosen
+                # the weights lacked most asked to be on, inside that cell's earlier patterns (asked
+                # all, the linear programs drove to the thin all-on region, where rows are imprecise)
+                pat = _lacked_on(layers, box, cell, lacked)
             else:
                 # the weights lacked most first (pieces must share weights to join)
                 pat = choose_pattern(layers, box, order.tolist())
