@@ -14,6 +14,7 @@ from relux.attack.pattern_layer import (
     MIN_SHARED,
     _controls,
     _Entry,
+    _lacked_on,
     _merged,
     _most_on,
     _without_fragments,
@@ -139,6 +140,27 @@ def test_a_random_cell_behind_three_layers_holds_its_patterns_along_its_chords()
                     assert np.all((z > 0) == m)
                     h = np.maximum(z, 0.0)
     assert found >= 3
+
+
+def test_asking_the_lacked_weights_on_keeps_half_the_cells_depth() -> None:
+    rng = np.random.default_rng(4)
+    layers = [(rng.normal(size=(12, 12)), rng.normal(scale=0.3, size=12)),
+              (rng.normal(size=(16, 12)), rng.normal(scale=0.3, size=16))]
+    asked = 0
+    for _ in range(6):
+        cell = random_pattern(layers, 3.0, rng)
+        assert cell is not None
+        base = pattern_region(layers, 3.0, cell.on, cell.before)
+        off = np.flatnonzero(~cell.on).tolist()
+        pat = _lacked_on(layers, 3.0, cell, off)
+        if pat is cell or base is None:
+            continue
+        asked += 1
+        region = pattern_region(layers, 3.0, pat.on, pat.before)
+        assert region is not None and region.depth >= 0.5 * base.depth
+        assert pat.on[off].any()  # some neuron off in the cell is on in the region chosen
+        assert _controls(layers, pat)
+    assert asked >= 1
 
 
 @settings(max_examples=30, deadline=None)
