@@ -74,6 +74,25 @@ def cell_map(layers: Sequence[pfx.Layer], masks: Sequence[np.ndarray] | None) ->
     return np.concatenate(As), np.concatenate(cs)
 
 
+def cell_masks(
+    layers: Sequence[pfx.Layer], on: np.ndarray | None, before: Sequence[np.ndarray] | None = None,
+) -> list[np.ndarray]:
+    """One mask per layer: ``before`` for the layers before the last and ``on`` for the last, a layer
+    all on where it is None."""
+    masks = [np.ones(W.shape[0], dtype=bool) for W, _ in layers[:-1]] if before is None else \
+        [np.asarray(m, dtype=bool) for m in before]
+    masks.append(np.ones(layers[-1][0].shape[0], dtype=bool) if on is None else np.asarray(on, dtype=bool))
+    return masks
+
+
+def cell_constraints(layers: Sequence[pfx.Layer], masks: Sequence[np.ndarray]) -> tuple[FloatArray, FloatArray]:
+    """The cell where each layer follows its mask as ``A x + c ≥ 0``: :func:`cell_map` with an off
+    neuron's row negated."""
+    A, c = cell_map(layers, masks)
+    s = np.where(np.concatenate(masks), 1.0, -1.0)
+    return A * s[:, None], c * s
+
+
 def region_margin(A: FloatArray, c: FloatArray, box: float) -> FloatArray:
     """The margin each neuron keeps inside the region: ``1e-6`` of its pre-activation's range over the
     box, so that rounding in the prefix cannot switch it off."""
@@ -119,12 +138,7 @@ def pattern_region(
     affine map there too (:func:`cell_map`). Its constraints are kept as ``A x + c ≥ margin`` with an
     off neuron's row negated, so that the chords and tips (:func:`active_lines`, :func:`tip_lines`)
     run in it unchanged."""
-    masks = [np.ones(W.shape[0], dtype=bool) for W, _ in layers[:-1]] if before is None else \
-        [np.asarray(m, dtype=bool) for m in before]
-    masks.append(np.ones(layers[-1][0].shape[0], dtype=bool) if on is None else np.asarray(on, dtype=bool))
-    A, c = cell_map(layers, masks)
-    s = np.where(np.concatenate(masks), 1.0, -1.0)
-    A, c = A * s[:, None], c * s
+    A, c = cell_constraints(layers, cell_masks(layers, on, before))
     margin = region_margin(A, c, box)
     depth, centre = largest_ball(A, c, margin, box)
     if centre is None or depth <= 0.0:

@@ -30,7 +30,15 @@ import numpy as np
 from scipy.optimize import linprog
 
 from relux.attack import prefix as pfx
-from relux.attack.active_lines import all_on_map, cell_map, largest_ball, pattern_region, region_margin, vertex
+from relux.attack.active_lines import (
+    cell_constraints,
+    cell_map,
+    cell_masks,
+    largest_ball,
+    pattern_region,
+    region_margin,
+    vertex,
+)
 from relux.attack.all_on_layer import all_on_rows, corner_allowance, silent_columns
 from relux.attack.config import ExtractionConfig
 from relux.oracle.base import FloatArray, QueryFn
@@ -78,17 +86,12 @@ class Pattern:
 def _earlier_region(
     layers: Sequence[pfx.Layer], box: float, before: Sequence[np.ndarray] | None = None,
 ) -> tuple[FloatArray, FloatArray, FloatArray, int, float, FloatArray] | None:
-    """Every known pre-activation as an affine map where all are on (:func:`all_on_map`), or where the
-    layers before the last follow ``before`` (:func:`relux.attack.active_lines.cell_map`, an off
-    neuron's row negated), with the margins, the number of rows of the layers before the last, and the
-    depth and centre of the region where those hold; None when that region is empty."""
-    if before is None:
-        A, c = all_on_map(layers)
-    else:
-        A, c = cell_map(layers, before)
-        s = np.ones(A.shape[0])
-        s[: A.shape[0] - layers[-1][0].shape[0]] = np.where(np.concatenate(before), 1.0, -1.0)
-        A, c = A * s[:, None], c * s
+    """Every known pre-activation as an affine map where the layers before the last are all on, or
+    follow ``before``, and the last is all on (:func:`relux.attack.active_lines.cell_constraints`: an
+    off neuron's row negated; multiplying by ones leaves the all-on map exact), with the margins, the
+    number of rows of the layers before the last, and the depth and centre of the region where those
+    hold; None when that region is empty."""
+    A, c = cell_constraints(layers, cell_masks(layers, None, before))
     margin = region_margin(A, c, box)
     last = A.shape[0] - layers[-1][0].shape[0]
     r0, centre = largest_ball(A[:last], c[:last], margin[:last], box)
@@ -161,8 +164,7 @@ def choose_pattern(
 
 def _controls(layers: Sequence[pfx.Layer], pat: Pattern) -> bool:
     """Whether the last layer's neurons on in ``pat`` control as many directions as they are there."""
-    masks = [*(pat.before or [np.ones(W.shape[0], dtype=bool) for W, _ in layers[:-1]]), pat.on]
-    A_last = cell_map(layers, masks)[0][-pat.on.size:][pat.on]
+    A_last = cell_map(layers, cell_masks(layers, pat.on, pat.before))[0][-pat.on.size:][pat.on]
     return bool(np.linalg.matrix_rank(A_last) == A_last.shape[0])
 
 
