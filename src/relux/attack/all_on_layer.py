@@ -487,7 +487,7 @@ def _with_pattern_rows(
     reason, when the rows are still too few or too many, or an inner layer's weight was neither seen
     nor completed (the walks then take the layer)."""
     from relux.attack.deep import outcome_from_rows
-    from relux.attack.pattern_layer import pattern_rows
+    from relux.attack.pattern_layer import pattern_rows, unseen_weights
 
     none = np.zeros(0, dtype=int)
     seed = _precise_seeds(query, layers, ao, d0, cfg, rng)
@@ -505,10 +505,9 @@ def _with_pattern_rows(
     out = outcome_from_rows(query, layers, pr.W, pr.b, pr.points, pr.residual, width, d0, is_last, cfg, rng,
                             "all-on lines and pattern regions", coverage=pr.seen, rel_tol=rel_tol,
                             executor=executor, refined=pr.from_seed)
-    unseen = int((~out.coverage).sum())
-    if unseen and not is_last:
-        rows = int((~out.coverage).any(axis=1).sum())
-        return None, f"{unseen} weights of {rows} rows neither seen in a pattern region nor completed", none
+    why = unseen_weights(out.coverage, is_last)
+    if why:
+        return None, why, none
     return dataclasses.replace(out, witnesses=ao.kinks + pr.kinks, lines=ao.lines + pr.lines), "", none
 
 

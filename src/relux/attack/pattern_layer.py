@@ -424,6 +424,18 @@ def pattern_rows(
                        np.array([e.seed for e in entries], dtype=bool))
 
 
+def unseen_weights(coverage: np.ndarray, is_last: bool) -> str:
+    """Why an inner layer whose rows came from pattern regions is not kept: some weight was neither
+    seen nor completed (``coverage`` false there). Such a layer, a weight left at zero, is wrong, and
+    the walks take it instead; the pipeline reads the last hidden layer's unseen weights from the
+    output. Empty when the layer is kept."""
+    unseen = int((~coverage).sum())
+    if not unseen or is_last:
+        return ""
+    rows = int((~coverage).any(axis=1).sum())
+    return f"{unseen} weights of {rows} rows neither seen in a pattern region nor completed"
+
+
 def pattern_outcome(
     query: QueryFn,
     layers: Sequence[pfx.Layer],
@@ -469,10 +481,7 @@ def pattern_outcome(
         return None, f"{n} rows for a layer of {width} from {pr.regions} pattern regions", none
     out = outcome_from_rows(query, layers, pr.W, pr.b, pr.points, pr.residual, width, d0, is_last, cfg, rng,
                             "pattern regions", coverage=pr.seen, rel_tol=rel_tol, executor=executor)
-    unseen = int((~out.coverage).sum())
-    if unseen and not is_last:
-        # an inner layer with a weight left at zero is a wrong layer: the walks take it instead (the
-        # pipeline reads the last hidden layer's unseen weights from the output)
-        rows = int((~out.coverage).any(axis=1).sum())
-        return None, f"{unseen} weights of {rows} rows neither seen in a pattern region nor completed", none
+    why = unseen_weights(out.coverage, is_last)
+    if why:
+        return None, why, none
     return dataclasses.replace(out, witnesses=pr.kinks, lines=pr.lines), "", none
