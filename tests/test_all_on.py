@@ -23,7 +23,15 @@ from relux.attack.active_lines import (
     facet_vertices,
     tip_lines,
 )
-from relux.attack.all_on_layer import MIN_SWITCHED, AllOnRows, _apart, all_on_outcome, all_on_rows, corner_allowance
+from relux.attack.all_on_layer import (
+    IMPRECISE,
+    MIN_SWITCHED,
+    AllOnRows,
+    _apart,
+    all_on_outcome,
+    all_on_rows,
+    corner_allowance,
+)
 from relux.attack.config import ExtractionConfig
 from relux.attack.pipeline import _all_on_layer, _ready_for_chords
 from relux.attack.result import LayerReport
@@ -227,6 +235,54 @@ def test_seeded_rows_cost_nothing_and_only_the_others_are_sought() -> None:
     assert sorted(cos.argmax(axis=1).tolist()) == [6, 7]
     assert np.all(1.0 - cos.max(axis=1) <= 1e-5)  # one finite-difference gradient each, as above
     assert out.measured < 8 and seeded.queries < free.queries
+
+
+def test_a_region_whose_first_rows_do_not_refine_stops_early() -> None:
+    """The ``precise`` check sees the first rows once: when it fails, the search stops there with the
+    reason; when it passes, the rows are exactly those of a search without it."""
+    net, prefix, true = _victim()
+    cfg, calls = ExtractionConfig(seed=0), []
+
+    def check(ok: bool) -> Callable[[AllOnRows], bool]:
+        def precise(first: AllOnRows) -> bool:
+            calls.append(first.W.shape[0])
+            return ok
+        return precise
+
+    plain = all_on_rows(MLPOracle(net).query, prefix, 8, 14, cfg, np.random.default_rng(0), 1e-9)
+    passed = all_on_rows(MLPOracle(net).query, prefix, 8, 14, cfg, np.random.default_rng(0), 1e-9,
+                         precise=check(True))
+    assert len(calls) == 1 and np.array_equal(passed.W, plain.W) and passed.reason == plain.reason
+    failed = all_on_rows(MLPOracle(net).query, prefix, 8, 14, cfg, np.random.default_rng(0), 1e-9,
+                         precise=check(False))
+    assert len(calls) == 2 and failed.reason == IMPRECISE
+    # the rows found by then, as they were found (8 here: the layer's width is below the probe's 16)
+    assert failed.W.shape[0] == calls[1] and 0 < calls[1] <= 8
+    assert np.all(1.0 - np.abs(_unit(failed.W, failed.b) @ true.T).max(axis=1) <= 1e-5)  # as above
+
+
+def test_an_imprecise_region_leaves_the_layer_to_pattern_regions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the first all-on rows do not refine (a region too thin for finite differences), the layer
+    is read in pattern regions instead, behind a layer at least pattern_min_width wide."""
+    import relux.attack.all_on_layer as aol
+
+    net, prefix, true = _victim()
+
+    def none_refine(*args: Any, **kwargs: Any) -> tuple[np.ndarray, ...]:
+        return np.zeros((0, 10)), np.zeros(0), (), np.zeros(0)
+
+    monkeypatch.setattr(aol, "_precise_seeds", none_refine)
+    # layer 1 is 10 wide: pattern regions allowed at every width here
+    out, why, zero = all_on_outcome(CountingOracle(MLPOracle(net)).query, prefix, 8, 14, False,
+                                    ExtractionConfig(seed=0, pattern_min_width=0), np.random.default_rng(0), 1e-9)
+    assert out is not None and why == "" and zero.size == 0
+    assert _whole(out, true) and out.dead == 0
+    assert all("pattern regions" in str(nr["rows_from"]) for nr in out.neurons)
+    # behind a narrower layer the rows are not checked: the all-on rows stand
+    out, why, _ = all_on_outcome(CountingOracle(MLPOracle(net)).query, prefix, 8, 14, False,
+                                 ExtractionConfig(seed=0), np.random.default_rng(0), 1e-9)
+    assert out is not None and _whole(out, true)
+    assert all(nr["rows_from"] == "all-on lines" for nr in out.neurons)
 
 
 def _flip(prefix: list[tuple[np.ndarray, np.ndarray]], j: int) -> list[tuple[np.ndarray, np.ndarray]]:

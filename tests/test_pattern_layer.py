@@ -329,6 +329,8 @@ def test_the_pipeline_reads_the_layer_in_pattern_regions_when_none_has_all_on() 
     assert all(nr["rows_from"] == "pattern regions" for nr in out.neurons)
 
 
-def test_the_width_is_validated() -> None:
+def test_the_width_and_the_region_count_are_validated() -> None:
     with pytest.raises(InputError, match="pattern_min_width"):
         ExtractionConfig(pattern_min_width=-1)
+    with pytest.raises(InputError, match="pattern_max_regions"):
+        ExtractionConfig(pattern_max_regions=0)

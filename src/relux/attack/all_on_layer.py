@@ -17,9 +17,10 @@ only in small corners of the region, which short lines from its vertices (*tips*
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -70,6 +71,8 @@ MIN_APART = 0.1
 MIN_SWITCHED = 4
 #: Why :func:`all_on_rows` found no row when no input has every known neuron on.
 NO_REGION = "no point where every known neuron is on"
+#: Why :func:`all_on_rows` stopped early when its ``precise`` check failed on the first rows.
+IMPRECISE = "the region is too thin: its first rows do not refine on exact boundary points"
 
 
 @dataclass(frozen=True)
@@ -231,6 +234,13 @@ def _known(seed: tuple[FloatArray, FloatArray] | None, rows: Sequence[_Row]) -> 
     return (np.concatenate(W), np.concatenate(b)) if W and sum(w.shape[0] for w in W) else None
 
 
+def _as_rows(rows: Sequence[_Row], lines: int, kinks: int, measured: int, tips: int) -> AllOnRows:
+    """The rows found so far, as they are (not yet deduplicated or confirmed on the lines)."""
+    return AllOnRows(np.stack([r.w for r in rows]), np.array([r.b for r in rows]),
+                     tuple(np.stack(r.points) for r in rows), np.array([r.residual for r in rows]), lines, kinks,
+                     measured, tips=tips)
+
+
 def all_on_rows(
     query: QueryFn,
     layers: Sequence[pfx.Layer],
@@ -246,6 +256,7 @@ def all_on_rows(
     on: np.ndarray | None = None,
     use_tips: bool = True,
     seed: tuple[FloatArray, FloatArray] | None = None,
+    precise: Callable[[AllOnRows], bool] | None = None,
 ) -> AllOnRows:
     """Rows of the layer behind ``layers`` from kinks on all-on lines (module docstring), in rounds of
     ``per_round`` lines until ``width`` rows are confirmed. Chords first, until a round adds at most
@@ -264,7 +275,10 @@ def all_on_rows(
     follow the chords. ``seed = (W, b)``: rows of the layer already known whole; their kinks cost no
     query (:func:`relux.attack.witnesses.find_candidates`), only ``width`` less their number are
     sought, and they are not returned (a seed too far off for its kinks to be recognised is found
-    again as a new row)."""
+    again as a new row). ``precise``: a check of the rows found, called once, after the first round
+    that gives :data:`SEED_PROBE` of them (or all those sought, or any before the tips); when it
+    fails, those rows are returned with the reason :data:`IMPRECISE` (:func:`all_on_outcome` then
+    reads the layer in pattern regions)."""
     d_in = layers[-1][0].shape[0]
     scale = cfg.input_scale * float(np.sqrt(d0))
     empty = AllOnRows(np.zeros((0, d_in)), np.zeros(0), (), np.zeros(0), 0, 0, 0)
@@ -364,6 +378,12 @@ def all_on_rows(
             measured += n
             if row is not None:
                 rows.append(row)
+        if precise is not None and rows and (len(rows) >= min(SEED_PROBE, width - n_seed) or corners is not None):
+            first = _as_rows(rows, len(lines), n_kinks, measured, n_tips)
+            if not precise(first):
+                log.info("all-on lines: %d of the first rows checked; %s", len(rows), IMPRECISE)
+                return dataclasses.replace(first, reason=IMPRECISE)
+            precise = None
         gained = len(rows) - before
         stall = stall + 1 if gained == 0 else 0
         tips_idle = tips_idle + al.x0.shape[0] if tips and gained == 0 else 0
@@ -429,10 +449,27 @@ def all_on_outcome(
     from relux.attack.deep import outcome_from_rows
 
     none = np.zeros(0, dtype=int)
-    ao = all_on_rows(query, layers, width, d0, cfg, rng, rel_tol, executor=executor)
+    seeds: list[tuple[FloatArray, FloatArray, tuple[FloatArray, ...], FloatArray]] = []
+
+    def precise(first: AllOnRows) -> bool:
+        # one polish each of the first SEED_PROBE rows (_precise_seeds), on a copy of the stream so that
+        # a region that passes gives the rows it gave before; the queries count
+        k = min(SEED_PROBE, first.W.shape[0])
+        probe = dataclasses.replace(first, W=first.W[:k], b=first.b[:k], points=first.points[:k],
+                                    residual=first.residual[:k])
+        seeds.append(_precise_seeds(query, layers, probe, d0, cfg, copy.deepcopy(rng)))
+        return bool(2 * seeds[-1][0].shape[0] >= k)
+
+    # Behind a layer wide enough for pattern regions, the first rows are checked: behind the CIFAR-scale
+    # unitary victim's layers 1-3 (all-on depth 0.008) none of the first 16 refined, and the 247 rows
+    # the region gave in 19 minutes were 1e-4 to 1e-2 off
+    wide = layers[-1][0].shape[0] >= cfg.pattern_min_width
+    ao = all_on_rows(query, layers, width, d0, cfg, rng, rel_tol, executor=executor, precise=precise if wide else None)
     n = ao.W.shape[0]
     log.info("layer %d: %d/%d rows from %d all-on lines (%d of them tips; %d kinks, %d measured)%s", len(layers) + 1,
              n, width, ao.lines, ao.tips, ao.kinks, ao.measured, f"; {ao.reason}" if ao.reason else "")
+    if ao.reason == IMPRECISE:
+        return _with_pattern_rows(query, layers, ao, width, d0, is_last, cfg, rng, rel_tol, executor, seeds[-1])
     if n < max(1, width // 2):
         return None, ao.reason, none
     # A wrong-sign neuron's column is zero up to the rows' error (1e-4 at most, PLANE_TOL's note, and
@@ -476,21 +513,26 @@ def _with_pattern_rows(
     rng: np.random.Generator,
     rel_tol: float,
     executor: Executor | None = None,
+    seed: tuple[FloatArray, FloatArray, tuple[FloatArray, ...], FloatArray] | None = None,
 ) -> tuple[LayerOutcome | None, str, np.ndarray]:
-    """The layer from the all-on rows ``ao``, too few, and the rows of pattern regions where about half
-    the layer before is on (:func:`relux.attack.pattern_layer.pattern_rows`, seeded with those of
-    ``ao``'s rows that refine, :func:`_precise_seeds`, so that their kinks there cost nothing).
+    """The layer from the all-on rows ``ao``, too few or too imprecise, and the rows of pattern regions
+    where about half the layer before is on (:func:`relux.attack.pattern_layer.pattern_rows`, seeded
+    with those of ``ao``'s rows that refine, :func:`_precise_seeds`, or ``seed`` when given, so that
+    their kinks there cost nothing).
     Behind the CIFAR-scale unitary victim's layers 1-3, nine layer-4 neurons cross the all-on region
     (depth 0.008) only in corners no chord or tip reaches, but cross every random pattern region
     tried (depth about 0.05 with layers 1-2 on, 1.0 with layer 1 on). Only behind a layer at least
     ``cfg.pattern_min_width`` wide (the caller returns the layer to the walks otherwise). None, with the
-    reason, when the rows are still too few or too many, or an inner layer's weight was neither seen
-    nor completed (the walks then take the layer)."""
+    reason, when the rows are still too few or too many, a neuron of the layer before has no weight
+    in the rows that saw it on (:func:`relux.attack.pattern_layer.silent_in_pieces`; the third value
+    lists them), or an inner layer's weight was neither seen nor completed (the walks then take the
+    layer)."""
     from relux.attack.deep import outcome_from_rows
-    from relux.attack.pattern_layer import pattern_rows, unseen_weights
+    from relux.attack.pattern_layer import pattern_rows, silent_in_pieces, unseen_weights
 
     none = np.zeros(0, dtype=int)
-    seed = _precise_seeds(query, layers, ao, d0, cfg, rng)
+    if seed is None:
+        seed = _precise_seeds(query, layers, ao, d0, cfg, rng)
     log.info("layer %d: %d of %d all-on rows refined as seeds for the pattern regions", len(layers) + 1,
              seed[0].shape[0], ao.W.shape[0])
     pr = pattern_rows(query, layers, width, d0, cfg, rng, rel_tol, executor=executor,
@@ -498,6 +540,10 @@ def _with_pattern_rows(
     n = pr.W.shape[0]
     log.info("layer %d: %d/%d rows with %d pattern regions (%d lines, %d kinks, %d measured; %d weights unseen)",
              len(layers) + 1, n, width, pr.regions, pr.lines, pr.kinks, pr.measured, int((~pr.seen).sum()))
+    zero = silent_in_pieces(pr)
+    if zero.size:
+        return None, (f"layer {len(layers)} neuron(s) {zero.tolist()} have no weight in any row that saw them on: "
+                      "wrong signs, or neurons off where they were believed on"), zero
     if n > width:
         return None, f"{n} rows for a layer of {width} after {pr.regions} pattern regions", none
     if width - n > (0 if is_last else corner_allowance(width)):

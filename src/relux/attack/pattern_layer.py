@@ -328,12 +328,13 @@ def pattern_rows(
     rng: np.random.Generator,
     rel_tol: float,
     executor: Executor | None = None,
-    max_regions: int = 12,
+    max_regions: int | None = None,
     seed: tuple[FloatArray, FloatArray, Sequence[FloatArray], FloatArray] | None = None,
 ) -> PatternRows:
-    """Rows of the layer behind ``layers`` from chords of up to ``max_regions`` pattern regions (module
-    docstring): until ``width`` rows have every weight seen, or three regions in a row add no row and
-    no weight (a pattern read before, or whose region is empty, counts as one).
+    """Rows of the layer behind ``layers`` from chords of up to ``max_regions`` pattern regions
+    (``cfg.pattern_max_regions`` when None; module docstring): until ``width`` rows have every weight
+    seen, or three regions in a row add no row and no weight (a pattern read before, or whose region
+    is empty, counts as one).
 
     Unseeded behind more than two layers, each region also starts from such a random cell (see
     below), as the region where the earlier layers are all on is thin there.
@@ -355,7 +356,7 @@ def pattern_rows(
     idle = 0
     explore = False
     tried: set[bytes] = set()
-    for _ in range(max_regions):
+    for _ in range(cfg.pattern_max_regions if max_regions is None else max_regions):
         if explore:
             # the last region added no row: the neurons missing may switch only where fewer of the
             # layer before are on
@@ -436,6 +437,21 @@ def unseen_weights(coverage: np.ndarray, is_last: bool) -> str:
     return f"{unseen} weights of {rows} rows neither seen in a pattern region nor completed"
 
 
+def silent_in_pieces(pr: PatternRows) -> np.ndarray:
+    """The neurons of the layer before that at least ``MIN_JUDGED`` of the rows saw on, and whose
+    weights there are zero up to the rows' error (:func:`relux.attack.all_on_layer.silent_columns` on
+    the root mean square of each column over the rows that saw it): likely wrong signs, off where
+    they are believed on. Empty when there are none, or no rows."""
+    if pr.W.shape[0] == 0:
+        return np.zeros(0, dtype=int)
+    U = pr.W / np.linalg.norm(np.concatenate([pr.W, pr.b[:, None]], axis=1), axis=1, keepdims=True)
+    k = pr.seen.sum(axis=0)
+    judged = k >= MIN_JUDGED
+    if not judged.any():
+        return np.zeros(0, dtype=int)
+    return silent_columns(np.sqrt((U**2).sum(axis=0) / np.maximum(k, 1)), judged)
+
+
 def pattern_outcome(
     query: QueryFn,
     layers: Sequence[pfx.Layer],
@@ -465,16 +481,10 @@ def pattern_outcome(
              len(layers) + 1, n, width, pr.regions, pr.lines, pr.kinks, pr.measured, int((~pr.seen).sum()))
     if n == 0:
         return None, f"no row from {pr.regions} pattern regions", none
-    # the root mean square of each column over the rows that saw it, against the upper tenth (as in
-    # all_on_outcome: a wrong sign's column is zero up to the rows' error)
-    U = pr.W / np.linalg.norm(np.concatenate([pr.W, pr.b[:, None]], axis=1), axis=1, keepdims=True)
-    k = pr.seen.sum(axis=0)
-    judged = k >= MIN_JUDGED
-    if judged.any():
-        zero = silent_columns(np.sqrt((U**2).sum(axis=0) / np.maximum(k, 1)), judged)
-        if zero.size:
-            return None, (f"layer {len(layers)} neuron(s) {zero.tolist()} have no weight in any row that saw them "
-                          "on: wrong signs, or neurons off where they were believed on"), zero
+    zero = silent_in_pieces(pr)
+    if zero.size:
+        return None, (f"layer {len(layers)} neuron(s) {zero.tolist()} have no weight in any row that saw them "
+                      "on: wrong signs, or neurons off where they were believed on"), zero
     if n > width:
         return None, f"{n} rows pieced together for a layer of {width}", none
     if width - n > (0 if is_last else corner_allowance(width)):
