@@ -14,7 +14,8 @@ a ball of ``depth_frac`` of the depth of the earlier layers' all-on region still
 all on. Deep regions are crossed by more next-layer neurons; regions with more neurons on show more
 of each row. The rows of each region are matched with those of earlier regions on the weights both
 saw (and the bias, which every region sees), scaled to agree there, and merged. Weights no region
-showed are filled along the row's boundary (:func:`relux.attack.complete.complete_row`, through
+showed are read at kinks in cells where they are on (:mod:`relux.attack.cell_fill`), and any still
+lacked along the row's boundary (:func:`relux.attack.complete.complete_row`, through
 :func:`relux.attack.deep.outcome_from_rows`).
 """
 
@@ -332,9 +333,11 @@ def pattern_rows(
     seed: tuple[FloatArray, FloatArray, Sequence[FloatArray], FloatArray] | None = None,
 ) -> PatternRows:
     """Rows of the layer behind ``layers`` from chords of up to ``max_regions`` pattern regions
-    (``cfg.pattern_max_regions`` when None; module docstring): until ``width`` rows have every weight
-    seen, or three regions in a row add no row and no weight (a pattern read before, or whose region
-    is empty, counts as one).
+    (``cfg.pattern_max_regions`` when None; module docstring): until there are ``width`` rows and
+    the weights they lack would cost fewer queries to fill in cells where they are on
+    (:func:`fill_cost`) than the last region took, or three regions in a row add no row and no
+    weight (a pattern read before, or whose region is empty, counts as one). The weights still
+    lacked are then read in those cells (:func:`_filled`).
 
     Unseeded behind more than two layers, each region also starts from such a random cell (see
     below), as the region where the earlier layers are all on is thin there.
@@ -356,6 +359,12 @@ def pattern_rows(
     idle = 0
     explore = False
     tried: set[bytes] = set()
+    spent = [0]  # queries so far, to weigh a region against filling rows in cells
+
+    def counted(X: FloatArray) -> FloatArray:
+        spent[0] += int(X.shape[0])
+        return query(X)
+
     for _ in range(cfg.pattern_max_regions if max_regions is None else max_regions):
         if explore:
             # the last region added no row: the neurons missing may switch only where fewer of the
@@ -395,7 +404,8 @@ def pattern_rows(
                 break
             continue
         whole = [e for e in entries if e.seen.all()] if seed is not None else []
-        ao = all_on_rows(query, layers, width, d0, cfg, rng, rel_tol, executor=executor, region=region, on=pat.on,
+        before_region = spent[0]
+        ao = all_on_rows(counted, layers, width, d0, cfg, rng, rel_tol, executor=executor, region=region, on=pat.on,
                          use_tips=False,
                          seed=(np.stack([e.w for e in whole]), np.array([e.b for e in whole])) if whole else None)
         regions += 1
@@ -413,9 +423,13 @@ def pattern_rows(
         explore = len(entries) <= n_before and not explore
         log.info("pattern region %d: %d on, depth %.3g; %d rows there; %d rows in all, %d complete", regions,
                  int(pat.on.sum()), region.depth, ao.W.shape[0], len(entries), full)
-        if (len(entries) >= width and full == len(entries)) or idle >= 3:
+        # every neuron seen, and what the rows lack costs less to fill in cells (_filled) than this region
+        if (len(entries) >= width and fill_cost(layers, entries) <= spent[0] - before_region) or idle >= 3:
             break
     entries = _without_fragments(layers, entries)
+    if any(not e.seen.all() for e in entries):
+        entries, n_lines, n_measured = _filled(query, layers, entries, d0, cfg, rng, rel_tol)
+        lines, measured = lines + n_lines, measured + n_measured
     if not entries:
         return PatternRows(np.zeros((0, d_in)), np.zeros(0), np.zeros((0, d_in), dtype=bool), (), np.zeros(0),
                            regions, lines, kinks, measured, np.zeros(0, dtype=bool))
@@ -423,6 +437,48 @@ def pattern_rows(
                        np.stack([e.seen for e in entries]), tuple(np.concatenate(e.points) for e in entries),
                        np.array([e.residual for e in entries]), regions, lines, kinks, measured,
                        np.array([e.seed for e in entries], dtype=bool))
+
+
+def fill_cost(layers: Sequence[pfx.Layer], entries: Sequence[_Entry]) -> int:
+    """The queries filling the partial rows in cells would take (:func:`_filled`), estimated: per row
+    one line, and one more per :data:`relux.attack.cell_fill.ASKED_PER_CELL` weights it lacks; per
+    line a kink search (``cfg.grid_per_neuron`` = 4 points per known neuron) and half of
+    :data:`relux.attack.cell_fill.MEASURED_PER_LINE` measurements of ``2 (d_in + 1)`` queries. Behind
+    the CIFAR-scale unitary victim's layers 1-3, eight rows lacking 23 weights took 40,500 queries
+    (this gives 115,200), and 60 lacking 1,025 about 30,000 a row (this gives 26,000)."""
+    from relux.attack.cell_fill import ASKED_PER_CELL, MEASURED_PER_LINE
+
+    d_in = layers[-1][0].shape[0]
+    per_line = 4 * sum(W.shape[0] for W, _ in layers) + 16 + MEASURED_PER_LINE // 2 * 2 * (d_in + 1)
+    n_lines = sum(1 + -(-int((~e.seen).sum()) // ASKED_PER_CELL) for e in entries if not e.seen.all())
+    return int(n_lines * per_line)
+
+
+def _filled(
+    query: QueryFn, layers: Sequence[pfx.Layer], entries: Sequence[_Entry], d0: int, cfg: ExtractionConfig,
+    rng: np.random.Generator, rel_tol: float,
+) -> tuple[list[_Entry], int, int]:
+    """The entries with the weights each partial row lacks read in cells where they are on
+    (:func:`relux.attack.cell_fill.fill_in_cells`; the whole rows' kinks set aside), then merged again
+    (two pieces of one neuron filled apart now share weights), with the lines and measurements made."""
+    from relux.attack.cell_fill import fill_in_cells
+
+    whole = [e for e in entries if e.seen.all()]
+    known = (np.stack([e.w for e in whole]), np.array([e.b for e in whole])) if whole else None
+    lines = measured = 0
+    out: list[_Entry] = []
+    for e in entries:
+        if e.seen.all():
+            out.append(e)
+            continue
+        f = fill_in_cells(query, layers, e.w, e.b, e.seen, np.concatenate(e.points), d0, cfg, rng, rel_tol,
+                          known=known)
+        lines, measured = lines + f.lines, measured + f.measured
+        log.debug("pattern regions: a row lacking %d weights lacks %d after the cells%s", int((~e.seen).sum()),
+                  int((~f.seen).sum()), f" ({'; '.join(f.reasons)})" if f.reasons else "")
+        out.append(dataclasses.replace(e, w=f.w, seen=f.seen, points=(e.points + [np.stack(f.points)]) if f.points
+                                       else e.points))
+    return _merged(out), lines, measured
 
 
 def unseen_weights(coverage: np.ndarray, is_last: bool) -> str:
