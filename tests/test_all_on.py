@@ -467,3 +467,16 @@ def test_the_switch_is_validated() -> None:
     for bad in (-1, 2.5, True):
         with pytest.raises(InputError, match="all_on_min_width"):
             ExtractionConfig(all_on_min_width=bad)  # type: ignore[arg-type]
+
+
+def test_a_region_that_passes_the_check_gives_the_same_layer() -> None:
+    """The check of the first rows (behind a layer at least pattern_min_width wide, here 0) polishes
+    on a copy of the random stream: the layer comes out bit for bit as without it, for more queries."""
+    net, prefix, _ = _victim()
+    plain, checked = CountingOracle(MLPOracle(net)), CountingOracle(MLPOracle(net))
+    a, _, _ = all_on_outcome(plain.query, prefix, 8, 14, False, ExtractionConfig(seed=0), np.random.default_rng(0),
+                             1e-9)
+    b, _, _ = all_on_outcome(checked.query, prefix, 8, 14, False, ExtractionConfig(seed=0, pattern_min_width=0),
+                             np.random.default_rng(0), 1e-9)
+    assert a is not None and b is not None
+    assert np.array_equal(a.W, b.W) and np.array_equal(a.b, b.b) and checked.queries > plain.queries

@@ -276,9 +276,10 @@ def all_on_rows(
     query (:func:`relux.attack.witnesses.find_candidates`), only ``width`` less their number are
     sought, and they are not returned (a seed too far off for its kinks to be recognised is found
     again as a new row). ``precise``: a check of the rows found, called once, after the first round
-    that gives :data:`SEED_PROBE` of them (or all those sought, or any before the tips); when it
-    fails, those rows are returned with the reason :data:`IMPRECISE` (:func:`all_on_outcome` then
-    reads the layer in pattern regions)."""
+    that gives :data:`SEED_PROBE` of them (or all those sought, or any once the tips begin, or at
+    the end when no round did); when it fails, those rows are returned as found (not yet
+    deduplicated or confirmed) with the reason :data:`IMPRECISE` (:func:`all_on_outcome` then reads
+    the layer in pattern regions)."""
     d_in = layers[-1][0].shape[0]
     scale = cfg.input_scale * float(np.sqrt(d0))
     empty = AllOnRows(np.zeros((0, d_in)), np.zeros(0), (), np.zeros(0), 0, 0, 0)
@@ -392,6 +393,11 @@ def all_on_rows(
     if not rows:
         return dataclasses.replace(empty, lines=len(lines), kinks=n_kinks, measured=measured, tips=n_tips,
                                    reason=reason or "no key was seen on two lines far apart")
+    if precise is not None:  # the search ended before any round called the check
+        first = _as_rows(rows, len(lines), n_kinks, measured, n_tips)
+        if not precise(first):
+            log.info("all-on lines: %d rows checked at the end; %s", len(rows), IMPRECISE)
+            return dataclasses.replace(first, reason=IMPRECISE)
     # two clusters of one neuron (keys split by a spoiled probe) give one row twice: keep the first
     U = np.stack([np.append(r.w, r.b) for r in rows])
     U /= np.linalg.norm(U, axis=1, keepdims=True)
@@ -445,7 +451,10 @@ def all_on_outcome(
     layer-input coordinate has no weight in any row. That
     last case is the check of the layer before: where a neuron of it whose sign is wrong is believed
     on, it is off, so every measured row gets exactly zero weight on it. The third value lists those
-    neurons (empty otherwise)."""
+    neurons (empty otherwise). Behind a layer at least ``cfg.pattern_min_width`` wide, the first rows
+    are checked (``all_on_rows(precise=...)``): when fewer than half of the first
+    :data:`SEED_PROBE` refine, the region is too thin and the layer is read in pattern regions
+    (:func:`_with_pattern_rows`), as it is when too many rows are missing."""
     from relux.attack.deep import outcome_from_rows
 
     none = np.zeros(0, dtype=int)
@@ -457,8 +466,12 @@ def all_on_outcome(
         k = min(SEED_PROBE, first.W.shape[0])
         probe = dataclasses.replace(first, W=first.W[:k], b=first.b[:k], points=first.points[:k],
                                     residual=first.residual[:k])
-        seeds.append(_precise_seeds(query, layers, probe, d0, cfg, copy.deepcopy(rng)))
-        return bool(2 * seeds[-1][0].shape[0] >= k)
+        own = copy.deepcopy(rng)
+        seeds.append(_precise_seeds(query, layers, probe, d0, cfg, own))
+        ok = bool(2 * seeds[-1][0].shape[0] >= k)
+        if not ok:  # what follows draws on after the check's draws
+            rng.bit_generator.state = own.bit_generator.state
+        return ok
 
     # Behind a layer wide enough for pattern regions, the first rows are checked: behind the CIFAR-scale
     # unitary victim's layers 1-3 (all-on depth 0.008) none of the first 16 refined, and the 247 rows

@@ -8,16 +8,19 @@ more kink of the row's neuron, in a cell where those neurons are on:
 - the earlier layers follow their patterns at one of the row's kinks, and the layer before has the
   lacked neurons asked to be on (:func:`relux.attack.pattern_layer.choose_pattern`, linear programs,
   no query);
-- the row's boundary, as known (the lacked weights taken as zero), must cross a ball deep inside
-  that cell (one more linear program): a line along its normal through the ball's centre then
-  crosses the true boundary near there, the lacked weights moving it only a little;
+- the row's boundary, as known (the lacked weights taken as zero), must pass through the centre of
+  the largest ball in that cell that it can (one more linear program): a line along its normal
+  through that centre then crosses the true boundary near there, the lacked weights moving it only
+  a little;
 - the kinks on that line that neither the prefix nor a whole row of the layer explains are measured
   nearest the estimated boundary first (:func:`relux.attack.witnesses.measure_candidates`, ``2 (r +
   1)`` queries each), and the one whose partial signature agrees with the row on the weights both
   saw (:func:`relux.attack.pattern_layer` ``MATCH_TOL``) gives the lacked weights on there.
 
 Every weight filled comes from an exact finite-difference gradient at a kink whose neuron is
-identified by the weights already known, as the pattern regions' pieces are; nothing is fitted.
+identified by the weights already known, as the pattern regions' pieces are; nothing is fitted. The
+new kink's distance from the filled row's plane is returned as its residual (the row is refined
+afterwards, :func:`relux.attack.deep.refine_rows`).
 Behind the CIFAR-scale unitary victim's layers 1-3 the completion along the boundary
 (:func:`relux.attack.complete.complete_row`) filled 8 of 23 such weights (session 34).
 """
@@ -65,6 +68,7 @@ class CellFill:
     lines: int
     measured: int
     reasons: tuple[str, ...]  # why each try that filled nothing failed
+    residual: float = 0.0  # the largest relative distance of those kinks from the filled row's plane
 
 
 def _crossing_ball(region: AllOnRegion, g: FloatArray, g0: float) -> tuple[float, FloatArray | None]:
@@ -84,8 +88,8 @@ def _crossing_ball(region: AllOnRegion, g: FloatArray, g0: float) -> tuple[float
 
 
 def _cell(layers: Sequence[pfx.Layer], box: float, pat: Pattern) -> AllOnRegion:
-    """The cell where the known layers follow ``pat``, as a region (its centre and depth are set by
-    :func:`_crossing_ball`, not here)."""
+    """The cell where the known layers follow ``pat``, as a region (no linear program: its centre and
+    depth are left at zero; :func:`_crossing_ball` finds the ball that matters here)."""
     A, c = cell_constraints(layers, cell_masks(layers, pat.on, pat.before))
     return AllOnRegion(A, c, region_margin(A, c, box), box, np.zeros(A.shape[1]), 0.0)
 
@@ -94,7 +98,7 @@ def _span(region: AllOnRegion, x: FloatArray, u: FloatArray) -> tuple[float, flo
     """How far the line ``x + t u`` stays inside ``region`` either way (``t_lo < 0 < t_hi``)."""
     s = region.A @ x + region.c - region.margin  # slack, positive at x
     r = region.A @ u
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):
         lim = -s / r
     hi = float(np.min(lim[r < 0], initial=np.inf))
     lo = float(np.max(lim[r > 0], initial=-np.inf))
@@ -145,10 +149,13 @@ def fill_in_cells(
 
     w = np.array(w, dtype=float)
     seen = np.array(seen, dtype=bool)
+    if seen.all() or points.shape[0] == 0:
+        return CellFill(w, b, seen, (), 0, 0, () if seen.all() else ("no kink of the row to start from",))
     box = 3.0 * cfg.input_scale
     n_grid = int(cfg.grid_per_neuron * sum(W.shape[0] for W, _ in layers)) + 16
     found: list[FloatArray] = []
     reasons: list[str] = []
+    residual = 0.0
     lines = measured = 0
     order = rng.permutation(points.shape[0])
     if tries is None:
@@ -191,11 +198,15 @@ def fill_in_cells(
         A_last, c_last = M[-w.size:], m[-w.size:]
         wk = np.where(seen & pat.on, w, 0.0)
         g, g0 = wk @ A_last, float(wk @ c_last) + b
+        gn = float(np.linalg.norm(g))
+        if gn == 0.0:
+            reasons.append("the row's weights known are all on neurons off in the cell")
+            continue
         depth, x = _crossing_ball(region, g, g0)
         if x is None:
-            reasons.append("the row's estimated boundary misses the cell")
+            reasons.append("the row's estimated boundary misses the cell, or the cell is empty")
             continue
-        u = g / float(np.linalg.norm(g))
+        u = g / gn
         lo, hi = _span(region, x, u)
         if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
             reasons.append("no line inside the cell")
@@ -212,10 +223,12 @@ def fill_in_cells(
         # the kinks nearest the estimated boundary first
         near = sorted(cands, key=lambda c: abs(float(g @ c.x + g0)))[:MEASURED_PER_LINE]
         got = False
+        deficient = 0
         for c in near:
             wts, _, _ = measure_candidates(query, layers, d0, [c], cfg)
             measured += 1
             if not wts or not wts[0].full_rank:
+                deficient += 1
                 continue
             wt = wts[0]
             s = _agrees(w, b, seen, wt.w, wt.b, wt.active, MATCH_TOL, MIN_SHARED)
@@ -225,10 +238,16 @@ def fill_in_cells(
             w[fresh] = s * wt.w[fresh]
             seen |= fresh
             found.append(wt.x)
+            # the new kink on the filled row's plane (exact to rounding when the known weights are;
+            # as far off as they are otherwise, which the caller keeps as the row's residual)
+            hb = np.append(wt.h, 1.0)
+            residual = max(residual, abs(float(hb @ np.append(w, b))) / (float(np.linalg.norm(hb))
+                                                                         * float(np.linalg.norm(np.append(w, b)))))
             got = True
             log.debug("cell fill: %d weights from a kink %.2g deep in the cell", int(fresh.sum()), depth)
             break
         if not got:
             log.debug("cell fill: none of %d kinks (of %d on the line) is the row's", len(near), len(cands))
-            reasons.append(f"none of the {len(near)} kinks nearest the estimated boundary is the row's")
-    return CellFill(w, b, seen, tuple(found), lines, measured, tuple(reasons))
+            reasons.append(f"none of the {len(near)} kinks nearest the estimated boundary is the row's"
+                           + (f" ({deficient} measured short of full rank)" if deficient else ""))
+    return CellFill(w, b, seen, tuple(found), lines, measured, tuple(reasons), residual)

@@ -123,8 +123,9 @@ class ExtractionConfig:
             the pattern regions at every width where the all-on chords would be tried
             (``all_on_min_width``, and the signs of the layer before settled).
         pattern_max_regions: at most this many pattern regions for one layer; the search stops
-            sooner when every row is whole, or after three regions in a row that add no row and no
-            weight. Behind the CIFAR-scale unitary victim's layers 1-3, eight regions left 1,025
+            sooner once every neuron has a row and filling the weights they lack in cells would
+            cost fewer queries than the last region took, or after three regions in a row that add
+            no row and no weight. Behind the CIFAR-scale unitary victim's layers 1-3, eight regions left 1,025
             weights of 60 layer-4 rows unseen, fourteen 23 weights of 8 rows (session 34).
         check_walks: walks along a layer's boundaries spent checking the signs of the layer before
             it when that layer's rows come from witnesses (:mod:`relux.attack.walk`); a walk that

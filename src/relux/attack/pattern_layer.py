@@ -423,8 +423,10 @@ def pattern_rows(
         explore = len(entries) <= n_before and not explore
         log.info("pattern region %d: %d on, depth %.3g; %d rows there; %d rows in all, %d complete", regions,
                  int(pat.on.sum()), region.depth, ao.W.shape[0], len(entries), full)
-        # every neuron seen, and what the rows lack costs less to fill in cells (_filled) than this region
-        if (len(entries) >= width and fill_cost(layers, entries) <= spent[0] - before_region) or idle >= 3:
+        # every neuron seen (fragments of whole rows aside), and what the rows lack costs less to fill in
+        # cells (_filled) than this region took
+        real = _without_fragments(layers, entries)
+        if (len(real) >= width and fill_cost(layers, real, cfg) <= spent[0] - before_region) or idle >= 3:
             break
     entries = _without_fragments(layers, entries)
     if any(not e.seen.all() for e in entries):
@@ -439,17 +441,18 @@ def pattern_rows(
                        np.array([e.seed for e in entries], dtype=bool))
 
 
-def fill_cost(layers: Sequence[pfx.Layer], entries: Sequence[_Entry]) -> int:
+def fill_cost(layers: Sequence[pfx.Layer], entries: Sequence[_Entry], cfg: ExtractionConfig) -> int:
     """The queries filling the partial rows in cells would take (:func:`_filled`), estimated: per row
     one line, and one more per :data:`relux.attack.cell_fill.ASKED_PER_CELL` weights it lacks; per
-    line a kink search (``cfg.grid_per_neuron`` = 4 points per known neuron) and half of
+    line a kink search (``cfg.grid_per_neuron`` points per known neuron) and half of
     :data:`relux.attack.cell_fill.MEASURED_PER_LINE` measurements of ``2 (d_in + 1)`` queries. Behind
     the CIFAR-scale unitary victim's layers 1-3, eight rows lacking 23 weights took 40,500 queries
     (this gives 115,200), and 60 lacking 1,025 about 30,000 a row (this gives 26,000)."""
     from relux.attack.cell_fill import ASKED_PER_CELL, MEASURED_PER_LINE
 
     d_in = layers[-1][0].shape[0]
-    per_line = 4 * sum(W.shape[0] for W, _ in layers) + 16 + MEASURED_PER_LINE // 2 * 2 * (d_in + 1)
+    per_line = int(cfg.grid_per_neuron * sum(W.shape[0] for W, _ in layers)) + 16 + (MEASURED_PER_LINE // 2) * 2 * (
+        d_in + 1)
     n_lines = sum(1 + -(-int((~e.seen).sum()) // ASKED_PER_CELL) for e in entries if not e.seen.all())
     return int(n_lines * per_line)
 
@@ -460,7 +463,9 @@ def _filled(
 ) -> tuple[list[_Entry], int, int]:
     """The entries with the weights each partial row lacks read in cells where they are on
     (:func:`relux.attack.cell_fill.fill_in_cells`; the whole rows' kinks set aside), then merged again
-    (two pieces of one neuron filled apart now share weights), with the lines and measurements made."""
+    (two pieces of one neuron filled apart now share weights), with the lines and measurements made.
+    A row keeps the larger of its residual and its new kinks' (their distance from its plane). Pieces
+    of fewer than ``MIN_SHARED`` weights are left as they are: no signature can be matched to them."""
     from relux.attack.cell_fill import fill_in_cells
 
     whole = [e for e in entries if e.seen.all()]
@@ -468,7 +473,7 @@ def _filled(
     lines = measured = 0
     out: list[_Entry] = []
     for e in entries:
-        if e.seen.all():
+        if e.seen.all() or e.seen.sum() < MIN_SHARED:  # whole, or too small a piece to be recognised
             out.append(e)
             continue
         f = fill_in_cells(query, layers, e.w, e.b, e.seen, np.concatenate(e.points), d0, cfg, rng, rel_tol,
@@ -477,7 +482,7 @@ def _filled(
         log.debug("pattern regions: a row lacking %d weights lacks %d after the cells%s", int((~e.seen).sum()),
                   int((~f.seen).sum()), f" ({'; '.join(f.reasons)})" if f.reasons else "")
         out.append(dataclasses.replace(e, w=f.w, seen=f.seen, points=(e.points + [np.stack(f.points)]) if f.points
-                                       else e.points))
+                                       else e.points, residual=max(e.residual, f.residual)))
     return _merged(out), lines, measured
 
 
