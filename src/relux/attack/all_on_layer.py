@@ -382,7 +382,7 @@ def all_on_rows(
         if precise is not None and rows and (len(rows) >= min(SEED_PROBE, width - n_seed) or corners is not None):
             first = _as_rows(rows, len(lines), n_kinks, measured, n_tips)
             if not precise(first):
-                log.info("all-on lines: %d of the first rows checked; %s", len(rows), IMPRECISE)
+                log.info("all-on lines: check failed after %d rows; %s", len(rows), IMPRECISE)
                 return dataclasses.replace(first, reason=IMPRECISE)
             precise = None
         gained = len(rows) - before
@@ -396,7 +396,7 @@ def all_on_rows(
     if precise is not None:  # the search ended before any round called the check
         first = _as_rows(rows, len(lines), n_kinks, measured, n_tips)
         if not precise(first):
-            log.info("all-on lines: %d rows checked at the end; %s", len(rows), IMPRECISE)
+            log.info("all-on lines: check failed at the end, %d rows; %s", len(rows), IMPRECISE)
             return dataclasses.replace(first, reason=IMPRECISE)
     # two clusters of one neuron (keys split by a spoiled probe) give one row twice: keep the first
     U = np.stack([np.append(r.w, r.b) for r in rows])
@@ -546,7 +546,8 @@ def _with_pattern_rows(
     none = np.zeros(0, dtype=int)
     if seed is None:
         seed = _precise_seeds(query, layers, ao, d0, cfg, rng)
-    log.info("layer %d: %d of %d all-on rows refined as seeds for the pattern regions", len(layers) + 1,
+    log.info("layer %d: %d all-on rows refined as seeds for the pattern regions (of %d found; after 16 tried with "
+             "fewer than half refined, no more are tried)", len(layers) + 1,
              seed[0].shape[0], ao.W.shape[0])
     pr = pattern_rows(query, layers, width, d0, cfg, rng, rel_tol, executor=executor,
                       seed=seed if seed[0].shape[0] else None)
