@@ -334,3 +334,18 @@ def test_the_width_and_the_region_count_are_validated() -> None:
         ExtractionConfig(pattern_min_width=-1)
     with pytest.raises(InputError, match="pattern_max_regions"):
         ExtractionConfig(pattern_max_regions=0)
+
+
+def test_the_fill_cost_counts_lines_by_the_weights_lacked() -> None:
+    from relux.attack.pattern_layer import fill_cost
+
+    _, prefix, true = _victim(0)
+    cfg = ExtractionConfig(seed=0)
+    whole = _Entry(true[0, :-1].copy(), float(true[0, -1]), np.ones(16, dtype=bool), [np.zeros((1, 20))], 0.0)
+    assert fill_cost(prefix, [whole], cfg) == 0
+    # a line costs a kink search (grid_per_neuron = 4 points per known neuron, and 16) and four
+    # measurements of 2 (d_in + 1) queries; one line for up to 23 weights lacked, two from 23 to 47
+    per_line = 4 * 32 + 16 + 4 * 2 * 17
+    few = _Entry(true[1, :-1].copy(), float(true[1, -1]), np.arange(16) >= 3, [np.zeros((1, 20))], 0.0)
+    assert fill_cost(prefix, [whole, few], cfg) == per_line
+    assert fill_cost(prefix, [few, few], cfg) == 2 * per_line

@@ -337,7 +337,8 @@ def pattern_rows(
     the weights they lack would cost fewer queries to fill in cells where they are on
     (:func:`fill_cost`) than the last region took, or three regions in a row add no row and no
     weight (a pattern read before, or whose region is empty, counts as one). The weights still
-    lacked are then read in those cells (:func:`_filled`).
+    lacked are then read in those cells (:func:`_filled`); while some remain, regions go on (with
+    those weights asked on) and the cells are tried again after each, within the same limits.
 
     Unseeded behind more than two layers, each region also starts from such a random cell (see
     below), as the region where the earlier layers are all on is thin there.
@@ -426,8 +427,14 @@ def pattern_rows(
         # every neuron seen (fragments of whole rows aside), and what the rows lack costs less to fill in
         # cells (_filled) than this region took
         real = _without_fragments(layers, entries)
-        if (len(real) >= width and fill_cost(layers, real, cfg) <= spent[0] - before_region) or idle >= 3:
+        if idle >= 3:
             break
+        if len(real) >= width and fill_cost(layers, real, cfg) <= spent[0] - before_region:
+            # fill them; rows the cells leave partial get one more region (their lacked weights asked on)
+            entries, n_lines, n_measured = _filled(query, layers, real, d0, cfg, rng, rel_tol)
+            lines, measured = lines + n_lines, measured + n_measured
+            if all(e.seen.all() for e in entries):
+                break
     entries = _without_fragments(layers, entries)
     if any(not e.seen.all() for e in entries):
         entries, n_lines, n_measured = _filled(query, layers, entries, d0, cfg, rng, rel_tol)
@@ -443,17 +450,17 @@ def pattern_rows(
 
 def fill_cost(layers: Sequence[pfx.Layer], entries: Sequence[_Entry], cfg: ExtractionConfig) -> int:
     """The queries filling the partial rows in cells would take (:func:`_filled`), estimated: per row
-    one line, and one more per :data:`relux.attack.cell_fill.ASKED_PER_CELL` weights it lacks; per
-    line a kink search (``cfg.grid_per_neuron`` points per known neuron) and half of
-    :data:`relux.attack.cell_fill.MEASURED_PER_LINE` measurements of ``2 (d_in + 1)`` queries. Behind
-    the CIFAR-scale unitary victim's layers 1-3, eight rows lacking 23 weights took 40,500 queries
-    (this gives 115,200), and 60 lacking 1,025 about 30,000 a row (this gives 26,000)."""
-    from relux.attack.cell_fill import ASKED_PER_CELL, MEASURED_PER_LINE
+    a line for every three cells' worth of the weights it lacks (``3 ASKED_PER_CELL``; each cell has
+    about half of those lacked on, besides those asked), at least one; per line a kink search
+    (``cfg.grid_per_neuron`` points per known neuron) and four measurements of ``2 (d_in + 1)``
+    queries. Behind the CIFAR-scale unitary victim's layers 1-3 (session 34), rows lacking 1 to 8
+    weights took one line and 3,700 to 5,700 queries, rows lacking 45 to 82 three or four lines and
+    12,000 to 17,400 (this gives 5,144 and 10,288 to 20,576)."""
+    from relux.attack.cell_fill import ASKED_PER_CELL
 
     d_in = layers[-1][0].shape[0]
-    per_line = int(cfg.grid_per_neuron * sum(W.shape[0] for W, _ in layers)) + 16 + (MEASURED_PER_LINE // 2) * 2 * (
-        d_in + 1)
-    n_lines = sum(1 + -(-int((~e.seen).sum()) // ASKED_PER_CELL) for e in entries if not e.seen.all())
+    per_line = int(cfg.grid_per_neuron * sum(W.shape[0] for W, _ in layers)) + 16 + 4 * 2 * (d_in + 1)
+    n_lines = sum(-(-(int((~e.seen).sum()) + 1) // (3 * ASKED_PER_CELL)) for e in entries if not e.seen.all())
     return int(n_lines * per_line)
 
 
