@@ -146,16 +146,29 @@ def pattern_region(
     return AllOnRegion(A, c, margin, box, centre, depth)
 
 
-def largest_ball(A: FloatArray, c: FloatArray, margin: FloatArray, box: float) -> tuple[float, FloatArray | None]:
+def largest_ball(
+    A: FloatArray, c: FloatArray, margin: FloatArray, box: float,
+    plane: tuple[FloatArray, float] | None = None, loose: np.ndarray | None = None, cap: float = 0.0,
+) -> tuple[float, FloatArray | None]:
     """The radius of the largest ball in ``{x : A x + c ≥ margin, |x_i| ≤ box}`` and its centre (a
-    linear program; 0 and None when the set is empty)."""
+    linear program; 0 and None when the set is empty). ``plane = (g, g0)``: the centre must lie on
+    ``g · x + g0 = 0``. ``loose`` (a mask over the rows): those rows need only hold at the centre,
+    and there be at most ``cap`` times the radius from their boundary
+    (:func:`relux.attack.cell_fill.fill_in_cells`)."""
     d = A.shape[1]
     nrm = np.linalg.norm(A, axis=1)
     # max s: A x + c - margin >= s |A_i|, |x_i| <= box - s
-    A_ub = np.block([[-A, nrm[:, None]], [np.eye(d), np.ones((d, 1))], [-np.eye(d), np.ones((d, 1))]])
-    b_ub = np.concatenate([c - margin, np.full(2 * d, box)])
+    if loose is None:
+        A_ub = np.block([[-A, nrm[:, None]], [np.eye(d), np.ones((d, 1))], [-np.eye(d), np.ones((d, 1))]])
+        b_ub = np.concatenate([c - margin, np.full(2 * d, box)])
+    else:
+        lo = np.asarray(loose, dtype=bool)
+        A_ub = np.block([[-A, np.where(lo, 0.0, nrm)[:, None]], [A[lo], -cap * nrm[lo][:, None]],
+                         [np.eye(d), np.ones((d, 1))], [-np.eye(d), np.ones((d, 1))]])
+        b_ub = np.concatenate([c - margin, margin[lo] - c[lo], np.full(2 * d, box)])
+    eq = {} if plane is None else {"A_eq": np.append(plane[0], 0.0)[None, :], "b_eq": np.array([-plane[1]])}
     res = linprog(np.append(np.zeros(d), -1.0), A_ub=A_ub, b_ub=b_ub, bounds=[(None, None)] * d + [(0.0, box)],
-                  method="highs")
+                  method="highs", **eq)
     if res.status != 0:
         return 0.0, None
     return float(res.x[d]), np.asarray(res.x[:d], dtype=float)

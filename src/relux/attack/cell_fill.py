@@ -37,10 +37,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy.optimize import linprog
 
 from relux.attack import prefix as pfx
-from relux.attack.active_lines import AllOnRegion, cell_constraints, cell_map, cell_masks, region_margin
+from relux.attack.active_lines import (
+    AllOnRegion,
+    cell_constraints,
+    cell_map,
+    cell_masks,
+    largest_ball,
+    region_margin,
+)
 from relux.attack.config import ExtractionConfig
 from relux.attack.witnesses import find_candidates, measure_candidates
 from relux.oracle.base import FloatArray, QueryFn
@@ -88,19 +94,11 @@ def _crossing_ball(
     plane misses the region). The rows ``loose`` (a mask over the region's rows) need only hold at
     the centre, and there be at most :data:`LOOSE_CAP` times the radius from their boundary: the
     lacked neurons, barely on, so that their unknown weights move the row's boundary little."""
-    A, c, margin, box = region.A, region.c, region.margin, region.box
-    d = A.shape[1]
-    nrm = np.linalg.norm(A, axis=1)
-    lo = np.zeros(A.shape[0], dtype=bool) if loose is None else np.asarray(loose, dtype=bool)
-    ball = np.where(lo, 0.0, nrm)
-    A_ub = np.block([[-A, ball[:, None]], [A[lo], -LOOSE_CAP * nrm[lo][:, None]], [np.eye(d), np.ones((d, 1))],
-                     [-np.eye(d), np.ones((d, 1))]])
-    b_ub = np.concatenate([c - margin, margin[lo] - c[lo], np.full(2 * d, box)])
-    res = linprog(np.append(np.zeros(d), -1.0), A_ub=A_ub, b_ub=b_ub, A_eq=np.append(g, 0.0)[None, :],
-                  b_eq=np.array([-g0]), bounds=[(None, None)] * d + [(0.0, box)], method="highs")
-    if res.status != 0 or not res.x[d] > 0:
+    lo = np.zeros(region.A.shape[0], dtype=bool) if loose is None else np.asarray(loose, dtype=bool)
+    r, x = largest_ball(region.A, region.c, region.margin, region.box, plane=(g, g0), loose=lo, cap=LOOSE_CAP)
+    if x is None or not r > 0:
         return 0.0, None
-    return float(res.x[d]), np.asarray(res.x[:d], dtype=float)
+    return r, x
 
 
 def _cell(layers: Sequence[pfx.Layer], box: float, pat: Pattern) -> AllOnRegion:
