@@ -22,7 +22,7 @@ the layer's typical response (:data:`LEAK`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,6 +89,59 @@ def _lps(item: tuple[FloatArray, FloatArray, float, float, FloatArray]) -> list[
     return [_lp(cost, G, g, margin, box) for cost in C]
 
 
+@dataclass(frozen=True)
+class _Region:
+    """The all-active region of the prefix (:func:`_active_forms`): ``G x + g >= 0``, the last known
+    layer's affine map ``h = A x + c`` there, a deep point ``centre`` at depth ``depth``, and the box
+    that bounds its linear programs."""
+
+    G: FloatArray
+    g: FloatArray
+    A: FloatArray
+    centre: FloatArray
+    depth: float
+    box: float
+
+
+def _region(layers: Sequence[pfx.Layer], d0: int, scale: float) -> _Region | None:
+    """The all-active region of a non-empty prefix, with its deepest point (from
+    :func:`relux.attack.active_lines.all_on_region` when this module's own program fails); None when
+    neither finds it."""
+    box = 4.0 * scale * np.sqrt(d0)
+    G, g, A, _ = _active_forms(layers, d0)
+    centre = _lp(np.zeros(d0), G, g, None, box)
+    if centre is not None:
+        return _Region(G, g, A, centre[:d0], float(centre[-1]), box)
+    # should this program fail, the centre from the formulation of the all-on chords (suspected,
+    # wrongly, behind CIFAR layer 3's wiggle without a controllable point; BENCHMARKS.md session 19)
+    region = all_on_region(layers, 3.0 * scale)
+    if region is None:
+        return None
+    return _Region(G, g, A, region.centre, region.depth, box)
+
+
+def _pushed(
+    region: _Region, W_hat: FloatArray, items: Sequence[tuple[int, float]], executor: Executor | None = None
+) -> list[FloatArray]:
+    """Points of the all-active region where neuron ``j`` of the layer is pushed up (``sense`` +1) or
+    down (-1), for each ``(j, sense)`` of ``items``: half-way between the region's centre and the
+    linear program's optimum, which keeps every known neuron at least ``0.3`` of the region's depth
+    active. Items whose program fails give no point. The programs are split among ``executor``'s
+    workers (behind a 256-wide CIFAR layer, 512 of them take about 4.5 minutes on one core)."""
+    if not items:
+        return []
+    # ẑ_j(x) = lin·x + const inside the all-active region
+    costs = np.array([-sense * (W_hat[j] @ region.A) for j, sense in items]).reshape(len(items), -1)
+    # pure linear programs: the same points in the same order with or without workers
+    solved = map_rows(executor, _lps, costs, region.G, region.g, 0.3 * region.depth, region.box)
+    return [0.5 * (x + region.centre) for x in solved if x is not None]
+
+
+def _push_order(m: int) -> list[tuple[int, float]]:
+    """Every neuron of an ``m``-row layer pushed up, then down, in neuron order."""
+    return [(j, sense) for j in range(m) for sense in (1.0, -1.0)]
+
+
 def _candidates(
     layers: Sequence[pfx.Layer],
     W_hat: FloatArray,
@@ -98,35 +151,21 @@ def _candidates(
     n: int,
     rng: np.random.Generator,
     executor: Executor | None = None,
+    pushes: int | None = None,
 ) -> FloatArray:
-    """Random points, plus points of the all-active region of the prefix where each neuron of the
-    layer is pushed to each side of its hyperplane (so that every neuron is probed on both sides),
-    around the region's centre (from :func:`relux.attack.active_lines.all_on_region` when this
-    module's own program fails). The linear programs are split among ``executor``'s workers (behind
-    a 256-wide CIFAR layer, 512 of them take about 4.5 minutes on one core)."""
+    """Random points, plus the centre of the all-active region of the prefix and the first ``pushes``
+    (all by default) of its points where each neuron of the layer is pushed to each side of its
+    hyperplane (:func:`_pushed`, in :func:`_push_order`), so that every neuron is probed on both
+    sides."""
     pts = [rng.normal(0.0, scale, size=(n, d0))]
     if not layers:
         # No prefix: the layer is controllable everywhere; push each neuron to each side directly.
         return np.concatenate(pts)
-    box = 4.0 * scale * np.sqrt(d0)
-    G, g, A, c = _active_forms(layers, d0)
-    centre = _lp(np.zeros(d0), G, g, None, box)
-    if centre is not None:
-        x_c, t_max = centre[:d0], float(centre[-1])
-    else:
-        # should this program fail, the centre from the formulation of the all-on chords (suspected,
-        # wrongly, behind CIFAR layer 3's wiggle without a controllable point; BENCHMARKS.md
-        # session 19)
-        region = all_on_region(layers, 3.0 * scale)
-        if region is None:
-            return np.concatenate(pts)
-        x_c, t_max = region.centre, region.depth
-    # ẑ_j(x) = lin·x + const inside the all-active region; each neuron pushed up, then down
-    costs = np.array([-sense * (W_hat[j] @ A) for j in range(W_hat.shape[0]) for sense in (1.0, -1.0)]).reshape(-1, d0)
-    # pure linear programs: split among the workers, the same points in the same order
-    solved = map_rows(executor, _lps, costs, G, g, 0.3 * t_max, box)
-    out = [x_c] + [0.5 * (x + x_c) for x in solved if x is not None]
-    pts.append(np.asarray(out))
+    region = _region(layers, d0, scale)
+    if region is None:
+        return np.concatenate(pts)
+    items = _push_order(W_hat.shape[0])
+    pts.append(np.asarray([region.centre] + _pushed(region, W_hat, items[:pushes], executor)))
     return np.concatenate(pts)
 
 
@@ -202,9 +241,20 @@ def _leak_basis(
 LEAK = 1e-3
 
 
-def _rounding_level(floor: FloatArray) -> FloatArray:
-    """Per neuron, the response that rounding alone cannot reach: far above the largest rounding level."""
-    out: FloatArray = 1e4 * np.maximum(floor, np.finfo(float).tiny)
+#: A response counts as real only this many times above the rounding estimate of its probe (which
+#: already allows 64 ulps of the outputs). Silence, on the other hand, is judged generously, at
+#: :data:`SILENT_ROUNDING` times that estimate. Behind the CIFAR-scale unitary layers 1-3 (an all-on
+#: region 0.008 deep and ill-conditioned, so steps of about 1e-8 in ``ẑ_j``) the rounding estimate
+#: per unit step reached 2.5e-5 while the real responses were above 0.014: at ten thousand times that
+#: estimate, 120 of 256 neurons had no real response.
+REAL_ROUNDING = 1e3
+SILENT_ROUNDING = 1e4
+
+
+def _rounding_level(floor: FloatArray, factor: float = SILENT_ROUNDING) -> FloatArray:
+    """Per neuron, the response that rounding alone cannot reach: ``factor`` times the largest
+    rounding level."""
+    out: FloatArray = factor * np.maximum(floor, np.finfo(float).tiny)
     return out
 
 
@@ -212,8 +262,116 @@ def _real_level(pos: FloatArray, neg: FloatArray, floor: FloatArray) -> FloatArr
     """Per neuron, the response above which a side counts as moving the output (:data:`LEAK`)."""
     top = np.maximum(pos, neg)
     typical = float(np.quantile(top, 0.9)) if top.size else 0.0
-    out: FloatArray = np.maximum(_rounding_level(floor), LEAK * typical)
+    out: FloatArray = np.maximum(_rounding_level(floor, REAL_ROUNDING), LEAK * typical)
     return out
+
+
+#: The leak split (:func:`leak_split`) needs this many decades between the silent sides and the real
+#: responses, and this share of the neurons probed on both sides to fall on either side of it with one
+#: side each.
+SPLIT_DECADES = 1.0
+SPLIT_SHARE = 0.75
+
+
+def leak_split(pos: FloatArray, neg: FloatArray, pos_q: np.ndarray, neg_q: np.ndarray) -> float:
+    """The response level that separates the silent sides from the real ones, from the data: the
+    geometric middle of the widest gap (in decades) among the probed sides' responses. Returns 0.0
+    unless the gap spans :data:`SPLIT_DECADES` and at least :data:`SPLIT_SHARE` of the neurons probed
+    on both sides have exactly one side above it.
+
+    Each neuron is on on one side of its hyperplane only (CM24 §4), so a complete layer's responses
+    form two groups: the real ones, and the leak of the rows' error into the silent sides. The leak
+    grows with the conditioning of the layer's control map: behind the unitary CIFAR layers 1-3 it
+    reached 2.6e-3 of the typical response, above :data:`LEAK`, while the smallest real one was 0.2
+    of it; the ratio of sides then ranged from 146 to 1e4."""
+    both = (pos_q > 0) & (neg_q > 0)
+    vals = np.concatenate([pos[pos_q > 0], neg[neg_q > 0]])
+    vals = vals[vals > 0]
+    if vals.size < 4 or not both.any():
+        return 0.0
+    lv = np.sort(np.log10(vals))
+    gaps = np.diff(lv)
+    k = int(np.argmax(gaps))
+    if gaps[k] < SPLIT_DECADES:
+        return 0.0
+    split = float(10.0 ** (0.5 * (lv[k] + lv[k + 1])))
+    one_side = (pos[both] > split) != (neg[both] > split)
+    return split if float(one_side.mean()) >= SPLIT_SHARE else 0.0
+
+
+@dataclass
+class _Tally:
+    """Per neuron of the layer, what the probes saw so far (local to one :func:`wiggle_signs` call)."""
+
+    pos: FloatArray  # largest response (output change per unit of ẑ_j) while ẑ_j > 0
+    neg: FloatArray  # the same while ẑ_j < 0
+    floor: FloatArray  # largest rounding level of those responses
+    pos_min: FloatArray  # smallest response while ẑ_j > 0 (a missing row contaminates the
+    neg_min: FloatArray  # silent side only where that neuron is on: somewhere it is off)
+    pos_q: np.ndarray  # probes with ẑ_j > 0 and a usable step
+    neg_q: np.ndarray
+
+    @classmethod
+    def empty(cls, m: int) -> _Tally:
+        return cls(np.zeros(m), np.zeros(m), np.zeros(m), np.full(m, np.inf), np.full(m, np.inf),
+                   np.zeros(m, dtype=int), np.zeros(m, dtype=int))
+
+    def add(self, zhat: FloatArray, r: FloatArray, nl: FloatArray, usable: np.ndarray) -> None:
+        """One probed point: ``r`` the responses, ``nl`` their rounding levels."""
+        self.pos = np.where(zhat > 0, np.maximum(self.pos, r), self.pos)
+        self.neg = np.where(zhat < 0, np.maximum(self.neg, r), self.neg)
+        self.pos_min = np.where((zhat > 0) & usable, np.minimum(self.pos_min, r), self.pos_min)
+        self.neg_min = np.where((zhat < 0) & usable, np.minimum(self.neg_min, r), self.neg_min)
+        self.floor = np.maximum(self.floor, nl)
+        self.pos_q = self.pos_q + (usable & (zhat > 0))
+        self.neg_q = self.neg_q + (usable & (zhat < 0))
+
+
+def _verdicts(t: _Tally, missing: int) -> tuple[FloatArray, np.ndarray, FloatArray]:
+    """Signs, decided, and confidence from the tally (CM24 §4: the side where the output moves).
+
+    On the other side only the estimation error of the rows leaks through, so a clean verdict needs a
+    real response and a large ratio between sides, or, in a complete layer, sides on either side of the
+    data's :func:`leak_split`."""
+    pos, neg = t.pos, t.neg
+    thr = _real_level(pos, neg, t.floor)
+    real = np.maximum(pos, neg) > thr
+    with np.errstate(over="ignore"):  # a silent side gives an infinite ratio, which is the point
+        ratio = np.maximum(pos, neg) / np.maximum(np.minimum(pos, neg), np.finfo(float).tiny)
+    # In a short layer a response on one side alone may be the leak: both sides must be probed.
+    clean = real & (ratio >= 1e3) & ((t.pos_q > 0) & (t.neg_q > 0) | (missing == 0))
+    if missing == 0:
+        split = leak_split(pos, neg, t.pos_q, t.neg_q)
+        if split > 0:
+            both = (t.pos_q > 0) & (t.neg_q > 0)
+            clean |= both & real & ((pos > split) != (neg > split))
+    neg_b = clean & (neg > pos)
+    silent = ~real
+    weak_neg = silent & (t.pos_q >= 2) & (t.neg_q == 0)
+    weak_pos = silent & (t.neg_q >= 2) & (t.pos_q == 0)
+    # Not clean (a row of the layer is missing, so both sides respond somewhere): the silent side is
+    # the one where some probe saw no response beyond rounding while every probe of the other side saw
+    # a real one. (One probe's real response can be far below the layer's typical one, so silence is
+    # judged at the rounding level here: against the LEAK level, weak probes of the on side read as
+    # silent and gave wrong verdicts on random layers with exact rows.)
+    rounding = _rounding_level(t.floor)
+    two_sided = ~clean & ~silent & (t.pos_q >= 2) & (t.neg_q >= 2)
+    min_neg = two_sided & (t.pos_min <= rounding) & (t.neg_min > thr)  # silent while ẑ_j > 0: the sign is -
+    min_pos = two_sided & (t.neg_min <= rounding) & (t.pos_min > thr)
+    signs = np.where(neg_b | weak_neg | min_neg, -1.0, 1.0)
+    decided = clean | weak_neg | weak_pos | min_neg | min_pos
+    confidence = np.where(clean, 1.0, np.where(weak_neg | weak_pos | min_neg | min_pos, 0.5, 0.0))
+    return signs, decided, confidence
+
+
+def _controllable(sv: np.ndarray, m: int) -> bool:
+    """Whether ``m`` singular values (largest first) give full row rank ``m``: each above the
+    numerical-rank tolerance, a thousand times ``max(shape) · eps`` of the largest. The control maps
+    behind the unitary CIFAR layers (CM24's ill-conditioned construction) reach 2.5e-9 of the largest
+    and still steer each row alone (253 of 256 verdicts clean and right); ``_rank``'s 1e-8 called every
+    such point uncontrollable, and the random points, where half the prefix is off, were probed
+    instead."""
+    return sv.size == m and m > 0 and bool(sv[-1] > 1e3 * np.finfo(float).eps * max(m, sv.size) * sv[0])
 
 
 def wiggle_signs(
@@ -233,9 +391,15 @@ def wiggle_signs(
     more points to probe from (rows), looked at only when none of the usual ones is controllable
     (points where the rows were found, such as all-on kinks, often are). ``missing``: how many rows
     the layer lacks; their leak into the responses is then measured and projected out where the
-    outputs allow it (module docstring)."""
+    outputs allow it (module docstring).
+
+    The first ``2 max_points`` pushed points are solved before any probe; when some are controllable
+    and a neuron still lacks a clean verdict, more points are pushed, in rounds of that size, only for the
+    sides of neurons no probe has seen yet (behind a 256-wide layer, each program takes about a
+    second)."""
     m = W_hat.shape[0]
-    C = _candidates(layers, W_hat, b_hat, d0, scale, max_points, rng, executor)
+    first = 2 * max_points
+    C = _candidates(layers, W_hat, b_hat, d0, scale, max_points, rng, executor, first)
 
     def assess(X: FloatArray) -> list[tuple[FloatArray, FloatArray, bool]]:
         out = []
@@ -243,7 +407,7 @@ def wiggle_signs(
             M, _ = pfx.jacobian(layers, x)
             R = W_hat @ M
             sv = np.linalg.svd(R, compute_uv=False)
-            out.append((x, R, _rank(sv) == m))
+            out.append((x, R, _controllable(sv, m)))
         return out
 
     chosen = assess(C)
@@ -251,18 +415,16 @@ def wiggle_signs(
         step = max(1, fallback.shape[0] // (2 * max_points))
         chosen += assess(fallback[::step][: 2 * max_points])
     chosen.sort(key=lambda c: not c[2])
-    if any(c[2] for c in chosen):
+    any_ctrl = any(c[2] for c in chosen)
+    if any_ctrl:
         chosen = [c for c in chosen if c[2]]
-    pos = np.zeros(m)  # largest response (output change per unit of ẑ_j) while ẑ_j > 0
-    neg = np.zeros(m)  # the same while ẑ_j < 0
-    floor = np.zeros(m)  # largest rounding level of those responses
-    pos_min = np.full(m, np.inf)  # smallest response while ẑ_j > 0 (a missing row contaminates the
-    neg_min = np.full(m, np.inf)  # silent side only where that neuron is on: somewhere it is off)
-    pos_q = np.zeros(m, dtype=int)  # probes with ẑ_j > 0 and a usable step
-    neg_q = np.zeros(m, dtype=int)
+    t = _Tally.empty(m)
     n_pts = n_ctrl = queries = n_proj = 0
     eps_m = float(np.finfo(float).eps)
-    for x, R, ctrl in chosen:
+
+    def probe(x: FloatArray, R: FloatArray) -> bool:
+        """Probe every neuron at ``x`` (``R`` the layer's control map there); whether any step was usable."""
+        nonlocal queries, n_proj
         Zs, H = pfx.forward(layers, x[None, :])
         # without a prefix the map is the identity: not formed unless the leak probes need it
         M_x, pre_jacs = pfx.jacobian(layers, x) if layers else (None, [])
@@ -272,7 +434,7 @@ def wiggle_signs(
         step_len = eps * np.linalg.norm(P, axis=0)
         usable = step_len > 1e-9 * scale * np.sqrt(d0)
         if not usable.any():
-            continue
+            return False
         D = (P * (np.sign(zhat) * eps)[None, :]).T  # (m, d0): move away from the boundary
         Y = query(np.concatenate([x[None, :], x[None, :] + D[usable]]))
         queries += int(usable.sum()) + 1
@@ -292,43 +454,63 @@ def wiggle_signs(
         with np.errstate(divide="ignore", invalid="ignore"):
             r = np.where(usable, moved / np.where(eps > 0, eps, np.inf), 0.0)
             nl = np.where(usable, noise / np.where(eps > 0, eps, np.inf), 0.0)
-        pos = np.where(zhat > 0, np.maximum(pos, r), pos)
-        neg = np.where(zhat < 0, np.maximum(neg, r), neg)
-        pos_min = np.where((zhat > 0) & usable, np.minimum(pos_min, r), pos_min)
-        neg_min = np.where((zhat < 0) & usable, np.minimum(neg_min, r), neg_min)
-        floor = np.maximum(floor, nl)
-        pos_q += usable & (zhat > 0)
-        neg_q += usable & (zhat < 0)
+        t.add(zhat, r, nl, usable)
+        return True
+
+    for x, R, ctrl in chosen:
+        if not probe(x, R):
+            continue
         n_pts += 1
         n_ctrl += int(ctrl)
         # A complete layer's response is real only on a neuron's side where it is on; a short one
         # leaks on both sides, so every point is probed
-        if missing == 0 and n_pts >= max_points and np.all(np.maximum(pos, neg) > _real_level(pos, neg, floor)):
+        if missing == 0 and n_pts >= max_points and bool(np.all(_verdicts(t, missing)[2] == 1.0)):
             break
-    # The output moves only on the side where the neuron is on: the side with the response decides
-    # the sign. On the other side only the estimation error of the rows leaks through, so a clean
-    # verdict needs a real response and a large ratio between sides.
-    thr = _real_level(pos, neg, floor)
-    real = np.maximum(pos, neg) > thr
-    with np.errstate(over="ignore"):  # a silent side gives an infinite ratio, which is the point
-        ratio = np.maximum(pos, neg) / np.maximum(np.minimum(pos, neg), np.finfo(float).tiny)
-    # In a short layer a response on one side alone may be the leak: both sides must be probed.
-    clean = real & (ratio >= 1e3) & ((pos_q > 0) & (neg_q > 0) | (missing == 0))
-    neg_b = clean & (neg > pos)
-    silent = ~real
-    weak_neg = silent & (pos_q >= 2) & (neg_q == 0)
-    weak_pos = silent & (neg_q >= 2) & (pos_q == 0)
-    # Not clean (a row of the layer is missing, so both sides respond somewhere): the silent side is
-    # the one where some probe saw no response beyond rounding while every probe of the other side saw
-    # a real one. (One probe's real response can be far below the layer's typical one, so silence is
-    # judged at the rounding level here: against the LEAK level, weak probes of the on side read as
-    # silent and gave wrong verdicts on random layers with exact rows.)
-    rounding = _rounding_level(floor)
-    two_sided = ~clean & ~silent & (pos_q >= 2) & (neg_q >= 2)
-    min_neg = two_sided & (pos_min <= rounding) & (neg_min > thr)  # silent while ẑ_j > 0: the sign is -
-    min_pos = two_sided & (neg_min <= rounding) & (pos_min > thr)
-    signs = np.where(neg_b | weak_neg | min_neg, -1.0, 1.0)
-    decided = clean | weak_neg | weak_pos | min_neg | min_pos
-    confidence = np.where(clean, 1.0, np.where(weak_neg | weak_pos | min_neg | min_pos, 0.5, 0.0))
+    else:
+        if any_ctrl and layers:
+            n_pts, n_ctrl = _more_rounds(layers, W_hat, d0, scale, first, t, missing, probe, executor, n_pts, n_ctrl,
+                                         assess)
+    signs, decided, confidence = _verdicts(t, missing)
     return WiggleSigns(signs=signs, confidence=confidence, decided=decided, points=n_pts,
                        controllable_points=n_ctrl, queries=queries, projected_points=n_proj)
+
+
+def _more_rounds(
+    layers: Sequence[pfx.Layer],
+    W_hat: FloatArray,
+    d0: int,
+    scale: float,
+    first: int,
+    t: _Tally,
+    missing: int,
+    probe: Callable[[FloatArray, FloatArray], bool],
+    executor: Executor | None,
+    n_pts: int,
+    n_ctrl: int,
+    assess: Callable[[FloatArray], list[tuple[FloatArray, FloatArray, bool]]],
+) -> tuple[int, int]:
+    """Rounds of ``first`` more pushed points (:func:`_pushed`), each for a side of a neuron that no
+    probe has seen and no program has pushed it to yet, while some neuron lacks a clean verdict. Returns the
+    probed and controllable point counts so far."""
+    m = W_hat.shape[0]
+    tried = set(_push_order(m)[:first])
+    region: _Region | None = None
+    while True:
+        clean = _verdicts(t, missing)[2] == 1.0
+        if clean.all():
+            break
+        items = [(j, sense) for j, sense in _push_order(m)
+                 if (j, sense) not in tried and not clean[j] and (t.pos_q[j] if sense > 0 else t.neg_q[j]) == 0]
+        if not items:
+            break
+        if region is None:
+            region = _region(layers, d0, scale)
+            if region is None:
+                break
+        batch = items[:first]
+        tried.update(batch)
+        for x, R, ctrl in assess(np.asarray(_pushed(region, W_hat, batch, executor)).reshape(-1, d0)):
+            if ctrl and probe(x, R):
+                n_pts += 1
+                n_ctrl += 1
+    return n_pts, n_ctrl
