@@ -438,6 +438,9 @@ def test_the_next_layer_takes_chords_behind_a_layer_short_of_corner_neurons() ->
     assert not ready(253)
     # a short layer from walks may lack a neuron that is on in the region: not read through it
     assert not ready(255, "signed walks") and ready(256, "signed walks", 1.0)
+    # complete, from pattern regions (an all-on region too thin or empty): every sign decided
+    assert ready(256, "all-on lines and pattern regions") and ready(256, "pattern regions")
+    assert not ready(256, "pattern regions", 0.0)
 
 
 def test_a_short_layer_s_wrong_sign_is_flipped_back() -> None:
