@@ -232,3 +232,43 @@ def test_without_a_gap_there_is_no_leak_split() -> None:
     # a gap, but the neurons do not straddle it (both sides of each above it): no split
     assert wiggle.leak_split(np.r_[np.full(18, 1.0), 1e-6, 1e-6], np.r_[np.full(18, 2.0), 1e-6, 1e-6],
                              np.ones(20, dtype=int), np.ones(20, dtype=int)) == 0.0
+
+
+def _tally(pos: list[float], neg: list[float], pos_q: list[int], neg_q: list[int], floor: float) -> wiggle._Tally:
+    """A tally whose smallest responses are its largest ones."""
+    t = wiggle._Tally.empty(len(pos))
+    t.pos, t.neg = np.array(pos), np.array(neg)
+    t.pos_min, t.neg_min = np.array(pos), np.array(neg)
+    t.pos_q, t.neg_q = np.array(pos_q), np.array(neg_q)
+    t.floor = np.full(len(pos), floor)
+    return t
+
+
+def test_a_response_is_never_both_real_and_silent() -> None:
+    # Probed twice on each side, 0.03 and 0.04, at a rounding level of 1e-5 per unit step: below the
+    # silence level (ten thousand rounding levels), so not real either; no verdict (a lower level for
+    # real responses once called one side silent and the other real, and gave -1 at 0.5)
+    t = _tally([0.03, 1.0], [0.04, 1e-9], [2, 2], [2, 2], 1e-5)
+    signs, decided, conf = wiggle._verdicts(t, missing=1)
+    assert not decided[0] and conf[0] == 0.0
+
+
+def test_a_side_probed_alone_below_the_leak_split_is_no_verdict() -> None:
+    # Neurons 0-5, probed on both sides, leak 2e-3 of the typical response into their silent sides (as
+    # behind the unitary CIFAR layers 1-3): a ratio of sides below 1e3, so only the split between the
+    # leaks and the real responses decides them. Neuron 6 was probed on one side only, where it moved
+    # the output by 2.5e-3: above LEAK, but below the split, so the leak and not a verdict
+    pos = [1.0, 0.8, 2e-3, 0.9, 1.8e-3, 1.1, 0.0]
+    neg = [2e-3, 2.2e-3, 0.7, 1.9e-3, 1.2, 2.1e-3, 2.5e-3]
+    t = _tally(pos, neg, [3, 3, 3, 3, 3, 3, 0], [3, 3, 3, 3, 3, 3, 4], 1e-12)
+    signs, decided, conf = wiggle._verdicts(t, missing=0)
+    assert conf[6] < 1.0
+    np.testing.assert_array_equal(conf[:6], 1.0)
+    np.testing.assert_array_equal(signs[:6], [1, 1, -1, 1, -1, 1])
+
+
+def test_no_pushed_points_still_ends() -> None:
+    net, prefix, W, b, s = _layer_two(0)
+    ws = wiggle_signs(CountingOracle(MLPOracle(net)).query, prefix, W, b, 10, 1.0, np.random.default_rng(0),
+                      max_points=0, missing=1)
+    np.testing.assert_array_equal(ws.signs[ws.decided], s[ws.decided])

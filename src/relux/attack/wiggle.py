@@ -177,8 +177,13 @@ def _candidates(
 
 
 def _rank(sv: np.ndarray) -> int:
-    """Numerical rank from singular values (largest first): those above 1e-8 of the largest."""
-    return int(np.sum(sv > 1e-8 * sv[0])) if sv.size and sv[0] > 0 else 0
+    """Numerical rank from singular values (largest first): those above the numerical-rank tolerance,
+    a thousand times ``k · eps`` of the largest for ``k`` values. (At 1e-8 of the largest, the
+    ill-conditioned control maps behind the unitary CIFAR layers, down to 2.5e-9, were rank-deficient,
+    and their weakest directions, which still move known rows, were taken for a missing row's leak.)"""
+    if not sv.size or sv[0] <= 0:
+        return 0
+    return int(np.sum(sv > 1e3 * np.finfo(float).eps * sv.size * sv[0]))
 
 
 def _prefix_limit(Zs: Sequence[FloatArray], pre_jacs: Sequence[FloatArray], dirs: np.ndarray) -> FloatArray:
@@ -248,14 +253,14 @@ def _leak_basis(
 LEAK = 1e-3
 
 
-#: A response counts as real only this many times above the rounding estimate of its probe (which
-#: already allows 64 ulps of the outputs). Silence, on the other hand, is judged generously, at
-#: :data:`SILENT_ROUNDING` times that estimate. Behind the CIFAR-scale unitary layers 1-3 (an all-on
-#: region 0.008 deep and ill-conditioned, so steps of about 1e-8 in ``ẑ_j``) the rounding estimate
-#: per unit step reached 2.5e-5 while the real responses were above 0.014: at ten thousand times that
-#: estimate, 120 of 256 neurons had no real response.
-REAL_ROUNDING = 1e3
+#: A response counts as real only ten thousand times above the rounding estimate of its probe (which
+#: already allows 64 ulps of the outputs), and silence is judged at that level too. Across a
+#: :func:`leak_split`, a thousand times is enough: behind the CIFAR-scale unitary layers 1-3 (an
+#: all-on region 0.008 deep and an ill-conditioned control map, so steps of about 1e-8 in ``ẑ_j``)
+#: the rounding estimate per unit step reached 2.5e-5 while the real responses were above 0.014; at
+#: ten thousand times that estimate, 120 of 256 neurons had no real response.
 SILENT_ROUNDING = 1e4
+REAL_ROUNDING = 1e3
 
 
 def _rounding_level(floor: FloatArray, factor: float = SILENT_ROUNDING) -> FloatArray:
@@ -265,11 +270,12 @@ def _rounding_level(floor: FloatArray, factor: float = SILENT_ROUNDING) -> Float
     return out
 
 
-def _real_level(pos: FloatArray, neg: FloatArray, floor: FloatArray) -> FloatArray:
-    """Per neuron, the response above which a side counts as moving the output (:data:`LEAK`)."""
+def _real_level(pos: FloatArray, neg: FloatArray, floor: FloatArray, factor: float = SILENT_ROUNDING) -> FloatArray:
+    """Per neuron, the response above which a side counts as moving the output (:data:`LEAK`), with
+    rounding judged at ``factor``."""
     top = np.maximum(pos, neg)
     typical = float(np.quantile(top, 0.9)) if top.size else 0.0
-    out: FloatArray = np.maximum(_rounding_level(floor, REAL_ROUNDING), LEAK * typical)
+    out: FloatArray = np.maximum(_rounding_level(floor, factor), LEAK * typical)
     return out
 
 
@@ -339,19 +345,24 @@ def _verdicts(t: _Tally, missing: int) -> tuple[FloatArray, np.ndarray, FloatArr
 
     On the other side only the estimation error of the rows leaks through, so a clean verdict needs a
     real response and a large ratio between sides, or, in a complete layer, sides on either side of the
-    data's :func:`leak_split`."""
+    data's :func:`leak_split` (the side above it far above rounding, :data:`REAL_ROUNDING`). Where
+    there is a split, a side probed alone must be above it to give a clean verdict."""
     pos, neg = t.pos, t.neg
     thr = _real_level(pos, neg, t.floor)
-    real = np.maximum(pos, neg) > thr
+    top = np.maximum(pos, neg)
+    real = top > thr
     with np.errstate(over="ignore"):  # a silent side gives an infinite ratio, which is the point
-        ratio = np.maximum(pos, neg) / np.maximum(np.minimum(pos, neg), np.finfo(float).tiny)
+        ratio = top / np.maximum(np.minimum(pos, neg), np.finfo(float).tiny)
     # In a short layer a response on one side alone may be the leak: both sides must be probed.
-    clean = real & (ratio >= 1e3) & ((t.pos_q > 0) & (t.neg_q > 0) | (missing == 0))
+    both = (t.pos_q > 0) & (t.neg_q > 0)
+    clean = real & (ratio >= 1e3) & (both | (missing == 0))
     if missing == 0:
         split = leak_split(pos, neg, t.pos_q, t.neg_q)
         if split > 0:
-            both = (t.pos_q > 0) & (t.neg_q > 0)
-            clean |= both & real & ((pos > split) != (neg > split))
+            # a side probed alone is the leak unless it is above the split
+            clean &= both | (top > split)
+            above = top > np.maximum(_real_level(pos, neg, t.floor, REAL_ROUNDING), split)
+            clean |= both & above & ((pos > split) != (neg > split))
     neg_b = clean & (neg > pos)
     silent = ~real
     weak_neg = silent & (t.pos_q >= 2) & (t.neg_q == 0)
@@ -372,13 +383,12 @@ def _verdicts(t: _Tally, missing: int) -> tuple[FloatArray, np.ndarray, FloatArr
 
 
 def _controllable(sv: np.ndarray, m: int) -> bool:
-    """Whether ``m`` singular values (largest first) give full row rank ``m``: each above the
-    numerical-rank tolerance, a thousand times ``max(shape) · eps`` of the largest. The control maps
-    behind the unitary CIFAR layers (CM24's ill-conditioned construction) reach 2.5e-9 of the largest
-    and still steer each row alone (253 of 256 verdicts clean and right); ``_rank``'s 1e-8 called every
-    such point uncontrollable, and the random points, where half the prefix is off, were probed
-    instead."""
-    return sv.size == m and m > 0 and bool(sv[-1] > 1e3 * np.finfo(float).eps * max(m, sv.size) * sv[0])
+    """Whether ``m`` singular values (largest first) give full row rank ``m`` at the numerical-rank
+    tolerance (:func:`_rank`). The control maps behind the unitary CIFAR layers (CM24's
+    ill-conditioned construction) reach 2.5e-9 of the largest and still steer each row alone (253 of
+    256 verdicts clean and right); judged rank-deficient at 1e-8, every such point was passed over
+    and the random points, where half the prefix is off, were probed instead."""
+    return m > 0 and sv.size == m and _rank(sv) == m
 
 
 def wiggle_signs(
@@ -405,7 +415,7 @@ def wiggle_signs(
     sides of neurons no probe has seen yet (behind a 256-wide layer, each program takes about a
     second)."""
     m = W_hat.shape[0]
-    first = 2 * max_points
+    first = max(1, 2 * max_points)
     C = _candidates(layers, W_hat, b_hat, d0, scale, max_points, rng, executor, first)
 
     def assess(X: FloatArray) -> list[tuple[FloatArray, FloatArray, bool]]:
@@ -497,17 +507,22 @@ def _more_rounds(
     assess: Callable[[FloatArray], list[tuple[FloatArray, FloatArray, bool]]],
 ) -> tuple[int, int]:
     """Rounds of ``first`` more pushed points (:func:`_pushed`), each for a side of a neuron that no
-    probe has seen and no program has pushed it to yet, while some neuron lacks a clean verdict. Returns the
-    probed and controllable point counts so far."""
+    probe has seen and no program has pushed it to yet, while some neuron lacks a clean verdict from
+    both sides; they stop after a round without a controllable point. Returns the probed and
+    controllable point counts so far."""
     m = W_hat.shape[0]
     tried = set(_push_order(m)[:first])
     region: _Region | None = None
     while True:
         clean = _verdicts(t, missing)[2] == 1.0
-        if clean.all():
+        both = (t.pos_q > 0) & (t.neg_q > 0)
+        if (clean & both).all():
             break
+        # a side no probe has seen, of a neuron not clean on both sides (one clean from one side alone
+        # may be the leak where there is no split)
         items = [(j, sense) for j, sense in _push_order(m)
-                 if (j, sense) not in tried and not clean[j] and (t.pos_q[j] if sense > 0 else t.neg_q[j]) == 0]
+                 if (j, sense) not in tried and not (clean[j] and both[j])
+                 and (t.pos_q[j] if sense > 0 else t.neg_q[j]) == 0]
         if not items:
             break
         if region is None:
@@ -516,8 +531,11 @@ def _more_rounds(
                 break
         batch = items[:first]
         tried.update(batch)
+        steered = 0
         for x, R, ctrl in assess(np.asarray(_pushed(region, W_hat, batch, executor)).reshape(-1, d0)):
             if ctrl and probe(x, R):
-                n_pts += 1
-                n_ctrl += 1
+                steered += 1
+        if not steered:  # the region's points do not control the layer: more programs would not either
+            break
+        n_pts, n_ctrl = n_pts + steered, n_ctrl + steered
     return n_pts, n_ctrl
