@@ -1,12 +1,14 @@
-"""Least squares that sets aside the rows from outside the model (relux.attack.linalg)."""
+"""Least squares that sets aside the rows from outside the model, and the SVD that falls back to LAPACK's
+gesvd driver (relux.attack.linalg)."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relux.attack.linalg import lstsq, lstsq_dropping_misfits
+from relux.attack.linalg import lstsq, lstsq_dropping_misfits, svd
 
 
 def _design(seed: int, n: int, k: int, outputs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -76,3 +78,40 @@ def test_a_rare_column_keeps_the_row_of_it_that_fits() -> None:
         # exact rows left: rounding only
         np.testing.assert_allclose(got[1:], X[1:], atol=1e-9)
         assert np.isfinite(got[0]).all() and abs(float(got[0, 0])) > 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 12), cols=st.integers(1, 12), seed=st.integers(0, 2**16), full=st.booleans())
+def test_it_is_numpy_s_svd_when_that_converges(rows: int, cols: int, seed: int, full: bool) -> None:
+    a = np.random.default_rng(seed).standard_normal((rows, cols))
+    U, S, Vt = svd(a, full_matrices=full)
+    U0, S0, Vt0 = np.linalg.svd(a, full_matrices=full)
+    # the same call underneath: bit for bit
+    np.testing.assert_array_equal(S, S0)
+    np.testing.assert_array_equal(U, U0)
+    np.testing.assert_array_equal(Vt, Vt0)
+    np.testing.assert_array_equal(svd(a, compute_uv=False), np.linalg.svd(a, compute_uv=False))
+
+
+def test_a_finite_matrix_that_numpy_gives_up_on_goes_to_gesvd(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fails(*args: object, **kwargs: object) -> None:
+        raise np.linalg.LinAlgError("SVD did not converge")
+
+    a = np.random.default_rng(0).standard_normal((6, 4)) * np.logspace(0, -12, 4)
+    S_ref = np.linalg.svd(a, compute_uv=False)
+    monkeypatch.setattr(np.linalg, "svd", fails)
+    U, S, Vt = svd(a, full_matrices=False)
+    # a different algorithm on the same matrix: the factors agree to rounding relative to the largest
+    # singular value, and they reproduce the matrix to that level
+    np.testing.assert_allclose(S, S_ref, rtol=0, atol=1e-13 * S_ref[0])
+    np.testing.assert_allclose((U * S) @ Vt, a, rtol=0, atol=1e-13 * S_ref[0])
+    np.testing.assert_allclose(svd(a, compute_uv=False), S_ref, rtol=0, atol=1e-13 * S_ref[0])
+
+
+def test_a_matrix_with_a_nan_still_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fails(*args: object, **kwargs: object) -> None:
+        raise np.linalg.LinAlgError("SVD did not converge")
+
+    monkeypatch.setattr(np.linalg, "svd", fails)
+    with pytest.raises(np.linalg.LinAlgError):
+        svd(np.array([[1.0, np.nan], [0.0, 1.0]]))

@@ -24,6 +24,7 @@ from numpy.typing import NDArray
 
 from relux.attack import prefix as pfx
 from relux.attack.clouds import moved_copies
+from relux.attack.linalg import svd
 from relux.attack.polish import bisect_to_boundary
 from relux.model import MLP, FloatArray
 
@@ -127,7 +128,7 @@ def undetermined_weights(model: MLP, rng: np.random.Generator | None = None, sam
             seen = np.linalg.norm(S, axis=0) > 0.0
             free = ~seen
             if seen.any():
-                _, sv, Vt = np.linalg.svd(S[:, seen], full_matrices=False)
+                _, sv, Vt = svd(S[:, seen], full_matrices=False)
                 rank = int(np.sum(sv > 1e-9 * sv[0]))
                 null = Vt[rank:]
                 if null.shape[0]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from relux.attack.linalg import svd
 from relux.oracle.base import FloatArray
 
 
@@ -72,7 +73,7 @@ def _leftovers(
     Ar = A[:, relevant, :]
     T = np.array(list(itertools.product((0.0, 1.0), repeat=relevant.size))) if relevant.size else np.zeros((1, 0))
     L = gamma[None, :, :] + np.einsum("tj,ojp->top", T, Ar)  # leftover always-on term per flip vector
-    U, S, Vt = np.linalg.svd(L, full_matrices=False)
+    U, S, Vt = svd(L, full_matrices=False)
     s1 = S[:, 0]
     rank1 = (S[:, 1] <= rank_tol * s1) if k > 1 else np.ones(T.shape[0], dtype=bool)
     return relevant, T, s1, U[:, :, 0], Vt[:, 0, :], rank1

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from relux.attack.linalg import svd
 from relux.oracle.base import FloatArray, QueryFn
 
 #: A clean column's residual from the rank-one fit is rounding: its size over ``1/h+ + 1/h-`` is about
@@ -64,7 +65,7 @@ def suspect_columns(
             if np.array_equal(~bad, clean) or (~bad).sum() < k:
                 break
             clean = ~bad
-            U, S, _ = np.linalg.svd(D[:, clean], full_matrices=False)
+            U, S, _ = svd(D[:, clean], full_matrices=False)
             if S[0] == 0.0:
                 break
             u = U[:, 0]

@@ -20,6 +20,7 @@ from relux.attack.confirm import crossing_hits
 from relux.attack.critical import LineKinks, find_kinks
 from relux.attack.gradients import fd_gradients
 from relux.attack.hyperplanes import Signature, cluster_signatures, hyperplane_distance, signature_from_jump
+from relux.attack.linalg import svd
 from relux.attack.probe_check import choose_radii
 from relux.oracle.base import FloatArray, QueryFn
 from relux.parallel import Executor, SerialExecutor, split_evenly
@@ -224,7 +225,7 @@ def _sketch_filter(
         delta = at[j + 1] - at[j]  # (k, sketch_dim)
         if not np.any(delta):
             continue
-        _, sv, Vt = np.linalg.svd(delta, full_matrices=False)
+        _, sv, Vt = svd(delta, full_matrices=False)
         if sv.size > 1 and sv[1] > 1e-3 * sv[0]:
             continue  # two kinks in one probe: not one neuron's jump
         key = Vt[0] if Vt[0][np.argmax(np.abs(Vt[0]))] > 0 else -Vt[0]
@@ -349,7 +350,7 @@ def _solve_rows(task: _SolveTask) -> list[RefinedRow]:
             rows.append(RefinedRow(W[j], float(b[j]), bases[j], np.zeros(Fp.shape[1]), clears[j], np.inf,
                                    1.0, False, "no gradient jump across the estimated hyperplane"))
             continue
-        U, S, Vt = np.linalg.svd(delta, full_matrices=False)
+        U, S, Vt = svd(delta, full_matrices=False)
         w = Vt[0] * np.sign(Vt[0] @ W[j])
         c = delta @ w  # (k,): the jump per output
         ratio = float(S[1] / S[0]) if S.size > 1 else 0.0

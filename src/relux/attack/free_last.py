@@ -32,6 +32,7 @@ import numpy as np
 
 from relux.attack import prefix as pfx
 from relux.attack.config import ExtractionConfig
+from relux.attack.linalg import svd
 from relux.attack.missing import unexplained_lines
 from relux.attack.signs import SignSolution, solve_binary
 from relux.attack.unify import NeuronRow, robust_unify, shadowed_rows, trimmed_unify
@@ -123,7 +124,7 @@ def decode_flips(
         # and its projected remainder (rounding only) must not be blown up
         scale = float(np.linalg.norm(g)) + float(np.linalg.norm(A)) or 1.0
         if F.shape[1]:
-            Q, S, _ = np.linalg.svd(F, full_matrices=False)
+            Q, S, _ = svd(F, full_matrices=False)
             Q = Q[:, S > 1e-10 * (S[0] if S.size else 0.0)]
             A = A - Q @ (Q.T @ A)
             g = g - Q @ (Q.T @ g)

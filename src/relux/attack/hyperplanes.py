@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from relux.attack.linalg import svd
 from relux.oracle.base import FloatArray
 
 
@@ -41,7 +42,7 @@ class Signature:
 
 def signature_from_jump(delta: FloatArray, point: FloatArray) -> Signature:
     """Signature from a gradient jump ``delta`` (``(k, d)``) measured across a kink at ``point``."""
-    U, S, Vt = np.linalg.svd(np.atleast_2d(delta), full_matrices=False)
+    U, S, Vt = svd(np.atleast_2d(delta), full_matrices=False)
     w = Vt[0]
     # Fix the arbitrary SVD sign so that the largest entry is positive (a convention only: the
     # sign of a neuron is decided by the sign-recovery stage).

@@ -1,6 +1,14 @@
-"""Dense linear algebra shared by the attack stages."""
+"""Dense linear algebra shared by the attack stages.
+
+:func:`svd` does not give up on a finite matrix: NumPy's SVD (LAPACK ``gesdd``, divide and conquer)
+can fail to converge on finite but badly scaled matrices. Behind the CIFAR-scale unitary victim's
+layers 1-4, whose product is ill-conditioned by construction, one local Jacobian stopped the unitary
+bench run with ``SVD did not converge`` (session 35).
+"""
 
 from __future__ import annotations
+
+from typing import Literal, overload
 
 import numpy as np
 import scipy.linalg
@@ -65,3 +73,33 @@ def lstsq_dropping_misfits(A: FloatArray, B: FloatArray, floor: float, rounds: i
         if median < best_median:
             best, best_median = X, median
     return best
+
+
+@overload
+def svd(
+    a: FloatArray, full_matrices: bool = ..., compute_uv: Literal[True] = ...
+) -> tuple[FloatArray, FloatArray, FloatArray]: ...
+
+
+@overload
+def svd(a: FloatArray, full_matrices: bool = ..., *, compute_uv: Literal[False]) -> FloatArray: ...
+
+
+def svd(
+    a: FloatArray, full_matrices: bool = True, compute_uv: bool = True
+) -> tuple[FloatArray, FloatArray, FloatArray] | FloatArray:
+    """As :func:`numpy.linalg.svd` (the same defaults, and the same results when it converges); when it
+    does not, from LAPACK's slower QR-iteration driver (``gesvd``) on the same matrix. Raises
+    :class:`numpy.linalg.LinAlgError` when ``a`` is not finite."""
+    try:
+        if compute_uv:
+            U, S, Vt = np.linalg.svd(a, full_matrices=full_matrices)
+            return U, S, Vt
+        return np.asarray(np.linalg.svd(a, compute_uv=False), dtype=float)
+    except np.linalg.LinAlgError:
+        if not np.all(np.isfinite(a)):
+            raise
+        if compute_uv:
+            U, S, Vt = scipy.linalg.svd(a, full_matrices=full_matrices, lapack_driver="gesvd")
+            return U, S, Vt
+        return np.asarray(scipy.linalg.svd(a, compute_uv=False, lapack_driver="gesvd"), dtype=float)

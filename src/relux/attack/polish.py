@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from relux.attack import prefix as pfx
+from relux.attack.linalg import svd
 from relux.oracle.base import FloatArray, QueryFn
 
 log = logging.getLogger(__name__)
@@ -401,7 +402,7 @@ def _weak_targets(
 
 def _null_vector(A: FloatArray) -> FloatArray:
     nrm = np.linalg.norm(A, axis=1, keepdims=True)
-    _, _, Vt = np.linalg.svd(A / nrm, full_matrices=False)
+    _, _, Vt = svd(A / nrm, full_matrices=False)
     out: FloatArray = Vt[-1]
     return out
 
@@ -474,7 +475,7 @@ def _lone_outliers(
         # the candidate: largest residual corrected for leverage (r / (1 - h)), since a point that pulls
         # the fit towards itself hides part of its own residual
         B = A[idx] / rownorm[idx, None]
-        U, _, _ = np.linalg.svd(B, full_matrices=False)
+        U, _, _ = svd(B, full_matrices=False)
         lev = np.sum(U[:, :-1] ** 2, axis=1)
         j = int(idx[np.argmax(r[idx] / np.maximum(1.0 - lev, 1e-12))])
         rest = keep.copy()

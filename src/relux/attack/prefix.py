@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from relux.attack.linalg import svd
 from relux.oracle.base import FloatArray
 
 Layer = tuple[FloatArray, FloatArray]
@@ -42,7 +43,7 @@ def input_space(layers: Sequence[Layer]) -> tuple[FloatArray, FloatArray] | None
     W1 = layers[0][0]
     if W1.shape[0] >= W1.shape[1]:
         return None
-    _, S, Vt = np.linalg.svd(W1, full_matrices=False)
+    _, S, Vt = svd(W1, full_matrices=False)
     r = int(np.sum(S > W1.shape[1] * np.finfo(float).eps * (S[0] if S.size else 0.0)))
     if r == 0 or r >= W1.shape[1]:
         return None

@@ -27,6 +27,7 @@ import numpy as np
 
 from relux.attack import prefix as pfx
 from relux.attack.clouds import moved_copies, pair_points
+from relux.attack.linalg import svd
 from relux.oracle.base import FloatArray, QueryFn
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ def reread_rare_rows(
         if on.sum() < W.shape[1] + 2:
             reasons[int(j)] = f"on at {int(on.sum())} of {H.shape[0]} inputs near its on-region"
             continue
-        _, _, Vt = np.linalg.svd(R[on], full_matrices=False)
+        _, _, Vt = svd(R[on], full_matrices=False)
         c = Vt[0] * (1.0 if float(Vt[0] @ Wo[:, j]) >= 0 else -1.0)
         z = R[on] @ c
         off_dir = np.linalg.norm(R[on] - np.outer(z, c), axis=1) / np.linalg.norm(R[on], axis=1)
@@ -211,7 +212,7 @@ def reread_rare_rows(
         M = np.concatenate([Hj[:, seen], np.ones((Hj.shape[0], 1))], axis=1)
         rhs = z[one]
         sol, *_ = np.linalg.lstsq(M, rhs, rcond=None)
-        sv = np.linalg.svd(M, compute_uv=False)
+        sv = svd(M, compute_uv=False)
         fit = float(np.max(np.abs(M @ sol - rhs))) / max(float(np.max(np.abs(rhs))), np.finfo(float).tiny)
         if sv[-1] <= 1e-9 * sv[0] or fit > max(tol, floor / max(float(np.max(np.abs(rhs))), np.finfo(float).tiny)):
             reasons[int(j)] = f"the fit of its pre-activation misses by {fit:.1e} (conditioning {sv[-1] / sv[0]:.1e})"

@@ -22,6 +22,7 @@ from relux.attack.config import ExtractionConfig
 from relux.attack.confirm import crossing_hits
 from relux.attack.critical import LineKinks
 from relux.attack.hyperplanes import hyperplane_distance
+from relux.attack.linalg import svd
 from relux.attack.polish import polish_row
 from relux.attack.unify import NeuronRow, on_neuron
 from relux.attack.witnesses import Witness
@@ -122,7 +123,7 @@ def rows_from_unexplained(
         best: np.ndarray | None = None
         for _ in range(trials):
             sub = rng.choice(len(pool), size=min(len(pool), k + 1), replace=False)
-            _, _, Vt = np.linalg.svd(A[sub] / nrm[sub, None], full_matrices=False)
+            _, _, Vt = svd(A[sub] / nrm[sub, None], full_matrices=False)
             inl = np.abs(A @ Vt[-1]) / nrm <= 1e-7
             if best is None or inl.sum() > best.sum():
                 best = inl
@@ -131,7 +132,7 @@ def rows_from_unexplained(
         sel = np.flatnonzero(best)
         cov = np.asarray((Hu[sel, :-1] > 0).any(axis=0))
         Asel = np.concatenate([Hu[sel][:, :-1][:, cov], Hu[sel, -1:]], axis=1)
-        _, S, Vt = np.linalg.svd(Asel / nrm[sel, None], full_matrices=False)
+        _, S, Vt = svd(Asel / nrm[sel, None], full_matrices=False)
         v = Vt[-1]
         w = np.zeros(Hu.shape[1] - 1)
         w[cov] = v[:-1]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
-from relux.attack.linalg import lstsq
+from relux.attack.linalg import lstsq, svd
 from relux.oracle.base import FloatArray
 
 
@@ -106,7 +106,7 @@ def solve_flips(
         for o in range(k):  # output o's block of γ takes e[o, i] ŵ_i
             B[o * p : (o + 1) * p, o * linear.shape[0] : (o + 1) * linear.shape[0]] = linear.T
         # an orthonormal basis of their span (SVD: the rows may be dependent on the seen coordinates)
-        U, sv, _ = np.linalg.svd(B, full_matrices=False)
+        U, sv, _ = svd(B, full_matrices=False)
         Qb = U[:, sv > 1e-10 * max(float(sv.max(initial=0.0)), np.finfo(float).tiny)]
         A = A - Qb @ (Qb.T @ A)
         g = g - Qb @ (Qb.T @ g)
@@ -155,7 +155,7 @@ def linear_row_signs(
     # the solve's column j is α_j ⊗ ŵ_j, of norm |α_j| |ŵ_j|
     colnorm = np.linalg.norm(alpha, axis=0) * np.linalg.norm(W_hat, axis=1)
     scale = max(float(np.max(colnorm, initial=0.0)), float(np.linalg.norm(r)), np.finfo(float).tiny)
-    sv = np.linalg.svd(linear, compute_uv=False)
+    sv = svd(linear, compute_uv=False)
     if sv.size < n or sv[-1] <= 1e-8 * sv[0]:
         return LinearSigns(out_flips, conf, present, f"{n} such rows are dependent on the seen coordinates")
     e = lstsq(linear.T, r.T).T  # (k, n)

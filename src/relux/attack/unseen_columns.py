@@ -23,7 +23,7 @@ import numpy as np
 from relux.attack import prefix as pfx
 from relux.attack.clouds import moved_copies
 from relux.attack.config import ExtractionConfig
-from relux.attack.linalg import lstsq
+from relux.attack.linalg import lstsq, svd
 from relux.attack.polish import bisect_to_boundary
 from relux.oracle.base import FloatArray, QueryFn
 
@@ -159,7 +159,7 @@ def _tsvd_solve(M: FloatArray, s: FloatArray) -> tuple[FloatArray, int, np.ndarr
     """The least-squares solution of ``M x = s`` within the directions ``M`` sees (singular values above
     :data:`RCOND` of the largest; none along the others), that rank, and which unknowns those others leave
     alone (the ones ``M`` determines)."""
-    U, sv, Vt = np.linalg.svd(M, full_matrices=False)
+    U, sv, Vt = svd(M, full_matrices=False)
     rank = int(np.sum(sv > RCOND * sv[0])) if sv.size else 0
     x: FloatArray = Vt[:rank].T @ ((U[:, :rank].T @ s) / sv[:rank])
     null = Vt[rank:]

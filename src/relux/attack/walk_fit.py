@@ -18,6 +18,7 @@ import numpy as np
 import scipy.optimize
 
 from relux.attack import prefix as pfx
+from relux.attack.linalg import svd
 from relux.attack.signs import SignSolution, solve_binary
 from relux.oracle.base import FloatArray
 
@@ -79,7 +80,7 @@ def null_vector(F: FloatArray) -> tuple[FloatArray, float, float]:
     for _ in range(3):
         if keep.sum() < F.shape[1] + 1:
             return np.full(F.shape[1], np.nan), 1.0, 0.0
-        _, S, Vt = np.linalg.svd(F[keep] / col, full_matrices=False)
+        _, S, Vt = svd(F[keep] / col, full_matrices=False)
         theta = Vt[-1] / col
         theta /= float(np.linalg.norm(theta))
         r = np.abs(F @ theta) / rn
@@ -122,7 +123,7 @@ def _complement(W_hat: FloatArray, f: PartialFit) -> FloatArray:
     Wo = W_hat[:, f.observed]
     const = Wo[~f.vary]
     if const.shape[0]:
-        U_, S_, _ = np.linalg.svd(const.T, full_matrices=True)
+        U_, S_, _ = svd(const.T, full_matrices=True)
         rank = int(np.sum(S_ > 1e-10 * max(float(S_[0]), np.finfo(float).tiny))) if S_.size else 0
         N = U_[:, rank:]
     else:
@@ -176,7 +177,7 @@ def _missing_directions(
     ``β``s eliminated (variable projection; the alternation alone converges slowly)."""
     res = [(E, (g - A @ t)[sl]) for sl, E, _ in index]
     lifted = np.stack([E @ rw for E, rw in res])
-    V = np.linalg.svd(lifted, full_matrices=False)[2][:r].T
+    V = svd(lifted, full_matrices=False)[2][:r].T
     p = V.shape[0]
     for _ in range(iterations):
         betas = [np.linalg.lstsq(E.T @ V, rw, rcond=None)[0] for E, rw in res]

@@ -27,6 +27,7 @@ import scipy.linalg
 import scipy.linalg.lapack
 
 from relux.attack import prefix as pfx
+from relux.attack.linalg import svd
 from relux.oracle.base import FloatArray
 
 
@@ -301,7 +302,7 @@ class WalkSystem:
         p = len(self.cols)
         if self.F.shape[0] < p:
             return self.theta, 0.0, 0.0
-        _, sv, Vt = np.linalg.svd(self.F, full_matrices=False)
+        _, sv, Vt = svd(self.F, full_matrices=False)
         theta = Vt[-1] * (1.0 if float(Vt[-1] @ self.theta) >= 0 else -1.0)
         top = float(sv[0]) if sv[0] > 0 else 1.0
         gap = float(sv[-2] / sv[-1]) if sv[-1] > 0 else np.inf

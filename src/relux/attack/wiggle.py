@@ -37,6 +37,7 @@ from scipy.optimize import linprog
 
 from relux.attack import prefix as pfx
 from relux.attack.active_lines import all_on_region
+from relux.attack.linalg import svd
 from relux.oracle.base import FloatArray, QueryFn
 from relux.parallel import Executor, map_rows
 
@@ -218,9 +219,9 @@ def _leak_basis(
     ``pre_jacs``: the prefix's pre-activations and Jacobians at ``x`` (:func:`_prefix_limit`).
     Returns the basis and the queries spent."""
     # directions that change the layer's input: the row space of M; within it, those R leaves alone
-    _, sm, Mt = np.linalg.svd(M, full_matrices=False)
+    _, sm, Mt = svd(M, full_matrices=False)
     Q = Mt[: _rank(sm)].T  # (d0, rank of M)
-    _, sv, Vt = np.linalg.svd(R @ Q, full_matrices=True)
+    _, sv, Vt = svd(R @ Q, full_matrices=True)
     null = (Q @ Vt[_rank(sv):].T).T  # unit rows: Q has orthonormal columns
     if null.shape[0] == 0:
         return None, 0
@@ -234,7 +235,7 @@ def _leak_basis(
     D = (Y - y0[None, :]) / t[:, None]  # (n, k): output change per unit step
     eps_m = float(np.finfo(float).eps)
     noise = 64.0 * eps_m * (float(np.max(np.abs(Y))) + float(np.max(np.abs(y0))) + 1.0) / float(np.min(t))
-    _, dsv, dVt = np.linalg.svd(D, full_matrices=False)
+    _, dsv, dVt = svd(D, full_matrices=False)
     s = int(np.sum(dsv > 1e2 * noise))
     if s >= y0.shape[0]:
         return None, n
@@ -423,7 +424,7 @@ def wiggle_signs(
         for x in X:
             M, _ = pfx.jacobian(layers, x)
             R = W_hat @ M
-            sv = np.linalg.svd(R, compute_uv=False)
+            sv = svd(R, compute_uv=False)
             out.append((x, R, _controllable(sv, m)))
         return out
 

@@ -19,7 +19,7 @@ import numpy as np
 from relux.attack import prefix as pfx
 from relux.attack.config import ExtractionConfig
 from relux.attack.critical import LineKinks, find_kinks
-from relux.attack.linalg import lstsq
+from relux.attack.linalg import lstsq, svd
 from relux.oracle.base import FloatArray, QueryFn
 from relux.parallel import Executor, SerialExecutor, split_evenly
 
@@ -259,8 +259,11 @@ def _plan_witnesses(task: _PlanTask) -> list[_Plan | None]:
     out: list[_Plan | None] = []
     for c in task.cands:
         M, _ = pfx.jacobian(layers, c.x, first)
+        if not np.all(np.isfinite(M)):  # an overflowing prefix gives no control to plan with
+            out.append(None)
+            continue
         # Orthonormal basis of the row space of M (the space of control).
-        _, S, Vt = np.linalg.svd(M, full_matrices=False)
+        _, S, Vt = svd(M, full_matrices=False)
         r = int(np.sum(S > 1e-10 * (S[0] if S.size else 0.0)))
         if r == 0:
             out.append(None)
@@ -340,7 +343,7 @@ def _solve_one(
 ) -> Witness | None:
     if not np.any(delta):
         return None
-    U, S, Vt = np.linalg.svd(delta, full_matrices=False)
+    U, S, Vt = svd(delta, full_matrices=False)
     ratio = float(S[1] / S[0]) if S.size > 1 else 0.0
     if ratio > 1e-3:
         return None
@@ -354,7 +357,7 @@ def _solve_one(
     w = np.zeros(M.shape[0])
     full = False
     if MA.shape[0] > 0:
-        sv = np.linalg.svd(MA, compute_uv=False)
+        sv = svd(MA, compute_uv=False)
         full = bool(sv.size == MA.shape[0] and sv[-1] > 1e-8 * sv[0])
         if full:
             w[active] = lstsq(MA.T, Vr)
