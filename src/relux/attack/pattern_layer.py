@@ -333,12 +333,14 @@ def pattern_rows(
     seed: tuple[FloatArray, FloatArray, Sequence[FloatArray], FloatArray] | None = None,
 ) -> PatternRows:
     """Rows of the layer behind ``layers`` from chords of up to ``max_regions`` pattern regions
-    (``cfg.pattern_max_regions`` when None; module docstring): until there are ``width`` rows and
-    the weights they lack would cost fewer queries to fill in cells where they are on
-    (:func:`fill_cost`) than the last region took, or three regions in a row add no row and no
-    weight (a pattern read before, or whose region is empty, counts as one). The weights still
-    lacked are then read in those cells (:func:`_filled`); while some remain, regions go on (with
-    those weights asked on) and the cells are tried again after each, within the same limits.
+    (``cfg.pattern_max_regions`` when None; module docstring): until there are ``width`` rows, less
+    :func:`relux.attack.all_on_layer.corner_allowance`, and the weights they lack would cost fewer
+    queries to fill in cells where they are on (:func:`fill_cost`) than more regions would at the
+    last one's pace (:func:`_regions_worth`), or three regions in a row add no row and no weight (a
+    pattern read before, or whose region is empty, counts as one). The weights still lacked are then
+    read in those cells (:func:`_filled`); while some remain, or a neuron is still missing, regions go
+    on (with those weights asked on) and the cells are tried again after each, within the same
+    limits.
 
     Unseeded behind more than two layers, each region also starts from such a random cell (see
     below), as the region where the earlier layers are all on is thin there.
@@ -456,7 +458,8 @@ def pattern_rows(
 def _regions_worth(cost: int, lack_before: int, lack_now: int) -> float:
     """The queries more regions would take to see the ``lack_now`` weights still lacked, at the pace of
     the last one (it cost ``cost`` queries and took the lacked weights from ``lack_before``): at least
-    that one region's cost, and without limit when it saw none of them."""
+    that one region's cost, and without limit when it saw none of them (or found a new neuron, whose
+    own lacked weights outnumber those it saw)."""
     gain = lack_before - lack_now
     if lack_now == 0:
         return float(cost)
