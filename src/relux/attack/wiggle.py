@@ -412,9 +412,9 @@ def wiggle_signs(
     outputs allow it (module docstring).
 
     The first ``2 max_points`` pushed points are solved before any probe; when some are controllable
-    and a neuron still lacks a clean verdict, more points are pushed, in rounds of that size, only for the
-    sides of neurons no probe has seen yet (behind a 256-wide layer, each program takes about a
-    second)."""
+    and a neuron still lacks a clean verdict from both sides, more points are pushed, in rounds of
+    that size, only for the sides no probe has seen yet (:func:`_more_rounds`; behind a 256-wide
+    layer, each program takes about a second)."""
     m = W_hat.shape[0]
     first = max(1, 2 * max_points)
     C = _candidates(layers, W_hat, b_hat, d0, scale, max_points, rng, executor, first)
