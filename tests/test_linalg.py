@@ -115,3 +115,22 @@ def test_a_matrix_with_a_nan_still_raises(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(np.linalg, "svd", fails)
     with pytest.raises(np.linalg.LinAlgError):
         svd(np.array([[1.0, np.nan], [0.0, 1.0]]))
+
+
+def test_a_stack_of_matrices_falls_back_one_matrix_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    a = np.random.default_rng(1).standard_normal((2, 3, 5, 4))
+    S_ref = np.linalg.svd(a, compute_uv=False)
+    real = np.linalg.svd
+
+    def fails_on_stacks(x: np.ndarray, *args: object, **kwargs: object) -> object:
+        if x.ndim > 2:
+            raise np.linalg.LinAlgError("SVD did not converge")
+        return real(x, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(np.linalg, "svd", fails_on_stacks)
+    U, S, Vt = svd(a, full_matrices=False)
+    assert U.shape == (2, 3, 5, 4) and S.shape == (2, 3, 4) and Vt.shape == (2, 3, 4, 4)
+    # each matrix through numpy's own SVD: equal to the stacked call's values to rounding
+    np.testing.assert_allclose(S, S_ref, rtol=1e-14, atol=0)
+    np.testing.assert_allclose(np.einsum("...ij,...j,...jk->...ik", U, S, Vt), a, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(svd(a, compute_uv=False), S_ref, rtol=1e-14, atol=0)

@@ -272,3 +272,16 @@ def test_no_pushed_points_still_ends() -> None:
     ws = wiggle_signs(CountingOracle(MLPOracle(net)).query, prefix, W, b, 10, 1.0, np.random.default_rng(0),
                       max_points=0, missing=1)
     np.testing.assert_array_equal(ws.signs[ws.decided], s[ws.decided])
+
+
+def test_a_side_probed_alone_far_above_the_split_is_a_verdict() -> None:
+    # As behind the unitary CIFAR layers 1-3: the rounding level per unit step is high (2e-4), so the
+    # real responses (0.5-1) are only 2,500-5,000 rounding levels, below the ten thousand the other
+    # rules ask. Neuron 6, probed on its positive side only, responds far above the split: it is on
+    # there (sign +1, clean), not silent (which gave -1 at 0.5)
+    pos = [1.0, 0.8, 2e-3, 0.9, 1.8e-3, 1.1, 0.5]
+    neg = [2e-3, 2.2e-3, 0.7, 1.9e-3, 1.2, 2.1e-3, 0.0]
+    t = _tally(pos, neg, [3, 3, 3, 3, 3, 3, 3], [3, 3, 3, 3, 3, 3, 0], 2e-4)
+    signs, decided, conf = wiggle._verdicts(t, missing=0)
+    np.testing.assert_array_equal(signs, [1, 1, -1, 1, -1, 1, 1])
+    np.testing.assert_array_equal(conf, 1.0)

@@ -99,6 +99,15 @@ def svd(
     except np.linalg.LinAlgError:
         if not np.all(np.isfinite(a)):
             raise
+        if a.ndim > 2:
+            # a stack of matrices: each on its own (only the failing ones take the slower driver)
+            flat = a.reshape(-1, *a.shape[-2:])
+            if compute_uv:
+                parts = [svd(m, full_matrices=full_matrices) for m in flat]
+                return tuple(np.stack([p[k] for p in parts]).reshape(*a.shape[:-2], *parts[0][k].shape)
+                             for k in range(3))  # type: ignore[return-value]
+            vals = np.stack([svd(m, compute_uv=False) for m in flat])
+            return vals.reshape(*a.shape[:-2], vals.shape[-1])
         if compute_uv:
             U, S, Vt = scipy.linalg.svd(a, full_matrices=full_matrices, lapack_driver="gesvd")
             return U, S, Vt

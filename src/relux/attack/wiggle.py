@@ -357,15 +357,16 @@ def _verdicts(t: _Tally, missing: int) -> tuple[FloatArray, np.ndarray, FloatArr
     # In a short layer a response on one side alone may be the leak: both sides must be probed.
     both = (t.pos_q > 0) & (t.neg_q > 0)
     clean = real & (ratio >= 1e3) & (both | (missing == 0))
+    above = np.zeros(top.shape, dtype=bool)  # real across the leak split (none without one)
     if missing == 0:
         split = leak_split(pos, neg, t.pos_q, t.neg_q)
         if split > 0:
-            # a side probed alone is the leak unless it is above the split
+            # a side probed alone is the leak unless it is above the split, and one above it is real
             clean &= both | (top > split)
             above = top > np.maximum(_real_level(pos, neg, t.floor, REAL_ROUNDING), split)
-            clean |= both & above & ((pos > split) != (neg > split))
+            clean |= above & (~both | ((pos > split) != (neg > split)))
     neg_b = clean & (neg > pos)
-    silent = ~real
+    silent = ~real & ~above
     weak_neg = silent & (t.pos_q >= 2) & (t.neg_q == 0)
     weak_pos = silent & (t.neg_q >= 2) & (t.pos_q == 0)
     # Not clean (a row of the layer is missing, so both sides respond somewhere): the silent side is
@@ -430,8 +431,8 @@ def wiggle_signs(
 
     chosen = assess(C)
     if fallback is not None and fallback.shape[0] and not any(c[2] for c in chosen):
-        step = max(1, fallback.shape[0] // (2 * max_points))
-        chosen += assess(fallback[::step][: 2 * max_points])
+        step = max(1, fallback.shape[0] // first)
+        chosen += assess(fallback[::step][:first])
     chosen.sort(key=lambda c: not c[2])
     any_ctrl = any(c[2] for c in chosen)
     if any_ctrl:
