@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from relux.attack import prefix as pfx
+from relux.attack.active_lines import all_on_region
 from relux.attack.always_on import AlwaysOn, rank_one_leftovers, solve_always_on
 from relux.attack.complete import complete_row
 from relux.attack.config import ExtractionConfig
@@ -37,6 +38,7 @@ from relux.attack.signs import (
     linear_row_signs,
     solve_flips,
 )
+from relux.attack.support_signs import SupportSigns, pattern_points, support_signs
 from relux.attack.trace import trace_neuron
 from relux.attack.unify import (
     Grouping,
@@ -453,15 +455,48 @@ def _layer_signs(
     if is_last:
         method, flips, conf, on = _last_layer_signs(query, layers, W, b, d0, cfg, rng, witness_x, short, coverage)
         return np.where(flips, -1.0, 1.0), conf, method, on
+    support = _support_signs(query, layers, W, b, cfg, rng) if not short else None
+    if support is not None and bool(support.decided.all()):
+        return support.signs, support.confidence, _support_method(support), None
     ws = wiggle_signs(query, layers, W, b, d0, cfg.input_scale, rng, fallback=witness_x, missing=missing,
                       executor=executor)
-    conf = ws.confidence
+    signs, conf = ws.signs, ws.confidence
     if short:
         # a missing row moves with every probe and can make even a clean-looking verdict wrong
         conf = np.minimum(conf, 0.5)
     leak = f", missing rows' leak projected out at {ws.projected_points}" if short else ""
-    return ws.signs, conf, (f"wiggle ({ws.controllable_points}/{ws.points} controllable points{leak}, "
-                            f"{int(ws.decided.sum())} decided)"), None
+    method = f"wiggle ({ws.controllable_points}/{ws.points} controllable points{leak}, {int(ws.decided.sum())} decided)"
+    if support is not None and support.decided.any():
+        # the support's verdicts where it has them, the wiggle's for the rest
+        signs = np.where(support.decided, support.signs, signs)
+        conf = np.where(support.decided, support.confidence, conf)
+        method = f"{_support_method(support)}; the rest by {method}"
+    return signs, conf, method, None
+
+
+def _support_signs(
+    query: QueryFn, layers: Sequence[pfx.Layer], W: FloatArray, b: FloatArray, cfg: ExtractionConfig,
+    rng: np.random.Generator,
+) -> SupportSigns | None:
+    """The signs from the support of the output's Jacobian (:mod:`relux.attack.support_signs`), for an
+    inner layer behind a prefix with no all-on region, where the wiggle has no controllable point;
+    None when the prefix has one (the wiggle's measured ground: every suite victim up to CIFAR layer
+    4) or is empty."""
+    if not layers:
+        return None
+    box = 3.0 * cfg.input_scale  # as the pattern regions use
+    if all_on_region(list(layers), box) is not None:
+        return None
+    got = support_signs(query, layers, W, b, pattern_points(layers, box, rng), rng)
+    log.info("layer %d: signs from the Jacobian's support at %d/%d point(s), %d decided (%d queries)%s",
+             len(layers) + 1, got.certified, got.points, int(got.decided.sum()), got.queries,
+             f"; {'; '.join(got.reasons)}" if got.reasons else "")
+    return got
+
+
+def _support_method(s: SupportSigns) -> str:
+    """The sign method's words for a support reading."""
+    return f"Jacobian support ({s.certified}/{s.points} points certified, {int(s.decided.sum())} decided)"
 
 
 def _last_layer_signs(

@@ -37,7 +37,7 @@ from scipy.optimize import linprog
 
 from relux.attack import prefix as pfx
 from relux.attack.active_lines import all_on_region
-from relux.attack.linalg import svd
+from relux.attack.linalg import numerical_rank, svd
 from relux.oracle.base import FloatArray, QueryFn
 from relux.parallel import Executor, map_rows
 
@@ -178,13 +178,8 @@ def _candidates(
 
 
 def _rank(sv: np.ndarray) -> int:
-    """Numerical rank from singular values (largest first): those above the numerical-rank tolerance,
-    a thousand times ``k · eps`` of the largest for ``k`` values. (At 1e-8 of the largest, the
-    ill-conditioned control maps behind the unitary CIFAR layers, down to 2.5e-9, were rank-deficient,
-    and their weakest directions, which still move known rows, were taken for a missing row's leak.)"""
-    if not sv.size or sv[0] <= 0:
-        return 0
-    return int(np.sum(sv > 1e3 * np.finfo(float).eps * sv.size * sv[0]))
+    """:func:`relux.attack.linalg.numerical_rank`."""
+    return numerical_rank(sv)
 
 
 def _prefix_limit(Zs: Sequence[FloatArray], pre_jacs: Sequence[FloatArray], dirs: np.ndarray) -> FloatArray:

@@ -1,0 +1,107 @@
+"""The signs read from the support of the output's Jacobian (relux.attack.support_signs)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relux.attack import prefix as pfx
+from relux.attack.support_signs import group_lasso, pattern_points, support_fit, support_signs
+
+
+def _system(seed: int, n: int, r: int, k: int, outputs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    V = rng.standard_normal((n, r))
+    on = np.zeros(n, dtype=bool)
+    on[rng.choice(n, size=k, replace=False)] = True
+    G = rng.standard_normal((outputs, n)) * on
+    return G @ V, V, on
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), r=st.integers(12, 40), share=st.floats(0.2, 0.5), outputs=st.integers(1, 6))
+def test_support_fit_finds_the_on_set(seed: int, r: int, share: float, outputs: int) -> None:
+    # A layer wider than the control rank (n = 1.4 r), with at most half the directions' worth of
+    # neurons on: the on set is the only small set whose rows span J, and the fit finds it exactly.
+    n, k = int(1.4 * r), max(1, int(share * r))
+    J, V, on = _system(seed, n, r, k, outputs)
+    fit = support_fit(J, V)
+    assert fit.on is not None, fit.reason
+    assert np.array_equal(fit.on, on)
+    # the cut falls from the residual of a missing neuron to rounding (exact J): far beyond three decades
+    assert fit.drop >= 3.0 and fit.residual < 1e-10
+
+
+def test_support_fit_with_noisy_jacobian() -> None:
+    # J measured by forward differences is off by about eps |f| / step; 1e-9 relative per entry still
+    # leaves the cut seven decades deep (the on set's gains are O(1)).
+    J, V, on = _system(3, 60, 44, 26, 10)
+    rng = np.random.default_rng(0)
+    fit = support_fit(J + 1e-9 * np.linalg.norm(J) / np.sqrt(J.size) * rng.standard_normal(J.shape), V)
+    assert fit.on is not None, fit.reason
+    assert np.array_equal(fit.on, on)
+
+
+def test_support_fit_refuses_a_full_on_set() -> None:
+    # As many neurons on as directions: any J is explained, nothing is certified.
+    J, V, _ = _system(1, 30, 20, 20, 3)
+    fit = support_fit(J, V)
+    assert fit.on is None and "decades" in fit.reason
+
+
+def test_support_fit_every_neuron_fits() -> None:
+    # A layer narrower than the rank: the least-squares gains alone tell on from off.
+    J, V, on = _system(2, 10, 20, 4, 2)
+    fit = support_fit(J, V)
+    assert fit.on is not None and np.array_equal(fit.on, on)
+
+
+def test_support_fit_zero_jacobian() -> None:
+    fit = support_fit(np.zeros((2, 5)), np.ones((3, 5)))
+    assert fit.on is None and "zero" in fit.reason
+
+
+def test_group_lasso_ranks_the_support_first() -> None:
+    J, V, on = _system(4, 50, 36, 18, 8)
+    X = group_lasso(J, V / np.linalg.norm(V, axis=1, keepdims=True), 1e-5 * float(np.linalg.norm(J)))
+    top = np.argsort(-np.linalg.norm(X, axis=0))[: on.sum()]
+    assert on[top].all()
+
+
+def _net(seed: int, widths: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal((b, a)) / np.sqrt(a), 0.3 * rng.standard_normal(b))
+            for a, b in zip(widths[:-1], widths[1:], strict=True)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_support_signs_on_a_wide_layer(seed: int) -> None:
+    # 40-30-30-40-8-3: the layer-3 rows (40) outnumber the control rank (30 where layers 1-2 are all
+    # on), so no point controls each row alone; the support still reads every sign.
+    net = _net(seed, [40, 30, 30, 40, 8, 3])
+    rng = np.random.default_rng(seed + 100)
+    calls = [0]
+
+    def query(X: np.ndarray) -> np.ndarray:
+        calls[0] += X.shape[0]
+        _, H = pfx.forward(net[:-1], X)
+        out: np.ndarray = H @ net[-1][0].T + net[-1][1]
+        return out
+
+    W, b = net[2]
+    s = rng.choice([-1.0, 1.0], W.shape[0])
+    lam = rng.uniform(0.5, 2.0, W.shape[0])
+    got = support_signs(query, net[:2], (s * lam)[:, None] * W, s * lam * b, pattern_points(net[:2], 3.0, rng), rng)
+    assert got.certified >= 1, got.reasons
+    assert got.decided.all()
+    assert np.array_equal(got.signs, s)
+    assert got.queries == calls[0]
+
+
+def test_support_signs_without_points() -> None:
+    net = _net(0, [6, 5, 4, 2])
+    got = support_signs(lambda X: X[:, :2], net[:1], net[1][0], net[1][1], lambda i: None,
+                        np.random.default_rng(0))
+    assert got.points == 0 and not got.decided.any() and got.queries == 0
