@@ -105,3 +105,28 @@ def test_support_signs_without_points() -> None:
     got = support_signs(lambda X: X[:, :2], net[:1], net[1][0], net[1][1], lambda i: None,
                         np.random.default_rng(0))
     assert got.points == 0 and not got.decided.any() and got.queries == 0
+
+
+def test_layer_signs_use_the_support_without_an_all_on_region() -> None:
+    # Two layer-1 neurons are opposites (w and -w, both biases negative), so no input has every
+    # layer-1 neuron on and the wiggle has no all-active region: deep._layer_signs reads the layer-2
+    # signs from the Jacobian's support instead, and gets them all.
+    from relux.attack.config import ExtractionConfig
+    from relux.attack.deep import _layer_signs
+
+    net = _net(7, [40, 30, 40, 8, 3])
+    W1, b1 = net[0]
+    W1[1], b1[0], b1[1] = -W1[0], -0.2, -0.2
+    rng = np.random.default_rng(3)
+
+    def query(X: np.ndarray) -> np.ndarray:
+        _, H = pfx.forward(net[:-1], X)
+        out: np.ndarray = H @ net[-1][0].T + net[-1][1]
+        return out
+
+    W, b = net[1]
+    s = rng.choice([-1.0, 1.0], W.shape[0])
+    sgn, conf, method, _ = _layer_signs(query, net[:1], s[:, None] * W, s * b, 40, False, 0, ExtractionConfig(), rng,
+                                        rng.standard_normal((4, 40)))
+    assert method.startswith("Jacobian support"), method
+    assert np.array_equal(sgn, s) and np.all(conf == 1.0)
