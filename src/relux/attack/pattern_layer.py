@@ -67,6 +67,8 @@ FRAGMENT_TOL = 1e-6
 #: Neurons asked to be on per linear program (:func:`choose_pattern`), at most an eighth of the layer
 #: (so that the order still matters behind narrow layers).
 BLOCK = 32
+#: Random points :func:`random_pattern` tries before it gives up.
+RANDOM_TRIES = 8
 
 
 @dataclass(frozen=True)
@@ -169,7 +171,9 @@ def _controls(layers: Sequence[pfx.Layer], pat: Pattern) -> bool:
     return bool(np.linalg.matrix_rank(A_last) == A_last.shape[0])
 
 
-def random_pattern(layers: Sequence[pfx.Layer], box: float, rng: np.random.Generator) -> Pattern | None:
+def random_pattern(
+    layers: Sequence[pfx.Layer], box: float, rng: np.random.Generator, tries: int = RANDOM_TRIES,
+) -> Pattern | None:
     """The patterns of the known layers at a random point of the region where the first ``k`` layers
     are all on: between its centre and a vertex of a random objective, 30% to 90% of the way out (a
     linear program each, no queries). ``k`` is the smallest for which the last layer's neurons on
@@ -177,7 +181,19 @@ def random_pattern(layers: Sequence[pfx.Layer], box: float, rng: np.random.Gener
     or else every layer but the last (whose rank :func:`relux.attack.all_on_layer.all_on_rows`
     checks); the layers between follow the point's patterns. Behind the CIFAR-scale unitary victim's layers
     1-3, such a region with layer 1 on is about 1.0 deep, with layers 1-2 on 0.05, and the region
-    where all three are on 0.008. None when no such region exists."""
+    where all three are on 0.008. Up to ``tries`` random points; None when none gives such a region.
+    (Behind unitary layers 1-5 no first layers but 1-3 are all on together, and a random point's
+    layer-5 pattern controls its directions about half the time: one try alone found the second
+    layer-6 region none.)"""
+    for _ in range(max(1, tries)):
+        pat = _random_pattern_once(layers, box, rng)
+        if pat is not None:
+            return pat
+    return None
+
+
+def _random_pattern_once(layers: Sequence[pfx.Layer], box: float, rng: np.random.Generator) -> Pattern | None:
+    """One random point of :func:`random_pattern`."""
     d = layers[0][0].shape[1]
     for k in range(min(1, len(layers) - 1), len(layers)):
         if k:
