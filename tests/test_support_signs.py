@@ -130,3 +130,32 @@ def test_layer_signs_use_the_support_without_an_all_on_region() -> None:
                                         rng.standard_normal((4, 40)))
     assert method.startswith("Jacobian support"), method
     assert np.array_equal(sgn, s) and np.all(conf == 1.0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), r=st.integers(3, 20), outputs=st.integers(1, 4))
+def test_tails_are_the_projection_residuals(seed: int, r: int, outputs: int) -> None:
+    # _tails from one complete QR equals the residual of J on each leading span, computed directly
+    # by least squares (both exact to rounding on O(1) data: 1e-9 leaves room for ill-conditioning).
+    from relux.attack.support_signs import _tails
+
+    rng = np.random.default_rng(seed)
+    V = rng.standard_normal((r + 3, r))
+    J = rng.standard_normal((outputs, r))
+    order = rng.permutation(r + 3)
+    kmax = r - 1
+    tails = _tails(J, V, order, kmax)
+    for k in range(kmax + 1):
+        A = V[order[:k]]
+        res = J - (J @ np.linalg.pinv(A)) @ A if k else J
+        assert abs(tails[k] - np.linalg.norm(res) / np.linalg.norm(J)) < 1e-9
+
+
+def test_support_fit_skips_rows_that_do_not_move() -> None:
+    # A row with no component in the controllable directions can show nothing: it is not seen, and it
+    # is never read as on.
+    J, V, on = _system(5, 20, 16, 6, 3)
+    V[np.flatnonzero(~on)[0]] = 0.0
+    fit = support_fit(J, V)
+    assert fit.on is not None and np.array_equal(fit.on, on)
+    assert int((~fit.seen).sum()) == 1
