@@ -39,9 +39,10 @@ def test_the_probe_points_do_not_depend_on_the_workers() -> None:
     # the points that push each row to either side come from pure linear programs: split among two
     # loky workers they are the same points, bit for bit
     _, prefix, W, b, _ = _layer_two(0)
-    alone = wiggle._candidates(prefix, W, b, 10, 1.0, 4, np.random.default_rng(0))
+    region = wiggle._region(prefix, 10, 1.0)
+    alone = wiggle._candidates(prefix, W, b, 10, 1.0, 4, np.random.default_rng(0), region=region)
     with make_executor("loky", 2) as ex:
-        split = wiggle._candidates(prefix, W, b, 10, 1.0, 4, np.random.default_rng(0), ex)
+        split = wiggle._candidates(prefix, W, b, 10, 1.0, 4, np.random.default_rng(0), ex, region=region)
     assert alone.shape[0] > 4 + 1  # random points, the centre, and pushed points
     np.testing.assert_array_equal(split, alone)
 
@@ -50,7 +51,7 @@ def test_without_controllable_points_it_falls_back_to_the_points_given(monkeypat
     net, prefix, W, b, s = _layer_two(0)
     W1, b1 = prefix[0]
 
-    def off_points(layers, W_hat, b_hat, d0, scale, n, rng, executor=None, pushes=None):  # type: ignore[no-untyped-def]
+    def off_points(layers, W_hat, b_hat, d0, scale, n, rng, executor=None, pushes=None, region=None):  # type: ignore[no-untyped-def]
         # as when the linear programs fail: random points, each with first-layer neuron 0 off, where
         # the six rows of layer 2 see five directions at most
         X = rng.normal(0.0, scale, size=(n, d0))
@@ -144,7 +145,7 @@ def test_the_rows_error_leaking_into_a_silent_side_is_not_a_response(monkeypatch
     net = MLP([(W1, b1), (W2, b2), net.layers[2]])
     z = H @ W2[3] + b2[3]
     X = np.concatenate([X[z < 0][:24], X[z > 0][:24]])  # off first
-    monkeypatch.setattr(wiggle, "_candidates", lambda *a: X)
+    monkeypatch.setattr(wiggle, "_candidates", lambda *a, **k: X)
     n = np.linalg.norm(np.concatenate([W2, b2[:, None]], axis=1), axis=1)
     s = np.where(np.arange(10) == 3, -1.0, 1.0)
     noise = 1e-6 * np.random.default_rng(1).standard_normal((10, 11))

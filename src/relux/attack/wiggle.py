@@ -160,17 +160,15 @@ def _candidates(
     rng: np.random.Generator,
     executor: Executor | None = None,
     pushes: int | None = None,
+    region: _Region | None = None,
 ) -> FloatArray:
-    """Random points, plus the centre of the all-active region of the prefix and the first ``pushes``
-    (all by default) of its points where each neuron of the layer is pushed to each side of its
-    hyperplane (:func:`_pushed`, in :func:`_push_order`), so that every neuron is probed on both
-    sides."""
+    """Random points, plus the centre of the all-active ``region`` of the prefix (:func:`_region`,
+    solved once by the caller) and the first ``pushes`` (all by default) of its points where each
+    neuron of the layer is pushed to each side of its hyperplane (:func:`_pushed`, in
+    :func:`_push_order`), so that every neuron is probed on both sides."""
     pts = [rng.normal(0.0, scale, size=(n, d0))]
-    if not layers:
+    if not layers or region is None:
         # No prefix: the layer is controllable everywhere; push each neuron to each side directly.
-        return np.concatenate(pts)
-    region = _region(layers, d0, scale)
-    if region is None:
         return np.concatenate(pts)
     items = _push_order(W_hat.shape[0])
     pts.append(np.asarray([region.centre] + _pushed(region, W_hat, items[:pushes], executor)))
@@ -413,7 +411,8 @@ def wiggle_signs(
     layer, each program takes about a second)."""
     m = W_hat.shape[0]
     first = max(1, 2 * max_points)
-    C = _candidates(layers, W_hat, b_hat, d0, scale, max_points, rng, executor, first)
+    region = _region(layers, d0, scale) if layers else None
+    C = _candidates(layers, W_hat, b_hat, d0, scale, max_points, rng, executor, first, region=region)
 
     def assess(X: FloatArray) -> list[tuple[FloatArray, FloatArray, bool]]:
         out = []
@@ -482,18 +481,16 @@ def wiggle_signs(
             break
     else:
         if any_ctrl and layers:
-            n_pts, n_ctrl = _more_rounds(layers, W_hat, d0, scale, first, t, missing, probe, executor, n_pts, n_ctrl,
-                                         assess)
+            n_pts, n_ctrl = _more_rounds(region, W_hat, d0, first, t, missing, probe, executor, n_pts, n_ctrl, assess)
     signs, decided, confidence = _verdicts(t, missing)
     return WiggleSigns(signs=signs, confidence=confidence, decided=decided, points=n_pts,
                        controllable_points=n_ctrl, queries=queries, projected_points=n_proj)
 
 
 def _more_rounds(
-    layers: Sequence[pfx.Layer],
+    region: _Region | None,
     W_hat: FloatArray,
     d0: int,
-    scale: float,
     first: int,
     t: _Tally,
     missing: int,
@@ -503,14 +500,13 @@ def _more_rounds(
     n_ctrl: int,
     assess: Callable[[FloatArray], list[tuple[FloatArray, FloatArray, bool]]],
 ) -> tuple[int, int]:
-    """Rounds of ``first`` more pushed points (:func:`_pushed`), each for a side of a neuron that no
-    probe has seen and no program has pushed it to yet, while some neuron lacks a clean verdict from
-    both sides; they stop after a round without a controllable point. Returns the probed and
-    controllable point counts so far."""
+    """Rounds of ``first`` more pushed points (:func:`_pushed` in ``region``; None: no rounds), each for
+    a side of a neuron that no probe has seen and no program has pushed it to yet, while some neuron
+    lacks a clean verdict from both sides; they stop after a round without a controllable point.
+    Returns the probed and controllable point counts so far."""
     m = W_hat.shape[0]
     tried = set(_push_order(m)[:first])
-    region: _Region | None = None
-    while True:
+    while region is not None:
         clean = _verdicts(t, missing)[2] == 1.0
         both = (t.pos_q > 0) & (t.neg_q > 0)
         if (clean & both).all():
@@ -522,10 +518,6 @@ def _more_rounds(
                  and (t.pos_q[j] if sense > 0 else t.neg_q[j]) == 0]
         if not items:
             break
-        if region is None:
-            region = _region(layers, d0, scale)
-            if region is None:
-                break
         batch = items[:first]
         tried.update(batch)
         steered = 0
