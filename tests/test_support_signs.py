@@ -159,3 +159,44 @@ def test_support_fit_skips_rows_that_do_not_move() -> None:
     fit = support_fit(J, V)
     assert fit.on is not None and np.array_equal(fit.on, on)
     assert int((~fit.seen).sum()) == 1
+
+
+def test_support_fit_never_reads_a_weak_on_neuron_as_off() -> None:
+    # One on neuron's gain is 1e-6 of the others' and J is off by 1e-9: the residual collapses
+    # twice. The fit refuses the point, or reads the weak neuron on; never off.
+    J, V, on = _system(6, 40, 30, 12, 1)
+    rng = np.random.default_rng(1)
+    weak = int(np.flatnonzero(on)[0])
+    G = rng.standard_normal((1, 40)) * on
+    G[0, weak] *= 1e-6
+    J = G @ V + 1e-9 * rng.standard_normal((1, 30))
+    fit = support_fit(J, V)
+    assert fit.on is None or fit.on[weak]
+
+
+def test_support_fit_does_not_read_parallel_rows() -> None:
+    # A row and a negated, scaled copy of it move J alike: neither is read; the others still are.
+    J, V, on = _system(8, 30, 24, 8, 3)
+    j = int(np.flatnonzero(on)[0])
+    V[np.flatnonzero(~on)[0]] = -1.3 * V[j]
+    fit = support_fit(J, V)
+    assert fit.on is not None, fit.reason
+    assert not fit.seen[j] and not fit.seen[np.flatnonzero(~on)[0]]
+    assert np.array_equal(fit.on[fit.seen], on[fit.seen])
+
+
+def test_support_signs_counts_a_repeated_point_once() -> None:
+    net = _net(0, [40, 30, 30, 40, 8, 3])
+    rng = np.random.default_rng(0)
+    x = pattern_points(net[:2], 3.0, rng)(0)
+    assert x is not None
+
+    def query(X: np.ndarray) -> np.ndarray:
+        _, H = pfx.forward(net[:-1], X)
+        out: np.ndarray = H @ net[-1][0].T + net[-1][1]
+        return out
+
+    W, b = net[2]
+    got = support_signs(query, net[:2], W, b, lambda i: x, rng, max_points=4)
+    assert got.points == 1 and got.votes.max() <= 1
+    assert np.all(got.confidence <= 0.5)

@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 
 from relux.attack import prefix as pfx
-from relux.attack.active_lines import all_on_region
 from relux.attack.always_on import AlwaysOn, rank_one_leftovers, solve_always_on
 from relux.attack.complete import complete_row
 from relux.attack.config import ExtractionConfig
@@ -52,7 +51,7 @@ from relux.attack.unify import (
     shadowed_rows,
     unify,
 )
-from relux.attack.wiggle import wiggle_signs
+from relux.attack.wiggle import has_active_region, wiggle_signs
 from relux.attack.witnesses import Witness, collect_witnesses, witness_bytes
 from relux.oracle.base import FloatArray, QueryFn
 from relux.parallel import Executor
@@ -456,7 +455,7 @@ def _layer_signs(
     if is_last:
         method, flips, conf, on = _last_layer_signs(query, layers, W, b, d0, cfg, rng, witness_x, short, coverage)
         return np.where(flips, -1.0, 1.0), conf, method, on
-    support = _support_signs(query, layers, W, b, cfg, rng) if not short else None
+    support = _support_signs(query, layers, W, b, d0, cfg, rng) if not short else None
     if support is not None and bool(support.decided.all()):
         return support.signs, support.confidence, _support_method(support), None
     ws = wiggle_signs(query, layers, W, b, d0, cfg.input_scale, rng, fallback=witness_x, missing=missing,
@@ -476,18 +475,16 @@ def _layer_signs(
 
 
 def _support_signs(
-    query: QueryFn, layers: Sequence[pfx.Layer], W: FloatArray, b: FloatArray, cfg: ExtractionConfig,
+    query: QueryFn, layers: Sequence[pfx.Layer], W: FloatArray, b: FloatArray, d0: int, cfg: ExtractionConfig,
     rng: np.random.Generator,
 ) -> SupportSigns | None:
     """The signs from the support of the output's Jacobian (:mod:`relux.attack.support_signs`), for an
-    inner layer behind a prefix with no all-on region, where the wiggle has no controllable point;
-    None when the prefix has one (the wiggle's measured ground: every suite victim up to CIFAR layer
-    4) or is empty."""
-    if not layers:
+    inner layer behind a prefix where the wiggle finds no all-active region (then it has no
+    controllable point); None when it finds one (the wiggle's measured ground: every suite victim up
+    to CIFAR layer 4) or the prefix is empty."""
+    if not layers or has_active_region(layers, d0, cfg.input_scale):
         return None
     box = 3.0 * cfg.input_scale  # as the pattern regions use
-    if all_on_region(list(layers), box) is not None:
-        return None
     got = support_signs(query, layers, W, b, pattern_points(layers, box, rng), rng)
     log.info("layer %d: signs from the Jacobian's support at %d/%d point(s), %d decided (%d queries)%s",
              len(layers) + 1, got.certified, got.points, int(got.decided.sum()), got.queries,

@@ -49,6 +49,16 @@ SPARE = 2
 #: CIFAR-scale trials ranked every on set exactly at 1e-4 and 1e-5, and missed a few at 1e-3.
 LASSO = 1e-5
 LASSO_ITERATIONS = 3000
+#: Past the cut the residual may fall by at most this many decades more: adding rows in general
+#: position shrinks it by a factor ``sqrt((r - k - 1) / (r - k))`` each, while an on neuron ranked past
+#: the cut (a weak gain) falls by decades, and would be read off.
+AFTER_DECADES = 1.0
+#: Rows whose directions agree to ``1 - |cos|`` below this are not read (J cannot tell them apart).
+PARALLEL = 1e-8
+#: A neuron is read at a point only where ``|ẑ|`` exceeds this share of ``‖ŵ‖ ‖h‖ + |b̂|``: the rows
+#: are estimates (pieced rows within about 1e-8 of the truth), and so is the side of a point very near
+#: a hyperplane.
+SIDE_SHARE = 1e-6
 #: The finite-difference step, as a share of the distance to the nearest known boundary from the point
 #: (over every direction). Rounding then costs about ``eps |f| / step`` per entry of ``J``, far below the
 #: cut's three decades.
@@ -62,7 +72,7 @@ class SupportFit:
     ``drop`` the decades it fell at the cut."""
 
     on: np.ndarray | None
-    seen: np.ndarray  # neurons that move the point's controllable space at all
+    seen: np.ndarray  # neurons that move the point's controllable space at all, and none in parallel
     rank: int
     size: int
     drop: float
@@ -128,18 +138,20 @@ def support_fit(J: FloatArray, V: FloatArray, spare: int = SPARE, drop_decades: 
     drop = float(falls[k - 1])
     if drop < drop_decades:
         return fail(f"the residual fell by at most {drop:.1f} decades (need {drop_decades:g})", drop, float(tails[-1]))
+    if falls[k:].size and float(np.max(falls[k:])) > AFTER_DECADES:
+        # a weak on neuron ranked past the cut leaves its share in the residual: it would be read off
+        return fail(f"the residual falls again by {float(np.max(falls[k:])):.1f} decades past the cut", drop,
+                    float(tails[k]), k)
     S = order[:k]
     A = Vs[S]  # k x r, k < r: full row rank for rows in general position
-    G = A @ A.T
-    try:
-        Ginv = np.linalg.inv(G)
-    except np.linalg.LinAlgError:
+    if numerical_rank(svd(A, compute_uv=False)) < k:
         return fail("the rows of the cut are linearly dependent", drop, float(tails[k]), k)
+    Ginv = np.linalg.inv(A @ A.T)
     X = (J @ A.T) @ Ginv  # least-squares gains on S
     jn2 = float(np.sum(J**2))
     # dropping member j raises the residual sum of squares by |X_j|² / (G⁻¹)_jj
     without = np.sqrt(tails[k] ** 2 + np.sum(X**2, axis=0) / np.maximum(np.diag(Ginv), np.finfo(float).tiny) / jn2)
-    middle = float(np.sqrt(tails[k] * tails[k - 1]))
+    middle = float(10.0 ** (0.5 * (logs[k] + logs[k - 1])))  # floored logs: a residual of exactly 0 too
     keep = without > middle
     on_idx = idx[S[keep]]
     if keep.sum() < k:
@@ -149,7 +161,12 @@ def support_fit(J: FloatArray, V: FloatArray, spare: int = SPARE, drop_decades: 
             return fail("the members the fit does not need leave J unexplained without them", drop, float(tails[k]), k)
     on = np.zeros(n, dtype=bool)
     on[on_idx] = True
-    return SupportFit(on, seen, r, int(on.sum()), drop, float(tails[k]), "")
+    # rows parallel here (two rows of one neuron, or a coincidence) show the same in J: neither is read
+    cos = np.abs(Vs @ Vs.T)
+    np.fill_diagonal(cos, 0.0)
+    twins = np.zeros(n, dtype=bool)
+    twins[idx] = np.max(cos, axis=1) > 1.0 - PARALLEL if idx.size > 1 else False
+    return SupportFit(on, seen & ~twins, r, int(on.sum()), drop, float(tails[k]), "")
 
 
 @dataclass(frozen=True)
@@ -168,17 +185,19 @@ class SupportSigns:
 
 
 def _point_steps(layers: Sequence[pfx.Layer], W_hat: FloatArray, b_hat: FloatArray, x: FloatArray, B: FloatArray,
-                 M: FloatArray, pre_jacs: Sequence[FloatArray]) -> tuple[FloatArray, FloatArray]:
-    """Per row of ``B`` (unit moves), the move at which the first known neuron (prefix or this layer)
-    reaches its boundary; and ``ẑ`` at ``x``."""
+                 M: FloatArray, pre_jacs: Sequence[FloatArray]) -> tuple[float, FloatArray, FloatArray]:
+    """The length of a move inside the span of ``B``'s rows (orthonormal) in any direction at which a
+    known neuron (prefix or this layer) may first reach its boundary: the smallest ``|z| / ‖∇z Bᵀ‖``;
+    with ``ẑ`` at ``x`` and the layer input ``h``."""
     Zs, H = pfx.forward(layers, x[None, :])
     zhat = W_hat @ H[0] + b_hat
-    lim = np.full(B.shape[0], np.inf)
+    lim = np.inf
     for Z, Jz in (*zip(Zs, pre_jacs, strict=True), (zhat[None, :], W_hat @ M)):
-        rate = np.abs(Jz @ B.T)
-        with np.errstate(divide="ignore"):
-            lim = np.minimum(lim, np.min(np.abs(Z[0])[:, None] / rate, axis=0))
-    return lim, zhat
+        rate = np.linalg.norm(Jz @ B.T, axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            reach = np.nan_to_num(np.abs(Z[0]) / rate, nan=np.inf)
+        lim = min(lim, float(np.min(reach)) if reach.size else np.inf)
+    return lim, zhat, H[0]
 
 
 def support_signs(
@@ -202,21 +221,25 @@ def support_signs(
     minus = np.zeros(m, dtype=int)
     queries = n_pts = n_cert = 0
     reasons: list[str] = []
+    tried: list[FloatArray] = []
     eps = float(np.finfo(float).eps)
     for i in range(max_points):
         x = points(i)
         if x is None:
             break
+        if any(np.array_equal(x, y) for y in tried):
+            continue  # the same point again (the same patterns): it would only repeat its votes
+        tried.append(x)
         n_pts += 1
         M, pre_jacs = pfx.jacobian(layers, x)
         _, sv, Vt = svd(M, full_matrices=False)
         r = numerical_rank(sv)
         B = Vt[:r]
-        lim, zhat = _point_steps(layers, W_hat, b_hat, x, B, M, pre_jacs)
+        lim, zhat, h = _point_steps(layers, W_hat, b_hat, x, B, M, pre_jacs)
         # one step for every direction, a fraction of the nearest known boundary's distance: the
         # unknown deeper boundaries lie about as far (behind CIFAR-scale unitary layers 1-4, layers
         # 6-8's nearest at 0.5-5 times layer 5's), and the Jacobian is exact only inside the piece
-        step = STEP_SHARE * float(np.min(lim)) if lim.size else 0.0
+        step = STEP_SHARE * lim
         steps = np.full(r, step)
         if r == 0 or not np.isfinite(step) or step <= 0:
             reasons.append(f"point {i}: on a boundary or no controllable direction")
@@ -241,7 +264,8 @@ def support_signs(
             reasons.append(f"point {i}: {fit.reason} (rank {fit.rank})")
             continue
         n_cert += 1
-        read = fit.seen & (np.abs(zhat) > 0)
+        read = fit.seen & (np.abs(zhat) > SIDE_SHARE * (np.linalg.norm(W_hat, axis=1) * np.linalg.norm(h)
+                                                       + np.abs(b_hat)))
         s = np.where(fit.on == (zhat > 0), 1, -1)
         plus += read & (s > 0)
         minus += read & (s < 0)

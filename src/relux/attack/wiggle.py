@@ -128,6 +128,12 @@ def _region(layers: Sequence[pfx.Layer], d0: int, scale: float) -> _Region | Non
     return _Region(G, g, A, region.centre, region.depth, box)
 
 
+def has_active_region(layers: Sequence[pfx.Layer], d0: int, scale: float) -> bool:
+    """Whether the wiggle finds the all-active region of a non-empty prefix (:func:`_region`), where its
+    points are controllable."""
+    return _region(layers, d0, scale) is not None
+
+
 def _pushed(
     region: _Region, W_hat: FloatArray, items: Sequence[tuple[int, float]], executor: Executor | None = None
 ) -> list[FloatArray]:
