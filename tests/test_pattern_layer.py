@@ -350,14 +350,3 @@ def test_the_fill_cost_counts_lines_by_the_weights_lacked() -> None:
     assert fill_cost(prefix, [whole, few], cfg) == per_line
     assert fill_cost(prefix, [few, few], cfg) == 2 * per_line
 
-
-def test_the_regions_are_worth_what_the_last_one_s_pace_makes_them() -> None:
-    from relux.attack.pattern_layer import _regions_worth
-
-    # a region of 1,000 queries saw 100 of the 400 weights lacked: 300 more take three such regions
-    assert _regions_worth(1000, 400, 300) == 3000.0
-    # at least the one region, however fast it went
-    assert _regions_worth(1000, 400, 10) == 1000.0
-    assert _regions_worth(1000, 400, 0) == 1000.0
-    # a region that saw none of them (or found a new neuron, with its own lacked weights): no limit
-    assert _regions_worth(1000, 400, 400) == float("inf") and _regions_worth(1000, 400, 450) == float("inf")

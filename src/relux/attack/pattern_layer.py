@@ -349,14 +349,16 @@ def pattern_rows(
     seed: tuple[FloatArray, FloatArray, Sequence[FloatArray], FloatArray] | None = None,
 ) -> PatternRows:
     """Rows of the layer behind ``layers`` from chords of up to ``max_regions`` pattern regions
-    (``cfg.pattern_max_regions`` when None; module docstring): until there are ``width`` rows, less
-    :func:`relux.attack.all_on_layer.corner_allowance`, and the weights they lack would cost fewer
-    queries to fill in cells where they are on (:func:`fill_cost`) than more regions would at the
-    last one's pace (:func:`_regions_worth`), or three regions in a row add no row and no weight (a
-    pattern read before, or whose region is empty, counts as one). The weights still lacked are then
-    read in those cells (:func:`_filled`); while some remain, or a neuron is still missing, regions go
-    on (with those weights asked on) and the cells are tried again after each, within the same
-    limits.
+    (``cfg.pattern_max_regions`` when None; module docstring): until there are ``width`` rows and
+    the weights they lack would cost fewer queries to fill in cells where they are on
+    (:func:`fill_cost`) than the last region took, or three regions in a row add no row and no
+    weight (a pattern read before, or whose region is empty, counts as one). The weights still
+    lacked are then read in those cells (:func:`_filled`); while some remain, regions go on (with
+    those weights asked on) and the cells are tried again after each, within the same limits.
+    (Session 35 filled once all but corner neurons were seen, whenever the fill cost fewer queries
+    than more regions would at the last one's pace. At CIFAR scale the fill's linear programs, not
+    its queries, set its time: behind unitary layers 1-3 it filled 256 partial layer-4 rows for over
+    40 minutes, where one more region, about four minutes, completed every row in session 35.)
 
     Unseeded behind more than two layers, each region also starts from such a random cell (see
     below), as the region where the earlier layers are all on is thin there.
@@ -442,18 +444,11 @@ def pattern_rows(
         explore = len(entries) <= n_before and not explore
         log.info("pattern region %d: %d on, depth %.3g; %d rows there; %d rows in all, %d complete", regions,
                  int(pat.on.sum()), region.depth, ao.W.shape[0], len(entries), full)
-        # every neuron seen but corner ones (corner_allowance; fragments of whole rows aside), and what
-        # the rows lack costs less to fill in cells (_filled) than the regions would take at this
-        # region's pace (_regions_worth). Behind the unitary CIFAR layers 1-4, 255 of 256 layer-5 rows
-        # were seen after 9 regions and none was complete after 13: every row lacked a weight, and the
-        # regions went on for the one neuron still missing.
         real = _without_fragments(layers, entries)
         if idle >= 3:
             break
-        worth = _regions_worth(spent[0] - before_region, lack_before, _lacking(entries))
-        if len(real) >= width - corner_allowance(width) and fill_cost(layers, real, cfg) <= worth:
-            # fill them; rows the cells leave partial get one more region (their lacked weights asked on),
-            # and a neuron still missing is looked for until three regions in a row add nothing
+        if len(real) >= width and fill_cost(layers, real, cfg) <= spent[0] - before_region:
+            # fill them; rows the cells leave partial get one more region (their lacked weights asked on)
             entries, n_lines, n_measured = _filled(query, layers, real, d0, cfg, rng, rel_tol)
             lines, measured = lines + n_lines, measured + n_measured
             if len(entries) >= width and all(e.seen.all() for e in entries):
@@ -469,19 +464,6 @@ def pattern_rows(
                        np.stack([e.seen for e in entries]), tuple(np.concatenate(e.points) for e in entries),
                        np.array([e.residual for e in entries]), regions, lines, kinks, measured,
                        np.array([e.seed for e in entries], dtype=bool))
-
-
-def _regions_worth(cost: int, lack_before: int, lack_now: int) -> float:
-    """The queries more regions would take to see the ``lack_now`` weights still lacked, at the pace of
-    the last one (it cost ``cost`` queries and took the lacked weights from ``lack_before``): at least
-    that one region's cost, and without limit when it saw none of them (or found a new neuron, whose
-    own lacked weights outnumber those it saw)."""
-    gain = lack_before - lack_now
-    if lack_now == 0:
-        return float(cost)
-    if gain <= 0:
-        return float("inf")
-    return float(cost) * max(1.0, lack_now / gain)
 
 
 def fill_cost(layers: Sequence[pfx.Layer], entries: Sequence[_Entry], cfg: ExtractionConfig) -> int:
