@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from relux.attack import prefix as pfx
@@ -20,18 +20,31 @@ def _system(seed: int, n: int, r: int, k: int, outputs: int) -> tuple[np.ndarray
     return G @ V, V, on
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 10_000), r=st.integers(12, 40), share=st.floats(0.2, 0.5), outputs=st.integers(1, 6))
-def test_support_fit_finds_the_on_set(seed: int, r: int, share: float, outputs: int) -> None:
+@example(seed=34, r=18, share=0.4375, outputs=1)
+def test_support_fit_is_exact_or_refuses(seed: int, r: int, share: float, outputs: int) -> None:
     # A layer wider than the control rank (n = 1.4 r), with at most half the directions' worth of
-    # neurons on: the on set is the only small set whose rows span J, and the fit finds it exactly.
+    # neurons on: the on set is the only small set whose rows span J. The lasso's ranking can miss
+    # it (one output and 7 of 18 on: seed 34), and then the fit refuses; it is never wrong.
     n, k = int(1.4 * r), max(1, int(share * r))
     J, V, on = _system(seed, n, r, k, outputs)
     fit = support_fit(J, V)
-    assert fit.on is not None, fit.reason
-    assert np.array_equal(fit.on, on)
-    # the cut falls from the residual of a missing neuron to rounding (exact J): far beyond three decades
-    assert fit.drop >= 3.0 and fit.residual < 1e-10
+    if fit.on is not None:
+        assert np.array_equal(fit.on, on)
+        # the cut falls from the residual of a missing neuron to rounding (exact J)
+        assert fit.drop >= 3.0 and fit.residual < 1e-10
+    else:
+        assert fit.reason
+
+
+def test_support_fit_finds_the_on_set_with_ten_outputs() -> None:
+    # As at CIFAR scale (10 outputs, about half the directions' worth on), every draw is certified.
+    for seed in range(12):
+        J, V, on = _system(seed, 56, 40, 20, 10)
+        fit = support_fit(J, V)
+        assert fit.on is not None, (seed, fit.reason)
+        assert np.array_equal(fit.on, on)
 
 
 def test_support_fit_with_noisy_jacobian() -> None:
