@@ -447,9 +447,10 @@ def _layer_signs(
     executor: Executor | None = None,
 ) -> tuple[FloatArray, FloatArray, str, AlwaysOn | None]:
     """Signs of a layer's rows: the CM24 last-layer solve for the last hidden layer; for an inner one,
-    the Jacobian's support behind a prefix with no all-on region (:func:`_support_signs`), and the
-    wiggle for the rest (checked later by the next layer's walks or rows). Returns ``(±1 per row, confidence, method,
-    always-on row)``; the last is set when a short last layer's affine part is an always-on neuron.
+    the Jacobian's support where the wiggle finds no all-active region (:func:`_support_signs`), and
+    the wiggle for the rest (checked later by the next layer's walks or rows). Returns ``(±1 per row,
+    confidence, method, always-on row)``; the last is set when a short last layer's affine part is an
+    always-on neuron.
     ``missing``: how many rows the layer lacks."""
     short = missing > 0
     if is_last:
