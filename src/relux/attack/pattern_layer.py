@@ -358,7 +358,7 @@ def pattern_rows(
     (Session 35 filled once all but corner neurons were seen, whenever the fill cost fewer queries
     than more regions would at the last one's pace. At CIFAR scale the fill's linear programs, not
     its queries, set its time: behind unitary layers 1-3 it filled 256 partial layer-4 rows for over
-    40 minutes, where one more region, about four minutes, completed every row in session 35.)
+    half an hour, where one more region, about four minutes, completed every row in session 35.)
 
     Unseeded behind more than two layers, each region also starts from such a random cell (see
     below), as the region where the earlier layers are all on is thin there.
