@@ -39,7 +39,7 @@ def test_the_probe_points_do_not_depend_on_the_workers() -> None:
     # the points that push each row to either side come from pure linear programs: split among two
     # loky workers they are the same points, bit for bit
     _, prefix, W, b, _ = _layer_two(0)
-    region = wiggle._region(prefix, 10, 1.0)
+    region = wiggle.active_region(prefix, 10, 1.0)
     alone = wiggle._candidates(prefix, W, b, 10, 1.0, 4, np.random.default_rng(0), region=region)
     with make_executor("loky", 2) as ex:
         split = wiggle._candidates(prefix, W, b, 10, 1.0, 4, np.random.default_rng(0), ex, region=region)

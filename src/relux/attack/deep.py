@@ -51,7 +51,7 @@ from relux.attack.unify import (
     shadowed_rows,
     unify,
 )
-from relux.attack.wiggle import has_active_region, wiggle_signs
+from relux.attack.wiggle import active_region, wiggle_signs
 from relux.attack.witnesses import Witness, collect_witnesses, witness_bytes
 from relux.oracle.base import FloatArray, QueryFn
 from relux.parallel import Executor
@@ -456,11 +456,13 @@ def _layer_signs(
     if is_last:
         method, flips, conf, on = _last_layer_signs(query, layers, W, b, d0, cfg, rng, witness_x, short, coverage)
         return np.where(flips, -1.0, 1.0), conf, method, on
-    support = _support_signs(query, layers, W, b, d0, cfg, rng) if not short else None
+    # the wiggle's all-active region, solved once: where there is none the support decides first
+    region = active_region(layers, d0, cfg.input_scale) if layers else None
+    support = _support_signs(query, layers, W, b, cfg, rng) if layers and region is None and not short else None
     if support is not None and bool(support.decided.all()):
         return support.signs, support.confidence, _support_method(support), None
     ws = wiggle_signs(query, layers, W, b, d0, cfg.input_scale, rng, fallback=witness_x, missing=missing,
-                      executor=executor)
+                      executor=executor, region=region)
     signs, conf = ws.signs, ws.confidence
     if short:
         # a missing row moves with every probe and can make even a clean-looking verdict wrong
@@ -476,15 +478,13 @@ def _layer_signs(
 
 
 def _support_signs(
-    query: QueryFn, layers: Sequence[pfx.Layer], W: FloatArray, b: FloatArray, d0: int, cfg: ExtractionConfig,
+    query: QueryFn, layers: Sequence[pfx.Layer], W: FloatArray, b: FloatArray, cfg: ExtractionConfig,
     rng: np.random.Generator,
-) -> SupportSigns | None:
+) -> SupportSigns:
     """The signs from the support of the output's Jacobian (:mod:`relux.attack.support_signs`), for an
     inner layer behind a prefix where the wiggle finds no all-active region (then it has no
-    controllable point); None when it finds one (the wiggle's measured ground: every suite victim up
-    to CIFAR layer 4) or the prefix is empty."""
-    if not layers or has_active_region(layers, d0, cfg.input_scale):
-        return None
+    controllable point). Where it finds one (the wiggle's measured ground: every suite victim up to
+    CIFAR layer 4), :func:`_layer_signs` does not call this."""
     box = 3.0 * cfg.input_scale  # as the pattern regions use
     got = support_signs(query, layers, W, b, pattern_points(layers, box, rng), rng)
     log.info("layer %d: signs from the Jacobian's support at %d/%d point(s), %d decided (%d queries)%s",

@@ -444,6 +444,8 @@ def pattern_rows(
         explore = len(entries) <= n_before and not explore
         log.info("pattern region %d: %d on, depth %.3g; %d rows there; %d rows in all, %d complete", regions,
                  int(pat.on.sum()), region.depth, ao.W.shape[0], len(entries), full)
+        # every neuron seen (fragments of whole rows aside), and what the rows lack costs less to fill in
+        # cells (_filled) than this region took
         real = _without_fragments(layers, entries)
         if idle >= 3:
             break

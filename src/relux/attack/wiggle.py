@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from scipy.optimize import linprog
@@ -98,7 +99,7 @@ def _lps(item: tuple[FloatArray, FloatArray, float, float, FloatArray]) -> list[
 
 
 @dataclass(frozen=True)
-class _Region:
+class ActiveRegion:
     """The all-active region of the prefix (:func:`_active_forms`): ``G x + g >= 0``, the last known
     layer's affine map ``h = A x + c`` there, a deep point ``centre`` at depth ``depth``, and the box
     that bounds its linear programs."""
@@ -111,7 +112,7 @@ class _Region:
     box: float
 
 
-def _region(layers: Sequence[pfx.Layer], d0: int, scale: float) -> _Region | None:
+def active_region(layers: Sequence[pfx.Layer], d0: int, scale: float) -> ActiveRegion | None:
     """The all-active region of a non-empty prefix, with its deepest point (from
     :func:`relux.attack.active_lines.all_on_region` when this module's own program fails); None when
     neither finds it."""
@@ -119,23 +120,17 @@ def _region(layers: Sequence[pfx.Layer], d0: int, scale: float) -> _Region | Non
     G, g, A, _ = _active_forms(layers, d0)
     centre = _lp(np.zeros(d0), G, g, None, box)
     if centre is not None:
-        return _Region(G, g, A, centre[:d0], float(centre[-1]), box)
+        return ActiveRegion(G, g, A, centre[:d0], float(centre[-1]), box)
     # should this program fail, the centre from the formulation of the all-on chords (suspected,
     # wrongly, behind CIFAR layer 3's wiggle without a controllable point; BENCHMARKS.md session 19)
     region = all_on_region(layers, 3.0 * scale)
     if region is None:
         return None
-    return _Region(G, g, A, region.centre, region.depth, box)
-
-
-def has_active_region(layers: Sequence[pfx.Layer], d0: int, scale: float) -> bool:
-    """Whether the wiggle finds the all-active region of a non-empty prefix (:func:`_region`), where its
-    points are controllable."""
-    return _region(layers, d0, scale) is not None
+    return ActiveRegion(G, g, A, region.centre, region.depth, box)
 
 
 def _pushed(
-    region: _Region, W_hat: FloatArray, items: Sequence[tuple[int, float]], executor: Executor | None = None
+    region: ActiveRegion, W_hat: FloatArray, items: Sequence[tuple[int, float]], executor: Executor | None = None
 ) -> list[FloatArray]:
     """Points of the all-active region where neuron ``j`` of the layer is pushed up (``sense`` +1) or
     down (-1), for each ``(j, sense)`` of ``items``: half-way between the region's centre and the
@@ -166,9 +161,9 @@ def _candidates(
     rng: np.random.Generator,
     executor: Executor | None = None,
     pushes: int | None = None,
-    region: _Region | None = None,
+    region: ActiveRegion | None = None,
 ) -> FloatArray:
-    """Random points, plus the centre of the all-active ``region`` of the prefix (:func:`_region`,
+    """Random points, plus the centre of the all-active ``region`` of the prefix (:func:`active_region`,
     solved once by the caller) and the first ``pushes`` (all by default) of its points where each
     neuron of the layer is pushed to each side of its hyperplane (:func:`_pushed`, in
     :func:`_push_order`), so that every neuron is probed on both sides."""
@@ -404,6 +399,7 @@ def wiggle_signs(
     fallback: FloatArray | None = None,
     missing: int = 0,
     executor: Executor | None = None,
+    region: ActiveRegion | None | Literal["solve"] = "solve",
 ) -> WiggleSigns:
     """Decide the sign of every row of ``(W_hat, b_hat)`` (the layer after ``layers``). ``fallback``:
     more points to probe from (rows), looked at only when none of the usual ones is controllable
@@ -414,10 +410,12 @@ def wiggle_signs(
     The first ``2 max_points`` pushed points are solved before any probe; when some are controllable
     and a neuron still lacks a clean verdict from both sides, more points are pushed, in rounds of
     that size, only for the sides no probe has seen yet (:func:`_more_rounds`; behind a 256-wide
-    layer, each program takes about a second)."""
+    layer, each program takes about a second). ``region``: the prefix's all-active region
+    (:func:`active_region`) when the caller has solved it already; by default it is solved here."""
     m = W_hat.shape[0]
     first = max(1, 2 * max_points)
-    region = _region(layers, d0, scale) if layers else None
+    if region == "solve":
+        region = active_region(layers, d0, scale) if layers else None
     C = _candidates(layers, W_hat, b_hat, d0, scale, max_points, rng, executor, first, region=region)
 
     def assess(X: FloatArray) -> list[tuple[FloatArray, FloatArray, bool]]:
@@ -494,7 +492,7 @@ def wiggle_signs(
 
 
 def _more_rounds(
-    region: _Region | None,
+    region: ActiveRegion | None,
     W_hat: FloatArray,
     d0: int,
     first: int,
