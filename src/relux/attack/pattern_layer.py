@@ -201,7 +201,7 @@ def _random_pattern_once(layers: Sequence[pfx.Layer], box: float, rng: np.random
             if base is None:
                 break
             centre = base.centre
-            v = vertex(base.A, base.c, box, base.margin, np.asarray(rng.standard_normal(size=d)))
+            v = vertex(base.A, base.c, box, base.margin, np.asarray(rng.standard_normal(size=d)), start=centre)
         else:  # a single known layer: anywhere in the box
             centre = np.zeros(d)
             v = box * np.sign(np.asarray(rng.standard_normal(size=d)))
