@@ -135,6 +135,7 @@ def _most_on(
 def choose_pattern(
     layers: Sequence[pfx.Layer], box: float, order: Sequence[int], depth_frac: float = 0.1,
     before: Sequence[np.ndarray] | None = None,
+    early: tuple[FloatArray, FloatArray, FloatArray, int, float, FloatArray] | None = None,
 ) -> Pattern | None:
     """A pattern of the last known layer with the neurons ``order`` asked to be on, block by block of
     ``BLOCK`` (an eighth of the layer at most) in that order, one linear program each
@@ -143,8 +144,10 @@ def choose_pattern(
     ones already on, where a ball of ``depth_frac`` times the depth of the region where the earlier
     layers are all on still fits with all of them and the earlier layers on (module docstring). The
     pattern is the one at that ball's centre. None when the earlier layers' region is empty.
-    ``before``: the earlier layers follow these patterns instead of being all on."""
-    early = _earlier_region(layers, box, before)
+    ``before``: the earlier layers follow these patterns instead of being all on. ``early``: that
+    region as :func:`_earlier_region` gives it for ``before``, when the caller has it (one linear
+    program saved per call)."""
+    early = _earlier_region(layers, box, before) if early is None else early
     if early is None:
         return None
     A, c, margin, last, r0, x = early
@@ -287,8 +290,11 @@ def _lacked_on(
     if base is None:
         return cell
     m = len(lacked)
+    early = _earlier_region(layers, box, cell.before)  # the same for every try
+    if early is None:
+        return cell
     for _ in range(tries):
-        chosen = choose_pattern(layers, box, lacked[:m], before=cell.before)
+        chosen = choose_pattern(layers, box, lacked[:m], before=cell.before, early=early)
         if chosen is not None and _controls(layers, chosen):
             reg = pattern_region(layers, box, chosen.on, chosen.before)
             if reg is not None and reg.depth >= 0.5 * base.depth:
