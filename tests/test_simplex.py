@@ -101,3 +101,21 @@ def test_degenerate_vertex_terminates() -> None:
     assert x is not None, info.reason
     # HiGHS's value, to its 1e-7 tolerance
     assert float(g @ x) == pytest.approx(_highs_value(N, c, np.zeros(30), 3.0, g), abs=1e-6)
+
+
+@pytest.mark.parametrize("tilt", [1e-5, 1e-6, 1e-7, 1e-8])
+def test_nearly_a_face_agrees_with_highs_or_is_left_to_it(tilt: float) -> None:
+    """An objective a little off a facet's normal: its smallest multiplier may lie below HiGHS's own
+    tolerance (1e-7), where HiGHS may stop at a neighbouring vertex (the session 37 review found them
+    up to half the box apart). The dense simplex then answers only when HiGHS's point is its own."""
+    A, c, margin, centre = _polytope(1, 20, 120)
+    rng = np.random.default_rng(1)
+    for _ in range(12):
+        g = -A[int(rng.integers(120))]
+        g = g / np.linalg.norm(g) + tilt * rng.standard_normal(20)
+        x, info = dense_vertex(A, c, margin, 3.0, g, centre)
+        if x is None:
+            assert info.reason == FACE
+            continue
+        res = linprog(-g, A_ub=-A, b_ub=c - margin, bounds=[(-3.0, 3.0)] * 20, method="highs")
+        np.testing.assert_allclose(x, res.x, atol=1e-6)  # HiGHS's 1e-7 tolerance, on a box of 3
