@@ -107,9 +107,9 @@ def vertex(
 ) -> FloatArray | None:
     """The point of ``{x : A x + c ≥ margin, |x_i| ≤ box}`` that maximises ``objective · x`` (a vertex),
     or None when that set is empty. ``start``: a point inside that set, from which a dense primal
-    simplex finds the vertex (:func:`relux.attack.simplex.dense_vertex`, 2-3x faster than HiGHS on
-    the CIFAR-scale regions); HiGHS solves it when that cannot certify its vertex, or without a start.
-    Where the optimum is a face, the two may return different vertices of it."""
+    simplex finds the vertex (:func:`relux.attack.simplex.dense_vertex`, 2.5-4.5x faster than HiGHS on
+    the CIFAR-scale regions) when it is the unique optimum; HiGHS solves it otherwise (a face, as
+    where a neuron of the region is lowest, or a near-tie), or without a start."""
     if start is not None:
         x, info = dense_vertex(A, c, margin, box, objective, start)
         if x is not None:
