@@ -23,6 +23,7 @@ def _system(seed: int, n: int, r: int, k: int, outputs: int) -> tuple[np.ndarray
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 10_000), r=st.integers(12, 40), share=st.floats(0.2, 0.5), outputs=st.integers(1, 6))
 @example(seed=34, r=18, share=0.4375, outputs=1)
+@example(seed=1280, r=12, share=0.21875, outputs=1)  # the residual reached 0.0 past the on set (session 37)
 def test_support_fit_is_exact_or_refuses(seed: int, r: int, share: float, outputs: int) -> None:
     # A layer wider than the control rank (n = 1.4 r), with at most half the directions' worth of
     # neurons on: the on set is the only small set whose rows span J. The lasso's ranking can miss

@@ -131,8 +131,10 @@ def support_fit(J: FloatArray, V: FloatArray, spare: int = SPARE, drop_decades: 
         X = group_lasso(J, Vs, LASSO * float(np.linalg.norm(J)))
         order = np.argsort(-np.linalg.norm(X, axis=0), kind="stable")
     tails = _tails(J, Vs, order, kmax)
-    with np.errstate(divide="ignore"):
-        logs = np.log10(np.maximum(tails, np.finfo(float).tiny))
+    # residuals below rounding are all alike: an exact J reaches 0.0 at some set past the on set
+    # (any set holding it), and a fall from rounding to 0.0 must not count as the cut
+    floor = 100.0 * np.finfo(float).eps * max(r, 1)
+    logs = np.log10(np.maximum(tails, floor))
     falls = logs[:-1] - logs[1:]
     k = int(np.argmax(falls)) + 1
     drop = float(falls[k - 1])
