@@ -89,6 +89,15 @@ def _ratio(s: FloatArray, r: FloatArray, free: np.ndarray, step_norm: float) -> 
     return int(idx[k]), float(t[k])
 
 
+def _inverse(N: FloatArray, B: FloatArray) -> FloatArray | None:
+    """The inverse of the basis ``N[B]``, or None when it is singular."""
+    try:
+        out: FloatArray = np.linalg.inv(N[B])
+    except np.linalg.LinAlgError:
+        return None
+    return out
+
+
 def dense_vertex(
     A: FloatArray, c: FloatArray, margin: FloatArray, box: float, objective: FloatArray, start: FloatArray,
 ) -> tuple[FloatArray | None, VertexInfo]:
@@ -129,24 +138,25 @@ def dense_vertex(
     crash = len(basis)
     # 2. primal simplex from that vertex
     B = np.array(basis)
-    try:
-        Binv = np.linalg.inv(N[B])
-    except np.linalg.LinAlgError:
+    Binv = _inverse(N, B)
+    if Binv is None:
         return None, VertexInfo(crash, 0, "the crash's basis is singular")
     pivots = degenerate = 0
-    since = 0
+    since = 0  # pivots since the last fresh factorisation
     while True:
         mu = -(Binv.T @ g)
         neg = mu < -MU_TOL * gn
-        if not neg.any():
-            if since == 0:
-                break
-            try:  # confirm on a fresh factorisation
-                Binv, since = np.linalg.inv(N[B]), 0
-            except np.linalg.LinAlgError:
+        if since and (since >= REFACTOR or not neg.any()):
+            # a fresh factorisation: every REFACTOR pivots (the updated inverse drifts), and to confirm
+            # an optimum
+            Binv = _inverse(N, B)
+            if Binv is None:
                 return None, VertexInfo(crash, pivots, "the basis became singular")
             s = N @ x + h
+            since = 0
             continue
+        if not neg.any():
+            break
         if pivots >= PIVOTS_PER_DIM * d:
             return None, VertexInfo(crash, pivots, f"no optimum after {pivots} pivots")
         j = int(np.flatnonzero(neg)[np.argmin(B[neg])]) if degenerate >= DEGENERATE_RUN else int(np.argmin(mu))
@@ -164,13 +174,6 @@ def dense_vertex(
         B[j] = i
         pivots += 1
         since += 1
-        if since >= REFACTOR:
-            try:
-                Binv = np.linalg.inv(N[B])
-            except np.linalg.LinAlgError:
-                return None, VertexInfo(crash, pivots, "the basis became singular")
-            s = N @ x + h
-            since = 0
     # 3. certificate: the vertex solves its basis, and every constraint holds
     try:
         x = np.linalg.solve(N[B], -h[B])
