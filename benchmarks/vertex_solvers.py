@@ -26,8 +26,9 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-from relux.attack import prefix as pfx  # noqa: E402
 from relux.attack.active_lines import pattern_region  # noqa: E402
+from relux.attack.config import ExtractionConfig  # noqa: E402
+from relux.attack.frame import input_frame  # noqa: E402
 from relux.attack.pattern_layer import random_pattern  # noqa: E402
 from relux.attack.simplex import dense_vertex  # noqa: E402
 from relux.formats import load_model  # noqa: E402
@@ -49,10 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.layers <= len(layers):
         print(f"--layers must be between 1 and {len(layers)}, found {args.layers}", file=sys.stderr)
         return 2
-    red = pfx.input_space(layers[:1])
-    known = [(red[1], layers[0][1]), *layers[1:args.layers]] if red is not None else layers[:args.layers]
+    # as the attack sees them: in the first layer's frame, with the frame's input scale
+    frame = input_frame(layers[:1], layers[0][0].shape[0])
+    known = frame.down(layers[:args.layers]) if frame is not None else layers[:args.layers]
+    d0 = layers[0][0].shape[1]
     d = known[0][0].shape[1]
-    box = 3.0 * float(np.sqrt(model.layers[0][0].shape[1] / d))  # the frame's input scale (frame.config)
+    cfg = ExtractionConfig()
+    box = 3.0 * (frame.config(cfg, d0) if frame is not None else cfg).input_scale
     rng = np.random.default_rng(args.seed)
     pat = random_pattern(known, box, rng)
     region = None if pat is None else pattern_region(known, box, pat.on, pat.before)
