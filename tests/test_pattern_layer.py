@@ -11,8 +11,10 @@ from hypothesis import strategies as st
 from relux.attack.active_lines import active_lines, all_on_region, cell_map, pattern_region
 from relux.attack.config import ExtractionConfig
 from relux.attack.pattern_layer import (
+    LACKED_DEPTH,
     MIN_SHARED,
     _controls,
+    _earlier_region,
     _Entry,
     _lacked_on,
     _merged,
@@ -142,7 +144,7 @@ def test_a_random_cell_behind_three_layers_holds_its_patterns_along_its_chords()
     assert found >= 3
 
 
-def test_asking_the_lacked_weights_on_keeps_half_the_cells_depth() -> None:
+def test_asking_the_lacked_weights_on_keeps_a_share_of_the_cells_depth() -> None:
     rng = np.random.default_rng(4)
     layers = [(rng.normal(size=(12, 12)), rng.normal(scale=0.3, size=12)),
               (rng.normal(size=(16, 12)), rng.normal(scale=0.3, size=16))]
@@ -157,10 +159,28 @@ def test_asking_the_lacked_weights_on_keeps_half_the_cells_depth() -> None:
             continue
         asked += 1
         region = pattern_region(layers, 3.0, pat.on, pat.before)
-        assert region is not None and region.depth >= 0.5 * base.depth
+        assert region is not None and region.depth >= LACKED_DEPTH * base.depth
         assert pat.on[off].any()  # some neuron off in the cell is on in the region chosen
         assert _controls(layers, pat)
     assert asked >= 1
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(3, 10))
+def test_the_blocks_stop_before_more_neurons_are_on_than_the_limit(seed: int, limit: int) -> None:
+    # behind a 10-wide first layer the 24 neurons of the second can all be on, but control at most 10
+    # directions: asked all on, they stop at the limit unless the earlier region's centre passed it
+    rng = np.random.default_rng(seed)
+    layers = [(rng.normal(size=(10, 10)), rng.normal(scale=0.3, size=10)),
+              (rng.normal(size=(24, 10)), rng.normal(scale=0.3, size=24))]
+    early = _earlier_region(layers, 3.0)
+    pat = choose_pattern(layers, 3.0, rng.permutation(24).tolist(), limit=limit)
+    if early is None:
+        assert pat is None
+        return
+    A, c, _, last, _, centre = early
+    assert pat is not None
+    assert int(pat.on.sum()) <= max(limit, int((A[last:] @ centre + c[last:] > 0).sum()))
 
 
 @settings(max_examples=30, deadline=None)

@@ -69,6 +69,12 @@ FRAGMENT_TOL = 1e-6
 BLOCK = 32
 #: Random points :func:`random_pattern` tries before it gives up.
 RANDOM_TRIES = 8
+#: A region with the lacked weights asked on (:func:`_lacked_on`) is kept when it is at least this
+#: fraction as deep as the random cell it was chosen in.
+LACKED_DEPTH = 0.125
+#: With all but ``short`` rows found (:func:`pattern_rows`), regions in a row that add no row before the
+#: rows are filled in cells: the missing rows are likely of corner neurons that no region shows.
+STALE = 3
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,7 @@ def choose_pattern(
     layers: Sequence[pfx.Layer], box: float, order: Sequence[int], depth_frac: float = 0.1,
     before: Sequence[np.ndarray] | None = None,
     early: tuple[FloatArray, FloatArray, FloatArray, int, float, FloatArray] | None = None,
+    limit: int | None = None,
 ) -> Pattern | None:
     """A pattern of the last known layer with the neurons ``order`` asked to be on, block by block of
     ``BLOCK`` (an eighth of the layer at most) in that order, one linear program each
@@ -146,7 +153,9 @@ def choose_pattern(
     pattern is the one at that ball's centre. None when the earlier layers' region is empty.
     ``before``: the earlier layers follow these patterns instead of being all on. ``early``: that
     region as :func:`_earlier_region` gives it for ``before``, when the caller has it (one linear
-    program saved per call)."""
+    program saved per call). ``limit``: the blocks stop before the one that would leave more than
+    this many neurons on (beyond the rank of the earlier layers' map, they would not control as many
+    directions as they are); the pattern is then the last centre's, the earlier region's at first."""
     early = _earlier_region(layers, box, before) if early is None else early
     if early is None:
         return None
@@ -162,7 +171,10 @@ def choose_pattern(
         got = _most_on(A, c, margin, box, need, hard, soft)
         if got is None:
             break
-        held, x = got
+        held, y = got
+        if limit is not None and int(((A[last:] @ y + c[last:]) > 0).sum()) > limit:
+            break
+        x = y
         hard[np.flatnonzero(soft)[held]] = True
     on = (A[last:] @ x + c[last:]) > 0
     return Pattern(on, need, int(hard[last:].sum()), None if before is None else tuple(before))
@@ -281,8 +293,9 @@ def _lacked_on(
     layers: Sequence[pfx.Layer], box: float, cell: Pattern, lacked: Sequence[int], tries: int = 4,
 ) -> Pattern:
     """A pattern with the weights the partial rows lack most (``lacked``, most lacked first) asked to be
-    on (:func:`choose_pattern`) inside ``cell``'s earlier patterns, when its region is at least half
-    as deep as the cell's; else with half as many asked, up to ``tries`` times; else ``cell`` itself.
+    on (:func:`choose_pattern`) inside ``cell``'s earlier patterns, when its region is at least
+    ``LACKED_DEPTH`` as deep as the cell's; else with half as many asked, up to ``tries`` times; else
+    ``cell`` itself.
     Behind the unitary victim's layers 1-3, after eight cells 200 layer-3 neurons were lacked by some
     row: asking all of them on gives the all-on region (0.008 deep), the top 16 to 128 regions 0.026
     to 0.033 deep, against 0.05 for a random cell."""
@@ -293,11 +306,13 @@ def _lacked_on(
     early = _earlier_region(layers, box, cell.before)  # the same for every try
     if early is None:
         return cell
+    A, _, _, last, _, _ = early
+    rank = int(np.linalg.matrix_rank(A[last:]))  # more neurons on than this control fewer directions
     for _ in range(tries):
-        chosen = choose_pattern(layers, box, lacked[:m], before=cell.before, early=early)
+        chosen = choose_pattern(layers, box, lacked[:m], before=cell.before, early=early, limit=rank)
         if chosen is not None and _controls(layers, chosen):
             reg = pattern_region(layers, box, chosen.on, chosen.before)
-            if reg is not None and reg.depth >= 0.5 * base.depth:
+            if reg is not None and reg.depth >= LACKED_DEPTH * base.depth:
                 return chosen
         if m <= 1:
             break
@@ -353,10 +368,12 @@ def pattern_rows(
     executor: Executor | None = None,
     max_regions: int | None = None,
     seed: tuple[FloatArray, FloatArray, Sequence[FloatArray], FloatArray] | None = None,
+    short: int = 0,
 ) -> PatternRows:
     """Rows of the layer behind ``layers`` from chords of up to ``max_regions`` pattern regions
-    (``cfg.pattern_max_regions`` when None; module docstring): until there are ``width`` rows and
-    the weights they lack would cost fewer queries to fill in cells where they are on
+    (``cfg.pattern_max_regions`` when None; module docstring): until there are ``width`` rows (or
+    all but ``short``, the corner neurons the layer may lack, and ``STALE`` regions in a row added no
+    row) and the weights they lack would cost fewer queries to fill in cells where they are on
     (:func:`fill_cost`) than the last region took, or three regions in a row add no row and no
     weight (a pattern read before, or whose region is empty, counts as one). The weights still
     lacked are then read in those cells (:func:`_filled`); while some remain, regions go on (with
@@ -383,7 +400,7 @@ def pattern_rows(
         entries = [_Entry(w.copy(), float(b), np.ones(d_in, dtype=bool), [P], float(r), seed=True)
                    for w, b, P, r in zip(seed[0], seed[1], seed[2], seed[3], strict=True)]
     lines = kinks = measured = regions = 0
-    idle = 0
+    idle = stale = 0
     explore = False
     tried: set[bytes] = set()
     spent = [0]  # queries so far, to weigh a region against filling rows in cells
@@ -447,15 +464,22 @@ def pattern_rows(
         # a new neuron, or a row that lacks fewer weights (two pieces joined lack fewer than apart)
         gained = len(entries) > n_before or _lacking(entries) < lack_before
         idle = 0 if gained else idle + 1
+        stale = 0 if len(entries) > n_before else stale + 1
         explore = len(entries) <= n_before and not explore
         log.info("pattern region %d: %d on, depth %.3g; %d rows there; %d rows in all, %d complete", regions,
                  int(pat.on.sum()), region.depth, ao.W.shape[0], len(entries), full)
+        if log.isEnabledFor(logging.DEBUG) and entries:
+            lacks = np.stack([~e.seen for e in entries]).sum(axis=0)
+            log.debug("pattern regions: %d weights lacked (%d neurons lacked by some row; by a tenth of the rows "
+                      "or more: %d; the most lacked by %d rows)", int(lacks.sum()), int((lacks > 0).sum()),
+                      int((lacks >= 0.1 * len(entries)).sum()), int(lacks.max()))
         # every neuron seen (fragments of whole rows aside), and what the rows lack costs less to fill in
         # cells (_filled) than this region took
         real = _without_fragments(layers, entries)
         if idle >= 3:
             break
-        if len(real) >= width and fill_cost(layers, real, cfg) <= spent[0] - before_region:
+        enough = len(real) >= width or (short > 0 and len(real) >= width - short and stale >= STALE)
+        if enough and fill_cost(layers, real, cfg) <= spent[0] - before_region:
             # fill them; rows the cells leave partial get one more region (their lacked weights asked on)
             entries, n_lines, n_measured = _filled(query, layers, real, d0, cfg, rng, rel_tol)
             lines, measured = lines + n_lines, measured + n_measured
@@ -569,7 +593,8 @@ def pattern_outcome(
     from relux.attack.deep import outcome_from_rows
 
     none = np.zeros(0, dtype=int)
-    pr = pattern_rows(query, layers, width, d0, cfg, rng, rel_tol, executor=executor)
+    pr = pattern_rows(query, layers, width, d0, cfg, rng, rel_tol, executor=executor,
+                      short=0 if is_last else corner_allowance(width))
     n = pr.W.shape[0]
     log.info("layer %d: %d/%d rows from %d pattern regions (%d lines, %d kinks, %d measured; %d weights unseen)",
              len(layers) + 1, n, width, pr.regions, pr.lines, pr.kinks, pr.measured, int((~pr.seen).sum()))
