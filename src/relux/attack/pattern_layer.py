@@ -465,7 +465,8 @@ def pattern_rows(
         gained = len(entries) > n_before or _lacking(entries) < lack_before
         idle = 0 if gained else idle + 1
         stale = 0 if len(entries) > n_before else stale + 1
-        explore = len(entries) <= n_before and not explore
+        # a random cell looks for neurons no region showed: none once every row is there
+        explore = len(entries) <= n_before and not explore and len(entries) < width
         log.info("pattern region %d: %d on, depth %.3g; %d rows there; %d rows in all, %d complete", regions,
                  int(pat.on.sum()), region.depth, ao.W.shape[0], len(entries), full)
         if log.isEnabledFor(logging.DEBUG) and entries:

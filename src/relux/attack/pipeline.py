@@ -44,6 +44,9 @@ from relux.parallel import Executor, SerialExecutor, execution_report, make_exec
 
 log = logging.getLogger(__name__)
 
+#: The ``rows_from`` of rows read by chords (:mod:`relux.attack.all_on_layer`, :mod:`relux.attack.pattern_layer`).
+CHORD_SOURCES = ("all-on lines", "pattern regions", "all-on lines and pattern regions")
+
 
 class _Stages:
     """Records queries and seconds per stage from one counting oracle."""
@@ -413,6 +416,11 @@ def _with_flips(
     return [*layers[:-1], (W * sgn[:, None], b * sgn)], neurons, [int(j) for j in np.flatnonzero(flips)]
 
 
+def _from_chords(prev: LayerReport) -> bool:
+    """Whether every row of the layer before came from all-on lines or pattern regions."""
+    return all(nr.get("rows_from") in CHORD_SOURCES for nr in prev.neurons)
+
+
 def _ready_for_chords(prev: LayerReport, rows: int) -> bool:
     """Whether the layer before (its report, and the ``rows`` it has) is ready for the chords of its
     all-on region (attack-notes §3). Either it is complete and every sign settled (a clean wiggle
@@ -433,9 +441,7 @@ def _ready_for_chords(prev: LayerReport, rows: int) -> bool:
     if rows == prev.width:
         patterned = all("pattern regions" in str(nr.get("rows_from")) for nr in prev.neurons)
         return all(c >= 1.0 for c in conf) or (patterned and all(c >= 0.5 for c in conf))
-    chords = all(nr.get("rows_from") in ("all-on lines", "pattern regions", "all-on lines and pattern regions")
-                 for nr in prev.neurons)
-    return chords and rows >= prev.width - corner_allowance(prev.width) and all(c >= 0.5 for c in conf)
+    return _from_chords(prev) and rows >= prev.width - corner_allowance(prev.width) and all(c >= 0.5 for c in conf)
 
 
 def _all_on_layer(
@@ -905,9 +911,12 @@ def _extract_deep(
                     # whole row (relux.attack.all_on_layer). The region is where the layer before is on
                     # with the signs it has, so its signs must be settled (a clean wiggle verdict, or a
                     # check by walks), or decided for a layer short of a few corner neurons
-                    # (_ready_for_chords); otherwise the walks below check them first.
+                    # (_ready_for_chords); otherwise the walks below check them first, and when they neither
+                    # settle them nor give rows, the chords are read anyway and check the signs themselves.
+                    chords = False
                     if (out is None and reports[-1].width >= cf.all_on_min_width
                             and _ready_for_chords(reports[-1], lf2[-1][0].shape[0])):
+                        chords = True
                         lf2, reports, out = _all_on_layer(qf, lf2, reports, width, df, i == len(hidden), cf,
                                                           rng.spawn(1)[0], rel_tol, stages.executor, warnings)
                     # Walks along this layer's boundaries check (and repair) the signs of the layer
@@ -933,6 +942,12 @@ def _extract_deep(
                             if settled and out is None:
                                 out = extract_layer(qf, lf2, width, df, sum(hidden), True, k, cf, rng, rel_tol,
                                                     executor=stages.executor, hints=hf)
+                    if (out is None and not chords and not walked and reports[-1].width >= cf.all_on_min_width
+                            and _from_chords(reports[-1]) and not _ready_for_chords(reports[-1], lf2[-1][0].shape[0])):
+                        # the walks neither settled the signs nor gave rows (behind 256-wide CIFAR layers
+                        # they find no row): the chords check the signs themselves (_all_on_layer)
+                        lf2, reports, out = _all_on_layer(qf, lf2, reports, width, df, i == len(hidden), cf,
+                                                          rng.spawn(1)[0], rel_tol, stages.executor, warnings)
                     if out is None:
                         n_walked = walked[-1][0] if walked else 0
                         try:
