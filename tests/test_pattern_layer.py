@@ -14,7 +14,6 @@ from relux.attack.pattern_layer import (
     LACKED_DEPTH,
     MIN_SHARED,
     _controls,
-    _earlier_region,
     _Entry,
     _lacked_on,
     _merged,
@@ -169,18 +168,18 @@ def test_asking_the_lacked_weights_on_keeps_a_share_of_the_cells_depth() -> None
 @given(st.integers(0, 2**32 - 1), st.integers(3, 10))
 def test_the_blocks_stop_before_more_neurons_are_on_than_the_limit(seed: int, limit: int) -> None:
     # behind a 10-wide first layer the 24 neurons of the second can all be on, but control at most 10
-    # directions: asked all on, they stop at the limit unless the earlier region's centre passed it
+    # directions: asked all on, they stop at the limit unless the first block (always taken) passed it
     rng = np.random.default_rng(seed)
     layers = [(rng.normal(size=(10, 10)), rng.normal(scale=0.3, size=10)),
               (rng.normal(size=(24, 10)), rng.normal(scale=0.3, size=24))]
-    early = _earlier_region(layers, 3.0)
-    pat = choose_pattern(layers, 3.0, rng.permutation(24).tolist(), limit=limit)
-    if early is None:
+    order = rng.permutation(24).tolist()
+    first = choose_pattern(layers, 3.0, order[:3], block=3)
+    pat = choose_pattern(layers, 3.0, order, limit=limit, block=3)
+    if first is None:
         assert pat is None
         return
-    A, c, _, last, _, centre = early
     assert pat is not None
-    assert int(pat.on.sum()) <= max(limit, int((A[last:] @ centre + c[last:] > 0).sum()))
+    assert int(pat.on.sum()) <= max(limit, int(first.on.sum()))
 
 
 @settings(max_examples=30, deadline=None)

@@ -143,6 +143,7 @@ def choose_pattern(
     before: Sequence[np.ndarray] | None = None,
     early: tuple[FloatArray, FloatArray, FloatArray, int, float, FloatArray] | None = None,
     limit: int | None = None,
+    block: int | None = None,
 ) -> Pattern | None:
     """A pattern of the last known layer with the neurons ``order`` asked to be on, block by block of
     ``BLOCK`` (an eighth of the layer at most) in that order, one linear program each
@@ -155,7 +156,8 @@ def choose_pattern(
     region as :func:`_earlier_region` gives it for ``before``, when the caller has it (one linear
     program saved per call). ``limit``: the blocks stop before the one that would leave more than
     this many neurons on (beyond the rank of the earlier layers' map, they would not control as many
-    directions as they are); the pattern is then the last centre's, the earlier region's at first."""
+    directions as they are; the first block is always taken). ``block``: neurons per linear program
+    (default: an eighth of those asked, at most ``BLOCK``)."""
     early = _earlier_region(layers, box, before) if early is None else early
     if early is None:
         return None
@@ -164,7 +166,7 @@ def choose_pattern(
     hard = np.zeros(A.shape[0], dtype=bool)
     hard[:last] = True
     todo = [int(j) for j in order]
-    block = max(1, min(BLOCK, len(todo) // 8))
+    block = max(1, min(BLOCK, len(todo) // 8)) if block is None else block
     for k in range(0, len(todo), block):
         soft = np.zeros(A.shape[0], dtype=bool)
         soft[[last + j for j in todo[k : k + block]]] = True
@@ -172,7 +174,7 @@ def choose_pattern(
         if got is None:
             break
         held, y = got
-        if limit is not None and int(((A[last:] @ y + c[last:]) > 0).sum()) > limit:
+        if limit is not None and k and int(((A[last:] @ y + c[last:]) > 0).sum()) > limit:
             break
         x = y
         hard[np.flatnonzero(soft)[held]] = True
