@@ -165,16 +165,17 @@ def test_asking_the_lacked_weights_on_keeps_a_share_of_the_cells_depth() -> None
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.integers(0, 2**32 - 1), st.integers(3, 10))
+@given(st.integers(0, 2**32 - 1), st.integers(8, 20))
 def test_the_blocks_stop_before_more_neurons_are_on_than_the_limit(seed: int, limit: int) -> None:
-    # behind a 10-wide first layer the 24 neurons of the second can all be on, but control at most 10
-    # directions: asked all on, they stop at the limit unless the first block (always taken) passed it
+    # behind a 10-wide first layer most of the 24 neurons of the second can be on, but they control at
+    # most 10 directions: asked all on, they stop at the limit unless the first block (always taken)
+    # passed it
     rng = np.random.default_rng(seed)
     layers = [(rng.normal(size=(10, 10)), rng.normal(scale=0.3, size=10)),
               (rng.normal(size=(24, 10)), rng.normal(scale=0.3, size=24))]
     order = rng.permutation(24).tolist()
-    first = choose_pattern(layers, 3.0, order[:3], block=3)
-    pat = choose_pattern(layers, 3.0, order, limit=limit, block=3)
+    first = choose_pattern(layers, 3.0, order[:1], block=1)
+    pat = choose_pattern(layers, 3.0, order, limit=limit, block=1)
     if first is None:
         assert pat is None
         return

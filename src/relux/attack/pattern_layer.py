@@ -64,7 +64,7 @@ MIN_JUDGED = 8
 #: (relative) to that row's boundary: pieced rows are within about 1e-8 of their true rows (session 29),
 #: another neuron's kinks are O(1) off.
 FRAGMENT_TOL = 1e-6
-#: Neurons asked to be on per linear program (:func:`choose_pattern`), at most an eighth of the layer
+#: Neurons asked to be on per linear program (:func:`choose_pattern`), at most an eighth of those asked
 #: (so that the order still matters behind narrow layers).
 BLOCK = 32
 #: Random points :func:`random_pattern` tries before it gives up.
@@ -146,7 +146,7 @@ def choose_pattern(
     block: int | None = None,
 ) -> Pattern | None:
     """A pattern of the last known layer with the neurons ``order`` asked to be on, block by block of
-    ``BLOCK`` (an eighth of the layer at most) in that order, one linear program each
+    ``block`` (an eighth of those asked, at most ``BLOCK``, by default) in that order, one linear program each
     (:func:`_most_on`, which maximises the sum over the block of each neuron's signed distance into
     its on side, capped at the ball's radius): those of a block it puts on with that ball join the
     ones already on, where a ball of ``depth_frac`` times the depth of the region where the earlier
@@ -393,8 +393,8 @@ def pattern_rows(
     come first in the result. Their kinks cost no query. A region is at a random point
     (:func:`random_pattern`; where about half of the layers after the first are on, a region is far
     deeper than the all-on region, and such neurons cross it) while no row is partial, and then has
-    the weights the partial rows lack most asked to be on, as many as keep that region at least half
-    as deep (:func:`_lacked_on`)."""
+    the weights the partial rows lack most asked to be on, as many as keep that region at least
+    ``LACKED_DEPTH`` as deep and no more than the earlier layers' map controls (:func:`_lacked_on`)."""
     d_in = layers[-1][0].shape[0]
     box = 3.0 * cfg.input_scale
     entries: list[_Entry] = []
@@ -467,8 +467,6 @@ def pattern_rows(
         gained = len(entries) > n_before or _lacking(entries) < lack_before
         idle = 0 if gained else idle + 1
         stale = 0 if len(entries) > n_before else stale + 1
-        # a random cell looks for neurons no region showed: none once every row is there
-        explore = len(entries) <= n_before and not explore and len(entries) < width
         log.info("pattern region %d: %d on, depth %.3g; %d rows there; %d rows in all, %d complete", regions,
                  int(pat.on.sum()), region.depth, ao.W.shape[0], len(entries), full)
         if log.isEnabledFor(logging.DEBUG) and entries:
@@ -479,6 +477,8 @@ def pattern_rows(
         # every neuron seen (fragments of whole rows aside), and what the rows lack costs less to fill in
         # cells (_filled) than this region took
         real = _without_fragments(layers, entries)
+        # a random cell looks for neurons no region showed: none once every row is there
+        explore = len(entries) <= n_before and not explore and len(real) < width
         if idle >= 3:
             break
         enough = len(real) >= width or (short > 0 and len(real) >= width - short and stale >= STALE)
@@ -486,7 +486,7 @@ def pattern_rows(
             # fill them; rows the cells leave partial get one more region (their lacked weights asked on)
             entries, n_lines, n_measured = _filled(query, layers, real, d0, cfg, rng, rel_tol)
             lines, measured = lines + n_lines, measured + n_measured
-            if len(entries) >= width and all(e.seen.all() for e in entries):
+            if len(entries) >= width - short and all(e.seen.all() for e in entries):
                 break
     entries = _without_fragments(layers, entries)
     if any(not e.seen.all() for e in entries):

@@ -421,6 +421,13 @@ def _from_chords(prev: LayerReport) -> bool:
     return all(nr.get("rows_from") in CHORD_SOURCES for nr in prev.neurons)
 
 
+def _short_of_corners_at_most(prev: LayerReport, rows: int) -> bool:
+    """Whether the layer before lacks at most :func:`relux.attack.all_on_layer.corner_allowance` rows."""
+    from relux.attack.all_on_layer import corner_allowance
+
+    return rows >= prev.width - corner_allowance(prev.width)
+
+
 def _ready_for_chords(prev: LayerReport, rows: int) -> bool:
     """Whether the layer before (its report, and the ``rows`` it has) is ready for the chords of its
     all-on region (attack-notes §3). Either it is complete and every sign settled (a clean wiggle
@@ -943,9 +950,12 @@ def _extract_deep(
                                 out = extract_layer(qf, lf2, width, df, sum(hidden), True, k, cf, rng, rel_tol,
                                                     executor=stages.executor, hints=hf)
                     if (out is None and not chords and not walked and reports[-1].width >= cf.all_on_min_width
-                            and _from_chords(reports[-1]) and not _ready_for_chords(reports[-1], lf2[-1][0].shape[0])):
+                            and _from_chords(reports[-1]) and not _ready_for_chords(reports[-1], lf2[-1][0].shape[0])
+                            and _short_of_corners_at_most(reports[-1], lf2[-1][0].shape[0])):
                         # the walks neither settled the signs nor gave rows (behind 256-wide CIFAR layers
-                        # they find no row): the chords check the signs themselves (_all_on_layer)
+                        # they find no row), and the layer before is short of corner neurons at most: the
+                        # chords check the signs themselves (_all_on_layer). Walks that settle the signs
+                        # without rows hand the layer to the witnesses, as before.
                         lf2, reports, out = _all_on_layer(qf, lf2, reports, width, df, i == len(hidden), cf,
                                                           rng.spawn(1)[0], rel_tol, stages.executor, warnings)
                     if out is None:
