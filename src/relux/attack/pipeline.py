@@ -442,13 +442,11 @@ def _ready_for_chords(prev: LayerReport, rows: int) -> bool:
     unitary layers 1-3 the wiggle left 3 of 256 layer-4 signs at 0.5 (neurons off wherever it probed),
     and the walks found no row there in 38 minutes (session 34); the next layer's rows check them.
     Otherwise the walks check the signs first."""
-    from relux.attack.all_on_layer import corner_allowance
-
     conf = [float(nr.get("sign_confidence", 0.0)) for nr in prev.neurons]
     if rows == prev.width:
         patterned = all("pattern regions" in str(nr.get("rows_from")) for nr in prev.neurons)
         return all(c >= 1.0 for c in conf) or (patterned and all(c >= 0.5 for c in conf))
-    return _from_chords(prev) and rows >= prev.width - corner_allowance(prev.width) and all(c >= 0.5 for c in conf)
+    return _from_chords(prev) and _short_of_corners_at_most(prev, rows) and all(c >= 0.5 for c in conf)
 
 
 def _all_on_layer(
