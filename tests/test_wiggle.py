@@ -286,3 +286,41 @@ def test_a_side_probed_alone_far_above_the_split_is_a_verdict() -> None:
     signs, decided, conf = wiggle._verdicts(t, missing=0)
     np.testing.assert_array_equal(signs, [1, 1, -1, 1, -1, 1, 1])
     np.testing.assert_array_equal(conf, 1.0)
+
+
+def _probed(responses: list[tuple[list[float], list[float]]], floor: float = 1e-12) -> wiggle._Tally:
+    """A tally of probes: each ``(ẑ, r)`` pair gives every neuron's pre-activation sign and response."""
+    m = len(responses[0][0])
+    t = wiggle._Tally.empty(m)
+    for z, r in responses:
+        t.add(np.array(z), np.array(r), np.full(m, floor), np.ones(m, dtype=bool))
+    return t
+
+
+def test_the_medians_decide_where_the_largest_leak_is_too_close() -> None:
+    # Neuron 0: on while ẑ > 0 (responses 0.02-0.04), a leak of 5e-4 to 8e-3 while ẑ < 0, as behind
+    # the unitary CIFAR layers 1-2 with layer-3 rows off by 1e-6 (largest sides 5x apart, no split).
+    # Neuron 1 the same, on while ẑ < 0. Neuron 2: both sides alike (medians 1.25x apart): no verdict.
+    t = _probed([
+        ([1.0, 1.0, 1.0], [0.03, 2e-3, 0.010]),
+        ([1.0, 1.0, -1.0], [0.02, 1e-3, 0.012]),
+        ([-1.0, -1.0, 1.0], [1e-3, 0.04, 0.011]),
+        ([-1.0, -1.0, -1.0], [8e-3, 0.025, 0.009]),
+        ([-1.0, 1.0, 1.0], [5e-4, 8e-3, 0.010]),
+    ])
+    signs, decided, conf = wiggle._verdicts(t, missing=0)
+    np.testing.assert_array_equal(decided, [True, True, False])
+    np.testing.assert_array_equal(signs[:2], [1.0, -1.0])
+    # the medians' verdicts are not clean: the next layer's rows or walks still check them
+    np.testing.assert_array_equal(conf[:2], 0.5)
+    # a short layer's missing rows move the output on both sides: no median verdicts there
+    assert not wiggle._verdicts(t, missing=1)[1][:2].any()
+
+
+@given(st.floats(1.0, 3.99), st.integers(1, 6))
+def test_medians_closer_than_the_ratio_are_no_verdict(ratio: float, n: int) -> None:
+    # every probe of the positive side responds `ratio` times the negative side's: below MEDIAN_RATIO
+    t = _probed([([1.0], [ratio * 1e-2])] * n + [([-1.0], [1e-2])] * n)
+    assert not wiggle._median_verdicts(t, np.ones(1, dtype=bool))[0].any()
+    t = _probed([([1.0], [wiggle.MEDIAN_RATIO * 1e-2])] * n + [([-1.0], [1e-2])] * n)
+    assert wiggle._median_verdicts(t, np.ones(1, dtype=bool))[0].all()
