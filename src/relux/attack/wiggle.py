@@ -19,7 +19,9 @@ The silent side of a neuron still moves the output by the rows' estimation error
 pre-activations and an ill-conditioned control map make far larger than rounding; a side counts as
 responding only above a share of the layer's typical response (:data:`LEAK`), and in a complete
 layer the sides are also told apart at the widest gap between the leaks and the real responses
-(:func:`leak_split`).
+(:func:`leak_split`). Where even the largest responses of the two sides stay too close (the leak
+of one imprecise row reaches every neuron's silent side), a complete layer's neuron is decided by the
+medians of its sides' responses, at confidence 0.5 (:func:`_median_verdicts`).
 
 Controllability is full row rank at the numerical tolerance (:func:`_controllable`): CM24's unitary
 construction leaves the control map behind three 256-wide layers with singular values down to 2.5e-9
