@@ -460,3 +460,32 @@ def test_safe_steps_of_a_pattern_come_from_the_batch_s_own_pattern() -> None:
         many = pfx.safe_steps_many(layers, P, D)
         # the same products in another order: 1e-9 relative covers the pre-activations' rounding
         np.testing.assert_allclose(many[1], pfx.safe_steps(layers, y, D), rtol=1e-9)
+
+
+def test_polish_asks_more_boundary_points_when_the_first_brackets_give_too_few(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As among the dense boundaries behind the unitary CIFAR layers 1-2 (182 points for 256 weights):
+    # the first batch of brackets is cut to 2 points, fewer than the row's 8 weights need; the polish
+    # asks again and still refines the row.
+    from relux.attack import polish
+
+    victim = random_mlp((12, 8, 6, 1), np.random.default_rng(0))
+    layers = [victim.layers[0]]
+    W2, b2 = victim.layers[1]
+    rng = np.random.default_rng(2)
+    anchors = np.stack([_boundary_point(layers, W2[2], b2[2], rng, 12) for _ in range(3)])
+    calls: list[int] = []
+    real = polish.boundary_points
+
+    def scarce(*args: object, **kwargs: object) -> tuple[np.ndarray, int]:
+        pts, q = real(*args, **kwargs)  # type: ignore[arg-type]
+        calls.append(pts.shape[0])
+        return (pts[:2], q) if len(calls) == 1 else (pts, q)
+
+    monkeypatch.setattr(polish, "boundary_points", scarce)
+    w0 = W2[2] + 1e-6 * rng.normal(size=8)
+    pol, _ = polish_row(MLPOracle(victim).query, layers, w0, float(b2[2]) + 1e-6, anchors, 12,
+                        float(np.sqrt(12)), rng)
+    assert len(calls) >= 2
+    assert pol.ok, pol.reason
